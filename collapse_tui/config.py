@@ -1,0 +1,149 @@
+"""The configuration of one run: defaults, the paper preset, validation.
+
+One ``RunConfig`` describes everything that decides what a run computes. The
+command line builds it (``resolve_config``), the engine consumes it, and the
+run folder stores it as ``config.json`` so a run can be read, compared or
+resumed later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from collapse_tui.errors import UserError
+
+#: The values of the seed paper's released config (config/finetune_collapse.py
+#: of DavidHerel/collapse-lm-iclr), evaluated on Wikitext-2 v1 as in the paper.
+PAPER_PRESET: dict[str, Any] = {
+    "model": "gpt2",
+    "lr": 4e-5,
+    "block": 100,
+    "gen_tokens": 1024,
+    "top_k": 200,
+    "temperature": 1.0,
+    "prompt": "\n",
+    "seed": 1337,
+    "evals": ["wikitext-2-v1"],
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER_PRESET}
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class RunConfig:
+    """Every knob of a run. Field names match the command-line options."""
+
+    model: str = "gpt2"
+    evals: list[str] = field(default_factory=lambda: ["wikitext-2"])
+    lr: float = 4e-5
+    max_iters: int = 1000
+    gen_tokens: int = 1024
+    block: int = 100
+    top_k: int = 200
+    temperature: float = 1.0
+    prompt: str = "\n"
+    #: Validation tokens per evaluation set; ``None`` means the whole split.
+    eval_tokens: int | None = 12_800
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str | None = None
+    collapse_threshold: float = 0.9
+    collapse_patience: int = 3
+    keep_going: bool = False
+    preset: str | None = None
+    #: A snapshot folder to continue from (``--resume``), if any.
+    resume: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Rebuild a config from ``config.json``, ignoring keys this version lacks."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def parse_eval_tokens(value: str | int | None) -> int | None:
+    """``--eval-tokens`` takes a positive count or ``all``."""
+    if value is None or value == "all":
+        return None
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--eval-tokens must be a positive number or 'all', not {value!r}") from None
+    if count < 1:
+        raise UserError(f"--eval-tokens must be a positive number or 'all', not {count}")
+    return count
+
+
+def resolve_config(options: dict[str, Any]) -> RunConfig:
+    """Merge command-line options over a preset over the defaults, then validate.
+
+    Options left at ``None`` were not given, so a preset may fill them; an option
+    the user did give always wins over the preset.
+    """
+    preset_name = options.get("preset")
+    values: dict[str, Any] = {}
+    if preset_name is not None:
+        if preset_name not in PRESETS:
+            raise UserError(f"unknown preset {preset_name!r}; the presets are: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset_name])
+    for key, value in options.items():
+        if value is None or (key == "evals" and not value):
+            continue
+        values[key] = value
+    if "eval_tokens" in values:
+        values["eval_tokens"] = parse_eval_tokens(values["eval_tokens"])
+    if isinstance(values.get("evals"), tuple):
+        values["evals"] = list(values["evals"])
+    config = RunConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Reject numbers out of range with one line that says which and why."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    need(math.isfinite(config.lr) and config.lr > 0, f"--lr must be a positive number, not {config.lr}")
+    need(config.max_iters >= 1, f"--max-iters must be at least 1, not {config.max_iters}")
+    need(config.block >= 2, f"--block must be at least 2, not {config.block}")
+    need(
+        config.gen_tokens >= config.block - 1,
+        f"--gen-tokens ({config.gen_tokens}) must be at least --block - 1 ({config.block - 1}), "
+        "so that the sample fills one training window",
+    )
+    need(config.top_k >= 1, f"--top-k must be at least 1, not {config.top_k}")
+    need(
+        math.isfinite(config.temperature) and config.temperature > 0,
+        f"--temperature must be a positive number, not {config.temperature}",
+    )
+    need(config.eval_tokens is None or config.eval_tokens >= 1, "--eval-tokens must be positive or 'all'")
+    need(
+        0 < config.collapse_threshold <= 1,
+        f"--collapse-threshold must be in (0, 1], not {config.collapse_threshold}",
+    )
+    need(config.collapse_patience >= 1, f"--collapse-patience must be at least 1, not {config.collapse_patience}")
+    need(config.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, not {config.dtype!r}")
+    need(len(config.evals) >= 1, "give at least one --eval set")
+    need(len(set(config.evals)) == len(config.evals), "each --eval set may be given only once")
+
+
+def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
+    """``runs/<time>-<model>-lr<lr>/``: sortable by time, readable at a glance."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(config.model).name or config.model)
+    return root / f"{stamp}-{model}-lr{config.lr:g}"

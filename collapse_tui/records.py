@@ -1,0 +1,106 @@
+"""What the engine emits: one record per iteration and events between them.
+
+These two types are the whole vocabulary between the engine and its front
+ends (TUI, headless runner, run-folder writer, watchers of a run folder), so
+they are plain data that round-trips through JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class IterationRecord:
+    """One line of metrics.jsonl: the model θ_i, measured before its update."""
+
+    iteration: int
+    lr: float
+    gen_loss: float
+    #: One validation loss per evaluation set, keyed by its ``--eval`` name.
+    valid: dict[str, float]
+    rep4: float
+    distinct1: float
+    unique_tokens: int
+    compression_ratio: float
+    collapsed: bool
+    #: Wall-clock seconds of each phase: generate, evaluate, train.
+    seconds: dict[str, float]
+    text: str
+    time: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IterationRecord:
+        """Read a metrics line, tolerating older runs that lack optional keys."""
+        return cls(
+            iteration=int(data["iteration"]),
+            lr=float(data.get("lr", float("nan"))),
+            gen_loss=float(data.get("gen_loss", float("nan"))),
+            valid={str(k): float(v) for k, v in (data.get("valid") or {}).items()},
+            rep4=float(data.get("rep4", float("nan"))),
+            distinct1=float(data.get("distinct1", float("nan"))),
+            unique_tokens=int(data.get("unique_tokens", 0)),
+            compression_ratio=float(data.get("compression_ratio", float("nan"))),
+            collapsed=bool(data.get("collapsed", False)),
+            seconds=dict(data.get("seconds") or {}),
+            text=str(data.get("text", "")),
+            time=float(data.get("time", 0.0)),
+        )
+
+
+#: The kinds of event a run records in events.jsonl.
+EVENT_KINDS = (
+    "start",
+    "pause",
+    "resume",
+    "lr",
+    "snapshot",
+    "collapse",
+    "stop",
+    "error",
+    "resumed_from",
+)
+
+
+@dataclass
+class Event:
+    """One line of events.jsonl: something that happened between iterations."""
+
+    event: str
+    #: The iteration the event applies before (the next one to run).
+    iteration: int
+    time: float = field(default_factory=time.time)
+    #: Details that depend on the kind: ``lr`` for a learning-rate change,
+    #: ``path`` for a snapshot, ``reason`` for a stop, ``message`` for an error.
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.event, "iteration": self.iteration, "time": self.time, **self.data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Event:
+        rest = {k: v for k, v in data.items() if k not in ("event", "iteration", "time")}
+        return cls(
+            event=str(data["event"]),
+            iteration=int(data.get("iteration", 0)),
+            time=float(data.get("time", 0.0)),
+            data=rest,
+        )
+
+    def describe(self) -> str:
+        """A short human line for event logs."""
+        details = {
+            "lr": lambda: f"lr {self.data.get('old_lr', 0):.3g} → {self.data.get('lr', 0):.3g}",
+            "snapshot": lambda: f"snapshot → {self.data.get('path', '?')}",
+            "stop": lambda: f"stopped ({self.data.get('reason', 'requested')})",
+            "error": lambda: f"error: {self.data.get('message', '')}",
+            "collapse": lambda: f"collapsed (rep4 {self.data.get('rep4', 0):.2f})",
+            "resumed_from": lambda: f"resumed from {self.data.get('path', '?')}",
+        }
+        text = details[self.event]() if self.event in details else self.event
+        return f"it {self.iteration}: {text}"

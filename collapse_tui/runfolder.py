@@ -1,0 +1,239 @@
+"""The run folder: one writer and one reader for everything a run produces.
+
+Layout (DESIGN section 4)::
+
+    config.json        resolved configuration, versions, device
+    metrics.jsonl      one IterationRecord per line, flushed every iteration
+    events.jsonl       pause, resume, lr, snapshot, collapse, stop, error
+    snapshots/iter-N/  model + tokenizer, optimizer and RNG state, the sample
+    summary.json       written at the end (and rewritten on resume)
+
+Files are append-only and flushed (and fsynced) line by line, so killing the
+process loses at most the iteration in flight, and another process may read
+the folder while it is written. Every reader goes through ``read_jsonl``,
+which skips a half-written last line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from collapse_tui.errors import UserError
+from collapse_tui.records import Event, IterationRecord
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+EVENTS = "events.jsonl"
+SUMMARY = "summary.json"
+SNAPSHOTS = "snapshots"
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN or inf: write them as null so any reader can parse the line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _restore_nan(value: Any) -> Any:
+    if value is None:
+        return float("nan")
+    if isinstance(value, dict):
+        return {k: _restore_nan(v) for k, v in value.items()}
+    return value
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All complete JSON lines of a file; a half-written or garbled line is skipped."""
+    rows: list[dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if not line.endswith("\n"):
+                    break  # the writer is still in the middle of this line
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    except FileNotFoundError:
+        return []
+    return rows
+
+
+class JsonlTail:
+    """Follows a growing JSON-lines file, returning only new complete lines.
+
+    Used by watchers of a live run: it remembers the byte offset of the last
+    complete line, so a half-written line is read again once it is finished.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def read_new(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return []
+        rows = []
+        consumed = 0
+        for line in chunk.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            consumed += len(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        self.offset += consumed
+        return rows
+
+
+def parse_metrics(rows: list[dict[str, Any]]) -> list[IterationRecord]:
+    records = []
+    for row in rows:
+        try:
+            records.append(IterationRecord.from_dict(_restore_nan(row)))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return records
+
+
+def parse_events(rows: list[dict[str, Any]]) -> list[Event]:
+    events = []
+    for row in rows:
+        try:
+            events.append(Event.from_dict(row))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return events
+
+
+class RunWriter:
+    """Writes a run folder. Thread-safe: the engine and a front end may both log events."""
+
+    def __init__(self, root: Path, *, resuming: bool = False) -> None:
+        self.root = Path(root)
+        if not resuming:
+            if (self.root / METRICS).exists() or (self.root / CONFIG).exists():
+                raise UserError(
+                    f"run folder {self.root} already holds a run; choose another --out, or --resume a snapshot"
+                )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create run folder {self.root}: {error.strerror}") from None
+        self._lock = threading.Lock()
+        self._metrics: IO[str] = open(self.root / METRICS, "a", encoding="utf-8")
+        self._events: IO[str] = open(self.root / EVENTS, "a", encoding="utf-8")
+
+    @staticmethod
+    def _append(handle: IO[str], row: dict[str, Any]) -> None:
+        handle.write(json.dumps(_json_safe(row), ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        self._write_json(CONFIG, config)
+
+    def write_record(self, record: IterationRecord) -> None:
+        with self._lock:
+            self._append(self._metrics, record.to_dict())
+
+    def write_event(self, event: Event) -> None:
+        with self._lock:
+            self._append(self._events, event.to_dict())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self._write_json(SUMMARY, summary)
+
+    def snapshot_dir(self, iteration: int) -> Path:
+        return self.root / SNAPSHOTS / f"iter-{iteration}"
+
+    def _write_json(self, name: str, data: dict[str, Any]) -> None:
+        """Write atomically, so a reader never sees half a config or summary."""
+        path = self.root / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(_json_safe(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._metrics.close()
+            self._events.close()
+
+
+@dataclass
+class RunFolder:
+    """Everything read back from a run folder."""
+
+    root: Path
+    config: dict[str, Any]
+    records: list[IterationRecord] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+
+    @property
+    def collapsed_at(self) -> int | None:
+        for event in self.events:
+            if event.event == "collapse":
+                return event.iteration
+        return None
+
+    @property
+    def status(self) -> str:
+        """finished, collapsed, stopped, crashed or running (no summary yet)."""
+        if self.summary is not None:
+            return str(self.summary.get("status", "finished"))
+        if any(e.event == "error" for e in self.events):
+            return "crashed"
+        return "running"
+
+    def snapshots(self) -> Iterator[Path]:
+        base = self.root / SNAPSHOTS
+        if base.is_dir():
+            yield from sorted(base.glob("iter-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def read_run(root: Path) -> RunFolder:
+    """Read a run folder; a folder that is not one gives a clear ``UserError``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder")
+    try:
+        config = json.loads((root / CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{root} is not a run folder: it has no {CONFIG}") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{root / CONFIG} is not valid JSON: {error.msg}") from None
+    summary = None
+    if (root / SUMMARY).exists():
+        try:
+            summary = json.loads((root / SUMMARY).read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            summary = None
+    return RunFolder(
+        root=root,
+        config=config,
+        records=parse_metrics(read_jsonl(root / METRICS)),
+        events=parse_events(read_jsonl(root / EVENTS)),
+        summary=summary,
+    )
