@@ -34,7 +34,7 @@ PAPER_PRESET: dict[str, Any] = {
 
 PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER_PRESET}
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -136,7 +136,10 @@ def validate(config: RunConfig) -> None:
         0 < config.collapse_threshold <= 1,
         f"--collapse-threshold must be in (0, 1], not {config.collapse_threshold}",
     )
-    need(config.collapse_patience >= 1, f"--collapse-patience must be at least 1, not {config.collapse_patience}")
+    need(
+        config.collapse_patience >= 1,
+        f"--collapse-patience must be at least 1, not {config.collapse_patience}",
+    )
     need(config.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, not {config.dtype!r}")
     need(len(config.evals) >= 1, "give at least one --eval set")
     need(len(set(config.evals)) == len(config.evals), "each --eval set may be given only once")

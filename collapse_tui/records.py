@@ -29,6 +29,8 @@ class IterationRecord:
     #: Wall-clock seconds of each phase: generate, evaluate, train.
     seconds: dict[str, float]
     text: str
+    #: The loss of the training step itself (on the window it trained on).
+    train_loss: float = float("nan")
     time: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,6 +51,7 @@ class IterationRecord:
             collapsed=bool(data.get("collapsed", False)),
             seconds=dict(data.get("seconds") or {}),
             text=str(data.get("text", "")),
+            train_loss=float(data.get("train_loss", float("nan"))),
             time=float(data.get("time", 0.0)),
         )
 

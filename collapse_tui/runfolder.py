@@ -132,18 +132,18 @@ class RunWriter:
 
     def __init__(self, root: Path, *, resuming: bool = False) -> None:
         self.root = Path(root)
-        if not resuming:
-            if (self.root / METRICS).exists() or (self.root / CONFIG).exists():
-                raise UserError(
-                    f"run folder {self.root} already holds a run; choose another --out, or --resume a snapshot"
-                )
+        if not resuming and ((self.root / METRICS).exists() or (self.root / CONFIG).exists()):
+            raise UserError(
+                f"run folder {self.root} already holds a run; choose another --out, or --resume a snapshot"
+            )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"cannot create run folder {self.root}: {error.strerror}") from None
         self._lock = threading.Lock()
-        self._metrics: IO[str] = open(self.root / METRICS, "a", encoding="utf-8")
-        self._events: IO[str] = open(self.root / EVENTS, "a", encoding="utf-8")
+        # Kept open for the run's life (closed in ``close``): one line per iteration, flushed.
+        self._metrics: IO[str] = open(self.root / METRICS, "a", encoding="utf-8")  # noqa: SIM115
+        self._events: IO[str] = open(self.root / EVENTS, "a", encoding="utf-8")  # noqa: SIM115
 
     @staticmethod
     def _append(handle: IO[str], row: dict[str, Any]) -> None:

@@ -1,0 +1,187 @@
+"""The command line: ``collapse-tui`` (live TUI) and ``collapse-tui headless``.
+
+Both take the same run options, defined once in ``RUN_OPTIONS`` and attached
+to each command by ``with_run_options`` (typer reads a callback's options only
+before a subcommand's name, so each command must declare them). Errors a user
+can cause print one line on stderr and exit 2; the headless path never
+imports textual.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from collapse_tui.config import RunConfig, resolve_config
+from collapse_tui.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Watch a language model collapse as it trains on its own output (Herel & Mikolov 2024).",
+)
+
+
+def _option(name: str, annotation: Any, help: str, *flags: str) -> inspect.Parameter:
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[annotation, typer.Option(*flags, help=help, show_default=False)],
+    )
+
+
+#: The run options of DESIGN section 3, shared by the TUI and headless commands.
+#: All default to None ("not given"), so a preset can fill them and the user's wins.
+RUN_OPTIONS: list[inspect.Parameter] = [
+    _option("model", str | None, "Hub id or local model folder [default: gpt2].", "--model"),
+    _option(
+        "evals",
+        list[str] | None,
+        "Evaluation set, repeatable: wikitext-2, wikitext-2-v1, ptb, or a text file [default: wikitext-2].",
+        "--eval",
+    ),
+    _option("lr", float | None, "Learning rate of the constant-rate AdamW step [default: 4e-5].", "--lr"),
+    _option("max_iters", int | None, "Iterations to run at most [default: 1000].", "--max-iters"),
+    _option("gen_tokens", int | None, "Tokens generated per iteration [default: 1024].", "--gen-tokens"),
+    _option("block", int | None, "Context window in tokens [default: 100].", "--block"),
+    _option("top_k", int | None, "Sample from the k most likely tokens [default: 200].", "--top-k"),
+    _option("temperature", float | None, "Sampling temperature [default: 1.0].", "--temperature"),
+    _option("prompt", str | None, 'Text generation starts from [default: "\\n"].', "--prompt"),
+    _option(
+        "eval_tokens", str | None, "Validation tokens per set, or 'all' [default: 12800].", "--eval-tokens"
+    ),
+    _option("seed", int | None, "Random seed [default: 1337].", "--seed"),
+    _option("device", str | None, "auto, cpu, cuda or cuda:N [default: auto].", "--device"),
+    _option(
+        "dtype", str | None, "auto (bf16 autocast on CUDA), float32 or bfloat16 [default: auto].", "--dtype"
+    ),
+    _option("out", Path | None, "Run folder [default: runs/<time>-<model>-lr<lr>/].", "--out"),
+    _option("preset", str | None, "Start from a preset: 'paper' (the paper's exact setting).", "--preset"),
+    _option(
+        "collapse_threshold",
+        float | None,
+        "rep4 at or above this counts towards collapse [default: 0.9].",
+        "--collapse-threshold",
+    ),
+    _option(
+        "collapse_patience",
+        int | None,
+        "Iterations in a row above the threshold that make a collapse [default: 3].",
+        "--collapse-patience",
+    ),
+    _option(
+        "keep_going",
+        bool | None,
+        "Keep iterating after the output has collapsed.",
+        "--keep-going/--stop-at-collapse",
+    ),
+    _option(
+        "resume", Path | None, "Continue a run from one of its snapshots (snapshots/iter-N).", "--resume"
+    ),
+]
+
+
+def with_run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command every run option; the options reach it as keyword arguments."""
+    signature = inspect.signature(command)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = signature.replace(parameters=own + RUN_OPTIONS)  # type: ignore[attr-defined]
+    return command
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a ``UserError`` into one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            typer.echo(f"collapse-tui: error: {error}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+    return guarded
+
+
+def build_config(options: dict[str, Any]) -> RunConfig:
+    """Resolve options into a config; with --resume, the run's own config is the base."""
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    resume = options.get("resume")
+    if resume:
+        base = _run_config_of_snapshot(Path(resume))
+        given = {k: v for k, v in options.items() if v is not None and v != []}
+        merged = {**base.to_dict(), **given, "resume": resume, "preset": None}
+        merged["out"] = None
+        return resolve_config(merged)
+    return resolve_config(options)
+
+
+def _run_config_of_snapshot(snapshot: Path) -> RunConfig:
+    config_path = snapshot.parent.parent / "config.json"
+    if not config_path.exists():
+        raise UserError(
+            f"--resume {snapshot}: not a snapshot folder of a run (expected RUN/snapshots/iter-N)"
+        )
+    try:
+        return RunConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise UserError(f"{config_path} is not a valid run config: {error}") from None
+
+
+@app.callback(invoke_without_command=True)
+@user_errors
+@with_run_options
+def main_command(ctx: typer.Context, **options: Any) -> None:
+    """Run the self-training loop in the live terminal UI."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {k: v for k, v in options.items() if v is not None and v != []}
+        return
+    config = build_config(options)
+    from collapse_tui.engine import Engine
+    from collapse_tui.tui.app import run_app  # imported here: the headless path never loads textual
+
+    summary = run_app(Engine(config))
+    raise typer.Exit(_exit_code(summary))
+
+
+@app.command("headless")
+@user_errors
+@with_run_options
+def headless_command(ctx: typer.Context, **options: Any) -> None:
+    """Run the same loop with no UI: a progress bar on a terminal, plain lines otherwise."""
+    given_before = ctx.obj or {}
+    merged = {**options, **{k: v for k, v in given_before.items() if options.get(k) in (None, [])}}
+    config = build_config(merged)
+    from collapse_tui.headless import run_headless
+
+    raise typer.Exit(run_headless(config))
+
+
+def _exit_code(summary: dict[str, Any]) -> int:
+    if summary.get("reason") == "interrupted":
+        return 130
+    return 1 if summary.get("status") == "crashed" or summary.get("reason") == "non-finite loss" else 0
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Evaluation sets: held-out human text, tokenized once, cut into fixed windows.
+
+An ``--eval`` value is either a known hub set (loaded through ``datasets``) or
+a path to a local text file, named by its stem. The windows are chosen once
+and evaluated every iteration, so the validation curves are smooth and
+comparable across iterations and runs (DESIGN section 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from collapse_tui.errors import UserError
+
+#: --eval name → (hub dataset, config, text column, joiner between rows).
+HUB_SETS: dict[str, tuple[str, str | None, str, str]] = {
+    "wikitext-2": ("wikitext", "wikitext-2-raw-v1", "text", ""),
+    "wikitext-2-v1": ("wikitext", "wikitext-2-v1", "text", ""),
+    "ptb": ("ptb_text_only", None, "sentence", "\n"),
+}
+
+
+@dataclass
+class EvalSet:
+    name: str
+    #: ``[n_windows, block + 1]`` token ids: inputs and shifted targets together.
+    windows: torch.Tensor
+    #: Tokens in the whole split, for the record.
+    split_tokens: int
+
+
+def eval_set_name(spec: str) -> str:
+    """A hub set is named by its ``--eval`` value, a file by its stem."""
+    return spec if spec in HUB_SETS else Path(spec).stem
+
+
+def load_eval_text(spec: str) -> str:
+    """The raw text of an evaluation set."""
+    if spec in HUB_SETS:
+        return _load_hub_text(spec)
+    path = Path(spec)
+    if not path.exists():
+        known = ", ".join(HUB_SETS)
+        raise UserError(f"evaluation set {spec!r} is neither a known set ({known}) nor an existing file")
+    if path.is_dir():
+        raise UserError(f"evaluation file {spec} is a folder; give a text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"evaluation file {spec} is not UTF-8 text") from None
+    if not text.strip():
+        raise UserError(f"evaluation file {spec} is empty")
+    return text
+
+
+def _load_hub_text(spec: str) -> str:
+    dataset_id, config, column, joiner = HUB_SETS[spec]
+    try:
+        import datasets
+
+        split = datasets.load_dataset(dataset_id, config, split="validation")
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"cannot load evaluation set {spec!r} ({dataset_id}) from the Hugging Face hub: {first}; "
+            "give a local text file with --eval PATH instead"
+        ) from None
+    return joiner.join(split[column])
+
+
+def tokenize(tokenizer: object, text: str) -> list[int]:
+    """Token ids of a long text, without special tokens and without length warnings."""
+    encode = getattr(tokenizer, "backend_tokenizer", None)
+    if encode is not None:  # fast tokenizers: no model_max_length warning, much quicker
+        return list(encode.encode(text, add_special_tokens=False).ids)
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # type: ignore[operator]
+
+
+def eval_windows(ids: list[int], block: int, eval_tokens: int | None, name: str = "") -> torch.Tensor:
+    """Fixed ``block``-token windows spread evenly over the split.
+
+    ``eval_tokens`` is the budget of target tokens; ``None`` (``all``) takes
+    every consecutive window of the split.
+    """
+    available = (len(ids) - 1) // block
+    if available < 1:
+        raise UserError(
+            f"evaluation set {name or '?'} has {len(ids)} tokens; it needs at least {block + 1} "
+            f"(--block {block} + 1)"
+        )
+    seq = torch.tensor(ids, dtype=torch.long)
+    wanted = available if eval_tokens is None else min(available, -(-eval_tokens // block))
+    if wanted == available:
+        starts = torch.arange(available) * block
+    else:
+        last_start = len(ids) - block - 1
+        starts = torch.linspace(0, last_start, wanted).round().long()
+    return torch.stack([seq[s : s + block + 1] for s in starts.tolist()])
+
+
+def load_eval_set(spec: str, tokenizer: object, block: int, eval_tokens: int | None) -> EvalSet:
+    name = eval_set_name(spec)
+    ids = tokenize(tokenizer, load_eval_text(spec))
+    return EvalSet(name=name, windows=eval_windows(ids, block, eval_tokens, name), split_tokens=len(ids))
+
+
+def check_eval_specs(specs: list[str]) -> None:
+    """Fail early, before loading a model, on an evaluation file that is not there or empty."""
+    names = [eval_set_name(s) for s in specs]
+    if len(set(names)) != len(names):
+        raise UserError(f"two evaluation sets share a name ({', '.join(names)}); rename one file")
+    for spec in specs:
+        if spec not in HUB_SETS:
+            load_eval_text(spec)

@@ -1,0 +1,466 @@
+"""The self-training engine: the paper's loop, read top to bottom.
+
+One iteration (DESIGN section 1), on the model θ_i:
+
+1. generate ``gen_tokens`` tokens from the prompt (sliding ``block`` window);
+2. evaluate θ_i before its update: loss on its own sample (``gen_loss``), loss
+   on each held-out set, repetition metrics of the sample;
+3. take one AdamW step on a random ``block``-token window of the sample;
+4. record the iteration (run folder + listener).
+
+The engine knows nothing of any user interface. Front ends call ``run`` in a
+background thread with an ``EngineListener`` and steer through
+``self.controls``; every command applies at the next iteration boundary and is
+recorded as an event.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from collapse_tui import __version__
+from collapse_tui.config import RunConfig, default_run_dir
+from collapse_tui.controls import RunControls
+from collapse_tui.data import EvalSet, check_eval_specs, eval_set_name, load_eval_set
+from collapse_tui.errors import RunInterrupted, UserError
+from collapse_tui.inference import EagerInference, Inference, autocast_context, sequence_windows
+from collapse_tui.metrics import CollapseDetector, repetition_metrics
+from collapse_tui.modeling import load_model, out_of_memory_error, resolve_autocast, resolve_device
+from collapse_tui.records import Event, IterationRecord
+from collapse_tui.runfolder import CONFIG, METRICS, RunWriter, read_run
+from collapse_tui.source import EngineListener, NullListener, RunInfo
+
+#: How long a paused engine sleeps between looks at its controls.
+PAUSE_POLL_SECONDS = 0.2
+
+
+class NonFiniteLoss(Exception):
+    """A loss came out NaN or inf: the run stops cleanly, its data kept."""
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW as in nanoGPT: weight decay 0.1 on matrices and embeddings, none on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+
+
+def make_inference(
+    model: torch.nn.Module, config: RunConfig, device: torch.device, autocast_dtype: torch.dtype | None
+) -> Inference:
+    """The fastest generation path that keeps the semantics: the fast GPU path where supported."""
+    if device.type == "cuda":
+        try:
+            from collapse_tui.fast import fast_inference_for
+        except ImportError:
+            fast_inference_for = None
+        if fast_inference_for is not None:
+            fast = fast_inference_for(
+                model,
+                block=config.block,
+                temperature=config.temperature,
+                top_k=config.top_k,
+                autocast_dtype=autocast_dtype,
+            )
+            if fast is not None:
+                return fast
+    return EagerInference(model, config.block, config.temperature, config.top_k, autocast_dtype)
+
+
+class Engine:
+    """One self-training run. Construct cheaply, then call ``run`` (blocking) in a worker thread."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.controls = RunControls()
+        self.device = resolve_device(config.device)
+        self.autocast_dtype = resolve_autocast(config.dtype, self.device)
+        check_eval_specs(config.evals)
+        if config.resume:
+            self.resume_dir: Path | None = Path(config.resume)
+            self.run_dir = self.resume_dir.parent.parent
+            _check_snapshot(self.resume_dir)
+        else:
+            self.resume_dir = None
+            self.run_dir = Path(config.out) if config.out else default_run_dir(config)
+            if (self.run_dir / METRICS).exists() or (self.run_dir / CONFIG).exists():
+                raise UserError(
+                    f"run folder {self.run_dir} already holds a run; choose another --out, "
+                    "or --resume one of its snapshots"
+                )
+        self.info = RunInfo(
+            model=config.model,
+            device=str(self.device),
+            max_iters=config.max_iters,
+            lr=config.lr,
+            eval_names=[eval_set_name(spec) for spec in config.evals],
+            collapse_threshold=config.collapse_threshold,
+            collapse_patience=config.collapse_patience,
+            keep_going=config.keep_going,
+            run_dir=str(self.run_dir),
+        )
+        # State of the loop; the rest is set by ``load``.
+        self.iteration = 0
+        self.lr = config.lr
+        self.detector = CollapseDetector(config.collapse_threshold, config.collapse_patience)
+        self.collapsed_at: int | None = None
+        self.first_record: IterationRecord | None = None
+        self.last_record: IterationRecord | None = None
+        self.writer: RunWriter | None = None
+        self.listener: EngineListener = NullListener()
+        self.started = time.time()
+
+    # -- loading -------------------------------------------------------------------
+
+    def load(self, listener: EngineListener | None = None) -> None:
+        """Load model, tokenizer and evaluation sets; open the run folder. Reports progress."""
+        self.listener = listener or self.listener
+        status = self.listener.on_status
+        _quiet_libraries()
+        config = self.config
+        source = str(self.resume_dir) if self.resume_dir else config.model
+        status(f"loading model {config.model}", None)
+        loaded = load_model(source, self.device)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        if loaded.max_positions is not None and config.block > loaded.max_positions:
+            raise UserError(
+                f"--block {config.block} is longer than the model's context of {loaded.max_positions} tokens"
+            )
+        self.prompt_ids = self._encode_prompt(config.prompt)
+        self.eval_sets: list[EvalSet] = []
+        for index, spec in enumerate(config.evals):
+            status(f"loading evaluation set {spec}", index / len(config.evals))
+            self.eval_sets.append(load_eval_set(spec, self.tokenizer, config.block, config.eval_tokens))
+        status("preparing generation", 1.0)
+        torch.manual_seed(config.seed)
+        self.rng = random.Random(config.seed)
+        self.sampler = torch.Generator(device=self.device)
+        self.sampler.manual_seed(config.seed)
+        self.optimizer = build_optimizer(self.model, config.lr, self.device)
+        self.inference = make_inference(self.model, config, self.device, self.autocast_dtype)
+        self.writer = RunWriter(self.run_dir, resuming=self.resume_dir is not None)
+        if self.resume_dir is not None:
+            self._restore(self.resume_dir)
+        else:
+            self.writer.write_config(self._config_record())
+        self.info.extra["dtype"] = str(self.autocast_dtype or torch.float32).replace("torch.", "")
+        self.info.extra["inference"] = type(self.inference).__name__
+        status("ready", 1.0)
+
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        if not ids:  # an empty prompt starts from the end-of-text token, as GPT-2 was trained
+            token = self.tokenizer.bos_token_id or self.tokenizer.eos_token_id
+            if token is None:
+                raise UserError("--prompt is empty and the tokenizer has no begin/end token to start from")
+            ids = [token]
+        if len(ids) >= self.config.block:
+            raise UserError(
+                f"--prompt is {len(ids)} tokens; it must be shorter than --block {self.config.block}"
+            )
+        return list(ids)
+
+    def _config_record(self) -> dict[str, Any]:
+        import transformers
+
+        device_name = (
+            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor()
+        )
+        return {
+            **self.config.to_dict(),
+            "run_dir": str(self.run_dir),
+            "device_name": device_name or platform.machine(),
+            "resolved_device": str(self.device),
+            "autocast_dtype": self.info.extra.get("dtype") or str(self.autocast_dtype),
+            "inference": type(self.inference).__name__,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "prompt_ids": self.prompt_ids,
+            "eval_sets": {
+                s.name: {
+                    "split_tokens": s.split_tokens,
+                    "windows": s.windows.size(0),
+                    "block": self.config.block,
+                }
+                for s in self.eval_sets
+            },
+            "versions": {
+                "collapse_tui": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+            "created": time.time(),
+        }
+
+    # -- one iteration ---------------------------------------------------------------
+
+    def step(self) -> IterationRecord:
+        """Run iteration ``self.iteration`` and return its record (not yet written)."""
+        config = self.config
+        t0 = time.perf_counter()
+        ids = self.inference.generate(
+            self.prompt_ids, config.gen_tokens, self.sampler, lambda: self.controls.stop_requested
+        )
+        t1 = time.perf_counter()
+        generated = ids[len(self.prompt_ids) :]
+        gen_loss = self.inference.mean_loss(sequence_windows(ids, config.block))
+        valid = {s.name: self.inference.mean_loss([s.windows]) for s in self.eval_sets}
+        text = self.tokenizer.decode(generated)
+        repetition = repetition_metrics(generated, text)
+        collapsed = self.detector.update(repetition.rep4)
+        t2 = time.perf_counter()
+        losses = [gen_loss, *valid.values()]
+        train_loss = self._train_step(ids) if all(math.isfinite(x) for x in losses) else float("nan")
+        t3 = time.perf_counter()
+        return IterationRecord(
+            iteration=self.iteration,
+            lr=self.lr,
+            gen_loss=gen_loss,
+            valid=valid,
+            rep4=repetition.rep4,
+            distinct1=repetition.distinct1,
+            unique_tokens=repetition.unique_tokens,
+            compression_ratio=repetition.compression_ratio,
+            collapsed=collapsed,
+            seconds={"generate": t1 - t0, "evaluate": t2 - t1, "train": t3 - t2},
+            text=text,
+            train_loss=train_loss,
+        )
+
+    def _train_step(self, ids: list[int]) -> float:
+        """One AdamW step on a window of the sample cut at a random offset (batch 1)."""
+        length = min(self.config.block, len(ids) - 1)
+        start = self.rng.randrange(len(ids) - length)
+        window = torch.tensor(ids[start : start + length + 1], dtype=torch.long, device=self.device)
+        with autocast_context(self.device, self.autocast_dtype):
+            logits = self.model(window[None, :-1], use_cache=False).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), window[1:])
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            return loss_value  # never step on a NaN: the weights stay as they were
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.inference.weights_changed()
+        return loss_value
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self, listener: EngineListener | None = None) -> dict[str, Any]:
+        """Load, then iterate until max_iters, collapse, a stop or an error. Returns the summary."""
+        self.listener = listener or self.listener
+        status, reason = "stopped", "requested"
+        try:
+            try:
+                self.load()
+            except torch.cuda.OutOfMemoryError:
+                raise out_of_memory_error(self.config.model, self.device) from None
+            self._emit(Event("start", self.iteration, data={"lr": self.lr}))
+            status, reason = self._loop()
+        except RunInterrupted:
+            status, reason = "stopped", "requested"
+        except NonFiniteLoss as error:
+            self._emit(Event("error", self.iteration, data={"message": str(error)}))
+            status, reason = "stopped", "non-finite loss"
+        except torch.cuda.OutOfMemoryError:
+            error = out_of_memory_error(self.config.model, self.device)
+            self._emit(Event("error", self.iteration, data={"message": str(error)}))
+            status, reason = "crashed", "out of GPU memory"
+            raise error from None
+        except UserError as error:
+            self._emit(Event("error", self.iteration, data={"message": str(error)}))
+            status, reason = "crashed", str(error)
+            raise
+        except KeyboardInterrupt:
+            status, reason = "stopped", "interrupted"
+            raise
+        except BaseException as error:
+            self._emit(Event("error", self.iteration, data={"message": f"{type(error).__name__}: {error}"}))
+            status, reason = "crashed", type(error).__name__
+            raise
+        finally:
+            summary = self._finish(status, reason)
+        return summary
+
+    def _loop(self) -> tuple[str, str]:
+        while self.iteration < self.config.max_iters:
+            self._apply_commands()
+            if self.controls.stop_requested:
+                return "stopped", "requested"
+            record = self.step()
+            self._record(record)
+            self.iteration += 1
+            if not all(
+                math.isfinite(x) for x in [record.gen_loss, *record.valid.values(), record.train_loss]
+            ):
+                raise NonFiniteLoss(f"non-finite loss at iteration {record.iteration}; the run stops here")
+            if record.collapsed and self.collapsed_at is None:
+                self.collapsed_at = record.iteration
+                self._emit(
+                    Event("collapse", self.iteration, data={"rep4": record.rep4, "at": record.iteration})
+                )
+                if not self.config.keep_going:
+                    return "collapsed", "collapsed"
+        self._apply_commands()  # a snapshot asked for during the last iteration still happens
+        return ("collapsed" if self.collapsed_at is not None else "finished"), "max_iters"
+
+    def _apply_commands(self) -> None:
+        """Apply what the controls ask for, at this iteration boundary; wait here while paused."""
+        self._apply_pending()
+        if not self.controls.paused or self.controls.stop_requested:
+            return
+        self._emit(Event("pause", self.iteration))
+        while self.controls.paused and not self.controls.stop_requested:
+            self.controls.wait(PAUSE_POLL_SECONDS)
+            self._apply_pending()
+        self._emit(Event("resume", self.iteration))
+
+    def _apply_pending(self) -> None:
+        pending = self.controls.take_pending()
+        if pending.lr is not None and pending.lr != self.lr:
+            old, self.lr = self.lr, pending.lr
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+            self._emit(Event("lr", self.iteration, data={"lr": self.lr, "old_lr": old}))
+        if pending.snapshot:
+            path = self.snapshot()
+            self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
+
+    def _record(self, record: IterationRecord) -> None:
+        self.first_record = self.first_record or record
+        self.last_record = record
+        assert self.writer is not None
+        self.writer.write_record(record)
+        self.listener.on_record(record)
+
+    def _emit(self, event: Event) -> None:
+        if self.writer is not None:
+            self.writer.write_event(event)
+        self.listener.on_event(event)
+
+    # -- snapshots and resume ------------------------------------------------------------
+
+    def snapshot(self) -> Path:
+        """Save θ_i with all a resume needs: weights, tokenizer, optimizer, RNG, counters, sample."""
+        assert self.writer is not None
+        path = self.writer.snapshot_dir(self.iteration)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+        rng = {
+            "python": self.rng.getstate(),
+            "torch": torch.get_rng_state(),
+            "sampler": self.sampler.get_state(),
+        }
+        torch.save(rng, path / "rng.pt")
+        state = {
+            "iteration": self.iteration,
+            "lr": self.lr,
+            "collapse_streak": self.detector.streak,
+            "collapsed_at": self.collapsed_at,
+            "time": time.time(),
+        }
+        (path / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        sample = self.last_record.text if self.last_record else ""
+        (path / "sample.txt").write_text(sample, encoding="utf-8")
+        return path
+
+    def _restore(self, path: Path) -> None:
+        """Continue from a snapshot: counters, optimizer and RNG states as they were."""
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        self.iteration = int(state["iteration"])
+        self.lr = float(state["lr"])
+        self.detector.streak = int(state.get("collapse_streak", 0))
+        self.collapsed_at = state.get("collapsed_at")
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        self.rng.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        self.sampler.set_state(rng["sampler"])
+        earlier = [r for r in read_run(self.run_dir).records if r.iteration < self.iteration]
+        self.first_record = earlier[0] if earlier else None
+        self.last_record = earlier[-1] if earlier else None
+        self.info.lr = self.lr
+        self._emit(Event("resumed_from", self.iteration, data={"path": str(path), "lr": self.lr}))
+
+    # -- the end -------------------------------------------------------------------------
+
+    def _finish(self, status: str, reason: str) -> dict[str, Any]:
+        summary = self.summary(status, reason)
+        if self.writer is not None:
+            self._emit(Event("stop", self.iteration, data={"reason": reason, "status": status}))
+            self.writer.write_summary(summary)
+            self.writer.close()
+        return summary
+
+    def summary(self, status: str, reason: str) -> dict[str, Any]:
+        def losses(record: IterationRecord | None) -> dict[str, Any] | None:
+            if record is None:
+                return None
+            return {
+                "iteration": record.iteration,
+                "gen_loss": record.gen_loss,
+                "valid": record.valid,
+                "rep4": record.rep4,
+            }
+
+        return {
+            "status": status,
+            "reason": reason,
+            "iterations": self.iteration,
+            "collapsed_at": self.collapsed_at,
+            "first": losses(self.first_record),
+            "last": losses(self.last_record),
+            "lr": self.lr,
+            "model": self.config.model,
+            "run_dir": str(self.run_dir),
+            "elapsed_seconds": time.time() - self.started,
+        }
+
+
+def _check_snapshot(path: Path) -> None:
+    needed = ["state.json", "optimizer.pt", "rng.pt", "config.json"]
+    if not path.is_dir():
+        raise UserError(f"--resume {path}: no such snapshot folder")
+    missing = [name for name in needed if not (path / name).exists()]
+    if missing:
+        raise UserError(f"--resume {path} is not a complete snapshot (missing {', '.join(missing)})")
+    if not (path.parent.parent / CONFIG).exists():
+        raise UserError(
+            f"--resume {path}: the snapshot is not inside a run folder (snapshots/iter-N of a run)"
+        )
+
+
+def _quiet_libraries() -> None:
+    """Download bars and warnings would garble a full-screen UI; the engine reports progress itself."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import huggingface_hub
+
+        huggingface_hub.utils.disable_progress_bars()
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except (ImportError, AttributeError):
+        pass

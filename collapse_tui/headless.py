@@ -1,0 +1,170 @@
+"""``collapse-tui headless``: the run with no UI.
+
+On a terminal, a rich progress bar (iteration, it/s, ETA, last losses, rep4);
+otherwise (a log file, nohup, CI) one plain line per iteration. Ctrl-C, a
+SIGTERM or a hang-up stop the run after the iteration in flight (a generation
+is cut short), write the summary and a stop event, and exit 130. This module
+must never import textual.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from collapse_tui.config import RunConfig
+from collapse_tui.engine import Engine
+from collapse_tui.records import Event, IterationRecord
+
+EXIT_INTERRUPTED = 130
+EXIT_RUN_FAILED = 1
+
+
+def format_losses(record: IterationRecord) -> str:
+    valid = "  ".join(f"{name} {loss:.3f}" for name, loss in record.valid.items())
+    return f"gen_loss {record.gen_loss:.3f}  {valid}  rep4 {record.rep4:.2f}"
+
+
+class PlainReporter:
+    """One line per iteration and per event, for logs and pipes."""
+
+    def __init__(self, engine: Engine, stream: Any = None) -> None:
+        self.engine = engine
+        self.stream = stream or sys.stdout
+        self.started = time.monotonic()
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def on_status(self, message: str, fraction: float | None = None) -> None:
+        self._print(f"[{message}]")
+
+    def on_record(self, record: IterationRecord) -> None:
+        seconds = sum(record.seconds.values())
+        self._print(
+            f"it {record.iteration + 1}/{self.engine.config.max_iters}  {format_losses(record)}"
+            f"  lr {record.lr:.3g}  {seconds:.2f}s"
+        )
+
+    def on_event(self, event: Event) -> None:
+        if event.event not in ("start",):
+            self._print(f"[{event.describe()}]")
+
+    def close(self) -> None:
+        pass
+
+
+class ProgressReporter(PlainReporter):
+    """A live rich progress bar on a terminal, events printed above it."""
+
+    def __init__(self, engine: Engine, console: Console) -> None:
+        super().__init__(engine)
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]it"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[losses]}"),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task(
+            "run", total=engine.config.max_iters, rate="", losses="loading…", start=False
+        )
+        self.progress.start()
+        self.times: list[float] = []
+
+    def on_status(self, message: str, fraction: float | None = None) -> None:
+        self.progress.update(self.task, losses=message)
+
+    def on_record(self, record: IterationRecord) -> None:
+        now = time.monotonic()
+        self.times = [*self.times[-19:], now]
+        rate = (len(self.times) - 1) / (self.times[-1] - self.times[0]) if len(self.times) > 1 else 0.0
+        if not self.progress.tasks[0].started:
+            self.progress.start_task(self.task)
+        self.progress.update(
+            self.task,
+            completed=record.iteration + 1,
+            rate=f"{rate:.2f} it/s" if rate else "",
+            losses=format_losses(record),
+        )
+
+    def on_event(self, event: Event) -> None:
+        if event.event == "start":
+            self.progress.update(self.task, completed=event.iteration)
+            self.progress.start_task(self.task)
+        else:
+            self.console.print(f"[dim]{event.describe()}[/dim]")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """The table printed when a run ends: how far it got and how the losses moved."""
+    table = Table(title="collapse-tui run", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    first, last = summary.get("first") or {}, summary.get("last") or {}
+
+    def fmt(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
+
+    table.add_row("status", f"{summary['status']} ({summary['reason']})")
+    table.add_row("iterations run", str(summary["iterations"]))
+    collapsed = summary.get("collapsed_at")
+    table.add_row("collapsed at", "—" if collapsed is None else f"iteration {collapsed}")
+    if first:
+        table.add_row("gen_loss first → last", f"{fmt(first['gen_loss'])} → {fmt(last['gen_loss'])}")
+        for name, value in first["valid"].items():
+            table.add_row(f"{name} first → last", f"{fmt(value)} → {fmt(last['valid'].get(name))}")
+        table.add_row("rep4 first → last", f"{fmt(first['rep4'])} → {fmt(last['rep4'])}")
+    table.add_row("run folder", summary["run_dir"])
+    return table
+
+
+def run_headless(config: RunConfig) -> int:
+    """Run to the end in this thread; return the process exit code."""
+    engine = Engine(config)
+    console = Console(stderr=False)
+    reporter: PlainReporter = (
+        ProgressReporter(engine, console) if console.is_terminal else PlainReporter(engine)
+    )
+    interrupted = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupted
+        if interrupted or engine.writer is None:
+            raise KeyboardInterrupt  # a second Ctrl-C, or still loading: leave now
+        interrupted = True
+        engine.controls.stop()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, stop)
+    try:
+        summary = engine.run(reporter)
+    except KeyboardInterrupt:
+        reporter.close()
+        print("collapse-tui: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        reporter.close()
+    console.print(summary_table(summary))
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if summary["reason"] == "non-finite loss":
+        print("collapse-tui: the run stopped on a non-finite loss; its data is kept", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return 0

@@ -1,0 +1,144 @@
+"""Running the model forward without gradients: generation and evaluation.
+
+``Inference`` is the seam between the engine's loop and how fast that loop
+runs. ``EagerInference`` is the reference: plain Hugging Face forwards, any
+causal LM, any device. On CUDA the engine picks a faster implementation with
+the same semantics (``collapse_tui.fast``) when the model supports it.
+
+The semantics (DESIGN section 1): the model sees at most ``block`` tokens of
+context; once the sequence is longer it sees only the last ``block`` tokens,
+with positions restarting at 0 for that window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from collapse_tui.errors import RunInterrupted
+from collapse_tui.sampling import sample_next
+
+#: How often (in tokens) generation checks whether a stop was requested.
+STOP_CHECK_EVERY = 16
+
+
+class Inference(ABC):
+    """Generation and evaluation of the current weights θ_i."""
+
+    def __init__(self, block: int, temperature: float, top_k: int | None) -> None:
+        self.block = block
+        self.temperature = temperature
+        self.top_k = top_k
+
+    @abstractmethod
+    def generate(
+        self,
+        prompt_ids: list[int],
+        gen_tokens: int,
+        generator: torch.Generator,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> list[int]:
+        """Return prompt + ``gen_tokens`` sampled tokens; raise ``RunInterrupted`` on a stop."""
+
+    @abstractmethod
+    def loss_sum(self, windows: torch.Tensor) -> tuple[float, int]:
+        """Summed next-token cross-entropy over windows ``[n, L+1]``, and the number of targets."""
+
+    def weights_changed(self) -> None:  # noqa: B027 - optional hook, a no-op for eager forwards
+        """Called after every optimizer step: implementations that keep copies refresh them here."""
+
+    def mean_loss(self, windows: list[torch.Tensor]) -> float:
+        """Mean token cross-entropy over groups of equal-length windows."""
+        total, count = 0.0, 0
+        for group in windows:
+            if group.numel():
+                s, n = self.loss_sum(group)
+                total, count = total + s, count + n
+        return total / count if count else float("nan")
+
+
+def sequence_windows(ids: list[int], block: int) -> list[torch.Tensor]:
+    """Cut a sequence into consecutive windows of ``block`` inputs (+1 target each).
+
+    The last window may be shorter; it is returned as a group of its own so
+    every group stacks into one tensor.
+    """
+    seq = torch.tensor(ids, dtype=torch.long)
+    full = (len(ids) - 1) // block
+    groups = []
+    if full:
+        groups.append(seq[: full * block + 1].unfold(0, block + 1, block))
+    rest = len(ids) - 1 - full * block
+    if rest > 0:
+        groups.append(seq[full * block :].unsqueeze(0))
+    return groups
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """bf16 autocast (fp32 master weights) when asked for, else nothing."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class EagerInference(Inference):
+    """Plain forwards of a Hugging Face causal LM: the reference semantics, any device."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        block: int,
+        temperature: float,
+        top_k: int | None,
+        autocast_dtype: torch.dtype | None = None,
+        eval_batch: int = 16,
+    ) -> None:
+        super().__init__(block, temperature, top_k)
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.autocast_dtype = autocast_dtype
+        self.eval_batch = eval_batch
+        self._keep_last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def _last_logits(self, context: torch.Tensor) -> torch.Tensor:
+        extra = {"logits_to_keep": 1} if self._keep_last_only else {}
+        return self.model(context, use_cache=False, **extra).logits[:, -1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        gen_tokens: int,
+        generator: torch.Generator,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> list[int]:
+        prompt_len = len(prompt_ids)
+        seq = torch.empty(prompt_len + gen_tokens, dtype=torch.long, device=self.device)
+        seq[:prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
+        with autocast_context(self.device, self.autocast_dtype):
+            for t in range(prompt_len, prompt_len + gen_tokens):
+                if (t - prompt_len) % STOP_CHECK_EVERY == 0 and should_stop():
+                    raise RunInterrupted
+                context = seq[max(0, t - self.block) : t].unsqueeze(0)
+                logits = self._last_logits(context)
+                seq[t] = sample_next(logits, self.temperature, self.top_k, generator)[0]
+        return seq.tolist()
+
+    def _batches(self, windows: torch.Tensor) -> Iterator[torch.Tensor]:
+        yield from windows.split(self.eval_batch)
+
+    @torch.no_grad()
+    def loss_sum(self, windows: torch.Tensor) -> tuple[float, int]:
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        with autocast_context(self.device, self.autocast_dtype):
+            for batch in self._batches(windows.to(self.device)):
+                logits = self.model(batch[:, :-1], use_cache=False).logits
+                total += F.cross_entropy(
+                    logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
+                ).double()
+        return float(total), windows.size(0) * (windows.size(1) - 1)

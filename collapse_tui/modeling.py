@@ -1,0 +1,129 @@
+"""Loading the model and tokenizer, and choosing device and precision.
+
+Every way loading can fail because of what the user typed (an unknown id, a
+model not cached while offline, a config that is not a causal LM, a device
+that is not there) becomes a one-line ``UserError``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from collapse_tui.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` means CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {name}: there is no such CUDA device (this machine has {torch.cuda.device_count()})"
+            )
+    elif device.type != "cpu":
+        raise UserError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast precision: bf16 on CUDA for ``auto``, none (fp32) on the CPU.
+
+    Master weights and the optimizer always stay in fp32: one small AdamW step
+    at lr 4e-5 would be lost to bf16 rounding of the weights.
+    """
+    if dtype == "float32" or (dtype == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    #: The longest context the model's position embeddings allow, if it says.
+    max_positions: int | None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _explain_load_error(model_id: str, error: Exception) -> UserError:
+    """Turn the many ways from_pretrained fails into one line a user can act on."""
+    text = str(error)
+    local = Path(model_id).exists()
+    if "Unrecognized configuration class" in text or "does not support" in text.lower():
+        return UserError(
+            f"model {model_id!r} is not a causal language model (it has no LM head to generate with)"
+        )
+    if local:
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        return UserError(f"cannot load model from folder {model_id}: {first}")
+    if _offline() or "offline" in text.lower() or "connect" in text.lower() or "cache" in text.lower():
+        return UserError(
+            f"model {model_id!r} is not a local folder and is not in the Hugging Face cache, "
+            "and the hub cannot be reached; download it first or give a model folder"
+        )
+    return UserError(
+        f"model {model_id!r} was not found: not a local folder nor a model id on the Hugging Face hub"
+    )
+
+
+def load_model(model_id: str, device: torch.device) -> LoadedModel:
+    """Load a causal LM in fp32 on ``device``, with its tokenizer, dropout off."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if Path(model_id).exists() and not (Path(model_id) / "config.json").exists():
+        raise UserError(f"{model_id} is not a model folder: it has no config.json")
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except Exception as error:  # transformers raises OSError, ValueError, hub errors...
+        raise _explain_load_error(model_id, error) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+    except Exception as error:
+        raise UserError(f"cannot load the tokenizer of {model_id!r}: {str(error).splitlines()[0]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
+    except TypeError:  # transformers < 4.56 spells it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(model_id, torch_dtype=torch.float32)
+    except Exception as error:
+        raise _explain_load_error(model_id, error) from None
+    try:
+        model.to(device)
+    except torch.cuda.OutOfMemoryError:
+        raise out_of_memory_error(model_id, device) from None
+    model.eval()  # dropout off, for generation and for the training step alike
+    max_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return LoadedModel(model=model, tokenizer=tokenizer, max_positions=max_positions)
+
+
+#: GPT-2 sizes by parameter count, for suggesting one that fits.
+GPT2_SIZES = [("gpt2", 124e6), ("gpt2-medium", 355e6), ("gpt2-large", 774e6), ("gpt2-xl", 1558e6)]
+
+#: Bytes a parameter costs during a run: fp32 weight, gradient, two AdamW
+#: moments, a bf16 copy for fast generation, and headroom for activations.
+BYTES_PER_PARAMETER = 4 + 4 + 8 + 2 + 4
+
+
+def out_of_memory_error(model_id: str, device: torch.device) -> UserError:
+    """Say that the GPU is too small and which GPT-2 size would fit."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        fitting = [name for name, params in GPT2_SIZES if params * BYTES_PER_PARAMETER < total]
+        hint = f"; on this {total / 2**30:.0f} GiB GPU try --model {fitting[-1]}" if fitting else ""
+    else:
+        hint = ""
+    return UserError(f"out of GPU memory running {model_id!r}{hint} (or free the GPU, or use --device cpu)")

@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny model folder and evaluation text, built offline."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_model_folder, make_text
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer GPT-2 with a byte-level BPE tokenizer, as a model folder."""
+    return make_model_folder(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def eval_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A held-out text file of a few thousand tokens."""
+    path = tmp_path_factory.mktemp("data") / "heldout.txt"
+    path.write_text(make_text(120, seed=7), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
+    """A small, fast run configuration on the tiny model (CPU, fp32)."""
+    from collapse_tui.config import RunConfig
+
+    return RunConfig(
+        model=str(tiny_model_dir),
+        evals=[str(eval_file)],
+        lr=1e-3,
+        max_iters=3,
+        gen_tokens=40,
+        block=16,
+        top_k=50,
+        eval_tokens=160,
+        seed=1,
+        device="cpu",
+        out=str(tmp_path / "run"),
+    )
