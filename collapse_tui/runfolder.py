@@ -117,6 +117,18 @@ def parse_metrics(rows: list[dict[str, Any]]) -> list[IterationRecord]:
     return records
 
 
+def dedupe_records(records: list[IterationRecord]) -> list[IterationRecord]:
+    """One record per iteration, the last written winning, sorted by iteration.
+
+    A run resumed from a snapshot older than its last iteration writes those
+    iterations again; the new lines describe the run as it now stands.
+    """
+    latest: dict[int, IterationRecord] = {}
+    for record in records:
+        latest[record.iteration] = record
+    return [latest[i] for i in sorted(latest)]
+
+
 def parse_events(rows: list[dict[str, Any]]) -> list[Event]:
     events = []
     for row in rows:
@@ -183,7 +195,11 @@ class RunWriter:
 
 @dataclass
 class RunFolder:
-    """Everything read back from a run folder."""
+    """Everything read back from a run folder.
+
+    ``records`` hold one record per iteration, sorted (see ``dedupe_records``);
+    ``events`` are in the order they were written.
+    """
 
     root: Path
     config: dict[str, Any]
@@ -199,10 +215,33 @@ class RunFolder:
         return None
 
     @property
+    def current_summary(self) -> dict[str, Any] | None:
+        """The summary, unless the run was resumed after writing it (then it is still going).
+
+        A resume keeps the old ``summary.json`` until it ends, so a summary
+        counts only if no ``start`` or ``resumed_from`` event follows the last
+        ``stop`` event (runs without stop events are taken at their word).
+        """
+        if self.summary is None:
+            return None
+        kinds = [e.event for e in self.events]
+        if "stop" not in kinds:
+            return self.summary
+        last_stop = len(kinds) - 1 - kinds[::-1].index("stop")
+        if any(kind in ("start", "resumed_from") for kind in kinds[last_stop + 1 :]):
+            return None
+        return self.summary
+
+    @property
     def status(self) -> str:
-        """finished, collapsed, stopped, crashed or running (no summary yet)."""
-        if self.summary is not None:
-            return str(self.summary.get("status", "finished"))
+        """finished, collapsed, stopped, crashed or running (no current summary yet).
+
+        Whether a "running" run's process is still alive is not known here:
+        ``collapse_tui.follow.is_alive`` tells (``collapse_tui.runs.run_status``).
+        """
+        summary = self.current_summary
+        if summary is not None:
+            return str(summary.get("status", "finished"))
         if any(e.event == "error" for e in self.events):
             return "crashed"
         return "running"
@@ -224,6 +263,8 @@ def read_run(root: Path) -> RunFolder:
         raise UserError(f"{root} is not a run folder: it has no {CONFIG}") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{root / CONFIG} is not valid JSON: {error.msg}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{root / CONFIG} is not a run configuration (a JSON object)")
     summary = None
     if (root / SUMMARY).exists():
         try:
@@ -233,7 +274,7 @@ def read_run(root: Path) -> RunFolder:
     return RunFolder(
         root=root,
         config=config,
-        records=parse_metrics(read_jsonl(root / METRICS)),
+        records=dedupe_records(parse_metrics(read_jsonl(root / METRICS))),
         events=parse_events(read_jsonl(root / EVENTS)),
         summary=summary,
     )
