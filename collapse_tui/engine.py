@@ -266,7 +266,8 @@ class Engine:
         status, reason = "stopped", "requested"
         try:
             try:
-                self.load()
+                if self.writer is None:  # a caller may have loaded already
+                    self.load()
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory_error(self.config.model, self.device) from None
             self._emit(Event("start", self.iteration, data={"lr": self.lr}))
@@ -377,7 +378,7 @@ class Engine:
         }
         (path / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         sample = self.last_record.text if self.last_record else ""
-        (path / "sample.txt").write_text(sample, encoding="utf-8")
+        (path / "sample.txt").write_bytes(sample.encode("utf-8"))
         return path
 
     def _restore(self, path: Path) -> None:

@@ -91,6 +91,8 @@ def load_model(model_id: str, device: torch.device) -> LoadedModel:
         config = AutoConfig.from_pretrained(model_id)
     except Exception as error:  # transformers raises OSError, ValueError, hub errors...
         raise _explain_load_error(model_id, error) from None
+    if not _is_causal_lm(config):
+        raise UserError(f"model {model_id!r} is not a causal language model (a {type(config).__name__})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except Exception as error:
@@ -108,6 +110,13 @@ def load_model(model_id: str, device: torch.device) -> LoadedModel:
     model.eval()  # dropout off, for generation and for the training step alike
     max_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     return LoadedModel(model=model, tokenizer=tokenizer, max_positions=max_positions)
+
+
+def _is_causal_lm(config: object) -> bool:
+    """Whether transformers knows a causal-LM head for this config (remote code: assume yes)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or bool(getattr(config, "auto_map", None))
 
 
 #: GPT-2 sizes by parameter count, for suggesting one that fits.

@@ -67,6 +67,8 @@ EVENT_KINDS = (
     "stop",
     "error",
     "resumed_from",
+    # Never written by a run: a watcher of a run folder emits it when the run's process is gone.
+    "process_gone",
 )
 
 
@@ -104,6 +106,7 @@ class Event:
             "error": lambda: f"error: {self.data.get('message', '')}",
             "collapse": lambda: f"collapsed (rep4 {self.data.get('rep4', 0):.2f})",
             "resumed_from": lambda: f"resumed from {self.data.get('path', '?')}",
+            "process_gone": lambda: f"the run's process is gone ({self.data.get('message', 'no summary')})",
         }
         text = details[self.event]() if self.event in details else self.event
         return f"it {self.iteration}: {text}"

@@ -246,6 +246,24 @@ class RunFolder:
             return "crashed"
         return "running"
 
+    @property
+    def eval_names(self) -> list[str]:
+        """The evaluation sets' names, in ``--eval`` order: from the records, else the config.
+
+        Read from the data first, so runs from older versions (or with a
+        config missing ``eval_sets``) still name their columns right.
+        """
+        names: list[str] = []
+        for record in self.records:
+            names += [name for name in record.valid if name not in names]
+        if names:
+            return names
+        if isinstance(self.config.get("eval_sets"), dict):
+            return [str(name) for name in self.config["eval_sets"]]
+        specs = self.config.get("evals") or []
+        # A hub set is named by its value, a file by its stem (as data.eval_set_name, without torch).
+        return [Path(s).stem if ("/" in s or "." in s) else s for s in map(str, specs)]
+
     def snapshots(self) -> Iterator[Path]:
         base = self.root / SNAPSHOTS
         if base.is_dir():
@@ -265,16 +283,19 @@ def read_run(root: Path) -> RunFolder:
         raise UserError(f"{root / CONFIG} is not valid JSON: {error.msg}") from None
     if not isinstance(config, dict):
         raise UserError(f"{root / CONFIG} is not a run configuration (a JSON object)")
-    summary = None
-    if (root / SUMMARY).exists():
-        try:
-            summary = json.loads((root / SUMMARY).read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            summary = None
     return RunFolder(
         root=root,
         config=config,
         records=dedupe_records(parse_metrics(read_jsonl(root / METRICS))),
         events=parse_events(read_jsonl(root / EVENTS)),
-        summary=summary,
+        summary=read_summary(root),
     )
+
+
+def read_summary(root: Path) -> dict[str, Any] | None:
+    """``summary.json``, or None while there is none (it is written atomically, so never half)."""
+    try:
+        summary = json.loads((Path(root) / SUMMARY).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return summary if isinstance(summary, dict) else None

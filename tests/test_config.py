@@ -1,0 +1,52 @@
+"""Configuration: the paper preset, user options winning over it, validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from collapse_tui.config import PAPER_PRESET, RunConfig, resolve_config
+from collapse_tui.errors import UserError
+
+
+def test_paper_preset_sets_the_papers_values() -> None:
+    config = resolve_config({"preset": "paper"})
+    for key, value in PAPER_PRESET.items():
+        assert getattr(config, key) == value
+
+
+def test_an_option_given_wins_over_the_preset() -> None:
+    config = resolve_config({"preset": "paper", "lr": 1e-3, "evals": ["ptb"]})
+    assert config.lr == 1e-3
+    assert config.evals == ["ptb"]
+    assert config.block == 100
+
+
+def test_eval_tokens_all_means_whole_split() -> None:
+    assert resolve_config({"eval_tokens": "all"}).eval_tokens is None
+    assert resolve_config({"eval_tokens": "640"}).eval_tokens == 640
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"lr": 0.0}, "--lr"),
+        ({"lr": -1.0}, "--lr"),
+        ({"block": 1}, "--block"),
+        ({"block": 100, "gen_tokens": 50}, "--gen-tokens"),
+        ({"top_k": 0}, "--top-k"),
+        ({"temperature": 0.0}, "--temperature"),
+        ({"eval_tokens": "lots"}, "--eval-tokens"),
+        ({"max_iters": 0}, "--max-iters"),
+        ({"collapse_threshold": 1.5}, "--collapse-threshold"),
+        ({"dtype": "float8"}, "--dtype"),
+        ({"preset": "nope"}, "preset"),
+    ],
+)
+def test_out_of_range_values_are_refused_with_the_option_named(options: dict, fragment: str) -> None:
+    with pytest.raises(UserError, match=fragment):
+        resolve_config(options)
+
+
+def test_config_round_trips_and_ignores_unknown_keys() -> None:
+    config = RunConfig(lr=2e-5, evals=["a.txt", "ptb"])
+    assert RunConfig.from_dict({**config.to_dict(), "from_the_future": 1}) == config

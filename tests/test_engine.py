@@ -1,0 +1,307 @@
+"""The engine on a tiny model: the update, the controls, snapshots, the exact semantics."""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from collapse_tui.config import RunConfig
+from collapse_tui.engine import Engine
+from collapse_tui.inference import EagerInference, sequence_windows
+from collapse_tui.records import Event, IterationRecord
+from collapse_tui.runfolder import read_run
+from collapse_tui.sampling import sample_next
+
+
+class Collector:
+    """A listener that keeps everything and lets a test react to records."""
+
+    def __init__(self, on_record=None) -> None:
+        self.records: list[IterationRecord] = []
+        self.events: list[Event] = []
+        self.statuses: list[str] = []
+        self._on_record = on_record
+
+    def on_status(self, message: str, fraction: float | None = None) -> None:
+        self.statuses.append(message)
+
+    def on_record(self, record: IterationRecord) -> None:
+        self.records.append(record)
+        if self._on_record:
+            self._on_record(record)
+
+    def on_event(self, event: Event) -> None:
+        self.events.append(event)
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_a_step_changes_the_weights(tiny_config: RunConfig) -> None:
+    engine = Engine(tiny_config)
+    engine.load()
+    before = parameters(engine.model)
+    engine.step()
+    after = parameters(engine.model)
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert len(changed) == len(before)
+
+
+def test_first_adam_step_moves_a_bias_by_the_learning_rate(tiny_config: RunConfig) -> None:
+    # AdamW's first step is lr * g / (|g| + eps) ≈ lr * sign(g); biases have no weight decay.
+    engine = Engine(tiny_config)
+    engine.load()
+    bias = engine.model.transformer.h[0].ln_1.bias
+    before = bias.detach().clone()
+    engine.step()
+    moved = (bias.detach() - before).abs()
+    assert moved.max().item() == pytest.approx(tiny_config.lr, rel=1e-3)
+
+
+def test_lr_change_applies_from_the_next_iteration_and_not_before(tiny_config: RunConfig) -> None:
+    tiny_config.max_iters = 3
+    engine = Engine(tiny_config)
+    moves: list[float] = []
+    bias_before: list[torch.Tensor] = []
+
+    def on_record(record: IterationRecord) -> None:
+        bias = engine.model.transformer.h[0].ln_1.bias.detach().clone()
+        if bias_before:
+            moves.append((bias - bias_before[-1]).abs().max().item())
+        bias_before.append(bias)
+        if record.iteration == 0:
+            engine.controls.set_lr(tiny_config.lr * 2)  # asked for after iteration 0's step
+
+    listener = Collector(on_record)
+    engine.run(listener)
+    assert [r.lr for r in listener.records] == [1e-3, 2e-3, 2e-3]
+    lr_events = [e for e in listener.events if e.event == "lr"]
+    assert len(lr_events) == 1
+    assert lr_events[0].iteration == 1
+    assert lr_events[0].data == {"lr": 2e-3, "old_lr": 1e-3}
+    # Iteration 1's Adam step is sized by the new rate (second steps are ≲ lr).
+    assert 1e-3 < moves[0] <= 2e-3 * 1.01
+
+
+def test_pause_stops_iterations_and_resume_continues(tiny_config: RunConfig) -> None:
+    tiny_config.max_iters = 1000
+    engine = Engine(tiny_config)
+    listener = Collector()
+    thread = threading.Thread(target=engine.run, args=(listener,))
+    thread.start()
+    try:
+        wait_until(lambda: len(listener.records) >= 1)
+        engine.controls.pause()
+        wait_until(lambda: any(e.event == "pause" for e in listener.events))
+        count = len(listener.records)
+        time.sleep(0.5)
+        assert len(listener.records) == count
+        engine.controls.resume()
+        wait_until(lambda: len(listener.records) >= count + 2)
+        assert any(e.event == "resume" for e in listener.events)
+    finally:
+        engine.controls.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    run = read_run(Path(tiny_config.out))
+    assert run.summary is not None
+    assert run.summary["status"] == "stopped"
+    assert run.events[-1].event == "stop"
+
+
+def test_a_snapshot_loads_back_with_the_same_logits(tiny_config: RunConfig) -> None:
+    tiny_config.max_iters = 2
+    engine = Engine(tiny_config)
+    listener = Collector(lambda record: engine.controls.request_snapshot() if record.iteration == 0 else None)
+    engine.run(listener)
+    path = Path(tiny_config.out) / "snapshots" / "iter-1"
+    assert any(e.event == "snapshot" and e.data["path"] == str(path) for e in listener.events)
+    assert (path / "sample.txt").read_bytes().decode() == listener.records[0].text
+    assert {"optimizer.pt", "rng.pt", "state.json", "config.json"} <= {p.name for p in path.iterdir()}
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    probe = torch.arange(12)[None]
+    # the engine's model has since taken iteration 1's step: rebuild θ_1 from the snapshot of a rerun
+    rerun_config = copy.deepcopy(tiny_config)
+    rerun_config.out = str(Path(tiny_config.out).parent / "rerun")
+    rerun_config.max_iters = 1
+    rerun = Engine(rerun_config)
+    rerun.run()
+    with torch.no_grad():
+        assert torch.allclose(loaded(probe).logits, rerun.model(probe).logits, atol=1e-6)
+
+
+def test_gen_loss_and_validation_loss_equal_a_direct_computation(tiny_config: RunConfig) -> None:
+    engine = Engine(tiny_config)
+    engine.load()
+    theta0 = copy.deepcopy(engine.model)
+    sampler_state = engine.sampler.get_state()
+    record = engine.step()
+
+    generator = torch.Generator().manual_seed(0)
+    generator.set_state(sampler_state)
+    inference = EagerInference(theta0, tiny_config.block, tiny_config.temperature, tiny_config.top_k)
+    ids = inference.generate(engine.prompt_ids, tiny_config.gen_tokens, generator)
+    assert engine.tokenizer.decode(ids[len(engine.prompt_ids) :]) == record.text
+
+    def direct_loss(windows: list[list[int]]) -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for window in windows:
+                x = torch.tensor(window[:-1])[None]
+                logits = theta0(x).logits[0]
+                total += F.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
+                count += len(window) - 1
+        return total / count
+
+    block = tiny_config.block
+    gen_windows = [ids[i : i + block + 1] for i in range(0, len(ids) - 1, block)]
+    assert record.gen_loss == pytest.approx(direct_loss(gen_windows), rel=1e-5)
+    windows = engine.eval_sets[0].windows.tolist()
+    assert record.valid["heldout"] == pytest.approx(direct_loss(windows), rel=1e-5)
+
+
+def test_evaluation_windows_are_spread_evenly_over_the_split(tiny_config: RunConfig) -> None:
+    engine = Engine(tiny_config)
+    engine.load()
+    evalset = engine.eval_sets[0]
+    assert evalset.windows.shape == (tiny_config.eval_tokens // tiny_config.block, tiny_config.block + 1)
+    from collapse_tui.data import tokenize
+
+    ids = tokenize(engine.tokenizer, Path(tiny_config.evals[0]).read_text())
+    assert evalset.windows[0].tolist() == ids[: tiny_config.block + 1]
+    assert evalset.windows[-1].tolist() == ids[-(tiny_config.block + 1) :]
+
+
+def test_sliding_window_generates_what_an_explicit_last_block_loop_generates(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    block, gen, prompt = 8, 30, [5, 6]
+    ids = EagerInference(model, block, 1.0, 20).generate(prompt, gen, torch.Generator().manual_seed(3))
+
+    generator = torch.Generator().manual_seed(3)
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(gen):
+            window = torch.tensor(seq[-block:])[None]  # positions restart at 0 for the window
+            logits = model(window).logits[:, -1]
+            seq.append(int(sample_next(logits, 1.0, 20, generator)[0]))
+    assert ids == seq
+
+
+def test_sequence_windows_cover_every_target_once() -> None:
+    groups = sequence_windows(list(range(11)), 4)
+    assert [g.tolist() for g in groups] == [[[0, 1, 2, 3, 4], [4, 5, 6, 7, 8]], [[8, 9, 10]]]
+
+
+def test_top_k_sampling_never_leaves_the_top_k_and_follows_the_softmax() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]]).repeat(20000, 1)
+    draws = sample_next(logits, 1.0, 3, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=5).float() / len(draws)
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.5]), 0)
+    assert counts[3:].sum() == 0
+    assert torch.allclose(counts[:3], expected, atol=0.015)
+
+
+class RepeatingInference(EagerInference):
+    """Generates the same four tokens over and over: a collapsed model, on demand."""
+
+    def generate(self, prompt_ids, gen_tokens, generator, should_stop=lambda: False):
+        return list(prompt_ids) + [10, 11, 12, 13] * (gen_tokens // 4) + [10] * (gen_tokens % 4)
+
+
+@pytest.mark.parametrize("keep_going", [False, True])
+def test_collapse_is_recorded_and_stops_the_run_unless_told_to_keep_going(
+    tiny_config: RunConfig, keep_going: bool
+) -> None:
+    tiny_config.max_iters = 6
+    tiny_config.gen_tokens = 100  # rep4 = 1 - 4/97 ≈ 0.96
+    tiny_config.keep_going = keep_going
+    engine = Engine(tiny_config)
+    engine.load()
+    engine.inference = RepeatingInference(engine.model, tiny_config.block, 1.0, 50)
+    listener = Collector()
+    summary = engine.run(listener)
+    collapses = [e for e in listener.events if e.event == "collapse"]
+    assert len(collapses) == 1
+    assert collapses[0].data["at"] == 2  # patience 3: iterations 0, 1, 2
+    assert [r.collapsed for r in listener.records][:3] == [False, False, True]
+    assert len(listener.records) == (6 if keep_going else 3)
+    assert summary["status"] == "collapsed"
+    assert summary["collapsed_at"] == 2
+
+
+class NanInference(EagerInference):
+    def loss_sum(self, windows):
+        return float("nan"), 1
+
+
+def test_a_nan_loss_stops_the_run_cleanly_with_its_data_kept(tiny_config: RunConfig) -> None:
+    engine = Engine(tiny_config)
+    engine.load()
+    weights = parameters(engine.model)
+    engine.inference = NanInference(engine.model, tiny_config.block, 1.0, 50)
+    summary = engine.run(Collector())
+    run = read_run(Path(tiny_config.out))
+    assert summary["reason"] == "non-finite loss"
+    assert len(run.records) == 1 and math.isnan(run.records[0].gen_loss)
+    assert [e.event for e in run.events][-2:] == ["error", "stop"]
+    assert all(torch.equal(weights[n], p) for n, p in engine.model.named_parameters())
+
+
+def test_stop_mid_generation_discards_the_iteration_in_flight(tiny_config: RunConfig) -> None:
+    tiny_config.gen_tokens = 100_000  # far longer than the test would wait for
+    tiny_config.max_iters = 1
+    engine = Engine(tiny_config)
+    listener = Collector()
+    thread = threading.Thread(target=engine.run, args=(listener,))
+    thread.start()
+    wait_until(lambda: any(e.event == "start" for e in listener.events))
+    engine.controls.stop()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert listener.records == []
+    assert read_run(Path(tiny_config.out)).summary["status"] == "stopped"
+
+
+def test_a_stopped_and_resumed_run_equals_one_never_stopped(tiny_config: RunConfig, tmp_path: Path) -> None:
+    tiny_config.max_iters = 4
+    tiny_config.out = str(tmp_path / "straight")
+    straight = Collector()
+    Engine(tiny_config).run(straight)
+
+    stopped = copy.deepcopy(tiny_config)
+    stopped.out = str(tmp_path / "stopped")
+    stopped.max_iters = 2
+    first = Engine(stopped)
+    first.run(Collector(lambda r: first.controls.request_snapshot() if r.iteration == 1 else None))
+
+    resumed_config = copy.deepcopy(stopped)
+    resumed_config.max_iters = 4
+    resumed_config.resume = str(tmp_path / "stopped" / "snapshots" / "iter-2")
+    resumed = Collector()
+    Engine(resumed_config).run(resumed)
+
+    assert [r.iteration for r in resumed.records] == [2, 3]
+    for mine, theirs in zip(resumed.records, straight.records[2:], strict=True):
+        assert mine.text == theirs.text
+        assert mine.gen_loss == pytest.approx(theirs.gen_loss, rel=1e-6)
+        assert mine.valid == pytest.approx(theirs.valid, rel=1e-6)
+    run = read_run(tmp_path / "stopped")
+    assert [r.iteration for r in run.records] == [0, 1, 2, 3]
+    assert any(e.event == "resumed_from" for e in run.events)

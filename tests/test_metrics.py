@@ -1,0 +1,64 @@
+"""Repetition metrics and the collapse rule against values worked out by hand."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+
+from collapse_tui.metrics import (
+    CollapseDetector,
+    compression_ratio,
+    distinct_1,
+    repeated_ngram_mask,
+    repetition_metrics,
+    seq_rep_n,
+)
+
+
+def test_a_b_c_d_repeated_has_only_four_distinct_4grams() -> None:
+    tokens = [1, 2, 3, 4] * 25  # "a b c d" x25: 97 4-grams, of which 4 are distinct
+    assert seq_rep_n(tokens, 4) == pytest.approx(1 - 4 / 97)
+    assert distinct_1(tokens) == pytest.approx(4 / 100)
+
+
+def test_sequence_with_no_repeated_4gram_scores_zero() -> None:
+    tokens = list(range(50))
+    metrics = repetition_metrics(tokens, "x")
+    assert metrics.rep4 == 0.0
+    assert metrics.distinct1 == 1.0
+    assert metrics.unique_tokens == 50
+
+
+def test_one_repeated_4gram_among_ten() -> None:
+    # 1 2 3 4 1 2 3 4 5 6 7 8 9: 10 4-grams, (1,2,3,4) twice -> 9 distinct.
+    tokens = [1, 2, 3, 4, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert seq_rep_n(tokens, 4) == pytest.approx(0.1)
+
+
+def test_too_short_for_a_4gram_is_not_repetitive() -> None:
+    assert seq_rep_n([7, 7, 7], 4) == 0.0
+
+
+def test_distinct_1_and_unique_tokens() -> None:
+    metrics = repetition_metrics([5, 5, 6, 6], "aabb")
+    assert metrics.distinct1 == 0.5
+    assert metrics.unique_tokens == 2
+
+
+def test_compression_ratio_is_raw_over_zlib_bytes() -> None:
+    text = "T-2 and the " * 100
+    expected = len(text.encode()) / len(zlib.compress(text.encode(), 9))
+    assert compression_ratio(text) == pytest.approx(expected)
+    assert compression_ratio(text) > 10 > compression_ratio("The quick brown fox jumps over the lazy dog.")
+
+
+def test_repeated_ngram_mask_marks_tokens_inside_repeats() -> None:
+    tokens = [1, 2, 3, 4, 9, 1, 2, 3, 4]
+    assert repeated_ngram_mask(tokens, 4) == [True] * 4 + [False] + [True] * 4
+
+
+def test_collapse_needs_patience_iterations_in_a_row_at_or_above_threshold() -> None:
+    detector = CollapseDetector(threshold=0.9, patience=3)
+    verdicts = [detector.update(r) for r in [0.95, 0.9, 0.5, 0.95, 0.91, 0.92, 0.99]]
+    assert verdicts == [False, False, False, False, False, True, True]

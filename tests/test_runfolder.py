@@ -1,0 +1,65 @@
+"""The run folder: append-only lines, a tolerant reader, NaN kept as null."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from collapse_tui.errors import UserError
+from collapse_tui.records import Event, IterationRecord
+from collapse_tui.runfolder import RunWriter, read_jsonl, read_run
+
+
+def record(iteration: int, gen_loss: float = 2.0) -> IterationRecord:
+    return IterationRecord(
+        iteration=iteration,
+        lr=4e-5,
+        gen_loss=gen_loss,
+        valid={"wikitext-2": 3.4},
+        rep4=0.1,
+        distinct1=0.5,
+        unique_tokens=10,
+        compression_ratio=2.0,
+        collapsed=False,
+        seconds={"generate": 0.1, "evaluate": 0.1, "train": 0.1},
+        text="hello",
+    )
+
+
+def test_reader_skips_a_half_written_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 0}\n{"iteration": 1}\n{"iterat', encoding="utf-8")
+    assert read_jsonl(path) == [{"iteration": 0}, {"iteration": 1}]
+
+
+def test_written_folder_reads_back(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path / "run")
+    writer.write_config({"model": "tiny", "lr": 4e-5})
+    writer.write_record(record(0))
+    writer.write_record(record(1, gen_loss=float("nan")))
+    writer.write_event(Event("pause", 2))
+    writer.write_summary({"status": "stopped", "reason": "requested"})
+    writer.close()
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[1])["gen_loss"] is None  # valid JSON: NaN written as null
+    run = read_run(tmp_path / "run")
+    assert [r.iteration for r in run.records] == [0, 1]
+    assert math.isnan(run.records[1].gen_loss)
+    assert run.records[0].valid == {"wikitext-2": 3.4}
+    assert [e.event for e in run.events] == ["pause"]
+    assert run.status == "stopped"
+
+
+def test_a_folder_holding_a_run_is_not_overwritten(tmp_path: Path) -> None:
+    RunWriter(tmp_path / "run").write_config({"model": "x"})
+    with pytest.raises(UserError, match="already holds a run"):
+        RunWriter(tmp_path / "run")
+
+
+def test_reading_a_folder_that_is_not_a_run_says_so(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not a run folder"):
+        read_run(tmp_path)
