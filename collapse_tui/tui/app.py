@@ -1,0 +1,423 @@
+"""The live TUI: runs a ``RunSource`` in a thread worker and draws what it reports.
+
+The run (the engine, or a fake in tests) lives entirely behind ``RunSource``:
+its ``run`` blocks in a Textual thread worker and reports through a listener
+that only posts messages, so the UI thread never waits on the model. Keys
+steer the run through ``source.controls``, which the engine applies at the
+next iteration boundary and reports back as events; the UI trusts those
+events, not its own key presses, for what has actually happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.widgets import Footer, Label, ProgressBar, RichLog
+from textual.worker import Worker, WorkerState
+
+from collapse_tui.errors import UserError
+from collapse_tui.records import Event, IterationRecord
+from collapse_tui.source import RunSource
+from collapse_tui.tui.screens import HelpScreen, LrScreen
+from collapse_tui.tui.widgets import LossCharts, RepetitionMeter, SampleView, StatusLine
+
+
+class StatusReport(Message):
+    """Loading progress from the run's thread."""
+
+    def __init__(self, text: str, fraction: float | None) -> None:
+        super().__init__()
+        self.text = text
+        self.fraction = fraction
+
+
+class RecordReport(Message):
+    """One finished iteration from the run's thread."""
+
+    def __init__(self, record: IterationRecord) -> None:
+        super().__init__()
+        self.record = record
+
+
+class EventReport(Message):
+    """An event (pause, lr, snapshot, collapse, stop, error, …) from the run's thread."""
+
+    def __init__(self, event: Event) -> None:
+        super().__init__()
+        self.event = event
+
+
+class AppListener:
+    """The ``EngineListener`` the app hands the run: it only posts messages (thread-safe).
+
+    After the app has closed its loop, posting raises; the run must not die
+    of that while it writes its summary, so those messages are dropped.
+    """
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def _post(self, message: Message) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.app.post_message(message)
+
+    def on_status(self, message: str, fraction: float | None = None) -> None:
+        self._post(StatusReport(message, fraction))
+
+    def on_record(self, record: IterationRecord) -> None:
+        self._post(RecordReport(record))
+
+    def on_event(self, event: Event) -> None:
+        self._post(EventReport(event))
+
+
+class CollapseApp(App[dict[str, Any] | None]):
+    """Watch and steer one self-training run."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "collapse-tui"
+    ENABLE_COMMAND_PALETTE = False
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (110, "-wide")]
+    #: How long a quit waits for the run to stop at a safe point before leaving anyway.
+    QUIT_GRACE_S = 4.0
+
+    BINDINGS: ClassVar[list[Binding]] = [
+        # Two bindings on one key: check_action hides the one that does not apply.
+        Binding("space,p", "pause", "Pause"),
+        Binding("space,p", "resume", "Resume"),
+        Binding("plus,equals_sign", "lr_up", "lr×2", key_display="+"),
+        Binding("minus", "lr_down", "lr÷2", key_display="-"),
+        Binding("l", "type_lr", "Set lr"),
+        Binding("s", "snapshot", "Snapshot"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, source: RunSource, *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.source = source
+        self.info = source.info
+        self.clock = clock
+        self.summary: dict[str, Any] | None = None
+        #: What the run raised, if anything; ``run_app`` re-raises it.
+        self.run_error: BaseException | None = None
+        #: Set by the worker thread once ``source.run`` has returned or raised.
+        self.run_done = threading.Event()
+        self.loading = True
+        self.running = False
+        self.quitting = False
+        self.collapsed = False
+        self.failed = False
+        self.snapshot_pending = False
+        self.iteration: int | None = None
+        self.records_seen = 0
+        #: The lr of the last record or lr event, and one the UI asked for that the run has not applied yet.
+        self.applied_lr = self.info.lr
+        self.requested_lr: float | None = None
+        #: (iteration, time) of recent records, for it/s.
+        self.recent: deque[tuple[int, float]] = deque(maxlen=20)
+        self.started_at = clock()
+        self._worker: Worker | None = None
+        #: The app's event loop once running, for signal handlers to reach it.
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- layout --------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield StatusLine(id="status")
+        with Horizontal(id="main"):
+            with Vertical(id="left"):
+                yield LossCharts(self.info.eval_names, id="charts")
+                yield RepetitionMeter(self.info.collapse_threshold, self.info.collapse_patience, id="meter")
+            with Vertical(id="right"):
+                with Vertical(id="loading"):
+                    yield Label("starting…", id="loading-label")
+                    yield ProgressBar(total=None, show_eta=False, id="loading-bar")
+                yield SampleView(id="sample")
+                yield RichLog(max_lines=200, wrap=True, markup=False, id="events")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#charts").border_title = "loss"
+        self.query_one("#meter").border_title = "repetition"
+        self.query_one("#sample").border_title = "sample"
+        self.query_one("#events").border_title = "events"
+        self.query_one("#loading").border_title = "loading"
+        self.loop = asyncio.get_running_loop()
+        self.started_at = self.clock()
+        self.running = True
+        self._worker = self.run_worker(self._run, name="run", thread=True, exit_on_error=False)
+        self.set_interval(1.0, self._show_status)
+        self._update_state()
+
+    @property
+    def worker_started(self) -> bool:
+        return self._worker is not None
+
+    def on_unmount(self) -> None:
+        # However the app ends (quit, SIGHUP, a crash), the run must stop so the process can exit.
+        self.source.controls.stop()
+
+    # -- the run's thread ----------------------------------------------------
+
+    def _run(self) -> dict[str, Any]:
+        try:
+            self.summary = self.source.run(AppListener(self))
+            return self.summary
+        except BaseException as error:
+            self.run_error = error
+            raise
+        finally:
+            self.run_done.set()
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker is not self._worker or event.state in (WorkerState.PENDING, WorkerState.RUNNING):
+            return
+        self.running = False
+        error = self.run_error
+        if isinstance(error, UserError):
+            self.exit(None)  # run_app re-raises it as one line
+            return
+        if error is not None:
+            self.failed = True
+            self._log(f"run failed: {type(error).__name__}: {error}")
+            self.notify(f"{type(error).__name__}: {error}", title="run failed", severity="error", timeout=30)
+        self._update_state()
+        if self.quitting:
+            self.exit(self.summary)
+
+    # -- reports from the run ------------------------------------------------
+
+    def on_status_report(self, report: StatusReport) -> None:
+        self.query_one("#loading-label", Label).update(report.text)
+        bar = self.query_one("#loading-bar", ProgressBar)
+        if report.fraction is None:
+            bar.update(total=None)
+        else:
+            bar.update(total=1.0, progress=max(0.0, min(1.0, report.fraction)))
+
+    def on_record_report(self, report: RecordReport) -> None:
+        record = report.record
+        self._loaded()
+        self.records_seen += 1
+        self.iteration = record.iteration
+        self.applied_lr = record.lr
+        self.recent.append((record.iteration, record.time))
+        self.query_one(LossCharts).add(record.gen_loss, record.valid)
+        self.query_one(RepetitionMeter).update_metrics(
+            record.rep4, record.distinct1, record.unique_tokens, record.compression_ratio
+        )
+        self.query_one(SampleView).show(record.iteration, record.text)
+        self._show_status()
+
+    def on_event_report(self, report: EventReport) -> None:
+        event = report.event
+        self._log(event.describe())
+        kind = event.event
+        if kind in ("start", "resumed_from"):
+            self._loaded()
+        elif kind == "lr":
+            self.applied_lr = float(event.data.get("lr", self.applied_lr))
+            if self.requested_lr == self.applied_lr:
+                self.requested_lr = None
+        elif kind == "snapshot":
+            self.snapshot_pending = False
+            self._save_screen(event.data.get("path"))
+        elif kind == "collapse":
+            self.collapsed = True
+            tail = "it goes on (keep-going)" if self.info.keep_going else "the run stops; q quits"
+            self.notify(
+                f"rep4 {event.data.get('rep4', 0):.2f}: {tail}", title="collapsed", severity="warning"
+            )
+        elif kind == "error":
+            self.failed = True
+            self.notify(str(event.data.get("message", "")), title="run error", severity="error", timeout=30)
+        self._update_state()
+        self._show_status()
+
+    def _loaded(self) -> None:
+        if self.loading:
+            self.loading = False
+            self.query_one("#loading").display = False
+
+    def _save_screen(self, path: Any) -> None:
+        """The screen as SVG beside the engine's snapshot, so the moment can be seen again later."""
+        if not path:
+            return
+        try:
+            saved = self.save_screenshot(filename="screen.svg", path=str(path))
+        except OSError as error:
+            self.notify(f"could not save the screen: {error}", severity="error")
+            return
+        self.notify(f"saved in {path} (screen: {saved})", title="snapshot")
+
+    # -- drawing -------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """loading, running, paused, stopping, collapsed, finished or error."""
+        if self.failed:
+            return "error"
+        if self.quitting and self.running:
+            return "stopping"
+        if self.loading and self.running:
+            return "loading"
+        if self.collapsed:
+            return "collapsed"
+        if not self.running:
+            return "finished"
+        return "paused" if self.source.controls.paused else "running"
+
+    @property
+    def current_lr(self) -> float:
+        """The lr the next iteration will use, as far as the UI knows: what + and - work from."""
+        return self.requested_lr if self.requested_lr is not None else self.applied_lr
+
+    def _update_state(self) -> None:
+        self.query_one(RepetitionMeter).set_state(self.state)
+        self.refresh_bindings()
+
+    def _rate(self) -> float | None:
+        """Iterations per second over the recent records, by the records' own clocks."""
+        if len(self.recent) < 2:
+            return None
+        (first_it, first_t), (last_it, last_t) = self.recent[0], self.recent[-1]
+        return (last_it - first_it) / (last_t - first_t) if last_t > first_t else None
+
+    def _show_status(self) -> None:
+        rate = self._rate()
+        done = 0 if self.iteration is None else self.iteration + 1
+        remaining = (self.info.max_iters - done) / rate if rate and self.running else None
+        self.query_one(StatusLine).show(
+            model=self.info.model,
+            device=self.info.device,
+            iteration=self.iteration,
+            max_iters=self.info.max_iters,
+            rate=rate,
+            lr=self.applied_lr,
+            pending_lr=self.requested_lr,
+            elapsed=self.clock() - self.started_at,
+            remaining=remaining,
+        )
+
+    def _log(self, line: str) -> None:
+        self.query_one("#events", RichLog).write(line)
+
+    # -- keys ----------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Hide the pause/resume key that does not apply; grey out what the run cannot take now."""
+        live = self.running and not self.quitting and not self.loading
+        paused = self.source.controls.paused
+        if action == "pause":
+            return False if paused else (True if live else None)
+        if action == "resume":
+            return (True if live else None) if paused else False
+        if action in ("lr_up", "lr_down", "type_lr"):
+            return True if live else None
+        if action == "snapshot":
+            return True if live and not self.snapshot_pending else None
+        return True
+
+    def action_pause(self) -> None:
+        self.source.controls.pause()
+        self._update_state()
+
+    def action_resume(self) -> None:
+        self.source.controls.resume()
+        self._update_state()
+
+    def action_lr_up(self) -> None:
+        self._request_lr(self.current_lr * 2)
+
+    def action_lr_down(self) -> None:
+        self._request_lr(self.current_lr / 2)
+
+    def action_type_lr(self) -> None:
+        def apply(value: float | None) -> None:
+            if value is not None:
+                self._request_lr(value)
+
+        self.push_screen(LrScreen(self.current_lr), apply)
+
+    def _request_lr(self, lr: float) -> None:
+        try:
+            self.source.controls.set_lr(lr)
+        except ValueError as error:
+            self.notify(str(error), severity="error")
+            return
+        self.requested_lr = lr
+        self._show_status()
+
+    def action_snapshot(self) -> None:
+        self.source.controls.request_snapshot()
+        self.snapshot_pending = True
+        self.refresh_bindings()
+        self.notify("saved after the iteration in flight", title="snapshot requested")
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    async def action_quit(self) -> None:
+        """Stop the run at its next safe point, then leave; a second q (or a stuck run) leaves at once."""
+        self.source.controls.stop()
+        if not self.running or self.quitting:
+            self.exit(self.summary)
+            return
+        self.quitting = True
+        self._update_state()
+        self._log("stopping…")
+        self.set_timer(self.QUIT_GRACE_S, lambda: self.exit(self.summary))
+
+    def stop_from_signal(self) -> None:
+        """For SIGHUP: stop the run and leave, keeping everything the run wrote."""
+        self.source.controls.stop()
+        self.quitting = True
+        if not self.running:
+            self.exit(self.summary)
+
+
+def run_app(
+    source: RunSource, *, clock: Callable[[], float] = time.monotonic, headless: bool = False
+) -> dict[str, Any]:
+    """Run the TUI on ``source`` until the user quits; return the run's summary.
+
+    Returns only once the run's thread has finished, so the run folder's
+    summary is written. A hang-up (SSH dropped) stops the run cleanly instead
+    of killing it. A ``UserError`` the run raised (a model that is not there)
+    is re-raised here, after the screen is restored, for the CLI to print.
+    ``headless`` runs without a terminal (for tests).
+    """
+    app = CollapseApp(source, clock=clock)
+
+    def on_hangup(signum: int, frame: Any) -> None:
+        source.controls.stop()
+        if app.loop is not None:
+            app.loop.call_soon_threadsafe(app.stop_from_signal)
+
+    previous = signal.signal(signal.SIGHUP, on_hangup) if hasattr(signal, "SIGHUP") else None
+    try:
+        app.run(headless=headless)
+    finally:
+        source.controls.stop()
+        if app.worker_started and not app.run_done.wait(2.0):
+            print("collapse-tui: waiting for the run to stop…", file=sys.stderr)
+            app.run_done.wait()
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)
+    if app.run_error is not None:
+        raise app.run_error
+    return app.summary or {}

@@ -1,0 +1,96 @@
+"""The two modal screens: help, and typing a learning rate."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from rich.table import Table
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Input, Label, Static
+
+HELP_KEYS = [
+    ("space, p", "pause / resume (at the end of the iteration in flight)"),
+    ("+", "double the learning rate from the next iteration"),
+    ("-", "halve the learning rate from the next iteration"),
+    ("l", "type a learning rate"),
+    ("s", "snapshot: model, optimizer, sample, and an SVG of this screen"),
+    ("↑ ↓ pgup pgdn", "scroll the sample (tab moves focus)"),
+    ("q", "stop the run (its folder is completed) and quit"),
+    ("?", "this help"),
+]
+
+
+class HelpScreen(ModalScreen[None]):
+    """What each key does, and what the panes mean."""
+
+    BINDINGS: ClassVar[list[Binding]] = [
+        Binding("escape,question_mark", "dismiss", "Close", key_display="esc")
+    ]
+
+    def compose(self) -> ComposeResult:
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold")
+        table.add_column()
+        for key, what in HELP_KEYS:
+            table.add_row(key, what)
+        with Vertical(id="help-box") as box:
+            box.border_title = "collapse-tui · keys"
+            yield Static(table)
+            yield Static(
+                "rep4: share of repeated 4-grams in the latest sample (the │ marks the collapse "
+                "threshold). Highlighted words in the sample lie inside a repeated 4-word run. "
+                "Changes apply at the next iteration and show in the event log.",
+                id="help-notes",
+            )
+            yield Label("esc or ? closes", classes="hint")
+
+
+def parse_lr(text: str) -> float:
+    """A learning rate typed by a user; ValueError says what is wrong with it."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"not a number: {text.strip()!r} (try 4e-5)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("the learning rate must be a positive number")
+    if value > 1:
+        raise ValueError("above 1 the update only wrecks the model; type at most 1")
+    return value
+
+
+class LrScreen(ModalScreen[float | None]):
+    """A one-line dialog for a learning rate; a bad value is refused with the reason shown in place."""
+
+    BINDINGS: ClassVar[list[Binding]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, current: float) -> None:
+        super().__init__()
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="lr-box") as box:
+            box.border_title = "learning rate"
+            yield Label(f"now {self.current:.3g}; applies from the next iteration")
+            yield Input(value=f"{self.current:g}", id="lr-input", select_on_focus=True)
+            yield Label("", id="lr-error")
+            yield Label("enter applies · esc cancels", classes="hint")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        try:
+            value = parse_lr(event.value)
+        except ValueError as error:
+            self.query_one("#lr-error", Label).update(str(error))
+            self.query_one("#lr-input", Input).add_class("-invalid")
+            return
+        self.dismiss(value)
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.query_one("#lr-error", Label).update("")
+        event.input.remove_class("-invalid")
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

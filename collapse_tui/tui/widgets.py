@@ -1,0 +1,319 @@
+"""The panes of the live TUI: loss charts, repetition meter, sample, status line, event log.
+
+Each widget is fed plain values by the app (never the engine), so it can be
+drawn from fake records in tests and stays cheap over thousands of iterations.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.widget import Widget
+from textual.widgets import Label, Sparkline, Static
+
+from collapse_tui.metrics import repeated_ngram_mask
+
+
+def fmt_num(value: float | None, digits: int = 3) -> str:
+    """A short number for a narrow pane; NaN and inf spelled out instead of hidden."""
+    if value is None:
+        return "–"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.{digits}f}"
+
+
+def fmt_loss(value: float | None) -> str:
+    """Three significant digits: enough to see a loss move, short enough for 80 columns."""
+    return fmt_num(value) if value is None or not math.isfinite(value) else f"{value:.3g}"
+
+
+def fmt_lr(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """h:mm:ss, or – when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "–"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class Downsampled:
+    """A series kept to at most ``capacity`` points by averaging neighbours as it grows.
+
+    A run of thousands of iterations must not grow the chart's memory or its
+    redraw cost: when full, pairs are merged and each later point stands for
+    twice as many iterations. Non-finite values never enter (Sparkline cannot
+    draw NaN); they are counted so the pane can say so.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = max(2, capacity - capacity % 2)
+        self.points: list[float] = []
+        self.stride = 1
+        self._acc: list[float] = []
+        self.last: float | None = None
+        self.min = math.inf
+        self.max = -math.inf
+        self.count = 0
+        self.bad = 0
+
+    def add(self, value: float) -> None:
+        self.last = value
+        if not math.isfinite(value):
+            self.bad += 1
+            return
+        self.count += 1
+        self.min = min(self.min, value)
+        self.max = max(self.max, value)
+        self._acc.append(value)
+        if len(self._acc) < self.stride:
+            return
+        self.points.append(sum(self._acc) / len(self._acc))
+        self._acc = []
+        if len(self.points) >= self.capacity:
+            pairs = zip(self.points[0::2], self.points[1::2], strict=True)
+            self.points = [(a + b) / 2 for a, b in pairs]
+            self.stride *= 2
+
+    def data(self) -> list[float]:
+        """The points to draw, including the partly filled last bucket."""
+        if self._acc:
+            return [*self.points, sum(self._acc) / len(self._acc)]
+        return list(self.points)
+
+
+class SeriesChart(Vertical):
+    """One loss series: a title line (name, last, min, max) over its sparkline."""
+
+    DEFAULT_CSS = """
+    SeriesChart { height: 1fr; min-height: 2; }
+    SeriesChart > Label { width: 1fr; height: 1; }
+    SeriesChart > Sparkline { height: 1fr; min-height: 1; }
+    """
+
+    def __init__(self, title: str, capacity: int = 256, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.title = title
+        self.series = Downsampled(capacity)
+
+    def compose(self) -> ComposeResult:
+        yield Label(self._caption(), classes="series-title")
+        yield Sparkline([], summary_function=max)
+
+    def add(self, value: float) -> None:
+        self.series.add(value)
+        self.query_one(Label).update(self._caption())
+        self.query_one(Sparkline).data = self.series.data()
+
+    def _caption(self) -> Text:
+        series = self.series
+        text = Text.assemble((self.title, "bold"), " ")
+        text.append(fmt_loss(series.last), style="bold")
+        if series.count:
+            text.append(f"  min {fmt_loss(series.min)} max {fmt_loss(series.max)}", style="dim")
+        if series.bad:
+            text.append(f"  ({series.bad} non-finite)", style="bold red")
+        return text
+
+
+class LossCharts(VerticalScroll):
+    """One chart per loss series: gen_loss first, then each evaluation set."""
+
+    def __init__(self, eval_names: Iterable[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.names = ["gen_loss", *eval_names]
+        self.can_focus = False
+
+    def compose(self) -> ComposeResult:
+        for index, name in enumerate(self.names):
+            yield SeriesChart(name, id=f"series-{index}")
+
+    def add(self, gen_loss: float, valid: dict[str, float]) -> None:
+        for index, name in enumerate(self.names):
+            value = gen_loss if index == 0 else valid.get(name, math.nan)
+            self.query_one(f"#series-{index}", SeriesChart).add(value)
+
+
+#: The states a run's meter can show, and the style of each.
+STATE_STYLES = {
+    "loading": "bold black on yellow",
+    "running": "bold black on green",
+    "paused": "bold black on yellow",
+    "collapsed": "bold white on red",
+    "finished": "bold black on cyan",
+    "stopping": "bold black on yellow",
+    "error": "bold white on red",
+}
+
+
+class RepetitionMeter(Widget):
+    """rep4 as a bar against the collapse threshold, the other repetition numbers, and the state."""
+
+    DEFAULT_CSS = "RepetitionMeter { height: 4; }"
+
+    def __init__(self, threshold: float, patience: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.threshold = threshold
+        self.patience = patience
+        self.state = "loading"
+        self.rep4: float | None = None
+        self.distinct1: float | None = None
+        self.unique_tokens: int | None = None
+        self.compression: float | None = None
+        self.streak = 0
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        self.refresh()
+
+    def update_metrics(self, rep4: float, distinct1: float, unique_tokens: int, compression: float) -> None:
+        self.rep4, self.distinct1 = rep4, distinct1
+        self.unique_tokens, self.compression = unique_tokens, compression
+        self.streak = self.streak + 1 if math.isfinite(rep4) and rep4 >= self.threshold else 0
+        self.refresh()
+
+    def render(self) -> Text:
+        width = max(self.size.width, 20)
+        state = Text(f" {self.state.upper()} ", style=STATE_STYLES.get(self.state, "bold reverse"))
+        if self.streak and self.state in ("running", "paused"):
+            state.append(f"  above threshold {self.streak}/{self.patience}", style="bold yellow")
+        value = f" {fmt_num(self.rep4, 2)}/{self.threshold:.2f}"
+        bar = self._bar(width - len("rep4 ") - len(value))
+        lines = [
+            state,
+            Text.assemble(("rep4 ", "bold"), bar, (value, "bold")),
+            Text.assemble(
+                ("distinct-1 ", "dim"),
+                fmt_num(self.distinct1, 2),
+                ("  unique tokens ", "dim"),
+                "–" if self.unique_tokens is None else str(self.unique_tokens),
+            ),
+            Text.assemble(("compression ratio ", "dim"), fmt_num(self.compression, 2)),
+        ]
+        return Text("\n").join(lines)
+
+    def _bar(self, width: int) -> Text:
+        """A bar of ``width`` cells; a ``│`` marks the threshold; red once at or past it."""
+        width = max(width, 5)
+        rep4 = self.rep4 if self.rep4 is not None and math.isfinite(self.rep4) else 0.0
+        filled = round(min(max(rep4, 0.0), 1.0) * width)
+        mark = min(width - 1, round(self.threshold * width))
+        style = "red" if rep4 >= self.threshold else ("yellow" if rep4 >= self.threshold / 2 else "green")
+        bar = Text()
+        for cell in range(width):
+            if cell == mark:
+                bar.append("│", style="bold")
+            elif cell < filled:
+                bar.append("█", style=style)
+            else:
+                bar.append("░", style="dim")
+        return bar
+
+
+_WORD = re.compile(r"\S+")
+#: Readable even when the whole sample loops (a collapsed run), in 256 colours too.
+REPEAT_STYLE = "bold yellow underline"
+
+
+def highlight_repeats(text: str, n: int = 4) -> Text:
+    """The sample with every word inside a repeated word n-gram highlighted.
+
+    Records carry the text, not the token ids, so words stand in for tokens:
+    a loop of tokens is a loop of words too.
+    """
+    result = Text(text)
+    spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    ids: dict[str, int] = {}
+    words = [ids.setdefault(text[a:b], len(ids)) for a, b in spans]
+    mask = repeated_ngram_mask(words, n)
+    start: int | None = None
+    for index, repeated in enumerate([*mask, False]):
+        if repeated and start is None:
+            start = spans[index][0]
+        elif not repeated and start is not None:
+            result.stylize(REPEAT_STYLE, start, spans[index - 1][1])
+            start = None
+    return result
+
+
+class SampleView(VerticalScroll):
+    """The latest generated sample, scrollable by keyboard, loops highlighted."""
+
+    def compose(self) -> ComposeResult:
+        yield Static("(no sample yet)", id="sample-text")
+
+    def show(self, iteration: int, text: str) -> None:
+        self.border_title = f"sample · iteration {iteration}"
+        self.query_one("#sample-text", Static).update(highlight_repeats(text))
+
+
+class StatusLine(Widget):
+    """One line: model, device, iteration / max, it/s, lr, elapsed, remaining.
+
+    At 80 columns the full line does not fit, so it drops its labels, then
+    the device, rather than cutting off the time left.
+    """
+
+    DEFAULT_CSS = "StatusLine { height: 1; }"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fields: dict[str, str] = {}
+        self.lr_pending = False
+
+    def show(
+        self,
+        *,
+        model: str,
+        device: str,
+        iteration: int | None,
+        max_iters: int,
+        rate: float | None,
+        lr: float,
+        pending_lr: float | None,
+        elapsed: float,
+        remaining: float | None,
+    ) -> None:
+        self.fields = {
+            "model": model.rstrip("/").rsplit("/", 1)[-1],
+            "device": device,
+            "iteration": f"it {'–' if iteration is None else iteration}/{max_iters}",
+            "rate": "– it/s" if rate is None else f"{rate:.2f} it/s",
+            "lr": "lr " + (fmt_lr(lr) if pending_lr is None else f"{fmt_lr(lr)}→{fmt_lr(pending_lr)}"),
+            "elapsed": fmt_duration(elapsed),
+            "remaining": fmt_duration(remaining),
+        }
+        self.lr_pending = pending_lr is not None
+        self.refresh()
+
+    def render(self) -> Text:
+        if not self.fields:
+            return Text("")
+        f = self.fields
+        full = [f["model"], f["device"], f["iteration"], f["rate"], f["lr"], f"{f['elapsed']} elapsed"]
+        full.append(f"{f['remaining']} left")
+        short = [*full[:5], f["elapsed"], f"eta {f['remaining']}"]
+        for parts in (full, short, [short[0], *short[2:]]):
+            if sum(map(len, parts)) + 3 * (len(parts) - 1) + 1 <= self.size.width:
+                break
+        line = Text(" ")
+        for index, part in enumerate(parts):
+            if index:
+                line.append(" · ", style="dim")
+            style = "bold" if index in (0, 2) else ""
+            if part.startswith("lr "):
+                style = "bold yellow" if self.lr_pending else "bold"
+            line.append(part, style=style)
+        return line
