@@ -209,9 +209,13 @@ class RunFolder:
 
     @property
     def collapsed_at(self) -> int | None:
+        """The iteration whose sample collapsed (the event's ``at``; it is logged before the next one)."""
         for event in self.events:
             if event.event == "collapse":
-                return event.iteration
+                at = event.data.get("at")
+                return (
+                    int(at) if isinstance(at, int | float) and not isinstance(at, bool) else event.iteration
+                )
         return None
 
     @property

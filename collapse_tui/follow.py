@@ -1,0 +1,482 @@
+"""Attach to a run another process writes: liveness, steering through the folder, following.
+
+A long run is started headless (tmux, nohup) and watched later, perhaps by
+several watchers at once, perhaps after an SSH connection dropped. Everything
+goes through the run folder, so nothing but a shared filesystem is needed:
+
+``process.json``
+    The process that writes the run announces itself (``RunProcess``): pid,
+    host, start time; at a clean end it is marked ``ended``. ``is_alive``
+    tells a watcher whether the writer is still there.
+``commands.jsonl``
+    Watchers append one line per command (``send_command``); the writing
+    process tails it (``CommandInbox``) and hands each command to its
+    ``RunControls``. The engine applies it at the next iteration boundary and
+    records it in ``events.jsonl``, which is how every watcher learns of it.
+
+Watchers may pause, resume, change the learning rate and ask for a snapshot,
+but not stop the run: a watcher's quit key must never end a run, and a
+deliberate stop is ``kill -INT <pid>`` (the pid is in ``process.json``), which
+the headless runner turns into a clean stop.
+
+``FolderSource`` is the ``RunSource`` for ``collapse-tui watch RUN_DIR``: it
+replays the folder's history to a listener, then follows new lines until the
+run ends, its process is gone, or the watcher detaches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from collapse_tui.controls import RunControls
+from collapse_tui.errors import UserError
+from collapse_tui.records import Event, IterationRecord
+from collapse_tui.runfolder import (
+    EVENTS,
+    METRICS,
+    JsonlTail,
+    RunFolder,
+    dedupe_records,
+    parse_events,
+    parse_metrics,
+    read_run,
+    read_summary,
+)
+from collapse_tui.source import EngineListener, RunInfo
+
+PROCESS = "process.json"
+COMMANDS = "commands.jsonl"
+#: What a watcher may ask of a run (see the module docstring for why not ``stop``).
+COMMAND_KINDS = ("pause", "resume", "lr", "snapshot")
+
+# -- who writes the run ------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a Linux process, or None where /proc cannot tell.
+
+    The start time tells a reused pid from the original process; the state
+    tells a zombie (exited, not yet reaped) from a living process.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # the command name may hold spaces
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunProcess:
+    """The announcement in ``process.json`` that this process writes the run.
+
+    Call ``start`` before the run begins (it creates the folder if need be)
+    and ``close`` when it ends, however it ends; or use it as a context
+    manager. A process killed outright never marks the file, and ``is_alive``
+    then finds its pid gone.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / PROCESS
+        self.info: dict[str, Any] = {}
+
+    def start(self) -> RunProcess:
+        pid = os.getpid()
+        stat = _proc_stat(pid)
+        self.info = {
+            "pid": pid,
+            "hostname": socket.gethostname(),
+            "started": time.time(),
+            "start_ticks": stat[1] if stat else None,
+            "argv": sys.argv,
+            "state": "running",
+        }
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(self.path, self.info)
+        except OSError as error:
+            raise UserError(f"cannot write {self.path}: {error.strerror}") from None
+        return self
+
+    def close(self) -> None:
+        """Mark the process as ended (idempotent; never raises: it runs on the way out)."""
+        if not self.info or self.info.get("state") == "ended":
+            return
+        self.info = {**self.info, "state": "ended", "ended": time.time()}
+        with contextlib.suppress(OSError):
+            _write_json_atomic(self.path, self.info)
+
+    def __enter__(self) -> RunProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_process(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``process.json``, or None if it has none (a run from an older version) or it is garbled."""
+    try:
+        info = json.loads((Path(run_dir) / PROCESS).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def is_alive(run_dir: Path) -> bool | None:
+    """Whether the process writing the run is still running.
+
+    True or False where this machine can tell; None where it cannot: no
+    ``process.json`` (older runs, or a front end that does not announce
+    itself) or a process on another host (a shared filesystem).
+    """
+    info = read_process(run_dir)
+    if info is None:
+        return None
+    if info.get("state") == "ended":
+        return False
+    if info.get("hostname") != socket.gethostname():
+        return None
+    try:
+        pid = int(info["pid"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    except OSError:
+        return None
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    state, ticks = stat
+    if state in ("Z", "X"):
+        return False
+    recorded = info.get("start_ticks")
+    return not (isinstance(recorded, int) and recorded != ticks)  # a reused pid is another process
+
+
+# -- steering through the folder ------------------------------------------------------------
+
+
+def _check_command(command: str, data: dict[str, Any]) -> None:
+    if command not in COMMAND_KINDS:
+        raise UserError(f"unknown run command {command!r}: use one of {', '.join(COMMAND_KINDS)}")
+    if command == "lr":
+        lr = data.get("lr")
+        if not (isinstance(lr, int | float) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"learning rate must be a positive number, not {lr!r}")
+
+
+def send_command(run_dir: Path, command: str, **data: Any) -> None:
+    """Ask the run's process for ``command`` (pause, resume, lr with ``lr=…``, snapshot).
+
+    Appends one line to ``commands.jsonl`` in a single ``O_APPEND`` write, so
+    any number of watchers may send at once without interleaving lines.
+    Raises ``ValueError`` for a bad learning rate (as ``RunControls.set_lr``),
+    ``UserError`` for an unknown command or a folder that cannot be written.
+    """
+    _check_command(command, data)
+    run_dir = Path(run_dir)
+    row = {"command": command, **data, "time": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+    line = (json.dumps(row) + "\n").encode("utf-8")
+    try:
+        fd = os.open(run_dir / COMMANDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
+    except OSError as error:
+        raise UserError(f"cannot send {command!r} to {run_dir}: {error.strerror}") from None
+    try:
+        written = os.write(fd, line)
+        while written < len(line):  # only on a signal mid-write; the reader waits for the newline
+            written += os.write(fd, line[written:])
+    finally:
+        os.close(fd)
+
+
+class CommandInbox:
+    """For the process that runs the engine: hands watchers' commands to its controls.
+
+    A daemon thread tails ``commands.jsonl`` every ``poll_s`` seconds. Lines
+    already there at ``start`` are skipped: they were meant for an earlier
+    process of the same run (before a resume). Bad lines and commands a
+    watcher may not give (``stop``) are ignored and kept in ``ignored``.
+    """
+
+    def __init__(self, run_dir: Path, controls: RunControls, *, poll_s: float = 0.2) -> None:
+        self.run_dir = Path(run_dir)
+        self.controls = controls
+        self.poll_s = poll_s
+        self.tail = JsonlTail(self.run_dir / COMMANDS)
+        #: Commands applied and ignored (with why), in order, for logs and tests.
+        self.applied: list[dict[str, Any]] = []
+        self.ignored: list[tuple[dict[str, Any], str]] = []
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> CommandInbox:
+        self.tail.read_new()  # skip what earlier processes were sent
+        self._thread = threading.Thread(target=self._loop, name="command-inbox", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> CommandInbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        while not self._closed.wait(self.poll_s):
+            self.poll()
+        self.poll()  # commands sent just before the end are applied (or at least seen)
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Apply the commands that arrived since the last poll; return them."""
+        applied = []
+        for row in self.tail.read_new():
+            reason = self._apply(row)
+            if reason is None:
+                applied.append(row)
+                self.applied.append(row)
+            else:
+                self.ignored.append((row, reason))
+        return applied
+
+    def _apply(self, row: dict[str, Any]) -> str | None:
+        """Apply one command; return why it was ignored, or None."""
+        command = row.get("command")
+        data = {k: v for k, v in row.items() if k != "command"}
+        try:
+            _check_command(str(command), data)
+        except (UserError, ValueError) as error:
+            return str(error)
+        if command == "pause":
+            self.controls.pause()
+        elif command == "resume":
+            self.controls.resume()
+        elif command == "lr":
+            self.controls.set_lr(float(data["lr"]))
+        elif command == "snapshot":
+            self.controls.request_snapshot()
+        return None
+
+
+# -- following a run folder -------------------------------------------------------------------
+
+
+class FolderControls(RunControls):
+    """The controls a watcher's TUI steers: each command goes to the run's process via the folder.
+
+    ``paused`` and ``pending_lr`` follow the run's events (``observe``), set
+    ahead of them when this watcher asks, so the screen answers a key at once.
+
+    ``stop`` does NOT stop the run: it only ends this watcher's follow loop
+    (``FolderSource.run`` returns promptly), which is what the TUI's quit
+    and unmount call. With ``read_only`` the steering methods do nothing and
+    send nothing; a TUI should check ``read_only`` and hide those keys.
+    """
+
+    def __init__(self, run_dir: Path, *, read_only: bool = False) -> None:
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.read_only = read_only
+
+    def _send(self, command: str, **data: Any) -> bool:
+        if self.read_only:
+            return False
+        send_command(self.run_dir, command, **data)
+        return True
+
+    def pause(self) -> None:
+        if self._send("pause"):
+            super().pause()
+
+    def resume(self) -> None:
+        if self._send("resume"):
+            super().resume()
+
+    def toggle_pause(self) -> bool:
+        if self.paused:
+            self.resume()
+        else:
+            self.pause()
+        return self.paused
+
+    def set_lr(self, lr: float) -> None:
+        if self.read_only:
+            return
+        super().set_lr(lr)  # validates, and shows it as pending until the run's lr event
+        self._send("lr", lr=float(lr))
+
+    def request_snapshot(self) -> None:
+        self._send("snapshot")
+
+    def stop(self) -> None:
+        """End the follow loop only; the watched run goes on."""
+        super().stop()
+
+    def observe(self, event: Event) -> None:
+        """Keep ``paused`` and ``pending_lr`` as the run's events say (called by ``FolderSource``)."""
+        with self._condition:
+            if event.event == "pause":
+                self._paused = True
+            elif event.event in ("resume", "start", "resumed_from", "stop"):
+                self._paused = False
+            elif event.event == "lr" and self._pending.lr == event.data.get("lr"):
+                self._pending.lr = None
+
+
+def run_info(folder: RunFolder, *, read_only: bool = False) -> RunInfo:
+    """What a front end shows about a run, from its ``config.json`` (tolerating missing keys)."""
+    config = folder.config
+
+    def number(key: str, default: float) -> float:
+        try:
+            return float(config.get(key, default))
+        except (TypeError, ValueError):
+            return default
+
+    return RunInfo(
+        model=str(config.get("model", "?")),
+        device=str(config.get("resolved_device") or config.get("device") or "?"),
+        max_iters=int(number("max_iters", 0)),
+        lr=number("lr", float("nan")),
+        eval_names=folder.eval_names,
+        collapse_threshold=number("collapse_threshold", 0.9),
+        collapse_patience=int(number("collapse_patience", 3)),
+        keep_going=bool(config.get("keep_going", False)),
+        run_dir=str(folder.root),
+        extra={
+            "dtype": config.get("autocast_dtype"),
+            "inference": config.get("inference"),
+            "watching": True,
+            "read_only": read_only,
+        },
+    )
+
+
+def summary_of(folder: RunFolder, status: str, reason: str) -> dict[str, Any]:
+    """A summary in the engine's shape, for a run that has none (still going, or its process gone)."""
+
+    def losses(record: IterationRecord | None) -> dict[str, Any] | None:
+        if record is None:
+            return None
+        return {
+            "iteration": record.iteration,
+            "gen_loss": record.gen_loss,
+            "valid": record.valid,
+            "rep4": record.rep4,
+        }
+
+    records = folder.records
+    return {
+        "status": status,
+        "reason": reason,
+        "iterations": records[-1].iteration + 1 if records else 0,
+        "collapsed_at": folder.collapsed_at,
+        "first": losses(records[0] if records else None),
+        "last": losses(records[-1] if records else None),
+        "lr": records[-1].lr if records else folder.config.get("lr"),
+        "model": folder.config.get("model", "?"),
+        "run_dir": str(folder.root),
+    }
+
+
+class FolderSource:
+    """A ``RunSource`` that shows a run folder: its history, then its new lines as they land.
+
+    ``run(listener)`` replays every record and event, then (unless the run
+    has ended) polls every ``poll_s`` seconds and forwards new lines. It
+    returns the run's summary when the run ends, a "crashed" summary (after
+    a synthetic ``process_gone`` event) when the writing process disappears
+    without one, or the run's present state (reason "watcher detached") as
+    soon as ``close()`` or ``controls.stop()`` is called. None of these
+    affect the watched run.
+    """
+
+    def __init__(self, run_dir: Path, *, read_only: bool = False, poll_s: float = 0.5) -> None:
+        self.folder = read_run(Path(run_dir))  # a folder that is not a run fails here, before any screen
+        self.run_dir = self.folder.root
+        if not read_only and not os.access(self.run_dir, os.W_OK):
+            raise UserError(f"cannot steer {self.run_dir}: no permission to write there; add --read-only")
+        self.poll_s = poll_s
+        #: True while ``run`` replays the history (events that already happened, e.g. old snapshots).
+        self.replaying = False
+        self.controls = FolderControls(self.run_dir, read_only=read_only)
+        self.info = run_info(self.folder, read_only=read_only)
+
+    def close(self) -> None:
+        """Stop following (from any thread); ``run`` returns promptly. The run is untouched."""
+        self.controls.stop()
+
+    def run(self, listener: EngineListener) -> dict[str, Any]:
+        listener.on_status(f"reading {self.run_dir}", None)
+        metrics, events = JsonlTail(self.run_dir / METRICS), JsonlTail(self.run_dir / EVENTS)
+        self.folder.records, self.folder.events = [], []
+        self.replaying = True
+        try:
+            self._forward(listener, metrics, events)  # the whole history
+        finally:
+            self.replaying = False
+        while True:
+            alive = is_alive(self.run_dir)  # before the last look: a clean end leaves its summary first
+            self._forward(listener, metrics, events)
+            self.folder.summary = read_summary(self.run_dir)
+            summary = self.folder.current_summary
+            if summary is not None:
+                return summary
+            if alive is False:
+                return self._process_gone(listener)
+            if self.controls.stop_requested:
+                return summary_of(self.folder, "running", "watcher detached")
+            self.controls.wait(self.poll_s)
+            if self.controls.stop_requested:
+                return summary_of(self.folder, "running", "watcher detached")
+
+    def _forward(self, listener: EngineListener, metrics: JsonlTail, events: JsonlTail) -> None:
+        """Deliver new lines: each event before the record of the iteration it applies before."""
+        new_records = dedupe_records(parse_metrics(metrics.read_new()))
+        new_events = parse_events(events.read_new())
+        self.folder.records = dedupe_records([*self.folder.records, *new_records])
+        self.folder.events.extend(new_events)
+        pending = list(new_records)
+        for event in new_events:
+            while pending and pending[0].iteration < event.iteration:
+                listener.on_record(pending.pop(0))
+            self.controls.observe(event)
+            listener.on_event(event)
+        for record in pending:
+            listener.on_record(record)
+
+    def _process_gone(self, listener: EngineListener) -> dict[str, Any]:
+        info = read_process(self.run_dir) or {}
+        host = info.get("hostname", "?")
+        message = f"pid {info.get('pid', '?')} on {host} ended without writing a summary"
+        records = self.folder.records
+        iteration = records[-1].iteration + 1 if records else 0
+        listener.on_event(Event("process_gone", iteration, data={"message": message}))
+        return summary_of(self.folder, "crashed", "process gone")

@@ -1,0 +1,241 @@
+"""Watching a run folder: liveness, commands through the folder, following new lines."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from runfolders import dead_pid, make_run, record, wait_for, write_process
+
+from collapse_tui.controls import RunControls
+from collapse_tui.errors import UserError
+from collapse_tui.follow import (
+    COMMANDS,
+    CommandInbox,
+    FolderSource,
+    RunProcess,
+    is_alive,
+    read_process,
+    send_command,
+)
+from collapse_tui.records import Event, IterationRecord
+from collapse_tui.runfolder import RunWriter, read_jsonl
+
+
+class Collect:
+    """A listener that keeps everything, in order."""
+
+    def __init__(self) -> None:
+        self.items: list[IterationRecord | Event] = []
+        self.statuses: list[str] = []
+
+    def on_status(self, message: str, fraction: float | None = None) -> None:
+        self.statuses.append(message)
+
+    def on_record(self, record: IterationRecord) -> None:
+        self.items.append(record)
+
+    def on_event(self, event: Event) -> None:
+        self.items.append(event)
+
+    @property
+    def iterations(self) -> list[int]:
+        return [i.iteration for i in self.items if isinstance(i, IterationRecord)]
+
+    @property
+    def events(self) -> list[str]:
+        return [i.event for i in self.items if isinstance(i, Event)]
+
+
+def follow_in_thread(source: FolderSource, listener: Collect) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        result.update(source.run(listener))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
+
+
+# -- liveness ---------------------------------------------------------------------------------
+
+
+def test_run_process_announces_itself_and_marks_a_clean_end(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with RunProcess(run_dir):
+        assert read_process(run_dir)["pid"] == os.getpid()
+        assert is_alive(run_dir) is True
+    assert read_process(run_dir)["state"] == "ended"
+    assert is_alive(run_dir) is False
+
+
+def test_a_dead_pid_is_not_alive_and_unknowns_are_none(tmp_path: Path) -> None:
+    assert is_alive(tmp_path) is None  # no process.json: an older run
+    write_process(tmp_path, dead_pid())
+    assert is_alive(tmp_path) is False
+    write_process(tmp_path, os.getpid(), hostname="another-machine")
+    assert is_alive(tmp_path) is None
+    (tmp_path / "process.json").write_text('{"pid": 1', encoding="utf-8")
+    assert is_alive(tmp_path) is None
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def test_the_inbox_applies_sent_commands_in_order(tmp_path: Path) -> None:
+    controls = RunControls()
+    send_command(tmp_path, "pause")  # meant for an earlier process of this run: skipped
+    with CommandInbox(tmp_path, controls, poll_s=0.01) as inbox:
+        send_command(tmp_path, "lr", lr=1e-4)
+        send_command(tmp_path, "pause")
+        send_command(tmp_path, "lr", lr=2e-4)
+        send_command(tmp_path, "snapshot")
+        with open(tmp_path / COMMANDS, "a", encoding="utf-8") as handle:
+            handle.write('{"command": "stop"}\n{"command": "lr", "lr": -1}\nnot json\n')
+        wait_for(lambda: len(inbox.applied) + len(inbox.ignored) == 6, what="the commands")
+    assert [(c["command"], c.get("lr")) for c in inbox.applied] == [
+        ("lr", 1e-4),
+        ("pause", None),
+        ("lr", 2e-4),
+        ("snapshot", None),
+    ]
+    assert controls.paused and controls.pending_lr == 2e-4
+    assert controls.take_pending().snapshot
+    assert [row["command"] for row, _ in inbox.ignored] == ["stop", "lr"]  # watchers cannot stop a run
+    assert not controls.stop_requested
+
+
+def test_send_command_refuses_what_a_run_would_not_take(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        send_command(tmp_path, "lr", lr=0)
+    with pytest.raises(UserError, match="unknown run command 'stop'"):
+        send_command(tmp_path, "stop")
+    with pytest.raises(UserError, match="cannot send"):
+        send_command(tmp_path / "missing", "pause")
+    assert not (tmp_path / COMMANDS).exists()
+
+
+def test_watchers_sending_at_once_never_interleave_lines(tmp_path: Path) -> None:
+    def send(k: int) -> None:
+        for i in range(50):
+            send_command(tmp_path, "lr", lr=1e-5 * (k + 1) + 1e-9 * i, note="x" * 500)
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(read_jsonl(tmp_path / COMMANDS)) == 200
+
+
+# -- following --------------------------------------------------------------------------------
+
+
+def test_a_finished_run_is_replayed_in_order_and_its_summary_returned(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "collapsed", n=4, collapse_at=2)
+    listener = Collect()
+    source = FolderSource(run_dir, read_only=True)
+    summary = source.run(listener)
+    assert summary["status"] == "collapsed"
+    assert listener.iterations == [0, 1, 2, 3]
+    # each event comes before the record of the iteration it applies before
+    kinds = [i.event if isinstance(i, Event) else i.iteration for i in listener.items]
+    assert kinds == ["start", 0, 1, 2, "collapse", 3, "stop"]
+    assert source.info.model == "gpt2" and source.info.eval_names == ["wikitext-2"]
+
+
+def test_a_live_run_is_followed_until_its_summary_appears(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "running", n=2)
+    listener = Collect()
+    source = FolderSource(run_dir, read_only=True, poll_s=0.01)
+    thread, result = follow_in_thread(source, listener)
+    wait_for(lambda: len(listener.iterations) == 2, what="the replay")
+
+    writer = RunWriter(run_dir, resuming=True)
+    for i in range(2, 6):
+        if i == 3:
+            writer.write_event(Event("pause", 3))
+            writer.write_event(Event("resume", 3))
+        writer.write_record(record(i))
+        wait_for(lambda i=i: i in listener.iterations, what=f"iteration {i}")  # each appears as it lands
+    # a half-written line is not delivered until it is finished
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"iteration": 6, "gen_')
+    writer.write_event(Event("stop", 6, data={"reason": "max_iters"}))
+    writer.write_summary({"status": "finished", "reason": "max_iters", "iterations": 6})
+    writer.close()
+    thread.join(timeout=10)
+
+    assert not thread.is_alive()
+    assert result["status"] == "finished"
+    assert listener.iterations == [0, 1, 2, 3, 4, 5]
+    assert listener.events == ["start", "pause", "resume", "stop"]
+    assert not source.controls.paused
+
+
+def test_a_run_whose_process_is_gone_is_reported_crashed(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "killed", n=3)
+    listener = Collect()
+    summary = FolderSource(run_dir, read_only=True).run(listener)
+    assert summary["status"] == "crashed" and summary["reason"] == "process gone"
+    assert summary["iterations"] == 3 and summary["last"]["iteration"] == 2
+    gone = listener.items[-1]
+    assert isinstance(gone, Event) and gone.event == "process_gone" and gone.iteration == 3
+    assert "without writing a summary" in gone.describe()
+
+
+def test_stopping_a_watcher_ends_the_follow_not_the_run(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "running", n=2)
+    listener = Collect()
+    source = FolderSource(run_dir, poll_s=10.0)  # a long poll: stop must wake it
+    thread, result = follow_in_thread(source, listener)
+    wait_for(lambda: len(listener.iterations) == 2, what="the replay")
+    source.controls.stop()  # what the TUI calls on quit
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert result["status"] == "running" and result["reason"] == "watcher detached"
+    assert not (run_dir / COMMANDS).exists()  # nothing was sent to the run
+    assert is_alive(run_dir) is True
+
+
+def test_a_watcher_steers_the_run_through_its_inbox(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "running", n=2)
+    engine_controls = RunControls()
+    with CommandInbox(run_dir, engine_controls, poll_s=0.01) as inbox:
+        source = FolderSource(run_dir)
+        source.controls.pause()
+        assert source.controls.paused  # at once, before the run confirms
+        source.controls.set_lr(1e-4)
+        source.controls.request_snapshot()
+        with pytest.raises(ValueError):
+            source.controls.set_lr(-1.0)
+        wait_for(lambda: len(inbox.applied) == 3, what="the commands")
+    assert engine_controls.paused and engine_controls.pending_lr == 1e-4
+    # the run's lr event clears the watcher's pending lr
+    assert source.controls.pending_lr == 1e-4
+    source.controls.observe(Event("lr", 2, data={"lr": 1e-4, "old_lr": 4e-5}))
+    assert source.controls.pending_lr is None
+
+
+def test_a_read_only_watcher_cannot_send(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "running", n=2)
+    controls = FolderSource(run_dir, read_only=True).controls
+    assert controls.read_only
+    controls.pause()
+    controls.set_lr(1e-4)
+    controls.request_snapshot()
+    assert not controls.toggle_pause()
+    assert not (run_dir / COMMANDS).exists()
+    assert not controls.paused and controls.pending_lr is None
+
+
+def test_watching_a_folder_that_is_not_a_run_says_so(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not a run folder"):
+        FolderSource(tmp_path)
+    (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(UserError, match="not valid JSON"):
+        FolderSource(tmp_path)
