@@ -1,0 +1,156 @@
+"""The command line end to end: typer's CliRunner, and real subprocesses for exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from collapse_tui.cli import app
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "collapse_tui.cli", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+    )
+
+
+def small_run(model: Path, evalfile: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "headless", "--model", str(model), "--eval", str(evalfile), "--max-iters", "5",
+        "--gen-tokens", "64", "--block", "32", "--out", str(out), "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def test_headless_runs_and_leaves_a_complete_run_folder(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, small_run(tiny_model_dir, eval_file, out))
+    assert result.exit_code == 0, result.output
+    assert "it 5/5" in result.output
+    assert "finished" in result.output
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2, 3, 4]
+    first = json.loads(lines[0])
+    for key in ["lr", "gen_loss", "valid", "rep4", "distinct1", "unique_tokens", "compression_ratio",
+                "collapsed", "seconds", "text"]:  # fmt: skip
+        assert key in first
+    assert set(first["valid"]) == {"heldout"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["block"] == 32 and config["versions"]["torch"]
+    events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events == ["start", "stop"]
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 5
+
+
+def test_options_before_the_subcommand_reach_it(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    args = small_run(tiny_model_dir, eval_file, out)
+    result = CliRunner().invoke(app, ["--lr", "0.002", *args])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.002
+
+
+def test_headless_does_not_import_textual(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
+    code = (
+        "import sys; from collapse_tui.cli import app; "
+        f"app({small_run(tiny_model_dir, eval_file, tmp_path / 'run')!r}, standalone_mode=False); "
+        "assert 'textual' not in sys.modules, 'textual was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("collapse-tui: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--lr", "0"], ["--lr"]),
+        (["--lr", "-1e-4"], ["--lr"]),
+        (["--block", "1"], ["--block"]),
+        (["--gen-tokens", "8"], ["--gen-tokens"]),
+        (["--eval-tokens", "many"], ["--eval-tokens"]),
+        (["--device", "cuda"], ["CUDA"]),
+        (["--block", "500", "--gen-tokens", "600"], ["--block", "context"]),
+    ],
+)
+def test_bad_numbers_get_one_line_and_exit_2(tiny_model_dir, eval_file, tmp_path, extra, fragments):
+    assert_one_line_error(cli(*small_run(tiny_model_dir, eval_file, tmp_path / "run"), *extra), *fragments)
+
+
+def test_unknown_model_while_offline(eval_file: Path, tmp_path: Path):
+    result = cli(*small_run(Path("no-such-org/no-such-model"), eval_file, tmp_path / "run"))
+    assert_one_line_error(result, "no-such-org/no-such-model")
+
+
+def test_model_folder_without_config(eval_file: Path, tmp_path: Path):
+    (tmp_path / "empty-model").mkdir()
+    assert_one_line_error(cli(*small_run(tmp_path / "empty-model", eval_file, tmp_path / "run")), "config.json")
+
+
+def test_a_model_that_is_not_a_causal_lm(eval_file: Path, tmp_path: Path):
+    from transformers import ViTConfig
+
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    assert_one_line_error(cli(*small_run(tmp_path / "vit", eval_file, tmp_path / "run")), "not a causal language model")
+
+
+def test_missing_and_empty_evaluation_files(tiny_model_dir: Path, tmp_path: Path):
+    missing = cli(*small_run(tiny_model_dir, tmp_path / "nope.txt", tmp_path / "run"))
+    assert_one_line_error(missing, "nope.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert_one_line_error(cli(*small_run(tiny_model_dir, tmp_path / "empty.txt", tmp_path / "run")), "empty")
+
+
+def test_a_run_folder_that_already_holds_a_run(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert_one_line_error(cli(*small_run(tiny_model_dir, eval_file, tmp_path / "run")), "already holds a run")
+
+
+def test_ctrl_c_stops_after_the_iteration_in_flight_and_exits_130(tiny_model_dir, eval_file, tmp_path):
+    out = tmp_path / "run"
+    args = small_run(tiny_model_dir, eval_file, out)
+    args[args.index("--max-iters") + 1] = "100000"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "collapse_tui.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 120
+    for line in process.stdout:  # wait for the first iteration's line
+        if line.startswith("it 1/") or time.monotonic() > deadline:
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "stop"
+    assert summary["iterations"] == len((out / "metrics.jsonl").read_text().splitlines())
