@@ -1,0 +1,153 @@
+"""``collapse-tui runs [DIR]``: the runs under a folder, one table row each.
+
+For comparing last week's learning rates at a glance: which model and lr,
+how far each got, when it collapsed, how the validation loss moved, and
+whether it is still going.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from rich.table import Table
+
+from collapse_tui.errors import UserError
+from collapse_tui.follow import is_alive
+from collapse_tui.runfolder import CONFIG, EVENTS, METRICS, RunFolder, read_run
+
+#: How deep under DIR run folders are looked for (runs/<sweep>/<run>/ is depth 2).
+MAX_DEPTH = 4
+
+STATUS_STYLES = {
+    "running": "bold green",
+    "running?": "green",
+    "finished": "",
+    "collapsed": "bold red",
+    "stopped": "yellow",
+    "crashed": "bold magenta",
+}
+
+
+def is_run_folder(path: Path) -> bool:
+    """A run folder has its config and at least one of its line files.
+
+    A config alone is not enough: a model folder (a snapshot, a hub
+    download) has a ``config.json`` too.
+    """
+    return (path / CONFIG).is_file() and ((path / METRICS).exists() or (path / EVENTS).exists())
+
+
+def find_runs(root: Path, *, max_depth: int = MAX_DEPTH, skipped: list[str] | None = None) -> list[RunFolder]:
+    """The run folders at or under ``root``, oldest first.
+
+    Hidden folders and the insides of run folders (their snapshots) are not
+    searched. A run folder that cannot be read (a garbled ``config.json``)
+    is left out; its one-line reason is appended to ``skipped`` if given, so
+    one broken folder does not hide the others.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder")
+    runs: list[RunFolder] = []
+    for path in _candidates(root, max_depth):
+        try:
+            runs.append(read_run(path))
+        except UserError as error:
+            if skipped is not None:
+                skipped.append(str(error))
+    return sorted(runs, key=_started)
+
+
+def _candidates(root: Path, depth: int) -> list[Path]:
+    if is_run_folder(root):
+        return [root]
+    if depth <= 0:
+        return []
+    try:
+        children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+    return [run for child in children for run in _candidates(child, depth - 1)]
+
+
+def _started(run: RunFolder) -> tuple[float, str]:
+    """When the run began: its config's ``created``, else its first record, else the config file's time."""
+    created = run.config.get("created")
+    if isinstance(created, int | float) and not isinstance(created, bool):
+        return float(created), str(run.root)
+    if run.records and run.records[0].time:
+        return run.records[0].time, str(run.root)
+    try:
+        return os.path.getmtime(run.root / CONFIG), str(run.root)
+    except OSError:
+        return 0.0, str(run.root)
+
+
+def run_status(run: RunFolder) -> str:
+    """running, finished, collapsed, stopped or crashed; "running?" where this machine cannot tell.
+
+    A run with no summary whose process is gone crashed (killed, or the
+    machine went down). Liveness is unknown for a run written on another
+    host, or by a front end that does not announce its process.
+    """
+    status = run.status
+    if status != "running":
+        return status
+    alive = is_alive(run.root)
+    if alive is False:
+        return "crashed"
+    return "running" if alive else "running?"
+
+
+def model_label(config: dict) -> str:
+    """The model as a person names it: a hub id as is, a local folder by its name."""
+    model = str(config.get("model", "?"))
+    return Path(model).name if model.startswith(("/", ".", "~")) else model
+
+
+def _loss(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None and math.isfinite(value) else "—"
+
+
+def _lr(run: RunFolder) -> str:
+    """The configured lr, and the last one used where a command changed it."""
+    start = run.config.get("lr")
+    text = f"{start:.3g}" if isinstance(start, int | float) else "?"
+    if run.records and isinstance(start, int | float) and not math.isclose(run.records[-1].lr, start):
+        text += f" → {run.records[-1].lr:.3g}"
+    return text
+
+
+def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
+    """One row per run: model, lr, iterations, collapse, first and last validation loss, status."""
+    names = {run.eval_names[0] for run in runs if run.eval_names}
+    valid = f"valid ({names.pop()})" if len(names) == 1 else "valid (first set)"
+    table = Table(title=title, caption="running? = its process is not on this machine, or not recorded")
+    table.add_column("run", overflow="fold")
+    table.add_column("model", overflow="fold")
+    table.add_column("lr", justify="right")
+    table.add_column("iterations", justify="right")
+    table.add_column("collapsed at", justify="right")
+    table.add_column(f"{valid} first", justify="right")
+    table.add_column(f"{valid} last", justify="right")
+    table.add_column("status")
+    for run in runs:
+        records = run.records
+        first_set = run.eval_names[0] if run.eval_names else None
+        first = records[0].valid.get(first_set) if records and first_set else None
+        last = records[-1].valid.get(first_set) if records and first_set else None
+        collapsed = run.collapsed_at
+        status = run_status(run)
+        table.add_row(
+            run.root.name,
+            model_label(run.config),
+            _lr(run),
+            str(records[-1].iteration + 1 if records else 0),
+            "—" if collapsed is None else str(collapsed),
+            _loss(first),
+            _loss(last),
+            f"[{STATUS_STYLES.get(status, '')}]{status}[/]" if STATUS_STYLES.get(status) else status,
+        )
+    return table

@@ -1,0 +1,114 @@
+"""``collapse-tui runs``: finding run folders, their statuses, the table; reading resumed runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from runfolders import make_run, record
+
+from collapse_tui.errors import UserError
+from collapse_tui.records import Event
+from collapse_tui.runfolder import RunWriter, read_run
+from collapse_tui.runs import find_runs, run_status, runs_table
+
+STATUSES = ("finished", "collapsed", "stopped", "crashed", "running", "killed", "unknown")
+
+
+def render(table) -> str:
+    console = Console(record=True, width=240, color_system=None)
+    console.print(table)
+    return console.export_text()
+
+
+def test_runs_in_every_status_are_found_oldest_first(tmp_path: Path) -> None:
+    for k, status in enumerate(reversed(STATUSES)):  # made newest first, listed oldest first
+        make_run(tmp_path / "sweep" / f"run-{status}", status, created=2_000.0 - k)
+    runs = find_runs(tmp_path)
+    assert [run.root.name for run in runs] == [f"run-{s}" for s in STATUSES]
+    assert [run_status(run) for run in runs] == [
+        "finished",
+        "collapsed",
+        "stopped",
+        "crashed",
+        "running",
+        "crashed",  # no summary and its process is gone
+        "running?",  # no summary, and no way to tell
+    ]
+
+
+def test_the_table_shows_each_run(tmp_path: Path) -> None:
+    make_run(tmp_path / "a", "collapsed", n=6, collapse_at=3, lr=1e-4, created=1.0)
+    make_run(tmp_path / "b", "running", n=2, model="/models/tiny-gpt", created=2.0)
+    table = runs_table(find_runs(tmp_path))
+    assert table.row_count == 2
+    text = render(table)
+    lines = [line for line in text.splitlines() if line.startswith(("│ a", "│ b"))]
+    assert [cell.strip() for cell in lines[0].split("│")[1:-1]] == [
+        "a",
+        "gpt2",
+        "0.0001",
+        "6",
+        "3",
+        "3.400",
+        "3.900",
+        "collapsed",
+    ]
+    assert "tiny-gpt" in lines[1] and "running" in lines[1] and "—" in lines[1]
+    assert "valid (wikitext-2) first" in text
+
+
+def test_a_changed_lr_shows_where_it_ended(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path / "run")
+    writer.write_config({"model": "gpt2", "lr": 4e-5})
+    writer.write_record(record(0, lr=4e-5))
+    writer.write_record(record(1, lr=8e-5))
+    writer.close()
+    assert "4e-05 → 8e-05" in render(runs_table(find_runs(tmp_path)))
+
+
+def test_malformed_folders_are_skipped_with_a_reason(tmp_path: Path) -> None:
+    make_run(tmp_path / "good", "finished", n=3)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{oops", encoding="utf-8")
+    (bad / "metrics.jsonl").write_text("", encoding="utf-8")
+    model_folder = tmp_path / "downloaded-model"  # a config.json alone is not a run
+    model_folder.mkdir()
+    (model_folder / "config.json").write_text("{}", encoding="utf-8")
+    with open(tmp_path / "good" / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"iteration": 3, "gen_lo')  # the writer was killed mid-line
+    skipped: list[str] = []
+    runs = find_runs(tmp_path, skipped=skipped)
+    assert [run.root.name for run in runs] == ["good"]
+    assert len(runs[0].records) == 3
+    assert len(skipped) == 1 and "bad/config.json is not valid JSON" in skipped[0]
+    with pytest.raises(UserError, match="is not a folder"):
+        find_runs(tmp_path / "nowhere")
+
+
+def test_snapshots_inside_a_run_are_not_runs(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "finished")
+    snapshot = run_dir / "snapshots" / "iter-2"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}", encoding="utf-8")
+    (snapshot / "metrics.jsonl").write_text("", encoding="utf-8")
+    assert [run.root for run in find_runs(tmp_path)] == [run_dir]
+
+
+def test_a_run_resumed_from_an_older_snapshot_reads_as_it_now_stands(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "stopped", n=5)
+    writer = RunWriter(run_dir, resuming=True)
+    writer.write_event(Event("resumed_from", 3, data={"path": "snapshots/iter-3"}))
+    writer.write_event(Event("start", 3))
+    writer.write_record(record(3, gen_loss=9.0))
+    writer.write_record(record(4, gen_loss=9.5))
+    writer.write_record(record(5, gen_loss=9.9))
+    writer.close()
+
+    run = read_run(run_dir)
+    assert [r.iteration for r in run.records] == [0, 1, 2, 3, 4, 5]
+    assert [r.gen_loss for r in run.records[3:]] == [9.0, 9.5, 9.9]  # the last written wins
+    assert run.summary is not None and run.current_summary is None  # the old summary is outdated
+    assert run.status == "running"
