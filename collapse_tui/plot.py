@@ -1,0 +1,192 @@
+"""``collapse-tui plot RUN_DIR… -o fig.png``: runs compared in the manner of the paper's Figure 2.
+
+One panel per evaluation set (validation loss against iteration) and one
+for the loss on the model's own generated text, one line per run labelled by
+model and learning rate, each run's collapse marked where it happened. The
+same numbers can be written as one merged CSV for other tools.
+
+matplotlib is imported inside the functions that draw, so the TUI and the
+headless runner never pay for it.
+"""
+
+from __future__ import annotations
+
+import csv as csv_module
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from collapse_tui.errors import UserError
+from collapse_tui.runfolder import RunFolder, read_run
+from collapse_tui.runs import model_label
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: The gid of each run's line ("run:<index>") and collapse mark ("collapse:<index>"), for tests and tools.
+LINE_GID = "run:{}"
+COLLAPSE_GID = "collapse:{}"
+GEN_PANEL = "loss on generated text"
+
+
+def load_runs(run_dirs: list[Path]) -> list[RunFolder]:
+    """Read the runs to plot; a folder that is not a run, or has no iteration yet, is a ``UserError``."""
+    if not run_dirs:
+        raise UserError("give at least one run folder to plot")
+    runs = []
+    for run_dir in run_dirs:
+        run = read_run(Path(run_dir))
+        if not run.records:
+            raise UserError(f"{run_dir} has no iterations yet: nothing to plot")
+        runs.append(run)
+    return runs
+
+
+def run_label(run: RunFolder) -> str:
+    lr = run.config.get("lr")
+    lr_text = f"{lr:g}" if isinstance(lr, int | float) else "?"
+    return f"{model_label(run.config)}, lr {lr_text}"
+
+
+def _labels(runs: list[RunFolder]) -> list[str]:
+    """Model and lr; runs that share them are told apart by their folder names."""
+    labels = [run_label(run) for run in runs]
+    return [
+        f"{label} ({run.root.name})" if labels.count(label) > 1 else label
+        for label, run in zip(labels, runs, strict=True)
+    ]
+
+
+def _panels(runs: list[RunFolder]) -> list[str]:
+    names: list[str] = []
+    for run in runs:
+        names += [name for name in run.eval_names if name not in names]
+    return [*names, GEN_PANEL]
+
+
+def _series(run: RunFolder, panel: str) -> tuple[list[int], list[float]]:
+    """(iterations, values) of one panel for one run, NaN (and missing) values left out."""
+    xs, ys = [], []
+    for record in run.records:
+        value = record.gen_loss if panel == GEN_PANEL else record.valid.get(panel, math.nan)
+        if math.isfinite(value):
+            xs.append(record.iteration)
+            ys.append(value)
+    return xs, ys
+
+
+def build_figure(runs: list[RunFolder]) -> Figure:
+    """The figure itself (no file): one Axes per panel, one line per run that has the panel's data."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = _panels(runs)
+    columns = min(len(panels), 3)
+    rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(4.6 * columns, 3.6 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).flatten()
+    labels = _labels(runs)
+    for ax, panel in zip(axes, panels, strict=False):
+        for index, (run, label) in enumerate(zip(runs, labels, strict=True)):
+            xs, ys = _series(run, panel)
+            if not xs:
+                continue
+            collapsed_at = run.collapsed_at
+            mark = [xs.index(collapsed_at)] if collapsed_at in xs else []
+            (line,) = ax.plot(
+                xs,
+                ys,
+                label=label,
+                color=f"C{index}",
+                linewidth=1.4,
+                # the marker only where (and if) the run collapsed, so the legend shows which did
+                **({"marker": "X", "markevery": mark, "markersize": 9} if mark else {}),
+            )
+            line.set_gid(LINE_GID.format(index))
+            if collapsed_at is not None:
+                mark_line = ax.axvline(collapsed_at, color=f"C{index}", linestyle=":", linewidth=1.2)
+                mark_line.set_gid(COLLAPSE_GID.format(index))
+        ax.set_title(panel if panel == GEN_PANEL else f"validation loss: {panel}")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize="small", title="× collapse", title_fontsize="small")
+    return figure
+
+
+def _check_image_path(out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    suffix = out.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise UserError(
+            f"cannot write {out}: unknown image format {out.suffix or '(none)'!r}; use .png, .pdf or .svg"
+        )
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+
+
+def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> None:
+    """Draw the runs into ``out`` (format from its extension); with ``csv``, write their merged metrics."""
+    out = Path(out)
+    runs = load_runs(run_dirs)
+    _check_image_path(out)
+    figure = build_figure(runs)
+    try:
+        figure.savefig(out, dpi=150)
+    except OSError as error:
+        raise UserError(f"cannot write {out}: {error.strerror or error}") from None
+    if csv is not None:
+        write_csv(runs, Path(csv))
+
+
+CSV_FIELDS = ("run", "model", "lr", "iteration", "gen_loss")
+CSV_TAIL = ("rep4", "distinct1", "unique_tokens", "compression_ratio", "collapsed")
+
+
+def csv_rows(runs: list[RunFolder]) -> tuple[list[str], list[dict[str, Any]]]:
+    """(header, rows): one row per run and iteration; an eval set's column is ``valid_<name>``.
+
+    ``lr`` is the rate that iteration used; NaN and missing values are empty
+    cells; ``collapsed`` is 1 or 0.
+    """
+    eval_names = _panels(runs)[:-1]
+    header = [*CSV_FIELDS, *(f"valid_{name}" for name in eval_names), *CSV_TAIL]
+
+    def cell(value: float) -> float | str:
+        return value if math.isfinite(value) else ""
+
+    rows = []
+    for run in runs:
+        for record in run.records:
+            row: dict[str, Any] = {
+                "run": run.root.name,
+                "model": model_label(run.config),
+                "lr": cell(record.lr),
+                "iteration": record.iteration,
+                "gen_loss": cell(record.gen_loss),
+                "rep4": cell(record.rep4),
+                "distinct1": cell(record.distinct1),
+                "unique_tokens": record.unique_tokens,
+                "compression_ratio": cell(record.compression_ratio),
+                "collapsed": int(record.collapsed),
+            }
+            for name in eval_names:
+                row[f"valid_{name}"] = cell(record.valid.get(name, math.nan))
+            rows.append(row)
+    return header, rows
+
+
+def write_csv(runs: list[RunFolder], path: Path) -> None:
+    header, rows = csv_rows(runs)
+    try:
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv_module.DictWriter(handle, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None

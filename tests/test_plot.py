@@ -1,0 +1,113 @@
+"""``collapse-tui plot``: the Figure-2-style comparison and its merged CSV."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from runfolders import make_run, record
+
+from collapse_tui.errors import UserError
+from collapse_tui.plot import COLLAPSE_GID, GEN_PANEL, build_figure, load_runs, plot_runs
+from collapse_tui.runfolder import RunWriter
+
+EVALS = ("wikitext-2", "ptb")
+
+
+@pytest.fixture
+def two_runs(tmp_path: Path) -> list[Path]:
+    return [
+        make_run(tmp_path / "slow", "finished", n=5, lr=4e-5, evals=EVALS),
+        make_run(tmp_path / "fast", "collapsed", n=4, lr=1e-4, evals=EVALS, collapse_at=2),
+    ]
+
+
+def run_lines(ax) -> list:
+    return [line for line in ax.get_lines() if (line.get_gid() or "").startswith("run:")]
+
+
+def test_one_panel_per_eval_set_and_one_line_per_run(two_runs: list[Path]) -> None:
+    figure = build_figure(load_runs(two_runs))
+    axes = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == [
+        "validation loss: wikitext-2",
+        "validation loss: ptb",
+        GEN_PANEL,
+    ]
+    for ax in axes:
+        lines = run_lines(ax)
+        assert [line.get_label() for line in lines] == ["gpt2, lr 4e-05", "gpt2, lr 0.0001"]
+        assert [len(line.get_xdata()) for line in lines] == [5, 4]
+        collapse = [line for line in ax.get_lines() if line.get_gid() == COLLAPSE_GID.format(1)]
+        assert len(collapse) == 1 and list(collapse[0].get_xdata()) == [2, 2]  # dotted line at iteration 2
+
+
+def test_nothing_pays_for_matplotlib_until_a_figure_is_drawn() -> None:
+    code = "import sys, collapse_tui.plot, collapse_tui.runs, collapse_tui.follow; print('matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_nan_values_are_left_out_of_the_lines(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path / "run")
+    writer.write_config({"model": "gpt2", "lr": 4e-5})
+    for i in range(4):
+        writer.write_record(record(i, gen_loss=math.nan if i == 2 else None))
+    writer.close()
+    figure = build_figure(load_runs([tmp_path / "run"]))
+    valid, gen = (run_lines(ax)[0] for ax in figure.axes if ax.get_visible())
+    assert list(valid.get_xdata()) == [0, 1, 2, 3]
+    assert list(gen.get_xdata()) == [0, 1, 3]
+
+
+def test_the_png_and_the_csv_are_written(two_runs: list[Path], tmp_path: Path) -> None:
+    out, table = tmp_path / "fig.png", tmp_path / "metrics.csv"
+    plot_runs(two_runs, out, csv=table)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(table, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == [
+        "run",
+        "model",
+        "lr",
+        "iteration",
+        "gen_loss",
+        "valid_wikitext-2",
+        "valid_ptb",
+        "rep4",
+        "distinct1",
+        "unique_tokens",
+        "compression_ratio",
+        "collapsed",
+    ]
+    assert [(r["run"], int(r["iteration"])) for r in rows] == [("slow", i) for i in range(5)] + [
+        ("fast", i) for i in range(4)
+    ]
+    assert float(rows[6]["valid_ptb"]) == pytest.approx(4.5)
+    assert [r["collapsed"] for r in rows[5:]] == ["0", "0", "1", "1"]
+
+
+def test_other_formats_come_from_the_extension(two_runs: list[Path], tmp_path: Path) -> None:
+    plot_runs(two_runs, tmp_path / "fig.svg")
+    assert b"<svg" in (tmp_path / "fig.svg").read_bytes()[:400]
+
+
+def test_mistakes_give_one_clear_line(two_runs: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not a run folder"):
+        plot_runs([tmp_path], tmp_path / "f.png")
+    empty = tmp_path / "empty"
+    RunWriter(empty).write_config({"model": "gpt2", "lr": 4e-5})
+    with pytest.raises(UserError, match="has no iterations yet"):
+        plot_runs([empty], tmp_path / "f.png")
+    with pytest.raises(UserError, match=r"unknown image format '\.xyz'"):
+        plot_runs(two_runs, tmp_path / "f.xyz")
+    with pytest.raises(UserError, match="does not exist"):
+        plot_runs(two_runs, tmp_path / "missing" / "f.png")
+    with pytest.raises(UserError, match="cannot write"):
+        plot_runs(two_runs, tmp_path / "f.png", csv=tmp_path / "missing" / "m.csv")
+    with pytest.raises(UserError, match="at least one"):
+        plot_runs([], tmp_path / "f.png")
