@@ -239,3 +239,42 @@ def test_watching_a_folder_that_is_not_a_run_says_so(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(UserError, match="not valid JSON"):
         FolderSource(tmp_path)
+
+
+def test_a_watcher_pauses_and_changes_the_lr_of_a_real_engine(tiny_config) -> None:
+    """The whole path on the tiny model: watcher → commands.jsonl → inbox → engine → events → watcher."""
+    from collapse_tui.engine import Engine
+
+    tiny_config.max_iters = 1000
+    engine = Engine(tiny_config)
+    run_dir = Path(tiny_config.out)
+    process = RunProcess(run_dir).start()
+    inbox = CommandInbox(run_dir, engine.controls, poll_s=0.01).start()
+    engine_thread = threading.Thread(target=engine.run, daemon=True)
+    engine_thread.start()
+    try:
+        wait_for(lambda: (run_dir / "config.json").exists(), timeout=60, what="the run folder")
+        watcher = Collect()
+        source = FolderSource(run_dir, poll_s=0.01)
+        watch_thread, result = follow_in_thread(source, watcher)
+        wait_for(lambda: watcher.iterations, timeout=60, what="a first iteration")
+        source.controls.pause()
+        source.controls.set_lr(2e-3)
+        wait_for(lambda: "pause" in watcher.events, timeout=60, what="the pause event")
+        source.controls.resume()
+        wait_for(
+            lambda: any(isinstance(i, IterationRecord) and i.lr == 2e-3 for i in watcher.items),
+            timeout=60,
+            what="an iteration at the new lr",
+        )
+    finally:
+        engine.controls.stop()  # the run's owner stops it (a watcher cannot)
+        engine_thread.join(timeout=60)
+        inbox.close()
+        process.close()
+    watch_thread.join(timeout=10)
+    assert not watch_thread.is_alive()
+    assert result["status"] == "stopped"
+    assert {"pause", "lr", "resume", "stop"} <= set(watcher.events)
+    lr_event = next(i for i in watcher.items if isinstance(i, Event) and i.event == "lr")
+    assert lr_event.data == {"lr": 2e-3, "old_lr": 1e-3}
