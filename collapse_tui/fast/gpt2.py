@@ -1,0 +1,213 @@
+"""A functional GPT-2 forward over a compute-dtype copy of a Hugging Face model's weights.
+
+Why a copy: the engine keeps fp32 master weights for the optimizer (a small
+AdamW step would be lost to bf16 rounding), but generation reads every weight
+once per token, so it should read 2 bytes a weight, not 4. ``GPT2Weights``
+holds bf16 copies of the matrices, in ``nn.Linear`` layout ``[out, in]``, and
+refreshes them in place (one ``_foreach_copy_``) after every optimizer step:
+the tensors never move, so CUDA graphs captured over them stay valid and
+always see the current weights. Norm parameters, position embeddings, the
+token embedding used for lookups and the biases added inside the fused
+residual kernel are the fp32 master tensors themselves: nothing to refresh.
+
+The forward follows ``GPT2LMHeadModel`` (pre-norm blocks, tanh GELU, scaled
+dot-product attention, lm_head tied to wte) with the residual stream in fp32
+and matrix products in the compute dtype, which is what bf16 autocast does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from collapse_tui.fast.kernels import add_layernorm, fused_gelu_is_tanh, linear_gelu, triton_available
+
+#: ``config.activation_function`` values that mean GELU with the tanh approximation.
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why this model cannot use the functional forward, or ``None`` when it can."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "gpt2":
+        return "not a GPT-2 model"
+    if not hasattr(model, "transformer") or not hasattr(model, "lm_head"):
+        return "not a GPT2LMHeadModel"
+    if getattr(config, "activation_function", "gelu_new") not in TANH_GELU:
+        return f"activation {config.activation_function!r}"
+    if not getattr(config, "scale_attn_weights", True):
+        return "unscaled attention"
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        return "attention scaled by inverse layer index"
+    if getattr(config, "add_cross_attention", False):
+        return "cross-attention"
+    if getattr(model.lm_head, "bias", None) is not None:
+        return "lm_head with a bias"
+    return None
+
+
+@dataclass
+class _Layer:
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+
+
+class GPT2Weights:
+    """Compute-dtype copies of a ``GPT2LMHeadModel``'s weights, refreshed in place."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        config = model.config
+        self.dtype = dtype
+        self.n_head = config.n_head
+        self.eps = config.layer_norm_epsilon
+        self._sources: list[torch.Tensor] = []
+        self._copies: list[torch.Tensor] = []
+        tf = model.transformer
+        self.wte = tf.wte.weight  # fp32 master: embedding lookups read one row a token
+        self.wpe = tf.wpe.weight
+        self.lnf_w, self.lnf_b = tf.ln_f.weight, tf.ln_f.bias
+        self.lm_head = self._copy(model.lm_head.weight)
+        self.layers = [
+            _Layer(
+                ln1_w=block.ln_1.weight,
+                ln1_b=block.ln_1.bias,
+                qkv_w=self._copy(block.attn.c_attn.weight, transpose=True),
+                qkv_b=self._copy(block.attn.c_attn.bias),
+                proj_w=self._copy(block.attn.c_proj.weight, transpose=True),
+                proj_b=block.attn.c_proj.bias,
+                ln2_w=block.ln_2.weight,
+                ln2_b=block.ln_2.bias,
+                fc_w=self._copy(block.mlp.c_fc.weight, transpose=True),
+                fc_b=self._copy(block.mlp.c_fc.bias),
+                out_w=self._copy(block.mlp.c_proj.weight, transpose=True),
+                out_b=block.mlp.c_proj.bias,
+            )
+            for block in tf.h
+        ]
+        self.n_embd = self.wte.size(1)
+        self.use_triton = self.wte.is_cuda and triton_available()
+        self.fused_gelu = self.wte.is_cuda and fused_gelu_is_tanh(self.wte.device)
+        self._versions: list[int] = []
+        self.refresh()
+
+    def _copy(self, source: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """Register a master tensor; ``Conv1D`` weights ``[in, out]`` are copied transposed."""
+        view = source.detach().t() if transpose else source.detach()
+        copy = torch.empty(view.shape, dtype=self.dtype, device=source.device)
+        self._sources.append(view)
+        self._copies.append(copy)
+        return copy
+
+    @property
+    def masters(self) -> list[torch.Tensor]:
+        return self._sources
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the master weights into the compute-dtype copies (same tensors, new values)."""
+        torch._foreach_copy_(self._copies, self._sources)
+        self._versions = [t._version for t in self._sources]
+
+    def stale(self) -> bool:
+        """Whether a master weight was changed in place since the last refresh.
+
+        In-place updates (the optimizer's step included) bump a tensor's version
+        counter, so this catches an update even if nobody called ``refresh``.
+        """
+        return any(t._version != v for t, v in zip(self._sources, self._versions, strict=True))
+
+    @property
+    def nbytes_per_token(self) -> int:
+        """Bytes of weights one generated token must read: every copied matrix, once."""
+        return sum(t.numel() * t.element_size() for t in self._copies)
+
+    # -- the forward -----------------------------------------------------------------
+
+    def add_ln(
+        self,
+        h: torch.Tensor,
+        y: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        w: torch.Tensor,
+        b: torch.Tensor,
+    ) -> torch.Tensor:
+        return add_layernorm(h, y, bias, w, b, self.eps, self.dtype, self.use_triton)
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """fp32 residual stream ``wte[tokens] + wpe[positions]``."""
+        return F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
+
+    def mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        """The MLP without its output bias (``add_ln`` adds it with the residual)."""
+        return F.linear(linear_gelu(x, layer.fc_w, layer.fc_b, self.fused_gelu), layer.out_w)
+
+    def hidden(self, tokens: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``ln_f`` of the last hidden states for ``tokens`` [B, T] at positions 0..T-1, causal.
+
+        Returns ``[B, T, C]`` in the compute dtype, ready for ``lm_head``. With
+        ``cache`` (batch 1), also stores the keys and values of positions
+        0..T-1 there: the prefill of a prompt before full-context decoding.
+        """
+        batch, length = tokens.shape
+        positions = torch.arange(length, device=tokens.device)
+        h = self.embed(tokens, positions).contiguous()
+        y: torch.Tensor | None = None
+        bias: torch.Tensor | None = None
+        heads, dim = self.n_head, self.n_embd // self.n_head
+        for i, layer in enumerate(self.layers):
+            x = self.add_ln(h, y, bias, layer.ln1_w, layer.ln1_b)
+            qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(batch, length, 3, heads, dim)
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+            if cache is not None:
+                cache[i][:, :, :length] = torch.stack((k[0], v[0]))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.linear(a.transpose(1, 2).reshape(batch, length, self.n_embd), layer.proj_w)
+            x = self.add_ln(h, y, layer.proj_b, layer.ln2_w, layer.ln2_b)
+            y, bias = self.mlp(x, layer), layer.out_b
+        return self.add_ln(h, y, bias, self.lnf_w, self.lnf_b)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.lm_head)
+
+    def new_kv_cache(self, length: int) -> list[torch.Tensor]:
+        """One ``[2, heads, length, head_dim]`` key/value cache per layer, zeroed (never NaN)."""
+        dim = self.n_embd // self.n_head
+        return [
+            torch.zeros(2, self.n_head, length, dim, dtype=self.dtype, device=self.wte.device)
+            for _ in self.layers
+        ]
+
+    def decode_one(
+        self, token: torch.Tensor, position: torch.Tensor, cache: list[torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``[1, V]`` for one token at ``position`` (both ``[1]`` on the device), full context.
+
+        Writes this token's keys and values into ``cache`` at ``position``;
+        ``mask`` is the additive ``[1, 1, 1, cache length]`` mask that hides the
+        slots after ``position``. Fixed shapes throughout, so it can be captured.
+        """
+        heads, dim = self.n_head, self.n_embd // self.n_head
+        h = self.embed(token, position).view(1, 1, self.n_embd)
+        y: torch.Tensor | None = None
+        bias: torch.Tensor | None = None
+        for layer, kv in zip(self.layers, cache, strict=True):
+            x = self.add_ln(h, y, bias, layer.ln1_w, layer.ln1_b)
+            qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(3, heads, 1, dim)
+            kv.index_copy_(2, position, qkv[1:])
+            a = F.scaled_dot_product_attention(qkv[0:1], kv[0:1], kv[1:2], attn_mask=mask)
+            y = F.linear(a.reshape(1, 1, self.n_embd), layer.proj_w)
+            x = self.add_ln(h, y, layer.proj_b, layer.ln2_w, layer.ln2_b)
+            y, bias = self.mlp(x, layer), layer.out_b
+        return self.logits(self.add_ln(h, y, bias, self.lnf_w, self.lnf_b).view(1, self.n_embd))

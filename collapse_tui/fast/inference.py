@@ -1,0 +1,244 @@
+"""``FastGPT2Inference``: the engine's generation and evaluation for GPT-2, with fixed shapes.
+
+Generation keeps the whole loop on the device: the token buffer and the step
+counter are device tensors, one step reads the context, runs the model,
+samples and writes the new token, and on CUDA that step is captured once in a
+CUDA graph and replayed for every token. Nothing comes back to the host until
+the sample is complete.
+
+The two cases of DESIGN section 1 need two steps:
+
+- sliding window (the sequence outgrows ``block``): a KV cache is not exact,
+  because the window's positions restart at 0 every token, so each step
+  re-runs a fixed ``[1, block]`` window. While the sequence is shorter than
+  ``block`` the same shape is used with the tail of the buffer as right
+  padding, and the logits are read at the last real token; causal attention
+  makes the padding invisible to it.
+- full context (prompt + new tokens fit in ``block``): a static KV cache, one
+  token per step, attention over the cache with an additive mask for the
+  slots not yet written.
+
+Randomness: inside a graph, sampling draws from a generator owned by this
+object and registered with the graph, seeded at the start of every
+``generate`` from the caller's generator, so a run is deterministic given its
+seed (it does not reproduce the eager path's draws). Without graphs (the CPU)
+the caller's generator is used directly, like ``EagerInference`` does.
+
+Evaluation runs all windows of a set in a few large forwards and computes the
+cross-entropy over chunks of positions, so no more than a chunk of logits
+exists at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from collapse_tui.errors import RunInterrupted
+from collapse_tui.fast.gpt2 import GPT2Weights
+from collapse_tui.inference import STOP_CHECK_EVERY, Inference
+from collapse_tui.sampling import sample_next
+
+log = logging.getLogger(__name__)
+
+#: Token positions per evaluation forward: bounds activation memory (MLP: 4 × width × this).
+EVAL_TOKENS_PER_FORWARD = 16384
+#: Positions per cross-entropy chunk: bounds the logits held at once (vocab × this, fp32).
+LOGIT_CHUNK = 2048
+
+
+class _Decoder:
+    """Device state of one way of generating: the token buffer, the counter, and the captured step."""
+
+    def __init__(self, owner: FastGPT2Inference, capacity: int, kv: bool) -> None:
+        self.owner = owner
+        self.kv = kv
+        device = owner.device
+        self.capacity = capacity
+        self.seq = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.counter = torch.zeros(1, dtype=torch.long, device=device)
+        if kv:
+            self.cache_len = -(-owner.block // 16) * 16  # aligned rows for the attention kernels
+            self.cache = owner.weights.new_kv_cache(self.cache_len)
+            self.slots = torch.arange(self.cache_len, device=device)
+        else:
+            self.window = torch.arange(owner.block, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.generator: torch.Generator | None = None
+
+    def step(self, generator: torch.Generator) -> None:
+        """One token: read the context from ``seq``, write the sampled token, advance the counter."""
+        weights, block = self.owner.weights, self.owner.block
+        if self.kv:
+            position = self.counter  # the token at ``position`` is fed; the next one is written
+            mask = torch.where(self.slots <= position, 0.0, float("-inf")).to(weights.dtype)
+            logits = weights.decode_one(
+                self.seq.index_select(0, position), position, self.cache, mask.view(1, 1, 1, -1)
+            )
+            target = position + 1
+            token = sample_next(logits, self.owner.temperature, self.owner.top_k, generator)
+        else:
+            target = self.counter  # the token written at ``target`` sees seq[max(0, target-block):target]
+            start = (target - block).clamp_(min=0)
+            x = weights.hidden(self.seq.index_select(0, start + self.window).view(1, block))
+            last = x[0].index_select(0, target.clamp(max=block) - 1)
+            token = sample_next(weights.logits(last), self.owner.temperature, self.owner.top_k, generator)
+        self.seq.index_copy_(0, target, token)
+        self.counter.add_(1)
+
+    def capture(self) -> None:
+        """Capture ``step`` in a CUDA graph; on failure keep running it eagerly (still no host sync)."""
+        device = self.owner.device
+        generator = torch.Generator(device=device)
+        if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+            log.warning("this torch cannot register a generator with a CUDA graph: generation runs eagerly")
+            return
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        self.counter.fill_(1)  # a valid state to warm up from (run() sets the real one)
+        try:
+            with torch.cuda.stream(stream):  # warm up: Triton compiles, cuBLAS picks its kernels
+                for _ in range(2):
+                    self.step(generator)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(generator)
+            with torch.cuda.graph(graph, pool=self.owner.graph_pool):
+                self.step(generator)
+        except RuntimeError as error:  # pragma: no cover - depends on the torch build
+            log.warning("CUDA graph capture failed (%s): generation runs eagerly", error)
+            torch.cuda.synchronize(device)
+            return
+        self.graph, self.generator = graph, generator
+
+    def run(
+        self,
+        prompt_ids: list[int],
+        gen_tokens: int,
+        generator: torch.Generator,
+        should_stop: Callable[[], bool],
+    ) -> list[int]:
+        prompt_len = len(prompt_ids)
+        prompt = torch.tensor(prompt_ids, dtype=torch.long)
+        self.seq[:prompt_len].copy_(prompt)
+        if self.kv:
+            # keys and values of the prompt but its last token, in one forward; the
+            # steps then feed one token each, starting with the prompt's last
+            if prompt_len > 1:
+                self.owner.weights.hidden(self.seq[: prompt_len - 1].view(1, -1), self.cache)
+            self.counter.fill_(prompt_len - 1)
+        else:
+            self.counter.fill_(prompt_len)
+        if self.graph is not None:
+            # one host sync per sample, to seed the graph's generator from the caller's
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            self.generator.manual_seed(seed)  # type: ignore[union-attr]
+        for i in range(gen_tokens):
+            if i % STOP_CHECK_EVERY == 0 and should_stop():
+                raise RunInterrupted
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step(generator)
+        return self.seq[: prompt_len + gen_tokens].tolist()
+
+
+class FastGPT2Inference(Inference):
+    """Generation and evaluation of a ``GPT2LMHeadModel`` through ``GPT2Weights``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        block: int,
+        temperature: float,
+        top_k: int | None,
+        dtype: torch.dtype = torch.bfloat16,
+        use_graphs: bool | None = None,
+    ) -> None:
+        super().__init__(block, temperature, top_k)
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.weights = GPT2Weights(model, dtype)
+        self.max_positions = model.config.n_positions
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._decoders: dict[bool, _Decoder] = {}
+
+    @property
+    def description(self) -> str:
+        """How generation runs, for logs and the benchmark table."""
+        parts = [str(self.weights.dtype).replace("torch.", "")]
+        parts.append("triton add+layernorm" if self.weights.use_triton else "torch layernorm")
+        parts.append("cuBLASLt gelu" if self.weights.fused_gelu else "torch gelu")
+        graphs = [d.graph is not None for d in self._decoders.values()]
+        parts.append("CUDA graph" if graphs and all(graphs) else "eager steps")
+        return ", ".join(parts)
+
+    def weights_changed(self) -> None:
+        self.weights.refresh()
+
+    def _fresh(self) -> None:
+        """Refresh if a master weight changed without ``weights_changed`` being called."""
+        if self.weights.stale():
+            self.weights.refresh()
+
+    def _forward_context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(torch.autocast(self.device.type, enabled=False))  # the caller's autocast
+        return stack
+
+    def _decoder(self, kv: bool, total: int) -> _Decoder:
+        decoder = self._decoders.get(kv)
+        if decoder is None or decoder.capacity < total:
+            capacity = max(self.block, total)
+            capacity = -(-capacity // 1024) * 1024
+            decoder = _Decoder(self, capacity, kv)
+            if self.use_graphs:
+                decoder.capture()
+            self._decoders[kv] = decoder
+        return decoder
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        gen_tokens: int,
+        generator: torch.Generator,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> list[int]:
+        if not prompt_ids:
+            raise ValueError("generation needs a prompt of at least one token")
+        if gen_tokens <= 0:
+            return list(prompt_ids)
+        total = len(prompt_ids) + gen_tokens
+        kv = total - 1 <= self.block  # the longest context fits: ordinary full-context decoding
+        if kv and total - 1 > self.max_positions:
+            raise ValueError(f"block {self.block} is longer than the model's {self.max_positions} positions")
+        if not kv and self.block > self.max_positions:
+            raise ValueError(f"block {self.block} is longer than the model's {self.max_positions} positions")
+        with self._forward_context():
+            self._fresh()
+            return self._decoder(kv, total).run(prompt_ids, gen_tokens, generator, should_stop)
+
+    def _row_batches(self, windows: torch.Tensor) -> Iterator[torch.Tensor]:
+        rows = max(1, EVAL_TOKENS_PER_FORWARD // max(1, windows.size(1) - 1))
+        yield from windows.split(rows)
+
+    def loss_sum(self, windows: torch.Tensor) -> tuple[float, int]:
+        if windows.size(1) - 1 > self.max_positions:
+            raise ValueError(f"windows of {windows.size(1) - 1} tokens exceed the model's positions")
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        with self._forward_context():
+            self._fresh()
+            windows = windows.to(self.device, non_blocking=True)
+            for batch in self._row_batches(windows):
+                x = self.weights.hidden(batch[:, :-1]).flatten(0, 1)
+                targets = batch[:, 1:].flatten()
+                for xs, ts in zip(x.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK), strict=True):
+                    logits = self.weights.logits(xs).float()
+                    total += F.cross_entropy(logits, ts, reduction="sum").double()
+        return float(total), windows.size(0) * (windows.size(1) - 1)

@@ -1,0 +1,153 @@
+"""The fast GPT-2 path on the CPU (fp32, no graphs): same function, same tokens as the eager path.
+
+On CUDA the same code runs in bf16 inside CUDA graphs (tests/test_fast_gpu.py);
+here it must match ``GPT2LMHeadModel`` and ``EagerInference`` exactly enough
+that sampled sequences agree token for token.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from collapse_tui.errors import RunInterrupted
+from collapse_tui.fast import FastGPT2Inference, fast_inference_for
+from collapse_tui.fast.gpt2 import unsupported_reason
+from collapse_tui.fast.kernels import add_layernorm, linear_gelu
+from collapse_tui.inference import EagerInference, sequence_windows
+
+VOCAB = 300
+
+
+def tiny_model(seed: int = 0, n_positions: int = 128) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=n_positions,
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def fast_cpu(model: torch.nn.Module, block: int, top_k: int | None = 50) -> FastGPT2Inference:
+    return FastGPT2Inference(model, block, 1.0, top_k, dtype=torch.float32, use_graphs=False)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_logits_match_hugging_face() -> None:
+    model = tiny_model()
+    fast = fast_cpu(model, block=32)
+    tokens = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(tokens).logits
+        logits = fast.weights.logits(fast.weights.hidden(tokens))
+    assert rel_err(logits, reference) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("block", "prompt_len", "gen_tokens"),
+    [(16, 3, 40), (16, 20, 10), (64, 1, 40), (64, 5, 40), (44, 1, 43)],
+    ids=["sliding", "long-prompt", "full", "full-prompt", "full-exact-fit"],
+)
+def test_generation_matches_eager_token_for_token(block: int, prompt_len: int, gen_tokens: int) -> None:
+    model = tiny_model()
+    prompt = list(range(7, 7 + prompt_len))
+    fast = fast_cpu(model, block)
+    eager = EagerInference(model, block, 1.0, 50)
+    ours = fast.generate(prompt, gen_tokens, torch.Generator().manual_seed(5))
+    theirs = eager.generate(prompt, gen_tokens, torch.Generator().manual_seed(5))
+    assert len(ours) == prompt_len + gen_tokens
+    assert ours == theirs
+
+
+def test_generation_twice_reuses_buffers_and_stays_exact() -> None:
+    model = tiny_model()
+    fast, eager = fast_cpu(model, 16), EagerInference(model, 16, 1.0, 50)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for gen_tokens in (30, 30, 70):
+        assert fast.generate([1, 2], gen_tokens, g1) == eager.generate([1, 2], gen_tokens, g2)
+
+
+@pytest.mark.parametrize("length", [16, 100])
+def test_loss_sum_matches_eager(length: int) -> None:
+    model = tiny_model()
+    windows = torch.randint(0, VOCAB, (9, length + 1), generator=torch.Generator().manual_seed(2))
+    ours = fast_cpu(model, length).loss_sum(windows)
+    theirs = EagerInference(model, length, 1.0, None).loss_sum(windows)
+    assert ours[1] == theirs[1] == 9 * length
+    assert ours[0] == pytest.approx(theirs[0], rel=1e-5)
+
+
+def test_mean_loss_over_sequence_windows() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (95,), generator=torch.Generator().manual_seed(4)).tolist()
+    groups = sequence_windows(ids, 16)
+    ours = fast_cpu(model, 16).mean_loss(groups)
+    assert ours == pytest.approx(EagerInference(model, 16, 1.0, None).mean_loss(groups), rel=1e-5)
+
+
+@pytest.mark.parametrize("notify", [True, False], ids=["weights_changed", "version-counter"])
+def test_an_optimizer_step_is_seen_by_the_next_forward(notify: bool) -> None:
+    model = tiny_model()
+    fast = fast_cpu(model, 16)
+    tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        before = fast.weights.logits(fast.weights.hidden(tokens))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    loss = model(tokens, labels=torch.full_like(tokens, 42)).loss
+    loss.backward()
+    optimizer.step()
+    if notify:
+        fast.weights_changed()
+    else:
+        assert fast.weights.stale()
+    windows = torch.cat([tokens, tokens[:, :1]], dim=1)
+    assert fast.loss_sum(windows)[0] == pytest.approx(  # loss_sum refreshes a stale copy itself
+        EagerInference(model, 16, 1.0, None).loss_sum(windows)[0], rel=1e-5
+    )
+    assert not fast.weights.stale()
+    with torch.no_grad():
+        reference = model(tokens).logits
+        after = fast.weights.logits(fast.weights.hidden(tokens))
+    assert rel_err(after, reference) < 1e-5
+    assert rel_err(after, before) > 1e-2
+
+
+def test_stop_request_interrupts_generation() -> None:
+    fast = fast_cpu(tiny_model(), 16)
+    with pytest.raises(RunInterrupted):
+        fast.generate([1], 100, torch.Generator().manual_seed(0), should_stop=lambda: True)
+
+
+def test_fast_inference_is_for_cuda_gpt2_only() -> None:
+    model = tiny_model()
+    assert fast_inference_for(model, block=16, temperature=1.0, top_k=50, autocast_dtype=None) is None
+    assert unsupported_reason(model) is None
+    other = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))
+    assert unsupported_reason(other) == "not a GPT-2 model"  # type: ignore[arg-type]
+    model.config.activation_function = "relu"
+    assert unsupported_reason(model) is not None
+
+
+def test_fused_helpers_fall_back_to_torch() -> None:
+    gen = torch.Generator().manual_seed(8)
+    h = torch.randn(5, 64, generator=gen)
+    y, bias = torch.randn(5, 64, generator=gen), torch.randn(64, generator=gen)
+    w, b = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    expected_h = h + y + bias
+    out = add_layernorm(h, y, bias, w, b, 1e-5, torch.float32, use_triton=True)
+    assert torch.allclose(h, expected_h)
+    assert torch.allclose(out, torch.nn.functional.layer_norm(expected_h, (64,), w, b, 1e-5), atol=1e-5)
+    x, weight = torch.randn(3, 64, generator=gen), torch.randn(32, 64, generator=gen)
+    expected = torch.nn.functional.gelu(x @ weight.T + bias[:32], approximate="tanh")
+    assert torch.allclose(linear_gelu(x, weight, bias[:32], fused=False), expected, atol=1e-5)
