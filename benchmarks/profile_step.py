@@ -1,0 +1,80 @@
+"""Where one generated token's time goes: graph-replay time per step and the kernels of one step.
+
+    python benchmarks/profile_step.py --model gpt2-medium --block 100
+
+Prints the time of one replayed step (CUDA events over many replays), the
+number of kernels in one step and the kernels that take the most device time
+(from an eager step under the profiler, since replays hide their kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_iteration import build_model
+
+from collapse_tui.fast import FastGPT2Inference
+
+
+def replay_time(fast: FastGPT2Inference, kv: bool, replays: int = 200) -> float:
+    """Seconds per replay of the captured step."""
+    decoder = fast._decoders[kv]
+    assert decoder.graph is not None
+    decoder.counter.fill_(fast.block if not kv else 1)
+    for _ in range(10):
+        decoder.counter.fill_(fast.block if not kv else 1)
+        decoder.graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        decoder.counter.fill_(fast.block if not kv else 1)  # stay inside the buffers
+        decoder.graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays
+
+
+def kernel_table(fast: FastGPT2Inference, kv: bool, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder = fast._decoders[kv]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    decoder.counter.fill_(fast.block if not kv else 1)
+    with torch.no_grad():
+        decoder.step(generator)
+        torch.cuda.synchronize()
+        decoder.counter.fill_(fast.block if not kv else 1)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            decoder.step(generator)
+            torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in events)
+    head = f"{len(events)} kernels, {total:.0f} us of kernel time in one eager step\n"
+    return head + prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="gpt2-medium")
+    parser.add_argument("--block", type=int, default=100)
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    model = build_model(args.model)
+    fast = FastGPT2Inference(model, args.block, 1.0, 200)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens = 1024 if args.block < 1024 else 1023
+    fast.generate([50256], tokens, gen)
+    kv = tokens <= args.block
+    step = replay_time(fast, kv)
+    print(f"{args.model} block {args.block} ({fast.description}): {step * 1e3:.3f} ms per replayed step")
+    print(kernel_table(fast, kv, args.rows))
+
+
+if __name__ == "__main__":
+    main()
