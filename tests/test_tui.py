@@ -292,3 +292,38 @@ def test_highlight_marks_only_repeated_word_runs() -> None:
     marked = {text.plain[span.start : span.end] for span in text.spans}
     assert marked == {"a b c d"}
     assert highlight_repeats("no loops in this short line").spans == []
+
+
+# -- the real engine inside the app ------------------------------------------------
+
+
+def test_real_engine_on_a_tiny_model_steered_from_the_keys(tiny_config) -> None:
+    from collapse_tui.engine import Engine
+    from collapse_tui.runfolder import read_run
+
+    tiny_config.max_iters = 500  # far more than the test lets it run: q ends it
+    engine = Engine(tiny_config)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen >= 1, "a first iteration")
+        await pilot.press("plus")
+        await wait_until(pilot, lambda: app.applied_lr == 2e-3 and app.requested_lr is None, "lr doubled")
+        await pilot.press("s")
+        await wait_until(pilot, lambda: any(Path(engine.run_dir, "snapshots").glob("*/screen.svg")), "screen")
+        await pilot.press("space")
+        await wait_until(pilot, lambda: any(e.event == "pause" for e in app.events), "the pause event")
+        assert app.state == "paused"
+        records_when_paused = app.records_seen
+        await pilot.pause(0.3)
+        assert app.records_seen == records_when_paused
+        await pilot.press("q")
+        await wait_until(pilot, lambda: not app.is_running, "the app to exit")
+
+    app = drive(engine, scenario)
+    assert app.return_value is not None and app.return_value["status"] == "stopped"
+    run = read_run(engine.run_dir)
+    assert run.summary is not None and run.summary["lr"] == 2e-3
+    kinds = [e.event for e in run.events]
+    assert {"start", "lr", "snapshot", "pause", "stop"} <= set(kinds)
+    assert run.records[0].lr == 1e-3 and run.records[-1].lr == 2e-3
+    assert app.records_seen == len(run.records)

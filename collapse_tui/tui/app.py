@@ -123,6 +123,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.snapshot_pending = False
         self.iteration: int | None = None
         self.records_seen = 0
+        #: The run's recent events, newest last (the log pane shows the same).
+        self.events: deque[Event] = deque(maxlen=200)
         #: The lr of the last record or lr event, and one the UI asked for that the run has not applied yet.
         self.applied_lr = self.info.lr
         self.requested_lr: float | None = None
@@ -214,6 +216,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.records_seen += 1
         self.iteration = record.iteration
         self.applied_lr = record.lr
+        if self.requested_lr == record.lr:
+            self.requested_lr = None
         self.recent.append((record.iteration, record.time))
         self.query_one(LossCharts).add(record.gen_loss, record.valid)
         self.query_one(RepetitionMeter).update_metrics(
@@ -224,6 +228,7 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     def on_event_report(self, report: EventReport) -> None:
         event = report.event
+        self.events.append(event)
         self._log(event.describe())
         kind = event.event
         if kind in ("start", "resumed_from"):
@@ -358,7 +363,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         except ValueError as error:
             self.notify(str(error), severity="error")
             return
-        self.requested_lr = lr
+        # The engine logs no event for a "change" to the lr it already has: nothing to wait for then.
+        self.requested_lr = None if lr == self.applied_lr else lr
         self._show_status()
 
     def action_snapshot(self) -> None:
