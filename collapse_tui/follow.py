@@ -41,6 +41,7 @@ from collapse_tui.controls import RunControls
 from collapse_tui.errors import UserError
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import (
+    CONFIG,
     EVENTS,
     METRICS,
     JsonlTail,
@@ -419,7 +420,12 @@ class FolderSource:
     """
 
     def __init__(self, run_dir: Path, *, read_only: bool = False, poll_s: float = 0.5) -> None:
-        self.folder = read_run(Path(run_dir))  # a folder that is not a run fails here, before any screen
+        run_dir = Path(run_dir)
+        if not (run_dir / CONFIG).exists() and is_alive(run_dir):
+            raise UserError(
+                f"the run in {run_dir} is still starting (no {CONFIG} yet); try again in a moment"
+            )
+        self.folder = read_run(run_dir)  # a folder that is not a run fails here, before any screen
         self.run_dir = self.folder.root
         if not read_only and not os.access(self.run_dir, os.W_OK):
             raise UserError(f"cannot steer {self.run_dir}: no permission to write there; add --read-only")

@@ -236,6 +236,8 @@ def test_a_read_only_watcher_cannot_send(tmp_path: Path) -> None:
 def test_watching_a_folder_that_is_not_a_run_says_so(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a run folder"):
         FolderSource(tmp_path)
+    with RunProcess(tmp_path / "starting"), pytest.raises(UserError, match="still starting"):
+        FolderSource(tmp_path / "starting")
     (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(UserError, match="not valid JSON"):
         FolderSource(tmp_path)
