@@ -105,10 +105,6 @@ class EagerInference(Inference):
         self.eval_batch = eval_batch
         self._keep_last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def _last_logits(self, context: torch.Tensor) -> torch.Tensor:
-        extra = {"logits_to_keep": 1} if self._keep_last_only else {}
-        return self.model(context, use_cache=False, **extra).logits[:, -1]
-
     @torch.no_grad()
     def generate(
         self,
@@ -120,13 +116,24 @@ class EagerInference(Inference):
         prompt_len = len(prompt_ids)
         seq = torch.empty(prompt_len + gen_tokens, dtype=torch.long, device=self.device)
         seq[:prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
+        keep_last = {"logits_to_keep": 1} if self._keep_last_only else {}
+        cache = None
         with autocast_context(self.device, self.autocast_dtype):
             for t in range(prompt_len, prompt_len + gen_tokens):
                 if (t - prompt_len) % STOP_CHECK_EVERY == 0 and should_stop():
                     raise RunInterrupted
-                context = seq[max(0, t - self.block) : t].unsqueeze(0)
-                logits = self._last_logits(context)
-                seq[t] = sample_next(logits, self.temperature, self.top_k, generator)[0]
+                if t <= self.block:
+                    # The whole sequence is the context, positions 0..t-1: extending a
+                    # KV cache computes exactly what re-running the prefix would.
+                    new = seq[:t] if cache is None else seq[t - 1 : t]
+                    out = self.model(new.unsqueeze(0), past_key_values=cache, use_cache=True, **keep_last)
+                    cache = out.past_key_values
+                else:
+                    # The window slides and its positions restart at 0, so every
+                    # hidden state changes: re-run the last `block` tokens.
+                    cache = None
+                    out = self.model(seq[t - self.block : t].unsqueeze(0), use_cache=False, **keep_last)
+                seq[t] = sample_next(out.logits[:, -1], self.temperature, self.top_k, generator)[0]
         return seq.tolist()
 
     def _batches(self, windows: torch.Tensor) -> Iterator[torch.Tensor]:
