@@ -150,9 +150,12 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
         return
     config = build_config(options)
     from collapse_tui.engine import Engine
+    from collapse_tui.follow import serving_watchers
     from collapse_tui.tui.app import run_app  # imported here: the headless path never loads textual
 
-    summary = run_app(Engine(config))
+    engine = Engine(config)
+    with serving_watchers(engine.run_dir, engine.controls):
+        summary = run_app(engine)
     raise typer.Exit(_exit_code(summary))
 
 
@@ -167,6 +170,60 @@ def headless_command(ctx: typer.Context, **options: Any) -> None:
     from collapse_tui.headless import run_headless
 
     raise typer.Exit(run_headless(config))
+
+
+@app.command("watch")
+@user_errors
+def watch_command(
+    run_dir: Annotated[Path, typer.Argument(help="The run folder to show.", show_default=False)],
+    read_only: Annotated[bool, typer.Option("--read-only", help="Show the run without steering it.")] = False,
+) -> None:
+    """Attach the TUI to a run folder: follow a live run (and steer it), or replay a finished one."""
+    from collapse_tui.follow import FolderSource
+    from collapse_tui.tui.app import run_app
+
+    run_app(FolderSource(run_dir, read_only=read_only))
+
+
+@app.command("plot")
+@user_errors
+def plot_command(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to compare.", show_default=False)],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Figure file (.png, .pdf, .svg).")] = Path(
+        "collapse.png"
+    ),
+    csv: Annotated[
+        Path | None, typer.Option("--csv", help="Also write the merged per-iteration metrics.")
+    ] = None,
+) -> None:
+    """Plot validation loss and loss on generated text against iteration, one line per run."""
+    from collapse_tui.plot import plot_runs
+
+    plot_runs(run_dirs, out, csv)
+    typer.echo(f"wrote {out}" + (f" and {csv}" if csv else ""))
+
+
+@app.command("runs")
+@user_errors
+def runs_command(
+    root: Annotated[Path, typer.Argument(help="Folder holding run folders.")] = Path("runs"),
+) -> None:
+    """List the runs under a folder: model, lr, iterations, collapse, losses, status."""
+    from rich.console import Console
+
+    from collapse_tui.runs import find_runs, runs_table
+
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder")
+    skipped: list[str] = []
+    runs = find_runs(root, skipped=skipped)
+    console = Console()
+    if not runs:
+        console.print(f"no runs under {root}")
+    else:
+        console.print(runs_table(runs, title=str(root)))
+    for line in skipped:
+        console.print(f"[dim]{line}[/dim]")
 
 
 def _exit_code(summary: dict[str, Any]) -> int:

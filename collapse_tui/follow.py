@@ -34,6 +34,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -486,3 +487,30 @@ class FolderSource:
         iteration = records[-1].iteration + 1 if records else 0
         listener.on_event(Event("process_gone", iteration, data={"message": message}))
         return summary_of(self.folder, "crashed", "process gone")
+
+
+@contextlib.contextmanager
+def serving_watchers(run_dir: Path, controls: RunControls) -> Iterator[None]:
+    """While a run goes on in this process: announce it and take watchers' commands.
+
+    Both front ends that run an engine (TUI and headless) wrap ``engine.run``
+    in this. If the run never got as far as writing its config (a model that
+    would not load, say), the folder it made is removed again, so a typo
+    leaves no empty run behind.
+    """
+    run_dir = Path(run_dir)
+    existed = run_dir.exists()
+    process = RunProcess(run_dir).start()
+    inbox = CommandInbox(run_dir, controls).start()
+    try:
+        yield
+    finally:
+        inbox.close()
+        process.close()
+        if not (run_dir / CONFIG).exists():
+            for name in (PROCESS, COMMANDS):
+                with contextlib.suppress(OSError):
+                    (run_dir / name).unlink()
+            if not existed:
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()

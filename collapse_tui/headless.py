@@ -22,6 +22,7 @@ from rich.table import Table
 
 from collapse_tui.config import RunConfig
 from collapse_tui.engine import Engine
+from collapse_tui.follow import serving_watchers
 from collapse_tui.records import Event, IterationRecord
 
 EXIT_INTERRUPTED = 130
@@ -154,7 +155,8 @@ def run_headless(config: RunConfig) -> int:
         if signum is not None:
             signal.signal(signum, stop)
     try:
-        summary = engine.run(reporter)
+        with serving_watchers(engine.run_dir, engine.controls):
+            summary = engine.run(reporter)
     except KeyboardInterrupt:
         reporter.close()
         print("collapse-tui: interrupted", file=sys.stderr)
