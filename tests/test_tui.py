@@ -51,6 +51,11 @@ def drive(source: FakeSource, scenario: Callable[[CollapseApp, Pilot], Awaitable
     return app
 
 
+def log_text(app: CollapseApp) -> str:
+    """The event pane's text, its wrapped lines joined again."""
+    return " ".join(strip.text.strip() for strip in app.query_one("#events").lines)
+
+
 async def started(app: CollapseApp, pilot: Pilot) -> None:
     await wait_until(pilot, lambda: not app.loading, "the run to start")
 
@@ -185,7 +190,8 @@ def test_parse_lr(text: str, ok: bool) -> None:
 
 
 def test_snapshot_saves_a_screenshot_in_the_snapshot_folder(tmp_path: Path) -> None:
-    source = FakeSource([make_record(i, 5) for i in range(3)], snapshot_root=tmp_path)
+    info = RunInfo(model="m", device="cpu", max_iters=9, lr=1e-3, eval_names=["ptb"], run_dir=str(tmp_path))
+    source = FakeSource([make_record(i, 5) for i in range(3)], info=info, snapshot_root=tmp_path)
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await wait_until(pilot, lambda: app.records_seen == 3, "three records")
@@ -194,7 +200,7 @@ def test_snapshot_saves_a_screenshot_in_the_snapshot_folder(tmp_path: Path) -> N
         svg = source.snapshots[0] / "screen.svg"
         await wait_until(pilot, svg.exists, "screen.svg")
         assert svg.read_text(encoding="utf-8").lstrip().startswith("<svg")
-        assert "snapshot" in " ".join(str(line) for line in app.query_one("#events").lines)
+        assert "snapshot → snapshots/iter-" in log_text(app)  # shown inside the run folder
 
     drive(source, scenario)
 
@@ -242,7 +248,7 @@ def test_a_crashed_run_shows_error_and_stays() -> None:
         await wait_until(pilot, lambda: not app.running, "the run to fail")
         await pilot.pause(0.05)
         assert app.state == "error" and app.is_running
-        assert "CUDA exploded" in " ".join(str(line) for line in app.query_one("#events").lines)
+        assert "run failed: RuntimeError: CUDA exploded" in log_text(app)
 
     drive(source, scenario)
 

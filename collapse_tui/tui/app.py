@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 from textual.app import App, ComposeResult
@@ -148,7 +150,7 @@ class CollapseApp(App[dict[str, Any] | None]):
                     yield Label("starting…", id="loading-label")
                     yield ProgressBar(total=None, show_eta=False, id="loading-bar")
                 yield SampleView(id="sample")
-                yield RichLog(max_lines=200, wrap=True, markup=False, id="events")
+                yield RichLog(max_lines=200, wrap=True, min_width=20, markup=False, id="events")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -229,7 +231,10 @@ class CollapseApp(App[dict[str, Any] | None]):
     def on_event_report(self, report: EventReport) -> None:
         event = report.event
         self.events.append(event)
-        self._log(event.describe())
+        line = event.describe()
+        if self.info.run_dir:  # snapshot paths inside the run folder, short enough for a narrow pane
+            line = line.replace(str(Path(self.info.run_dir)) + os.sep, "")
+        self._log(line)
         kind = event.event
         if kind in ("start", "resumed_from"):
             self._loaded()

@@ -27,7 +27,8 @@ def fmt_num(value: float | None, digits: int = 3) -> str:
         return "nan"
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
-    return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.{digits}f}"
+    tiny = value != 0 and abs(value) < 1e-3
+    return f"{value:.{digits}g}" if tiny or abs(value) >= 1e4 else f"{value:.{digits}f}"
 
 
 def fmt_loss(value: float | None) -> str:
