@@ -205,6 +205,21 @@ def test_snapshot_saves_a_screenshot_in_the_snapshot_folder(tmp_path: Path) -> N
     drive(source, scenario)
 
 
+def test_a_snapshot_this_screen_did_not_ask_for_gets_no_screenshot(tmp_path: Path) -> None:
+    # e.g. a watcher replaying a finished run's events
+    old = tmp_path / "snapshots" / "iter-1"
+    old.mkdir(parents=True)
+    script = {1: [Event("snapshot", 1, time=0.0, data={"path": str(old)})]}
+    source = FakeSource([make_record(i, 5) for i in range(3)], script=script)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 3, "three records")
+        assert "snapshot" in log_text(app)
+
+    drive(source, scenario)
+    assert not (old / "screen.svg").exists()
+
+
 def test_quit_returns_while_the_run_is_mid_iteration() -> None:
     # An iteration that would take a minute: quitting must not wait for it.
     source = FakeSource(after="live", iteration_s=60.0)
@@ -249,6 +264,21 @@ def test_a_crashed_run_shows_error_and_stays() -> None:
         await pilot.pause(0.05)
         assert app.state == "error" and app.is_running
         assert "run failed: RuntimeError: CUDA exploded" in log_text(app)
+
+    drive(source, scenario)
+
+
+def test_a_read_only_source_hides_the_steering_keys() -> None:
+    source = FakeSource([make_record(0, 5)])
+    source.controls.read_only = True  # what a read-only watcher's controls say
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 1, "a record")
+        for action in ("pause", "resume", "lr_up", "lr_down", "type_lr", "snapshot"):
+            assert app.check_action(action, ()) is False, action
+        await pilot.press("space", "plus", "s")
+        assert not source.controls.paused and source.controls.pending_lr is None
+        assert app.check_action("quit", ()) and app.check_action("help", ())
 
     drive(source, scenario)
 

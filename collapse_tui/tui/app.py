@@ -85,6 +85,10 @@ class AppListener:
         self._post(EventReport(event))
 
 
+#: The keys that steer the run, hidden when the source is read-only.
+STEERING_ACTIONS = frozenset({"pause", "resume", "lr_up", "lr_down", "type_lr", "snapshot"})
+
+
 class CollapseApp(App[dict[str, Any] | None]):
     """Watch and steer one self-training run."""
 
@@ -112,6 +116,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.source = source
         self.info = source.info
         self.clock = clock
+        #: A watcher with ``--read-only`` may not steer the run: its steering keys are hidden.
+        self.read_only = bool(getattr(source.controls, "read_only", False))
         self.summary: dict[str, Any] | None = None
         #: What the run raised, if anything; ``run_app`` re-raises it.
         self.run_error: BaseException | None = None
@@ -243,8 +249,11 @@ class CollapseApp(App[dict[str, Any] | None]):
             if self.requested_lr == self.applied_lr:
                 self.requested_lr = None
         elif kind == "snapshot":
-            self.snapshot_pending = False
-            self._save_screen(event.data.get("path"))
+            # Only for a snapshot this screen asked for: a watcher replaying a run's history
+            # must not write its screen into an old snapshot.
+            if self.snapshot_pending:
+                self.snapshot_pending = False
+                self._save_screen(event.data.get("path"))
         elif kind == "collapse":
             self.collapsed = True
             tail = "it goes on (keep-going)" if self.info.keep_going else "the run stops; q quits"
@@ -267,11 +276,11 @@ class CollapseApp(App[dict[str, Any] | None]):
         if not path:
             return
         try:
-            saved = self.save_screenshot(filename="screen.svg", path=str(path))
+            self.save_screenshot(filename="screen.svg", path=str(path))
         except OSError as error:
             self.notify(f"could not save the screen: {error}", severity="error")
             return
-        self.notify(f"saved in {path} (screen: {saved})", title="snapshot")
+        self.notify(f"model, optimizer and screen.svg saved in {path}", title="snapshot")
 
     # -- drawing -------------------------------------------------------------
 
@@ -329,6 +338,8 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Hide the pause/resume key that does not apply; grey out what the run cannot take now."""
+        if self.read_only and action in STEERING_ACTIONS:
+            return False
         live = self.running and not self.quitting and not self.loading
         paused = self.source.controls.paused
         if action == "pause":
