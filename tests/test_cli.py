@@ -146,7 +146,7 @@ def test_ctrl_c_stops_after_the_iteration_in_flight_and_exits_130(tiny_model_dir
         if line.startswith("it 1/") or time.monotonic() > deadline:
             break
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     summary = json.loads((out / "summary.json").read_text())
