@@ -35,7 +35,9 @@ def small_run(model: Path, evalfile: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_headless_runs_and_leaves_a_complete_run_folder(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
+def test_headless_runs_and_leaves_a_complete_run_folder(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path
+):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, small_run(tiny_model_dir, eval_file, out))
     assert result.exit_code == 0, result.output
@@ -69,7 +71,9 @@ def test_headless_does_not_import_textual(tiny_model_dir: Path, eval_file: Path,
         f"app({small_run(tiny_model_dir, eval_file, tmp_path / 'run')!r}, standalone_mode=False); "
         "assert 'textual' not in sys.modules, 'textual was imported'"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -106,14 +110,18 @@ def test_unknown_model_while_offline(eval_file: Path, tmp_path: Path):
 
 def test_model_folder_without_config(eval_file: Path, tmp_path: Path):
     (tmp_path / "empty-model").mkdir()
-    assert_one_line_error(cli(*small_run(tmp_path / "empty-model", eval_file, tmp_path / "run")), "config.json")
+    assert_one_line_error(
+        cli(*small_run(tmp_path / "empty-model", eval_file, tmp_path / "run")), "config.json"
+    )
 
 
 def test_a_model_that_is_not_a_causal_lm(eval_file: Path, tmp_path: Path):
     from transformers import ViTConfig
 
     ViTConfig().save_pretrained(tmp_path / "vit")
-    assert_one_line_error(cli(*small_run(tmp_path / "vit", eval_file, tmp_path / "run")), "not a causal language model")
+    assert_one_line_error(
+        cli(*small_run(tmp_path / "vit", eval_file, tmp_path / "run")), "not a causal language model"
+    )
 
 
 def test_missing_and_empty_evaluation_files(tiny_model_dir: Path, tmp_path: Path):
