@@ -33,12 +33,23 @@ app = typer.Typer(
 )
 
 
-def _option(name: str, annotation: Any, help: str, *flags: str) -> inspect.Parameter:
+_METAVARS = {str: "TEXT", int: "INT", float: "FLOAT", Path: "PATH", bool: None}
+
+
+def _option(
+    name: str, annotation: Any, help: str, *flags: str, metavar: str | None = None
+) -> inspect.Parameter:
+    base = annotation.__args__[0]  # X | None → X
     return inspect.Parameter(
         name,
         inspect.Parameter.KEYWORD_ONLY,
         default=None,
-        annotation=Annotated[annotation, typer.Option(*flags, help=help, show_default=False)],
+        annotation=Annotated[
+            annotation,
+            typer.Option(
+                *flags, help=help, show_default=False, metavar=metavar or _METAVARS.get(base, "SET")
+            ),
+        ],
     )
 
 
