@@ -178,8 +178,9 @@ class NaiveLoop:
         return sum(losses) / len(losses)
 
     def train(self, ids: list[int]) -> None:
-        start = random.randrange(len(ids) - self.block)
-        window = torch.tensor(ids[start : start + self.block + 1], device=DEVICE)
+        length = min(self.block, len(ids) - 1)
+        start = random.randrange(len(ids) - length)
+        window = torch.tensor(ids[start : start + length + 1], device=DEVICE)
         loss = F.cross_entropy(self.model(window[None, :-1], use_cache=False).logits[0], window[1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

@@ -59,6 +59,38 @@ def kernel_table(fast: FastGPT2Inference, kv: bool, rows: int) -> str:
     return head + prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
 
+def gemm_layouts(width: int) -> str:
+    """Microseconds per product of the per-token shapes, weights as ``[out, in]`` or ``[in, out]``."""
+    lines = ["M | in -> out | linear [out,in] us | mm [in,out] us"]
+    for rows in (1, 100):
+        for k, n in ((width, 3 * width), (width, width), (width, 4 * width), (4 * width, width)):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            w_out_in = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            w_in_out = w_out_in.t().contiguous()
+            times = []
+            pairs = ((torch.nn.functional.linear, w_out_in), (torch.mm, w_in_out))
+            for op, w in pairs:
+
+                def fn(op=op, w=w, x=x) -> torch.Tensor:
+                    return op(x, w)
+
+                fn()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(50):
+                        fn()
+                graph.replay()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(10):
+                    graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3 / 500)
+            lines.append(f"{rows} | {k} -> {n} | {times[0]:.2f} | {times[1]:.2f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gpt2-medium")
@@ -74,6 +106,7 @@ def main() -> None:
     step = replay_time(fast, kv)
     print(f"{args.model} block {args.block} ({fast.description}): {step * 1e3:.3f} ms per replayed step")
     print(kernel_table(fast, kv, args.rows))
+    print(gemm_layouts(model.config.n_embd))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def test_mean_loss_over_sequence_windows() -> None:
     assert ours == pytest.approx(EagerInference(model, 16, 1.0, None).mean_loss(groups), rel=1e-5)
 
 
-@pytest.mark.parametrize("notify", [True, False], ids=["weights_changed", "version-counter"])
+@pytest.mark.parametrize("notify", [True, False], ids=["weights_changed", "optimizer-hook"])
 def test_an_optimizer_step_is_seen_by_the_next_forward(notify: bool) -> None:
     model = tiny_model()
     fast = fast_cpu(model, 16)

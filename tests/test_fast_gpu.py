@@ -121,7 +121,7 @@ def test_graph_sampling_has_the_filtered_distribution() -> None:
     assert total_variation < 0.02, total_variation
 
 
-@pytest.mark.parametrize("notify", [True, False], ids=["weights_changed", "version-counter"])
+@pytest.mark.parametrize("notify", [True, False], ids=["weights_changed", "optimizer-hook"])
 def test_the_next_generation_uses_the_updated_weights(notify: bool) -> None:
     """Captured graphs read the bf16 copies, which the update refreshes in place."""
     model = gpt2_model()

@@ -17,10 +17,13 @@ and matrix products in the compute dtype, which is what bf16 autocast does.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from collapse_tui.fast.kernels import add_layernorm, fused_gelu_is_tanh, linear_gelu, triton_available
 
@@ -46,6 +49,27 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if getattr(model.lm_head, "bias", None) is not None:
         return "lm_head with a bias"
     return None
+
+
+#: Every live ``GPT2Weights``: an optimizer step anywhere marks them all stale.
+_LIVE: weakref.WeakSet[GPT2Weights] = weakref.WeakSet()
+_HOOK: list[Any] = []
+
+
+def _after_any_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for weights in list(_LIVE):
+        weights.dirty = True
+
+
+def _watch(weights: GPT2Weights) -> None:
+    """Register the global optimizer hook once, and ``weights`` with it.
+
+    The fused AdamW kernel updates parameters without bumping their version
+    counters, so the counters alone cannot tell that a step happened.
+    """
+    if not _HOOK:
+        _HOOK.append(register_optimizer_step_post_hook(_after_any_optimizer_step))
+    _LIVE.add(weights)
 
 
 @dataclass
@@ -100,7 +124,9 @@ class GPT2Weights:
         self.use_triton = self.wte.is_cuda and triton_available()
         self.fused_gelu = self.wte.is_cuda and fused_gelu_is_tanh(self.wte.device)
         self._versions: list[int] = []
+        self.dirty = True
         self.refresh()
+        _watch(self)
 
     def _copy(self, source: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """Register a master tensor; ``Conv1D`` weights ``[in, out]`` are copied transposed."""
@@ -119,14 +145,17 @@ class GPT2Weights:
         """Copy the master weights into the compute-dtype copies (same tensors, new values)."""
         torch._foreach_copy_(self._copies, self._sources)
         self._versions = [t._version for t in self._sources]
+        self.dirty = False
 
     def stale(self) -> bool:
-        """Whether a master weight was changed in place since the last refresh.
+        """Whether the master weights may have changed since the last refresh.
 
-        In-place updates (the optimizer's step included) bump a tensor's version
-        counter, so this catches an update even if nobody called ``refresh``.
+        True after any optimizer step (a global post-step hook sets ``dirty``)
+        and after any other in-place change that bumps a version counter
+        (``p.mul_(...)``; changes through ``p.data`` are invisible: call
+        ``refresh``). Cheap enough to ask before every forward.
         """
-        return any(t._version != v for t, v in zip(self._sources, self._versions, strict=True))
+        return self.dirty or any(t._version != v for t, v in zip(self._sources, self._versions, strict=True))
 
     @property
     def nbytes_per_token(self) -> int:

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from collapse_tui.errors import RunInterrupted
 from collapse_tui.fast.gpt2 import GPT2Weights
+from collapse_tui.fast.kernels import sample_token
 from collapse_tui.inference import STOP_CHECK_EVERY, Inference
-from collapse_tui.sampling import sample_next
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,13 @@ class _Decoder:
                 self.seq.index_select(0, position), position, self.cache, mask.view(1, 1, 1, -1)
             )
             target = position + 1
-            token = sample_next(logits, self.owner.temperature, self.owner.top_k, generator)
+            token = sample_token(logits, self.owner.temperature, self.owner.top_k, generator)
         else:
             target = self.counter  # the token written at ``target`` sees seq[max(0, target-block):target]
             start = (target - block).clamp_(min=0)
             x = weights.hidden(self.seq.index_select(0, start + self.window).view(1, block))
             last = x[0].index_select(0, target.clamp(max=block) - 1)
-            token = sample_next(weights.logits(last), self.owner.temperature, self.owner.top_k, generator)
+            token = sample_token(weights.logits(last), self.owner.temperature, self.owner.top_k, generator)
         self.seq.index_copy_(0, target, token)
         self.counter.add_(1)
 

@@ -148,3 +148,69 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fused
         flat = x.reshape(-1, x.size(-1))
         return torch._addmm_activation(bias, flat, weight.t(), use_gelu=True).view(*x.shape[:-1], -1)
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+@functools.cache
+def _triton_race() -> Callable[..., torch.Tensor] | None:
+    """The exponential race over a row of logits, scored and reduced per block in one kernel."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def kernel(logit_ptr, race_ptr, kth_ptr, best_ptr, index_ptr, n, inv_temperature,
+               HAS_KTH: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0)
+        offsets = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        x = tl.load(logit_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        race = tl.load(race_ptr + offsets, mask=mask, other=1.0)
+        score = x * inv_temperature - tl.log(race)
+        keep = mask
+        if HAS_KTH:
+            keep = keep & (x >= tl.load(kth_ptr).to(tl.float32))
+        score = tl.where(keep, score, float("-inf"))
+        tl.store(best_ptr + pid, tl.max(score, axis=0))
+        tl.store(index_ptr + pid, pid * BLOCK + tl.argmax(score, axis=0))
+
+    def race(logits: torch.Tensor, draws: torch.Tensor, kth: torch.Tensor | None, temperature: float):
+        n, block = logits.size(-1), 1024
+        blocks = triton.cdiv(n, block)
+        best = torch.empty(blocks, dtype=torch.float32, device=logits.device)
+        index = torch.empty(blocks, dtype=torch.int64, device=logits.device)
+        kernel[(blocks,)](
+            logits, draws, logits if kth is None else kth, best, index, n, 1.0 / temperature,
+            HAS_KTH=kth is not None, BLOCK=block, num_warps=4,
+        )  # fmt: skip
+        return index.gather(0, best.argmax().view(1))
+
+    return race
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token id ``[1]`` from logits ``[1, V]``: the distribution of ``sampling.sample_next``.
+
+    The same exponential race, written as ``argmax(x / T - log E)`` over the
+    top-k logits (the log of ``p / E`` up to a constant), so it needs no
+    softmax; the k-th largest logit comes from an unsorted ``topk``. With the
+    same generator it consumes the same draws as ``sample_next`` and picks the
+    same token (up to rounding). On CUDA the scoring and the arg-max are one
+    Triton kernel over blocks of the vocabulary instead of a dozen launches.
+    """
+    draws = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    draws.exponential_(1.0, generator=generator)
+    kth = None
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1, sorted=False).values.amin(dim=-1)
+    race = _triton_race() if logits.is_cuda else None
+    if race is not None:
+        return race(logits.contiguous(), draws, kth, temperature)
+    x = logits.float()
+    score = x / temperature - draws.log()
+    if kth is not None:
+        score = score.masked_fill(x < kth.float().unsqueeze(-1), float("-inf"))
+    return score.argmax(dim=-1)
