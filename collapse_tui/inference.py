@@ -103,7 +103,10 @@ class EagerInference(Inference):
         self.device = next(model.parameters()).device
         self.autocast_dtype = autocast_dtype
         self.eval_batch = eval_batch
-        self._keep_last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward_parameters = inspect.signature(model.forward).parameters
+        self._keep_last_only = "logits_to_keep" in forward_parameters
+        # transformers 5.24 renamed the KV-cache argument; older releases know only the old name.
+        self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
 
     @torch.no_grad()
     def generate(
@@ -126,7 +129,8 @@ class EagerInference(Inference):
                     # The whole sequence is the context, positions 0..t-1: extending a
                     # KV cache computes exactly what re-running the prefix would.
                     new = seq[:t] if cache is None else seq[t - 1 : t]
-                    out = self.model(new.unsqueeze(0), past_key_values=cache, use_cache=True, **keep_last)
+                    past = {self._cache_argument: cache}
+                    out = self.model(new.unsqueeze(0), use_cache=True, **past, **keep_last)
                     cache = out.past_key_values
                 else:
                     # The window slides and its positions restart at 0, so every
