@@ -101,14 +101,14 @@ class _Decoder:
         stream.wait_stream(torch.cuda.current_stream(device))
         self.counter.fill_(1)  # a valid state to warm up from (run() sets the real one)
         try:
-            with torch.cuda.stream(
-                stream
-            ):  # warm up: Triton compiles, cuBLAS picks its kernels; thread_local capture: the TUI thread may use CUDA meanwhile
+            # warm up: Triton compiles, cuBLAS picks its kernels
+            with torch.cuda.stream(stream):
                 for _ in range(2):
                     self.step(generator)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(generator)
+            # thread_local: CUDA calls of another thread (a TUI) cannot break the capture
             with torch.cuda.graph(graph, pool=self.owner.graph_pool, capture_error_mode="thread_local"):
                 self.step(generator)
         except RuntimeError as error:  # pragma: no cover - depends on the torch build
