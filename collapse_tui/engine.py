@@ -36,7 +36,7 @@ from collapse_tui.inference import EagerInference, Inference, autocast_context, 
 from collapse_tui.metrics import CollapseDetector, repetition_metrics
 from collapse_tui.modeling import load_model, out_of_memory_error, resolve_autocast, resolve_device
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import CONFIG, METRICS, RunWriter, read_run
+from collapse_tui.runfolder import CONFIG, METRICS, RunWriter, make_summary, read_run
 from collapse_tui.source import EngineListener, NullListener, RunInfo
 
 #: How long a paused engine sleeps between looks at its controls.
@@ -412,28 +412,18 @@ class Engine:
         return summary
 
     def summary(self, status: str, reason: str) -> dict[str, Any]:
-        def losses(record: IterationRecord | None) -> dict[str, Any] | None:
-            if record is None:
-                return None
-            return {
-                "iteration": record.iteration,
-                "gen_loss": record.gen_loss,
-                "valid": record.valid,
-                "rep4": record.rep4,
-            }
-
-        return {
-            "status": status,
-            "reason": reason,
-            "iterations": self.iteration,
-            "collapsed_at": self.collapsed_at,
-            "first": losses(self.first_record),
-            "last": losses(self.last_record),
-            "lr": self.lr,
-            "model": self.config.model,
-            "run_dir": str(self.run_dir),
-            "elapsed_seconds": time.time() - self.started,
-        }
+        return make_summary(
+            status=status,
+            reason=reason,
+            iterations=self.iteration,
+            collapsed_at=self.collapsed_at,
+            first=self.first_record,
+            last=self.last_record,
+            lr=self.lr,
+            model=self.config.model,
+            run_dir=self.run_dir,
+            elapsed_seconds=time.time() - self.started,
+        )
 
 
 def _check_snapshot(path: Path) -> None:

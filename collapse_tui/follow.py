@@ -40,7 +40,7 @@ from typing import Any
 
 from collapse_tui.controls import RunControls
 from collapse_tui.errors import UserError
-from collapse_tui.records import Event, IterationRecord
+from collapse_tui.records import Event
 from collapse_tui.runfolder import (
     CONFIG,
     EVENTS,
@@ -48,6 +48,7 @@ from collapse_tui.runfolder import (
     JsonlTail,
     RunFolder,
     dedupe_records,
+    make_summary,
     parse_events,
     parse_metrics,
     read_run,
@@ -383,29 +384,18 @@ def run_info(folder: RunFolder, *, read_only: bool = False) -> RunInfo:
 
 def summary_of(folder: RunFolder, status: str, reason: str) -> dict[str, Any]:
     """A summary in the engine's shape, for a run that has none (still going, or its process gone)."""
-
-    def losses(record: IterationRecord | None) -> dict[str, Any] | None:
-        if record is None:
-            return None
-        return {
-            "iteration": record.iteration,
-            "gen_loss": record.gen_loss,
-            "valid": record.valid,
-            "rep4": record.rep4,
-        }
-
     records = folder.records
-    return {
-        "status": status,
-        "reason": reason,
-        "iterations": records[-1].iteration + 1 if records else 0,
-        "collapsed_at": folder.collapsed_at,
-        "first": losses(records[0] if records else None),
-        "last": losses(records[-1] if records else None),
-        "lr": records[-1].lr if records else folder.config.get("lr"),
-        "model": folder.config.get("model", "?"),
-        "run_dir": str(folder.root),
-    }
+    return make_summary(
+        status=status,
+        reason=reason,
+        iterations=records[-1].iteration + 1 if records else 0,
+        collapsed_at=folder.collapsed_at,
+        first=records[0] if records else None,
+        last=records[-1] if records else None,
+        lr=records[-1].lr if records else folder.config.get("lr"),
+        model=folder.config.get("model", "?"),
+        run_dir=folder.root,
+    )
 
 
 class FolderSource:

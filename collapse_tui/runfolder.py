@@ -56,21 +56,7 @@ def _restore_nan(value: Any) -> Any:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All complete JSON lines of a file; a half-written or garbled line is skipped."""
-    rows: list[dict[str, Any]] = []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if not line.endswith("\n"):
-                    break  # the writer is still in the middle of this line
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
-    except FileNotFoundError:
-        return []
-    return rows
+    return JsonlTail(path).read_new()
 
 
 class JsonlTail:
@@ -105,6 +91,46 @@ class JsonlTail:
                 rows.append(row)
         self.offset += consumed
         return rows
+
+
+def record_losses(record: IterationRecord | None) -> dict[str, Any] | None:
+    """The losses of one iteration, as summaries quote the first and the last."""
+    if record is None:
+        return None
+    return {
+        "iteration": record.iteration,
+        "gen_loss": record.gen_loss,
+        "valid": record.valid,
+        "rep4": record.rep4,
+    }
+
+
+def make_summary(
+    *,
+    status: str,
+    reason: str,
+    iterations: int,
+    collapsed_at: int | None,
+    first: IterationRecord | None,
+    last: IterationRecord | None,
+    lr: float | None,
+    model: str,
+    run_dir: Path | str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """summary.json: one shape whether the engine wrote it or a watcher describes a run without one."""
+    return {
+        "status": status,
+        "reason": reason,
+        "iterations": iterations,
+        "collapsed_at": collapsed_at,
+        "first": record_losses(first),
+        "last": record_losses(last),
+        "lr": lr,
+        "model": model,
+        "run_dir": str(run_dir),
+        **extra,
+    }
 
 
 def parse_metrics(rows: list[dict[str, Any]]) -> list[IterationRecord]:
