@@ -113,7 +113,15 @@ def build_figure(runs: list[RunFolder]) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    axes[0].legend(fontsize="small", title="× collapse", title_fontsize="small")
+    # One legend for the figure: a run missing from the first panel (other evaluation sets) still appears.
+    handles: dict[str, Any] = {}
+    for ax in axes[: len(panels)]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    figure.legend(
+        list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4),
+        fontsize="small", title="× marks the collapse", title_fontsize="small",
+    )  # fmt: skip
     return figure
 
 
