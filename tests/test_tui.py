@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 from fakes import FakeSource, make_record, user_error_source
+from runfolders import make_run
 from textual.pilot import Pilot
 from textual.widgets import Input, Label, Sparkline
 
 from collapse_tui.errors import UserError
+from collapse_tui.follow import FolderSource
 from collapse_tui.records import Event
 from collapse_tui.source import RunInfo
 from collapse_tui.tui.app import CollapseApp, run_app
@@ -279,6 +281,20 @@ def test_a_read_only_source_hides_the_steering_keys() -> None:
         await pilot.press("space", "plus", "s")
         assert not source.controls.paused and source.controls.pending_lr is None
         assert app.check_action("quit", ()) and app.check_action("help", ())
+
+    drive(source, scenario)
+
+
+def test_a_watched_run_whose_process_is_gone_says_so(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "killed", n=3)
+    source = FolderSource(run_dir, read_only=True, poll_s=0.05)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the watcher to see the process gone")
+        await pilot.pause(0.05)
+        assert app.state == "process gone" and app.query_one(RepetitionMeter).state == "process gone"
+        assert "process is gone" in log_text(app)
+        assert any("process is gone" in n.title for n in app._notifications)
 
     drive(source, scenario)
 

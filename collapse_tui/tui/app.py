@@ -131,6 +131,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.snapshot_pending = False
         self.iteration: int | None = None
         self.records_seen = 0
+        #: The run's process vanished without a summary (a watcher's FolderSource says so).
+        self.process_gone = False
         #: The run's recent events, newest last (the log pane shows the same).
         self.events: deque[Event] = deque(maxlen=200)
         #: The lr of the last record or lr event, and one the UI asked for that the run has not applied yet.
@@ -263,6 +265,10 @@ class CollapseApp(App[dict[str, Any] | None]):
         elif kind == "error":
             self.failed = True
             self.notify(str(event.data.get("message", "")), title="run error", severity="error", timeout=30)
+        elif kind == "process_gone":
+            self.process_gone = True
+            message = str(event.data.get("message", "it ended without writing a summary"))
+            self.notify(message, title="the run's process is gone", severity="error", timeout=30)
         self._update_state()
         self._show_status()
 
@@ -286,9 +292,11 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     @property
     def state(self) -> str:
-        """loading, running, paused, stopping, collapsed, finished or error."""
+        """loading, running, paused, stopping, collapsed, finished, error or process gone."""
         if self.failed:
             return "error"
+        if self.process_gone:
+            return "process gone"
         if self.quitting and self.running:
             return "stopping"
         if self.loading and self.running:

@@ -156,6 +156,7 @@ STATE_STYLES = {
     "finished": "bold black on cyan",
     "stopping": "bold black on yellow",
     "error": "bold white on red",
+    "process gone": "bold white on red",
 }
 
 
