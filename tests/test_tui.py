@@ -17,17 +17,28 @@ from pathlib import Path
 
 import pytest
 from fakes import FakeSource, make_record, user_error_source
+from rich.console import Console
 from runfolders import make_run
 from textual.pilot import Pilot
-from textual.widgets import Input, Label, Sparkline
+from textual.renderables.sparkline import Sparkline as SparklineRenderable
+from textual.widgets import Input, Label, Sparkline, Static
 
 from collapse_tui.errors import UserError
 from collapse_tui.follow import FolderSource
-from collapse_tui.records import Event
+from collapse_tui.records import Event, IterationRecord
 from collapse_tui.source import RunInfo
 from collapse_tui.tui.app import CollapseApp, run_app
+from collapse_tui.tui.history import SampleHistory
 from collapse_tui.tui.screens import LrScreen, parse_lr
-from collapse_tui.tui.widgets import Downsampled, LossCharts, RepetitionMeter, highlight_repeats
+from collapse_tui.tui.widgets import (
+    ChartMarker,
+    Downsampled,
+    LossCharts,
+    RepetitionMeter,
+    SampleView,
+    highlight_repeats,
+    sparkline_columns,
+)
 
 #: A generous bound for things that take milliseconds; it only matters when something hangs.
 DEADLINE_S = 10.0
@@ -285,6 +296,135 @@ def test_a_read_only_source_hides_the_steering_keys() -> None:
     drive(source, scenario)
 
 
+# -- stepping through history ---------------------------------------------------
+
+
+def numbered(n: int, total: int) -> list[IterationRecord]:
+    """``n`` records whose samples say which iteration they are, so the pane can be checked."""
+    records = [make_record(i, total) for i in range(n)]
+    for record in records:
+        record.text = f"sample of iteration {record.iteration}. " + record.text
+    return records
+
+
+def sample_text(app: CollapseApp) -> str:
+    return str(app.query_one("#sample-text", Static).render())
+
+
+def marker_columns(app: CollapseApp) -> list[list[int]]:
+    """Where each chart's ▲ is, one list per chart; empty lists while following (no marker shown)."""
+    rows = []
+    for marker in app.query(ChartMarker):
+        text = str(marker.render()) if marker.display else ""
+        rows.append([column for column, char in enumerate(text) if char == "▲"])
+    return rows
+
+
+def test_history_keys_show_past_samples_and_mark_the_charts() -> None:
+    source = FakeSource(numbered(30, 30))
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 30, "thirty records")
+        assert isinstance(app.focused, SampleView)  # its own home/end must not take the history keys
+        assert marker_columns(app) == [[], []]
+        sample = app.query_one(SampleView)
+
+        await pilot.press("left_square_bracket")
+        assert app.shown_iteration == 28 and sample_text(app).startswith("sample of iteration 28.")
+        assert sample.border_title == "iteration 28 of 29 · browsing"
+        assert "end follows" in str(sample.border_subtitle)
+        near_end = marker_columns(app)
+        assert near_end[0] and near_end[0] == near_end[1]  # every chart marks the same iteration
+
+        await pilot.press("left_curly_bracket")
+        assert app.shown_iteration == 18 and sample_text(app).startswith("sample of iteration 18.")
+        assert max(marker_columns(app)[0]) < min(near_end[0])  # the marker moved left
+
+        await pilot.press("home")
+        assert app.shown_iteration == 0 and sample_text(app).startswith("sample of iteration 0.")
+        assert marker_columns(app)[0][0] == 0
+        await pilot.press("left_square_bracket")  # nothing before the first: it stays
+        assert app.shown_iteration == 0
+
+        await pilot.press("right_square_bracket", "right_curly_bracket")
+        assert app.shown_iteration == 11 and sample_text(app).startswith("sample of iteration 11.")
+
+        await pilot.press("end")
+        assert app.browsing is None and sample.border_title == "sample · iteration 29"
+        assert sample_text(app).startswith("sample of iteration 29.") and marker_columns(app) == [[], []]
+
+    drive(source, scenario)
+
+
+def test_stepping_forward_past_the_latest_follows_again() -> None:
+    source = FakeSource(numbered(12, 12))
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 12, "twelve records")
+        assert app.check_action("follow", ()) is None and app.check_action("step", (1,)) is None
+        await pilot.press("left_square_bracket", "left_square_bracket")
+        assert app.shown_iteration == 9 and app.check_action("follow", ()) is True
+        await pilot.press("right_curly_bracket")
+        assert app.browsing is None and app.shown_iteration == 11
+
+    drive(source, scenario)
+
+
+def test_new_records_while_browsing_do_not_move_the_view() -> None:
+    source = FakeSource(numbered(5, 50), after="live", iteration_s=0.01)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen >= 5, "five records")
+        await pilot.press("home", "right_square_bracket")
+        assert app.shown_iteration == 1
+        seen = app.records_seen
+        await wait_until(pilot, lambda: app.records_seen >= seen + 5, "five more records")
+        sample = app.query_one(SampleView)
+        assert app.shown_iteration == 1 and sample_text(app).startswith("sample of iteration 1.")
+        latest = app.history.last
+        assert latest is not None and latest >= seen + 4
+        await wait_until(pilot, lambda: f"of {app.history.last} ·" in str(sample.border_title), "the retitle")
+        assert marker_columns(app)[0]  # still marked
+        await pilot.press("end")
+        assert app.browsing is None and str(sample.border_title).startswith("sample · iteration ")
+        await pilot.press("q")
+
+    drive(source, scenario)
+
+
+def test_the_history_keys_leave_a_dialogs_input_alone() -> None:
+    source = FakeSource(numbered(5, 5))
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 5, "five records")
+        await pilot.press("l")
+        await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
+        field = app.screen.query_one(Input)
+        await pilot.press("home")
+        assert field.cursor_position == 0 and app.browsing is None
+        await pilot.press("end")
+        assert field.cursor_position == len(field.value)
+
+    drive(source, scenario)
+
+
+def test_watching_a_finished_run_steps_through_its_history(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "finished", n=8)
+    source = FolderSource(run_dir, read_only=True, poll_s=0.05)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the replay to end")
+        assert app.state == "finished"
+        await pilot.press("home")
+        assert sample_text(app) == "sample 0" and marker_columns(app)[0][0] == 0
+        await pilot.press("right_curly_bracket")  # 10 forward from 0 is past the last (7): follow
+        assert app.browsing is None and sample_text(app) == "sample 7"
+        await pilot.press("left_square_bracket")
+        assert sample_text(app) == "sample 6"
+
+    drive(source, scenario)
+
+
 def test_a_watched_run_whose_process_is_gone_says_so(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", "killed", n=3)
     source = FolderSource(run_dir, read_only=True, poll_s=0.05)
@@ -337,6 +477,49 @@ def test_downsampled_series_drops_non_finite_values_and_stays_bounded() -> None:
     assert series.bad == 101 and series.min == 1.0 and series.max == 9999.0
     assert data == sorted(data)  # averaging keeps the shape of a rising series
     assert Downsampled().data() == []
+
+
+def test_downsampled_series_knows_which_point_holds_each_value() -> None:
+    series = Downsampled(capacity=8)
+    assert series.point_of(0) is None
+    for i in range(22):
+        series.add(math.nan if i == 3 else float(i))
+    # merged twice: points of 4 values from ordinals 0 (skipping the NaN at 3), 5, 9, 13, 17; 21 partial
+    assert series.stride == 4 and len(series.data()) == 6
+    ordinals = (0, 3, 4, 5, 8, 9, 20, 21)
+    assert [series.point_of(i) for i in ordinals] == [0, 0, 0, 1, 1, 2, 4, 5]
+
+
+@pytest.mark.parametrize(("count", "width"), [(2, 10), (7, 38), (24, 38), (38, 38), (100, 38), (257, 40)])
+def test_sparkline_columns_match_what_the_sparkline_draws(count: int, width: int) -> None:
+    console = Console(width=width, color_system=None, file=open(os.devnull, "w"))  # noqa: SIM115
+    for index in {0, 1, count // 3, count - 2, count - 1}:
+        data = [1.0 if i == index else 0.0 for i in range(count)]
+        with console.capture() as capture:
+            console.print(SparklineRenderable(data, width=width))
+        drawn = [column for column, char in enumerate(capture.get().rstrip("\n")) if char == "█"]
+        assert sparkline_columns(index, count, width) == drawn, (index, count, width)
+
+
+def test_sample_history_is_bounded_and_keeps_the_start() -> None:
+    history = SampleHistory(capacity=100)
+    for i in range(1_000):
+        history.add(i, make_record(i, 1_000))
+    assert len(history) <= 100 and history.first == 0 and history.last == 999
+    assert history.iterations[-40:] == list(range(960, 1_000))  # the recent past stays complete
+    assert history.iterations == sorted(history.iterations)
+    assert history.before(999) == 998 and history.after(998) == 999 and history.after(999) is None
+    assert history.before(0) == 0 and history.before(999, by=10_000) == 0
+    entry = history.get(999)
+    assert entry is not None and entry.ordinal == 999
+
+
+def test_sample_history_after_a_rewind_drops_the_abandoned_future() -> None:
+    history = SampleHistory()
+    for i in range(6):
+        history.add(i, make_record(i, 6))
+    history.add(6, make_record(3, 6))  # a run resumed from the snapshot before iteration 3
+    assert history.iterations == [0, 1, 2, 3] and history[3].ordinal == 6
 
 
 def test_highlight_marks_only_repeated_word_runs() -> None:

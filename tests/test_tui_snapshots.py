@@ -64,6 +64,18 @@ def test_healthy_run_80x24(snap_compare) -> None:
     assert snap_compare(app, terminal_size=(80, 24), run_before=settle(app, clock, 24, 754.0))
 
 
+def test_browsing_a_past_iteration_80x24(snap_compare) -> None:
+    # 40 records of a run sliding into collapse; back to iteration 10, a healthy sample, marked on the charts
+    app, clock = make_app(40, 60)
+    settled = settle(app, clock, 40, 754.0)
+
+    async def run_before(pilot: Pilot) -> None:
+        await settled(pilot)
+        await pilot.press("home", "right_curly_bracket")
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
+
+
 def test_collapsed_run_120x40(snap_compare) -> None:
     script = {59: [Event("collapse", 59, time=0.0, data={"rep4": 0.97})]}
     app, clock = make_app(60, 60, script=script, after="return")

@@ -6,6 +6,11 @@ that only posts messages, so the UI thread never waits on the model. Keys
 steer the run through ``source.controls``, which the engine applies at the
 next iteration boundary and reports back as events; the UI trusts those
 events, not its own key presses, for what has actually happened.
+
+The samples of past iterations are kept (bounded, ``SampleHistory``) so the
+history keys can step back through them while the run goes on; new records
+then update everything but the sample pane, so browsing is never yanked to
+the latest iteration.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from textual.worker import Worker, WorkerState
 from collapse_tui.errors import UserError
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.source import RunSource
+from collapse_tui.tui.history import Entry, SampleHistory
 from collapse_tui.tui.screens import HelpScreen, LrScreen
 from collapse_tui.tui.widgets import LossCharts, RepetitionMeter, SampleView, StatusLine
 
@@ -87,6 +93,8 @@ class AppListener:
 
 #: The keys that steer the run, hidden when the source is read-only.
 STEERING_ACTIONS = frozenset({"pause", "resume", "lr_up", "lr_down", "type_lr", "snapshot"})
+#: The keys that step through past samples; they work on a finished or read-only run too.
+HISTORY_ACTIONS = frozenset({"step", "first", "follow"})
 
 
 class CollapseApp(App[dict[str, Any] | None]):
@@ -107,6 +115,14 @@ class CollapseApp(App[dict[str, Any] | None]):
         Binding("minus", "lr_down", "lr÷2", key_display="-"),
         Binding("l", "type_lr", "Set lr"),
         Binding("s", "snapshot", "Snapshot"),
+        # History: one footer entry for all, to fit 80 columns; ? lists them. home/end are
+        # priority bindings so the focused sample pane's own home/end (scroll) does not take them.
+        Binding("left_square_bracket", "step(-1)", "History", key_display="[ ]"),
+        Binding("right_square_bracket", "step(1)", "Next", show=False),
+        Binding("left_curly_bracket", "step(-10)", "Back 10", show=False),
+        Binding("right_curly_bracket", "step(10)", "Forward 10", show=False),
+        Binding("home", "first", "First", show=False, priority=True),
+        Binding("end", "follow", "Follow", show=False, priority=True),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
     ]
@@ -131,6 +147,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.snapshot_pending = False
         self.iteration: int | None = None
         self.records_seen = 0
+        #: Past iterations' records, for the history keys; ``browsing`` is the one shown, None to follow.
+        self.history = SampleHistory()
+        self.browsing: Entry | None = None
         #: The run's process vanished without a summary (a watcher's FolderSource says so).
         self.process_gone = False
         #: The run's recent events, newest last (the log pane shows the same).
@@ -223,6 +242,7 @@ class CollapseApp(App[dict[str, Any] | None]):
     def on_record_report(self, report: RecordReport) -> None:
         record = report.record
         self._loaded()
+        self.history.add(self.records_seen, record)
         self.records_seen += 1
         self.iteration = record.iteration
         self.applied_lr = record.lr
@@ -233,7 +253,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.query_one(RepetitionMeter).update_metrics(
             record.rep4, record.distinct1, record.unique_tokens, record.compression_ratio
         )
-        self.query_one(SampleView).show(record.iteration, record.text)
+        self._show_sample()
         self._show_status()
 
     def on_event_report(self, report: EventReport) -> None:
@@ -339,6 +359,29 @@ class CollapseApp(App[dict[str, Any] | None]):
             remaining=remaining,
         )
 
+    def _show_sample(self) -> None:
+        """The sample pane and the charts' marker: the latest record, or the one being browsed."""
+        latest = self.history.last
+        if self.browsing is not None:
+            record = self.browsing.record  # kept here: the history may thin it out meanwhile
+            self.query_one(SampleView).show(record.iteration, record.text, latest=latest, rep4=record.rep4)
+        elif latest is not None:
+            record = self.history[latest].record
+            self.query_one(SampleView).show(record.iteration, record.text)
+
+    @property
+    def shown_iteration(self) -> int | None:
+        """The iteration whose sample is on screen: the browsed one, else the latest."""
+        return self.browsing.record.iteration if self.browsing is not None else self.history.last
+
+    def _browse(self, iteration: int | None) -> None:
+        """Show the sample of ``iteration`` and mark it on the charts; None follows the latest again."""
+        entry = None if iteration is None or iteration == self.history.last else self.history.get(iteration)
+        self.browsing = entry  # the latest one is what following shows
+        self.query_one(LossCharts).mark(None if entry is None else entry.ordinal)
+        self._show_sample()
+        self.refresh_bindings()
+
     def _log(self, line: str) -> None:
         self.query_one("#events", RichLog).write(line)
 
@@ -348,6 +391,13 @@ class CollapseApp(App[dict[str, Any] | None]):
         """Hide the pause/resume key that does not apply; grey out what the run cannot take now."""
         if self.read_only and action in STEERING_ACTIONS:
             return False
+        if action in HISTORY_ACTIONS:
+            if self.screen.is_modal:
+                return False  # let a dialog's input have home and end
+            by = parameters[0] if action == "step" and parameters else 0
+            if action == "follow" or (isinstance(by, int) and by > 0):
+                return True if self.browsing is not None else None
+            return True if len(self.history) else None
         live = self.running and not self.quitting and not self.loading
         paused = self.source.controls.paused
         if action == "pause":
@@ -396,6 +446,20 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.snapshot_pending = True
         self.refresh_bindings()
         self.notify("saved after the iteration in flight", title="snapshot requested")
+
+    def action_step(self, by: int) -> None:
+        """Move ``by`` iterations back (negative) or forward through the samples; past the latest, follow."""
+        shown = self.shown_iteration
+        if shown is None:
+            return
+        target = self.history.before(shown, -by) if by < 0 else self.history.after(shown, by)
+        self._browse(target)
+
+    def action_first(self) -> None:
+        self._browse(self.history.first)
+
+    def action_follow(self) -> None:
+        self._browse(None)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import re
+from bisect import bisect_right
 from collections.abc import Iterable
+from fractions import Fraction
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -56,14 +58,20 @@ class Downsampled:
     A run of thousands of iterations must not grow the chart's memory or its
     redraw cost: when full, pairs are merged and each later point stands for
     twice as many iterations. Non-finite values never enter (Sparkline cannot
-    draw NaN); they are counted so the pane can say so.
+    draw NaN); they are counted so the pane can say so. Each point remembers
+    the ordinal of the first value it stands for, so ``point_of`` can tell
+    which point holds a given iteration (for the browsing marker).
     """
 
     def __init__(self, capacity: int = 256) -> None:
         self.capacity = max(2, capacity - capacity % 2)
         self.points: list[float] = []
+        #: The ordinal (among all values added, finite or not) of the first value behind each point.
+        self.starts: list[int] = []
         self.stride = 1
         self._acc: list[float] = []
+        self._acc_start = 0
+        self.added = 0
         self.last: float | None = None
         self.min = math.inf
         self.max = -math.inf
@@ -72,20 +80,26 @@ class Downsampled:
 
     def add(self, value: float) -> None:
         self.last = value
+        ordinal = self.added
+        self.added += 1
         if not math.isfinite(value):
             self.bad += 1
             return
         self.count += 1
         self.min = min(self.min, value)
         self.max = max(self.max, value)
+        if not self._acc:
+            self._acc_start = ordinal
         self._acc.append(value)
         if len(self._acc) < self.stride:
             return
         self.points.append(sum(self._acc) / len(self._acc))
+        self.starts.append(self._acc_start)
         self._acc = []
         if len(self.points) >= self.capacity:
             pairs = zip(self.points[0::2], self.points[1::2], strict=True)
             self.points = [(a + b) / 2 for a, b in pairs]
+            self.starts = self.starts[0::2]
             self.stride *= 2
 
     def data(self) -> list[float]:
@@ -93,6 +107,62 @@ class Downsampled:
         if self._acc:
             return [*self.points, sum(self._acc) / len(self._acc)]
         return list(self.points)
+
+    def point_of(self, ordinal: int) -> int | None:
+        """The index in ``data()`` of the point holding the ``ordinal``-th value added.
+
+        A non-finite value has no point of its own: the point before it stands in.
+        """
+        starts = [*self.starts, self._acc_start] if self._acc else self.starts
+        if not starts:
+            return None
+        return max(bisect_right(starts, ordinal) - 1, 0)
+
+
+def sparkline_columns(index: int, count: int, width: int) -> list[int]:
+    """The columns of a ``width``-cell Sparkline of ``count`` points that draw point ``index``.
+
+    Mirrors the bucketing of ``textual.renderables.sparkline.Sparkline``: with
+    at least as many points as cells, each cell summarises a run of points;
+    with fewer, each point is stretched over one or more cells.
+    """
+    if count <= 0 or width <= 0 or not 0 <= index < count:
+        return []
+    if count == 1:
+        return list(range(width))
+    step = Fraction(count, width)
+    spans = [(int(step * cell), int(step * (cell + 1))) for cell in range(width)]
+    buckets = [(start, end) for start, end in spans if end > start]
+    columns = []
+    position, stride = 0.0, len(buckets) / width  # float steps, as the renderable takes them
+    for column in range(width):
+        start, end = buckets[int(position)]
+        if start <= index < end:
+            columns.append(column)
+        position += stride
+    return columns
+
+
+class ChartMarker(Widget):
+    """A row of ``▲`` under a sparkline, at the columns of the iteration being browsed."""
+
+    DEFAULT_CSS = "ChartMarker { height: 1; width: 1fr; color: $accent; text-style: bold; }"
+
+    def __init__(self, series: Downsampled, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.series = series
+        #: The ordinal of the record shown, or None while following the latest.
+        self.ordinal: int | None = None
+
+    def render(self) -> Text:
+        point = None if self.ordinal is None else self.series.point_of(self.ordinal)
+        if point is None:
+            return Text("")
+        count = len(self.series.data())
+        row = [" "] * self.size.width
+        for column in sparkline_columns(point, count, self.size.width):
+            row[column] = "▲"
+        return Text("".join(row))
 
 
 class SeriesChart(Vertical):
@@ -112,11 +182,22 @@ class SeriesChart(Vertical):
     def compose(self) -> ComposeResult:
         yield Label(self._caption(), classes="series-title")
         yield Sparkline([], summary_function=max)
+        marker = ChartMarker(self.series)
+        marker.display = False  # only while browsing: following, the shown iteration is the last column
+        yield marker
 
     def add(self, value: float) -> None:
         self.series.add(value)
         self.query_one(Label).update(self._caption())
         self.query_one(Sparkline).data = self.series.data()
+        self.query_one(ChartMarker).refresh()  # a merge of points may move the marked column
+
+    def mark(self, ordinal: int | None) -> None:
+        """Mark the point of the ``ordinal``-th record under the sparkline; None removes the mark."""
+        marker = self.query_one(ChartMarker)
+        marker.ordinal = ordinal
+        marker.display = ordinal is not None
+        marker.refresh()
 
     def _caption(self) -> Text:
         series = self.series
@@ -145,6 +226,11 @@ class LossCharts(VerticalScroll):
         for index, name in enumerate(self.names):
             value = gen_loss if index == 0 else valid.get(name, math.nan)
             self.query_one(f"#series-{index}", SeriesChart).add(value)
+
+    def mark(self, ordinal: int | None) -> None:
+        """Mark the ``ordinal``-th record (counting from the first one added) on every chart."""
+        for chart in self.query(SeriesChart):
+            chart.mark(ordinal)
 
 
 #: The states a run's meter can show, and the style of each.
@@ -251,14 +337,35 @@ def highlight_repeats(text: str, n: int = 4) -> Text:
 
 
 class SampleView(VerticalScroll):
-    """The latest generated sample, scrollable by keyboard, loops highlighted."""
+    """A generated sample, scrollable by keyboard, loops highlighted: the latest, or a past one."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.shown: tuple[int, str] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("(no sample yet)", id="sample-text")
 
-    def show(self, iteration: int, text: str) -> None:
-        self.border_title = f"sample · iteration {iteration}"
-        self.query_one("#sample-text", Static).update(highlight_repeats(text))
+    def show(
+        self, iteration: int, text: str, *, latest: int | None = None, rep4: float | None = None
+    ) -> None:
+        """Show iteration ``iteration``; with ``latest``, it is a past one, browsed while the run goes on.
+
+        The text is redrawn only when it changes, so new records arriving while
+        browsing (which retitle the pane) do not reset its scroll position.
+        """
+        if latest is None:
+            self.border_title = f"sample · iteration {iteration}"
+            self.border_subtitle = ""
+        else:
+            # "sample ·" gives way to "browsing": at 80 columns the pane's border holds ~34 characters.
+            self.border_title = f"iteration {iteration} of {latest} · browsing"
+            self.border_subtitle = f"rep4 {fmt_num(rep4, 2)} · end follows"
+        if self.shown != (iteration, text):
+            self.shown = (iteration, text)
+            self.query_one("#sample-text", Static).update(highlight_repeats(text))
+            if latest is not None:
+                self.scroll_home(animate=False)  # another iteration's text: read it from its start
 
 
 class StatusLine(Widget):
