@@ -151,3 +151,24 @@ def test_fused_helpers_fall_back_to_torch() -> None:
     x, weight = torch.randn(3, 64, generator=gen), torch.randn(32, 64, generator=gen)
     expected = torch.nn.functional.gelu(x @ weight.T + bias[:32], approximate="tanh")
     assert torch.allclose(linear_gelu(x, weight, bias[:32], fused=False), expected, atol=1e-5)
+
+
+def test_chunks_cover_the_tokens_largest_first() -> None:
+    """Graph replays: the largest captured chunk while it fits, then smaller ones, summing exactly."""
+    fast = fast_cpu(tiny_model(), 16)
+    decoder = fast._decoder(kv=False, total=200)
+    assert list(decoder._chunks(5)) == [1] * 5  # no graphs on the CPU: one step at a time
+    decoder.graphs = {size: None for size in (1, 2, 4, 8)}  # type: ignore[misc]
+    assert list(decoder._chunks(27)) == [8, 8, 8, 2, 1]
+    assert list(decoder._chunks(3)) == [2, 1]
+
+
+def test_add_layernorm_sums_split_k_partials() -> None:
+    gen = torch.Generator().manual_seed(9)
+    h = torch.randn(5, 64, generator=gen)
+    partials = torch.randn(4, 5, 64, generator=gen)
+    w, b = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    expected_h = h + partials.sum(0)
+    out = add_layernorm(h, partials, None, w, b, 1e-5, torch.float32, use_triton=True)
+    assert torch.allclose(h, expected_h, atol=1e-6)
+    assert torch.allclose(out, torch.nn.functional.layer_norm(expected_h, (64,), w, b, 1e-5), atol=1e-5)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from collapse_tui.fast import FastGPT2Inference, fast_inference_for
+from collapse_tui.fast import FastGPT2Inference, fast_inference_for, skinny
 from collapse_tui.inference import EagerInference, sequence_windows
 from collapse_tui.sampling import filter_logits, sample_next
 
@@ -56,6 +56,41 @@ def test_bf16_logits_match_fp32_eager() -> None:
     err = rel_err(logits, reference)
     assert 0 < err < 2e-2, err
     assert fast.weights.use_triton and fast.weights.fused_gelu, fast.description
+
+
+def test_window_logits_through_triton_products_match_fp32_eager() -> None:
+    """One generation window (≤ 128 rows): the Triton products and split-K partial sums."""
+    model = gpt2_model()
+    fast = fast_for(model, 100)
+    assert fast.weights.use_skinny, fast.description
+    tokens = torch.randint(0, VOCAB, (1, 100), device="cuda")
+    with torch.no_grad():
+        reference = model(tokens).logits
+        logits = fast.weights.logits(fast.weights.hidden(tokens))
+    err = rel_err(logits, reference)
+    assert 0 < err < 2e-2, err
+
+
+@pytest.mark.parametrize("rows", [1, 7, 100, 128])
+@pytest.mark.parametrize("kind", ["bias", "gelu", "partial", "plain"])
+def test_skinny_linear_matches_an_fp32_product(rows: int, kind: str) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    n, k = (1000, 4096) if kind == "partial" else (2304, 768)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5
+    bias = (
+        torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
+        if kind in ("bias", "gelu")
+        else None
+    )
+    assert skinny.usable(x, w)
+    out = skinny.skinny_linear(x, w, bias, gelu=kind == "gelu", partial=kind == "partial")
+    out = out.float().sum(0) if out.dim() == 3 else out.float()
+    reference = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    if kind == "gelu":
+        reference = F.gelu(reference, approximate="tanh")
+    assert out.shape == (rows, n)
+    assert rel_err(out, reference) < 1e-2
 
 
 def test_bf16_evaluation_matches_fp32_eager() -> None:

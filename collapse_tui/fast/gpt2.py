@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from collapse_tui.fast import skinny
 from collapse_tui.fast.kernels import add_layernorm, fused_gelu_is_tanh, linear_gelu, triton_available
 
 #: ``config.activation_function`` values that mean GELU with the tanh approximation.
@@ -123,6 +124,10 @@ class GPT2Weights:
         self.n_embd = self.wte.size(1)
         self.use_triton = self.wte.is_cuda and triton_available()
         self.fused_gelu = self.wte.is_cuda and fused_gelu_is_tanh(self.wte.device)
+        #: Triton products for windows of at most ``skinny.MAX_ROWS`` rows (generation steps)
+        self.use_skinny = self.use_triton and skinny.available()
+        #: ... and for ``lm_head`` too (a few rows against the whole vocabulary)
+        self.skinny_lm_head = self.use_skinny
         self._versions: list[int] = []
         self.dirty = True
         self.refresh()
@@ -178,9 +183,32 @@ class GPT2Weights:
         """fp32 residual stream ``wte[tokens] + wpe[positions]``."""
         return F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
 
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        gelu: bool = False,
+        partial: bool = False,
+    ) -> torch.Tensor:
+        """``x @ weight.T (+ bias)``, tanh-GELU'd when ``gelu``.
+
+        With ``partial`` the result may come as split-K partial sums
+        ``[splits, ..., N]``, which only ``add_ln`` takes: for the products
+        that feed the residual stream. Those, with few rows, go to the Triton
+        split-K product; the rest to cuBLAS, which measured faster for them
+        (benchmarks/bench_gemm.py).
+        """
+        if partial and self.use_skinny and skinny.usable(x, weight):
+            return skinny.skinny_linear(x, weight, bias, gelu=gelu, partial=partial)
+        if gelu:
+            return linear_gelu(x, weight, bias, self.fused_gelu)  # type: ignore[arg-type]
+        return F.linear(x, weight, bias)
+
     def mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         """The MLP without its output bias (``add_ln`` adds it with the residual)."""
-        return F.linear(linear_gelu(x, layer.fc_w, layer.fc_b, self.fused_gelu), layer.out_w)
+        return self.linear(self.linear(x, layer.fc_w, layer.fc_b, gelu=True), layer.out_w, partial=True)
 
     def hidden(self, tokens: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``ln_f`` of the last hidden states for ``tokens`` [B, T] at positions 0..T-1, causal.
@@ -197,17 +225,19 @@ class GPT2Weights:
         heads, dim = self.n_head, self.n_embd // self.n_head
         for i, layer in enumerate(self.layers):
             x = self.add_ln(h, y, bias, layer.ln1_w, layer.ln1_b)
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(batch, length, 3, heads, dim)
+            qkv = self.linear(x, layer.qkv_w, layer.qkv_b).view(batch, length, 3, heads, dim)
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
             if cache is not None:
                 cache[i][:, :, :length] = torch.stack((k[0], v[0]))
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            y = F.linear(a.transpose(1, 2).reshape(batch, length, self.n_embd), layer.proj_w)
+            y = self.linear(a.transpose(1, 2).reshape(batch, length, self.n_embd), layer.proj_w, partial=True)
             x = self.add_ln(h, y, layer.proj_b, layer.ln2_w, layer.ln2_b)
             y, bias = self.mlp(x, layer), layer.out_b
         return self.add_ln(h, y, bias, self.lnf_w, self.lnf_b)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.skinny_lm_head and skinny.usable(x, self.lm_head):
+            return skinny.skinny_linear(x, self.lm_head)
         return F.linear(x, self.lm_head)
 
     def new_kv_cache(self, length: int) -> list[torch.Tensor]:
@@ -233,10 +263,10 @@ class GPT2Weights:
         bias: torch.Tensor | None = None
         for layer, kv in zip(self.layers, cache, strict=True):
             x = self.add_ln(h, y, bias, layer.ln1_w, layer.ln1_b)
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(3, heads, 1, dim)
+            qkv = self.linear(x, layer.qkv_w, layer.qkv_b).view(3, heads, 1, dim)
             kv.index_copy_(2, position, qkv[1:])
             a = F.scaled_dot_product_attention(qkv[0:1], kv[0:1], kv[1:2], attn_mask=mask)
-            y = F.linear(a.reshape(1, 1, self.n_embd), layer.proj_w)
+            y = self.linear(a.reshape(1, 1, self.n_embd), layer.proj_w, partial=True)
             x = self.add_ln(h, y, layer.proj_b, layer.ln2_w, layer.ln2_b)
             y, bias = self.mlp(x, layer), layer.out_b
         return self.logits(self.add_ln(h, y, bias, self.lnf_w, self.lnf_b).view(1, self.n_embd))

@@ -35,7 +35,7 @@ def _add_layernorm_torch(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     if y is not None:
-        h.add_(y)
+        h.add_(y.sum(0) if y.dim() > h.dim() else y)
         if bias is not None:
             h.add_(bias)
     return F.layer_norm(h, (h.size(-1),), weight, shift, eps).to(out_dtype)
@@ -51,15 +51,17 @@ def _triton_add_layernorm() -> Callable[..., torch.Tensor] | None:
         return None
 
     @triton.jit
-    def kernel(h_ptr, y_ptr, bias_ptr, w_ptr, b_ptr, out_ptr, n_cols, eps,
-               HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    def kernel(h_ptr, y_ptr, bias_ptr, w_ptr, b_ptr, out_ptr, n_cols, split_stride, eps,
+               HAS_Y: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK: tl.constexpr):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         offsets = row * n_cols + cols
         h = tl.load(h_ptr + offsets, mask=mask, other=0.0)
         if HAS_Y:
-            h += tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            for split in tl.static_range(SPLITS):  # split-K partial sums, in a fixed order
+                h += tl.load(y_ptr + split * split_stride + offsets, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 h += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(h_ptr + offsets, h, mask=mask)
@@ -82,9 +84,10 @@ def _triton_add_layernorm() -> Callable[..., torch.Tensor] | None:
         n_cols = h.size(-1)
         out = torch.empty(h.shape, dtype=out_dtype, device=h.device)
         block = triton.next_power_of_2(n_cols)
+        splits = 1 if y is None or y.dim() == h.dim() else y.size(0)
         kernel[(h.numel() // n_cols,)](
-            h, h if y is None else y, weight if bias is None else bias, weight, shift, out, n_cols, eps,
-            HAS_Y=y is not None, HAS_BIAS=bias is not None, BLOCK=block,
+            h, h if y is None else y, weight if bias is None else bias, weight, shift, out, n_cols,
+            h.numel(), eps, HAS_Y=y is not None, SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block,
             num_warps=4 if block <= 1024 else 8,
         )  # fmt: skip
         return out
@@ -105,7 +108,9 @@ def add_layernorm(
     """``h += y + bias`` in place (when ``y`` is given), then ``layer_norm(h)`` in ``out_dtype``.
 
     ``h`` is the fp32 residual stream, contiguous; ``y`` the output of the last
-    matrix product (any float dtype, same shape); ``bias`` that product's bias.
+    matrix product (any float dtype, same shape, contiguous), or its split-K
+    partial sums ``[splits, *h.shape]`` (``skinny.skinny_linear``); ``bias``
+    that product's bias.
     """
     if use_triton and h.is_cuda:
         fused = _triton_add_layernorm()
