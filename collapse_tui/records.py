@@ -109,4 +109,6 @@ class Event:
             "process_gone": lambda: f"the run's process is gone ({self.data.get('message', 'no summary')})",
         }
         text = details[self.event]() if self.event in details else self.event
-        return f"it {self.iteration}: {text}"
+        # A collapse is found after the iteration that completes it: name that iteration.
+        iteration = self.data.get("at", self.iteration) if self.event == "collapse" else self.iteration
+        return f"it {iteration}: {text}"
