@@ -151,13 +151,13 @@ class Engine:
         self.sampler.manual_seed(config.seed)
         self.optimizer = build_optimizer(self.model, config.lr, self.device)
         self.inference = make_inference(self.model, config, self.device, self.autocast_dtype)
+        self.info.extra["dtype"] = str(self.autocast_dtype or torch.float32).replace("torch.", "")
+        self.info.extra["inference"] = type(self.inference).__name__
         self.writer = RunWriter(self.run_dir, resuming=self.resume_dir is not None)
         if self.resume_dir is not None:
             self._restore(self.resume_dir)
         else:
             self.writer.write_config(self._config_record())
-        self.info.extra["dtype"] = str(self.autocast_dtype or torch.float32).replace("torch.", "")
-        self.info.extra["inference"] = type(self.inference).__name__
         status("ready", 1.0)
 
     def _encode_prompt(self, prompt: str) -> list[int]:
@@ -184,7 +184,7 @@ class Engine:
             "run_dir": str(self.run_dir),
             "device_name": device_name or platform.machine(),
             "resolved_device": str(self.device),
-            "autocast_dtype": self.info.extra.get("dtype") or str(self.autocast_dtype),
+            "autocast_dtype": self.info.extra["dtype"],
             "inference": type(self.inference).__name__,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "prompt_ids": self.prompt_ids,
