@@ -123,16 +123,18 @@ def _lr(run: RunFolder) -> str:
 def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
     """One row per run: model, lr, iterations, collapse, first and last validation loss, status."""
     names = {run.eval_names[0] for run in runs if run.eval_names}
-    valid = f"valid ({names.pop()})" if len(names) == 1 else "valid (first set)"
-    table = Table(title=title, caption="running? = its process is not on this machine, or not recorded")
-    table.add_column("run", overflow="fold")
-    table.add_column("model", overflow="fold")
-    table.add_column("lr", justify="right")
-    table.add_column("iterations", justify="right")
-    table.add_column("collapsed at", justify="right")
-    table.add_column(f"{valid} first", justify="right")
-    table.add_column(f"{valid} last", justify="right")
-    table.add_column("status")
+    valid = (
+        f"valid = {names.pop()} loss"
+        if len(names) == 1
+        else "valid = loss on each run's first evaluation set"
+    )
+    caption = f"{valid}; running? = its process is not on this machine, or not recorded"
+    table = Table(title=title, caption=caption)
+    table.add_column("run", overflow="fold", min_width=12)
+    table.add_column("model", overflow="fold", min_width=8)
+    for header in ("lr", "iters", "collapsed", "valid first", "valid last"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
     for run in runs:
         records = run.records
         first_set = run.eval_names[0] if run.eval_names else None
