@@ -130,8 +130,8 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
     )
     caption = f"{valid}; running? = its process is not on this machine, or not recorded"
     table = Table(title=title, caption=caption)
-    table.add_column("run", overflow="fold", min_width=10)
-    table.add_column("model", overflow="fold", min_width=8)
+    table.add_column("run", overflow="fold", min_width=8)
+    table.add_column("model", overflow="fold", min_width=6)
     table.add_column("lr", justify="right", overflow="fold")
     for header in ("iters", "collapse", "first", "last"):
         table.add_column(header, justify="right", no_wrap=True)
