@@ -124,9 +124,9 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
     """One row per run: model, lr, iterations, collapse, first and last validation loss, status."""
     names = {run.eval_names[0] for run in runs if run.eval_names}
     valid = (
-        f"valid = {names.pop()} loss"
+        f"first, last = validation loss on {names.pop()}"
         if len(names) == 1
-        else "valid = loss on each run's first evaluation set"
+        else "first, last = validation loss on each run's first evaluation set"
     )
     caption = f"{valid}; running? = its process is not on this machine, or not recorded"
     table = Table(title=title, caption=caption)
