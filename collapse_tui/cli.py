@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from collapse_tui.config import RunConfig, resolve_config
+from collapse_tui.config import RunConfig, parse_eval_tokens, resolve_config, validate
 from collapse_tui.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -132,11 +132,32 @@ def build_config(options: dict[str, Any]) -> RunConfig:
     resume = options.get("resume")
     if resume:
         base = _run_config_of_snapshot(Path(resume))
-        given = {k: v for k, v in options.items() if v is not None and v != []}
-        merged = {**base.to_dict(), **given, "resume": resume, "preset": None}
-        merged["out"] = None
-        return resolve_config(merged)
+        given = {k: v for k, v in options.items() if v is not None and v != [] and k != "resume"}
+        if "eval_tokens" in given:
+            given["eval_tokens"] = parse_eval_tokens(given["eval_tokens"])
+        for key, value in given.items():
+            if key not in RESUME_MAY_CHANGE and value != getattr(base, key, value):
+                flag = "--" + ("eval" if key == "evals" else key.replace("_", "-"))
+                raise UserError(
+                    f"{flag} cannot change when resuming (the run used {getattr(base, key)!r}); "
+                    "start a new run instead"
+                )
+        # lr is applied by the engine after the snapshot's own lr is restored (see resume_lr).
+        config = RunConfig.from_dict({**base.to_dict(), **given, "lr": base.lr, "resume": resume})
+        validate(config)
+        return config
     return resolve_config(options)
+
+
+#: What a resumed run may do differently from its start; everything else would change what it computes.
+RESUME_MAY_CHANGE = {
+    "max_iters", "lr", "device", "dtype", "keep_going", "collapse_threshold", "collapse_patience",
+}  # fmt: skip
+
+
+def resume_lr(options: dict[str, Any]) -> float | None:
+    """A learning rate given together with --resume: it overrides the snapshot's."""
+    return options.get("lr") if options.get("resume") else None
 
 
 def _run_config_of_snapshot(snapshot: Path) -> RunConfig:
@@ -164,7 +185,7 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
     from collapse_tui.follow import serving_watchers
     from collapse_tui.tui.app import run_app  # imported here: the headless path never loads textual
 
-    engine = Engine(config)
+    engine = Engine(config, resume_lr=resume_lr(options))
     with serving_watchers(engine.run_dir, engine.controls):
         summary = run_app(engine)
     raise typer.Exit(_exit_code(summary))
@@ -180,7 +201,7 @@ def headless_command(ctx: typer.Context, **options: Any) -> None:
     config = build_config(merged)
     from collapse_tui.headless import run_headless
 
-    raise typer.Exit(run_headless(config))
+    raise typer.Exit(run_headless(config, resume_lr=resume_lr(merged)))
 
 
 @app.command("watch")

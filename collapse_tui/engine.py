@@ -16,6 +16,7 @@ recorded as an event.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -32,6 +33,7 @@ from collapse_tui.config import RunConfig, default_run_dir
 from collapse_tui.controls import RunControls
 from collapse_tui.data import EvalSet, check_eval_specs, eval_set_name, load_eval_set
 from collapse_tui.errors import RunInterrupted, UserError
+from collapse_tui.follow import is_alive
 from collapse_tui.inference import EagerInference, Inference, autocast_context, sequence_windows
 from collapse_tui.metrics import CollapseDetector, repetition_metrics
 from collapse_tui.modeling import load_model, out_of_memory_error, resolve_autocast, resolve_device
@@ -83,7 +85,8 @@ def make_inference(
 class Engine:
     """One self-training run. Construct cheaply, then call ``run`` (blocking) in a worker thread."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, *, resume_lr: float | None = None) -> None:
+        """``resume_lr``: a learning rate given with ``--resume``, applied from the first resumed iteration."""
         self.config = config
         self.controls = RunControls()
         self.device = resolve_device(config.device)
@@ -93,6 +96,10 @@ class Engine:
             self.resume_dir: Path | None = Path(config.resume)
             self.run_dir = self.resume_dir.parent.parent
             _check_snapshot(self.resume_dir)
+            if is_alive(self.run_dir):
+                raise UserError(
+                    f"--resume: the run in {self.run_dir} is still being written by another process"
+                )
         else:
             self.resume_dir = None
             self.run_dir = Path(config.out) if config.out else default_run_dir(config)
@@ -122,6 +129,8 @@ class Engine:
         self.writer: RunWriter | None = None
         self.listener: EngineListener = NullListener()
         self.started = time.time()
+        if resume_lr is not None:
+            self.controls.set_lr(resume_lr)
 
     # -- loading -------------------------------------------------------------------
 
@@ -163,7 +172,8 @@ class Engine:
     def _encode_prompt(self, prompt: str) -> list[int]:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         if not ids:  # an empty prompt starts from the end-of-text token, as GPT-2 was trained
-            token = self.tokenizer.bos_token_id or self.tokenizer.eos_token_id
+            token = self.tokenizer.bos_token_id
+            token = self.tokenizer.eos_token_id if token is None else token
             if token is None:
                 raise UserError("--prompt is empty and the tokenizer has no begin/end token to start from")
             ids = [token]
@@ -315,8 +325,9 @@ class Engine:
                     Event("collapse", self.iteration, data={"rep4": record.rep4, "at": record.iteration})
                 )
                 if not self.config.keep_going:
+                    self._apply_pending()  # a snapshot asked for during the last iteration still happens
                     return "collapsed", "collapsed"
-        self._apply_commands()  # a snapshot asked for during the last iteration still happens
+        self._apply_pending()  # likewise; but a pause pressed now must not keep a finished run waiting
         return ("collapsed" if self.collapsed_at is not None else "finished"), "max_iters"
 
     def _apply_commands(self) -> None:
@@ -328,7 +339,8 @@ class Engine:
         while self.controls.paused and not self.controls.stop_requested:
             self.controls.wait(PAUSE_POLL_SECONDS)
             self._apply_pending()
-        self._emit(Event("resume", self.iteration))
+        if not self.controls.stop_requested:
+            self._emit(Event("resume", self.iteration))
 
     def _apply_pending(self) -> None:
         pending = self.controls.take_pending()
@@ -348,10 +360,12 @@ class Engine:
         self.writer.write_record(record)
         self.listener.on_record(record)
 
-    def _emit(self, event: Event) -> None:
+    def _emit(self, event: Event, *, notify: bool = True) -> None:
+        """Write the event (files first: a listener that fails must not cost the record), then tell."""
         if self.writer is not None:
             self.writer.write_event(event)
-        self.listener.on_event(event)
+        if notify:
+            self.listener.on_event(event)
 
     # -- snapshots and resume ------------------------------------------------------------
 
@@ -404,11 +418,15 @@ class Engine:
     # -- the end -------------------------------------------------------------------------
 
     def _finish(self, status: str, reason: str) -> dict[str, Any]:
+        """Complete the run folder, then tell the listener (which may be a dead terminal by now)."""
         summary = self.summary(status, reason)
+        stop = Event("stop", self.iteration, data={"reason": reason, "status": status})
         if self.writer is not None:
-            self._emit(Event("stop", self.iteration, data={"reason": reason, "status": status}))
+            self._emit(stop, notify=False)
             self.writer.write_summary(summary)
             self.writer.close()
+            with contextlib.suppress(Exception):  # the files are complete; nothing more to lose
+                self.listener.on_event(stop)
         return summary
 
     def summary(self, status: str, reason: str) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 On a terminal, a rich progress bar (iteration, it/s, ETA, last losses, rep4);
 otherwise (a log file, nohup, CI) one plain line per iteration. Ctrl-C, a
-SIGTERM or a hang-up stop the run after the iteration in flight (a generation
-is cut short), write the summary and a stop event, and exit 130. This module
+SIGTERM or a hang-up (unless nohup ignores it) stop the run at the next safe
+point (a generation in progress is cut short and its iteration discarded),
+write the summary and a stop event, and exit 130. This module
 must never import textual.
 """
 
@@ -135,9 +136,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
-def run_headless(config: RunConfig) -> int:
+def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
     """Run to the end in this thread; return the process exit code."""
-    engine = Engine(config)
+    engine = Engine(config, resume_lr=resume_lr)
     console = Console(stderr=False)
     reporter: PlainReporter = (
         ProgressReporter(engine, console) if console.is_terminal else PlainReporter(engine)
@@ -152,7 +153,8 @@ def run_headless(config: RunConfig) -> int:
         engine.controls.stop()
 
     for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if signum is not None:
+        # Under nohup SIGHUP is ignored on purpose: the run must outlive the SSH session.
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, stop)
     try:
         with serving_watchers(engine.run_dir, engine.controls):

@@ -98,9 +98,10 @@ def load_model(model_id: str, device: torch.device) -> LoadedModel:
     except Exception as error:
         raise UserError(f"cannot load the tokenizer of {model_id!r}: {str(error).splitlines()[0]}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
-    except TypeError:  # transformers < 4.56 spells it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(model_id, torch_dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
+        except TypeError:  # transformers < 4.56 spells it torch_dtype
+            model = AutoModelForCausalLM.from_pretrained(model_id, torch_dtype=torch.float32)
     except Exception as error:
         raise _explain_load_error(model_id, error) from None
     try:
@@ -131,7 +132,11 @@ def out_of_memory_error(model_id: str, device: torch.device) -> UserError:
     """Say that the GPU is too small and which GPT-2 size would fit."""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        fitting = [name for name, params in GPT2_SIZES if params * BYTES_PER_PARAMETER < total]
+        sizes = [name for name, _ in GPT2_SIZES]
+        smaller = sizes[: sizes.index(model_id)] if model_id in sizes else sizes
+        fitting = [
+            name for name, params in GPT2_SIZES if name in smaller and params * BYTES_PER_PARAMETER < total
+        ]
         hint = f"; on this {total / 2**30:.0f} GiB GPU try --model {fitting[-1]}" if fitting else ""
     else:
         hint = ""

@@ -179,6 +179,12 @@ class RunWriter:
         except OSError as error:
             raise UserError(f"cannot create run folder {self.root}: {error.strerror}") from None
         self._lock = threading.Lock()
+        if resuming:  # a process killed mid-line left a fragment: end it, so the next line parses
+            for name in (METRICS, EVENTS):
+                path = self.root / name
+                if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+                    with open(path, "a", encoding="utf-8") as handle:
+                        handle.write("\n")
         # Kept open for the run's life (closed in ``close``): one line per iteration, flushed.
         self._metrics: IO[str] = open(self.root / METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._events: IO[str] = open(self.root / EVENTS, "a", encoding="utf-8")  # noqa: SIM115

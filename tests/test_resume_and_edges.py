@@ -1,0 +1,103 @@
+"""Resume rules and the edges of a run: the end, a collapse, a dead listener, a torn line."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from test_engine import Collector, RepeatingInference
+
+from collapse_tui.cli import build_config, resume_lr
+from collapse_tui.config import RunConfig
+from collapse_tui.engine import Engine
+from collapse_tui.errors import UserError
+from collapse_tui.runfolder import read_run
+
+
+def stopped_run_with_snapshot(config: RunConfig, tmp_path: Path) -> Path:
+    """Run two iterations with a snapshot at the end; return the snapshot folder."""
+    config.out = str(tmp_path / "run")
+    config.max_iters = 2
+    engine = Engine(config)
+    engine.run(Collector(lambda r: engine.controls.request_snapshot() if r.iteration == 1 else None))
+    return tmp_path / "run" / "snapshots" / "iter-2"
+
+
+def test_an_lr_given_with_resume_applies_from_the_first_resumed_iteration(tiny_config, tmp_path):
+    snapshot = stopped_run_with_snapshot(tiny_config, tmp_path)
+    options = {"resume": snapshot, "max_iters": 4, "lr": 5e-3}
+    config = build_config(options)
+    listener = Collector()
+    Engine(config, resume_lr=resume_lr(options)).run(listener)
+    assert [(r.iteration, r.lr) for r in listener.records] == [(2, 5e-3), (3, 5e-3)]
+    lr_events = [e for e in listener.events if e.event == "lr"]
+    assert [(e.iteration, e.data["old_lr"], e.data["lr"]) for e in lr_events] == [(2, 1e-3, 5e-3)]
+
+
+def test_resume_keeps_the_runs_own_settings_and_refuses_to_change_what_it_computes(tiny_config, tmp_path):
+    tiny_config.eval_tokens = None  # --eval-tokens all
+    snapshot = stopped_run_with_snapshot(tiny_config, tmp_path)
+    config = build_config({"resume": snapshot, "max_iters": 5})
+    assert config.eval_tokens is None
+    assert config.block == tiny_config.block and config.max_iters == 5
+    with pytest.raises(UserError, match="--block cannot change"):
+        build_config({"resume": snapshot, "block": 8})
+    with pytest.raises(UserError, match="--seed cannot change"):
+        build_config({"resume": snapshot, "seed": 99})
+
+
+def test_a_run_still_being_written_cannot_be_resumed(tiny_config, tmp_path):
+    snapshot = stopped_run_with_snapshot(tiny_config, tmp_path)
+    (tmp_path / "run" / "process.json").write_text(
+        json.dumps({"pid": os.getpid(), "hostname": os.uname().nodename, "state": "running"})
+    )
+    with pytest.raises(UserError, match="still being written"):
+        Engine(build_config({"resume": snapshot, "max_iters": 4}))
+
+
+def test_a_torn_last_line_does_not_swallow_the_first_resumed_record(tiny_config, tmp_path):
+    snapshot = stopped_run_with_snapshot(tiny_config, tmp_path)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as handle:
+        handle.write('{"iteration": 2, "gen_lo')  # a process killed mid-line
+    Engine(build_config({"resume": snapshot, "max_iters": 3})).run()
+    assert [r.iteration for r in read_run(tmp_path / "run").records] == [0, 1, 2]
+
+
+def test_a_pause_pressed_during_the_last_iteration_does_not_keep_the_run_from_ending(tiny_config):
+    tiny_config.max_iters = 2
+    engine = Engine(tiny_config)
+    listener = Collector(lambda r: engine.controls.pause() if r.iteration == 1 else None)
+    thread = threading.Thread(target=engine.run, args=(listener,))
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert read_run(Path(tiny_config.out)).summary["status"] == "finished"
+
+
+def test_a_snapshot_asked_for_in_the_collapsing_iteration_is_still_taken(tiny_config):
+    tiny_config.max_iters = 6
+    tiny_config.gen_tokens = 100
+    engine = Engine(tiny_config)
+    engine.load()
+    engine.inference = RepeatingInference(engine.model, tiny_config.block, 1.0, 50)
+    engine.run(Collector(lambda r: engine.controls.request_snapshot() if r.iteration == 2 else None))
+    assert (Path(tiny_config.out) / "snapshots" / "iter-3" / "state.json").exists()
+
+
+class DeadTerminal(Collector):
+    """A listener whose output has gone away (an SSH hang-up under a progress bar)."""
+
+    def on_event(self, event):
+        if event.event == "stop":
+            raise OSError(5, "Input/output error")
+        super().on_event(event)
+
+
+def test_a_listener_that_fails_at_the_end_does_not_cost_the_summary(tiny_config):
+    summary = Engine(tiny_config).run(DeadTerminal())
+    run = read_run(Path(tiny_config.out))
+    assert run.summary == json.loads(json.dumps(summary))
+    assert run.events[-1].event == "stop"
