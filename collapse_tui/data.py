@@ -61,7 +61,15 @@ def _load_hub_text(spec: str) -> str:
     try:
         import datasets
 
-        split = datasets.load_dataset(dataset_id, config, split="validation")
+        try:
+            split = datasets.load_dataset(dataset_id, config, split="validation")
+        except RuntimeError as error:
+            if "scripts are no longer supported" not in str(error):
+                raise
+            # A script-based hub set (ptb_text_only): datasets >= 4 reads the hub's Parquet conversion.
+            split = datasets.load_dataset(
+                dataset_id, config, split="validation", revision="refs/convert/parquet"
+            )
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
