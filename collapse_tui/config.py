@@ -36,6 +36,18 @@ PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER_PRESET}
 
 DTYPES = ("auto", "float32", "bfloat16")
 
+#: --eval name → (hub dataset, config, text column, joiner between rows).
+HUB_SETS: dict[str, tuple[str, str | None, str, str]] = {
+    "wikitext-2": ("wikitext", "wikitext-2-raw-v1", "text", ""),
+    "wikitext-2-v1": ("wikitext", "wikitext-2-v1", "text", ""),
+    "ptb": ("ptb_text_only", None, "sentence", "\n"),
+}
+
+
+def eval_set_name(spec: str) -> str:
+    """A hub set is named by its ``--eval`` value, a file by its stem."""
+    return spec if spec in HUB_SETS else Path(spec).stem
+
 
 @dataclass
 class RunConfig:

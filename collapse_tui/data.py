@@ -13,14 +13,8 @@ from pathlib import Path
 
 import torch
 
+from collapse_tui.config import HUB_SETS, eval_set_name
 from collapse_tui.errors import UserError
-
-#: --eval name → (hub dataset, config, text column, joiner between rows).
-HUB_SETS: dict[str, tuple[str, str | None, str, str]] = {
-    "wikitext-2": ("wikitext", "wikitext-2-raw-v1", "text", ""),
-    "wikitext-2-v1": ("wikitext", "wikitext-2-v1", "text", ""),
-    "ptb": ("ptb_text_only", None, "sentence", "\n"),
-}
 
 
 @dataclass
@@ -30,11 +24,6 @@ class EvalSet:
     windows: torch.Tensor
     #: Tokens in the whole split, for the record.
     split_tokens: int
-
-
-def eval_set_name(spec: str) -> str:
-    """A hub set is named by its ``--eval`` value, a file by its stem."""
-    return spec if spec in HUB_SETS else Path(spec).stem
 
 
 def load_eval_text(spec: str) -> str:

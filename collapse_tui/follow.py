@@ -421,8 +421,6 @@ class FolderSource:
         if not read_only and not os.access(self.run_dir, os.W_OK):
             raise UserError(f"cannot steer {self.run_dir}: no permission to write there; add --read-only")
         self.poll_s = poll_s
-        #: True while ``run`` replays the history (events that already happened, e.g. old snapshots).
-        self.replaying = False
         self.controls = FolderControls(self.run_dir, read_only=read_only)
         self.info = run_info(self.folder, read_only=read_only)
 
@@ -434,11 +432,7 @@ class FolderSource:
         listener.on_status(f"reading {self.run_dir}", None)
         metrics, events = JsonlTail(self.run_dir / METRICS), JsonlTail(self.run_dir / EVENTS)
         self.folder.records, self.folder.events = [], []
-        self.replaying = True
-        try:
-            self._forward(listener, metrics, events)  # the whole history
-        finally:
-            self.replaying = False
+        self._forward(listener, metrics, events)  # the whole history
         while True:
             alive = is_alive(self.run_dir)  # before the last look: a clean end leaves its summary first
             self._forward(listener, metrics, events)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from collapse_tui.config import eval_set_name
 from collapse_tui.errors import UserError
 from collapse_tui.records import Event, IterationRecord
 
@@ -296,9 +297,7 @@ class RunFolder:
             return names
         if isinstance(self.config.get("eval_sets"), dict):
             return [str(name) for name in self.config["eval_sets"]]
-        specs = self.config.get("evals") or []
-        # A hub set is named by its value, a file by its stem (as data.eval_set_name, without torch).
-        return [Path(s).stem if ("/" in s or "." in s) else s for s in map(str, specs)]
+        return [eval_set_name(str(spec)) for spec in self.config.get("evals") or []]
 
     def snapshots(self) -> Iterator[Path]:
         base = self.root / SNAPSHOTS

@@ -18,7 +18,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Label, Sparkline, Static
 
-from collapse_tui.metrics import repeated_ngram_mask
+from collapse_tui.metrics import CollapseDetector, repeated_ngram_mask
 
 
 def fmt_num(value: float | None, digits: int = 3) -> str:
@@ -260,7 +260,8 @@ class RepetitionMeter(Widget):
         self.distinct1: float | None = None
         self.unique_tokens: int | None = None
         self.compression: float | None = None
-        self.streak = 0
+        #: The engine's own rule, counted here to show how close a run is to collapsing.
+        self.detector = CollapseDetector(threshold, patience)
 
     def set_state(self, state: str) -> None:
         self.state = state
@@ -269,14 +270,15 @@ class RepetitionMeter(Widget):
     def update_metrics(self, rep4: float, distinct1: float, unique_tokens: int, compression: float) -> None:
         self.rep4, self.distinct1 = rep4, distinct1
         self.unique_tokens, self.compression = unique_tokens, compression
-        self.streak = self.streak + 1 if math.isfinite(rep4) and rep4 >= self.threshold else 0
+        self.detector.update(rep4)
         self.refresh()
 
     def render(self) -> Text:
         width = max(self.size.width, 20)
         state = Text(f" {self.state.upper()} ", style=STATE_STYLES.get(self.state, "bold reverse"))
-        if self.streak and self.state in ("running", "paused"):
-            state.append(f"  above threshold {self.streak}/{self.patience}", style="bold yellow")
+        streak = self.detector.streak
+        if streak and self.state in ("running", "paused"):
+            state.append(f"  above threshold {streak}/{self.patience}", style="bold yellow")
         value = f" {fmt_num(self.rep4, 2)}/{self.threshold:.2f}"
         bar = self._bar(width - len("rep4 ") - len(value))
         lines = [
