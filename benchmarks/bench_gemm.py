@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,29 +24,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import graph_time
+
 from collapse_tui.fast import skinny
 from collapse_tui.fast.kernels import linear_gelu
-
-
-def graph_time(fns: list[Callable[[], object]], repeats: int = 20) -> float:
-    """Microseconds per call, each of ``fns`` once per graph replay, median of ``repeats`` replays."""
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(fns))
-    return sorted(times)[len(times) // 2]
 
 
 def candidates(k: int, partial: bool) -> list[skinny.Tiles]:

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_iteration import build_model
+from timing import graph_time
 
 from collapse_tui.fast import FastGPT2Inference
 
@@ -74,19 +75,7 @@ def gemm_layouts(width: int) -> str:
                 def fn(op=op, w=w, x=x) -> torch.Tensor:
                     return op(x, w)
 
-                fn()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for _ in range(50):
-                        fn()
-                graph.replay()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(10):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3 / 500)
+                times.append(graph_time([fn] * 50))
             lines.append(f"{rows} | {k} -> {n} | {times[0]:.2f} | {times[1]:.2f}")
     return "\n".join(lines)
 

@@ -21,29 +21,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_iteration import build_model
+from timing import graph_time
 
 from collapse_tui.fast import FastGPT2Inference
 
 
 def per_forward_ms(fn, tokens: torch.Tensor, count: int = 32) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn(tokens)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(count):
-            fn(tokens)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 10 / count
+    """Milliseconds per forward, ``count`` forwards to a graph."""
+    return graph_time([lambda: fn(tokens)] * count) / 1e3
 
 
 def main() -> None:
