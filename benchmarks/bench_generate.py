@@ -22,20 +22,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_iteration import build_model, timed
 
 from collapse_tui.fast import FastGPT2Inference
+from collapse_tui.fast.persistent import Plan
 
-#: label -> (tokens per replay, Triton products, Triton lm_head)
+#: label -> (tokens per replay, Triton products, Triton lm_head, persistent forward)
 VARIANTS = {
-    "1 step per replay, cuBLAS": (1, False, False),
-    "8 steps per replay, cuBLAS": (8, False, False),
-    "32 steps per replay, cuBLAS": (32, False, False),
-    "32 steps, Triton products": (32, True, False),
-    "32 steps, Triton products + lm_head": (32, True, True),
+    "1 step per replay, cuBLAS": (1, False, False, False),
+    "8 steps per replay, cuBLAS": (8, False, False, False),
+    "32 steps per replay, cuBLAS": (32, False, False, False),
+    "32 steps, Triton products": (32, True, False, False),
+    "32 steps, Triton products + lm_head": (32, True, True, False),
+    "persistent forward": (32, True, True, True),
 }
 
 
-def time_variant(model: torch.nn.Module, block: int, tokens: int, variant: tuple, repeats: int) -> float:
-    per_replay, products, lm_head = variant
-    fast = FastGPT2Inference(model, block, 1.0, 200, tokens_per_replay=per_replay)
+def time_variant(
+    model: torch.nn.Module, block: int, tokens: int, variant: tuple, repeats: int, plan: Plan | None = None
+) -> float:
+    per_replay, products, lm_head, one_launch = variant
+    fast = FastGPT2Inference(
+        model, block, 1.0, 200, tokens_per_replay=per_replay, use_persistent=one_launch, persistent_plan=plan
+    )
     fast.weights.use_skinny &= products
     fast.weights.skinny_lm_head &= lm_head
     gen = torch.Generator(device="cuda").manual_seed(0)

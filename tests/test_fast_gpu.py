@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from collapse_tui.fast import FastGPT2Inference, fast_inference_for, skinny
+from collapse_tui.fast import FastGPT2Inference, fast_inference_for, persistent, skinny
 from collapse_tui.inference import EagerInference, sequence_windows
 from collapse_tui.sampling import filter_logits, sample_next
 
@@ -24,9 +24,9 @@ pytestmark = [
 VOCAB = 50257
 
 
-def gpt2_model(seed: int = 0, n_layer: int = 4) -> GPT2LMHeadModel:
+def gpt2_model(seed: int = 0, n_layer: int = 4, n_embd: int = 768, n_head: int = 12) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=1024, n_layer=n_layer, n_head=12, n_embd=768)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     with torch.device("cuda"):
         model = GPT2LMHeadModel(config)
     return model.eval()
@@ -190,3 +190,68 @@ def test_gen_loss_windows_batch_like_eager() -> None:
     ours = fast.mean_loss(groups)
     theirs = EagerInference(model, 100, 1.0, None).mean_loss(groups)
     assert ours == pytest.approx(theirs, rel=5e-3)
+
+
+# -- the persistent forward (one launch a token) ---------------------------------------------
+
+SHAPES = {"gpt2": (768, 12), "gpt2-medium": (1024, 16)}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 37, 100, 128])
+def test_persistent_window_forward_matches_fp32_eager(shape: str, rows: int) -> None:
+    """Every CTA of the real grid, every barrier passed once (counter), logits within bf16 tolerance."""
+    width, heads = SHAPES[shape]
+    model = gpt2_model(n_embd=width, n_head=heads, n_layer=3)
+    fast = fast_for(model, 128)
+    forward = persistent.PersistentForward(fast.weights, rows)
+    assert forward.grid == torch.cuda.get_device_properties(0).multi_processor_count
+    tokens = torch.randint(0, VOCAB, (rows,), device="cuda")
+    out = forward.run(tokens)
+    forward.check()
+    with torch.no_grad():
+        reference = model(tokens.view(1, rows)).logits[0]
+        layered = fast.weights.hidden(tokens.view(1, rows))[0]
+    assert 0 < rel_err(fast.weights.logits(out[:rows]), reference) < 2e-2
+    assert rel_err(out[:rows], layered) < 1e-2
+
+
+@pytest.mark.parametrize("length", [1, 2, 70, 1024])
+def test_persistent_cached_decode_matches_fp32_eager(length: int) -> None:
+    model = gpt2_model(n_embd=1024, n_head=16, n_layer=3)
+    fast = fast_for(model, 1024)
+    cache = fast.weights.new_kv_cache(1024)
+    forward = persistent.PersistentForward(fast.weights, 1, cache=cache)
+    tokens = torch.randint(0, VOCAB, (length,), device="cuda")
+    with torch.no_grad():
+        if length > 1:
+            fast.weights.hidden(tokens[:-1].view(1, -1), cache)
+        out = forward.run(tokens[-1:], torch.tensor([length - 1], device="cuda"))
+        forward.check()
+        reference = model(tokens.view(1, -1)).logits[0, -1]
+    assert 0 < rel_err(fast.weights.logits(out[:1])[0], reference) < 2e-2
+
+
+@pytest.mark.parametrize("block", [100, 1024], ids=["window", "cache"])
+def test_generation_runs_on_the_persistent_forward(block: int) -> None:
+    """The decoder takes it by default, deterministically, and the teacher-forced logits agree."""
+    model = gpt2_model()
+    fast = fast_for(model, block)
+    a = fast.generate([50256], 300, cuda_gen(3))
+    assert all(d.persistent is not None for d in fast._decoders.values()), fast.description
+    assert "persistent" in fast.description
+    assert fast.generate([50256], 300, cuda_gen(3)) == a
+    assert len(set(a)) > 50
+    for decoder in fast._decoders.values():
+        assert not decoder.persistent.failed()
+
+
+def test_a_failed_barrier_falls_back_to_layer_by_layer() -> None:
+    model = gpt2_model()
+    fast = fast_for(model, 100)
+    fast.generate([50256], 40, cuda_gen(0))
+    decoder = fast._decoders[False]
+    decoder.persistent.error.fill_(1)  # as a barrier that gave up would leave it
+    ids = fast.generate([50256], 64, cuda_gen(0))
+    assert decoder.persistent is None and decoder.graphs
+    assert len(ids) == 65

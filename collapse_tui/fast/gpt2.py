@@ -99,27 +99,46 @@ class GPT2Weights:
         self.eps = config.layer_norm_epsilon
         self._sources: list[torch.Tensor] = []
         self._copies: list[torch.Tensor] = []
+        self._matrix_bytes = 0
         tf = model.transformer
+        blocks = list(tf.h)
         self.wte = tf.wte.weight  # fp32 master: embedding lookups read one row a token
         self.wpe = tf.wpe.weight
         self.lnf_w, self.lnf_b = tf.ln_f.weight, tf.ln_f.bias
         self.lm_head = self._copy(model.lm_head.weight)
+        # Every layer's copy of a kind is a slice of one stacked tensor, so that the
+        # persistent kernel (persistent.py) finds layer i at a fixed stride.
+        self.qkv_w_all = self._stack([b.attn.c_attn.weight for b in blocks], transpose=True)
+        self.qkv_b_all = self._stack([b.attn.c_attn.bias for b in blocks])
+        self.proj_w_all = self._stack([b.attn.c_proj.weight for b in blocks], transpose=True)
+        self.fc_w_all = self._stack([b.mlp.c_fc.weight for b in blocks], transpose=True)
+        self.fc_b_all = self._stack([b.mlp.c_fc.bias for b in blocks])
+        self.out_w_all = self._stack([b.mlp.c_proj.weight for b in blocks], transpose=True)
+        # fp32 copies of the small per-layer vectors, for the same reason (ln_f rides
+        # as layer n_layer of ln_1); the layer-by-layer forward reads the masters.
+        fp32 = torch.float32
+        self.proj_b_all = self._stack([b.attn.c_proj.bias for b in blocks], dtype=fp32)
+        self.out_b_all = self._stack([b.mlp.c_proj.bias for b in blocks], dtype=fp32)
+        self.ln1_w_all = self._stack([b.ln_1.weight for b in blocks] + [tf.ln_f.weight], dtype=fp32)
+        self.ln1_b_all = self._stack([b.ln_1.bias for b in blocks] + [tf.ln_f.bias], dtype=fp32)
+        self.ln2_w_all = self._stack([b.ln_2.weight for b in blocks], dtype=fp32)
+        self.ln2_b_all = self._stack([b.ln_2.bias for b in blocks], dtype=fp32)
         self.layers = [
             _Layer(
                 ln1_w=block.ln_1.weight,
                 ln1_b=block.ln_1.bias,
-                qkv_w=self._copy(block.attn.c_attn.weight, transpose=True),
-                qkv_b=self._copy(block.attn.c_attn.bias),
-                proj_w=self._copy(block.attn.c_proj.weight, transpose=True),
+                qkv_w=self.qkv_w_all[i],
+                qkv_b=self.qkv_b_all[i],
+                proj_w=self.proj_w_all[i],
                 proj_b=block.attn.c_proj.bias,
                 ln2_w=block.ln_2.weight,
                 ln2_b=block.ln_2.bias,
-                fc_w=self._copy(block.mlp.c_fc.weight, transpose=True),
-                fc_b=self._copy(block.mlp.c_fc.bias),
-                out_w=self._copy(block.mlp.c_proj.weight, transpose=True),
+                fc_w=self.fc_w_all[i],
+                fc_b=self.fc_b_all[i],
+                out_w=self.out_w_all[i],
                 out_b=block.mlp.c_proj.bias,
             )
-            for block in tf.h
+            for i, block in enumerate(blocks)
         ]
         self.n_embd = self.wte.size(1)
         self.use_triton = self.wte.is_cuda and triton_available()
@@ -135,11 +154,21 @@ class GPT2Weights:
 
     def _copy(self, source: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """Register a master tensor; ``Conv1D`` weights ``[in, out]`` are copied transposed."""
-        view = source.detach().t() if transpose else source.detach()
-        copy = torch.empty(view.shape, dtype=self.dtype, device=source.device)
-        self._sources.append(view)
-        self._copies.append(copy)
-        return copy
+        return self._stack([source], transpose)[0]
+
+    def _stack(
+        self, sources: list[torch.Tensor], transpose: bool = False, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """One ``[len(sources), ...]`` copy of same-shaped master tensors, each slice refreshed from its own."""
+        views = [s.detach().t() if transpose else s.detach() for s in sources]
+        stacked = torch.empty(
+            (len(views), *views[0].shape), dtype=dtype or self.dtype, device=sources[0].device
+        )
+        self._sources.extend(views)
+        self._copies.extend(stacked.unbind(0))
+        if dtype is None and views[0].dim() == 2:
+            self._matrix_bytes += stacked.numel() * stacked.element_size()
+        return stacked
 
     @property
     def masters(self) -> list[torch.Tensor]:
@@ -165,7 +194,7 @@ class GPT2Weights:
     @property
     def nbytes_per_token(self) -> int:
         """Bytes of weights one generated token must read: every copied matrix, once."""
-        return sum(t.numel() * t.element_size() for t in self._copies)
+        return self._matrix_bytes
 
     # -- the forward -----------------------------------------------------------------
 
@@ -210,7 +239,7 @@ class GPT2Weights:
         """The MLP without its output bias (``add_ln`` adds it with the residual)."""
         return self.linear(self.linear(x, layer.fc_w, layer.fc_b, gelu=True), layer.out_w, partial=True)
 
-    def hidden(self, tokens: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, cache: torch.Tensor | None = None) -> torch.Tensor:
         """``ln_f`` of the last hidden states for ``tokens`` [B, T] at positions 0..T-1, causal.
 
         Returns ``[B, T, C]`` in the compute dtype, ready for ``lm_head``. With
@@ -240,16 +269,18 @@ class GPT2Weights:
             return skinny.skinny_linear(x, self.lm_head)
         return F.linear(x, self.lm_head)
 
-    def new_kv_cache(self, length: int) -> list[torch.Tensor]:
-        """One ``[2, heads, length, head_dim]`` key/value cache per layer, zeroed (never NaN)."""
+    def new_kv_cache(self, length: int) -> torch.Tensor:
+        """The key/value cache ``[layers, 2, heads, length, head_dim]``, zeroed (never NaN).
+
+        One tensor, so that layer i's ``[2, heads, length, head_dim]`` is
+        ``cache[i]`` and the persistent kernel finds it at a fixed stride.
+        """
         dim = self.n_embd // self.n_head
-        return [
-            torch.zeros(2, self.n_head, length, dim, dtype=self.dtype, device=self.wte.device)
-            for _ in self.layers
-        ]
+        shape = (len(self.layers), 2, self.n_head, length, dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.wte.device)
 
     def decode_one(
-        self, token: torch.Tensor, position: torch.Tensor, cache: list[torch.Tensor], mask: torch.Tensor
+        self, token: torch.Tensor, position: torch.Tensor, cache: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """Logits ``[1, V]`` for one token at ``position`` (both ``[1]`` on the device), full context.
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from collapse_tui.errors import RunInterrupted
 from collapse_tui.fast.gpt2 import GPT2Weights
 from collapse_tui.fast.kernels import sample_token
+from collapse_tui.fast.persistent import PersistentForward, Plan, persistent_unsupported
 from collapse_tui.inference import STOP_CHECK_EVERY, Inference
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,17 @@ class _Decoder:
             self.slots = torch.arange(self.cache_len, device=device)
         else:
             self.window = torch.arange(owner.block, device=device)
+        #: the whole forward in one launch a token, where the shape allows (persistent.py)
+        self.persistent: PersistentForward | None = None
+        if owner.use_persistent:
+            rows = 1 if kv else owner.block
+            reason = persistent_unsupported(owner.weights, rows)
+            if reason is None:
+                self.persistent = PersistentForward(
+                    owner.weights, rows, cache=self.cache if kv else None, plan=owner.persistent_plan
+                )
+            else:
+                log.info("persistent forward not used: %s", reason)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.generator: torch.Generator | None = None
 
@@ -77,17 +89,23 @@ class _Decoder:
         weights, block = self.owner.weights, self.owner.block
         if self.kv:
             position = self.counter  # the token at ``position`` is fed; the next one is written
-            mask = torch.where(self.slots <= position, 0.0, float("-inf")).to(weights.dtype)
-            logits = weights.decode_one(
-                self.seq.index_select(0, position), position, self.cache, mask.view(1, 1, 1, -1)
-            )
+            fed = self.seq.index_select(0, position)
+            if self.persistent is not None:
+                logits = weights.logits(self.persistent.run(fed, position)[:1])
+            else:
+                mask = torch.where(self.slots <= position, 0.0, float("-inf")).to(weights.dtype)
+                logits = weights.decode_one(fed, position, self.cache, mask.view(1, 1, 1, -1))
             target = position + 1
             token = sample_token(logits, self.owner.temperature, self.owner.top_k, generator)
         else:
             target = self.counter  # the token written at ``target`` sees seq[max(0, target-block):target]
             start = (target - block).clamp_(min=0)
-            x = weights.hidden(self.seq.index_select(0, start + self.window).view(1, block))
-            last = x[0].index_select(0, target.clamp(max=block) - 1)
+            window = self.seq.index_select(0, start + self.window)
+            if self.persistent is not None:
+                x = self.persistent.run(window)
+            else:
+                x = weights.hidden(window.view(1, block))[0]
+            last = x.index_select(0, target.clamp(max=block) - 1)
             token = sample_token(weights.logits(last), self.owner.temperature, self.owner.top_k, generator)
         self.seq.index_copy_(0, target, token)
         self.counter.add_(1)
@@ -184,7 +202,17 @@ class _Decoder:
             else:
                 self.step(generator)
             done += size
-        return self.seq[: prompt_len + gen_tokens].tolist()
+        sample = self.seq[: prompt_len + gen_tokens].tolist()
+        if self.persistent is not None and self.persistent.failed():
+            # a grid barrier gave up (CTAs not all resident?): this sample is not to be
+            # trusted; drop the persistent kernel for good and generate it again
+            log.warning("the persistent forward failed a grid barrier: generating layer by layer")
+            self.persistent = None
+            if self.graphs:
+                self.graphs = {}
+                self.capture()
+            return self.run(prompt_ids, gen_tokens, generator, should_stop)
+        return sample
 
 
 class FastGPT2Inference(Inference):
@@ -199,6 +227,8 @@ class FastGPT2Inference(Inference):
         dtype: torch.dtype = torch.bfloat16,
         use_graphs: bool | None = None,
         tokens_per_replay: int = TOKENS_PER_REPLAY,
+        use_persistent: bool = True,
+        persistent_plan: Plan | None = None,
     ) -> None:
         super().__init__(block, temperature, top_k)
         self.model = model
@@ -208,6 +238,9 @@ class FastGPT2Inference(Inference):
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.tokens_per_replay = tokens_per_replay
+        #: try the one-launch-a-token forward (persistent.py) where the device and shape allow
+        self.use_persistent = use_persistent
+        self.persistent_plan = persistent_plan
         self._decoders: dict[bool, _Decoder] = {}
 
     @property
@@ -216,7 +249,9 @@ class FastGPT2Inference(Inference):
         parts = [str(self.weights.dtype).replace("torch.", "")]
         parts.append("triton add+layernorm" if self.weights.use_triton else "torch layernorm")
         parts.append("cuBLASLt gelu" if self.weights.fused_gelu else "torch gelu")
-        if self.weights.use_skinny:
+        if any(d.persistent is not None for d in self._decoders.values()):
+            parts.append("persistent forward (one launch a token)")
+        elif self.weights.use_skinny:
             parts.append("Triton split-K residual products")
         graphs = [d.graph is not None for d in self._decoders.values()]
         parts.append(

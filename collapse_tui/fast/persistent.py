@@ -1,0 +1,223 @@
+"""One kernel launch per generated token: the whole GPT-2 forward as a persistent Triton kernel.
+
+Why: with one kernel per operation a generated token is ~250 launches of
+3–7 µs each, most of it ramp-up and latency rather than bytes
+(benchmarks/RESULTS.md). Here one launch of about one CTA per SM walks
+through every stage of every layer — layer norm, qkv, attention, projection,
+layer norm, MLP up, MLP down — and the CTAs meet at a grid barrier (an
+atomic counter) between stages instead of at a kernel boundary. Within a
+stage each CTA takes work items ``pid, pid + grid, ...``: output tiles of a
+product, heads of the attention, rows of a layer norm.
+
+It computes what ``GPT2Weights.hidden`` / ``decode_one`` compute, in the same
+precision: residual stream in fp32, products in bf16 with fp32 accumulation,
+the two products that feed the residual split over K into fp32 partial sums
+added in a fixed order (deterministic), attention with an online softmax in
+fp32. The weights are the stacked compute-dtype copies ``GPT2Weights``
+refreshes in place, so a graph captured over this launch sees every update.
+
+Two shapes, as in ``FastGPT2Inference``:
+
+- window (``rows`` ≤ 128 tokens at positions 0..rows-1, causal): the sliding
+  window of the paper, re-run every token;
+- cache (one token at the position held in a device tensor): full-context
+  decoding over a static key/value cache that the qkv stage writes into.
+
+The barrier needs every CTA resident at once: the grid never exceeds the
+number of SMs, and the kernel uses one CTA's worth of resources per SM. A
+barrier that waits far longer than any stage could take gives up, sets an
+error flag and lets the kernel finish (wrong numbers, never a hung GPU);
+``check`` raises on it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: Most rows (window tokens) one launch handles: one tile of rows for every product.
+MAX_ROWS = 128
+#: Polls of the barrier counter before a barrier gives up (about a second; a stage takes microseconds).
+SPIN_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Tile shapes of one model shape: output columns per item, K step, K splits, warps."""
+
+    block_n: int = 32
+    block_k: int = 64
+    proj_splits: int = 4
+    out_splits: int = 4
+    warps: int = 8
+    stages: int = 3
+    block_kv: int = 64
+    #: request each product's weight tiles from L2 two stages ahead (persistent_kernel.prefetch_tiles)
+    prefetch: bool = True
+
+
+def default_plan(n_embd: int, rows: int = MAX_ROWS) -> Plan:
+    """The plan that measured fastest on an H200 (benchmarks/RESULTS.md), fitted to the width.
+
+    Four K splits where they divide K into whole K steps, else the nearest
+    count that does (gpt2-xl's 1600 takes 5 for the projection, a toy width
+    of 128 takes 2). One cached token (``rows`` 1) reads its weights in K
+    steps of 128 where the splits allow.
+    """
+    block_k = 64
+    candidates = [4, 5, 3, 6, 2, 8, 1]
+    proj = next((s for s in candidates if n_embd % (s * block_k) == 0), 1)
+    if rows == 1 and n_embd % (proj * 128) == 0:
+        block_k = 128
+    return Plan(block_k=block_k, proj_splits=proj)
+
+
+def check_plan(plan: Plan, n_embd: int) -> None:
+    """Every K split must be a whole number of K steps, every column tile whole."""
+    for k, splits in ((n_embd, plan.proj_splits), (4 * n_embd, plan.out_splits)):
+        if k % (splits * plan.block_k):
+            raise ValueError(f"K={k} does not split {splits} ways into steps of {plan.block_k}")
+    if n_embd % plan.block_n:
+        raise ValueError(f"width {n_embd} is not a multiple of {plan.block_n} columns")
+
+
+def supported_reason(n_embd: int, n_head: int, rows: int, dtype: torch.dtype) -> str | None:
+    """Why the persistent kernel cannot run this shape, or ``None`` when it can."""
+    head_dim = n_embd // n_head
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "needs a half-precision compute dtype"
+    if rows > MAX_ROWS:
+        return f"windows of more than {MAX_ROWS} tokens"
+    if n_embd % 64 or head_dim * n_head != n_embd or head_dim & (head_dim - 1) or head_dim > 128:
+        return "width or head size"
+    return None
+
+
+def persistent_unsupported(weights: Any, rows: int) -> str | None:
+    """Why ``GPT2Weights`` ``weights`` cannot take the persistent forward for ``rows``; ``None`` if they can.
+
+    ``COLLAPSE_TUI_PERSISTENT=0`` in the environment turns it off (the
+    layer-by-layer forward then runs, as on GPUs older than Ampere).
+    """
+    if os.environ.get("COLLAPSE_TUI_PERSISTENT", "1") == "0":
+        return "turned off by COLLAPSE_TUI_PERSISTENT=0"
+    device = weights.wte.device
+    if device.type != "cuda":
+        return "not on a CUDA device"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "needs an Ampere or newer GPU"
+    if not available():
+        return "Triton is not installed"
+    return supported_reason(weights.n_embd, weights.n_head, rows, weights.dtype)
+
+
+@functools.cache
+def _build() -> Callable[..., Any] | None:
+    """The kernel, imported (and so decorated) on first use; ``None`` without Triton."""
+    try:
+        module = importlib.import_module("collapse_tui.fast.persistent_kernel")
+    except ImportError:
+        return None
+    return module.forward_kernel
+
+
+def available() -> bool:
+    return _build() is not None
+
+
+class PersistentForward:
+    """Buffers and launch of the persistent forward for one shape (window rows, or one cached token).
+
+    ``run`` returns ``xn`` ``[BLOCK_M, n_embd]`` in the compute dtype: ``ln_f``
+    of the last hidden states, rows ``0..rows-1`` valid; ready for lm_head.
+    Every buffer is allocated here once, so the launch can be captured.
+    """
+
+    def __init__(
+        self,
+        weights: Any,
+        rows: int,
+        cache: torch.Tensor | None = None,
+        plan: Plan | None = None,
+        grid: int | None = None,
+    ) -> None:
+        self.weights = weights
+        self.rows = rows
+        self.cache = cache
+        width, heads = weights.n_embd, weights.n_head
+        self.plan = plan or default_plan(width, rows)
+        check_plan(self.plan, width)
+        device = weights.wte.device
+        self.block_m = max(16, 1 << (rows - 1).bit_length())
+        self.block_d = 1 << (width - 1).bit_length()
+        dtype = weights.dtype
+        m = self.block_m
+        self.h = torch.zeros(m, width, dtype=torch.float32, device=device)
+        self.xn = torch.zeros(m, width, dtype=dtype, device=device)
+        self.qkv = torch.zeros(m, 3 * width, dtype=dtype, device=device)
+        self.attn = torch.zeros(m, width, dtype=dtype, device=device)
+        self.ff = torch.zeros(m, 4 * width, dtype=dtype, device=device)
+        splits = max(self.plan.proj_splits, self.plan.out_splits)
+        self.part = torch.zeros(splits, m, width, dtype=torch.float32, device=device)
+        self.counter = torch.zeros(1, dtype=torch.int32, device=device)
+        self.error = torch.zeros(1, dtype=torch.int32, device=device)
+        self.cache_len = cache.size(3) if cache is not None else 1
+        self._dummy_cache = torch.zeros(1, dtype=dtype, device=device)
+        self._position = torch.zeros(1, dtype=torch.long, device=device)
+        if grid is None:
+            grid = (
+                torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+            )
+        self.grid = grid
+        self.scale = 1.0 / (width // heads) ** 0.5
+
+    @property
+    def barriers(self) -> int:
+        """Grid barriers one launch passes: seven a layer."""
+        return 7 * len(self.weights.layers)
+
+    def run(
+        self, tokens: torch.Tensor, position: torch.Tensor | None = None, work: bool = True
+    ) -> torch.Tensor:
+        """Forward of ``tokens`` [rows] (window) or of one token at ``position`` [1] (cache).
+
+        ``work=False`` passes the barriers only (benchmarks time them so).
+        """
+        kernel = _build()
+        assert kernel is not None, "Triton is not installed"
+        w, plan = self.weights, self.plan
+        cached = self.cache is not None
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        self.counter.zero_()
+        kernel[(self.grid,)](
+            tokens, position if position is not None else self._position, w.wte, w.wpe,
+            w.qkv_w_all, w.qkv_b_all, w.proj_w_all, w.proj_b_all, w.fc_w_all, w.fc_b_all, w.out_w_all,
+            w.out_b_all, w.ln1_w_all, w.ln1_b_all, w.ln2_w_all, w.ln2_b_all,
+            self.h, self.xn, self.qkv, self.attn, self.ff, self.part,
+            self.cache if cached else self._dummy_cache, self.counter, self.error,
+            self.rows, len(w.layers), w.eps, self.scale,
+            D=w.n_embd, H=w.n_head, HD=w.n_embd // w.n_head, LC=self.cache_len, BLOCK_D=self.block_d,
+            BLOCK_M=self.block_m, CACHED=cached, BN=plan.block_n, BK=plan.block_k, BLOCK_KV=plan.block_kv,
+            PROJ_SPLITS=plan.proj_splits, OUT_SPLITS=plan.out_splits, SPIN=SPIN_LIMIT,
+            UPCAST=interpreted, PREFETCH=plan.prefetch and not interpreted, WORK=work,
+            num_warps=plan.warps, num_stages=plan.stages,
+        )  # fmt: skip
+        return self.xn
+
+    def failed(self) -> bool:
+        """Whether a barrier gave up since the buffers were made (one host sync)."""
+        return bool(int(self.error.item()))
+
+    def check(self) -> None:
+        """Raise if a barrier gave up or the counter shows a CTA missed one (host sync: tests only)."""
+        if int(self.error.item()):
+            raise RuntimeError("a grid barrier of the persistent forward timed out")
+        expected = self.barriers * self.grid
+        if int(self.counter.item()) != expected:
+            raise RuntimeError(f"barrier counter {int(self.counter.item())}, expected {expected}")

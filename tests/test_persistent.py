@@ -1,0 +1,100 @@
+"""The persistent forward kernel under Triton's interpreter, against the layer-by-layer forward.
+
+The interpreter runs programs one after another on the CPU, so these tests
+launch one program: it does every stage's items itself, and each grid
+barrier is passed by its own arrival. What they check is the arithmetic and
+the indexing of every stage (embedding, layer norms with split-K partial
+sums, products and their epilogues, causal attention from the window or
+from the cache, the cache writes); the barrier across real CTAs is checked
+on the GPU (tests/test_fast_gpu.py). Skipped where Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip(
+        "runs under Triton's interpreter (CPU machines); GPUs: test_fast_gpu.py", allow_module_level=True
+    )
+
+from collapse_tui.fast import persistent
+from collapse_tui.fast.gpt2 import GPT2Weights
+
+
+def tiny_weights(n_layer: int = 2, n_embd: int = 128, n_head: int = 2) -> GPT2Weights:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=97, n_positions=64, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # biases and norms away from their 0/1 initialisation, to be checked too
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return GPT2Weights(model, torch.bfloat16)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("rows", [20, 32, 7])
+def test_window_forward_matches_layer_by_layer(rows: int) -> None:
+    weights = tiny_weights()
+    tokens = torch.randint(0, 97, (rows,), generator=torch.Generator().manual_seed(rows))
+    forward = persistent.PersistentForward(weights, rows, plan=persistent.Plan(proj_splits=2, out_splits=4))
+    out = forward.run(tokens)
+    forward.check()
+    with torch.no_grad():
+        reference = weights.hidden(tokens.view(1, rows))[0]
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out[:rows], reference) < 2e-2
+
+
+def test_cached_decode_matches_layer_by_layer_and_fills_the_cache() -> None:
+    weights = tiny_weights()
+    length, cache_len = 12, 16
+    tokens = torch.randint(0, 97, (length,), generator=torch.Generator().manual_seed(3))
+    cache = weights.new_kv_cache(cache_len)
+    forward = persistent.PersistentForward(
+        weights, 1, cache=cache, plan=dataclasses.replace(persistent.default_plan(128), block_kv=16)
+    )
+    with torch.no_grad():
+        weights.hidden(tokens[: length - 1].view(1, -1), cache)  # prefill, as the decoder does
+        reference_cache = cache.clone()
+        reference = weights.hidden(tokens.view(1, length), reference_cache)[0, -1]
+    position = torch.tensor([length - 1])
+    out = forward.run(tokens[length - 1 :], position)
+    forward.check()
+    assert rel_err(out[0], reference) < 2e-2
+    # the new token's keys and values went to slot length-1, the rest untouched
+    assert rel_err(cache[:, :, :, length - 1], reference_cache[:, :, :, length - 1]) < 2e-2
+    assert torch.equal(cache[:, :, :, : length - 1], reference_cache[:, :, :, : length - 1])
+    assert not cache[:, :, :, length:].any()
+
+
+def test_a_weight_change_is_seen_by_the_next_launch() -> None:
+    weights = tiny_weights(n_layer=1)
+    tokens = torch.arange(10)
+    forward = persistent.PersistentForward(weights, 10)
+    before = forward.run(tokens).clone()
+    with torch.no_grad():
+        weights.layers[0].fc_w.mul_(2.0)  # the copy the kernel reads, in place
+    after = forward.run(tokens)
+    assert not torch.equal(before[:10], after[:10])
+
+
+def test_default_plan_splits_k_into_whole_steps() -> None:
+    assert persistent.default_plan(1024).proj_splits == 4
+    assert persistent.default_plan(1600).proj_splits == 5
+    assert persistent.default_plan(128).proj_splits == 2
+    with pytest.raises(ValueError):
+        persistent.check_plan(persistent.Plan(proj_splits=4), 128)
+    assert persistent.supported_reason(1024, 16, 100, torch.bfloat16) is None
+    assert persistent.supported_reason(1024, 16, 200, torch.bfloat16) is not None
+    assert persistent.supported_reason(1024, 16, 100, torch.float32) is not None
