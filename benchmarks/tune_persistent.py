@@ -4,7 +4,9 @@
 
 A plan changes fields of the default ``Plan``: ``bn`` block_n, ``bk``
 block_k, ``w`` warps, ``s`` stages, ``kv`` block_kv, ``pf`` prefetch (0/1),
-``ps``/``os`` the K splits of the projection / MLP down-projection. Each forward (the window of
+``ps``/``os`` the K splits of the projection / MLP down-projection, ``mv``
+matrix-vector decode kernel for the cached token (0/1), ``ch`` its keys per
+attention chunk. Each forward (the window of
 ``--rows`` tokens, and one cached token at ``--position``) is timed by graph
 replay (benchmarks/timing.py), so the time is the kernels' alone: what one
 generated token costs before lm_head and sampling. The layer-by-layer
@@ -38,6 +40,8 @@ FIELDS = {
     "pf": "prefetch",
     "ps": "proj_splits",
     "os": "out_splits",
+    "mv": "matvec",
+    "ch": "chunk",
 }
 
 
@@ -45,7 +49,7 @@ def parse_plan(text: str, width: int, rows: int) -> Plan:
     changes = {}
     for field in filter(None, text.split(",")):
         key, value = field.split("=")
-        changes[FIELDS[key]] = bool(int(value)) if key == "pf" else int(value)
+        changes[FIELDS[key]] = bool(int(value)) if key in ("pf", "mv") else int(value)
     return replace(default_plan(width, rows), **changes)
 
 
@@ -54,7 +58,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default="gpt2-medium,gpt2")
-    parser.add_argument("--plans", default="w=8;w=8,pf=0;w=4")
+    parser.add_argument("--plans", default=";pf=0;mv=0;w=4")
     parser.add_argument("--rows", type=int, default=100)
     parser.add_argument(
         "--position", type=int, default=511, help="cached token's position (keys = position + 1)"

@@ -7,6 +7,8 @@ random weights (no download), 4 layers to keep the run short.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,12 +218,14 @@ def test_persistent_window_forward_matches_fp32_eager(shape: str, rows: int) -> 
     assert rel_err(out[:rows], layered) < 1e-2
 
 
+@pytest.mark.parametrize("matvec", [True, False], ids=["decode_kernel", "forward_kernel"])
 @pytest.mark.parametrize("length", [1, 2, 70, 1024])
-def test_persistent_cached_decode_matches_fp32_eager(length: int) -> None:
+def test_persistent_cached_decode_matches_fp32_eager(length: int, matvec: bool) -> None:
     model = gpt2_model(n_embd=1024, n_head=16, n_layer=3)
     fast = fast_for(model, 1024)
     cache = fast.weights.new_kv_cache(1024)
-    forward = persistent.PersistentForward(fast.weights, 1, cache=cache)
+    plan = dataclasses.replace(persistent.default_plan(1024, 1), matvec=matvec)
+    forward = persistent.PersistentForward(fast.weights, 1, cache=cache, plan=plan)
     tokens = torch.randint(0, VOCAB, (length,), device="cuda")
     with torch.no_grad():
         if length > 1:
@@ -248,8 +252,8 @@ def test_generation_runs_on_the_persistent_forward(block: int) -> None:
 
 def test_a_failed_barrier_falls_back_to_layer_by_layer() -> None:
     model = gpt2_model()
-    fast = fast_for(model, 100)
-    fast.generate([50256], 40, cuda_gen(0))
+    fast = fast_for(model, 32)
+    fast.generate([50256], 64, cuda_gen(0))  # longer than the block: the sliding window
     decoder = fast._decoders[False]
     decoder.persistent.error.fill_(1)  # as a barrier that gave up would leave it
     ids = fast.generate([50256], 64, cuda_gen(0))

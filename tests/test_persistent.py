@@ -56,16 +56,20 @@ def test_window_forward_matches_layer_by_layer(rows: int) -> None:
     assert rel_err(out[:rows], reference) < 2e-2
 
 
-def test_cached_decode_matches_layer_by_layer_and_fills_the_cache() -> None:
+@pytest.mark.parametrize("matvec", [True, False], ids=["decode_kernel", "forward_kernel"])
+@pytest.mark.parametrize("length", [1, 12])
+def test_cached_decode_matches_layer_by_layer_and_fills_the_cache(matvec: bool, length: int) -> None:
+    """Both kernels: keys in chunks of 4 (decode_kernel) or blocks of 16 (forward_kernel)."""
     weights = tiny_weights()
-    length, cache_len = 12, 16
+    cache_len = 16
     tokens = torch.randint(0, 97, (length,), generator=torch.Generator().manual_seed(3))
     cache = weights.new_kv_cache(cache_len)
-    forward = persistent.PersistentForward(
-        weights, 1, cache=cache, plan=dataclasses.replace(persistent.default_plan(128), block_kv=16)
-    )
+    plan = dataclasses.replace(persistent.default_plan(128, 1), block_kv=16, chunk=4, matvec=matvec)
+    forward = persistent.PersistentForward(weights, 1, cache=cache, plan=plan)
+    assert forward.matvec == matvec
     with torch.no_grad():
-        weights.hidden(tokens[: length - 1].view(1, -1), cache)  # prefill, as the decoder does
+        if length > 1:
+            weights.hidden(tokens[: length - 1].view(1, -1), cache)  # prefill, as the decoder does
         reference_cache = cache.clone()
         reference = weights.hidden(tokens.view(1, length), reference_cache)[0, -1]
     position = torch.tensor([length - 1])

@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +42,10 @@ import torch
 
 #: Most rows (window tokens) one launch handles: one tile of rows for every product.
 MAX_ROWS = 128
+#: Widest model that runs persistent. On an H200 (benchmarks/RESULTS.md) gpt2 and gpt2-medium gain
+#: 5–23 % a sample; gpt2-xl (1600) gains nothing on the window (4.68 s against 4.44–4.71 s for 1024
+#: tokens) and loses 15 % on the cache (3.50 s against 3.03 s); gpt2-large (1280) was not measured.
+MAX_WIDTH = 1024
 #: Polls of the barrier counter before a barrier gives up (about a second; a stage takes microseconds).
 SPIN_LIMIT = 1 << 20
 
@@ -60,6 +63,10 @@ class Plan:
     block_kv: int = 64
     #: request each product's weight tiles from L2 two stages ahead (persistent_kernel.prefetch_tiles)
     prefetch: bool = True
+    #: one cached token: matrix-vector products, five barriers a layer (persistent_kernel.decode_kernel)
+    matvec: bool = True
+    #: keys per attention chunk of a cached token (a power of two)
+    chunk: int = 128
 
 
 def default_plan(n_embd: int, rows: int = MAX_ROWS) -> Plan:
@@ -114,17 +121,23 @@ def persistent_unsupported(weights: Any, rows: int) -> str | None:
         return "needs an Ampere or newer GPU"
     if not available():
         return "Triton is not installed"
+    if weights.n_embd > MAX_WIDTH:
+        return f"a model wider than {MAX_WIDTH} (measured no faster than layer by layer)"
     return supported_reason(weights.n_embd, weights.n_head, rows, weights.dtype)
 
 
 @functools.cache
-def _build() -> Callable[..., Any] | None:
-    """The kernel, imported (and so decorated) on first use; ``None`` without Triton."""
+def _build() -> Any:
+    """The kernels' module, imported (and so decorated) on first use; ``None`` without Triton."""
     try:
         module = importlib.import_module("collapse_tui.fast.persistent_kernel")
     except ImportError:
         return None
-    return module.forward_kernel
+    return module
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def available() -> bool:
@@ -165,6 +178,9 @@ class PersistentForward:
         self.ff = torch.zeros(m, 4 * width, dtype=dtype, device=device)
         splits = max(self.plan.proj_splits, self.plan.out_splits)
         self.part = torch.zeros(splits, m, width, dtype=torch.float32, device=device)
+        heads_chunks = heads * self._chunks(cache)[1]
+        self.attn_out = torch.zeros(heads_chunks, width // heads, dtype=torch.float32, device=device)
+        self.attn_stats = torch.zeros(heads_chunks, 2, dtype=torch.float32, device=device)
         self.counter = torch.zeros(1, dtype=torch.int32, device=device)
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
         self.cache_len = cache.size(3) if cache is not None else 1
@@ -175,12 +191,28 @@ class PersistentForward:
                 torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
             )
         self.grid = grid
+        #: ``decode_kernel`` counts SM cycles per stage into ``trace_cycles`` (benchmarks/trace_decode.py)
+        self.trace = False
+        self.trace_cycles = torch.zeros(grid, 16, dtype=torch.int64, device=device)
         self.scale = 1.0 / (width // heads) ** 0.5
 
     @property
+    def matvec(self) -> bool:
+        """Whether launches take ``decode_kernel`` (one cached token) rather than ``forward_kernel``."""
+        return self.cache is not None and self.plan.matvec
+
+    @property
     def barriers(self) -> int:
-        """Grid barriers one launch passes: seven a layer."""
-        return 7 * len(self.weights.layers)
+        """Grid barriers one launch passes: seven a layer, five for ``decode_kernel``."""
+        return (5 if self.matvec else 7) * len(self.weights.layers)
+
+    def _chunks(self, cache: torch.Tensor | None) -> tuple[int, int]:
+        """Keys per attention chunk and chunks per head (both powers of two) for the cache's length."""
+        if cache is None:
+            return 1, 1
+        length = cache.size(3)
+        chunk = min(self.plan.chunk, 1 << (length - 1).bit_length())
+        return chunk, 1 << (-(-length // chunk) - 1).bit_length()
 
     def run(
         self, tokens: torch.Tensor, position: torch.Tensor | None = None, work: bool = True
@@ -189,24 +221,42 @@ class PersistentForward:
 
         ``work=False`` passes the barriers only (benchmarks time them so).
         """
-        kernel = _build()
-        assert kernel is not None, "Triton is not installed"
+        module = _build()
+        assert module is not None, "Triton is not installed"
         w, plan = self.weights, self.plan
-        cached = self.cache is not None
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        self.counter.zero_()
-        kernel[(self.grid,)](
-            tokens, position if position is not None else self._position, w.wte, w.wpe,
+        width, heads = w.n_embd, w.n_head
+        stacks = (
             w.qkv_w_all, w.qkv_b_all, w.proj_w_all, w.proj_b_all, w.fc_w_all, w.fc_b_all, w.out_w_all,
             w.out_b_all, w.ln1_w_all, w.ln1_b_all, w.ln2_w_all, w.ln2_b_all,
+        )  # fmt: skip
+        common = {
+            "D": width, "H": heads, "HD": width // heads, "LC": self.cache_len, "BLOCK_D": self.block_d,
+            "PROJ_SPLITS": plan.proj_splits, "OUT_SPLITS": plan.out_splits, "SPIN": SPIN_LIMIT,
+            "PREFETCH": plan.prefetch and not interpreted,
+            "num_warps": plan.warps,
+        }  # fmt: skip
+        self.counter.zero_()
+        if self.matvec and work:
+            assert position is not None and self.cache is not None
+            chunk, chunks = self._chunks(self.cache)
+            module.decode_kernel[(self.grid,)](
+                tokens, position, w.wte, w.wpe, *stacks,
+                self.h, self.xn, self.qkv, self.ff, self.part, self.attn_out, self.attn_stats, self.cache,
+                self.counter, self.error, self.trace_cycles, len(w.layers), w.eps, self.scale,
+                TRACE=self.trace and not interpreted, BN=max(8, min(32, 32768 // self.block_d)), KSPLIT=chunks, CH=chunk,
+                KX_PROJ=_next_pow2(width // plan.proj_splits), KX_OUT=_next_pow2(4 * width // plan.out_splits),
+                **common,
+            )  # fmt: skip
+            return self.xn
+        cached = self.cache is not None
+        module.forward_kernel[(self.grid,)](
+            tokens, position if position is not None else self._position, w.wte, w.wpe, *stacks,
             self.h, self.xn, self.qkv, self.attn, self.ff, self.part,
             self.cache if cached else self._dummy_cache, self.counter, self.error,
             self.rows, len(w.layers), w.eps, self.scale,
-            D=w.n_embd, H=w.n_head, HD=w.n_embd // w.n_head, LC=self.cache_len, BLOCK_D=self.block_d,
             BLOCK_M=self.block_m, CACHED=cached, BN=plan.block_n, BK=plan.block_k, BLOCK_KV=plan.block_kv,
-            PROJ_SPLITS=plan.proj_splits, OUT_SPLITS=plan.out_splits, SPIN=SPIN_LIMIT,
-            UPCAST=interpreted, PREFETCH=plan.prefetch and not interpreted, WORK=work,
-            num_warps=plan.warps, num_stages=plan.stages,
+            UPCAST=interpreted, WORK=work, num_stages=plan.stages, **common,
         )  # fmt: skip
         return self.xn
 
