@@ -223,6 +223,19 @@ class PersistentForward:
         """
         module = _build()
         assert module is not None, "Triton is not installed"
+        name, args, constants = self.launch(tokens, position, work)
+        self.counter.zero_()
+        getattr(module, name)[(self.grid,)](*args, **constants)
+        return self.xn
+
+    def launch(
+        self, tokens: torch.Tensor, position: torch.Tensor | None = None, work: bool = True
+    ) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+        """The kernel's name, its arguments and its compile-time constants (with warps and stages) for a launch.
+
+        Separate from ``run`` so that scripts/compile_kernels.py can build the
+        very same kernels for a GPU target on a machine without one.
+        """
         w, plan = self.weights, self.plan
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         width, heads = w.n_embd, w.n_head
@@ -233,32 +246,35 @@ class PersistentForward:
         common = {
             "D": width, "H": heads, "HD": width // heads, "LC": self.cache_len, "BLOCK_D": self.block_d,
             "PROJ_SPLITS": plan.proj_splits, "OUT_SPLITS": plan.out_splits, "SPIN": SPIN_LIMIT,
-            "PREFETCH": plan.prefetch and not interpreted,
-            "num_warps": plan.warps,
+            "PREFETCH": plan.prefetch and not interpreted, "num_warps": plan.warps,
         }  # fmt: skip
-        self.counter.zero_()
         if self.matvec and work:
             assert position is not None and self.cache is not None
             chunk, chunks = self._chunks(self.cache)
-            module.decode_kernel[(self.grid,)](
+            args = (
                 tokens, position, w.wte, w.wpe, *stacks,
                 self.h, self.xn, self.qkv, self.ff, self.part, self.attn_out, self.attn_stats, self.cache,
                 self.counter, self.error, self.trace_cycles, len(w.layers), w.eps, self.scale,
-                TRACE=self.trace and not interpreted, BN=max(8, min(32, 32768 // self.block_d)), KSPLIT=chunks, CH=chunk,
-                KX_PROJ=_next_pow2(width // plan.proj_splits), KX_OUT=_next_pow2(4 * width // plan.out_splits),
-                **common,
             )  # fmt: skip
-            return self.xn
+            constants = {
+                "BN": max(8, min(32, 32768 // self.block_d)), "KSPLIT": chunks, "CH": chunk,
+                "KX_PROJ": _next_pow2(width // plan.proj_splits),
+                "KX_OUT": _next_pow2(4 * width // plan.out_splits),
+                "TRACE": self.trace and not interpreted, **common,
+            }  # fmt: skip
+            return "decode_kernel", args, constants
         cached = self.cache is not None
-        module.forward_kernel[(self.grid,)](
+        args = (
             tokens, position if position is not None else self._position, w.wte, w.wpe, *stacks,
             self.h, self.xn, self.qkv, self.attn, self.ff, self.part,
             self.cache if cached else self._dummy_cache, self.counter, self.error,
             self.rows, len(w.layers), w.eps, self.scale,
-            BLOCK_M=self.block_m, CACHED=cached, BN=plan.block_n, BK=plan.block_k, BLOCK_KV=plan.block_kv,
-            UPCAST=interpreted, WORK=work, num_stages=plan.stages, **common,
         )  # fmt: skip
-        return self.xn
+        constants = {
+            "BLOCK_M": self.block_m, "CACHED": cached, "BN": plan.block_n, "BK": plan.block_k,
+            "BLOCK_KV": plan.block_kv, "UPCAST": interpreted, "WORK": work, "num_stages": plan.stages, **common,
+        }  # fmt: skip
+        return "forward_kernel", args, constants
 
     def failed(self) -> bool:
         """Whether a barrier gave up since the buffers were made (one host sync)."""

@@ -207,6 +207,17 @@ def prefetch_tiles(w_ptr, pid, nprog, N: tl.constexpr, K: tl.constexpr, SPLITS: 
 
 
 @triton.jit
+def next_layer(qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache,
+               D: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, LC: tl.constexpr):  # fmt: skip
+    """The pointers to the next layer's slices: each stacked tensor holds its layers at a fixed stride."""
+    F: tl.constexpr = 4 * D
+    return (
+        qkv_w + 3 * D * D, qkv_b + 3 * D, proj_w + D * D, proj_b + D, fc_w + F * D, fc_b + F, out_w + D * F,
+        out_b + D, ln1_w + D, ln1_b + D, ln2_w + D, ln2_b + D, cache + 2 * H * LC * HD,
+    )  # fmt: skip
+
+
+@triton.jit
 def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
                    qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b,
                    h_ptr, xn_ptr, qkv_ptr, attn_ptr, ff_ptr, part_ptr, cache_ptr, counter_ptr, error_ptr,
@@ -234,7 +245,6 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         prefetch_tiles(proj_w, pid, nprog, D, D, PROJ_SPLITS, BN, PREFETCH)
         rows_stage(h_ptr, part_ptr, proj_b, ln1_w, ln1_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, M, pos, eps,
                    pid, nprog, D, BLOCK_D, BLOCK_M, 1, True)  # fmt: skip
-    # each layer's tensors sit at a fixed stride from the last's: advance the pointers
     cache = cache_ptr
     for layer in range(n_layer):
         barrier += nprog
@@ -284,19 +294,27 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if WORK:
             rows_stage(h_ptr, part_ptr, out_b, ln1_w + D, ln1_b + D, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, M, pos,
                        eps, pid, nprog, D, BLOCK_D, BLOCK_M, OUT_SPLITS, False)  # fmt: skip
-        qkv_w += 3 * D * D
-        qkv_b += 3 * D
-        proj_w += D * D
-        proj_b += D
-        fc_w += F * D
-        fc_b += F
-        out_w += D * F
-        out_b += D
-        ln1_w += D
-        ln1_b += D
-        ln2_w += D
-        ln2_b += D
-        cache += 2 * H * LC * HD
+        qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache = (
+            next_layer(
+                qkv_w,
+                qkv_b,
+                proj_w,
+                proj_b,
+                fc_w,
+                fc_b,
+                out_w,
+                out_b,
+                ln1_w,
+                ln1_b,
+                ln2_w,
+                ln2_b,
+                cache,
+                D,
+                H,
+                HD,
+                LC,
+            )
+        )
 
 
 # -- one cached token (full-context decoding): products as matrix-vector products ---------------
@@ -564,19 +582,27 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         wait(counter_ptr, error_ptr, barrier, SPIN)
         if TRACE:
             cycles, since = tick(cycles, since, 9)
-        qkv_w += 3 * D * D
-        qkv_b += 3 * D
-        proj_w += D * D
-        proj_b += D
-        fc_w += F * D
-        fc_b += F
-        out_w += D * F
-        out_b += D
-        ln1_w += D
-        ln1_b += D
-        ln2_w += D
-        ln2_b += D
-        cache += 2 * H * LC * HD
+        qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache = (
+            next_layer(
+                qkv_w,
+                qkv_b,
+                proj_w,
+                proj_b,
+                fc_w,
+                fc_b,
+                out_w,
+                out_b,
+                ln1_w,
+                ln1_b,
+                ln2_w,
+                ln2_b,
+                cache,
+                D,
+                H,
+                HD,
+                LC,
+            )
+        )
     if TRACE:
         tl.store(trace_ptr + pid * 16 + tl.arange(0, 16), cycles)
     if pid == 0:  # ln_f (ln1_w now points at it) of the residual after the last layer
