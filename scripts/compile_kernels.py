@@ -1,0 +1,119 @@
+"""Build the persistent kernels for a GPU target on a machine without a GPU.
+
+    python scripts/compile_kernels.py --arch 90
+
+Triton's interpreter (tests/test_persistent.py) checks what the kernels
+compute but not what the compiler refuses: a loop-carried variable that
+changes shape, a pointer of the wrong type. This builds every launch the
+engine makes — the window kernel and both cached-token kernels, with and
+without the trace — for GPT-2 widths (gpt2, gpt2-medium) down to the
+target's machine code with Triton's own ``ptxas``, exactly as ``run`` would
+launch them (``PersistentForward.launch``). It needs Triton but no GPU and
+must run without ``TRITON_INTERPRET`` (tests/test_persistent.py starts it in
+a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_kernels.py: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+DTYPES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
+SHAPES = {"gpt2": (768, 12), "gpt2-medium": (1024, 16)}
+
+
+def type_of(value: object) -> str:
+    """Triton's signature string for one runtime argument."""
+    if isinstance(value, torch.Tensor):
+        return "*" + DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {value!r}")
+
+
+def compile_launch(module: object, name: str, args: tuple, constants: dict, arch: int) -> float:
+    """Build one launch's kernel for ``sm_<arch>``; seconds taken."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(module, name)
+    options = {key: constants.pop(key) for key in ("num_warps", "num_stages") if key in constants}
+    values = dict(zip(fn.arg_names, args, strict=False)) | constants
+    signature = {arg: "constexpr" if arg in constants else type_of(values[arg]) for arg in fn.arg_names}
+    constexprs = {(fn.arg_names.index(arg),): value for arg, value in constants.items()}
+    start = time.perf_counter()
+    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--arch", type=int, default=90, help="compute capability: 90 for H100/H200, 80 for A100"
+    )
+    parser.add_argument("--models", default="gpt2,gpt2-medium")
+    args = parser.parse_args()
+
+    from collapse_tui.fast import persistent
+    from collapse_tui.fast.gpt2 import GPT2Weights
+
+    module = persistent._build()
+    if module is None:
+        sys.exit("compile_kernels.py: Triton is not installed")
+    for name in args.models.split(","):
+        width, heads = SHAPES[name]
+        config = GPT2Config(n_layer=1, n_head=heads, n_embd=width, vocab_size=64, n_positions=1024)
+        weights = GPT2Weights(GPT2LMHeadModel(config), torch.bfloat16)
+        cache = weights.new_kv_cache(1024)
+        token, position = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        launches = {
+            "window, 100 rows": (
+                persistent.PersistentForward(weights, 100, grid=132),
+                (torch.zeros(100, dtype=torch.long),),
+            ),
+            "cached token": (
+                persistent.PersistentForward(weights, 1, cache=cache, grid=132),
+                (token, position),
+            ),
+        }
+        plain = replace(persistent.default_plan(width, 1), matvec=False)
+        launches["cached token, forward_kernel"] = (
+            persistent.PersistentForward(weights, 1, cache=cache, plan=plain, grid=132),
+            (token, position),
+        )
+        traced = persistent.PersistentForward(weights, 1, cache=cache, grid=132)
+        traced.trace = True
+        launches["cached token, traced"] = (traced, (token, position))
+        for label, (forward, inputs) in launches.items():
+            kernel, kernel_args, constants = forward.launch(*inputs)
+            seconds = compile_launch(module, kernel, kernel_args, dict(constants), args.arch)
+            print(f"{name}: {label}: {kernel} built for sm_{args.arch} in {seconds:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
