@@ -105,6 +105,7 @@ def test_default_plan_splits_k_into_whole_steps() -> None:
     assert persistent.supported_reason(1024, 16, 100, torch.bfloat16) is None
     assert persistent.supported_reason(1024, 16, 200, torch.bfloat16) is not None
     assert persistent.supported_reason(1024, 16, 100, torch.float32) is not None
+    assert persistent.supported_reason(1024, 16, 100, torch.float16) is not None
 
 
 def test_the_kernels_build_for_hopper(tmp_path) -> None:

@@ -97,8 +97,8 @@ def check_plan(plan: Plan, n_embd: int) -> None:
 def supported_reason(n_embd: int, n_head: int, rows: int, dtype: torch.dtype) -> str | None:
     """Why the persistent kernel cannot run this shape, or ``None`` when it can."""
     head_dim = n_embd // n_head
-    if dtype not in (torch.bfloat16, torch.float16):
-        return "needs a half-precision compute dtype"
+    if dtype != torch.bfloat16:
+        return "needs the bf16 compute dtype (its stores and roundings are bf16)"
     if rows > MAX_ROWS:
         return f"windows of more than {MAX_ROWS} tokens"
     if n_embd % 64 or head_dim * n_head != n_embd or head_dim & (head_dim - 1) or head_dim > 128:
