@@ -33,28 +33,37 @@ def arrive(counter_ptr):
 
 
 @triton.jit
-def wait(counter_ptr, error_ptr, target, SPIN: tl.constexpr):
+def wait(counter_ptr, error_ptr, target, spin):
     """The other half: poll until ``target`` arrivals, then every CTA's stores are visible (acquire).
 
     One thread per CTA polls with an atomic read. (Polling with ``ld.acquire``
     from every thread measured slower: 1.4 µs a barrier against 0.9 µs.)
-    A barrier that never fills gives up after ``SPIN`` polls and flags it.
+    A barrier that does not fill within ``spin`` polls gives up and flags it;
+    the budget returned for the next barrier is then 0, so a launch whose
+    CTAs are not all resident ends in about a second instead of hanging.
     """
     seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     spins = 0
-    while (seen < target) & (spins < SPIN):
+    while (seen < target) & (spins < spin):
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
         spins += 1
-    if spins >= SPIN:
+    if seen < target:
         tl.store(error_ptr, 1)
     tl.debug_barrier()
+    return tl.where(seen < target, 0, spin)
 
 
 @triton.jit
-def grid_sync(counter_ptr, error_ptr, target, SPIN: tl.constexpr):
-    """All CTAs arrive; nobody leaves before every write of the stage is visible."""
+def grid_sync(counter_ptr, error_ptr, target, spin):
+    """All CTAs arrive; nobody leaves before every write of the stage is visible. Returns ``wait``'s budget."""
     arrive(counter_ptr)
-    wait(counter_ptr, error_ptr, target, SPIN)
+    return wait(counter_ptr, error_ptr, target, spin)
+
+
+@triton.jit
+def spin_budget(error_ptr, SPIN: tl.constexpr):
+    """Polls a barrier may take: none once an earlier launch gave up (its results are discarded anyway)."""
+    return tl.where(tl.load(error_ptr) == 0, SPIN, 0)
 
 
 @triton.jit
@@ -240,6 +249,7 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     if CACHED:
         pos = tl.load(pos_ptr).to(tl.int32)
     barrier = 0
+    spin = spin_budget(error_ptr, SPIN)
     if WORK:
         prefetch_tiles(qkv_w, pid, nprog, 3 * D, D, 1, BN, PREFETCH)
         prefetch_tiles(proj_w, pid, nprog, D, D, PROJ_SPLITS, BN, PREFETCH)
@@ -248,7 +258,7 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     cache = cache_ptr
     for layer in range(n_layer):
         barrier += nprog
-        grid_sync(counter_ptr, error_ptr, barrier, SPIN)
+        spin = grid_sync(counter_ptr, error_ptr, barrier, spin)
         if WORK:
             gemm_stage(xn_ptr, qkv_w, qkv_b, qkv_ptr, cache, M, pos, pid, nprog, 3 * D, D, 1, 0, CACHED, D, H,
                        HD, LC, BLOCK_M, BN, BK, UPCAST)  # fmt: skip
@@ -256,12 +266,12 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if WORK:
             prefetch_tiles(fc_w, pid, nprog, F, D, 1, BN, PREFETCH)
         barrier += nprog
-        wait(counter_ptr, error_ptr, barrier, SPIN)
+        spin = wait(counter_ptr, error_ptr, barrier, spin)
         if WORK:
             attention_stage(qkv_ptr, cache, attn_ptr, M, pos, scale, pid, nprog, D, H, HD, LC, BLOCK_M,
                             BLOCK_KV, CACHED, UPCAST)  # fmt: skip
         barrier += nprog
-        grid_sync(counter_ptr, error_ptr, barrier, SPIN)
+        spin = grid_sync(counter_ptr, error_ptr, barrier, spin)
         if WORK:
             gemm_stage(attn_ptr, proj_w, proj_b, part_ptr, cache, M, pos, pid, nprog, D, D, PROJ_SPLITS, 2,
                        False, D, H, HD, LC, BLOCK_M, BN, BK, UPCAST)  # fmt: skip
@@ -269,12 +279,12 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if WORK:
             prefetch_tiles(out_w, pid, nprog, D, F, OUT_SPLITS, BN, PREFETCH)
         barrier += nprog
-        wait(counter_ptr, error_ptr, barrier, SPIN)
+        spin = wait(counter_ptr, error_ptr, barrier, spin)
         if WORK:
             rows_stage(h_ptr, part_ptr, proj_b, ln2_w, ln2_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, M, pos, eps,
                        pid, nprog, D, BLOCK_D, BLOCK_M, PROJ_SPLITS, False)  # fmt: skip
         barrier += nprog
-        grid_sync(counter_ptr, error_ptr, barrier, SPIN)
+        spin = grid_sync(counter_ptr, error_ptr, barrier, spin)
         if WORK:
             gemm_stage(xn_ptr, fc_w, fc_b, ff_ptr, cache, M, pos, pid, nprog, F, D, 1, 1, False, D, H, HD, LC,
                        BLOCK_M, BN, BK, UPCAST)  # fmt: skip
@@ -282,7 +292,7 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if WORK and layer + 1 < n_layer:
             prefetch_tiles(qkv_w + 3 * D * D, pid, nprog, 3 * D, D, 1, BN, PREFETCH)
         barrier += nprog
-        wait(counter_ptr, error_ptr, barrier, SPIN)
+        spin = wait(counter_ptr, error_ptr, barrier, spin)
         if WORK:
             gemm_stage(ff_ptr, out_w, out_b, part_ptr, cache, M, pos, pid, nprog, D, F, OUT_SPLITS, 2, False, D,
                        H, HD, LC, BLOCK_M, BN, BK, UPCAST)  # fmt: skip
@@ -290,7 +300,7 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if WORK and layer + 1 < n_layer:
             prefetch_tiles(proj_w + D * D, pid, nprog, D, D, PROJ_SPLITS, BN, PREFETCH)
         barrier += nprog
-        wait(counter_ptr, error_ptr, barrier, SPIN)
+        spin = wait(counter_ptr, error_ptr, barrier, spin)
         if WORK:
             rows_stage(h_ptr, part_ptr, out_b, ln1_w + D, ln1_b + D, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, M, pos,
                        eps, pid, nprog, D, BLOCK_D, BLOCK_M, OUT_SPLITS, False)  # fmt: skip
@@ -372,7 +382,9 @@ def add_residual(h_in_ptr, part_ptr, bias_ptr, h_out_ptr, pid, SPLITS: tl.conste
     for s in tl.static_range(SPLITS):
         h += tl.load(part_ptr + s * D + cols, mask=ok, other=0.0, cache_modifier=".cg")
     h += tl.load(bias_ptr + cols, mask=ok, other=0.0)
-    tl.store(h_out_ptr + cols, h, mask=cols + pid * BLOCK_D < D)  # CTA 0 only
+    # CTA 0 only: pid * BLOCK_D pushes every column past D for the others (``& (pid == 0)``
+    # would read better but Triton's interpreter rejects a Python bool in a mask)
+    tl.store(h_out_ptr + cols, h, mask=cols + pid * BLOCK_D < D)
     return h
 
 
@@ -476,6 +488,7 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     # that precedes the product: the weights' latency hides behind the wait
     w_qkv = load_tile(qkv_w, pid, QKV_TILES, QKV_TILES, D, D, BLOCK_D, BN)
     barrier = 0
+    spin = spin_budget(error_ptr, SPIN)
     cache = cache_ptr
     if TRACE:
         cycles = tl.zeros([16], dtype=tl.int64)
@@ -485,7 +498,7 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if layer == 0:
             h = tl.load(wte_ptr + token * D + cols_d, mask=cols_d < D, other=0.0)
             h += tl.load(wpe_ptr + pos * D + cols_d, mask=cols_d < D, other=0.0)
-            tl.store(h_b + cols_d, h, mask=cols_d + pid * BLOCK_D < D)  # CTA 0 only
+            tl.store(h_b + cols_d, h, mask=cols_d + pid * BLOCK_D < D)  # CTA 0 only (see add_residual)
         else:
             h = add_residual(h_a, part_ptr, out_b - D, h_b, pid, OUT_SPLITS, D, BLOCK_D)
         x_ln1 = layer_norm_row(h, ln1_w, ln1_b, eps, D, BLOCK_D)
@@ -506,14 +519,14 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         w_proj = load_tile(proj_w, pid, D_TILES * PROJ_SPLITS, D_TILES, D, KS_PROJ, KX_PROJ, BN)
         prefetch_tiles(out_w, pid, nprog, D, F, OUT_SPLITS, BN, PREFETCH)
         barrier += nprog
-        wait(counter_ptr, error_ptr, barrier, SPIN)
+        spin = wait(counter_ptr, error_ptr, barrier, spin)
         if TRACE:
             cycles, since = tick(cycles, since, 5)
         decode_attention(qkv_ptr, cache, o_ptr, ml_ptr, pos, scale, pid, nprog, H, HD, LC, KSPLIT, CH)
         if TRACE:
             cycles, since = tick(cycles, since, 1)
         barrier += nprog
-        grid_sync(counter_ptr, error_ptr, barrier, SPIN)
+        spin = grid_sync(counter_ptr, error_ptr, barrier, spin)
         if TRACE:
             cycles, since = tick(cycles, since, 6)
         # attention projection, split over K = groups of heads
@@ -533,7 +546,7 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if layer + 1 < n_layer:
             prefetch_tiles(qkv_w + 3 * D * D, pid, nprog, 3 * D, D, 1, BN, PREFETCH)
         barrier += nprog
-        wait(counter_ptr, error_ptr, barrier, SPIN)
+        spin = wait(counter_ptr, error_ptr, barrier, spin)
         if TRACE:
             cycles, since = tick(cycles, since, 7)
         # ln_2 (+ the projection into the residual) and the MLP's up-projection with GELU
@@ -555,7 +568,7 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if layer + 1 < n_layer:
             prefetch_tiles(proj_w + D * D, pid, nprog, D, D, PROJ_SPLITS, BN, PREFETCH)
         barrier += nprog
-        wait(counter_ptr, error_ptr, barrier, SPIN)
+        spin = wait(counter_ptr, error_ptr, barrier, spin)
         if TRACE:
             cycles, since = tick(cycles, since, 8)
         # the MLP's down-projection, split over K
@@ -579,7 +592,7 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if layer + 1 < n_layer:
             prefetch_tiles(fc_w + F * D, pid, nprog, F, D, 1, BN, PREFETCH)
         barrier += nprog
-        wait(counter_ptr, error_ptr, barrier, SPIN)
+        spin = wait(counter_ptr, error_ptr, barrier, spin)
         if TRACE:
             cycles, since = tick(cycles, since, 9)
         qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache = (
