@@ -6,9 +6,13 @@ once per token, so it should read 2 bytes a weight, not 4. ``GPT2Weights``
 holds bf16 copies of the matrices, in ``nn.Linear`` layout ``[out, in]``, and
 refreshes them in place (one ``_foreach_copy_``) after every optimizer step:
 the tensors never move, so CUDA graphs captured over them stay valid and
-always see the current weights. Norm parameters, position embeddings, the
-token embedding used for lookups and the biases added inside the fused
-residual kernel are the fp32 master tensors themselves: nothing to refresh.
+always see the current weights. Each kind is one stacked tensor ``[layers,
+...]`` (layer i a slice of it), which the persistent kernel (persistent.py)
+needs. The layer-by-layer forward reads norm parameters, position and token
+embeddings and the residual biases from the fp32 masters themselves; the
+persistent kernel reads stacked fp32 copies of the norms and residual biases,
+refreshed with the rest. Either way a change through ``p.data`` is seen only
+after ``refresh`` (``stale`` cannot notice it).
 
 The forward follows ``GPT2LMHeadModel`` (pre-norm blocks, tanh GELU, scaled
 dot-product attention, lm_head tied to wte) with the residual stream in fp32

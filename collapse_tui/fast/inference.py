@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from collapse_tui.errors import RunInterrupted
 from collapse_tui.fast.gpt2 import GPT2Weights
 from collapse_tui.fast.kernels import sample_token
-from collapse_tui.fast.persistent import PersistentForward, Plan, persistent_unsupported
+from collapse_tui.fast.persistent import PersistentForward, Plan, check_plan, persistent_unsupported
 from collapse_tui.inference import STOP_CHECK_EVERY, Inference
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,29 @@ class _Decoder:
             for _ in range(steps):
                 self.step(generator)
         return graph
+
+    def check_persistent(self) -> None:
+        """Run two steps on the persistent forward and drop it if they fail.
+
+        Failing here means a kernel that does not build on this GPU (Triton's
+        compile errors are not ``RuntimeError``s) or a grid barrier that gave
+        up, e.g. when another process's kernels keep some SMs busy so that not
+        all CTAs are resident. Generation then runs layer by layer, from the
+        start, instead of finding out after a whole sample.
+        """
+        if self.persistent is None:
+            return
+        generator = torch.Generator(device=self.owner.device)
+        self.counter.fill_(1)  # a valid state to step from (run() sets the real one)
+        try:
+            for _ in range(2):
+                self.step(generator)
+            problem = "a grid barrier gave up" if self.persistent.failed() else None
+        except Exception as error:  # any failure of the optional kernel means: go without it
+            problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if problem is not None:
+            log.warning("persistent forward not used (%s): generating layer by layer", problem)
+            self.persistent = None
 
     def capture(self) -> None:
         """Capture chunks of steps in CUDA graphs; on failure keep running eagerly (still no host sync).
@@ -205,7 +228,9 @@ class _Decoder:
         sample = self.seq[: prompt_len + gen_tokens].tolist()
         if self.persistent is not None and self.persistent.failed():
             # a grid barrier gave up (CTAs not all resident?): this sample is not to be
-            # trusted; drop the persistent kernel for good and generate it again
+            # trusted; drop the persistent kernel for good and generate it again (from a
+            # fresh seed drawn from the caller's generator: not the draws a run that
+            # never used the kernel would have made)
             log.warning("the persistent forward failed a grid barrier: generating layer by layer")
             self.persistent = None
             if self.graphs:
@@ -241,6 +266,8 @@ class FastGPT2Inference(Inference):
         #: try the one-launch-a-token forward (persistent.py) where the device and shape allow
         self.use_persistent = use_persistent
         self.persistent_plan = persistent_plan
+        if persistent_plan is not None:
+            check_plan(persistent_plan, model.config.n_embd)
         self._decoders: dict[bool, _Decoder] = {}
 
     @property
@@ -279,6 +306,7 @@ class FastGPT2Inference(Inference):
             capacity = max(self.block, total)
             capacity = -(-capacity // 1024) * 1024
             decoder = _Decoder(self, capacity, kv)
+            decoder.check_persistent()
             if self.use_graphs:
                 decoder.capture()
             self._decoders[kv] = decoder

@@ -13,8 +13,9 @@ It computes what ``GPT2Weights.hidden`` / ``decode_one`` compute, in the same
 precision: residual stream in fp32, products in bf16 with fp32 accumulation,
 the two products that feed the residual split over K into fp32 partial sums
 added in a fixed order (deterministic), attention with an online softmax in
-fp32. The weights are the stacked compute-dtype copies ``GPT2Weights``
-refreshes in place, so a graph captured over this launch sees every update.
+fp32. The weights are the stacked copies ``GPT2Weights`` refreshes in place
+(bf16 matrices, fp32 norms and residual biases), so a graph captured over
+this launch sees every update.
 
 Two shapes, as in ``FastGPT2Inference``:
 
@@ -86,9 +87,18 @@ def default_plan(n_embd: int, rows: int = MAX_ROWS) -> Plan:
 
 
 def check_plan(plan: Plan, n_embd: int) -> None:
-    """Every K split must be a whole number of K steps, every column tile whole."""
+    """Raise ``ValueError`` unless ``plan`` fits the width: tiles powers of two (products' at least 16,
+    ``tl.dot``'s minimum), every split whole.
+
+    Each K split must be a whole number of K steps and at least one 128-byte
+    line (64 bf16 values) for the L2 prefetch; every column tile whole.
+    """
+    for field, least in (("block_n", 16), ("block_k", 16), ("block_kv", 16), ("chunk", 1)):
+        value = getattr(plan, field)
+        if value < least or value & (value - 1):
+            raise ValueError(f"{field}={value} is not a power of two of at least {least}")
     for k, splits in ((n_embd, plan.proj_splits), (4 * n_embd, plan.out_splits)):
-        if k % (splits * plan.block_k):
+        if splits < 1 or k % (splits * plan.block_k) or k // splits < 64:
             raise ValueError(f"K={k} does not split {splits} ways into steps of {plan.block_k}")
     if n_embd % plan.block_n:
         raise ValueError(f"width {n_embd} is not a multiple of {plan.block_n} columns")
@@ -101,8 +111,8 @@ def supported_reason(n_embd: int, n_head: int, rows: int, dtype: torch.dtype) ->
         return "needs the bf16 compute dtype (its stores and roundings are bf16)"
     if rows > MAX_ROWS:
         return f"windows of more than {MAX_ROWS} tokens"
-    if n_embd % 64 or head_dim * n_head != n_embd or head_dim & (head_dim - 1) or head_dim > 128:
-        return "width or head size"
+    if n_embd % 64 or head_dim * n_head != n_embd or head_dim & (head_dim - 1) or not 16 <= head_dim <= 128:
+        return "width or head size (heads of 16 to 128, a power of two)"
     return None
 
 
@@ -191,6 +201,7 @@ class PersistentForward:
                 torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
             )
         self.grid = grid
+        self.last_kernel = "decode_kernel" if self.matvec else "forward_kernel"
         #: ``decode_kernel`` counts SM cycles per stage into ``trace_cycles`` (benchmarks/trace_decode.py)
         self.trace = False
         self.trace_cycles = torch.zeros(grid, 16, dtype=torch.int64, device=device)
@@ -203,8 +214,8 @@ class PersistentForward:
 
     @property
     def barriers(self) -> int:
-        """Grid barriers one launch passes: seven a layer, five for ``decode_kernel``."""
-        return (5 if self.matvec else 7) * len(self.weights.layers)
+        """Grid barriers the last launch passed: seven a layer, five for ``decode_kernel``."""
+        return (5 if self.last_kernel == "decode_kernel" else 7) * len(self.weights.layers)
 
     def _chunks(self, cache: torch.Tensor | None) -> tuple[int, int]:
         """Keys per attention chunk and chunks per head (both powers of two) for the cache's length."""
@@ -224,6 +235,7 @@ class PersistentForward:
         module = _build()
         assert module is not None, "Triton is not installed"
         name, args, constants = self.launch(tokens, position, work)
+        self.last_kernel = name
         self.counter.zero_()
         getattr(module, name)[(self.grid,)](*args, **constants)
         return self.xn
