@@ -172,3 +172,34 @@ def test_add_layernorm_sums_split_k_partials() -> None:
     out = add_layernorm(h, partials, None, w, b, 1e-5, torch.float32, use_triton=True)
     assert torch.allclose(h, expected_h, atol=1e-6)
     assert torch.allclose(out, torch.nn.functional.layer_norm(expected_h, (64,), w, b, 1e-5), atol=1e-5)
+
+
+class _BrokenForward:
+    """Stands in for a persistent forward that does not build, or whose barrier gave up."""
+
+    def __init__(self, weights, raises: bool) -> None:
+        self.weights, self.raises = weights, raises
+
+    def run(self, tokens: torch.Tensor, position: torch.Tensor | None = None) -> torch.Tensor:
+        if self.raises:
+            raise ValueError("no kernel for this GPU")
+        return self.weights.hidden(tokens.view(1, -1))[0]
+
+    def failed(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("raises", [True, False], ids=["does-not-build", "barrier-gave-up"])
+def test_a_failing_persistent_forward_is_dropped_before_generating(
+    raises: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_model()
+    fast = fast_cpu(model, block=16)
+    decoder = fast._decoder(False, 64)
+    decoder.persistent = _BrokenForward(fast.weights, raises)
+    decoder.check_persistent()
+    assert decoder.persistent is None
+    assert "persistent forward not used" in caplog.text
+    ids = fast.generate([1, 2, 3], 40, torch.Generator().manual_seed(0))
+    seed = torch.Generator().manual_seed(0)
+    assert ids == EagerInference(model, 16, 1.0, 50).generate([1, 2, 3], 40, seed)
