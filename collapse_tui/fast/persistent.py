@@ -177,8 +177,8 @@ class PersistentForward:
         self.plan = plan or default_plan(width, rows)
         check_plan(self.plan, width)
         device = weights.wte.device
-        self.block_m = max(16, 1 << (rows - 1).bit_length())
-        self.block_d = 1 << (width - 1).bit_length()
+        self.block_m = max(16, _next_pow2(rows))  # tl.dot takes at least 16 rows
+        self.block_d = _next_pow2(width)
         dtype = weights.dtype
         m = self.block_m
         self.h = torch.zeros(m, width, dtype=torch.float32, device=device)
@@ -222,8 +222,8 @@ class PersistentForward:
         if cache is None:
             return 1, 1
         length = cache.size(3)
-        chunk = min(self.plan.chunk, 1 << (length - 1).bit_length())
-        return chunk, 1 << (-(-length // chunk) - 1).bit_length()
+        chunk = min(self.plan.chunk, _next_pow2(length))
+        return chunk, _next_pow2(-(-length // chunk))
 
     def run(
         self, tokens: torch.Tensor, position: torch.Tensor | None = None, work: bool = True

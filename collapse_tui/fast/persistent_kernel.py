@@ -304,27 +304,9 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if WORK:
             rows_stage(h_ptr, part_ptr, out_b, ln1_w + D, ln1_b + D, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, M, pos,
                        eps, pid, nprog, D, BLOCK_D, BLOCK_M, OUT_SPLITS, False)  # fmt: skip
-        qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache = (
-            next_layer(
-                qkv_w,
-                qkv_b,
-                proj_w,
-                proj_b,
-                fc_w,
-                fc_b,
-                out_w,
-                out_b,
-                ln1_w,
-                ln1_b,
-                ln2_w,
-                ln2_b,
-                cache,
-                D,
-                H,
-                HD,
-                LC,
-            )
-        )
+        qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache = next_layer(
+            qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache, D, H, HD, LC
+        )  # fmt: skip
 
 
 # -- one cached token (full-context decoding): products as matrix-vector products ---------------
@@ -595,27 +577,9 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         spin = wait(counter_ptr, error_ptr, barrier, spin)
         if TRACE:
             cycles, since = tick(cycles, since, 9)
-        qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache = (
-            next_layer(
-                qkv_w,
-                qkv_b,
-                proj_w,
-                proj_b,
-                fc_w,
-                fc_b,
-                out_w,
-                out_b,
-                ln1_w,
-                ln1_b,
-                ln2_w,
-                ln2_b,
-                cache,
-                D,
-                H,
-                HD,
-                LC,
-            )
-        )
+        qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache = next_layer(
+            qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache, D, H, HD, LC
+        )  # fmt: skip
     if TRACE:
         tl.store(trace_ptr + pid * 16 + tl.arange(0, 16), cycles)
     if pid == 0:  # ln_f (ln1_w now points at it) of the residual after the last layer
