@@ -1,4 +1,4 @@
-"""Build the persistent kernels for a GPU target on a machine without a GPU.
+"""Build the persistent kernels and the sampling kernels for a GPU target on a machine without a GPU.
 
     python scripts/compile_kernels.py --arch 90
 
@@ -8,7 +8,8 @@ changes shape, a pointer of the wrong type. This builds every launch the
 engine makes — the window kernel and both cached-token kernels, with and
 without the trace — for GPT-2 widths (gpt2, gpt2-medium) down to the
 target's machine code with Triton's own ``ptxas``, exactly as ``run`` would
-launch them (``PersistentForward.launch``). It needs Triton but no GPU and
+launch them (``PersistentForward.launch``), and the top-k race's kernels as
+``topk_race.launches`` gives them. It needs Triton but no GPU and
 must run without ``TRITON_INTERPRET`` (tests/test_persistent.py starts it in
 a subprocess).
 """
@@ -113,6 +114,21 @@ def main() -> None:
             kernel, kernel_args, constants = forward.launch(*inputs)
             seconds = compile_launch(module, kernel, kernel_args, dict(constants), args.arch)
             print(f"{name}: {label}: {kernel} built for sm_{args.arch} in {seconds:.1f} s", flush=True)
+    compile_sampling(args.arch)
+
+
+def compile_sampling(arch: int) -> None:
+    """Every launch of the top-k race: bf16 and fp32 logits, with and without top-k."""
+    from collapse_tui.fast import topk_race, topk_race_kernel
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for top_k in (200, None):
+            logits, draws = torch.zeros(50257, dtype=dtype), torch.ones(50257)
+            plan, _ = topk_race.launches(logits, draws, top_k, 1.0)
+            for kernel, _grid, kernel_args, constants in plan:
+                seconds = compile_launch(topk_race_kernel, kernel, kernel_args, dict(constants), arch)
+                label = f"{DTYPES[dtype]} logits, top-k {top_k}"
+                print(f"sampling: {label}: {kernel} built for sm_{arch} in {seconds:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

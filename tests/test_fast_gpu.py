@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from collapse_tui.fast import FastGPT2Inference, fast_inference_for, persistent, skinny
+from collapse_tui.fast.topk_race import race_winner, sample_token
 from collapse_tui.inference import EagerInference, sequence_windows
 from collapse_tui.sampling import filter_logits, sample_next
 
@@ -150,6 +151,48 @@ def test_graph_sampling_has_the_filtered_distribution() -> None:
     graph.register_generator_state(generator)
     with torch.cuda.graph(graph):
         counts.index_add_(0, sample_next(logits, temperature, top_k, generator), ones)
+    for _ in range(draws):
+        graph.replay()
+    observed = counts / draws
+    total_variation = 0.5 * float((observed - expected).abs().sum())
+    assert float(observed[expected == 0].sum()) == 0.0
+    assert total_variation < 0.02, total_variation
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_triton_top_k_race_picks_the_torch_race_token(dtype: torch.dtype) -> None:
+    """The histogram select of the k-th largest and the race, on the GPU, against torch with the same draws."""
+    gen = cuda_gen(11)
+    for trial in range(40):
+        logits = torch.randn(1, VOCAB, device="cuda", generator=gen) * 3
+        if trial % 2:  # few distinct values: the k-th largest is shared by many logits
+            logits = logits.round()
+        logits = logits.to(dtype)
+        draws = torch.empty(1, VOCAB, device="cuda").exponential_(generator=gen)
+        for k in (None, 1, 200, VOCAB - 1):
+            ours = race_winner(logits, draws, 0.9, k, use_triton=True)
+            theirs = race_winner(logits, draws, 0.9, k, use_triton=False)
+            assert ours.tolist() == theirs.tolist(), (trial, k)
+
+
+def test_graph_sampling_of_bf16_logits_has_the_filtered_distribution() -> None:
+    """The fast path's ``sample_token`` (Triton top-k race), captured and replayed, histogrammed."""
+    torch.manual_seed(4)
+    logits = (torch.randn(1, VOCAB, device="cuda") * 3).to(torch.bfloat16)
+    temperature, top_k, draws = 0.8, 20, 40000
+    expected = torch.softmax(filter_logits(logits, temperature, top_k), dim=-1)[0]
+    counts = torch.zeros(VOCAB, device="cuda")
+    ones = torch.ones(1, device="cuda")
+    generator = cuda_gen(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sample_token(logits, temperature, top_k, generator)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        counts.index_add_(0, sample_token(logits, temperature, top_k, generator), ones)
     for _ in range(draws):
         graph.replay()
     observed = counts / draws

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from collapse_tui.errors import RunInterrupted
 from collapse_tui.fast.gpt2 import GPT2Weights
-from collapse_tui.fast.kernels import sample_token
 from collapse_tui.fast.persistent import PersistentForward, Plan, check_plan, persistent_unsupported
+from collapse_tui.fast.topk_race import sample_token
 from collapse_tui.inference import STOP_CHECK_EVERY, Inference
 
 log = logging.getLogger(__name__)
