@@ -1,10 +1,12 @@
-"""Where a cached token's time goes inside the persistent decode kernel: work and barrier wait per stage.
+"""Where a cached token's time goes inside the persistent decode kernel: each stage, and what follows it.
 
     python benchmarks/trace_decode.py --models gpt2-medium,gpt2 --position 511
 
 Builds the kernel with ``TRACE``: every CTA adds up the SM cycles (``%clock64``)
-of each stage's work and of the wait at the barrier after it, over all
-layers. Printed per layer, in µs at the SM clock given, as the mean and the
+of each stage (its waits on the dependency flags it needs included) and of
+what follows it up to the next stage (the grid barrier after the projection
+and after MLP down; after the others, loading the next product's first
+tile), over all layers. Printed per layer, in µs at the SM clock given, as the mean and the
 largest over the CTAs, next to the launch's own time by graph replay.
 """
 
@@ -51,7 +53,7 @@ def main() -> None:
         layers = len(weights.layers)
         micros = forward.trace_cycles.double() / (args.ghz * 1e3) / layers
         print(f"\n{name}: {plain:.1f} µs a launch ({traced:.1f} traced), {layers} layers; µs a layer:")
-        print("| stage | work mean | work max | barrier wait mean | barrier wait max |")
+        print("| stage (flag waits included) | mean | max | after it: mean | after it: max |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for i, stage in enumerate(STAGES):
             work, wait = micros[:, i], micros[:, 5 + i]

@@ -5,9 +5,14 @@ Why: with one kernel per operation a generated token is ~250 launches of
 (benchmarks/RESULTS.md). Here one launch of about one CTA per SM walks
 through every stage of every layer — layer norm, qkv, attention, projection,
 layer norm, MLP up, MLP down — and the CTAs meet at a grid barrier (an
-atomic counter) between stages instead of at a kernel boundary. Within a
-stage each CTA takes work items ``pid, pid + grid, ...``: output tiles of a
-product, heads of the attention, rows of a layer norm.
+atomic counter) where a stage needs the whole of the one before (the layer
+norms, which need whole rows), instead of at a kernel boundary. Where a work
+item needs only part of the stage before — an attention head its qkv
+columns, a K split of the projection or of MLP down its slice of the input —
+it waits on a dependency flag (a counter per head or per split) instead, so
+it does not wait for the slowest of all CTAs. Within a stage each CTA takes
+work items ``pid, pid + grid, ...``: output tiles of a product, heads of the
+attention, rows of a layer norm.
 
 It computes what ``GPT2Weights.hidden`` / ``decode_one`` compute, in the same
 precision: residual stream in fp32, products in bf16 with fp32 accumulation,
@@ -186,12 +191,17 @@ class PersistentForward:
         self.qkv = torch.zeros(m, 3 * width, dtype=dtype, device=device)
         self.attn = torch.zeros(m, width, dtype=dtype, device=device)
         self.ff = torch.zeros(m, 4 * width, dtype=dtype, device=device)
-        splits = max(self.plan.proj_splits, self.plan.out_splits)
+        # decode_kernel keeps the projection's and MLP down's partial sums apart (see there)
+        splits = self.plan.proj_splits + self.plan.out_splits
         self.part = torch.zeros(splits, m, width, dtype=torch.float32, device=device)
         heads_chunks = heads * self._chunks(cache)[1]
         self.attn_out = torch.zeros(heads_chunks, width // heads, dtype=torch.float32, device=device)
         self.attn_stats = torch.zeros(heads_chunks, 2, dtype=torch.float32, device=device)
-        self.counter = torch.zeros(1, dtype=torch.int32, device=device)
+        # the grid barrier's counter, then the dependency flags (persistent_kernel.forward_kernel),
+        # one tensor so that a launch zeroes them all at once
+        self.sync = torch.zeros(1 + heads + self.plan.proj_splits + self.plan.out_splits, dtype=torch.int32,
+                                device=device)  # fmt: skip
+        self.counter, self.flags = self.sync[:1], self.sync[1:]
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
         self.cache_len = cache.size(3) if cache is not None else 1
         self._dummy_cache = torch.zeros(1, dtype=dtype, device=device)
@@ -206,6 +216,12 @@ class PersistentForward:
         self.trace = False
         self.trace_cycles = torch.zeros(grid, 16, dtype=torch.int64, device=device)
         self.scale = 1.0 / (width // heads) ** 0.5
+        head_dim, block_n = width // heads, self._block_n()
+        proj_k, out_k = width // self.plan.proj_splits, 4 * width // self.plan.out_splits
+        if proj_k % head_dim and head_dim % proj_k:
+            raise ValueError(f"the projection's K splits of {proj_k} cut heads of {head_dim} unevenly")
+        if out_k % block_n and block_n % out_k:
+            raise ValueError(f"MLP down's K splits of {out_k} cut tiles of {block_n} columns unevenly")
 
     @property
     def matvec(self) -> bool:
@@ -214,8 +230,42 @@ class PersistentForward:
 
     @property
     def barriers(self) -> int:
-        """Grid barriers the last launch passed: seven a layer, five for ``decode_kernel``."""
-        return (5 if self.last_kernel == "decode_kernel" else 7) * len(self.weights.layers)
+        """Grid barriers the last launch passed: four a layer, two for ``decode_kernel``."""
+        return (2 if self.last_kernel == "decode_kernel" else 4) * len(self.weights.layers)
+
+    def flag_counts(self, block_n: int) -> dict[str, int]:
+        """What each dependency flag counts a layer, for column tiles of ``block_n``.
+
+        ``QKV_COUNT``: qkv tiles touching a head (its query, key and value
+        columns); ``ATTN_COUNT``: attention items (heads × key chunks) in a K
+        split of the projection; ``UP_COUNT``: MLP-up tiles in a K split of
+        MLP down. A K split holds whole heads or lies inside one, and whole
+        tiles or lies inside one (``__init__`` checks).
+        """
+        width, heads = self.weights.n_embd, self.weights.n_head
+        head_dim = width // heads
+        proj_k, out_k = width // self.plan.proj_splits, 4 * width // self.plan.out_splits
+        chunks = self._chunks(self.cache)[1] if self.matvec else 1
+        return {
+            "QKV_COUNT": 3 * max(1, head_dim // block_n),
+            "ATTN_COUNT": chunks * max(1, proj_k // head_dim),
+            "UP_COUNT": max(1, out_k // block_n),
+        }
+
+    def expected_flags(self) -> list[int]:
+        """The flags' values after a launch: each count times the layers."""
+        w, plan = self.weights, self.plan
+        counts = self.flag_counts(self._block_n())
+        layers = len(w.layers)
+        return (
+            [counts["QKV_COUNT"] * layers] * w.n_head
+            + [counts["ATTN_COUNT"] * layers] * plan.proj_splits
+            + [counts["UP_COUNT"] * layers] * plan.out_splits
+        )
+
+    def _block_n(self) -> int:
+        """Output columns per tile: the plan's, or ``decode_kernel``'s own (32, fewer for wide models)."""
+        return max(8, min(32, 32768 // self.block_d)) if self.matvec else self.plan.block_n
 
     def _chunks(self, cache: torch.Tensor | None) -> tuple[int, int]:
         """Keys per attention chunk and chunks per head (both powers of two) for the cache's length."""
@@ -236,7 +286,7 @@ class PersistentForward:
         assert module is not None, "Triton is not installed"
         name, args, constants = self.launch(tokens, position, work)
         self.last_kernel = name
-        self.counter.zero_()
+        self.sync.zero_()
         getattr(module, name)[(self.grid,)](*args, **constants)
         return self.xn
 
@@ -257,7 +307,9 @@ class PersistentForward:
         )  # fmt: skip
         common = {
             "D": width, "H": heads, "HD": width // heads, "LC": self.cache_len, "BLOCK_D": self.block_d,
-            "PROJ_SPLITS": plan.proj_splits, "OUT_SPLITS": plan.out_splits, "SPIN": SPIN_LIMIT,
+            "PROJ_SPLITS": plan.proj_splits, "OUT_SPLITS": plan.out_splits,
+            # one program under the interpreter: a wait its own work has not met will never be met
+            "SPIN": 64 if interpreted else SPIN_LIMIT,
             "PREFETCH": plan.prefetch and not interpreted, "num_warps": plan.warps,
         }  # fmt: skip
         if self.matvec and work:
@@ -266,10 +318,10 @@ class PersistentForward:
             args = (
                 tokens, position, w.wte, w.wpe, *stacks,
                 self.h, self.xn, self.qkv, self.ff, self.part, self.attn_out, self.attn_stats, self.cache,
-                self.counter, self.error, self.trace_cycles, len(w.layers), w.eps, self.scale,
+                self.counter, self.flags, self.error, self.trace_cycles, len(w.layers), w.eps, self.scale,
             )  # fmt: skip
             constants = {
-                "BN": max(8, min(32, 32768 // self.block_d)), "KSPLIT": chunks, "CH": chunk,
+                "BN": self._block_n(), "KSPLIT": chunks, "CH": chunk, **self.flag_counts(self._block_n()),
                 "KX_PROJ": _next_pow2(width // plan.proj_splits),
                 "KX_OUT": _next_pow2(4 * width // plan.out_splits),
                 "TRACE": self.trace and not interpreted, **common,
@@ -279,10 +331,11 @@ class PersistentForward:
         args = (
             tokens, position if position is not None else self._position, w.wte, w.wpe, *stacks,
             self.h, self.xn, self.qkv, self.attn, self.ff, self.part,
-            self.cache if cached else self._dummy_cache, self.counter, self.error,
+            self.cache if cached else self._dummy_cache, self.counter, self.flags, self.error,
             self.rows, len(w.layers), w.eps, self.scale,
         )  # fmt: skip
         constants = {
+            **self.flag_counts(plan.block_n),
             "BLOCK_M": self.block_m, "CACHED": cached, "BN": plan.block_n, "BK": plan.block_k,
             "BLOCK_KV": plan.block_kv, "UPCAST": interpreted, "WORK": work, "num_stages": plan.stages, **common,
         }  # fmt: skip
@@ -299,3 +352,5 @@ class PersistentForward:
         expected = self.barriers * self.grid
         if int(self.counter.item()) != expected:
             raise RuntimeError(f"barrier counter {int(self.counter.item())}, expected {expected}")
+        if self.flags.tolist() != self.expected_flags():
+            raise RuntimeError(f"dependency flags {self.flags.tolist()}, expected {self.expected_flags()}")

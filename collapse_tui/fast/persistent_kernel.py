@@ -67,6 +67,20 @@ def spin_budget(error_ptr, SPIN: tl.constexpr):
 
 
 @triton.jit
+def signal(flag_ptr, first, COLS: tl.constexpr, GROUP: tl.constexpr):
+    """Count one finished item, covering columns ``first .. first+COLS-1``, on the flag of each group it touches.
+
+    A dependency flag replaces a grid barrier where a consumer needs only
+    part of a stage: columns are counted in groups of ``GROUP`` (a head, a
+    K split of the next product), and the consumer of a group waits for its
+    own count (``wait``) instead of for every CTA. Release, as ``arrive``.
+    """
+    tl.debug_barrier()
+    for group in range(first // GROUP, (first + COLS - 1) // GROUP + 1):
+        tl.atomic_add(flag_ptr + group, 1, sem="release", scope="gpu")
+
+
+@triton.jit
 def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, wte_ptr, wpe_ptr,
                M, pos, eps, pid, nprog,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -97,15 +111,21 @@ def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, w
 
 @triton.jit
 def gemm_stage(x_ptr, w_ptr, b_ptr, out_ptr, cache_ptr, M, pos, pid, nprog,
+               wait_ptr, wait_target, signal_ptr, error_ptr, spin,
                N: tl.constexpr, K: tl.constexpr, SPLITS: tl.constexpr, EPILOGUE: tl.constexpr,
                TO_CACHE: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
                LC: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               UPCAST: tl.constexpr):  # fmt: skip
+               UPCAST: tl.constexpr, WAITS: tl.constexpr, SIGNAL_MOD: tl.constexpr,
+               SIGNAL_GROUP: tl.constexpr):  # fmt: skip
     """``x [M, K] @ w[N, K].T``; EPILOGUE 0: + bias, 1: + bias then tanh GELU, 2: fp32 partials.
 
     Items are (column tile, K split) pairs. With ``TO_CACHE`` (the qkv
     product of a cached decode) the key and value columns also go to the
-    cache at position ``pos + row``.
+    cache at position ``pos + row``. With ``WAITS`` an item first waits for
+    ``wait_ptr[split]`` to reach ``wait_target`` (its slice of ``x`` is
+    written); with ``SIGNAL_GROUP`` > 0 it counts itself done on
+    ``signal_ptr`` per group of ``SIGNAL_GROUP`` columns (modulo
+    ``SIGNAL_MOD``). Returns the barrier budget (``wait``).
     """
     N_TILES: tl.constexpr = N // BN
     KS: tl.constexpr = K // SPLITS
@@ -114,6 +134,8 @@ def gemm_stage(x_ptr, w_ptr, b_ptr, out_ptr, cache_ptr, M, pos, pid, nprog,
     for item in range(pid, N_TILES * SPLITS, nprog):
         tile = item % N_TILES
         split = item // N_TILES
+        if WAITS:
+            spin = wait(wait_ptr + split, error_ptr, wait_target, spin)
         cols = tile * BN + tl.arange(0, BN)
         ks = split * KS + tl.arange(0, BK)
         x_ptrs = x_ptr + rows[:, None] * K + ks[None, :]
@@ -141,20 +163,31 @@ def gemm_stage(x_ptr, w_ptr, b_ptr, out_ptr, cache_ptr, M, pos, pid, nprog,
                 slot = ((which * H + head) * LC)[None, :] + pos + rows[:, None]
                 cache_ptrs = cache_ptr + slot * HD + (cols % HD)[None, :]
                 tl.store(cache_ptrs, value, mask=row_ok & (cols >= D)[None, :])
+        if SIGNAL_GROUP > 0:
+            signal(signal_ptr, (tile * BN) % SIGNAL_MOD, BN, SIGNAL_GROUP)
+    return spin
 
 
 @triton.jit
 def attention_stage(qkv_ptr, cache_ptr, attn_ptr, M, pos, scale, pid, nprog,
+                    wait_ptr, wait_target, signal_ptr, error_ptr, spin,
                     D: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, LC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, CACHED: tl.constexpr,
-                    UPCAST: tl.constexpr):  # fmt: skip
-    """Causal attention, one head per item: query row r (position pos + r) sees keys 0..pos + r."""
+                    UPCAST: tl.constexpr, SIGNAL_GROUP: tl.constexpr):  # fmt: skip
+    """Causal attention, one head per item: query row r (position pos + r) sees keys 0..pos + r.
+
+    A head waits for its qkv columns (``wait_ptr[head]`` reaching
+    ``wait_target``) and counts itself done on ``signal_ptr`` per group of
+    ``SIGNAL_GROUP`` output columns (the projection's K splits). Returns the
+    barrier budget.
+    """
     rows = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HD)
     row_ok = rows[:, None] < M
     q_pos = pos + rows
     n_keys = pos + M
     for head in range(pid, H, nprog):
+        spin = wait(wait_ptr + head, error_ptr, wait_target, spin)
         q = tl.load(qkv_ptr + rows[:, None] * (3 * D) + head * HD + dims[None, :], mask=row_ok,
                     other=0.0, cache_modifier=".cg")  # fmt: skip
         best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -182,6 +215,8 @@ def attention_stage(qkv_ptr, cache_ptr, attn_ptr, M, pos, scale, pid, nprog,
         out = acc / total[:, None]
         out_ptrs = attn_ptr + rows[:, None] * D + head * HD + dims[None, :]
         tl.store(out_ptrs, out.to(attn_ptr.dtype.element_ty), mask=row_ok)
+        signal(signal_ptr, head * HD, HD, SIGNAL_GROUP)
+    return spin
 
 
 @triton.jit
@@ -229,22 +264,32 @@ def next_layer(qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln
 @triton.jit
 def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
                    qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b,
-                   h_ptr, xn_ptr, qkv_ptr, attn_ptr, ff_ptr, part_ptr, cache_ptr, counter_ptr, error_ptr,
-                   M, n_layer, eps, scale,
+                   h_ptr, xn_ptr, qkv_ptr, attn_ptr, ff_ptr, part_ptr, cache_ptr, counter_ptr, flag_ptr,
+                   error_ptr, M, n_layer, eps, scale,
                    D: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, LC: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CACHED: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, BLOCK_KV: tl.constexpr,
                    PROJ_SPLITS: tl.constexpr, OUT_SPLITS: tl.constexpr, SPIN: tl.constexpr,
+                   QKV_COUNT: tl.constexpr, ATTN_COUNT: tl.constexpr, UP_COUNT: tl.constexpr,
                    UPCAST: tl.constexpr, PREFETCH: tl.constexpr, WORK: tl.constexpr):  # fmt: skip
     """Embedding, every layer, and the final layer norm (``ln1_w[n_layer]`` is ``ln_f``) into ``xn``.
 
-    Each product's weight tiles are requested from L2 (``PREFETCH``) right
-    after the product before it is done, two stages ahead of their use.
-    ``WORK=False`` keeps only the barriers: to time them alone.
+    A layer: ln_1 | qkv > attention > projection | residual + ln_2 | MLP up
+    > MLP down | residual + ln_1 of the next layer, where ``|`` is a grid
+    barrier (the layer norms need whole rows) and ``>`` a dependency flag in
+    ``flag_ptr`` (``[H]`` per head, then ``[PROJ_SPLITS]`` per K split of the
+    projection, ``[OUT_SPLITS]`` per K split of MLP down; the counts grow by
+    ``QKV_COUNT``, ``ATTN_COUNT``, ``UP_COUNT`` a layer): four barriers a
+    layer. Each product's weight tiles are requested from L2 (``PREFETCH``)
+    right after the product before it is done. ``WORK=False`` keeps only the
+    barriers: to time them alone.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     F: tl.constexpr = 4 * D
+    head_flags = flag_ptr
+    proj_flags = flag_ptr + H
+    out_flags = flag_ptr + H + PROJ_SPLITS
     pos = 0
     if CACHED:
         pos = tl.load(pos_ptr).to(tl.int32)
@@ -260,21 +305,16 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         barrier += nprog
         spin = grid_sync(counter_ptr, error_ptr, barrier, spin)
         if WORK:
-            gemm_stage(xn_ptr, qkv_w, qkv_b, qkv_ptr, cache, M, pos, pid, nprog, 3 * D, D, 1, 0, CACHED, D, H,
-                       HD, LC, BLOCK_M, BN, BK, UPCAST)  # fmt: skip
-        arrive(counter_ptr)
-        if WORK:
+            spin = gemm_stage(xn_ptr, qkv_w, qkv_b, qkv_ptr, cache, M, pos, pid, nprog, head_flags, 0,
+                              head_flags, error_ptr, spin, 3 * D, D, 1, 0, CACHED, D, H, HD, LC, BLOCK_M, BN,
+                              BK, UPCAST, False, D, HD)  # fmt: skip
             prefetch_tiles(fc_w, pid, nprog, F, D, 1, BN, PREFETCH)
-        barrier += nprog
-        spin = wait(counter_ptr, error_ptr, barrier, spin)
-        if WORK:
-            attention_stage(qkv_ptr, cache, attn_ptr, M, pos, scale, pid, nprog, D, H, HD, LC, BLOCK_M,
-                            BLOCK_KV, CACHED, UPCAST)  # fmt: skip
-        barrier += nprog
-        spin = grid_sync(counter_ptr, error_ptr, barrier, spin)
-        if WORK:
-            gemm_stage(attn_ptr, proj_w, proj_b, part_ptr, cache, M, pos, pid, nprog, D, D, PROJ_SPLITS, 2,
-                       False, D, H, HD, LC, BLOCK_M, BN, BK, UPCAST)  # fmt: skip
+            spin = attention_stage(qkv_ptr, cache, attn_ptr, M, pos, scale, pid, nprog, head_flags,
+                                   QKV_COUNT * (layer + 1), proj_flags, error_ptr, spin, D, H, HD, LC,
+                                   BLOCK_M, BLOCK_KV, CACHED, UPCAST, D // PROJ_SPLITS)  # fmt: skip
+            spin = gemm_stage(attn_ptr, proj_w, proj_b, part_ptr, cache, M, pos, pid, nprog, proj_flags,
+                              ATTN_COUNT * (layer + 1), proj_flags, error_ptr, spin, D, D, PROJ_SPLITS, 2,
+                              False, D, H, HD, LC, BLOCK_M, BN, BK, UPCAST, True, D, 0)  # fmt: skip
         arrive(counter_ptr)
         if WORK:
             prefetch_tiles(out_w, pid, nprog, D, F, OUT_SPLITS, BN, PREFETCH)
@@ -286,16 +326,14 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         barrier += nprog
         spin = grid_sync(counter_ptr, error_ptr, barrier, spin)
         if WORK:
-            gemm_stage(xn_ptr, fc_w, fc_b, ff_ptr, cache, M, pos, pid, nprog, F, D, 1, 1, False, D, H, HD, LC,
-                       BLOCK_M, BN, BK, UPCAST)  # fmt: skip
-        arrive(counter_ptr)
-        if WORK and layer + 1 < n_layer:
-            prefetch_tiles(qkv_w + 3 * D * D, pid, nprog, 3 * D, D, 1, BN, PREFETCH)
-        barrier += nprog
-        spin = wait(counter_ptr, error_ptr, barrier, spin)
-        if WORK:
-            gemm_stage(ff_ptr, out_w, out_b, part_ptr, cache, M, pos, pid, nprog, D, F, OUT_SPLITS, 2, False, D,
-                       H, HD, LC, BLOCK_M, BN, BK, UPCAST)  # fmt: skip
+            spin = gemm_stage(xn_ptr, fc_w, fc_b, ff_ptr, cache, M, pos, pid, nprog, out_flags, 0, out_flags,
+                              error_ptr, spin, F, D, 1, 1, False, D, H, HD, LC, BLOCK_M, BN, BK, UPCAST, False,
+                              F, F // OUT_SPLITS)  # fmt: skip
+            if layer + 1 < n_layer:
+                prefetch_tiles(qkv_w + 3 * D * D, pid, nprog, 3 * D, D, 1, BN, PREFETCH)
+            spin = gemm_stage(ff_ptr, out_w, out_b, part_ptr, cache, M, pos, pid, nprog, out_flags,
+                              UP_COUNT * (layer + 1), out_flags, error_ptr, spin, D, F, OUT_SPLITS, 2, False,
+                              D, H, HD, LC, BLOCK_M, BN, BK, UPCAST, True, D, 0)  # fmt: skip
         arrive(counter_ptr)
         if WORK and layer + 1 < n_layer:
             prefetch_tiles(proj_w + D * D, pid, nprog, D, D, PROJ_SPLITS, BN, PREFETCH)
@@ -371,19 +409,24 @@ def add_residual(h_in_ptr, part_ptr, bias_ptr, h_out_ptr, pid, SPLITS: tl.conste
 
 
 @triton.jit
-def decode_attention(qkv_ptr, cache_ptr, o_ptr, ml_ptr, pos, scale, pid, nprog, H: tl.constexpr,
-                     HD: tl.constexpr, LC: tl.constexpr, KSPLIT: tl.constexpr, CH: tl.constexpr):  # fmt: skip
+def decode_attention(qkv_ptr, cache_ptr, o_ptr, ml_ptr, pos, scale, pid, nprog, wait_ptr, wait_target,
+                     signal_ptr, error_ptr, spin, H: tl.constexpr, HD: tl.constexpr, LC: tl.constexpr,
+                     KSPLIT: tl.constexpr, CH: tl.constexpr, SIGNAL_GROUP: tl.constexpr):  # fmt: skip
     """Attention of one query over the cache, split over keys: items are (head, key chunk).
 
     Each writes its chunk's unnormalised output, maximum and sum; the
     projection combines the chunks of its heads (``combine_heads``), so the
-    split costs no extra barrier.
+    split costs no extra barrier. An item waits for its head's qkv columns
+    (``wait_ptr[head]``) and counts itself done on ``signal_ptr`` per group
+    of ``SIGNAL_GROUP`` columns (the projection's K splits). Returns the
+    barrier budget.
     """
     n_keys = pos + 1
     dims = tl.arange(0, HD)
     for item in range(pid, H * KSPLIT, nprog):
         head = item // KSPLIT
         chunk = item % KSPLIT
+        spin = wait(wait_ptr + head, error_ptr, wait_target, spin)
         keys = chunk * CH + tl.arange(0, CH)
         ok = keys < n_keys
         q = tl.load(qkv_ptr + head * HD + dims, cache_modifier=".cg").to(tl.float32)
@@ -396,6 +439,8 @@ def decode_attention(qkv_ptr, cache_ptr, o_ptr, ml_ptr, pos, scale, pid, nprog, 
         tl.store(o_ptr + item * HD + dims, tl.sum(p[:, None] * v.to(tl.float32), axis=0))
         tl.store(ml_ptr + item * 2, best)
         tl.store(ml_ptr + item * 2 + 1, tl.sum(p, axis=0))
+        signal(signal_ptr, head * HD, HD, SIGNAL_GROUP)
+    return spin
 
 
 @triton.jit
@@ -432,24 +477,31 @@ def tick(acc, since, SLOT: tl.constexpr):
 @triton.jit
 def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
                   qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b,
-                  h_ptr, xn_ptr, qkv_ptr, ff_ptr, part_ptr, o_ptr, ml_ptr, cache_ptr, counter_ptr, error_ptr,
-                  trace_ptr, n_layer, eps, scale,
+                  h_ptr, xn_ptr, qkv_ptr, ff_ptr, part_ptr, o_ptr, ml_ptr, cache_ptr, counter_ptr, flag_ptr,
+                  error_ptr, trace_ptr, n_layer, eps, scale,
                   D: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, LC: tl.constexpr,
                   BLOCK_D: tl.constexpr, BN: tl.constexpr, KSPLIT: tl.constexpr, CH: tl.constexpr,
                   PROJ_SPLITS: tl.constexpr, OUT_SPLITS: tl.constexpr, KX_PROJ: tl.constexpr,
-                  KX_OUT: tl.constexpr, SPIN: tl.constexpr, PREFETCH: tl.constexpr,
+                  KX_OUT: tl.constexpr, SPIN: tl.constexpr, QKV_COUNT: tl.constexpr,
+                  ATTN_COUNT: tl.constexpr, UP_COUNT: tl.constexpr, PREFETCH: tl.constexpr,
                   TRACE: tl.constexpr):  # fmt: skip
-    """One token at the position in ``pos_ptr``, over the cache: five barriers a layer.
+    """One token at the position in ``pos_ptr``, over the cache: two grid barriers a layer.
 
     The layer norms ride in the prologue of the product after them (every CTA
     normalises the one row itself), and the attention's key chunks are
     combined in the projection's prologue, so a layer is: ln_1 + qkv (keys
-    and values into the cache) | attention chunks | projection | ln_2 + MLP up
-    | MLP down. ``h_ptr`` is a double buffer ``[2, D]``: ln_1 reads half 0 and
-    CTA 0 writes half 1, ln_2 the other way round.
+    and values into the cache) > attention chunks > projection | ln_2 + MLP
+    up > MLP down |, where ``|`` is a grid barrier (the layer norms need the
+    whole row) and ``>`` a dependency flag (``forward_kernel`` has the same
+    flags). ``h_ptr`` is a double buffer ``[2, D]``: ln_1 reads half 0 and
+    CTA 0 writes half 1, ln_2 the other way round. The projection's partial
+    sums go to ``part_ptr[0:PROJ_SPLITS]``, MLP down's to the rows after
+    them: a CTA may start MLP down while another still reads the projection's.
 
-    ``TRACE`` adds up, per CTA, the SM cycles of each stage's work (slots
-    0-4) and of the barrier after it (slots 5-9) into ``trace_ptr [grid, 16]``.
+    ``TRACE`` adds up, per CTA, the SM cycles of each stage (slots 0-4, a
+    stage's waits for its flags included) and of what follows it up to the
+    next stage (slots 5-9: the grid barrier after the projection and after
+    MLP down, the next tiles' loads elsewhere) into ``trace_ptr [grid, 16]``.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -464,6 +516,10 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     token = tl.load(tok_ptr)
     h_a = h_ptr
     h_b = h_ptr + D
+    head_flags = flag_ptr
+    proj_flags = flag_ptr + H
+    out_flags = flag_ptr + H + PROJ_SPLITS
+    part_out = part_ptr + PROJ_SPLITS * D
     prefetch_tiles(proj_w, pid, nprog, D, D, PROJ_SPLITS, BN, PREFETCH)
     prefetch_tiles(fc_w, pid, nprog, F, D, 1, BN, PREFETCH)
     # a CTA's first tile of each product is loaded into registers before the barrier
@@ -482,7 +538,7 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
             h += tl.load(wpe_ptr + pos * D + cols_d, mask=cols_d < D, other=0.0)
             tl.store(h_b + cols_d, h, mask=cols_d + pid * BLOCK_D < D)  # CTA 0 only (see add_residual)
         else:
-            h = add_residual(h_a, part_ptr, out_b - D, h_b, pid, OUT_SPLITS, D, BLOCK_D)
+            h = add_residual(h_a, part_out, out_b - D, h_b, pid, OUT_SPLITS, D, BLOCK_D)
         x_ln1 = layer_norm_row(h, ln1_w, ln1_b, eps, D, BLOCK_D)
         for tile in range(pid, QKV_TILES, nprog):
             cols = tile * BN + tl.arange(0, BN)
@@ -495,26 +551,24 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
             which = cols // D - 1  # 0: key, 1: value (query columns are not cached)
             slot = ((which * H + (cols % D) // HD) * LC + pos) * HD + cols % HD
             tl.store(cache + slot, value, mask=cols >= D)
+            signal(head_flags, (tile * BN) % D, BN, HD)
         if TRACE:
             cycles, since = tick(cycles, since, 0)
-        arrive(counter_ptr)
         w_proj = load_tile(proj_w, pid, D_TILES * PROJ_SPLITS, D_TILES, D, KS_PROJ, KX_PROJ, BN)
         prefetch_tiles(out_w, pid, nprog, D, F, OUT_SPLITS, BN, PREFETCH)
-        barrier += nprog
-        spin = wait(counter_ptr, error_ptr, barrier, spin)
         if TRACE:
             cycles, since = tick(cycles, since, 5)
-        decode_attention(qkv_ptr, cache, o_ptr, ml_ptr, pos, scale, pid, nprog, H, HD, LC, KSPLIT, CH)
+        spin = decode_attention(qkv_ptr, cache, o_ptr, ml_ptr, pos, scale, pid, nprog, head_flags,
+                                QKV_COUNT * (layer + 1), proj_flags, error_ptr, spin, H, HD, LC, KSPLIT, CH,
+                                KS_PROJ)  # fmt: skip
         if TRACE:
             cycles, since = tick(cycles, since, 1)
-        barrier += nprog
-        spin = grid_sync(counter_ptr, error_ptr, barrier, spin)
-        if TRACE:
             cycles, since = tick(cycles, since, 6)
         # attention projection, split over K = groups of heads
         for item in range(pid, D_TILES * PROJ_SPLITS, nprog):
             cols = (item % D_TILES) * BN + tl.arange(0, BN)
             k0 = (item // D_TILES) * KS_PROJ
+            spin = wait(proj_flags + item // D_TILES, error_ptr, ATTN_COUNT * (layer + 1), spin)
             x_attn = combine_heads(o_ptr, ml_ptr, k0, KX_PROJ, KS_PROJ, HD, KSPLIT)
             if item == pid:
                 acc = tl.sum(w_proj.to(tl.float32) * x_attn[None, :], axis=1)
@@ -543,27 +597,26 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
             acc += tl.load(fc_b + cols).to(tl.float32)
             inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
             tl.store(ff_ptr + cols, (acc * tl.sigmoid(2.0 * inner)).to(tl.bfloat16))
+            signal(out_flags, tile * BN, BN, KS_OUT)
         if TRACE:
             cycles, since = tick(cycles, since, 3)
-        arrive(counter_ptr)
         w_out = load_tile(out_w, pid, D_TILES * OUT_SPLITS, D_TILES, F, KS_OUT, KX_OUT, BN)
         if layer + 1 < n_layer:
             prefetch_tiles(proj_w + D * D, pid, nprog, D, D, PROJ_SPLITS, BN, PREFETCH)
-        barrier += nprog
-        spin = wait(counter_ptr, error_ptr, barrier, spin)
         if TRACE:
             cycles, since = tick(cycles, since, 8)
         # the MLP's down-projection, split over K
         for item in range(pid, D_TILES * OUT_SPLITS, nprog):
             cols = (item % D_TILES) * BN + tl.arange(0, BN)
             k0 = (item // D_TILES) * KS_OUT
+            spin = wait(out_flags + item // D_TILES, error_ptr, UP_COUNT * (layer + 1), spin)
             ks = tl.arange(0, KX_OUT)
             x_ff = tl.load(ff_ptr + k0 + ks, mask=ks < KS_OUT, other=0.0, cache_modifier=".cg").to(tl.float32)
             if item == pid:
                 acc = tl.sum(w_out.to(tl.float32) * x_ff[None, :], axis=1)
             else:
                 acc = gemv(x_ff, out_w, cols, k0, F, KX_OUT, KS_OUT)
-            tl.store(part_ptr + (item // D_TILES) * D + cols, acc)
+            tl.store(part_out + (item // D_TILES) * D + cols, acc)
         if TRACE:
             cycles, since = tick(cycles, since, 4)
         arrive(counter_ptr)
@@ -583,6 +636,6 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     if TRACE:
         tl.store(trace_ptr + pid * 16 + tl.arange(0, 16), cycles)
     if pid == 0:  # ln_f (ln1_w now points at it) of the residual after the last layer
-        h = add_residual(h_a, part_ptr, out_b - D, h_b, pid, OUT_SPLITS, D, BLOCK_D)
+        h = add_residual(h_a, part_out, out_b - D, h_b, pid, OUT_SPLITS, D, BLOCK_D)
         x_f = layer_norm_row(h, ln1_w, ln1_b, eps, D, BLOCK_D)
         tl.store(xn_ptr + cols_d, x_f.to(xn_ptr.dtype.element_ty), mask=cols_d < D)
