@@ -3,7 +3,7 @@
     python benchmarks/tune_persistent.py --models gpt2-medium,gpt2 --plans "bn=32,w=8;bn=32,w=8,pf=0"
 
 A plan changes fields of the default ``Plan``: ``bn`` block_n, ``bk``
-block_k, ``w`` warps, ``s`` stages, ``kv`` block_kv, ``pf`` prefetch (0/1),
+block_k, ``w`` warps, ``s`` stages, ``q`` block_q, ``kv`` block_kv, ``pf`` prefetch (0/1),
 ``ps``/``os`` the K splits of the projection / MLP down-projection, ``mv``
 matrix-vector decode kernel for the cached token (0/1), ``ch`` its keys per
 attention chunk. Each forward (the window of
@@ -36,6 +36,7 @@ FIELDS = {
     "bk": "block_k",
     "w": "warps",
     "s": "stages",
+    "q": "block_q",
     "kv": "block_kv",
     "pf": "prefetch",
     "ps": "proj_splits",

@@ -5,10 +5,11 @@
 Triton's interpreter (tests/test_persistent.py) checks what the kernels
 compute but not what the compiler refuses: a loop-carried variable that
 changes shape, a pointer of the wrong type. This builds every launch the
-engine makes — the window kernel and both cached-token kernels, with and
-without the trace — for GPT-2 widths (gpt2, gpt2-medium) down to the
-target's machine code with Triton's own ``ptxas``, exactly as ``run`` would
-launch them (``PersistentForward.launch``), and the top-k race's kernels as
+engine makes — the window kernel and both cached-token kernels, and the
+traced builds of benchmarks/trace_persistent.py — for GPT-2 widths (gpt2,
+gpt2-medium) down to the target's machine code with Triton's own
+``ptxas``, exactly as ``run`` would launch them
+(``PersistentForward.launch``), and the top-k race's kernels as
 ``topk_race.launches`` gives them. It needs Triton but no GPU and
 must run without ``TRITON_INTERPRET`` (tests/test_persistent.py starts it in
 a subprocess).
@@ -110,6 +111,9 @@ def main() -> None:
         traced = persistent.PersistentForward(weights, 1, cache=cache, grid=132)
         traced.trace = True
         launches["cached token, traced"] = (traced, (token, position))
+        traced_window = persistent.PersistentForward(weights, 100, grid=132)
+        traced_window.trace = True
+        launches["window, traced"] = (traced_window, (torch.zeros(100, dtype=torch.long),))
         for label, (forward, inputs) in launches.items():
             kernel, kernel_args, constants = forward.launch(*inputs)
             seconds = compile_launch(module, kernel, kernel_args, dict(constants), args.arch)

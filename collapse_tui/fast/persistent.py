@@ -66,6 +66,8 @@ class Plan:
     out_splits: int = 4
     warps: int = 8
     stages: int = 3
+    #: query rows per attention item of the window (items are heads × row blocks)
+    block_q: int = 32
     block_kv: int = 64
     #: request each product's weight tiles from L2 two stages ahead (persistent_kernel.prefetch_tiles)
     prefetch: bool = True
@@ -98,7 +100,7 @@ def check_plan(plan: Plan, n_embd: int) -> None:
     Each K split must be a whole number of K steps and at least one 128-byte
     line (64 bf16 values) for the L2 prefetch; every column tile whole.
     """
-    for field, least in (("block_n", 16), ("block_k", 16), ("block_kv", 16), ("chunk", 1)):
+    for field, least in (("block_n", 16), ("block_k", 16), ("block_q", 16), ("block_kv", 16), ("chunk", 1)):
         value = getattr(plan, field)
         if value < least or value & (value - 1):
             raise ValueError(f"{field}={value} is not a power of two of at least {least}")
@@ -212,7 +214,7 @@ class PersistentForward:
             )
         self.grid = grid
         self.last_kernel = "decode_kernel" if self.matvec else "forward_kernel"
-        #: ``decode_kernel`` counts SM cycles per stage into ``trace_cycles`` (benchmarks/trace_decode.py)
+        #: the kernels count SM cycles per stage into ``trace_cycles`` (benchmarks/trace_persistent.py)
         self.trace = False
         self.trace_cycles = torch.zeros(grid, 16, dtype=torch.int64, device=device)
         self.scale = 1.0 / (width // heads) ** 0.5
@@ -245,7 +247,7 @@ class PersistentForward:
         width, heads = self.weights.n_embd, self.weights.n_head
         head_dim = width // heads
         proj_k, out_k = width // self.plan.proj_splits, 4 * width // self.plan.out_splits
-        chunks = self._chunks(self.cache)[1] if self.matvec else 1
+        chunks = self._chunks(self.cache)[1] if self.matvec else self.block_m // self._block_q()
         return {
             "QKV_COUNT": 3 * max(1, head_dim // block_n),
             "ATTN_COUNT": chunks * max(1, proj_k // head_dim),
@@ -262,6 +264,10 @@ class PersistentForward:
             + [counts["ATTN_COUNT"] * layers] * plan.proj_splits
             + [counts["UP_COUNT"] * layers] * plan.out_splits
         )
+
+    def _block_q(self) -> int:
+        """Query rows per attention item of ``forward_kernel``: the plan's, at most the rows' tile."""
+        return min(self.plan.block_q, self.block_m)
 
     def _block_n(self) -> int:
         """Output columns per tile: the plan's, or ``decode_kernel``'s own (32, fewer for wide models)."""
@@ -332,12 +338,14 @@ class PersistentForward:
             tokens, position if position is not None else self._position, w.wte, w.wpe, *stacks,
             self.h, self.xn, self.qkv, self.attn, self.ff, self.part,
             self.cache if cached else self._dummy_cache, self.counter, self.flags, self.error,
-            self.rows, len(w.layers), w.eps, self.scale,
+            self.trace_cycles, self.rows, len(w.layers), w.eps, self.scale,
         )  # fmt: skip
         constants = {
             **self.flag_counts(plan.block_n),
             "BLOCK_M": self.block_m, "CACHED": cached, "BN": plan.block_n, "BK": plan.block_k,
-            "BLOCK_KV": plan.block_kv, "UPCAST": interpreted, "WORK": work, "num_stages": plan.stages, **common,
+            "BLOCK_Q": self._block_q(),
+            "BLOCK_KV": plan.block_kv, "UPCAST": interpreted, "WORK": work, "num_stages": plan.stages,
+            "TRACE": self.trace and not interpreted, **common,
         }  # fmt: skip
         return "forward_kernel", args, constants
 

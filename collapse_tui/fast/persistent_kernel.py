@@ -172,49 +172,56 @@ def gemm_stage(x_ptr, w_ptr, b_ptr, out_ptr, cache_ptr, M, pos, pid, nprog,
 def attention_stage(qkv_ptr, cache_ptr, attn_ptr, M, pos, scale, pid, nprog,
                     wait_ptr, wait_target, signal_ptr, error_ptr, spin,
                     D: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, LC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr, CACHED: tl.constexpr,
-                    UPCAST: tl.constexpr, SIGNAL_GROUP: tl.constexpr):  # fmt: skip
-    """Causal attention, one head per item: query row r (position pos + r) sees keys 0..pos + r.
+                    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+                    CACHED: tl.constexpr, UPCAST: tl.constexpr, SIGNAL_GROUP: tl.constexpr):  # fmt: skip
+    """Causal attention: query row r (position pos + r) sees keys 0..pos + r.
 
-    A head waits for its qkv columns (``wait_ptr[head]`` reaching
+    Items are (head, block of ``BLOCK_Q`` query rows), so that more CTAs
+    share the stage (it lies between qkv and the projection on every
+    layer's critical path), and a block reads only the keys its rows see.
+    An item waits for its head's qkv columns (``wait_ptr[head]`` reaching
     ``wait_target``) and counts itself done on ``signal_ptr`` per group of
     ``SIGNAL_GROUP`` output columns (the projection's K splits). Returns the
     barrier budget.
     """
-    rows = tl.arange(0, BLOCK_M)
+    ROW_BLOCKS: tl.constexpr = BLOCK_M // BLOCK_Q
     dims = tl.arange(0, HD)
-    row_ok = rows[:, None] < M
-    q_pos = pos + rows
-    n_keys = pos + M
-    for head in range(pid, H, nprog):
+    for item in range(pid, H * ROW_BLOCKS, nprog):
+        head = item // ROW_BLOCKS
+        first = (item % ROW_BLOCKS) * BLOCK_Q
         spin = wait(wait_ptr + head, error_ptr, wait_target, spin)
-        q = tl.load(qkv_ptr + rows[:, None] * (3 * D) + head * HD + dims[None, :], mask=row_ok,
-                    other=0.0, cache_modifier=".cg")  # fmt: skip
-        best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
-        for start in range(0, n_keys, BLOCK_KV):
-            keys = start + tl.arange(0, BLOCK_KV)
-            key_ok = keys[:, None] < n_keys
-            if CACHED:
-                k_ptrs = cache_ptr + (head * LC + keys[:, None]) * HD + dims[None, :]
-                v_ptrs = k_ptrs + H * LC * HD
-            else:
-                k_ptrs = qkv_ptr + keys[:, None] * (3 * D) + D + head * HD + dims[None, :]
-                v_ptrs = k_ptrs + D
-            k = tl.load(k_ptrs, mask=key_ok, other=0.0, cache_modifier=".cg")
-            v = tl.load(v_ptrs, mask=key_ok, other=0.0, cache_modifier=".cg")
-            s = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_KV), dtype=tl.float32), UPCAST) * scale
-            s = tl.where(keys[None, :] <= q_pos[:, None], s, float("-inf"))
-            new_best = tl.maximum(best, tl.max(s, axis=1))
-            alpha = tl.exp(best - new_best)
-            p = tl.exp(s - new_best[:, None])
-            total = total * alpha + tl.sum(p, axis=1)
-            acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
-            best = new_best
-        out = acc / total[:, None]
-        out_ptrs = attn_ptr + rows[:, None] * D + head * HD + dims[None, :]
-        tl.store(out_ptrs, out.to(attn_ptr.dtype.element_ty), mask=row_ok)
+        if first < M:
+            rows = first + tl.arange(0, BLOCK_Q)
+            row_ok = rows[:, None] < M
+            q_pos = pos + rows
+            n_keys = pos + tl.minimum(first + BLOCK_Q, M)
+            q = tl.load(qkv_ptr + rows[:, None] * (3 * D) + head * HD + dims[None, :], mask=row_ok,
+                        other=0.0, cache_modifier=".cg")  # fmt: skip
+            best = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+            total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_Q, HD), dtype=tl.float32)
+            for start in range(0, n_keys, BLOCK_KV):
+                keys = start + tl.arange(0, BLOCK_KV)
+                key_ok = keys[:, None] < n_keys
+                if CACHED:
+                    k_ptrs = cache_ptr + (head * LC + keys[:, None]) * HD + dims[None, :]
+                    v_ptrs = k_ptrs + H * LC * HD
+                else:
+                    k_ptrs = qkv_ptr + keys[:, None] * (3 * D) + D + head * HD + dims[None, :]
+                    v_ptrs = k_ptrs + D
+                k = tl.load(k_ptrs, mask=key_ok, other=0.0, cache_modifier=".cg")
+                v = tl.load(v_ptrs, mask=key_ok, other=0.0, cache_modifier=".cg")
+                s = mma(q, tl.trans(k), tl.zeros((BLOCK_Q, BLOCK_KV), dtype=tl.float32), UPCAST) * scale
+                s = tl.where(keys[None, :] <= q_pos[:, None], s, float("-inf"))
+                new_best = tl.maximum(best, tl.max(s, axis=1))
+                alpha = tl.exp(best - new_best)
+                p = tl.exp(s - new_best[:, None])
+                total = total * alpha + tl.sum(p, axis=1)
+                acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+                best = new_best
+            out = acc / total[:, None]
+            out_ptrs = attn_ptr + rows[:, None] * D + head * HD + dims[None, :]
+            tl.store(out_ptrs, out.to(attn_ptr.dtype.element_ty), mask=row_ok)
         signal(signal_ptr, head * HD, HD, SIGNAL_GROUP)
     return spin
 
@@ -265,13 +272,14 @@ def next_layer(qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln
 def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
                    qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b,
                    h_ptr, xn_ptr, qkv_ptr, attn_ptr, ff_ptr, part_ptr, cache_ptr, counter_ptr, flag_ptr,
-                   error_ptr, M, n_layer, eps, scale,
+                   error_ptr, trace_ptr, M, n_layer, eps, scale,
                    D: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, LC: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CACHED: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, BLOCK_KV: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                    PROJ_SPLITS: tl.constexpr, OUT_SPLITS: tl.constexpr, SPIN: tl.constexpr,
                    QKV_COUNT: tl.constexpr, ATTN_COUNT: tl.constexpr, UP_COUNT: tl.constexpr,
-                   UPCAST: tl.constexpr, PREFETCH: tl.constexpr, WORK: tl.constexpr):  # fmt: skip
+                   UPCAST: tl.constexpr, PREFETCH: tl.constexpr, WORK: tl.constexpr,
+                   TRACE: tl.constexpr):  # fmt: skip
     """Embedding, every layer, and the final layer norm (``ln1_w[n_layer]`` is ``ln_f``) into ``xn``.
 
     A layer: ln_1 | qkv > attention > projection | residual + ln_2 | MLP up
@@ -283,6 +291,12 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     layer. Each product's weight tiles are requested from L2 (``PREFETCH``)
     right after the product before it is done. ``WORK=False`` keeps only the
     barriers: to time them alone.
+
+    ``TRACE`` adds up, per CTA, the SM cycles of each step of a layer into
+    ``trace_ptr [grid, 16]``: 0 qkv, 1 attention, 2 projection (both with
+    their flag waits), 3 the barrier after it, 4 residual + ln_2, 5 the
+    barrier, 6 MLP up, 7 MLP down (with its flag waits), 8 the barrier,
+    9 residual + ln_1, 10 the barrier before the next qkv.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -301,50 +315,77 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         rows_stage(h_ptr, part_ptr, proj_b, ln1_w, ln1_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, M, pos, eps,
                    pid, nprog, D, BLOCK_D, BLOCK_M, 1, True)  # fmt: skip
     cache = cache_ptr
+    if TRACE:
+        cycles = tl.zeros([16], dtype=tl.int64)
+        cycles, since = tick(cycles, 0, 15)
     for layer in range(n_layer):
         barrier += nprog
         spin = grid_sync(counter_ptr, error_ptr, barrier, spin)
+        if TRACE:
+            cycles, since = tick(cycles, since, 10)
         if WORK:
             spin = gemm_stage(xn_ptr, qkv_w, qkv_b, qkv_ptr, cache, M, pos, pid, nprog, head_flags, 0,
                               head_flags, error_ptr, spin, 3 * D, D, 1, 0, CACHED, D, H, HD, LC, BLOCK_M, BN,
                               BK, UPCAST, False, D, HD)  # fmt: skip
             prefetch_tiles(fc_w, pid, nprog, F, D, 1, BN, PREFETCH)
+            if TRACE:
+                cycles, since = tick(cycles, since, 0)
             spin = attention_stage(qkv_ptr, cache, attn_ptr, M, pos, scale, pid, nprog, head_flags,
                                    QKV_COUNT * (layer + 1), proj_flags, error_ptr, spin, D, H, HD, LC,
-                                   BLOCK_M, BLOCK_KV, CACHED, UPCAST, D // PROJ_SPLITS)  # fmt: skip
+                                   BLOCK_M, BLOCK_Q, BLOCK_KV, CACHED, UPCAST, D // PROJ_SPLITS)  # fmt: skip
+            if TRACE:
+                cycles, since = tick(cycles, since, 1)
             spin = gemm_stage(attn_ptr, proj_w, proj_b, part_ptr, cache, M, pos, pid, nprog, proj_flags,
                               ATTN_COUNT * (layer + 1), proj_flags, error_ptr, spin, D, D, PROJ_SPLITS, 2,
                               False, D, H, HD, LC, BLOCK_M, BN, BK, UPCAST, True, D, 0)  # fmt: skip
+        if TRACE:
+            cycles, since = tick(cycles, since, 2)
         arrive(counter_ptr)
         if WORK:
             prefetch_tiles(out_w, pid, nprog, D, F, OUT_SPLITS, BN, PREFETCH)
         barrier += nprog
         spin = wait(counter_ptr, error_ptr, barrier, spin)
+        if TRACE:
+            cycles, since = tick(cycles, since, 3)
         if WORK:
             rows_stage(h_ptr, part_ptr, proj_b, ln2_w, ln2_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, M, pos, eps,
                        pid, nprog, D, BLOCK_D, BLOCK_M, PROJ_SPLITS, False)  # fmt: skip
+        if TRACE:
+            cycles, since = tick(cycles, since, 4)
         barrier += nprog
         spin = grid_sync(counter_ptr, error_ptr, barrier, spin)
+        if TRACE:
+            cycles, since = tick(cycles, since, 5)
         if WORK:
             spin = gemm_stage(xn_ptr, fc_w, fc_b, ff_ptr, cache, M, pos, pid, nprog, out_flags, 0, out_flags,
                               error_ptr, spin, F, D, 1, 1, False, D, H, HD, LC, BLOCK_M, BN, BK, UPCAST, False,
                               F, F // OUT_SPLITS)  # fmt: skip
             if layer + 1 < n_layer:
                 prefetch_tiles(qkv_w + 3 * D * D, pid, nprog, 3 * D, D, 1, BN, PREFETCH)
+            if TRACE:
+                cycles, since = tick(cycles, since, 6)
             spin = gemm_stage(ff_ptr, out_w, out_b, part_ptr, cache, M, pos, pid, nprog, out_flags,
                               UP_COUNT * (layer + 1), out_flags, error_ptr, spin, D, F, OUT_SPLITS, 2, False,
                               D, H, HD, LC, BLOCK_M, BN, BK, UPCAST, True, D, 0)  # fmt: skip
+            if TRACE:
+                cycles, since = tick(cycles, since, 7)
         arrive(counter_ptr)
         if WORK and layer + 1 < n_layer:
             prefetch_tiles(proj_w + D * D, pid, nprog, D, D, PROJ_SPLITS, BN, PREFETCH)
         barrier += nprog
         spin = wait(counter_ptr, error_ptr, barrier, spin)
+        if TRACE:
+            cycles, since = tick(cycles, since, 8)
         if WORK:
             rows_stage(h_ptr, part_ptr, out_b, ln1_w + D, ln1_b + D, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, M, pos,
                        eps, pid, nprog, D, BLOCK_D, BLOCK_M, OUT_SPLITS, False)  # fmt: skip
+        if TRACE:
+            cycles, since = tick(cycles, since, 9)
         qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache = next_layer(
             qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache, D, H, HD, LC
         )  # fmt: skip
+    if TRACE:
+        tl.store(trace_ptr + pid * 16 + tl.arange(0, 16), cycles)
 
 
 # -- one cached token (full-context decoding): products as matrix-vector products ---------------
