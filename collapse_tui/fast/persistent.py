@@ -67,7 +67,7 @@ class Plan:
     warps: int = 8
     stages: int = 3
     #: query rows per attention item of the window (items are heads × row blocks)
-    block_q: int = 32
+    block_q: int = 16
     block_kv: int = 64
     #: request each product's weight tiles from L2 two stages ahead (persistent_kernel.prefetch_tiles)
     prefetch: bool = True
