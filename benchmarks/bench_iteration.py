@@ -4,7 +4,7 @@ One CUDA device, one process, random-weight models of the GPT-2 shapes (no
 download, no tokenizer: token ids are random).
 
 - engine: the engine's own pieces (``make_inference``, ``build_optimizer``,
-  ``Engine._train_step``) doing what ``Engine.step`` does: generate, the
+  ``make_train_step``, ``Engine._train_step``) doing what ``Engine.step`` does: generate, the
   generated-text loss over ``block`` windows and one validation set of
   ``eval_tokens`` (12,800) tokens, repetition metrics, one AdamW step.
 - naive: the paper's loop as DESIGN section 6 describes it: a Hugging Face
@@ -13,8 +13,10 @@ download, no tokenizer: token ids are random).
   ``.item()``; the training step in fp32.
 
 Every phase is timed with a device synchronisation on both ends; the engine's
-numbers are the median of ``--iters`` iterations after one warm-up iteration
-(which captures the CUDA graphs; its time is reported as ``first``).
+numbers are the median of ``--iters`` iterations after two warm-up iterations
+(the first captures generation's CUDA graphs and is reported as ``first``;
+the second captures the training step's, which needs the optimizer state
+a first step creates).
 
 The floor of generation is the bytes of bf16 weights one token must read,
 times the tokens, over the copy bandwidth measured here (or the matrix
@@ -42,9 +44,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from collapse_tui.data import eval_windows
-from collapse_tui.engine import Engine, build_optimizer, make_inference
+from collapse_tui.engine import Engine, make_inference
 from collapse_tui.inference import sequence_windows
 from collapse_tui.metrics import repetition_metrics
+from collapse_tui.training import build_optimizer, make_train_step
 
 #: (layers, heads, width) of the GPT-2 sizes; vocabulary 50257, 1024 positions.
 SHAPES = {
@@ -115,15 +118,14 @@ class EngineLoop:
         device = torch.device(DEVICE)
         config = types.SimpleNamespace(block=block, temperature=1.0, top_k=200)
         inference = make_inference(model, config, device, torch.bfloat16)  # type: ignore[arg-type]
+        optimizer = build_optimizer(model, 4e-5, device)
         # what Engine._train_step reads from its engine
         self.engine = types.SimpleNamespace(
             config=config,
             rng=random.Random(1337),
             device=device,
-            autocast_dtype=torch.bfloat16,
-            model=model,
-            optimizer=build_optimizer(model, 4e-5, device),
             inference=inference,
+            trainer=make_train_step(model, optimizer, device, torch.bfloat16),
         )
         self.inference = inference
         self.block, self.gen_tokens, self.val = block, gen_tokens, val
@@ -273,6 +275,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             loop = EngineLoop(model, block, gen_tokens, val)
             first = sum(loop.iteration().values())
+            loop.iteration()  # the training step is captured at the second step (training.GraphedTrainStep)
             iters = 1 if name in args.once.split(",") else args.iters
             engine = median_phases([loop.iteration() for _ in range(iters)])
             peak = torch.cuda.max_memory_allocated() / 2**30

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from collapse_tui import __version__
 from collapse_tui.config import RunConfig, default_run_dir
@@ -34,12 +33,13 @@ from collapse_tui.controls import RunControls
 from collapse_tui.data import EvalSet, check_eval_specs, eval_set_name, load_eval_set
 from collapse_tui.errors import RunInterrupted, UserError
 from collapse_tui.follow import is_alive
-from collapse_tui.inference import EagerInference, Inference, autocast_context, sequence_windows
+from collapse_tui.inference import EagerInference, Inference, sequence_windows
 from collapse_tui.metrics import CollapseDetector, repetition_metrics
 from collapse_tui.modeling import load_model, out_of_memory_error, resolve_autocast, resolve_device
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import CONFIG, METRICS, RunWriter, make_summary, read_run
 from collapse_tui.source import EngineListener, NullListener, RunInfo
+from collapse_tui.training import build_optimizer, make_train_step
 
 #: How long a paused engine sleeps between looks at its controls.
 PAUSE_POLL_SECONDS = 0.2
@@ -47,17 +47,6 @@ PAUSE_POLL_SECONDS = 0.2
 
 class NonFiniteLoss(Exception):
     """A loss came out NaN or inf: the run stops cleanly, its data kept."""
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW as in nanoGPT: weight decay 0.1 on matrices and embeddings, none on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
 
 
 def make_inference(
@@ -159,6 +148,7 @@ class Engine:
         self.sampler = torch.Generator(device=self.device)
         self.sampler.manual_seed(config.seed)
         self.optimizer = build_optimizer(self.model, config.lr, self.device)
+        self.trainer = make_train_step(self.model, self.optimizer, self.device, self.autocast_dtype)
         self.inference = make_inference(self.model, config, self.device, self.autocast_dtype)
         self.info.extra["dtype"] = str(self.autocast_dtype or torch.float32).replace("torch.", "")
         self.info.extra["inference"] = type(self.inference).__name__
@@ -255,17 +245,9 @@ class Engine:
         length = min(self.config.block, len(ids) - 1)
         start = self.rng.randrange(len(ids) - length)
         window = torch.tensor(ids[start : start + length + 1], dtype=torch.long, device=self.device)
-        with autocast_context(self.device, self.autocast_dtype):
-            logits = self.model(window[None, :-1], use_cache=False).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), window[1:])
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            return loss_value  # never step on a NaN: the weights stay as they were
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.inference.weights_changed()
+        loss_value = self.trainer.step(window)
+        if math.isfinite(loss_value):  # a NaN takes no step: the weights stay as they were
+            self.inference.weights_changed()
         return loss_value
 
     # -- the loop ----------------------------------------------------------------------
