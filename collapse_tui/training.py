@@ -179,7 +179,8 @@ class GraphedTrainStep(TrainStep):
         # thread_local: CUDA calls of another thread (a TUI) cannot break the capture
         with torch.cuda.graph(grads_graph, capture_error_mode="thread_local"):
             self.optimizer.zero_grad(set_to_none=False)
-            self._loss = self._loss_and_grads(self._window, cache_casts=False, backward=True)
+            # detached: holding the autograd graph would keep the capture's nodes alive past it
+            self._loss = self._loss_and_grads(self._window, cache_casts=False, backward=True).detach()
         with torch.cuda.graph(step_graph, pool=grads_graph.pool(), capture_error_mode="thread_local"):
             self.optimizer.step()
         self.grads_graph, self.step_graph = grads_graph, step_graph
