@@ -29,13 +29,14 @@ from collapse_tui.inference import sequence_windows
 from collapse_tui.metrics import repetition_metrics
 
 
-def kernel_time(fn: Callable[[], object]) -> tuple[float, int]:
-    """Seconds of CUDA kernel time and the number of kernels of one call of ``fn``."""
+def kernel_time(fn: Callable[[], object], rows: int) -> tuple[float, int, str]:
+    """Seconds of CUDA kernel time, the number of kernels of one call of ``fn``, and the top ``rows`` kernels."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.device_time for e in events) / 1e6, len(events)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows) if rows else ""
+    return sum(e.device_time for e in events) / 1e6, len(events), table
 
 
 def main() -> None:
@@ -44,6 +45,7 @@ def main() -> None:
     )
     parser.add_argument("--model", default="gpt2-medium")
     parser.add_argument("--block", type=int, default=100)
+    parser.add_argument("--kernels", type=int, default=0, help="also print each part's top kernels")
     args = parser.parse_args()
     torch.manual_seed(0)
     val = eval_windows(torch.randint(0, 50257, (300_000,)).tolist(), args.block, 12_800)
@@ -62,10 +64,13 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, {args.model}, block {args.block}")
     print("| part | wall ms | kernel ms | kernels |")
     print("| --- | ---: | ---: | ---: |")
+    tables = []
     for name, fn in parts.items():
         wall = min(timed(fn)[0] for _ in range(3))
-        kernels, count = kernel_time(fn)
+        kernels, count, table = kernel_time(fn, args.kernels)
         print(f"| {name} | {wall * 1e3:.1f} | {kernels * 1e3:.1f} | {count} |")
+        tables.append(f"\n{name}:\n{table}" if table else "")
+    print("".join(tables))
 
 
 if __name__ == "__main__":
