@@ -32,6 +32,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from collapse_tui.fast import skinny
 from collapse_tui.fast.kernels import add_layernorm, fused_gelu_is_tanh, linear_gelu, triton_available
 
+#: lm_head's copy has its rows (the vocabulary) padded with zeros to a multiple of this: cuBLAS
+#: runs a product with 50,257 output columns on an sm75 kernel at a sixth of the rate it gets with
+#: 50,304 (evaluation's logits, H200: benchmarks/profile_phases.py).
+LM_HEAD_ROWS_MULTIPLE = 64
 #: ``config.activation_function`` values that mean GELU with the tanh approximation.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
@@ -109,7 +113,8 @@ class GPT2Weights:
         self.wte = tf.wte.weight  # fp32 master: embedding lookups read one row a token
         self.wpe = tf.wpe.weight
         self.lnf_w, self.lnf_b = tf.ln_f.weight, tf.ln_f.bias
-        self.lm_head = self._copy(model.lm_head.weight)
+        self.lm_head_padded = self._padded_rows(model.lm_head.weight, LM_HEAD_ROWS_MULTIPLE)
+        self.lm_head = self.lm_head_padded[: model.lm_head.weight.size(0)]
         # Every layer's copy of a kind is a slice of one stacked tensor, so that the
         # persistent kernel (persistent.py) finds layer i at a fixed stride.
         self.qkv_w_all = self._stack([b.attn.c_attn.weight for b in blocks], transpose=True)
@@ -173,6 +178,15 @@ class GPT2Weights:
         if dtype is None and views[0].dim() == 2:
             self._matrix_bytes += stacked.numel() * stacked.element_size()
         return stacked
+
+    def _padded_rows(self, source: torch.Tensor, multiple: int) -> torch.Tensor:
+        """Register a matrix copied into the first rows of a zeroed one whose rows are a multiple of ``multiple``."""
+        rows = -(-source.size(0) // multiple) * multiple
+        padded = torch.zeros((rows, source.size(1)), dtype=self.dtype, device=source.device)
+        self._sources.append(source.detach())
+        self._copies.append(padded[: source.size(0)])
+        self._matrix_bytes += source.numel() * padded.element_size()
+        return padded
 
     @property
     def masters(self) -> list[torch.Tensor]:
@@ -271,7 +285,8 @@ class GPT2Weights:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.skinny_lm_head and skinny.usable(x, self.lm_head):
             return skinny.skinny_linear(x, self.lm_head)
-        return F.linear(x, self.lm_head)
+        # the padded rows keep cuBLAS on its fast kernels (LM_HEAD_ROWS_MULTIPLE); their logits are cut off
+        return F.linear(x, self.lm_head_padded)[..., : self.lm_head.size(0)]
 
     def new_kv_cache(self, length: int) -> torch.Tensor:
         """The key/value cache ``[layers, 2, heads, length, head_dim]``, zeroed (never NaN).
