@@ -326,7 +326,8 @@ def main() -> None:
         "(full context); evaluation = generated text + 12,800 validation tokens; one AdamW step",
         "- speed-up: against the naive loop / against the same loop computing logits for the last position "
         "only when generating (as the paper's nanoGPT does; its evaluation and training are the naive row's)",
-        "- engine: median of the timed iterations after a warm-up iteration (`first`, which captures the graphs); "
+        "- engine: median of the timed iterations after two warm-up iterations (`first`, which captures "
+        "generation's graphs, then one that captures the training step's); "
         "naive: one iteration of the paper's loop (eager fp32, host sync per token, 200 single-window "
         "evaluation forwards)",
         "- floor: generation only, bf16 weight bytes per token × tokens / copy bandwidth "

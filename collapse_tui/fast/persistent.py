@@ -71,7 +71,7 @@ class Plan:
     block_kv: int = 64
     #: request each product's weight tiles from L2 two stages ahead (persistent_kernel.prefetch_tiles)
     prefetch: bool = True
-    #: one cached token: matrix-vector products, five barriers a layer (persistent_kernel.decode_kernel)
+    #: one cached token: matrix-vector products, two grid barriers a layer (persistent_kernel.decode_kernel)
     matvec: bool = True
     #: keys per attention chunk of a cached token (a power of two)
     chunk: int = 128
