@@ -39,7 +39,7 @@ from collapse_tui.modeling import load_model, out_of_memory_error, resolve_autoc
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import CONFIG, METRICS, RunWriter, make_summary, read_run
 from collapse_tui.source import EngineListener, NullListener, RunInfo
-from collapse_tui.training import build_optimizer, make_train_step
+from collapse_tui.training import build_optimizer, load_optimizer_state, make_train_step
 
 #: How long a paused engine sleeps between looks at its controls.
 PAUSE_POLL_SECONDS = 0.2
@@ -384,7 +384,7 @@ class Engine:
         self.lr = float(state["lr"])
         self.detector.streak = int(state.get("collapse_streak", 0))
         self.collapsed_at = state.get("collapsed_at")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         rng = torch.load(path / "rng.pt", weights_only=False)

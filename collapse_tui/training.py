@@ -21,6 +21,9 @@ step, and captured again whenever it is replaced, as by resuming from a
 snapshot) and the learning rate, held in a tensor per parameter group into
 which a new rate (``group["lr"] = x``, as the engine sets it) is copied
 before each replay. If capturing fails, it says so once and stays eager.
+A replayed step calls no ``optimizer.step()``, so no optimizer hook sees it:
+whoever keeps copies of the weights must be told (the engine calls
+``Inference.weights_changed()`` after every step, graphed or not).
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ class GraphedTrainStep(TrainStep):
         self._grads: list[torch.Tensor] = []
         self._lrs: list[torch.Tensor] = []
         self._state: list[torch.Tensor] = []
+        #: how many times the graphs were captured (once, and again after a new optimizer state)
+        self.captures = 0
 
     def step(self, window: torch.Tensor) -> float:
         if self.failed or not self.optimizer.state:  # the first step creates the state: eagerly
@@ -184,7 +189,20 @@ class GraphedTrainStep(TrainStep):
         with torch.cuda.graph(step_graph, pool=grads_graph.pool(), capture_error_mode="thread_local"):
             self.optimizer.step()
         self.grads_graph, self.step_graph = grads_graph, step_graph
+        self.captures += 1
         self._state = self._optimizer_state()  # held: the step graph writes them
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping how this optimizer was built.
+
+    A snapshot records ``fused`` and ``capturable`` as the device it was
+    taken on wanted them; a resume on another device needs its own.
+    """
+    built = [{key: group.get(key) for key in ("fused", "capturable")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, built, strict=True):
+        group.update(flags)
 
 
 def make_train_step(

@@ -169,7 +169,8 @@ def test_triton_top_k_race_picks_the_torch_race_token(dtype: torch.dtype) -> Non
             logits = logits.round()
         logits = logits.to(dtype)
         draws = torch.empty(1, VOCAB, device="cuda").exponential_(generator=gen)
-        for k in (None, 1, 200, VOCAB - 1):
+        zero_kth = int((logits > 0).sum()) + 1  # rounded: the k-th largest is ±0
+        for k in (None, 1, 200, VOCAB - 1, zero_kth):
             ours = race_winner(logits, draws, 0.9, k, use_triton=True)
             theirs = race_winner(logits, draws, 0.9, k, use_triton=False)
             assert ours.tolist() == theirs.tolist(), (trial, k)

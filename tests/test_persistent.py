@@ -74,6 +74,40 @@ def test_window_forward_matches_layer_by_layer(rows: int, block_q: int) -> None:
 
 
 @interpreted
+@pytest.mark.parametrize(
+    ("n_embd", "n_head", "plan"),
+    [
+        (64, 4, persistent.Plan(proj_splits=1, out_splits=4, block_q=16)),  # tiles (32) wider than heads (16)
+        (
+            256,
+            2,
+            persistent.Plan(block_n=16, proj_splits=4, out_splits=4),
+        ),  # K splits (64) inside a head (128)
+    ],
+    ids=["wide-tiles", "split-heads"],
+)
+def test_the_flags_count_what_the_plan_expects_for_other_head_and_tile_sizes(
+    n_embd: int, n_head: int, plan: persistent.Plan
+) -> None:
+    """``check()`` compares every flag's count with ``flag_counts``; both kernels, against layer by layer."""
+    weights = tiny_weights(n_embd=n_embd, n_head=n_head)
+    tokens = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(5))
+    window = persistent.PersistentForward(weights, 20, plan=plan)
+    out = window.run(tokens)
+    window.check()
+    with torch.no_grad():
+        assert rel_err(out[:20], weights.hidden(tokens.view(1, 20))[0]) < 2e-2
+        cache = weights.new_kv_cache(32)
+        weights.hidden(tokens[:4].view(1, 4), cache)  # prefill, as the decoder does
+        reference = weights.hidden(tokens[:5].view(1, 5), cache.clone())[0, -1]
+    decode = persistent.PersistentForward(weights, 1, cache=cache, plan=dataclasses.replace(plan, chunk=8))
+    assert decode.matvec
+    out = decode.run(tokens[4:5], torch.tensor([4]))
+    decode.check()
+    assert rel_err(out[0], reference) < 2e-2
+
+
+@interpreted
 @pytest.mark.parametrize("matvec", [True, False], ids=["decode_kernel", "forward_kernel"])
 @pytest.mark.parametrize(("length", "cache_len", "chunk"), [(1, 16, 4), (12, 16, 4), (40, 48, 16)])
 def test_cached_decode_matches_layer_by_layer_and_fills_the_cache(

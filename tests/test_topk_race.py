@@ -93,3 +93,14 @@ def test_triton_race_keeps_exactly_the_logits_at_or_above_the_kth_largest(ties: 
         token = int(race_winner(logits, draws, 1.0, k, use_triton=True))
         assert (token == favourite) is should_win
         assert values[token] >= kth
+
+
+@interpreted
+def test_negative_zero_ties_with_a_zero_kth_largest() -> None:
+    """-0 equals +0: when the k-th largest logit is 0, every -0 logit takes part too, as in torch."""
+    logits = torch.tensor([[3.0] * 50 + [0.0] * 70 + [-0.0] * 80], dtype=torch.bfloat16)
+    draws = torch.ones(1, 200)
+    draws[0, 150] = 1e-30  # a -0 logit wins if it takes part
+    ours = race_winner(logits, draws, 1.0, 100, use_triton=True)
+    theirs = race_winner(logits, draws, 1.0, 100, use_triton=False)
+    assert ours.tolist() == theirs.tolist() == [150]

@@ -12,7 +12,11 @@ needs. The layer-by-layer forward reads norm parameters, position and token
 embeddings and the residual biases from the fp32 masters themselves; the
 persistent kernel reads stacked fp32 copies of the norms and residual biases,
 refreshed with the rest. Either way a change through ``p.data`` is seen only
-after ``refresh`` (``stale`` cannot notice it).
+after ``refresh`` (``stale`` cannot notice it), and so is an optimizer step
+replayed from a CUDA graph (``training.GraphedTrainStep``): it calls no
+``optimizer.step()``, so no hook sees it, and the fused kernel bumps no
+version counter. The engine calls ``Inference.weights_changed()`` after every
+step for that reason.
 
 The forward follows ``GPT2LMHeadModel`` (pre-norm blocks, tanh GELU, scaled
 dot-product attention, lm_head tied to wte) with the residual stream in fp32
@@ -202,10 +206,12 @@ class GPT2Weights:
     def stale(self) -> bool:
         """Whether the master weights may have changed since the last refresh.
 
-        True after any optimizer step (a global post-step hook sets ``dirty``)
-        and after any other in-place change that bumps a version counter
-        (``p.mul_(...)``; changes through ``p.data`` are invisible: call
-        ``refresh``). Cheap enough to ask before every forward.
+        True after any ``optimizer.step()`` call (a global post-step hook sets
+        ``dirty``) and after any other in-place change that bumps a version
+        counter (``p.mul_(...)``). Changes through ``p.data`` and steps
+        replayed from a CUDA graph are invisible: call ``refresh`` (or the
+        inference's ``weights_changed``). Cheap enough to ask before every
+        forward.
         """
         return self.dirty or any(t._version != v for t, v in zip(self._sources, self._versions, strict=True))
 

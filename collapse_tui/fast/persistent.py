@@ -194,7 +194,11 @@ class PersistentForward:
         self.attn = torch.zeros(m, width, dtype=dtype, device=device)
         self.ff = torch.zeros(m, 4 * width, dtype=dtype, device=device)
         # decode_kernel keeps the projection's and MLP down's partial sums apart (see there)
-        splits = self.plan.proj_splits + self.plan.out_splits
+        splits = (
+            self.plan.proj_splits + self.plan.out_splits
+            if self.matvec
+            else max(self.plan.proj_splits, self.plan.out_splits)
+        )
         self.part = torch.zeros(splits, m, width, dtype=torch.float32, device=device)
         heads_chunks = heads * self._chunks(cache)[1]
         self.attn_out = torch.zeros(heads_chunks, width // heads, dtype=torch.float32, device=device)
@@ -214,6 +218,7 @@ class PersistentForward:
             )
         self.grid = grid
         self.last_kernel = "decode_kernel" if self.matvec else "forward_kernel"
+        self.last_work = True
         #: the kernels count SM cycles per stage into ``trace_cycles`` (benchmarks/trace_persistent.py)
         self.trace = False
         self.trace_cycles = torch.zeros(grid, 16, dtype=torch.int64, device=device)
@@ -255,10 +260,10 @@ class PersistentForward:
         }
 
     def expected_flags(self) -> list[int]:
-        """The flags' values after a launch: each count times the layers."""
+        """The flags' values after the last launch: each count times the layers (none without work)."""
         w, plan = self.weights, self.plan
         counts = self.flag_counts(self._block_n())
-        layers = len(w.layers)
+        layers = len(w.layers) if self.last_work else 0
         return (
             [counts["QKV_COUNT"] * layers] * w.n_head
             + [counts["ATTN_COUNT"] * layers] * plan.proj_splits
@@ -291,7 +296,7 @@ class PersistentForward:
         module = _build()
         assert module is not None, "Triton is not installed"
         name, args, constants = self.launch(tokens, position, work)
-        self.last_kernel = name
+        self.last_kernel, self.last_work = name, work
         self.sync.zero_()
         getattr(module, name)[(self.grid,)](*args, **constants)
         return self.xn

@@ -541,8 +541,10 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
 
     ``TRACE`` adds up, per CTA, the SM cycles of each stage (slots 0-4, a
     stage's waits for its flags included) and of what follows it up to the
-    next stage (slots 5-9: the grid barrier after the projection and after
-    MLP down, the next tiles' loads elsewhere) into ``trace_ptr [grid, 16]``.
+    next stage (slot 5 after qkv and 8 after MLP up: the next tiles' loads;
+    7 and 9: the grid barriers after the projection and after MLP down;
+    the attention is followed directly by the projection) into
+    ``trace_ptr [grid, 16]``.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -604,7 +606,6 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
                                 KS_PROJ)  # fmt: skip
         if TRACE:
             cycles, since = tick(cycles, since, 1)
-            cycles, since = tick(cycles, since, 6)
         # attention projection, split over K = groups of heads
         for item in range(pid, D_TILES * PROJ_SPLITS, nprog):
             cols = (item % D_TILES) * BN + tl.arange(0, BN)

@@ -52,7 +52,7 @@ def launches(
         threshold, k = 1, top_k
         plan.append(("high_histogram", (blocks,), (logits, state, n), common))
         plan.append(("low_histogram", (blocks,), (logits, state, n, k), common))
-    else:  # 32-bit logits would need four digits: torch.topk finds the k-th largest
+    else:  # other dtypes (fp32, fp16) would need other digits: torch.topk finds the k-th largest
         threshold, k = 2, top_k
         kth = torch.topk(logits, top_k, sorted=False).values.amin().view(1)
     race_args = (logits, draws, kth, state, best, index, token, n, k, 1.0 / temperature)

@@ -26,8 +26,12 @@ import triton.language as tl
 
 @triton.jit
 def order_key(x):
-    """bf16 values → int32 keys in [0, 65535] that sort like the values (a larger logit, a larger key)."""
+    """bf16 values → int32 keys in [0, 65535] that sort like the values (a larger logit, a larger key).
+
+    -0 takes +0's key: the two are equal, and a tie with the k-th largest takes part.
+    """
     bits = x.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended
+    bits = tl.where(bits == -32768, 0, bits)  # -0 (0x8000) as +0
     return tl.where(bits >= 0, bits, bits ^ 0x7FFF) + 32768
 
 
