@@ -21,22 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_iteration import EngineLoop, build_model, timed
-from torch.profiler import ProfilerActivity, profile
+from timing import kernels_of
 
 from collapse_tui.data import eval_windows
 from collapse_tui.engine import Engine
 from collapse_tui.inference import sequence_windows
 from collapse_tui.metrics import repetition_metrics
-
-
-def kernel_time(fn: Callable[[], object], rows: int) -> tuple[float, int, str]:
-    """Seconds of CUDA kernel time, the number of kernels of one call of ``fn``, and the top ``rows`` kernels."""
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows) if rows else ""
-    return sum(e.device_time for e in events) / 1e6, len(events), table
 
 
 def main() -> None:
@@ -67,7 +57,7 @@ def main() -> None:
     tables = []
     for name, fn in parts.items():
         wall = min(timed(fn)[0] for _ in range(3))
-        kernels, count, table = kernel_time(fn, args.kernels)
+        kernels, count, table = kernels_of(fn, args.kernels)
         print(f"| {name} | {wall * 1e3:.1f} | {kernels * 1e3:.1f} | {count} |")
         tables.append(f"\n{name}:\n{table}" if table else "")
     print("".join(tables))

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_iteration import build_model
-from timing import graph_time
+from timing import graph_time, kernels_of
 
 from collapse_tui.fast import FastGPT2Inference
 
@@ -42,8 +42,6 @@ def replay_time(fast: FastGPT2Inference, kv: bool, replays: int = 200) -> float:
 
 
 def kernel_table(fast: FastGPT2Inference, kv: bool, rows: int) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
     decoder = fast._decoders[kv]
     generator = torch.Generator(device="cuda").manual_seed(0)
     decoder.counter.fill_(fast.block if not kv else 1)
@@ -51,13 +49,8 @@ def kernel_table(fast: FastGPT2Inference, kv: bool, rows: int) -> str:
         decoder.step(generator)
         torch.cuda.synchronize()
         decoder.counter.fill_(fast.block if not kv else 1)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decoder.step(generator)
-            torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.device_time for e in events)
-    head = f"{len(events)} kernels, {total:.0f} us of kernel time in one eager step\n"
-    return head + prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+        seconds, count, table = kernels_of(lambda: decoder.step(generator), rows)
+    return f"{count} kernels, {seconds * 1e6:.0f} us of kernel time in one eager step\n" + table
 
 
 def gemm_layouts(width: int) -> str:

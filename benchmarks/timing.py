@@ -38,3 +38,16 @@ def graph_time(fns: list[Callable[[], object]], repeats: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / len(fns))
     return sorted(times)[len(times) // 2]
+
+
+def kernels_of(fn: Callable[[], object], rows: int = 0) -> tuple[float, int, str]:
+    """One call of ``fn`` under the profiler: seconds of CUDA kernel time, the kernels' count, and
+    a table of the ``rows`` kernels that took the most time (empty for 0)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows) if rows else ""
+    return sum(e.device_time for e in events) / 1e6, len(events), table

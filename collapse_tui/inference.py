@@ -79,11 +79,17 @@ def sequence_windows(ids: list[int], block: int) -> list[torch.Tensor]:
     return groups
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """bf16 autocast (fp32 master weights) when asked for, else nothing."""
+def autocast_context(
+    device: torch.device, dtype: torch.dtype | None, cache_casts: bool = True
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast (fp32 master weights) when asked for, else nothing.
+
+    ``cache_casts=False`` for code captured in a CUDA graph, which must not
+    keep autocast's cast copies of the weights from one capture to the next.
+    """
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_casts)
 
 
 class EagerInference(Inference):

@@ -74,7 +74,7 @@ class TrainStep:
         A non-finite loss takes no step.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss_and_grads(window, cache_casts=True, backward=False)
+        loss = self._loss(window, cache_casts=True)
         value = float(loss.detach())
         if not math.isfinite(value):
             return value
@@ -83,25 +83,22 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         return value
 
-    def _loss_and_grads(self, window: torch.Tensor, cache_casts: bool, backward: bool) -> torch.Tensor:
-        """The mean cross-entropy of the window, and with ``backward`` its clipped gradients."""
-        device = window.device
-        if self.autocast_dtype is None:
-            context = autocast_context(device, None)
-        else:  # a graph must not keep autocast's cast weights across captures: no cache there
-            context = torch.autocast(
-                device_type=device.type, dtype=self.autocast_dtype, cache_enabled=cache_casts
-            )
-        with context:
+    def _loss(self, window: torch.Tensor, cache_casts: bool) -> torch.Tensor:
+        """The mean cross-entropy of predicting ``window[1:]`` (``cache_casts``: see ``autocast_context``)."""
+        with autocast_context(window.device, self.autocast_dtype, cache_casts):
             logits = self.model(window[None, :-1], use_cache=False).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), window[1:])
-        if backward:
-            self._backward(loss)
-        return loss
+        return F.cross_entropy(logits.float().flatten(0, 1), window[1:])
 
     def _backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss``, clipped to ``GRAD_CLIP``."""
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+
+    def _loss_and_grads(self, window: torch.Tensor) -> torch.Tensor:
+        """What a graph captures: the loss and its clipped gradients."""
+        loss = self._loss(window, cache_casts=False)
+        self._backward(loss)
+        return loss
 
 
 class GraphedTrainStep(TrainStep):
@@ -115,7 +112,7 @@ class GraphedTrainStep(TrainStep):
         self.grads_graph: torch.cuda.CUDAGraph | None = None
         self.step_graph: torch.cuda.CUDAGraph | None = None
         self._window: torch.Tensor | None = None
-        self._loss: torch.Tensor | None = None
+        self._captured_loss: torch.Tensor | None = None
         self._grads: list[torch.Tensor] = []
         self._lrs: list[torch.Tensor] = []
         self._state: list[torch.Tensor] = []
@@ -134,11 +131,11 @@ class GraphedTrainStep(TrainStep):
                 self.grads_graph = self.step_graph = None
                 return super().step(window)
         assert self.grads_graph is not None and self.step_graph is not None
-        assert self._window is not None and self._loss is not None
+        assert self._window is not None and self._captured_loss is not None
         self._window.copy_(window)
         self._take_new_lr()
         self.grads_graph.replay()
-        value = float(self._loss)
+        value = float(self._captured_loss)
         if math.isfinite(value):
             self.step_graph.replay()
         return value
@@ -176,7 +173,7 @@ class GraphedTrainStep(TrainStep):
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             self.optimizer.zero_grad(set_to_none=True)
-            self._loss_and_grads(self._window, cache_casts=False, backward=True)
+            self._loss_and_grads(self._window)
         torch.cuda.current_stream(device).wait_stream(side)
         # the graphs write and read these gradients: keep them alive whatever happens to .grad
         self._grads = [p.grad for p in self.params if p.grad is not None]
@@ -185,7 +182,7 @@ class GraphedTrainStep(TrainStep):
         with torch.cuda.graph(grads_graph, capture_error_mode="thread_local"):
             self.optimizer.zero_grad(set_to_none=False)
             # detached: holding the autograd graph would keep the capture's nodes alive past it
-            self._loss = self._loss_and_grads(self._window, cache_casts=False, backward=True).detach()
+            self._captured_loss = self._loss_and_grads(self._window).detach()
         with torch.cuda.graph(step_graph, pool=grads_graph.pool(), capture_error_mode="thread_local"):
             self.optimizer.step()
         self.grads_graph, self.step_graph = grads_graph, step_graph

@@ -327,9 +327,8 @@ class FastGPT2Inference(Inference):
             return list(prompt_ids)
         total = len(prompt_ids) + gen_tokens
         kv = total - 1 <= self.block  # the longest context fits: ordinary full-context decoding
-        if kv and total - 1 > self.max_positions:
-            raise ValueError(f"block {self.block} is longer than the model's {self.max_positions} positions")
-        if not kv and self.block > self.max_positions:
+        longest = total - 1 if kv else self.block  # positions one forward sees
+        if longest > self.max_positions:
             raise ValueError(f"block {self.block} is longer than the model's {self.max_positions} positions")
         with self._forward_context():
             self._fresh()

@@ -240,8 +240,8 @@ class PersistentForward:
         """Grid barriers the last launch passed: four a layer, two for ``decode_kernel``."""
         return (2 if self.last_kernel == "decode_kernel" else 4) * len(self.weights.layers)
 
-    def flag_counts(self, block_n: int) -> dict[str, int]:
-        """What each dependency flag counts a layer, for column tiles of ``block_n``.
+    def flag_counts(self) -> dict[str, int]:
+        """What each dependency flag counts a layer.
 
         ``QKV_COUNT``: qkv tiles touching a head (its query, key and value
         columns); ``ATTN_COUNT``: attention items (heads × key chunks) in a K
@@ -249,7 +249,7 @@ class PersistentForward:
         MLP down. A K split holds whole heads or lies inside one, and whole
         tiles or lies inside one (``__init__`` checks).
         """
-        width, heads = self.weights.n_embd, self.weights.n_head
+        width, heads, block_n = self.weights.n_embd, self.weights.n_head, self._block_n()
         head_dim = width // heads
         proj_k, out_k = width // self.plan.proj_splits, 4 * width // self.plan.out_splits
         chunks = self._chunks(self.cache)[1] if self.matvec else self.block_m // self._block_q()
@@ -262,7 +262,7 @@ class PersistentForward:
     def expected_flags(self) -> list[int]:
         """The flags' values after the last launch: each count times the layers (none without work)."""
         w, plan = self.weights, self.plan
-        counts = self.flag_counts(self._block_n())
+        counts = self.flag_counts()
         layers = len(w.layers) if self.last_work else 0
         return (
             [counts["QKV_COUNT"] * layers] * w.n_head
@@ -332,7 +332,7 @@ class PersistentForward:
                 self.counter, self.flags, self.error, self.trace_cycles, len(w.layers), w.eps, self.scale,
             )  # fmt: skip
             constants = {
-                "BN": self._block_n(), "KSPLIT": chunks, "CH": chunk, **self.flag_counts(self._block_n()),
+                "BN": self._block_n(), "KSPLIT": chunks, "CH": chunk, **self.flag_counts(),
                 "KX_PROJ": _next_pow2(width // plan.proj_splits),
                 "KX_OUT": _next_pow2(4 * width // plan.out_splits),
                 "TRACE": self.trace and not interpreted, **common,
@@ -346,7 +346,7 @@ class PersistentForward:
             self.trace_cycles, self.rows, len(w.layers), w.eps, self.scale,
         )  # fmt: skip
         constants = {
-            **self.flag_counts(plan.block_n),
+            **self.flag_counts(),
             "BLOCK_M": self.block_m, "CACHED": cached, "BN": plan.block_n, "BK": plan.block_k,
             "BLOCK_Q": self._block_q(),
             "BLOCK_KV": plan.block_kv, "UPCAST": interpreted, "WORK": work, "num_stages": plan.stages,

@@ -405,6 +405,16 @@ def gemv(x, w_ptr, cols, k0, K: tl.constexpr, KX: tl.constexpr, k_valid):
 
 
 @triton.jit
+def first_or_gemv(x, preloaded, first, w_ptr, cols, k0, K: tl.constexpr, KX: tl.constexpr, k_valid):
+    """``gemv``, or for a CTA's ``first`` item the same product of the tile it loaded ahead (``load_tile``)."""
+    if first:
+        acc = tl.sum(preloaded.to(tl.float32) * x[None, :], axis=1)
+    else:
+        acc = gemv(x, w_ptr, cols, k0, K, KX, k_valid)
+    return acc
+
+
+@triton.jit
 def load_tile(w_ptr, item, n_items, N_TILES: tl.constexpr, K: tl.constexpr, KS: tl.constexpr, KX: tl.constexpr,
               BN: tl.constexpr):  # fmt: skip
     """Weight tile ``item`` (column tile, K split) of ``w [N, K]`` as ``[BN, KX]``; zeros if ``item >= n_items``."""
@@ -585,10 +595,7 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         x_ln1 = layer_norm_row(h, ln1_w, ln1_b, eps, D, BLOCK_D)
         for tile in range(pid, QKV_TILES, nprog):
             cols = tile * BN + tl.arange(0, BN)
-            if tile == pid:
-                acc = tl.sum(w_qkv.to(tl.float32) * x_ln1[None, :], axis=1)
-            else:
-                acc = gemv(x_ln1, qkv_w, cols, 0, D, BLOCK_D, D)
+            acc = first_or_gemv(x_ln1, w_qkv, tile == pid, qkv_w, cols, 0, D, BLOCK_D, D)
             value = (acc + tl.load(qkv_b + cols).to(tl.float32)).to(tl.bfloat16)
             tl.store(qkv_ptr + cols, value)
             which = cols // D - 1  # 0: key, 1: value (query columns are not cached)
@@ -612,10 +619,7 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
             k0 = (item // D_TILES) * KS_PROJ
             spin = wait(proj_flags + item // D_TILES, error_ptr, ATTN_COUNT * (layer + 1), spin)
             x_attn = combine_heads(o_ptr, ml_ptr, k0, KX_PROJ, KS_PROJ, HD, KSPLIT)
-            if item == pid:
-                acc = tl.sum(w_proj.to(tl.float32) * x_attn[None, :], axis=1)
-            else:
-                acc = gemv(x_attn, proj_w, cols, k0, D, KX_PROJ, KS_PROJ)
+            acc = first_or_gemv(x_attn, w_proj, item == pid, proj_w, cols, k0, D, KX_PROJ, KS_PROJ)
             tl.store(part_ptr + (item // D_TILES) * D + cols, acc)
         if TRACE:
             cycles, since = tick(cycles, since, 2)
@@ -632,10 +636,7 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         x_ln2 = layer_norm_row(h, ln2_w, ln2_b, eps, D, BLOCK_D)
         for tile in range(pid, F_TILES, nprog):
             cols = tile * BN + tl.arange(0, BN)
-            if tile == pid:
-                acc = tl.sum(w_fc.to(tl.float32) * x_ln2[None, :], axis=1)
-            else:
-                acc = gemv(x_ln2, fc_w, cols, 0, D, BLOCK_D, D)
+            acc = first_or_gemv(x_ln2, w_fc, tile == pid, fc_w, cols, 0, D, BLOCK_D, D)
             acc += tl.load(fc_b + cols).to(tl.float32)
             inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
             tl.store(ff_ptr + cols, (acc * tl.sigmoid(2.0 * inner)).to(tl.bfloat16))
@@ -654,10 +655,7 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
             spin = wait(out_flags + item // D_TILES, error_ptr, UP_COUNT * (layer + 1), spin)
             ks = tl.arange(0, KX_OUT)
             x_ff = tl.load(ff_ptr + k0 + ks, mask=ks < KS_OUT, other=0.0, cache_modifier=".cg").to(tl.float32)
-            if item == pid:
-                acc = tl.sum(w_out.to(tl.float32) * x_ff[None, :], axis=1)
-            else:
-                acc = gemv(x_ff, out_w, cols, k0, F, KX_OUT, KS_OUT)
+            acc = first_or_gemv(x_ff, w_out, item == pid, out_w, cols, k0, F, KX_OUT, KS_OUT)
             tl.store(part_out + (item // D_TILES) * D + cols, acc)
         if TRACE:
             cycles, since = tick(cycles, since, 4)
