@@ -35,17 +35,15 @@ from collapse_tui.fast.persistent import PersistentForward
 
 #: (slot, label) of each step, in the order a layer runs them
 WINDOW_STEPS = (
-    (0, "qkv"),
+    (0, "qkv (waiting for ln_1's rows included)"),
     (1, "attention (flag waits included)"),
     (2, "projection (flag waits included)"),
     (3, "barrier"),
     (4, "residual + ln_2"),
-    (5, "barrier"),
-    (6, "MLP up"),
+    (6, "MLP up (waiting for ln_2's rows included)"),
     (7, "MLP down (flag waits included)"),
     (8, "barrier"),
     (9, "residual + ln_1"),
-    (10, "barrier"),
 )
 DECODE_STEPS = (
     (0, "ln_1 + qkv"),

@@ -205,7 +205,7 @@ class PersistentForward:
         self.attn_stats = torch.zeros(heads_chunks, 2, dtype=torch.float32, device=device)
         # the grid barrier's counter, then the dependency flags (persistent_kernel.forward_kernel),
         # one tensor so that a launch zeroes them all at once
-        self.sync = torch.zeros(1 + heads + self.plan.proj_splits + self.plan.out_splits, dtype=torch.int32,
+        self.sync = torch.zeros(2 + heads + self.plan.proj_splits + self.plan.out_splits, dtype=torch.int32,
                                 device=device)  # fmt: skip
         self.counter, self.flags = self.sync[:1], self.sync[1:]
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
@@ -237,8 +237,8 @@ class PersistentForward:
 
     @property
     def barriers(self) -> int:
-        """Grid barriers the last launch passed: four a layer, two for ``decode_kernel``."""
-        return (2 if self.last_kernel == "decode_kernel" else 4) * len(self.weights.layers)
+        """Grid barriers the last launch passed: two a layer, either kernel."""
+        return 2 * len(self.weights.layers)
 
     def flag_counts(self) -> dict[str, int]:
         """What each dependency flag counts a layer.
@@ -260,14 +260,21 @@ class PersistentForward:
         }
 
     def expected_flags(self) -> list[int]:
-        """The flags' values after the last launch: each count times the layers (none without work)."""
+        """The flags' values after the last launch: each count times the layers (none without work).
+
+        The last flag counts the rows ``forward_kernel``'s layer-norm stages
+        finished (two a layer and the embedding's); ``decode_kernel`` leaves
+        it at 0.
+        """
         w, plan = self.weights, self.plan
         counts = self.flag_counts()
         layers = len(w.layers) if self.last_work else 0
+        row_stages = 2 * layers + 1 if self.last_work and self.last_kernel == "forward_kernel" else 0
         return (
             [counts["QKV_COUNT"] * layers] * w.n_head
             + [counts["ATTN_COUNT"] * layers] * plan.proj_splits
             + [counts["UP_COUNT"] * layers] * plan.out_splits
+            + [self.rows * row_stages]
         )
 
     def _block_q(self) -> int:

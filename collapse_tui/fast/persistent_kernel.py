@@ -82,10 +82,15 @@ def signal(flag_ptr, first, COLS: tl.constexpr, GROUP: tl.constexpr):
 
 @triton.jit
 def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, wte_ptr, wpe_ptr,
-               M, pos, eps, pid, nprog,
+               rows_ptr, M, pos, eps, pid, nprog,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                SPLITS: tl.constexpr, EMBED: tl.constexpr):  # fmt: skip
-    """Per row: h = embedding, or h += partial sums + bias; then xn = layer_norm(h) in bf16."""
+    """Per row: h = embedding, or h += partial sums + bias; then xn = layer_norm(h) in bf16.
+
+    Each row done is counted on ``rows_ptr`` (release): the product after
+    it waits for all ``M`` rows there, instead of at a grid barrier that
+    every CTA, with a row or without, must reach.
+    """
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
     for r in range(pid, M, nprog):
@@ -107,6 +112,8 @@ def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, w
         w = tl.load(ln_w_ptr + cols, mask=ok, other=0.0)
         b = tl.load(ln_b_ptr + cols, mask=ok, other=0.0)
         tl.store(xn_ptr + r * D + cols, (centred * rstd * w + b).to(xn_ptr.dtype.element_ty), mask=ok)
+        tl.debug_barrier()
+        tl.atomic_add(rows_ptr, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -282,21 +289,22 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
                    TRACE: tl.constexpr):  # fmt: skip
     """Embedding, every layer, and the final layer norm (``ln1_w[n_layer]`` is ``ln_f``) into ``xn``.
 
-    A layer: ln_1 | qkv > attention > projection | residual + ln_2 | MLP up
+    A layer: ln_1 > qkv > attention > projection | residual + ln_2 > MLP up
     > MLP down | residual + ln_1 of the next layer, where ``|`` is a grid
-    barrier (the layer norms need whole rows) and ``>`` a dependency flag in
-    ``flag_ptr`` (``[H]`` per head, then ``[PROJ_SPLITS]`` per K split of the
-    projection, ``[OUT_SPLITS]`` per K split of MLP down; the counts grow by
-    ``QKV_COUNT``, ``ATTN_COUNT``, ``UP_COUNT`` a layer): four barriers a
-    layer. Each product's weight tiles are requested from L2 (``PREFETCH``)
-    right after the product before it is done. ``WORK=False`` keeps only the
-    barriers: to time them alone.
+    barrier (the rows of a layer norm need every K split of the product
+    before) and ``>`` a dependency flag in ``flag_ptr`` (``[H]`` per head,
+    then ``[PROJ_SPLITS]`` per K split of the projection, ``[OUT_SPLITS]``
+    per K split of MLP down, then one count of layer-norm rows; the counts
+    grow by ``QKV_COUNT``, ``ATTN_COUNT``, ``UP_COUNT`` and ``2 M`` a
+    layer): two barriers a layer. Each product's weight tiles are requested
+    from L2 (``PREFETCH``) right after the product before it is done.
+    ``WORK=False`` keeps only the barriers: to time them alone.
 
     ``TRACE`` adds up, per CTA, the SM cycles of each step of a layer into
-    ``trace_ptr [grid, 16]``: 0 qkv, 1 attention, 2 projection (both with
-    their flag waits), 3 the barrier after it, 4 residual + ln_2, 5 the
-    barrier, 6 MLP up, 7 MLP down (with its flag waits), 8 the barrier,
-    9 residual + ln_1, 10 the barrier before the next qkv.
+    ``trace_ptr [grid, 16]``: 0 qkv (with its wait for ln_1's rows), 1
+    attention, 2 projection (both with their flag waits), 3 the barrier
+    after it, 4 residual + ln_2, 6 MLP up (with its wait for ln_2's rows),
+    7 MLP down (with its flag waits), 8 the barrier, 9 residual + ln_1.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -304,6 +312,7 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     head_flags = flag_ptr
     proj_flags = flag_ptr + H
     out_flags = flag_ptr + H + PROJ_SPLITS
+    rows_flag = out_flags + OUT_SPLITS
     pos = 0
     if CACHED:
         pos = tl.load(pos_ptr).to(tl.int32)
@@ -312,21 +321,17 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     if WORK:
         prefetch_tiles(qkv_w, pid, nprog, 3 * D, D, 1, BN, PREFETCH)
         prefetch_tiles(proj_w, pid, nprog, D, D, PROJ_SPLITS, BN, PREFETCH)
-        rows_stage(h_ptr, part_ptr, proj_b, ln1_w, ln1_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, M, pos, eps,
+        rows_stage(h_ptr, part_ptr, proj_b, ln1_w, ln1_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, rows_flag, M, pos, eps,
                    pid, nprog, D, BLOCK_D, BLOCK_M, 1, True)  # fmt: skip
     cache = cache_ptr
     if TRACE:
         cycles = tl.zeros([16], dtype=tl.int64)
         cycles, since = tick(cycles, 0, 15)
     for layer in range(n_layer):
-        barrier += nprog
-        spin = grid_sync(counter_ptr, error_ptr, barrier, spin)
-        if TRACE:
-            cycles, since = tick(cycles, since, 10)
         if WORK:
-            spin = gemm_stage(xn_ptr, qkv_w, qkv_b, qkv_ptr, cache, M, pos, pid, nprog, head_flags, 0,
-                              head_flags, error_ptr, spin, 3 * D, D, 1, 0, CACHED, D, H, HD, LC, BLOCK_M, BN,
-                              BK, UPCAST, False, D, HD)  # fmt: skip
+            spin = gemm_stage(xn_ptr, qkv_w, qkv_b, qkv_ptr, cache, M, pos, pid, nprog, rows_flag,
+                              M * (2 * layer + 1), head_flags, error_ptr, spin, 3 * D, D, 1, 0, CACHED, D, H, HD,
+                              LC, BLOCK_M, BN, BK, UPCAST, True, D, HD)  # fmt: skip
             prefetch_tiles(fc_w, pid, nprog, F, D, 1, BN, PREFETCH)
             if TRACE:
                 cycles, since = tick(cycles, since, 0)
@@ -348,18 +353,14 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if TRACE:
             cycles, since = tick(cycles, since, 3)
         if WORK:
-            rows_stage(h_ptr, part_ptr, proj_b, ln2_w, ln2_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, M, pos, eps,
+            rows_stage(h_ptr, part_ptr, proj_b, ln2_w, ln2_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, rows_flag, M, pos, eps,
                        pid, nprog, D, BLOCK_D, BLOCK_M, PROJ_SPLITS, False)  # fmt: skip
         if TRACE:
             cycles, since = tick(cycles, since, 4)
-        barrier += nprog
-        spin = grid_sync(counter_ptr, error_ptr, barrier, spin)
-        if TRACE:
-            cycles, since = tick(cycles, since, 5)
         if WORK:
-            spin = gemm_stage(xn_ptr, fc_w, fc_b, ff_ptr, cache, M, pos, pid, nprog, out_flags, 0, out_flags,
-                              error_ptr, spin, F, D, 1, 1, False, D, H, HD, LC, BLOCK_M, BN, BK, UPCAST, False,
-                              F, F // OUT_SPLITS)  # fmt: skip
+            spin = gemm_stage(xn_ptr, fc_w, fc_b, ff_ptr, cache, M, pos, pid, nprog, rows_flag, M * (2 * layer + 2),
+                              out_flags, error_ptr, spin, F, D, 1, 1, False, D, H, HD, LC, BLOCK_M, BN, BK, UPCAST,
+                              True, F, F // OUT_SPLITS)  # fmt: skip
             if layer + 1 < n_layer:
                 prefetch_tiles(qkv_w + 3 * D * D, pid, nprog, 3 * D, D, 1, BN, PREFETCH)
             if TRACE:
@@ -377,7 +378,7 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if TRACE:
             cycles, since = tick(cycles, since, 8)
         if WORK:
-            rows_stage(h_ptr, part_ptr, out_b, ln1_w + D, ln1_b + D, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, M, pos,
+            rows_stage(h_ptr, part_ptr, out_b, ln1_w + D, ln1_b + D, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, rows_flag, M, pos,
                        eps, pid, nprog, D, BLOCK_D, BLOCK_M, OUT_SPLITS, False)  # fmt: skip
         if TRACE:
             cycles, since = tick(cycles, since, 9)
