@@ -10,9 +10,11 @@ norms, which need whole rows), instead of at a kernel boundary. Where a work
 item needs only part of the stage before — an attention head its qkv
 columns, a K split of the projection or of MLP down its slice of the input —
 it waits on a dependency flag (a counter per head or per split) instead, so
-it does not wait for the slowest of all CTAs. Within a stage each CTA takes
-work items ``pid, pid + grid, ...``: output tiles of a product, heads of the
-attention, rows of a layer norm.
+it does not wait for the slowest of all CTAs; a product after a layer norm
+waits on a count of the normalised rows, so the CTAs without a row need not
+arrive anywhere. Within a stage each CTA takes work items ``pid, pid +
+grid, ...``: output tiles of a product, heads of the attention, rows of a
+layer norm.
 
 It computes what ``GPT2Weights.hidden`` / ``decode_one`` compute, in the same
 precision: residual stream in fp32, products in bf16 with fp32 accumulation,
@@ -203,8 +205,8 @@ class PersistentForward:
         heads_chunks = heads * self._chunks(cache)[1]
         self.attn_out = torch.zeros(heads_chunks, width // heads, dtype=torch.float32, device=device)
         self.attn_stats = torch.zeros(heads_chunks, 2, dtype=torch.float32, device=device)
-        # the grid barrier's counter, then the dependency flags (persistent_kernel.forward_kernel),
-        # one tensor so that a launch zeroes them all at once
+        # the grid barrier's counter, then the dependency flags (persistent_kernel.forward_kernel: per
+        # head, per K split of each product, layer-norm rows), one tensor so that a launch zeroes them all
         self.sync = torch.zeros(2 + heads + self.plan.proj_splits + self.plan.out_splits, dtype=torch.int32,
                                 device=device)  # fmt: skip
         self.counter, self.flags = self.sync[:1], self.sync[1:]
