@@ -87,9 +87,10 @@ def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, w
                SPLITS: tl.constexpr, EMBED: tl.constexpr):  # fmt: skip
     """Per row: h = embedding, or h += partial sums + bias; then xn = layer_norm(h) in bf16.
 
-    Each row done is counted on ``rows_ptr`` (release): the product after
-    it waits for all ``M`` rows there, instead of at a grid barrier that
-    every CTA, with a row or without, must reach.
+    The rows a CTA did are counted on ``rows_ptr`` (release) once all are
+    stored, in one atomic: the product after waits for all ``M`` rows
+    there, instead of at a grid barrier that every CTA, with a row or
+    without, must reach.
     """
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
@@ -112,8 +113,9 @@ def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, w
         w = tl.load(ln_w_ptr + cols, mask=ok, other=0.0)
         b = tl.load(ln_b_ptr + cols, mask=ok, other=0.0)
         tl.store(xn_ptr + r * D + cols, (centred * rstd * w + b).to(xn_ptr.dtype.element_ty), mask=ok)
+    if pid < M:  # one count (release) for all of this CTA's rows, once they are all stored
         tl.debug_barrier()
-        tl.atomic_add(rows_ptr, 1, sem="release", scope="gpu")
+        tl.atomic_add(rows_ptr, tl.cdiv(M - pid, nprog), sem="release", scope="gpu")
 
 
 @triton.jit
