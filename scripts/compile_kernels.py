@@ -76,8 +76,38 @@ def aligned(names: list[str], values: dict, constants: dict) -> dict:
     return hints
 
 
-def compile_launch(module: object, name: str, args: tuple, constants: dict, arch: int) -> float:
-    """Build one launch's kernel for ``sm_<arch>``; seconds taken."""
+def resources(cubin: bytes) -> str:
+    """Registers a thread, spilled stack and shared memory of a built kernel, by the ``cuobjdump`` Triton ships.
+
+    Why: one CTA per SM runs every stage of the persistent kernel, so the
+    stage that needs the most registers sets them for all; past 255 a
+    thread spills, and every stage pays (benchmarks/RESULTS.md: wider
+    product tiles that were faster alone were slower in the kernel).
+    Empty where Triton ships no ``cuobjdump``.
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run(
+            [str(tool), "--dump-resource-usage", file.name], capture_output=True, text=True
+        )
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
+    if "REG" not in found:
+        return ""
+    return f"; {found['REG']} registers a thread, {found.get('STACK', '0')} bytes of stack (spills)"
+
+
+def compile_launch(module: object, name: str, args: tuple, constants: dict, arch: int) -> tuple[float, str]:
+    """Build one launch's kernel for ``sm_<arch>``; seconds taken, and its resources (``resources``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -89,8 +119,10 @@ def compile_launch(module: object, name: str, args: tuple, constants: dict, arch
     constexprs = {(fn.arg_names.index(arg),): value for arg, value in constants.items()}
     start = time.perf_counter()
     source = ASTSource(fn, signature, constexprs, aligned(fn.arg_names, values, constants))
-    triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    return time.perf_counter() - start
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    seconds = time.perf_counter() - start
+    used = resources(kernel.asm["cubin"])
+    return seconds, f"{used}, {kernel.metadata.shared // 1024} KB of shared memory" if used else ""
 
 
 def main() -> None:
@@ -138,8 +170,8 @@ def main() -> None:
         launches["window, traced"] = (traced_window, (torch.zeros(100, dtype=torch.long),))
         for label, (forward, inputs) in launches.items():
             kernel, kernel_args, constants = forward.launch(*inputs)
-            seconds = compile_launch(module, kernel, kernel_args, dict(constants), args.arch)
-            print(f"{name}: {label}: {kernel} built for sm_{args.arch} in {seconds:.1f} s", flush=True)
+            seconds, used = compile_launch(module, kernel, kernel_args, dict(constants), args.arch)
+            print(f"{name}: {label}: {kernel} built for sm_{args.arch} in {seconds:.1f} s{used}", flush=True)
     compile_sampling(args.arch)
 
 
@@ -152,9 +184,9 @@ def compile_sampling(arch: int) -> None:
             logits, draws = torch.zeros(50257, dtype=dtype), torch.ones(50257)
             plan, _ = topk_race.launches(logits, draws, top_k, 1.0)
             for kernel, _grid, kernel_args, constants in plan:
-                seconds = compile_launch(topk_race_kernel, kernel, kernel_args, dict(constants), arch)
+                seconds, used = compile_launch(topk_race_kernel, kernel, kernel_args, dict(constants), arch)
                 label = f"{DTYPES[dtype]} logits, top-k {top_k}"
-                print(f"sampling: {label}: {kernel} built for sm_{arch} in {seconds:.1f} s", flush=True)
+                print(f"sampling: {label}: {kernel} built for sm_{arch} in {seconds:.1f} s{used}", flush=True)
 
 
 if __name__ == "__main__":
