@@ -76,14 +76,14 @@ def aligned(names: list[str], values: dict, constants: dict) -> dict:
     return hints
 
 
-def resources(cubin: bytes) -> str:
-    """Registers a thread, spilled stack and shared memory of a built kernel, by the ``cuobjdump`` Triton ships.
+def resources(cubin: bytes) -> tuple[str, str] | None:
+    """Registers a thread and spilled stack bytes of a built kernel, by the ``cuobjdump`` Triton ships.
 
     Why: one CTA per SM runs every stage of the persistent kernel, so the
     stage that needs the most registers sets them for all; past 255 a
     thread spills, and every stage pays (benchmarks/RESULTS.md: wider
     product tiles that were faster alone were slower in the kernel).
-    Empty where Triton ships no ``cuobjdump``.
+    ``None`` where Triton ships no ``cuobjdump``.
     """
     import re
     import subprocess
@@ -93,21 +93,20 @@ def resources(cubin: bytes) -> str:
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
-        return ""
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
         usage = subprocess.run(
             [str(tool), "--dump-resource-usage", file.name], capture_output=True, text=True
         )
-    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
-    if "REG" not in found:
-        return ""
-    return f"; {found['REG']} registers a thread, {found.get('STACK', '0')} bytes of stack (spills)"
+    found = dict(re.findall(r"\b(REG|STACK):(\d+)", usage.stdout))
+    return (found["REG"], found.get("STACK", "0")) if "REG" in found else None
 
 
 def compile_launch(module: object, name: str, args: tuple, constants: dict, arch: int) -> tuple[float, str]:
-    """Build one launch's kernel for ``sm_<arch>``; seconds taken, and its resources (``resources``)."""
+    """Build one launch's kernel for ``sm_<arch>``; seconds taken, and what it uses (``resources``; empty
+    without ``cuobjdump``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -122,7 +121,14 @@ def compile_launch(module: object, name: str, args: tuple, constants: dict, arch
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     seconds = time.perf_counter() - start
     used = resources(kernel.asm["cubin"])
-    return seconds, f"{used}, {kernel.metadata.shared // 1024} KB of shared memory" if used else ""
+    if used is None:
+        return seconds, ""
+    registers, stack = used
+    shared = kernel.metadata.shared // 1024
+    return (
+        seconds,
+        f"; {registers} registers a thread, {stack} bytes of stack (spills), {shared} KB of shared memory",
+    )
 
 
 def main() -> None:
