@@ -6,7 +6,9 @@ A plan changes fields of the default ``Plan``: ``bn`` block_n, ``bk``
 block_k, ``w`` warps, ``s`` stages, ``q`` block_q, ``kv`` block_kv, ``pf`` prefetch (0/1),
 ``ps``/``os`` the K splits of the projection / MLP down-projection, ``mv``
 matrix-vector decode kernel for the cached token (0/1), ``ch`` its keys per
-attention chunk. Each forward (the window of
+attention chunk; ``g`` is not a plan field but the grid (CTAs, default one
+per SM; every CTA must be resident at once, so more than one per SM needs
+registers and shared memory for them). Each forward (the window of
 ``--rows`` tokens, and one cached token at ``--position``) is timed by graph
 replay (benchmarks/timing.py), so the time is the kernels' alone: what one
 generated token costs before lm_head and sampling. The layer-by-layer
@@ -46,12 +48,16 @@ FIELDS = {
 }
 
 
-def parse_plan(text: str, width: int, rows: int) -> Plan:
-    changes = {}
+def parse_plan(text: str, width: int, rows: int) -> tuple[Plan, int | None]:
+    """The plan ``text`` describes, and its grid (``None``: one CTA per SM)."""
+    changes, grid = {}, None
     for field in filter(None, text.split(",")):
         key, value = field.split("=")
+        if key == "g":
+            grid = int(value)
+            continue
         changes[FIELDS[key]] = bool(int(value)) if key in ("pf", "mv") else int(value)
-    return replace(default_plan(width, rows), **changes)
+    return replace(default_plan(width, rows), **changes), grid
 
 
 def main() -> None:
@@ -102,8 +108,10 @@ def tune_model(name: str, args: argparse.Namespace, bandwidth: float) -> None:
                 ("cache", 1, (tokens[:1], position)),
             ):
                 try:
-                    plan = parse_plan(text, weights.n_embd, rows)
-                    forward = PersistentForward(weights, rows, cache=cache if rows == 1 else None, plan=plan)
+                    plan, grid = parse_plan(text, weights.n_embd, rows)
+                    forward = PersistentForward(
+                        weights, rows, cache=cache if rows == 1 else None, plan=plan, grid=grid
+                    )
                     micros = graph_time([lambda f=forward, i=inputs: f.run(*i)])
                     forward.check()
                     cell = f"{micros:.1f}"
