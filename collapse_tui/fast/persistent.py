@@ -51,8 +51,9 @@ import torch
 #: Most rows (window tokens) one launch handles: one tile of rows for every product.
 MAX_ROWS = 128
 #: Widest model that runs persistent. On an H200 (benchmarks/RESULTS.md) gpt2 and gpt2-medium gain
-#: 5–23 % a sample; gpt2-xl (1600) gains nothing on the window (4.68 s against 4.44–4.71 s for 1024
-#: tokens) and loses 15 % on the cache (3.50 s against 3.03 s); gpt2-large (1280) was not measured.
+#: 5–23 % a sample; wider models lose against layer by layer (kernel µs a token, window / cached
+#: token): gpt2-large (1280) 2304 / 1673 against 1775 / 1535 (its best plan, 64-column tiles with 5 K
+#: splits, 1802 / 1758), gpt2-xl (1600) 4637 / 3189 against 3242 / 2920.
 MAX_WIDTH = 1024
 #: Polls of the barrier counter before a barrier gives up (about a second; a stage takes microseconds).
 SPIN_LIMIT = 1 << 20
