@@ -37,7 +37,9 @@ from collapse_tui.tui.widgets import (
     RepetitionMeter,
     SampleView,
     highlight_repeats,
+    series_caption,
     sparkline_columns,
+    visible_controls,
 )
 
 #: A generous bound for things that take milliseconds; it only matters when something hangs.
@@ -52,9 +54,13 @@ async def wait_until(pilot: Pilot, predicate: Callable[[], bool], what: str) -> 
         await pilot.pause(0.01)
 
 
-def drive(source: FakeSource, scenario: Callable[[CollapseApp, Pilot], Awaitable[None]]) -> CollapseApp:
+def drive(
+    source: FakeSource,
+    scenario: Callable[[CollapseApp, Pilot], Awaitable[None]],
+    clock: Callable[[], float] = lambda: 0.0,
+) -> CollapseApp:
     """Run the app on ``source`` at 80x24 through ``scenario``; return the app once it has closed."""
-    app = CollapseApp(source, clock=lambda: 0.0)
+    app = CollapseApp(source, clock=clock)
 
     async def main() -> None:
         async with app.run_test(size=(80, 24)) as pilot:
@@ -86,7 +92,7 @@ def test_records_fill_every_pane() -> None:
         assert charts.names == ["gen_loss", "wikitext-2", "ptb"]
         sparklines = list(app.query(Sparkline))
         assert [len(s.data or []) for s in sparklines] == [10, 10, 10]
-        titles = [str(label.render()) for label in app.query(".series-title").results(Label)]
+        titles = [str(title.render()) for title in app.query(".series-title")]
         assert titles[0].startswith("gen_loss 0.05") and "max 3.05" in titles[0]
         meter = app.query_one(RepetitionMeter)
         assert meter.rep4 == pytest.approx(records[-1].rep4)
@@ -126,8 +132,9 @@ def test_space_pauses_and_p_resumes() -> None:
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await started(app, pilot)
         await pilot.press("space")
-        assert source.controls.paused and app.state == "paused"
-        await wait_until(pilot, lambda: "pause" in [e.event for e in source.events], "the pause event")
+        assert source.controls.paused
+        await wait_until(pilot, lambda: app.run_paused, "the pause event")
+        assert app.state == "paused"
         # the footer now offers resume instead of pause
         assert app.check_action("pause", ()) is False and app.check_action("resume", ()) is True
         await pilot.press("p")
@@ -250,6 +257,73 @@ def test_quit_returns_while_the_run_is_mid_iteration() -> None:
     assert source.stopped_mid_iteration
     assert app.return_value == {"status": "stopped", "iterations": 0}
     assert source.events[-1].event == "stop"
+
+
+def test_a_pause_shows_pausing_until_the_iteration_in_flight_ends() -> None:
+    source = FakeSource(after="live", iteration_s=60.0)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: source.in_iteration, "an iteration in flight")
+        await pilot.press("space")
+        assert source.controls.paused and not app.run_paused
+        assert app.state == "pausing" and app.query_one(RepetitionMeter).state == "pausing"
+        await pilot.press("q")
+
+    drive(source, scenario)
+
+
+def test_a_run_going_on_after_its_collapse_shows_its_pause() -> None:
+    info = RunInfo(
+        model="fake", device="cpu", max_iters=100, lr=4e-5, eval_names=["wikitext-2"], keep_going=True
+    )
+    records = [make_record(i, 6) for i in range(6)]
+    script = {2: [Event("collapse", 2, time=0.0, data={"rep4": 0.95})]}
+    source = FakeSource(records, info=info, script=script, after="wait")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 6, "every record")
+        assert app.state == "collapsed"
+        await pilot.press("space")
+        await wait_until(pilot, lambda: app.run_paused, "the pause event")
+        assert app.state == "paused"
+        await pilot.press("p")
+        await wait_until(pilot, lambda: not app.run_paused, "the resume event")
+        assert app.state == "collapsed"
+
+    drive(source, scenario)
+
+
+def test_elapsed_time_stops_when_the_run_ends() -> None:
+    now = [0.0]
+    gate = threading.Event()
+    source = FakeSource([make_record(i, 3) for i in range(3)], after="return", load_gate=gate)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        now[0] = 5.0  # the run takes five seconds
+        gate.set()
+        await wait_until(pilot, lambda: not app.running, "the run to end")
+        now[0] = 7200.0  # the researcher comes back two hours later
+        app._show_status()
+        await pilot.pause(0.05)
+        status = str(app.query_one("#status").render())
+        assert "0:00:05" in status and "2:00:00" not in status
+
+    drive(source, scenario, clock=lambda: now[0])
+
+
+def test_a_resume_restarts_the_rate_from_the_records_after_it() -> None:
+    source = FakeSource([make_record(i, 10) for i in range(4)], after="wait")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 4, "four records")
+        assert app._rate() == pytest.approx(2.0)
+        await pilot.press("space")
+        await wait_until(pilot, lambda: app.run_paused, "the pause event")
+        await pilot.press("p")
+        await wait_until(pilot, lambda: not app.run_paused, "the resume event")
+        assert app._rate() is None  # the pause is not counted as iterations' time
+
+    drive(source, scenario)
 
 
 def test_collapse_keeps_the_screen_until_q() -> None:
@@ -520,6 +594,38 @@ def test_sample_history_after_a_rewind_drops_the_abandoned_future() -> None:
         history.add(i, make_record(i, 6))
     history.add(6, make_record(3, 6))  # a run resumed from the snapshot before iteration 3
     assert history.iterations == [0, 1, 2, 3] and history[3].ordinal == 6
+
+
+def test_control_characters_of_a_sample_are_shown_not_sent_to_the_terminal() -> None:
+    raw = "red \x1b[31mREDMARK\x1b]0;TITLE\x07 gone \x1b[?1049l bell\x07 del\x7f c1\x9b end\r\n\tnext"
+    assert visible_controls(raw) == (
+        "red \u241b[31mREDMARK\u241b]0;TITLE\u2407 gone \u241b[?1049l bell\u2407 del\u2421 c1\ufffd end\u240d\n\tnext"
+    )
+    # the sample pane draws highlight_repeats' text
+    assert "\x1b" not in highlight_repeats(raw).plain and "\u241b[31mREDMARK" in highlight_repeats(raw).plain
+
+
+@pytest.mark.parametrize(
+    ("width", "expected"),
+    [
+        (80, "wikitext-2-v1.valid 10.9  min 7.82 max 11.2"),
+        (38, "wikitext-2-v1.valid 10.9 ↓7.82 ↑11.2"),
+        (30, "wikitext-2-v… 10.9 ↓7.82 ↑11.2"),
+    ],
+)
+def test_a_series_caption_keeps_its_numbers_when_narrow(width: int, expected: str) -> None:
+    series = Downsampled()
+    for value in (7.82, 10.9, 11.2, 10.9):
+        series.add(value)
+    assert series_caption("wikitext-2-v1.valid", series, width).plain == expected
+
+
+def test_a_series_caption_counts_non_finite_values() -> None:
+    series = Downsampled()
+    for value in (3.0, float("nan"), 2.0):
+        series.add(value)
+    assert series_caption("gen_loss", series, 80).plain == "gen_loss 2  min 2 max 3  (1 non-finite)"
+    assert series_caption("gen_loss", series, 24).plain == "gen_loss 2 ↓2 ↑3 (1 bad)"
 
 
 def test_highlight_marks_only_repeated_word_runs() -> None:

@@ -8,6 +8,7 @@ and look at them (tests/__snapshots__/) before committing.
 
 from __future__ import annotations
 
+import threading
 import time
 
 from fakes import FakeSource, make_record
@@ -45,9 +46,16 @@ def make_app(count: int, total: int, **fake_options) -> tuple[CollapseApp, Froze
 
 
 def settle(app: CollapseApp, clock: FrozenClock, count: int, elapsed: float):
-    """A run_before hook: wait for every record, then freeze the status line at ``elapsed``."""
+    """A run_before hook: wait for every record, then freeze the status line at ``elapsed``.
+
+    A run that ends by itself stops its elapsed time when it ends: give it a
+    ``load_gate``, and it starts only once the clock reads ``elapsed``.
+    """
 
     async def run_before(pilot: Pilot) -> None:
+        if app.source.load_gate is not None:
+            clock.now = elapsed
+            app.source.load_gate.set()
         deadline = time.monotonic() + 10
         while app.records_seen < count or (app.running and app.source.after == "return"):
             assert time.monotonic() < deadline, "the fake run did not deliver its records"
@@ -78,7 +86,7 @@ def test_browsing_a_past_iteration_80x24(snap_compare) -> None:
 
 def test_collapsed_run_120x40(snap_compare) -> None:
     script = {59: [Event("collapse", 59, time=0.0, data={"rep4": 0.97})]}
-    app, clock = make_app(60, 60, script=script, after="return")
+    app, clock = make_app(60, 60, script=script, after="return", load_gate=threading.Event())
     assert snap_compare(app, terminal_size=(120, 40), run_before=settle(app, clock, 60, 3723.0))
 
 

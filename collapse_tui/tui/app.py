@@ -143,6 +143,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.running = False
         self.quitting = False
         self.collapsed = False
+        #: Whether the run has reported a pause (its ``pause`` event) and no resume since; the key
+        #: only asks for one, which the run takes at the end of the iteration in flight.
+        self.run_paused = False
         self.failed = False
         self.snapshot_pending = False
         self.iteration: int | None = None
@@ -160,6 +163,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         #: (iteration, time) of recent records, for it/s.
         self.recent: deque[tuple[int, float]] = deque(maxlen=20)
         self.started_at = clock()
+        #: When the run's thread ended: elapsed time stops there.
+        self.ended_at: float | None = None
         self._worker: Worker | None = None
         #: The app's event loop once running, for signal handlers to reach it.
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -217,6 +222,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         if event.worker is not self._worker or event.state in (WorkerState.PENDING, WorkerState.RUNNING):
             return
         self.running = False
+        self.ended_at = self.clock()
         error = self.run_error
         if isinstance(error, UserError):
             self.exit(None)  # run_app re-raises it as one line
@@ -266,6 +272,11 @@ class CollapseApp(App[dict[str, Any] | None]):
         kind = event.event
         if kind in ("start", "resumed_from"):
             self._loaded()
+        elif kind == "pause":
+            self.run_paused = True
+        elif kind == "resume":
+            self.run_paused = False
+            self.recent.clear()  # it/s and the time left from records after the pause only
         elif kind == "lr":
             self.applied_lr = float(event.data.get("lr", self.applied_lr))
             if self.requested_lr == self.applied_lr:
@@ -276,6 +287,10 @@ class CollapseApp(App[dict[str, Any] | None]):
             if self.snapshot_pending:
                 self.snapshot_pending = False
                 self._save_screen(event.data.get("path"))
+        elif kind == "snapshot_failed":
+            if self.snapshot_pending:
+                self.snapshot_pending = False
+                self.notify(str(event.data.get("message", "")), title="snapshot failed", severity="error")
         elif kind == "collapse":
             self.collapsed = True
             tail = "it goes on (keep-going)" if self.info.keep_going else "the run stops; q quits"
@@ -312,7 +327,12 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     @property
     def state(self) -> str:
-        """loading, running, paused, stopping, collapsed, finished, error or process gone."""
+        """loading, running, pausing, paused, stopping, collapsed, finished, error or process gone.
+
+        "pausing" is a pause asked for that the run has not reached yet (it
+        finishes the iteration in flight first); a run that goes on after a
+        collapse (``--keep-going``) shows its pause too.
+        """
         if self.failed:
             return "error"
         if self.process_gone:
@@ -321,11 +341,13 @@ class CollapseApp(App[dict[str, Any] | None]):
             return "stopping"
         if self.loading and self.running:
             return "loading"
+        if self.running and self.source.controls.paused:
+            return "paused" if self.run_paused else "pausing"
         if self.collapsed:
             return "collapsed"
         if not self.running:
             return "finished"
-        return "paused" if self.source.controls.paused else "running"
+        return "running"
 
     @property
     def current_lr(self) -> float:
@@ -355,7 +377,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             rate=rate,
             lr=self.applied_lr,
             pending_lr=self.requested_lr,
-            elapsed=self.clock() - self.started_at,
+            elapsed=(self.ended_at if self.ended_at is not None else self.clock()) - self.started_at,
             remaining=remaining,
         )
 

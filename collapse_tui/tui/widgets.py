@@ -16,7 +16,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widget import Widget
-from textual.widgets import Label, Sparkline, Static
+from textual.widgets import Sparkline, Static
 
 from collapse_tui.metrics import CollapseDetector, repeated_ngram_mask
 
@@ -165,12 +165,52 @@ class ChartMarker(Widget):
         return Text("".join(row))
 
 
+def series_caption(title: str, series: Downsampled, width: int) -> Text:
+    """``title`` with the series' last, min and max, fitted into ``width`` cells.
+
+    The numbers are what the caption is for, so they give way last: first
+    the words min/max become arrows, then the name is shortened with an
+    ellipsis (an evaluation file's stem can be long: ``wikitext-2-v1.valid``).
+    """
+    last, low, high = fmt_loss(series.last), fmt_loss(series.min), fmt_loss(series.max)
+    forms = [
+        (f"  min {low} max {high}", f"  ({series.bad} non-finite)"),
+        (f" ↓{low} ↑{high}", f" ({series.bad} bad)"),
+    ]
+    name = title
+    for extremes, bad in forms:
+        extremes, bad = (extremes if series.count else ""), (bad if series.bad else "")
+        numbers = len(last) + len(extremes) + len(bad)
+        if len(title) + 1 + numbers <= width:
+            break
+    else:  # even the short form is too wide: shorten the name
+        room = max(width - 1 - numbers, 4)
+        name = title if len(title) <= room else title[: room - 1] + "…"
+    text = Text.assemble((name, "bold"), " ", (last, "bold"))
+    text.append(extremes, style="dim")
+    text.append(bad, style="bold red")
+    return text
+
+
+class SeriesTitle(Widget):
+    """A series' caption line, redrawn to fit whatever width the pane gives it."""
+
+    DEFAULT_CSS = "SeriesTitle { width: 1fr; height: 1; }"
+
+    def __init__(self, title: str, series: Downsampled, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.title = title
+        self.series = series
+
+    def render(self) -> Text:
+        return series_caption(self.title, self.series, self.size.width or 80)
+
+
 class SeriesChart(Vertical):
     """One loss series: a title line (name, last, min, max) over its sparkline."""
 
     DEFAULT_CSS = """
     SeriesChart { height: 1fr; min-height: 2; }
-    SeriesChart > Label { width: 1fr; height: 1; }
     SeriesChart > Sparkline { height: 1fr; min-height: 1; }
     """
 
@@ -180,7 +220,7 @@ class SeriesChart(Vertical):
         self.series = Downsampled(capacity)
 
     def compose(self) -> ComposeResult:
-        yield Label(self._caption(), classes="series-title")
+        yield SeriesTitle(self.title, self.series, classes="series-title")
         yield Sparkline([], summary_function=max)
         marker = ChartMarker(self.series)
         marker.display = False  # only while browsing: following, the shown iteration is the last column
@@ -188,7 +228,7 @@ class SeriesChart(Vertical):
 
     def add(self, value: float) -> None:
         self.series.add(value)
-        self.query_one(Label).update(self._caption())
+        self.query_one(SeriesTitle).refresh()
         self.query_one(Sparkline).data = self.series.data()
         self.query_one(ChartMarker).refresh()  # a merge of points may move the marked column
 
@@ -198,16 +238,6 @@ class SeriesChart(Vertical):
         marker.ordinal = ordinal
         marker.display = ordinal is not None
         marker.refresh()
-
-    def _caption(self) -> Text:
-        series = self.series
-        text = Text.assemble((self.title, "bold"), " ")
-        text.append(fmt_loss(series.last), style="bold")
-        if series.count:
-            text.append(f"  min {fmt_loss(series.min)} max {fmt_loss(series.max)}", style="dim")
-        if series.bad:
-            text.append(f"  ({series.bad} non-finite)", style="bold red")
-        return text
 
 
 class LossCharts(VerticalScroll):
@@ -237,6 +267,7 @@ class LossCharts(VerticalScroll):
 STATE_STYLES = {
     "loading": "bold black on yellow",
     "running": "bold black on green",
+    "pausing": "bold black on yellow",
     "paused": "bold black on yellow",
     "collapsed": "bold white on red",
     "finished": "bold black on cyan",
@@ -277,7 +308,7 @@ class RepetitionMeter(Widget):
         width = max(self.size.width, 20)
         state = Text(f" {self.state.upper()} ", style=STATE_STYLES.get(self.state, "bold reverse"))
         streak = self.detector.streak
-        if streak and self.state in ("running", "paused"):
+        if streak and self.state in ("running", "pausing", "paused"):
             state.append(f"  above threshold {streak}/{self.patience}", style="bold yellow")
         value = f" {fmt_num(self.rep4, 2)}/{self.threshold:.2f}"
         bar = self._bar(width - len("rep4 ") - len(value))
@@ -317,12 +348,29 @@ _WORD = re.compile(r"\S+")
 REPEAT_STYLE = "bold yellow underline"
 
 
+#: C0 controls but newline and tab, DEL and the C1 controls, each shown as one visible character.
+_CONTROLS = {code: chr(0x2400 + code) for code in range(0x20) if chr(code) not in "\n\t"}
+_CONTROLS |= {0x7F: "\u2421"} | {code: "\ufffd" for code in range(0x80, 0xA0)}
+
+
+def visible_controls(text: str) -> str:
+    """``text`` with its control characters replaced by visible stand-ins (ESC shows as ␛).
+
+    Why: the sample is the model's own output, and 31 GPT-2 tokens decode to
+    control bytes; written raw, an escape sequence from a collapsing model
+    would recolour the terminal, retitle it or leave the alternate screen.
+    One character for one, so the text keeps its length.
+    """
+    return text.translate(_CONTROLS)
+
+
 def highlight_repeats(text: str, n: int = 4) -> Text:
-    """The sample with every word inside a repeated word n-gram highlighted.
+    """The sample with every word inside a repeated word n-gram highlighted, its controls made visible.
 
     Records carry the text, not the token ids, so words stand in for tokens:
     a loop of tokens is a loop of words too.
     """
+    text = visible_controls(text)
     result = Text(text)
     spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
     ids: dict[str, int] = {}
