@@ -21,6 +21,7 @@ import json
 import math
 import platform
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,7 @@ class Engine:
             status, reason = self._loop()
         except RunInterrupted:
             status, reason = "stopped", "requested"
+            self._apply_pending()  # a snapshot asked for just before the quit is still taken
         except NonFiniteLoss as error:
             self._emit(Event("error", self.iteration, data={"message": str(error)}))
             status, reason = "stopped", "non-finite loss"
@@ -282,8 +284,11 @@ class Engine:
             status, reason = "stopped", "interrupted"
             raise
         except BaseException as error:
-            self._emit(Event("error", self.iteration, data={"message": f"{type(error).__name__}: {error}"}))
             status, reason = "crashed", type(error).__name__
+            with contextlib.suppress(Exception):  # the listener may be what failed: the file still gets it
+                self._emit(
+                    Event("error", self.iteration, data={"message": f"{type(error).__name__}: {error}"})
+                )
             raise
         finally:
             summary = self._finish(status, reason)
@@ -296,7 +301,6 @@ class Engine:
                 return "stopped", "requested"
             record = self.step()
             self._record(record)
-            self.iteration += 1
             if not all(
                 math.isfinite(x) for x in [record.gen_loss, *record.valid.values(), record.train_loss]
             ):
@@ -332,14 +336,21 @@ class Engine:
                 group["lr"] = self.lr
             self._emit(Event("lr", self.iteration, data={"lr": self.lr, "old_lr": old}))
         if pending.snapshot:
-            path = self.snapshot()
-            self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
+            try:
+                path = self.snapshot()
+            except OSError as error:  # a full disk fails the snapshot, not the run
+                shutil.rmtree(self.writer.snapshot_dir(self.iteration), ignore_errors=True)
+                self._emit(Event("snapshot_failed", self.iteration, data={"message": str(error)}))
+            else:
+                self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
 
     def _record(self, record: IterationRecord) -> None:
+        """Write the iteration and count it done, then tell: a listener that fails must not cost it."""
         self.first_record = self.first_record or record
         self.last_record = record
         assert self.writer is not None
         self.writer.write_record(record)
+        self.iteration += 1
         self.listener.on_record(record)
 
     def _emit(self, event: Event, *, notify: bool = True) -> None:

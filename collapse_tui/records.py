@@ -102,6 +102,7 @@ class Event:
         details = {
             "lr": lambda: f"lr {self.data.get('old_lr', 0):.3g} → {self.data.get('lr', 0):.3g}",
             "snapshot": lambda: f"snapshot → {self.data.get('path', '?')}",
+            "snapshot_failed": lambda: f"snapshot failed: {self.data.get('message', '')}",
             "stop": lambda: f"stopped ({self.data.get('reason', 'requested')})",
             "error": lambda: f"error: {self.data.get('message', '')}",
             "collapse": lambda: f"collapsed (rep4 {self.data.get('rep4', 0):.2f})",

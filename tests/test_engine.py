@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from collapse_tui.config import RunConfig
 from collapse_tui.engine import Engine
+from collapse_tui.errors import RunInterrupted
 from collapse_tui.inference import EagerInference, sequence_windows
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import read_run
@@ -277,6 +278,45 @@ def test_stop_mid_generation_discards_the_iteration_in_flight(tiny_config: RunCo
     assert not thread.is_alive()
     assert listener.records == []
     assert read_run(Path(tiny_config.out)).summary["status"] == "stopped"
+
+
+def test_a_snapshot_asked_for_just_before_a_quit_mid_iteration_is_saved(tiny_config: RunConfig) -> None:
+    engine = Engine(tiny_config)
+    engine.load()
+
+    def quit_mid_generation(*args, **kwargs):  # s, then q, while the first sample is being generated
+        engine.controls.request_snapshot()
+        engine.controls.stop()
+        raise RunInterrupted
+
+    engine.inference.generate = quit_mid_generation
+    summary = engine.run(Collector())
+    run = read_run(Path(tiny_config.out))
+    assert summary["status"] == "stopped" and run.records == []
+    assert [e.event for e in run.events][-2:] == ["snapshot", "stop"]
+    assert (Path(tiny_config.out) / "snapshots" / "iter-0" / "state.json").is_file()
+
+
+def test_a_snapshot_that_fails_on_a_full_disk_is_reported_and_the_run_goes_on(
+    tiny_config: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny_config.max_iters = 2
+    engine = Engine(tiny_config)
+    engine.load()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine.model, "save_pretrained", disk_full)
+    summary = engine.run(
+        Collector(lambda r: engine.controls.request_snapshot() if r.iteration == 0 else None)
+    )
+    run = read_run(Path(tiny_config.out))
+    assert summary["status"] == "finished" and len(run.records) == 2
+    failed = [e for e in run.events if e.event == "snapshot_failed"]
+    assert len(failed) == 1 and "No space left on device" in failed[0].data["message"]
+    assert "snapshot failed: [Errno 28] No space left on device" in failed[0].describe()
+    assert not (Path(tiny_config.out) / "snapshots" / "iter-1").exists()  # no half-written snapshot
 
 
 def test_a_stopped_and_resumed_run_equals_one_never_stopped(tiny_config: RunConfig, tmp_path: Path) -> None:
