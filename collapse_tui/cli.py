@@ -23,6 +23,8 @@ from collapse_tui.config import RunConfig, parse_eval_tokens, resolve_config, va
 from collapse_tui.errors import UserError
 
 EXIT_USER_ERROR = 2
+#: A run that crashed or stopped on a non-finite loss (as ``headless.EXIT_RUN_FAILED``).
+EXIT_RUN_FAILED = 1
 
 app = typer.Typer(
     add_completion=False,
@@ -186,8 +188,16 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
     from collapse_tui.tui.app import run_app  # imported here: the headless path never loads textual
 
     engine = Engine(config, resume_lr=resume_lr(options))
-    with serving_watchers(engine.run_dir, engine.controls):
-        summary = run_app(engine)
+    try:
+        with serving_watchers(engine.run_dir, engine.controls):
+            summary = run_app(engine)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # a crash, not a mistake: one line, the traceback kept in a file
+        from collapse_tui.crash import report_crash
+
+        report_crash(error, engine.run_dir)
+        raise typer.Exit(EXIT_RUN_FAILED) from None
     raise typer.Exit(_exit_code(summary))
 
 
@@ -261,7 +271,8 @@ def runs_command(
 def _exit_code(summary: dict[str, Any]) -> int:
     if summary.get("reason") == "interrupted":
         return 130
-    return 1 if summary.get("status") == "crashed" or summary.get("reason") == "non-finite loss" else 0
+    failed = summary.get("status") == "crashed" or summary.get("reason") == "non-finite loss"
+    return EXIT_RUN_FAILED if failed else 0
 
 
 def main() -> None:

@@ -10,19 +10,25 @@ must never import textual.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from collapse_tui.config import RunConfig
+from collapse_tui.crash import report_crash
 from collapse_tui.engine import Engine
+from collapse_tui.errors import UserError
 from collapse_tui.follow import serving_watchers
 from collapse_tui.records import Event, IterationRecord
 
@@ -36,15 +42,34 @@ def format_losses(record: IterationRecord) -> str:
 
 
 class PlainReporter:
-    """One line per iteration and per event, for logs and pipes."""
+    """One line per iteration and per event, for logs and pipes.
+
+    Output that can no longer be written (a closed pipe, a terminal gone
+    with its SSH session: EPIPE, EIO) stops the reporting, never the run:
+    everything is in the run folder anyway.
+    """
 
     def __init__(self, engine: Engine, stream: Any = None) -> None:
         self.engine = engine
         self.stream = stream or sys.stdout
         self.started = time.monotonic()
+        #: Set once output failed; from then on nothing is written.
+        self.lost = False
+
+    def _guarded(self, write: Callable[[], object]) -> None:
+        if self.lost:
+            return
+        try:
+            write()
+        except OSError:
+            self.lost = True
+            self._lose()
+
+    def _lose(self) -> None:
+        """Release what writes to the lost output (the progress bar's refresh)."""
 
     def _print(self, line: str) -> None:
-        print(line, file=self.stream, flush=True)
+        self._guarded(lambda: print(line, file=self.stream, flush=True))
 
     def on_status(self, message: str, fraction: float | None = None) -> None:
         self._print(f"[{message}]")
@@ -87,9 +112,12 @@ class ProgressReporter(PlainReporter):
         self.times: list[float] = []
 
     def on_status(self, message: str, fraction: float | None = None) -> None:
-        self.progress.update(self.task, losses=message)
+        self._guarded(lambda: self.progress.update(self.task, losses=message))
 
     def on_record(self, record: IterationRecord) -> None:
+        self._guarded(lambda: self._show_record(record))
+
+    def _show_record(self, record: IterationRecord) -> None:
         now = time.monotonic()
         self.times = [*self.times[-19:], now]
         rate = (len(self.times) - 1) / (self.times[-1] - self.times[0]) if len(self.times) > 1 else 0.0
@@ -104,13 +132,17 @@ class ProgressReporter(PlainReporter):
 
     def on_event(self, event: Event) -> None:
         if event.event == "start":
-            self.progress.update(self.task, completed=event.iteration)
-            self.progress.start_task(self.task)
-        else:
-            self.console.print(f"[dim]{event.describe()}[/dim]")
+            self._guarded(lambda: self.progress.update(self.task, completed=event.iteration))
+            self._guarded(lambda: self.progress.start_task(self.task))
+        else:  # not markup: messages hold brackets
+            self._guarded(lambda: self.console.print(Text(event.describe(), style="dim")))
+
+    def _lose(self) -> None:
+        with contextlib.suppress(Exception):
+            self.progress.stop()
 
     def close(self) -> None:
-        self.progress.stop()
+        self._guarded(self.progress.stop)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -152,23 +184,40 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         interrupted = True
         engine.controls.stop()
 
-    for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        # Under nohup SIGHUP is ignored on purpose: the run must outlive the SSH session.
-        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, stop)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Even where ignored: a shell script's background job starts with SIGINT ignored, and
+        # ``kill -INT`` must still stop it.
+        signal.signal(signum, stop)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, stop)  # under nohup it is ignored on purpose: the run outlives SSH
     try:
         with serving_watchers(engine.run_dir, engine.controls):
             summary = engine.run(reporter)
     except KeyboardInterrupt:
         reporter.close()
-        print("collapse-tui: interrupted", file=sys.stderr)
+        _say("collapse-tui: interrupted")
         return EXIT_INTERRUPTED
+    except UserError:
+        raise
+    except Exception as error:  # a crash, not a mistake: one line, the traceback kept in a file
+        reporter.close()
+        report_crash(error, engine.run_dir)
+        return EXIT_RUN_FAILED
     finally:
         reporter.close()
-    console.print(summary_table(summary))
+        if reporter.lost:  # nothing more can reach it, not even Python's last flush at exit
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    reporter._guarded(lambda: console.print(summary_table(summary)))
     if interrupted:
         return EXIT_INTERRUPTED
     if summary["reason"] == "non-finite loss":
-        print("collapse-tui: the run stopped on a non-finite loss; its data is kept", file=sys.stderr)
+        _say("collapse-tui: the run stopped on a non-finite loss; its data is kept")
         return EXIT_RUN_FAILED
     return 0
+
+
+def _say(line: str) -> None:
+    """One line on stderr, if a terminal is still there to take it."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)

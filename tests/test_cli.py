@@ -137,6 +137,65 @@ def test_a_run_folder_that_already_holds_a_run(tiny_model_dir: Path, eval_file: 
     assert_one_line_error(cli(*small_run(tiny_model_dir, eval_file, tmp_path / "run")), "already holds a run")
 
 
+#: Runs the CLI with Engine.step raising at iteration 2, as a bug deep in a run would.
+CRASHING_CLI = """
+import sys
+from collapse_tui import engine
+from collapse_tui.cli import main
+
+real_step = engine.Engine.step
+
+def step(self):
+    if self.iteration == 2:
+        raise RuntimeError("boom in step\\nsecond line of the message")
+    return real_step(self)
+
+engine.Engine.step = step
+sys.argv = ["collapse-tui", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_crash_gets_one_line_naming_the_run_folder_and_its_traceback_file(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path
+):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", CRASHING_CLI, *small_run(tiny_model_dir, eval_file, out)],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [
+        f"collapse-tui: the run crashed: RuntimeError: boom in step; its data is kept in {out}; "
+        f"traceback in {out / 'traceback.txt'}"
+    ]
+    assert (
+        "boom in step" in (out / "traceback.txt").read_text()
+        and "Traceback" in (out / "traceback.txt").read_text()
+    )
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # iterations 0 and 1 are kept
+    assert json.loads((out / "summary.json").read_text())["status"] == "crashed"
+
+
+def test_the_tui_command_reports_a_crash_in_one_line(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    def crashed_run(engine):  # the run crashed, the user read the screen and pressed q
+        (engine.run_dir / "config.json").write_text("{}")  # it had started: its folder is kept
+        raise RuntimeError("CUDA exploded")
+
+    monkeypatch.setattr("collapse_tui.tui.app.run_app", crashed_run)
+    args = small_run(tiny_model_dir, eval_file, tmp_path / "run")[1:]  # no "headless": the TUI
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        f"collapse-tui: the run crashed: RuntimeError: CUDA exploded; its data is kept in {tmp_path / 'run'}"
+    )
+    assert "CUDA exploded" in (tmp_path / "run" / "traceback.txt").read_text()
+
+
 def test_ctrl_c_stops_after_the_iteration_in_flight_and_exits_130(tiny_model_dir, eval_file, tmp_path):
     out = tmp_path / "run"
     args = small_run(tiny_model_dir, eval_file, out)
@@ -162,3 +221,41 @@ def test_ctrl_c_stops_after_the_iteration_in_flight_and_exits_130(tiny_model_dir
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "stop"
     assert summary["iterations"] == len((out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_closed_output_pipe_stops_the_reporting_not_the_run(tiny_model_dir, eval_file, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "collapse_tui.cli", *small_run(tiny_model_dir, eval_file, out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    assert process.stdout is not None
+    for line in process.stdout:  # like `| head`: read until the first iteration, then go away
+        if line.startswith("it 1/"):
+            break
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["iterations"] == 5
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_kill_int_stops_a_background_job_whose_shell_ignored_sigint(tiny_model_dir, eval_file, tmp_path):
+    out = tmp_path / "run"
+    args = small_run(tiny_model_dir, eval_file, out)
+    args[args.index("--max-iters") + 1] = "100000"
+    process = subprocess.Popen(  # `collapse-tui headless … &` in a script: SIGINT starts ignored
+        [sys.executable, "-m", "collapse_tui.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("it 1/"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert json.loads((out / "summary.json").read_text())["status"] == "stopped"

@@ -1,0 +1,46 @@
+"""What a front end says when a run crashes: one line, with the traceback kept in a file.
+
+A crash is not a user's mistake (those are ``UserError``s), so its traceback
+matters for a bug report. But a researcher coming back to a terminal should
+read one line that says what happened and where the run's data is, not forty
+lines of Python. The traceback goes into the run folder (``traceback.txt``),
+or into a temporary file when the run never got a folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+
+def report_crash(error: BaseException, run_dir: Path | None) -> Path | None:
+    """Print one line about ``error`` on stderr and save its traceback; return where it went."""
+    text = "".join(traceback.format_exception(error))
+    has_folder = run_dir is not None and Path(run_dir).is_dir()
+    saved: Path | None = None
+    for candidate in ([Path(run_dir) / "traceback.txt"] if has_folder else []) + [None]:
+        try:
+            if candidate is None:
+                with tempfile.NamedTemporaryFile(
+                    "w", prefix="collapse-tui-traceback-", suffix=".txt", delete=False, encoding="utf-8"
+                ) as handle:
+                    handle.write(text)
+                    candidate = Path(handle.name)
+            else:
+                candidate.write_text(text, encoding="utf-8")
+            saved = candidate
+            break
+        except OSError:
+            continue
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    line = f"collapse-tui: the run crashed: {type(error).__name__}" + (f": {message}" if message else "")
+    if has_folder:
+        line += f"; its data is kept in {run_dir}"
+    if saved is not None:
+        line += f"; traceback in {saved}"
+    with contextlib.suppress(OSError):  # the terminal may be gone with its SSH session
+        print(line, file=sys.stderr)
+    return saved
