@@ -48,6 +48,7 @@ from collapse_tui.runfolder import (
     JsonlTail,
     RunFolder,
     dedupe_records,
+    drop_abandoned_events,
     make_summary,
     parse_events,
     parse_metrics,
@@ -453,7 +454,7 @@ class FolderSource:
         new_records = dedupe_records(parse_metrics(metrics.read_new()))
         new_events = parse_events(events.read_new())
         self.folder.records = dedupe_records([*self.folder.records, *new_records])
-        self.folder.events.extend(new_events)
+        self.folder.events = drop_abandoned_events([*self.folder.events, *new_events])
         pending = list(new_records)
         for event in new_events:
             while pending and pending[0].iteration < event.iteration:

@@ -145,15 +145,48 @@ def parse_metrics(rows: list[dict[str, Any]]) -> list[IterationRecord]:
 
 
 def dedupe_records(records: list[IterationRecord]) -> list[IterationRecord]:
-    """One record per iteration, the last written winning, sorted by iteration.
+    """One record per iteration, sorted by iteration, the abandoned future of every resume left out.
 
     A run resumed from a snapshot older than its last iteration writes those
-    iterations again; the new lines describe the run as it now stands.
+    iterations again. In the order written, a record whose iteration is not
+    past the one before it starts the new branch: the old branch's records
+    from that iteration on are dropped, so readers (``runs``, ``plot``, the
+    summary) see the run as it now stands. (Until the new branch's first
+    record is written, the old one still shows.)
     """
-    latest: dict[int, IterationRecord] = {}
+    kept: list[IterationRecord] = []
     for record in records:
-        latest[record.iteration] = record
-    return [latest[i] for i in sorted(latest)]
+        while kept and kept[-1].iteration >= record.iteration:
+            kept.pop()
+        kept.append(record)
+    return kept
+
+
+#: Events that mark the run's life, not an iteration's: kept across resumes (``RunFolder.current_summary``).
+LIFECYCLE_EVENTS = ("start", "stop", "resumed_from")
+
+
+def drop_abandoned_events(events: list[Event]) -> list[Event]:
+    """``events`` without what the iterations abandoned by a resume logged (a collapse, an error...).
+
+    A snapshot of iteration ``r`` holds what happened at boundaries up to
+    ``r``; a collapse is kept if its sample (``at``) came before ``r``, an
+    error if its iteration did.
+    """
+    kept: list[Event] = []
+    for event in events:
+        if event.event == "resumed_from":
+            start = event.iteration
+            kept = [e for e in kept if e.event in LIFECYCLE_EVENTS or _before_resume(e, start)]
+        kept.append(event)
+    return kept
+
+
+def _before_resume(event: Event, start: int) -> bool:
+    if event.event == "collapse":
+        at = event.data.get("at", event.iteration)
+        return isinstance(at, int | float) and at < start
+    return event.iteration < start if event.event == "error" else event.iteration <= start
 
 
 def parse_events(rows: list[dict[str, Any]]) -> list[Event]:
@@ -318,11 +351,12 @@ def read_run(root: Path) -> RunFolder:
         raise UserError(f"{root / CONFIG} is not valid JSON: {error.msg}") from None
     if not isinstance(config, dict):
         raise UserError(f"{root / CONFIG} is not a run configuration (a JSON object)")
+    events = parse_events(read_jsonl(root / EVENTS))
     return RunFolder(
         root=root,
         config=config,
         records=dedupe_records(parse_metrics(read_jsonl(root / METRICS))),
-        events=parse_events(read_jsonl(root / EVENTS)),
+        events=drop_abandoned_events(events),
         summary=read_summary(root),
     )
 

@@ -112,3 +112,21 @@ def test_a_run_resumed_from_an_older_snapshot_reads_as_it_now_stands(tmp_path: P
     assert [r.gen_loss for r in run.records[3:]] == [9.0, 9.5, 9.9]  # the last written wins
     assert run.summary is not None and run.current_summary is None  # the old summary is outdated
     assert run.status == "running"
+
+
+def test_a_resume_from_an_older_snapshot_drops_the_abandoned_iterations_and_their_collapse(
+    tmp_path: Path,
+) -> None:
+    run_dir = make_run(tmp_path / "run", "collapsed", n=8, collapse_at=6)
+    writer = RunWriter(run_dir, resuming=True)  # went on from iteration 3, and stopped at 5
+    writer.write_event(Event("resumed_from", 3, data={"path": "snapshots/iter-3"}))
+    writer.write_event(Event("start", 3))
+    writer.write_record(record(3, gen_loss=9.0))
+    writer.write_record(record(4, gen_loss=9.5))
+    writer.write_event(Event("stop", 5, data={"reason": "requested", "status": "stopped"}))
+    writer.close()
+
+    run = read_run(run_dir)
+    assert [r.iteration for r in run.records] == [0, 1, 2, 3, 4]  # 5, 6, 7 were the old branch's
+    assert [r.gen_loss for r in run.records[3:]] == [9.0, 9.5]
+    assert run.collapsed_at is None  # the old branch collapsed at 6; this one has not
