@@ -9,6 +9,7 @@ imports textual.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -19,10 +20,19 @@ from typing import Annotated, Any
 
 import typer
 
-from collapse_tui.config import RunConfig, parse_eval_tokens, resolve_config, validate
+from collapse_tui.config import (
+    RunConfig,
+    absolute_eval,
+    eval_set_name,
+    parse_eval_tokens,
+    resolve_config,
+    validate,
+)
 from collapse_tui.errors import UserError
 
 EXIT_USER_ERROR = 2
+#: click's UsageError as typer raises it (recent typer vendors click, older typer imports it).
+USAGE_ERROR: type[Exception] = typer.BadParameter.__bases__[0]
 #: A run that crashed or stopped on a non-finite loss (as ``headless.EXIT_RUN_FAILED``).
 EXIT_RUN_FAILED = 1
 
@@ -137,8 +147,14 @@ def build_config(options: dict[str, Any]) -> RunConfig:
         given = {k: v for k, v in options.items() if v is not None and v != [] and k != "resume"}
         if "eval_tokens" in given:
             given["eval_tokens"] = parse_eval_tokens(given["eval_tokens"])
+        if "evals" in given:
+            given["evals"] = [absolute_eval(str(spec)) for spec in given["evals"]]
         for key, value in given.items():
-            if key not in RESUME_MAY_CHANGE and value != getattr(base, key, value):
+            if (
+                key not in RESUME_MAY_CHANGE
+                and value != getattr(base, key, value)
+                and not _moved(key, value, base)
+            ):
                 flag = "--" + ("eval" if key == "evals" else key.replace("_", "-"))
                 raise UserError(
                     f"{flag} cannot change when resuming (the run used {getattr(base, key)!r}); "
@@ -147,8 +163,31 @@ def build_config(options: dict[str, Any]) -> RunConfig:
         # lr is applied by the engine after the snapshot's own lr is restored (see resume_lr).
         config = RunConfig.from_dict({**base.to_dict(), **given, "lr": base.lr, "resume": resume})
         validate(config)
+        if "lr" in given:
+            validate(dataclasses.replace(config, lr=given["lr"]))
+        reached = _snapshot_iteration(Path(resume))
+        if reached is not None and config.max_iters <= reached:
+            raise UserError(
+                f"--max-iters {config.max_iters}: the snapshot is at iteration {reached} already; "
+                "give a larger --max-iters to go on"
+            )
         return config
     return resolve_config(options)
+
+
+def _moved(key: str, value: Any, base: RunConfig) -> bool:
+    """Whether ``--eval`` names the run's own evaluation files at another path (the same sets, moved)."""
+    if key != "evals":
+        return False
+    return [eval_set_name(spec) for spec in value] == [eval_set_name(spec) for spec in base.evals]
+
+
+def _snapshot_iteration(snapshot: Path) -> int | None:
+    """The iteration a snapshot was taken at, from its state.json; None if it cannot be read."""
+    try:
+        return int(json.loads((snapshot / "state.json").read_text(encoding="utf-8"))["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 #: What a resumed run may do differently from its start; everything else would change what it computes.
@@ -276,11 +315,21 @@ def _exit_code(summary: dict[str, Any]) -> int:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    A mistyped option or value gets one line, like every other user error
+    (click's own message, without its usage block), and exit code 2.
+    """
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except USAGE_ERROR as error:
+        ctx = getattr(error, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        typer.echo(f"collapse-tui: error: {error.format_message()}{hint}", err=True)  # type: ignore[attr-defined]
+        sys.exit(EXIT_USER_ERROR)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,15 @@ def eval_set_name(spec: str) -> str:
     return spec if spec in HUB_SETS else Path(spec).stem
 
 
+def absolute_eval(spec: str) -> str:
+    """A file ``--eval`` as an absolute path (hub names and missing paths as given).
+
+    Why: the run's config.json keeps it, and ``--resume`` reads it back
+    from wherever the researcher is then.
+    """
+    return spec if spec in HUB_SETS or not Path(spec).is_file() else str(Path(spec).resolve())
+
+
 @dataclass
 class RunConfig:
     """Every knob of a run. Field names match the command-line options."""
@@ -116,8 +125,8 @@ def resolve_config(options: dict[str, Any]) -> RunConfig:
         values[key] = value
     if "eval_tokens" in values:
         values["eval_tokens"] = parse_eval_tokens(values["eval_tokens"])
-    if isinstance(values.get("evals"), tuple):
-        values["evals"] = list(values["evals"])
+    if "evals" in values:
+        values["evals"] = [absolute_eval(str(spec)) for spec in values["evals"]]
     config = RunConfig(**values)
     validate(config)
     return config

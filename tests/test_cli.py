@@ -259,3 +259,15 @@ def test_kill_int_stops_a_background_job_whose_shell_ignored_sigint(tiny_model_d
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert json.loads((out / "summary.json").read_text())["status"] == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["headless", "--lr", "abc"], "Invalid value for '--lr'"),
+        (["--bogus"], "No such option: --bogus"),
+        (["headless", "--max-iters"], "'--max-iters' requires an argument"),
+    ],
+)
+def test_a_mistyped_option_gets_one_line_not_a_usage_block(args: list[str], fragment: str):
+    assert_one_line_error(cli(*args), fragment)

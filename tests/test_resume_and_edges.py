@@ -11,7 +11,7 @@ import pytest
 from test_engine import Collector, RepeatingInference
 
 from collapse_tui.cli import build_config, resume_lr
-from collapse_tui.config import RunConfig
+from collapse_tui.config import RunConfig, resolve_config
 from collapse_tui.engine import Engine
 from collapse_tui.errors import UserError
 from collapse_tui.runfolder import read_run
@@ -101,3 +101,43 @@ def test_a_listener_that_fails_at_the_end_does_not_cost_the_summary(tiny_config)
     run = read_run(Path(tiny_config.out))
     assert run.summary == json.loads(json.dumps(summary))
     assert run.events[-1].event == "stop"
+
+
+def test_resume_refuses_a_bad_lr_and_a_max_iters_it_has_already_reached(tiny_config, tmp_path):
+    snapshot = stopped_run_with_snapshot(tiny_config, tmp_path)  # at iteration 2
+    for lr in (0.0, -1.0, float("nan")):
+        with pytest.raises(UserError, match="--lr must be a positive number"):
+            build_config({"resume": snapshot, "max_iters": 4, "lr": lr})
+    with pytest.raises(UserError, match="--max-iters 2: the snapshot is at iteration 2 already"):
+        build_config({"resume": snapshot, "max_iters": 2})
+    with pytest.raises(UserError, match="--max-iters 2: the snapshot is at iteration 2 already"):
+        build_config({"resume": snapshot})  # the run's own max_iters, reached
+
+
+def test_a_relative_eval_file_is_kept_absolute_and_may_move_before_a_resume(
+    tiny_config, tmp_path, monkeypatch
+):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "heldout.txt").write_text(Path(tiny_config.evals[0]).read_text())
+    monkeypatch.chdir(workdir)
+    options = {
+        **tiny_config.to_dict(),
+        "evals": ["heldout.txt"],
+        "out": str(tmp_path / "run"),
+        "max_iters": 2,
+    }
+    config = resolve_config(options)
+    assert config.evals == [str(workdir / "heldout.txt")]
+    engine = Engine(config)
+    engine.run(Collector(lambda r: engine.controls.request_snapshot() if r.iteration == 1 else None))
+    snapshot = tmp_path / "run" / "snapshots" / "iter-2"
+
+    monkeypatch.chdir(tmp_path)  # elsewhere: the stored path still finds the file
+    assert build_config({"resume": snapshot, "max_iters": 3}).evals == [str(workdir / "heldout.txt")]
+    moved = tmp_path / "moved" / "heldout.txt"  # the same set, moved: accepted under its new path
+    moved.parent.mkdir()
+    moved.write_text((workdir / "heldout.txt").read_text())
+    assert build_config({"resume": snapshot, "max_iters": 3, "evals": [str(moved)]}).evals == [str(moved)]
+    with pytest.raises(UserError, match="--eval cannot change"):
+        build_config({"resume": snapshot, "max_iters": 3, "evals": ["wikitext-2"]})
