@@ -111,6 +111,18 @@ RUN_OPTIONS: list[inspect.Parameter] = [
         "--keep-going/--stop-at-collapse",
     ),
     _option(
+        "snapshot_every",
+        int | None,
+        "Also save a snapshot every N iterations; 0: none on the way [default: 0].",
+        "--snapshot-every",
+    ),
+    _option(
+        "final_snapshot",
+        bool | None,
+        "Save a snapshot when the run ends, so it can be resumed or inspected [default: on].",
+        "--final-snapshot/--no-final-snapshot",
+    ),
+    _option(
         "resume", Path | None, "Continue a run from one of its snapshots (snapshots/iter-N).", "--resume"
     ),
 ]
@@ -193,6 +205,7 @@ def _snapshot_iteration(snapshot: Path) -> int | None:
 #: What a resumed run may do differently from its start; everything else would change what it computes.
 RESUME_MAY_CHANGE = {
     "max_iters", "lr", "device", "dtype", "keep_going", "collapse_threshold", "collapse_patience",
+    "snapshot_every", "final_snapshot",
 }  # fmt: skip
 
 

@@ -80,6 +80,9 @@ class RunConfig:
     collapse_threshold: float = 0.9
     collapse_patience: int = 3
     keep_going: bool = False
+    #: A snapshot every this many iterations (0: none on the way), and one when the run ends.
+    snapshot_every: int = 0
+    final_snapshot: bool = True
     preset: str | None = None
     #: A snapshot folder to continue from (``--resume``), if any.
     resume: str | None = None
@@ -161,6 +164,7 @@ def validate(config: RunConfig) -> None:
         config.collapse_patience >= 1,
         f"--collapse-patience must be at least 1, not {config.collapse_patience}",
     )
+    need(config.snapshot_every >= 0, f"--snapshot-every must be 0 or more, not {config.snapshot_every}")
     need(config.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, not {config.dtype!r}")
     need(len(config.evals) >= 1, "give at least one --eval set")
     need(len(set(config.evals)) == len(config.evals), "each --eval set may be given only once")

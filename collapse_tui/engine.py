@@ -114,6 +114,8 @@ class Engine:
         self.lr = config.lr
         self.detector = CollapseDetector(config.collapse_threshold, config.collapse_patience)
         self.collapsed_at: int | None = None
+        #: The iteration of the newest snapshot on disk (taken or resumed from): no second one there.
+        self.snapshot_iteration: int | None = None
         self.first_record: IterationRecord | None = None
         self.last_record: IterationRecord | None = None
         self.writer: RunWriter | None = None
@@ -265,12 +267,15 @@ class Engine:
                 raise out_of_memory_error(self.config.model, self.device) from None
             self._emit(Event("start", self.iteration, data={"lr": self.lr}))
             status, reason = self._loop()
+            self._final_snapshot()
         except RunInterrupted:
             status, reason = "stopped", "requested"
             self._apply_pending()  # a snapshot asked for just before the quit is still taken
+            self._final_snapshot()
         except NonFiniteLoss as error:
             self._emit(Event("error", self.iteration, data={"message": str(error)}))
             status, reason = "stopped", "non-finite loss"
+            self._final_snapshot()  # the non-finite step was not taken: the weights are the last good ones
         except torch.cuda.OutOfMemoryError:
             error = out_of_memory_error(self.config.model, self.device)
             self._emit(Event("error", self.iteration, data={"message": str(error)}))
@@ -301,6 +306,9 @@ class Engine:
                 return "stopped", "requested"
             record = self.step()
             self._record(record)
+            every = self.config.snapshot_every
+            if every and self.iteration % every == 0:
+                self._take_snapshot()
             if not all(
                 math.isfinite(x) for x in [record.gen_loss, *record.valid.values(), record.train_loss]
             ):
@@ -336,13 +344,28 @@ class Engine:
                 group["lr"] = self.lr
             self._emit(Event("lr", self.iteration, data={"lr": self.lr, "old_lr": old}))
         if pending.snapshot:
-            try:
-                path = self.snapshot()
-            except OSError as error:  # a full disk fails the snapshot, not the run
-                shutil.rmtree(self.writer.snapshot_dir(self.iteration), ignore_errors=True)
-                self._emit(Event("snapshot_failed", self.iteration, data={"message": str(error)}))
-            else:
-                self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
+            self._take_snapshot()
+
+    def _take_snapshot(self) -> None:
+        """A snapshot of the run as it stands, logged; one that fails (a full disk) is logged, the run goes on."""
+        assert self.writer is not None
+        try:
+            path = self.snapshot()
+        except OSError as error:
+            shutil.rmtree(self.writer.snapshot_dir(self.iteration), ignore_errors=True)
+            self._emit(Event("snapshot_failed", self.iteration, data={"message": str(error)}))
+        else:
+            self.snapshot_iteration = self.iteration
+            self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
+
+    def _final_snapshot(self) -> None:
+        """The run as it ends, unless it is already saved (``--no-final-snapshot`` turns it off)."""
+        if (
+            self.config.final_snapshot
+            and self.writer is not None
+            and self.snapshot_iteration != self.iteration
+        ):
+            self._take_snapshot()
 
     def _record(self, record: IterationRecord) -> None:
         """Write the iteration and count it done, then tell: a listener that fails must not cost it."""
@@ -392,6 +415,7 @@ class Engine:
         """Continue from a snapshot: counters, optimizer and RNG states as they were."""
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         self.iteration = int(state["iteration"])
+        self.snapshot_iteration = self.iteration
         self.lr = float(state["lr"])
         self.detector.streak = int(state.get("collapse_streak", 0))
         self.collapsed_at = state.get("collapsed_at")

@@ -53,8 +53,22 @@ def test_headless_runs_and_leaves_a_complete_run_folder(
     config = json.loads((out / "config.json").read_text())
     assert config["block"] == 32 and config["versions"]["torch"]
     events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
-    assert events == ["start", "stop"]
+    assert events == ["start", "snapshot", "stop"]  # the final snapshot: the run can go on from it
+    assert json.loads((out / "snapshots" / "iter-5" / "state.json").read_text())["iteration"] == 5
     assert json.loads((out / "summary.json").read_text())["iterations"] == 5
+
+
+def test_snapshot_every_and_no_final_snapshot(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    args = [*small_run(tiny_model_dir, eval_file, out), "--snapshot-every", "2", "--no-final-snapshot"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["iter-2", "iter-4"]
+    resumed = CliRunner().invoke(
+        app, ["headless", "--resume", str(out / "snapshots" / "iter-4"), "--max-iters", "6"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["iter-2", "iter-4", "iter-6"]
 
 
 def test_options_before_the_subcommand_reach_it(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
