@@ -143,6 +143,8 @@ def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> None:
     out = Path(out)
     runs = load_runs(run_dirs)
     _check_image_path(out)
+    if csv is not None and not Path(csv).parent.is_dir():  # before the figure: all or nothing
+        raise UserError(f"cannot write {csv}: there is no folder {Path(csv).parent}")
     figure = build_figure(runs)
     try:
         figure.savefig(out, dpi=150)

@@ -351,6 +351,8 @@ def read_run(root: Path) -> RunFolder:
         raise UserError(f"{root / CONFIG} is not valid JSON: {error.msg}") from None
     if not isinstance(config, dict):
         raise UserError(f"{root / CONFIG} is not a run configuration (a JSON object)")
+    if "model" not in config and ("model_type" in config or "architectures" in config):
+        raise UserError(f"{root} is a model folder, not a run folder (its {CONFIG} describes a model)")
     events = parse_events(read_jsonl(root / EVENTS))
     return RunFolder(
         root=root,

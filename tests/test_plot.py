@@ -111,3 +111,9 @@ def test_mistakes_give_one_clear_line(two_runs: list[Path], tmp_path: Path) -> N
         plot_runs(two_runs, tmp_path / "f.png", csv=tmp_path / "missing" / "m.csv")
     with pytest.raises(UserError, match="at least one"):
         plot_runs([], tmp_path / "f.png")
+
+
+def test_a_csv_that_cannot_be_written_leaves_no_figure_behind(two_runs: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="there is no folder"):
+        plot_runs(two_runs, tmp_path / "fig.png", tmp_path / "missing" / "merged.csv")
+    assert not (tmp_path / "fig.png").exists()

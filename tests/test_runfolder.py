@@ -63,3 +63,11 @@ def test_a_folder_holding_a_run_is_not_overwritten(tmp_path: Path) -> None:
 def test_reading_a_folder_that_is_not_a_run_says_so(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a run folder"):
         read_run(tmp_path)
+
+
+def test_a_model_folder_is_not_taken_for_a_run(tmp_path) -> None:
+    model = tmp_path / "gpt2-tiny"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(UserError, match="is a model folder, not a run folder"):
+        read_run(model)
