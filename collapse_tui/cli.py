@@ -250,6 +250,8 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
 
         report_crash(error, engine.run_dir)
         raise typer.Exit(EXIT_RUN_FAILED) from None
+    if Path(engine.run_dir, "config.json").is_file():  # the screen is gone: say where the run is
+        typer.echo(f"collapse-tui: the run is in {engine.run_dir}")
     raise typer.Exit(_exit_code(summary))
 
 

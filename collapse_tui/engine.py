@@ -430,7 +430,8 @@ class Engine:
         self.first_record = earlier[0] if earlier else None
         self.last_record = earlier[-1] if earlier else None
         self.info.lr = self.lr
-        self._emit(Event("resumed_from", self.iteration, data={"path": str(path), "lr": self.lr}))
+        data = {"path": str(path), "lr": self.lr, "max_iters": self.config.max_iters}
+        self._emit(Event("resumed_from", self.iteration, data=data))  # config.json keeps the first start's
 
     # -- the end -------------------------------------------------------------------------
 

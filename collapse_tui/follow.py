@@ -355,8 +355,14 @@ class FolderControls(RunControls):
 
 
 def run_info(folder: RunFolder, *, read_only: bool = False) -> RunInfo:
-    """What a front end shows about a run, from its ``config.json`` (tolerating missing keys)."""
-    config = folder.config
+    """What a front end shows about a run, from its ``config.json`` (tolerating missing keys).
+
+    A resume may have changed max_iters and lr: its ``resumed_from`` event says so.
+    """
+    config = dict(folder.config)
+    for event in folder.events:
+        if event.event == "resumed_from":
+            config.update({k: event.data[k] for k in ("max_iters", "lr") if k in event.data})
 
     def number(key: str, default: float) -> float:
         try:

@@ -285,3 +285,16 @@ def test_kill_int_stops_a_background_job_whose_shell_ignored_sigint(tiny_model_d
 )
 def test_a_mistyped_option_gets_one_line_not_a_usage_block(args: list[str], fragment: str):
     assert_one_line_error(cli(*args), fragment)
+
+
+def test_the_tui_command_says_where_the_run_is_once_the_screen_is_gone(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    def finished_run(engine):
+        (engine.run_dir / "config.json").write_text("{}")
+        return {"status": "finished", "reason": "max_iters"}
+
+    monkeypatch.setattr("collapse_tui.tui.app.run_app", finished_run)
+    result = CliRunner().invoke(app, small_run(tiny_model_dir, eval_file, tmp_path / "run")[1:])
+    assert result.exit_code == 0
+    assert result.stdout == f"collapse-tui: the run is in {tmp_path / 'run'}\n"

@@ -19,10 +19,11 @@ from collapse_tui.follow import (
     RunProcess,
     is_alive,
     read_process,
+    run_info,
     send_command,
 )
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import RunWriter, read_jsonl
+from collapse_tui.runfolder import RunWriter, read_jsonl, read_run
 
 
 class Collect:
@@ -280,3 +281,14 @@ def test_a_watcher_pauses_and_changes_the_lr_of_a_real_engine(tiny_config) -> No
     assert {"pause", "lr", "resume", "stop"} <= set(watcher.events)
     lr_event = next(i for i in watcher.items if isinstance(i, Event) and i.event == "lr")
     assert lr_event.data == {"lr": 2e-3, "old_lr": 1e-3}
+
+
+def test_a_resumed_runs_info_takes_max_iters_and_lr_from_its_resume(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "finished", n=3)
+    writer = RunWriter(run_dir, resuming=True)
+    writer.write_event(
+        Event("resumed_from", 3, data={"path": "snapshots/iter-3", "lr": 1e-3, "max_iters": 9})
+    )
+    writer.close()
+    info = run_info(read_run(run_dir))
+    assert info.max_iters == 9 and info.lr == 1e-3

@@ -160,6 +160,20 @@ def test_plus_doubles_and_minus_halves_the_lr() -> None:
     drive(source, scenario)
 
 
+def test_plus_stops_at_the_same_ceiling_as_the_typed_lr() -> None:
+    info = RunInfo(model="fake", device="cpu", max_iters=100, lr=0.75, eval_names=["wikitext-2"])
+    source = FakeSource(info=info)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await started(app, pilot)
+        await pilot.press("plus")
+        await pilot.pause(0.05)
+        assert source.controls.pending_lr is None and app.current_lr == 0.75
+        assert any("above 1 the update only wrecks the model" in n.message for n in app._notifications)
+
+    drive(source, scenario)
+
+
 def test_typed_lr_is_applied() -> None:
     source = FakeSource()
 

@@ -38,7 +38,7 @@ from collapse_tui.errors import UserError
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.source import RunSource
 from collapse_tui.tui.history import Entry, SampleHistory
-from collapse_tui.tui.screens import HelpScreen, LrScreen
+from collapse_tui.tui.screens import MAX_LR, HelpScreen, LrScreen
 from collapse_tui.tui.widgets import LossCharts, RepetitionMeter, SampleView, StatusLine
 
 
@@ -454,6 +454,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.push_screen(LrScreen(self.current_lr), apply)
 
     def _request_lr(self, lr: float) -> None:
+        if lr > MAX_LR:  # the l dialog's ceiling holds for + too
+            self.notify(f"lr {lr:.3g}: above {MAX_LR:g} the update only wrecks the model", severity="error")
+            return
         try:
             self.source.controls.set_lr(lr)
         except ValueError as error:

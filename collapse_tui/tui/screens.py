@@ -53,6 +53,10 @@ class HelpScreen(ModalScreen[None]):
             yield Label("esc or ? closes", classes="hint")
 
 
+#: The highest learning rate the keys accept: beyond it a step only destroys the weights.
+MAX_LR = 1.0
+
+
 def parse_lr(text: str) -> float:
     """A learning rate typed by a user; ValueError says what is wrong with it."""
     try:
@@ -61,8 +65,8 @@ def parse_lr(text: str) -> float:
         raise ValueError(f"not a number: {text.strip()!r} (try 4e-5)") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError("the learning rate must be a positive number")
-    if value > 1:
-        raise ValueError("above 1 the update only wrecks the model; type at most 1")
+    if value > MAX_LR:
+        raise ValueError(f"above {MAX_LR:g} the update only wrecks the model; type at most {MAX_LR:g}")
     return value
 
 
