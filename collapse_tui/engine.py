@@ -116,6 +116,8 @@ class Engine:
         self.collapsed_at: int | None = None
         #: The iteration of the newest snapshot on disk (taken or resumed from): no second one there.
         self.snapshot_iteration: int | None = None
+        #: Where this process's iterations began (0, or the snapshot's), once the run has started.
+        self.first_iteration: int | None = None
         self.first_record: IterationRecord | None = None
         self.last_record: IterationRecord | None = None
         self.writer: RunWriter | None = None
@@ -266,6 +268,7 @@ class Engine:
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory_error(self.config.model, self.device) from None
             self._emit(Event("start", self.iteration, data={"lr": self.lr}))
+            self.first_iteration = self.iteration
             status, reason = self._loop()
             self._final_snapshot()
         except RunInterrupted:
@@ -359,12 +362,9 @@ class Engine:
             self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
 
     def _final_snapshot(self) -> None:
-        """The run as it ends, unless it is already saved (``--no-final-snapshot`` turns it off)."""
-        if (
-            self.config.final_snapshot
-            and self.writer is not None
-            and self.snapshot_iteration != self.iteration
-        ):
+        """The run as it ends, if it took a step here and is not saved yet (``--no-final-snapshot``: never)."""
+        stepped = self.first_iteration is not None and self.iteration > self.first_iteration
+        if self.config.final_snapshot and stepped and self.snapshot_iteration != self.iteration:
             self._take_snapshot()
 
     def _record(self, record: IterationRecord) -> None:

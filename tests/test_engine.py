@@ -281,6 +281,15 @@ def test_stop_mid_generation_discards_the_iteration_in_flight(tiny_config: RunCo
     assert read_run(Path(tiny_config.out)).summary["status"] == "stopped"
 
 
+def test_a_run_stopped_before_its_first_iteration_saves_no_final_snapshot(tiny_config: RunConfig) -> None:
+    engine = Engine(tiny_config)
+    engine.controls.stop()  # q while the model was loading
+    summary = engine.run(Collector())
+    run = read_run(Path(tiny_config.out))
+    assert summary["status"] == "stopped" and [e.event for e in run.events] == ["start", "stop"]
+    assert not (Path(tiny_config.out) / "snapshots").exists()
+
+
 def test_a_snapshot_asked_for_just_before_a_quit_mid_iteration_is_saved(tiny_config: RunConfig) -> None:
     engine = Engine(tiny_config)
     engine.load()
