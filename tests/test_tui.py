@@ -682,3 +682,18 @@ def test_real_engine_on_a_tiny_model_steered_from_the_keys(tiny_config) -> None:
     assert {"start", "lr", "snapshot", "pause", "stop"} <= set(kinds)
     assert run.records[0].lr == 1e-3 and run.records[-1].lr == 2e-3
     assert app.records_seen == len(run.records)
+
+
+def test_while_help_is_open_the_footer_offers_none_of_the_keys_it_swallows() -> None:
+    source = FakeSource()
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await started(app, pilot)
+        assert app.check_action("pause", ()) is True and app.check_action("quit", ()) is True
+        await pilot.press("question_mark")
+        for action in ("pause", "lr_up", "snapshot", "quit", "help"):
+            assert app.check_action(action, ()) is False
+        await pilot.press("escape")
+        assert app.check_action("pause", ()) is True
+
+    drive(source, scenario)

@@ -411,11 +411,11 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Hide the pause/resume key that does not apply; grey out what the run cannot take now."""
+        if self.screen.is_modal:
+            return False  # help or a dialog is open: only its own keys work, and only they are offered
         if self.read_only and action in STEERING_ACTIONS:
             return False
         if action in HISTORY_ACTIONS:
-            if self.screen.is_modal:
-                return False  # let a dialog's input have home and end
             by = parameters[0] if action == "step" and parameters else 0
             if action == "follow" or (isinstance(by, int) and by > 0):
                 return True if self.browsing is not None else None
