@@ -174,6 +174,18 @@ def test_plus_stops_at_the_same_ceiling_as_the_typed_lr() -> None:
     drive(source, scenario)
 
 
+def test_minus_still_lowers_an_lr_above_the_ceiling() -> None:
+    info = RunInfo(model="fake", device="cpu", max_iters=100, lr=8.0, eval_names=["wikitext-2"])
+    source = FakeSource(info=info)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await started(app, pilot)
+        await pilot.press("minus")
+        await wait_until(pilot, lambda: source.lr_changes == [4.0], "lr 4 applied")
+
+    drive(source, scenario)
+
+
 def test_typed_lr_is_applied() -> None:
     source = FakeSource()
 
@@ -336,6 +348,21 @@ def test_a_resume_restarts_the_rate_from_the_records_after_it() -> None:
         await pilot.press("p")
         await wait_until(pilot, lambda: not app.run_paused, "the resume event")
         assert app._rate() is None  # the pause is not counted as iterations' time
+
+    drive(source, scenario)
+
+
+def test_a_resume_clears_what_the_abandoned_iterations_showed() -> None:
+    records = [make_record(i, 6) for i in (0, 1, 2, 1, 2)]  # a watcher replaying: 0-2, then resumed at 1
+    script = {
+        2: [Event("error", 2, time=0.0, data={"message": "non-finite loss"})],
+        3: [Event("resumed_from", 1, time=0.0, data={"path": "snapshots/iter-1", "collapsed_at": None})],
+    }
+    source = FakeSource(records, script=script, after="wait")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 5, "every record")
+        assert app.state == "running" and not app.failed
 
     drive(source, scenario)
 

@@ -272,6 +272,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         kind = event.event
         if kind in ("start", "resumed_from"):
             self._loaded()
+        if kind == "resumed_from":  # what the abandoned iterations showed no longer holds
+            self.failed = False
+            self.collapsed = event.data.get("collapsed_at") is not None
         elif kind == "pause":
             self.run_paused = True
         elif kind == "resume":
@@ -454,7 +457,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.push_screen(LrScreen(self.current_lr), apply)
 
     def _request_lr(self, lr: float) -> None:
-        if lr > MAX_LR:  # the l dialog's ceiling holds for + too
+        if lr > MAX_LR and lr > self.current_lr:  # the l dialog's ceiling holds for + too (not for -)
             self.notify(f"lr {lr:.3g}: above {MAX_LR:g} the update only wrecks the model", severity="error")
             return
         try:
