@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from collapse_tui.config import (
+    HUB_SETS,
     RunConfig,
     absolute_eval,
     eval_set_name,
@@ -189,8 +190,9 @@ def build_config(options: dict[str, Any]) -> RunConfig:
 
 def _moved(key: str, value: Any, base: RunConfig) -> bool:
     """Whether ``--eval`` names the run's own evaluation files at another path (the same sets, moved)."""
-    if key != "evals":
-        return False
+    if key != "evals" or any(spec in HUB_SETS for spec in [*value, *base.evals]):
+        return False  # a hub set is not a file that can move, nor can a file stand in for one
+    # the engine checks, once loaded, that they hold the same text (Engine._check_same_eval_sets)
     return [eval_set_name(spec) for spec in value] == [eval_set_name(spec) for spec in base.evals]
 
 

@@ -86,6 +86,7 @@ class Engine:
             self.resume_dir: Path | None = Path(config.resume)
             self.run_dir = self.resume_dir.parent.parent
             _check_snapshot(self.resume_dir)
+            _check_on_current_branch(self.resume_dir, self.run_dir)
             if is_alive(self.run_dir):
                 raise UserError(
                     f"--resume: the run in {self.run_dir} is still being written by another process"
@@ -118,6 +119,10 @@ class Engine:
         self.snapshot_iteration: int | None = None
         #: Where this process's iterations began (0, or the snapshot's), once the run has started.
         self.first_iteration: int | None = None
+        #: The random states as the iteration in flight began, and what a snapshot saves instead of the
+        #: live ones once a stop has cut that iteration short.
+        self.rngs_before_iteration: dict[str, Any] | None = None
+        self.saved_rngs: dict[str, Any] | None = None
         self.first_record: IterationRecord | None = None
         self.last_record: IterationRecord | None = None
         self.writer: RunWriter | None = None
@@ -147,6 +152,8 @@ class Engine:
         for index, spec in enumerate(config.evals):
             status(f"loading evaluation set {spec}", index / len(config.evals))
             self.eval_sets.append(load_eval_set(spec, self.tokenizer, config.block, config.eval_tokens))
+        if self.resume_dir is not None:
+            self._check_same_eval_sets()
         status("preparing generation", 1.0)
         torch.manual_seed(config.seed)
         self.rng = random.Random(config.seed)
@@ -216,6 +223,7 @@ class Engine:
         """Run iteration ``self.iteration`` and return its record (not yet written)."""
         config = self.config
         t0 = time.perf_counter()
+        self.rngs_before_iteration = self._rng_states()
         ids = self.inference.generate(
             self.prompt_ids, config.gen_tokens, self.sampler, lambda: self.controls.stop_requested
         )
@@ -273,12 +281,14 @@ class Engine:
             self._final_snapshot()
         except RunInterrupted:
             status, reason = "stopped", "requested"
+            # snapshots from here on save the random states as the cut iteration began, as if it never had
+            # (the live generators are left alone: CUDA graphs may hold them)
+            self.saved_rngs = self.rngs_before_iteration
             self._apply_pending()  # a snapshot asked for just before the quit is still taken
             self._final_snapshot()
         except NonFiniteLoss as error:
             self._emit(Event("error", self.iteration, data={"message": str(error)}))
-            status, reason = "stopped", "non-finite loss"
-            self._final_snapshot()  # the non-finite step was not taken: the weights are the last good ones
+            status, reason = "stopped", "non-finite loss"  # no final snapshot: its weights give NaN
         except torch.cuda.OutOfMemoryError:
             error = out_of_memory_error(self.config.model, self.device)
             self._emit(Event("error", self.iteration, data={"message": str(error)}))
@@ -309,9 +319,6 @@ class Engine:
                 return "stopped", "requested"
             record = self.step()
             self._record(record)
-            every = self.config.snapshot_every
-            if every and self.iteration % every == 0:
-                self._take_snapshot()
             if not all(
                 math.isfinite(x) for x in [record.gen_loss, *record.valid.values(), record.train_loss]
             ):
@@ -324,6 +331,9 @@ class Engine:
                 if not self.config.keep_going:
                     self._apply_pending()  # a snapshot asked for during the last iteration still happens
                     return "collapsed", "collapsed"
+            every = self.config.snapshot_every
+            if every and self.iteration % every == 0:  # after the checks: it holds the collapse too
+                self._take_snapshot()
         self._apply_pending()  # likewise; but a pause pressed now must not keep a finished run waiting
         return ("collapsed" if self.collapsed_at is not None else "finished"), "max_iters"
 
@@ -352,11 +362,16 @@ class Engine:
     def _take_snapshot(self) -> None:
         """A snapshot of the run as it stands, logged; one that fails (a full disk) is logged, the run goes on."""
         assert self.writer is not None
+        target = self.writer.snapshot_dir(self.iteration)
+        existed = target.exists()
+        self.listener.on_status(f"saving snapshot {target.name}", None)
         try:
             path = self.snapshot()
-        except OSError as error:
-            shutil.rmtree(self.writer.snapshot_dir(self.iteration), ignore_errors=True)
-            self._emit(Event("snapshot_failed", self.iteration, data={"message": str(error)}))
+        except Exception as error:  # torch and safetensors raise their own types on ENOSPC and EFBIG
+            if not existed:  # never a snapshot that was there before (the one resumed from, say)
+                shutil.rmtree(target, ignore_errors=True)
+            message = f"{type(error).__name__}: {error}" if not isinstance(error, OSError) else str(error)
+            self._emit(Event("snapshot_failed", self.iteration, data={"message": message}))
         else:
             self.snapshot_iteration = self.iteration
             self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
@@ -393,12 +408,7 @@ class Engine:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-        rng = {
-            "python": self.rng.getstate(),
-            "torch": torch.get_rng_state(),
-            "sampler": self.sampler.get_state(),
-        }
-        torch.save(rng, path / "rng.pt")
+        torch.save(self.saved_rngs or self._rng_states(), path / "rng.pt")
         state = {
             "iteration": self.iteration,
             "lr": self.lr,
@@ -411,6 +421,34 @@ class Engine:
         (path / "sample.txt").write_bytes(sample.encode("utf-8"))
         return path
 
+    def _check_same_eval_sets(self) -> None:
+        """A resumed run must evaluate on the very text it started with, wherever its files are now."""
+        try:
+            recorded = json.loads((self.run_dir / CONFIG).read_text(encoding="utf-8")).get("eval_sets") or {}
+        except (OSError, ValueError):
+            return
+        for eval_set in self.eval_sets:
+            was = (recorded.get(eval_set.name) or {}).get("split_tokens")
+            if isinstance(was, int) and was != eval_set.split_tokens:
+                raise UserError(
+                    f"--eval {eval_set.name}: {eval_set.split_tokens} tokens now, {was} when the run "
+                    "started; a resume must evaluate on the same text"
+                )
+
+    def _rng_states(self) -> dict[str, Any]:
+        """Every random state an iteration draws from: what a snapshot saves."""
+        return {
+            "python": self.rng.getstate(),
+            "torch": torch.get_rng_state(),
+            "sampler": self.sampler.get_state(),
+        }
+
+    def _restore_rngs(self, states: dict[str, Any] | None) -> None:
+        if states is not None:
+            self.rng.setstate(states["python"])
+            torch.set_rng_state(states["torch"])
+            self.sampler.set_state(states["sampler"])
+
     def _restore(self, path: Path) -> None:
         """Continue from a snapshot: counters, optimizer and RNG states as they were."""
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
@@ -422,15 +460,17 @@ class Engine:
         load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        self.rng.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-        self.sampler.set_state(rng["sampler"])
+        self._restore_rngs(torch.load(path / "rng.pt", weights_only=False))
         earlier = [r for r in read_run(self.run_dir).records if r.iteration < self.iteration]
         self.first_record = earlier[0] if earlier else None
         self.last_record = earlier[-1] if earlier else None
         self.info.lr = self.lr
-        data = {"path": str(path), "lr": self.lr, "max_iters": self.config.max_iters}
+        data = {
+            "path": str(path),
+            "lr": self.lr,
+            "max_iters": self.config.max_iters,
+            "collapsed_at": self.collapsed_at,
+        }
         self._emit(Event("resumed_from", self.iteration, data=data))  # config.json keeps the first start's
 
     # -- the end -------------------------------------------------------------------------
@@ -472,6 +512,25 @@ def _check_snapshot(path: Path) -> None:
     if not (path.parent.parent / CONFIG).exists():
         raise UserError(
             f"--resume {path}: the snapshot is not inside a run folder (snapshots/iter-N of a run)"
+        )
+
+
+def _check_on_current_branch(snapshot: Path, run_dir: Path) -> None:
+    """Refuse a snapshot of iterations that a resume from an older snapshot abandoned.
+
+    Its folder stays on disk, but going on from it would splice two histories
+    into one run (the readers no longer count those iterations).
+    """
+    try:
+        iteration = int(json.loads((snapshot / "state.json").read_text(encoding="utf-8"))["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--resume {snapshot}: its state.json cannot be read") from None
+    records = read_run(run_dir).records
+    last = records[-1].iteration if records else -1
+    if iteration > last + 1:
+        raise UserError(
+            f"--resume {snapshot}: iteration {iteration} is past the run as it now stands (its last "
+            f"iteration is {last}): that snapshot belongs to iterations a later resume abandoned"
         )
 
 

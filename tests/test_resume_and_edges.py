@@ -8,12 +8,13 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from test_engine import Collector, RepeatingInference
 
 from collapse_tui.cli import build_config, resume_lr
 from collapse_tui.config import RunConfig, resolve_config
 from collapse_tui.engine import Engine
-from collapse_tui.errors import UserError
+from collapse_tui.errors import RunInterrupted, UserError
 from collapse_tui.runfolder import read_run
 
 
@@ -141,3 +142,59 @@ def test_a_relative_eval_file_is_kept_absolute_and_may_move_before_a_resume(
     assert build_config({"resume": snapshot, "max_iters": 3, "evals": [str(moved)]}).evals == [str(moved)]
     with pytest.raises(UserError, match="--eval cannot change"):
         build_config({"resume": snapshot, "max_iters": 3, "evals": ["wikitext-2"]})
+    other = tmp_path / "other" / "heldout.txt"  # the same name, other text: refused once loaded
+    other.parent.mkdir()
+    other.write_text((workdir / "heldout.txt").read_text() * 2)
+    with pytest.raises(UserError, match="a resume must evaluate on the same text"):
+        Engine(build_config({"resume": snapshot, "max_iters": 3, "evals": [str(other)]})).load()
+
+
+def test_a_run_cut_mid_iteration_and_resumed_from_its_final_snapshot_equals_one_never_stopped(
+    tiny_config, tmp_path
+):
+    tiny_config.max_iters = 4
+    tiny_config.out = str(tmp_path / "straight")
+    straight = Collector()
+    Engine(tiny_config).run(straight)
+
+    cut = RunConfig.from_dict({**tiny_config.to_dict(), "out": str(tmp_path / "cut")})
+    engine = Engine(cut)
+    engine.load()
+    real_generate = engine.inference.generate
+
+    def generate(prompt_ids, gen_tokens, generator, should_stop=lambda: False):
+        if engine.iteration == 2:  # q in the middle of iteration 2: some tokens drawn, then the stop
+            torch.rand(100, generator=generator)
+            engine.controls.stop()
+            raise RunInterrupted
+        return real_generate(prompt_ids, gen_tokens, generator, should_stop)
+
+    engine.inference.generate = generate
+    engine.run(Collector())
+    resumed = Collector()
+    Engine(build_config({"resume": tmp_path / "cut" / "snapshots" / "iter-2", "max_iters": 4})).run(resumed)
+    assert [r.text for r in resumed.records] == [r.text for r in straight.records[2:]]
+
+
+def test_a_snapshot_on_the_collapsing_iteration_knows_the_collapse(tiny_config, tmp_path):
+    tiny_config.max_iters = 6
+    tiny_config.gen_tokens = 100
+    tiny_config.keep_going = True
+    tiny_config.snapshot_every = 3  # the detector needs 3 iterations in a row: collapse at iteration 2
+    engine = Engine(tiny_config)
+    engine.load()
+    engine.inference = RepeatingInference(engine.model, tiny_config.block, 1.0, 50)
+    engine.run(Collector())
+    state = json.loads((Path(tiny_config.out) / "snapshots" / "iter-3" / "state.json").read_text())
+    assert state["collapsed_at"] == 2
+
+
+def test_a_snapshot_of_iterations_a_later_resume_abandoned_is_refused(tiny_config, tmp_path):
+    tiny_config.out = str(tmp_path / "run")
+    tiny_config.max_iters = 4
+    tiny_config.snapshot_every = 2
+    Engine(tiny_config).run(Collector())  # snapshots iter-2 and iter-4
+    Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-2", "max_iters": 3})).run()
+    assert [r.iteration for r in read_run(tmp_path / "run").records] == [0, 1, 2]
+    with pytest.raises(UserError, match="iteration 4 is past the run as it now stands"):
+        Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-4", "max_iters": 6}))
