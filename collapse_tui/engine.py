@@ -363,13 +363,11 @@ class Engine:
         """A snapshot of the run as it stands, logged; one that fails (a full disk) is logged, the run goes on."""
         assert self.writer is not None
         target = self.writer.snapshot_dir(self.iteration)
-        existed = target.exists()
         self.listener.on_status(f"saving snapshot {target.name}", None)
         try:
             path = self.snapshot()
         except Exception as error:  # torch and safetensors raise their own types on ENOSPC and EFBIG
-            if not existed:  # never a snapshot that was there before (the one resumed from, say)
-                shutil.rmtree(target, ignore_errors=True)
+            shutil.rmtree(target.with_name(f".partial-{target.name}"), ignore_errors=True)
             message = f"{type(error).__name__}: {error}" if not isinstance(error, OSError) else str(error)
             self._emit(Event("snapshot_failed", self.iteration, data={"message": message}))
         else:
@@ -401,10 +399,29 @@ class Engine:
     # -- snapshots and resume ------------------------------------------------------------
 
     def snapshot(self) -> Path:
-        """Save θ_i with all a resume needs: weights, tokenizer, optimizer, RNG, counters, sample."""
+        """Save θ_i with all a resume needs: weights, tokenizer, optimizer, RNG, counters, sample.
+
+        Written into a hidden ``.partial-iter-N`` folder and renamed into place
+        once complete, so a snapshot is either whole or not there: a full disk,
+        a second Ctrl-C or a kill mid-write never leaves a torn ``iter-N``.
+        """
         assert self.writer is not None
-        path = self.writer.snapshot_dir(self.iteration)
-        path.mkdir(parents=True, exist_ok=True)
+        final = self.writer.snapshot_dir(self.iteration)
+        path = final.with_name(f".partial-{final.name}")
+        shutil.rmtree(path, ignore_errors=True)  # a leftover of a write that was killed
+        path.mkdir(parents=True)
+        self._write_snapshot(path)
+        if final.exists():  # the same iteration saved before (the snapshot resumed from, say): replace it
+            replaced = final.with_name(f".replaced-{final.name}")
+            shutil.rmtree(replaced, ignore_errors=True)
+            final.rename(replaced)
+            path.rename(final)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            path.rename(final)
+        return final
+
+    def _write_snapshot(self, path: Path) -> None:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
@@ -419,7 +436,6 @@ class Engine:
         (path / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         sample = self.last_record.text if self.last_record else ""
         (path / "sample.txt").write_bytes(sample.encode("utf-8"))
-        return path
 
     def _check_same_eval_sets(self) -> None:
         """A resumed run must evaluate on the very text it started with, wherever its files are now."""

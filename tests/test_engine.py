@@ -375,3 +375,8 @@ def test_a_failed_snapshot_leaves_the_one_already_in_its_place(
     monkeypatch.setattr(engine.model, "save_pretrained", disk_full)
     engine._take_snapshot()
     assert (Path(tiny_config.out) / "snapshots" / "iter-0" / "state.json").is_file()
+    assert [p.name for p in (Path(tiny_config.out) / "snapshots").iterdir()] == ["iter-0"]  # no partial left
+    monkeypatch.undo()
+    engine._take_snapshot()  # the same iteration again, whole: it replaces the one there
+    assert [p.name for p in (Path(tiny_config.out) / "snapshots").iterdir()] == ["iter-0"]
+    assert (Path(tiny_config.out) / "snapshots" / "iter-0" / "optimizer.pt").is_file()
