@@ -30,6 +30,7 @@ from collapse_tui.config import (
     validate,
 )
 from collapse_tui.errors import UserError
+from collapse_tui.runfolder import CONFIG, snapshot_iteration
 
 EXIT_USER_ERROR = 2
 #: click's UsageError as typer raises it (recent typer vendors click, older typer imports it).
@@ -178,7 +179,7 @@ def build_config(options: dict[str, Any]) -> RunConfig:
         validate(config)
         if "lr" in given:
             validate(dataclasses.replace(config, lr=given["lr"]))
-        reached = _snapshot_iteration(Path(resume))
+        reached = snapshot_iteration(Path(resume))
         if reached is not None and config.max_iters <= reached:
             raise UserError(
                 f"--max-iters {config.max_iters}: the snapshot is at iteration {reached} already; "
@@ -196,14 +197,6 @@ def _moved(key: str, value: Any, base: RunConfig) -> bool:
     return [eval_set_name(spec) for spec in value] == [eval_set_name(spec) for spec in base.evals]
 
 
-def _snapshot_iteration(snapshot: Path) -> int | None:
-    """The iteration a snapshot was taken at, from its state.json; None if it cannot be read."""
-    try:
-        return int(json.loads((snapshot / "state.json").read_text(encoding="utf-8"))["iteration"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 #: What a resumed run may do differently from its start; everything else would change what it computes.
 RESUME_MAY_CHANGE = {
     "max_iters", "lr", "device", "dtype", "keep_going", "collapse_threshold", "collapse_patience",
@@ -217,7 +210,7 @@ def resume_lr(options: dict[str, Any]) -> float | None:
 
 
 def _run_config_of_snapshot(snapshot: Path) -> RunConfig:
-    config_path = snapshot.parent.parent / "config.json"
+    config_path = snapshot.parent.parent / CONFIG
     if not config_path.exists():
         raise UserError(
             f"--resume {snapshot}: not a snapshot folder of a run (expected RUN/snapshots/iter-N)"
@@ -252,7 +245,7 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
 
         report_crash(error, engine.run_dir)
         raise typer.Exit(EXIT_RUN_FAILED) from None
-    if Path(engine.run_dir, "config.json").is_file():  # the screen is gone: say where the run is
+    if Path(engine.run_dir, CONFIG).is_file():  # the screen is gone: say where the run is
         typer.echo(f"collapse-tui: the run is in {engine.run_dir}")
     raise typer.Exit(_exit_code(summary))
 

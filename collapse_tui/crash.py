@@ -18,23 +18,8 @@ from pathlib import Path
 
 def report_crash(error: BaseException, run_dir: Path | None) -> Path | None:
     """Print one line about ``error`` on stderr and save its traceback; return where it went."""
-    text = "".join(traceback.format_exception(error))
     has_folder = run_dir is not None and Path(run_dir).is_dir()
-    saved: Path | None = None
-    for candidate in ([Path(run_dir) / "traceback.txt"] if has_folder else []) + [None]:
-        try:
-            if candidate is None:
-                with tempfile.NamedTemporaryFile(
-                    "w", prefix="collapse-tui-traceback-", suffix=".txt", delete=False, encoding="utf-8"
-                ) as handle:
-                    handle.write(text)
-                    candidate = Path(handle.name)
-            else:
-                candidate.write_text(text, encoding="utf-8")
-            saved = candidate
-            break
-        except OSError:
-            continue
+    saved = _save_traceback("".join(traceback.format_exception(error)), Path(run_dir) if has_folder else None)
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     line = f"collapse-tui: the run crashed: {type(error).__name__}" + (f": {message}" if message else "")
     if has_folder:
@@ -44,3 +29,19 @@ def report_crash(error: BaseException, run_dir: Path | None) -> Path | None:
     with contextlib.suppress(OSError):  # the terminal may be gone with its SSH session
         print(line, file=sys.stderr)
     return saved
+
+
+def _save_traceback(text: str, run_dir: Path | None) -> Path | None:
+    """``traceback.txt`` in the run folder, else a temporary file; None if neither can be written."""
+    if run_dir is not None:
+        with contextlib.suppress(OSError):
+            path = run_dir / "traceback.txt"
+            path.write_text(text, encoding="utf-8")
+            return path
+    with contextlib.suppress(OSError):
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="collapse-tui-traceback-", suffix=".txt", delete=False, encoding="utf-8"
+        ) as handle:
+            handle.write(text)
+        return Path(handle.name)
+    return None

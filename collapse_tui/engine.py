@@ -38,7 +38,7 @@ from collapse_tui.inference import EagerInference, Inference, sequence_windows
 from collapse_tui.metrics import CollapseDetector, repetition_metrics
 from collapse_tui.modeling import load_model, out_of_memory_error, resolve_autocast, resolve_device
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import CONFIG, METRICS, RunWriter, make_summary, read_run
+from collapse_tui.runfolder import CONFIG, METRICS, RunWriter, make_summary, read_run, snapshot_iteration
 from collapse_tui.source import EngineListener, NullListener, RunInfo
 from collapse_tui.training import build_optimizer, load_optimizer_state, make_train_step
 
@@ -86,13 +86,17 @@ class Engine:
             self.resume_dir: Path | None = Path(config.resume)
             self.run_dir = self.resume_dir.parent.parent
             _check_snapshot(self.resume_dir)
-            _check_on_current_branch(self.resume_dir, self.run_dir)
+            #: the run as it now stands, read once: checked here, its earlier records kept by ``_restore``
+            self.resumed_records: list[IterationRecord] = _records_on_current_branch(
+                self.resume_dir, self.run_dir
+            )
             if is_alive(self.run_dir):
                 raise UserError(
                     f"--resume: the run in {self.run_dir} is still being written by another process"
                 )
         else:
             self.resume_dir = None
+            self.resumed_records = []
             self.run_dir = Path(config.out) if config.out else default_run_dir(config)
             if (self.run_dir / METRICS).exists() or (self.run_dir / CONFIG).exists():
                 raise UserError(
@@ -459,11 +463,10 @@ class Engine:
             "sampler": self.sampler.get_state(),
         }
 
-    def _restore_rngs(self, states: dict[str, Any] | None) -> None:
-        if states is not None:
-            self.rng.setstate(states["python"])
-            torch.set_rng_state(states["torch"])
-            self.sampler.set_state(states["sampler"])
+    def _restore_rngs(self, states: dict[str, Any]) -> None:
+        self.rng.setstate(states["python"])
+        torch.set_rng_state(states["torch"])
+        self.sampler.set_state(states["sampler"])
 
     def _restore(self, path: Path) -> None:
         """Continue from a snapshot: counters, optimizer and RNG states as they were."""
@@ -477,7 +480,7 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self._restore_rngs(torch.load(path / "rng.pt", weights_only=False))
-        earlier = [r for r in read_run(self.run_dir).records if r.iteration < self.iteration]
+        earlier = [r for r in self.resumed_records if r.iteration < self.iteration]
         self.first_record = earlier[0] if earlier else None
         self.last_record = earlier[-1] if earlier else None
         self.info.lr = self.lr
@@ -531,16 +534,15 @@ def _check_snapshot(path: Path) -> None:
         )
 
 
-def _check_on_current_branch(snapshot: Path, run_dir: Path) -> None:
-    """Refuse a snapshot of iterations that a resume from an older snapshot abandoned.
+def _records_on_current_branch(snapshot: Path, run_dir: Path) -> list[IterationRecord]:
+    """The run's records; refuse a snapshot of iterations that a resume from an older snapshot abandoned.
 
     Its folder stays on disk, but going on from it would splice two histories
     into one run (the readers no longer count those iterations).
     """
-    try:
-        iteration = int(json.loads((snapshot / "state.json").read_text(encoding="utf-8"))["iteration"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"--resume {snapshot}: its state.json cannot be read") from None
+    iteration = snapshot_iteration(snapshot)
+    if iteration is None:
+        raise UserError(f"--resume {snapshot}: its state.json cannot be read")
     records = read_run(run_dir).records
     last = records[-1].iteration if records else -1
     if iteration > last + 1:
@@ -548,6 +550,7 @@ def _check_on_current_branch(snapshot: Path, run_dir: Path) -> None:
             f"--resume {snapshot}: iteration {iteration} is past the run as it now stands (its last "
             f"iteration is {last}): that snapshot belongs to iterations a later resume abandoned"
         )
+    return records
 
 
 def _quiet_libraries() -> None:

@@ -460,7 +460,9 @@ class FolderSource:
         new_records = dedupe_records(parse_metrics(metrics.read_new()))
         new_events = parse_events(events.read_new())
         self.folder.records = dedupe_records([*self.folder.records, *new_records])
-        self.folder.events = drop_abandoned_events([*self.folder.events, *new_events])
+        self.folder.events.extend(new_events)
+        if any(event.event == "resumed_from" for event in new_events):
+            self.folder.events = drop_abandoned_events(self.folder.events)
         pending = list(new_records)
         for event in new_events:
             while pending and pending[0].iteration < event.iteration:

@@ -56,7 +56,8 @@ class PlainReporter:
         #: Set once output failed; from then on nothing is written.
         self.lost = False
 
-    def _guarded(self, write: Callable[[], object]) -> None:
+    def guarded(self, write: Callable[[], object]) -> None:
+        """Run ``write``; if the output is gone, give up on it (``lost``) instead of raising."""
         if self.lost:
             return
         try:
@@ -69,7 +70,7 @@ class PlainReporter:
         """Release what writes to the lost output (the progress bar's refresh)."""
 
     def _print(self, line: str) -> None:
-        self._guarded(lambda: print(line, file=self.stream, flush=True))
+        self.guarded(lambda: print(line, file=self.stream, flush=True))
 
     def on_status(self, message: str, fraction: float | None = None) -> None:
         self._print(f"[{message}]")
@@ -112,10 +113,10 @@ class ProgressReporter(PlainReporter):
         self.times: list[float] = []
 
     def on_status(self, message: str, fraction: float | None = None) -> None:
-        self._guarded(lambda: self.progress.update(self.task, losses=message))
+        self.guarded(lambda: self.progress.update(self.task, losses=message))
 
     def on_record(self, record: IterationRecord) -> None:
-        self._guarded(lambda: self._show_record(record))
+        self.guarded(lambda: self._show_record(record))
 
     def _show_record(self, record: IterationRecord) -> None:
         now = time.monotonic()
@@ -132,17 +133,17 @@ class ProgressReporter(PlainReporter):
 
     def on_event(self, event: Event) -> None:
         if event.event == "start":
-            self._guarded(lambda: self.progress.update(self.task, completed=event.iteration))
-            self._guarded(lambda: self.progress.start_task(self.task))
+            self.guarded(lambda: self.progress.update(self.task, completed=event.iteration))
+            self.guarded(lambda: self.progress.start_task(self.task))
         else:  # not markup: messages hold brackets
-            self._guarded(lambda: self.console.print(Text(event.describe(), style="dim")))
+            self.guarded(lambda: self.console.print(Text(event.describe(), style="dim")))
 
     def _lose(self) -> None:
         with contextlib.suppress(Exception):
             self.progress.stop()
 
     def close(self) -> None:
-        self._guarded(self.progress.stop)
+        self.guarded(self.progress.stop)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -190,25 +191,29 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         signal.signal(signum, stop)
     if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, stop)  # under nohup it is ignored on purpose: the run outlives SSH
+    summary: dict[str, Any] | None = None
+    crash: Exception | None = None
     try:
         with serving_watchers(engine.run_dir, engine.controls):
             summary = engine.run(reporter)
     except KeyboardInterrupt:
-        reporter.close()
-        _say("collapse-tui: interrupted")
-        return EXIT_INTERRUPTED
+        pass  # a second Ctrl-C: leave now (summary stays None)
     except UserError:
         raise
     except Exception as error:  # a crash, not a mistake: one line, the traceback kept in a file
-        reporter.close()
-        report_crash(error, engine.run_dir)
-        return EXIT_RUN_FAILED
+        crash = error
     finally:
         reporter.close()
         if reporter.lost:  # nothing more can reach it, not even Python's last flush at exit
             with contextlib.suppress(OSError, ValueError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    reporter._guarded(lambda: console.print(summary_table(summary)))
+    if crash is not None:
+        report_crash(crash, engine.run_dir)
+        return EXIT_RUN_FAILED
+    if summary is None:
+        _say("collapse-tui: interrupted")
+        return EXIT_INTERRUPTED
+    reporter.guarded(lambda: console.print(summary_table(summary)))
     if interrupted:
         return EXIT_INTERRUPTED
     if summary["reason"] == "non-finite loss":

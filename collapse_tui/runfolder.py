@@ -353,12 +353,11 @@ def read_run(root: Path) -> RunFolder:
         raise UserError(f"{root / CONFIG} is not a run configuration (a JSON object)")
     if "model" not in config and ("model_type" in config or "architectures" in config):
         raise UserError(f"{root} is a model folder, not a run folder (its {CONFIG} describes a model)")
-    events = parse_events(read_jsonl(root / EVENTS))
     return RunFolder(
         root=root,
         config=config,
         records=dedupe_records(parse_metrics(read_jsonl(root / METRICS))),
-        events=drop_abandoned_events(events),
+        events=drop_abandoned_events(parse_events(read_jsonl(root / EVENTS))),
         summary=read_summary(root),
     )
 
@@ -370,3 +369,11 @@ def read_summary(root: Path) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return summary if isinstance(summary, dict) else None
+
+
+def snapshot_iteration(snapshot: Path) -> int | None:
+    """The iteration a snapshot was taken at, from its ``state.json``; None if that cannot be read."""
+    try:
+        return int(json.loads((Path(snapshot) / "state.json").read_text(encoding="utf-8"))["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
