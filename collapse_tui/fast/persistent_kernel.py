@@ -94,6 +94,9 @@ def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, w
     """
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
+    # the norm's parameters first: their latency hides behind the rows' loads, not after the reductions
+    w = tl.load(ln_w_ptr + cols, mask=ok, other=0.0)
+    b = tl.load(ln_b_ptr + cols, mask=ok, other=0.0)
     for r in range(pid, M, nprog):
         if EMBED:
             token = tl.load(tok_ptr + r)
@@ -110,8 +113,6 @@ def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, w
         mean = tl.sum(h, axis=0) / D
         centred = tl.where(ok, h - mean, 0.0)
         rstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / D + eps)
-        w = tl.load(ln_w_ptr + cols, mask=ok, other=0.0)
-        b = tl.load(ln_b_ptr + cols, mask=ok, other=0.0)
         tl.store(xn_ptr + r * D + cols, (centred * rstd * w + b).to(xn_ptr.dtype.element_ty), mask=ok)
     if pid < M:  # one count (release) for all of this CTA's rows, once they are all stored
         tl.debug_barrier()
@@ -143,9 +144,11 @@ def gemm_stage(x_ptr, w_ptr, b_ptr, out_ptr, cache_ptr, M, pos, pid, nprog,
     for item in range(pid, N_TILES * SPLITS, nprog):
         tile = item % N_TILES
         split = item // N_TILES
+        cols = tile * BN + tl.arange(0, BN)
+        if EPILOGUE != 2:  # the bias does not depend on the wait: its latency hides behind it and the K loop
+            bias = tl.load(b_ptr + cols).to(tl.float32)
         if WAITS:
             spin = wait(wait_ptr + split, error_ptr, wait_target, spin)
-        cols = tile * BN + tl.arange(0, BN)
         ks = split * KS + tl.arange(0, BK)
         x_ptrs = x_ptr + rows[:, None] * K + ks[None, :]
         w_ptrs = w_ptr + cols[:, None] * K + ks[None, :]
@@ -160,7 +163,7 @@ def gemm_stage(x_ptr, w_ptr, b_ptr, out_ptr, cache_ptr, M, pos, pid, nprog,
             out_ptrs = out_ptr + (split * BLOCK_M + rows[:, None]) * N + cols[None, :]
             tl.store(out_ptrs, acc, mask=row_ok)
         else:
-            acc += tl.load(b_ptr + cols)[None, :].to(tl.float32)
+            acc += bias[None, :]
             if EPILOGUE == 1:  # tanh GELU, 0.5 x (1 + tanh u) = x sigmoid(2u)
                 inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
                 acc = acc * tl.sigmoid(2.0 * inner)
@@ -429,15 +432,38 @@ def load_tile(w_ptr, item, n_items, N_TILES: tl.constexpr, K: tl.constexpr, KS: 
 
 
 @triton.jit
-def layer_norm_row(h, ln_w_ptr, ln_b_ptr, eps, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``layer_norm(h)`` of one row, rounded to bf16 as the layer-by-layer forward feeds its products."""
+def load_row(ptr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``ptr[0:D]`` as ``[BLOCK_D]`` (zeros past D): a norm's parameters, loaded ahead of the wait before it."""
+    cols = tl.arange(0, BLOCK_D)
+    return tl.load(ptr + cols, mask=cols < D, other=0.0)
+
+
+@triton.jit
+def load_bias(b_ptr, item, n_items, BN: tl.constexpr):
+    """The bias of column tile ``item`` (``[BN]`` in fp32; zeros if ``item >= n_items``), loaded ahead as ``load_tile``."""
+    cols = item * BN + tl.arange(0, BN)
+    return tl.load(b_ptr + cols, mask=cols < n_items * BN, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def first_or_bias(preloaded, first, b_ptr, cols):
+    """The bias of ``cols``: the one loaded ahead (``load_bias``) for a CTA's ``first`` tile, else loaded now."""
+    if first:  # noqa: SIM108 (Triton compiles an if on a runtime value, not a conditional expression)
+        bias = preloaded
+    else:
+        bias = tl.load(b_ptr + cols).to(tl.float32)
+    return bias
+
+
+@triton.jit
+def layer_norm_row(h, w, b, eps, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``layer_norm(h)`` of one row with parameters ``w``, ``b`` (``load_row``), rounded to bf16 as the
+    layer-by-layer forward feeds its products."""
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
     mean = tl.sum(h, axis=0) / D
     centred = tl.where(ok, h - mean, 0.0)
     rstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / D + eps)
-    w = tl.load(ln_w_ptr + cols, mask=ok, other=0.0)
-    b = tl.load(ln_b_ptr + cols, mask=ok, other=0.0)
     return (centred * rstd * w + b).to(tl.bfloat16).to(tl.float32)
 
 
@@ -480,13 +506,19 @@ def decode_attention(qkv_ptr, cache_ptr, o_ptr, ml_ptr, pos, scale, pid, nprog, 
     for item in range(pid, H * KSPLIT, nprog):
         head = item // KSPLIT
         chunk = item % KSPLIT
-        spin = wait(wait_ptr + head, error_ptr, wait_target, spin)
         keys = chunk * CH + tl.arange(0, CH)
         ok = keys < n_keys
-        q = tl.load(qkv_ptr + head * HD + dims, cache_modifier=".cg").to(tl.float32)
         k_ptrs = cache_ptr + (head * LC + keys[:, None]) * HD + dims[None, :]
-        k = tl.load(k_ptrs, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-        v = tl.load(k_ptrs + H * LC * HD, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+        # the keys and values of earlier tokens were written by earlier launches: read them before the
+        # wait, so that their latency hides behind it; only this token's row needs the qkv stage
+        old = (keys < pos)[:, None]
+        k = tl.load(k_ptrs, mask=old, other=0.0, cache_modifier=".cg")
+        v = tl.load(k_ptrs + H * LC * HD, mask=old, other=0.0, cache_modifier=".cg")
+        spin = wait(wait_ptr + head, error_ptr, wait_target, spin)
+        new = (keys == pos)[:, None]
+        k = tl.where(new, tl.load(k_ptrs, mask=new, other=0.0, cache_modifier=".cg"), k)
+        v = tl.where(new, tl.load(k_ptrs + H * LC * HD, mask=new, other=0.0, cache_modifier=".cg"), v)
+        q = tl.load(qkv_ptr + head * HD + dims, cache_modifier=".cg").to(tl.float32)
         s = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale, float("-inf"))
         best = tl.max(s, axis=0)
         p = tl.exp(s - tl.where(best == float("-inf"), 0.0, best))
@@ -581,6 +613,9 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     # a CTA's first tile of each product is loaded into registers before the barrier
     # that precedes the product: the weights' latency hides behind the wait
     w_qkv = load_tile(qkv_w, pid, QKV_TILES, QKV_TILES, D, D, BLOCK_D, BN)
+    # so are its bias and the norm's parameters: a load after the reductions would wait a round trip
+    b_qkv = load_bias(qkv_b, pid, QKV_TILES, BN)
+    ln_w, ln_b = load_row(ln1_w, D, BLOCK_D), load_row(ln1_b, D, BLOCK_D)
     barrier = 0
     spin = spin_budget(error_ptr, SPIN)
     cache = cache_ptr
@@ -595,11 +630,11 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
             tl.store(h_b + cols_d, h, mask=cols_d + pid * BLOCK_D < D)  # CTA 0 only (see add_residual)
         else:
             h = add_residual(h_a, part_out, out_b - D, h_b, pid, OUT_SPLITS, D, BLOCK_D)
-        x_ln1 = layer_norm_row(h, ln1_w, ln1_b, eps, D, BLOCK_D)
+        x_ln1 = layer_norm_row(h, ln_w, ln_b, eps, D, BLOCK_D)
         for tile in range(pid, QKV_TILES, nprog):
             cols = tile * BN + tl.arange(0, BN)
             acc = first_or_gemv(x_ln1, w_qkv, tile == pid, qkv_w, cols, 0, D, BLOCK_D, D)
-            value = (acc + tl.load(qkv_b + cols).to(tl.float32)).to(tl.bfloat16)
+            value = (acc + first_or_bias(b_qkv, tile == pid, qkv_b, cols)).to(tl.bfloat16)
             tl.store(qkv_ptr + cols, value)
             which = cols // D - 1  # 0: key, 1: value (query columns are not cached)
             slot = ((which * H + (cols % D) // HD) * LC + pos) * HD + cols % HD
@@ -628,6 +663,8 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
             cycles, since = tick(cycles, since, 2)
         arrive(counter_ptr)
         w_fc = load_tile(fc_w, pid, F_TILES, F_TILES, D, D, BLOCK_D, BN)
+        b_fc = load_bias(fc_b, pid, F_TILES, BN)
+        ln_w, ln_b = load_row(ln2_w, D, BLOCK_D), load_row(ln2_b, D, BLOCK_D)
         if layer + 1 < n_layer:
             prefetch_tiles(qkv_w + 3 * D * D, pid, nprog, 3 * D, D, 1, BN, PREFETCH)
         barrier += nprog
@@ -636,11 +673,11 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
             cycles, since = tick(cycles, since, 7)
         # ln_2 (+ the projection into the residual) and the MLP's up-projection with GELU
         h = add_residual(h_b, part_ptr, proj_b, h_a, pid, PROJ_SPLITS, D, BLOCK_D)
-        x_ln2 = layer_norm_row(h, ln2_w, ln2_b, eps, D, BLOCK_D)
+        x_ln2 = layer_norm_row(h, ln_w, ln_b, eps, D, BLOCK_D)
         for tile in range(pid, F_TILES, nprog):
             cols = tile * BN + tl.arange(0, BN)
             acc = first_or_gemv(x_ln2, w_fc, tile == pid, fc_w, cols, 0, D, BLOCK_D, D)
-            acc += tl.load(fc_b + cols).to(tl.float32)
+            acc += first_or_bias(b_fc, tile == pid, fc_b, cols)
             inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
             tl.store(ff_ptr + cols, (acc * tl.sigmoid(2.0 * inner)).to(tl.bfloat16))
             signal(out_flags, tile * BN, BN, KS_OUT)
@@ -667,6 +704,9 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         w_qkv = load_tile(
             qkv_w + 3 * D * D, pid, QKV_TILES * (layer + 1 < n_layer), QKV_TILES, D, D, BLOCK_D, BN
         )
+        b_qkv = load_bias(qkv_b + 3 * D, pid, QKV_TILES * (layer + 1 < n_layer), BN)
+        # the next layer's ln_1, or after the last layer ln_f (the stack's last row)
+        ln_w, ln_b = load_row(ln1_w + D, D, BLOCK_D), load_row(ln1_b + D, D, BLOCK_D)
         if layer + 1 < n_layer:
             prefetch_tiles(fc_w + F * D, pid, nprog, F, D, 1, BN, PREFETCH)
         barrier += nprog
@@ -680,5 +720,5 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         tl.store(trace_ptr + pid * 16 + tl.arange(0, 16), cycles)
     if pid == 0:  # ln_f (ln1_w now points at it) of the residual after the last layer
         h = add_residual(h_a, part_out, out_b - D, h_b, pid, OUT_SPLITS, D, BLOCK_D)
-        x_f = layer_norm_row(h, ln1_w, ln1_b, eps, D, BLOCK_D)
+        x_f = layer_norm_row(h, ln_w, ln_b, eps, D, BLOCK_D)
         tl.store(xn_ptr + cols_d, x_f.to(xn_ptr.dtype.element_ty), mask=cols_d < D)
