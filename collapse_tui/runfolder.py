@@ -7,6 +7,7 @@ Layout (DESIGN section 4)::
     events.jsonl       pause, resume, lr, snapshot, collapse, stop, error
     snapshots/iter-N/  model + tokenizer, optimizer and RNG state, the sample
     summary.json       written at the end (and rewritten on resume)
+    .lock              held by the run that writes the folder (where the OS has ``fcntl``)
 
 Files are append-only and flushed (and fsynced) line by line, so killing the
 process loses at most the iteration in flight, and another process may read
@@ -25,6 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; two runs in one folder are then not detected
+    fcntl = None  # type: ignore[assignment]
+
 from collapse_tui.config import eval_set_name
 from collapse_tui.errors import UserError
 from collapse_tui.records import Event, IterationRecord
@@ -34,6 +40,10 @@ METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 SNAPSHOTS = "snapshots"
+LOCK = ".lock"
+#: What a start that never finished an iteration leaves (a quit or a crash while loading, or in the
+#: first iteration); a new run given the same --out replaces them.
+START_FILES = (CONFIG, METRICS, EVENTS, SUMMARY, "traceback.txt")
 
 
 def _json_safe(value: Any) -> Any:
@@ -53,6 +63,35 @@ def _restore_nan(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _restore_nan(v) for k, v in value.items()}
     return value
+
+
+def holds_iterations(root: Path) -> bool:
+    """Whether ``root`` holds what a run produced: an iteration's record or a snapshot.
+
+    A folder with only a start's files (config, events) does not: a quit
+    or a crash before the first iteration ended leaves that, and the same
+    ``--out`` should work again.
+    """
+    metrics = root / METRICS
+    if metrics.is_file() and read_jsonl(metrics):
+        return True
+    snapshots = root / SNAPSHOTS
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def may_take_over(root: Path) -> bool:
+    """Whether a new run may write into ``root``: it is new, or a start left it before its first
+    iteration ended (a run's config.json, no records, no snapshot). A config.json that is not a run's
+    (``--out`` pointed at a model folder, say) keeps the folder untouched."""
+    if holds_iterations(root):
+        return False
+    try:
+        config = json.loads((root / CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "run_dir" in config and "model" in config
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -204,7 +243,7 @@ class RunWriter:
 
     def __init__(self, root: Path, *, resuming: bool = False) -> None:
         self.root = Path(root)
-        if not resuming and ((self.root / METRICS).exists() or (self.root / CONFIG).exists()):
+        if not resuming and not may_take_over(self.root):
             raise UserError(
                 f"run folder {self.root} already holds a run; choose another --out, or --resume a snapshot"
             )
@@ -212,6 +251,10 @@ class RunWriter:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"cannot create run folder {self.root}: {error.strerror}") from None
+        self._folder_lock = self._lock_folder()
+        if not resuming:  # what a start that never finished an iteration left: this run takes its place
+            for name in START_FILES:
+                (self.root / name).unlink(missing_ok=True)
         self._lock = threading.Lock()
         if resuming:  # a process killed mid-line left a fragment: end it, so the next line parses
             for name in (METRICS, EVENTS):
@@ -222,6 +265,19 @@ class RunWriter:
         # Kept open for the run's life (closed in ``close``): one line per iteration, flushed.
         self._metrics: IO[str] = open(self.root / METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._events: IO[str] = open(self.root / EVENTS, "a", encoding="utf-8")  # noqa: SIM115
+
+    def _lock_folder(self) -> IO[bytes] | None:
+        """Hold ``.lock`` for the run's life, so that a second run (or resume) in this folder is refused
+        instead of interleaving its lines with this one's; the OS drops the lock if the process dies."""
+        if fcntl is None:
+            return None
+        handle = open(self.root / LOCK, "ab")  # noqa: SIM115 (held until close)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise UserError(f"run folder {self.root} is in use by another collapse-tui run") from None
+        return handle
 
     @staticmethod
     def _append(handle: IO[str], row: dict[str, Any]) -> None:
@@ -257,6 +313,9 @@ class RunWriter:
         with self._lock:
             self._metrics.close()
             self._events.close()
+            if self._folder_lock is not None:
+                self._folder_lock.close()  # closing the file releases the lock
+                self._folder_lock = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from collapse_tui.cli import app
+from collapse_tui.runfolder import read_run
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -147,8 +148,26 @@ def test_missing_and_empty_evaluation_files(tiny_model_dir: Path, tmp_path: Path
 
 def test_a_run_folder_that_already_holds_a_run(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "config.json").write_text('{"model": "gpt2", "run_dir": "run"}')
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"iteration": 0}\n')
     assert_one_line_error(cli(*small_run(tiny_model_dir, eval_file, tmp_path / "run")), "already holds a run")
+
+
+def test_a_run_folder_left_before_its_first_iteration_is_used_again(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model": "gpt2", "run_dir": str(out)}))
+    (out / "events.jsonl").write_text(
+        '{"event": "start", "iteration": 0}\n{"event": "stop", "iteration": 0}\n'
+    )
+    result = CliRunner().invoke(app, small_run(tiny_model_dir, eval_file, out, "--max-iters", "1"))
+    assert result.exit_code == 0, result.output
+    run = read_run(out)
+    assert run.config["model"] == str(tiny_model_dir)
+    assert [r.iteration for r in run.records] == [0]
+    assert [e.event for e in run.events].count("start") == 1
 
 
 #: Runs the CLI with Engine.step raising at iteration 2, as a bug deep in a run would.

@@ -54,10 +54,70 @@ def test_written_folder_reads_back(tmp_path: Path) -> None:
     assert run.status == "stopped"
 
 
+def run_start(root: Path) -> RunWriter:
+    """What a run writes before its first iteration ends: its config and its start event."""
+    writer = RunWriter(root)
+    writer.write_config({"model": "tiny", "lr": 4e-5, "run_dir": str(root)})
+    writer.write_event(Event("start", 0))
+    return writer
+
+
 def test_a_folder_holding_a_run_is_not_overwritten(tmp_path: Path) -> None:
-    RunWriter(tmp_path / "run").write_config({"model": "x"})
+    writer = run_start(tmp_path / "run")
+    writer.write_record(record(0))
+    writer.close()
     with pytest.raises(UserError, match="already holds a run"):
         RunWriter(tmp_path / "run")
+    assert [r.iteration for r in read_run(tmp_path / "run").records] == [0]
+
+
+def test_a_folder_holding_a_snapshot_is_not_overwritten(tmp_path: Path) -> None:
+    run_start(tmp_path / "run").close()
+    (tmp_path / "run" / "snapshots" / "iter-0").mkdir(parents=True)
+    with pytest.raises(UserError, match="already holds a run"):
+        RunWriter(tmp_path / "run")
+
+
+def test_a_start_that_never_finished_an_iteration_is_taken_over(tmp_path: Path) -> None:
+    """A quit or a crash while the model loads leaves a config and events: the same --out works again."""
+    root = tmp_path / "run"
+    writer = run_start(root)
+    writer.write_event(Event("stop", 0, data={"reason": "requested"}))
+    writer.write_summary({"status": "stopped", "iterations": 0})
+    writer.close()
+    (root / "traceback.txt").write_text("Traceback ...")
+
+    writer = RunWriter(root)
+    writer.write_config({"model": "other", "lr": 1e-4, "run_dir": str(root)})
+    writer.write_record(record(0))
+    writer.close()
+
+    run = read_run(root)
+    assert run.config["model"] == "other"
+    assert [r.iteration for r in run.records] == [0]
+    assert run.events == [] and run.summary is None
+    assert not (root / "traceback.txt").exists()
+
+
+def test_a_folder_whose_config_is_not_a_runs_is_left_alone(tmp_path: Path) -> None:
+    model = tmp_path / "gpt2-tiny"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(UserError, match="already holds a run"):
+        RunWriter(model)
+    assert (model / "config.json").read_text() == '{"model_type": "gpt2"}'
+
+
+def test_a_folder_that_another_run_writes_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    first = run_start(root)
+    with pytest.raises(UserError, match="in use by another collapse-tui run"):
+        RunWriter(root, resuming=True)
+    with pytest.raises(UserError, match="in use by another collapse-tui run"):
+        RunWriter(root)  # a start with no iteration yet is not taken over while it runs
+    assert json.loads((root / "config.json").read_text())["model"] == "tiny"
+    first.close()
+    RunWriter(root, resuming=True).close()
 
 
 def test_reading_a_folder_that_is_not_a_run_says_so(tmp_path: Path) -> None:
