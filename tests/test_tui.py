@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ from collapse_tui.tui.widgets import (
     LossCharts,
     RepetitionMeter,
     SampleView,
+    SeriesChart,
     highlight_repeats,
     series_caption,
     sparkline_columns,
@@ -361,8 +363,39 @@ def test_a_resume_clears_what_the_abandoned_iterations_showed() -> None:
     source = FakeSource(records, script=script, after="wait")
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
-        await wait_until(pilot, lambda: app.records_seen == 5, "every record")
+        await wait_until(
+            pilot, lambda: app.history.get(1) and app.history[1].record is records[3], "the resume"
+        )
+        await wait_until(pilot, lambda: app.records_seen == 3, "every record")
         assert app.state == "running" and not app.failed
+
+    drive(source, scenario)
+
+
+def test_a_watcher_draws_a_resumed_run_from_its_resume_point() -> None:
+    """Records 0-3, then a resume from the snapshot before 2: the charts hold 0, 1 and the new 2, 3,
+    and the streak above the collapse threshold counts 0, 1, 2, 3 of the new branch (all above)."""
+    high = [replace(make_record(i, 6), rep4=0.95) for i in range(4)]
+    first, second = (
+        [*high[:2], make_record(2, 6), make_record(3, 6)],
+        [replace(make_record(i, 12), rep4=0.95) for i in (2, 3)],
+    )
+    script = {
+        4: [Event("resumed_from", 2, time=0.0, data={"path": "snapshots/iter-2", "collapsed_at": None})]
+    }
+    source = FakeSource([*first, *second], script=script, after="wait")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(
+            pilot, lambda: app.history.get(3) and app.history[3].record is second[1], "the new 3"
+        )
+        shown = [first[0], first[1], *second]
+        series = app.query_one("#series-0", SeriesChart).series
+        assert series.data() == pytest.approx([r.gen_loss for r in shown])
+        valid = app.query_one("#series-1", SeriesChart).series
+        assert valid.data() == pytest.approx([r.valid["wikitext-2"] for r in shown])
+        assert app.records_seen == 4 and app.history.iterations == [0, 1, 2, 3]
+        assert app.query_one(RepetitionMeter).detector.streak == 4
 
     drive(source, scenario)
 

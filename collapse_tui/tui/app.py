@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -149,7 +150,10 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.failed = False
         self.snapshot_pending = False
         self.iteration: int | None = None
+        #: Records drawn on the charts (a resume that goes back drops the abandoned ones).
         self.records_seen = 0
+        #: (iteration, gen_loss, valid, rep4) of each record drawn, to redraw after such a resume.
+        self.drawn: list[tuple[int, float, dict[str, float], float]] = []
         #: Past iterations' records, for the history keys; ``browsing`` is the one shown, None to follow.
         self.history = SampleHistory()
         self.browsing: Entry | None = None
@@ -248,8 +252,11 @@ class CollapseApp(App[dict[str, Any] | None]):
     def on_record_report(self, report: RecordReport) -> None:
         record = report.record
         self._loaded()
+        if self.drawn and record.iteration <= self.drawn[-1][0]:
+            self._rewind(record.iteration)
         self.history.add(self.records_seen, record)
         self.records_seen += 1
+        self.drawn.append((record.iteration, record.gen_loss, record.valid, record.rep4))
         self.iteration = record.iteration
         self.applied_lr = record.lr
         if self.requested_lr == record.lr:
@@ -261,6 +268,17 @@ class CollapseApp(App[dict[str, Any] | None]):
         )
         self._show_sample()
         self._show_status()
+
+    def _rewind(self, iteration: int) -> None:
+        """Forget the records from ``iteration`` on: a record not past the last one starts the branch of
+        a run resumed from an earlier snapshot (the rule of ``runfolder.dedupe_records``), which a
+        watcher that saw the abandoned iterations must not draw after them."""
+        keep = bisect_left([row[0] for row in self.drawn], iteration)
+        del self.drawn[keep:]
+        self.records_seen = keep
+        self.recent.clear()
+        self.query_one(LossCharts).replace((gen_loss, valid) for _, gen_loss, valid, _ in self.drawn)
+        self.query_one(RepetitionMeter).replay(rep4 for *_, rep4 in self.drawn)
 
     def on_event_report(self, report: EventReport) -> None:
         event = report.event

@@ -65,6 +65,10 @@ class Downsampled:
 
     def __init__(self, capacity: int = 256) -> None:
         self.capacity = max(2, capacity - capacity % 2)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every value (the chart's widgets keep this object, so it is emptied in place)."""
         self.points: list[float] = []
         #: The ordinal (among all values added, finite or not) of the first value behind each point.
         self.starts: list[int] = []
@@ -228,6 +232,10 @@ class SeriesChart(Vertical):
 
     def add(self, value: float) -> None:
         self.series.add(value)
+        self.add_done()
+
+    def add_done(self) -> None:
+        """Redraw after values were added to ``series``."""
         self.query_one(SeriesTitle).refresh()
         self.query_one(Sparkline).data = self.series.data()
         self.query_one(ChartMarker).refresh()  # a merge of points may move the marked column
@@ -256,6 +264,16 @@ class LossCharts(VerticalScroll):
         for index, name in enumerate(self.names):
             value = gen_loss if index == 0 else valid.get(name, math.nan)
             self.query_one(f"#series-{index}", SeriesChart).add(value)
+
+    def replace(self, rows: Iterable[tuple[float, dict[str, float]]]) -> None:
+        """Draw ``rows`` (gen_loss, valid) from scratch: a resumed run's earlier iterations only."""
+        rows = list(rows)
+        for index, name in enumerate(self.names):
+            chart = self.query_one(f"#series-{index}", SeriesChart)
+            chart.series.clear()
+            for gen_loss, valid in rows:
+                chart.series.add(gen_loss if index == 0 else valid.get(name, math.nan))
+            chart.add_done()
 
     def mark(self, ordinal: int | None) -> None:
         """Mark the ``ordinal``-th record (counting from the first one added) on every chart."""
@@ -296,6 +314,13 @@ class RepetitionMeter(Widget):
 
     def set_state(self, state: str) -> None:
         self.state = state
+        self.refresh()
+
+    def replay(self, rep4s: Iterable[float]) -> None:
+        """Count the streak above the threshold again over ``rep4s``: a resumed run's earlier iterations."""
+        self.detector = CollapseDetector(self.threshold, self.patience)
+        for rep4 in rep4s:
+            self.detector.update(rep4)
         self.refresh()
 
     def update_metrics(self, rep4: float, distinct1: float, unique_tokens: int, compression: float) -> None:
