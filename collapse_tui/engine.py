@@ -282,14 +282,14 @@ class Engine:
             self._emit(Event("start", self.iteration, data={"lr": self.lr}))
             self.first_iteration = self.iteration
             status, reason = self._loop()
-            self._final_snapshot()
+            self._final_snapshot(status, reason)
         except RunInterrupted:
             status, reason = "stopped", "requested"
             # snapshots from here on save the random states as the cut iteration began, as if it never had
             # (the live generators are left alone: CUDA graphs may hold them)
             self.saved_rngs = self.rngs_before_iteration
             self._apply_pending()  # a snapshot asked for just before the quit is still taken
-            self._final_snapshot()
+            self._final_snapshot(status, reason)
         except NonFiniteLoss as error:
             self._emit(Event("error", self.iteration, data={"message": str(error)}))
             status, reason = "stopped", "non-finite loss"  # no final snapshot: its weights give NaN
@@ -378,10 +378,18 @@ class Engine:
             self.snapshot_iteration = self.iteration
             self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
 
-    def _final_snapshot(self) -> None:
-        """The run as it ends, if it took a step here and is not saved yet (``--no-final-snapshot``: never)."""
+    def _final_snapshot(self, status: str, reason: str) -> None:
+        """The run as it ends, if it took a step here and is not saved yet (``--no-final-snapshot``: never).
+
+        A large model's snapshot takes a while, and a second Ctrl-C or a
+        kill may end the process during it: the summary is written first,
+        so the folder says how the run ended either way (``_finish`` writes
+        it again after).
+        """
         stepped = self.first_iteration is not None and self.iteration > self.first_iteration
         if self.config.final_snapshot and stepped and self.snapshot_iteration != self.iteration:
+            assert self.writer is not None
+            self.writer.write_summary(self.summary(status, reason))
             self._take_snapshot()
 
     def _record(self, record: IterationRecord) -> None:

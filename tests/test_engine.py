@@ -18,7 +18,7 @@ from collapse_tui.engine import Engine
 from collapse_tui.errors import RunInterrupted
 from collapse_tui.inference import EagerInference, sequence_windows
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import read_run
+from collapse_tui.runfolder import read_run, read_summary
 from collapse_tui.sampling import sample_next
 
 
@@ -288,6 +288,25 @@ def test_a_run_stopped_before_its_first_iteration_saves_no_final_snapshot(tiny_c
     run = read_run(Path(tiny_config.out))
     assert summary["status"] == "stopped" and [e.event for e in run.events] == ["start", "stop"]
     assert not (Path(tiny_config.out) / "snapshots").exists()
+
+
+def test_the_summary_is_on_disk_before_the_final_snapshot_starts(tiny_config: RunConfig) -> None:
+    """A kill during a large model's final snapshot still leaves a folder that says how the run ended."""
+    tiny_config.max_iters = 2
+    engine = Engine(tiny_config)
+    engine.load()
+    on_disk = []
+    real_snapshot = engine.snapshot
+
+    def snapshot():  # what a SIGKILL at this moment would leave
+        on_disk.append(read_summary(Path(tiny_config.out)))
+        return real_snapshot()
+
+    engine.snapshot = snapshot
+    summary = engine.run(Collector())
+    assert len(on_disk) == 1 and on_disk[0] is not None
+    assert (on_disk[0]["status"], on_disk[0]["iterations"]) == (summary["status"], 2)
+    assert read_summary(Path(tiny_config.out)) == summary
 
 
 def test_a_snapshot_asked_for_just_before_a_quit_mid_iteration_is_saved(tiny_config: RunConfig) -> None:
