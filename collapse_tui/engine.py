@@ -38,9 +38,20 @@ from collapse_tui.inference import EagerInference, Inference, sequence_windows
 from collapse_tui.metrics import CollapseDetector, repetition_metrics
 from collapse_tui.modeling import load_model, out_of_memory_error, resolve_autocast, resolve_device
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import CONFIG, METRICS, RunWriter, make_summary, read_run, snapshot_iteration
+from collapse_tui.runfolder import (
+    CONFIG,
+    RunWriter,
+    make_summary,
+    may_take_over,
+    read_run,
+    snapshot_iteration,
+)
 from collapse_tui.source import EngineListener, NullListener, RunInfo
 from collapse_tui.training import build_optimizer, load_optimizer_state, make_train_step
+
+#: The summary written before the final snapshot says so: a watcher keeps following while the process
+#: lives, and a folder whose process died during the snapshot shows it.
+ENDING_SNAPSHOT = "saving the final snapshot"
 
 #: How long a paused engine sleeps between looks at its controls.
 PAUSE_POLL_SECONDS = 0.2
@@ -98,7 +109,7 @@ class Engine:
             self.resume_dir = None
             self.resumed_records = []
             self.run_dir = Path(config.out) if config.out else default_run_dir(config)
-            if (self.run_dir / METRICS).exists() or (self.run_dir / CONFIG).exists():
+            if not may_take_over(self.run_dir):  # checked again, under the folder's lock, by RunWriter
                 raise UserError(
                     f"run folder {self.run_dir} already holds a run; choose another --out, "
                     "or --resume one of its snapshots"
@@ -383,13 +394,13 @@ class Engine:
 
         A large model's snapshot takes a while, and a second Ctrl-C or a
         kill may end the process during it: the summary is written first,
-        so the folder says how the run ended either way (``_finish`` writes
-        it again after).
+        marked ``ending`` (``_finish`` writes it again, without the mark),
+        so the folder says how the run ended either way.
         """
         stepped = self.first_iteration is not None and self.iteration > self.first_iteration
         if self.config.final_snapshot and stepped and self.snapshot_iteration != self.iteration:
             assert self.writer is not None
-            self.writer.write_summary(self.summary(status, reason))
+            self.writer.write_summary({**self.summary(status, reason), "ending": ENDING_SNAPSHOT})
             self._take_snapshot()
 
     def _record(self, record: IterationRecord) -> None:

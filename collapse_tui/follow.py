@@ -44,6 +44,7 @@ from collapse_tui.records import Event
 from collapse_tui.runfolder import (
     CONFIG,
     EVENTS,
+    LOCK,
     METRICS,
     JsonlTail,
     RunFolder,
@@ -445,7 +446,8 @@ class FolderSource:
             self._forward(listener, metrics, events)
             self.folder.summary = read_summary(self.run_dir)
             summary = self.folder.current_summary
-            if summary is not None:
+            # a summary marked ``ending`` comes before the final snapshot: final once the process is gone
+            if summary is not None and ("ending" not in summary or alive is not True):
                 return summary
             if alive is False:
                 return self._process_gone(listener)
@@ -501,7 +503,7 @@ def serving_watchers(run_dir: Path, controls: RunControls) -> Iterator[None]:
         inbox.close()
         process.close()
         if not (run_dir / CONFIG).exists():
-            for name in (PROCESS, COMMANDS):
+            for name in (PROCESS, COMMANDS, LOCK):
                 with contextlib.suppress(OSError):
                     (run_dir / name).unlink()
             if not existed:

@@ -17,6 +17,8 @@ which skips a half-written last line.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -75,8 +77,8 @@ def holds_iterations(root: Path) -> bool:
     metrics = root / METRICS
     if metrics.is_file() and read_jsonl(metrics):
         return True
-    snapshots = root / SNAPSHOTS
-    return snapshots.is_dir() and any(snapshots.iterdir())
+    snapshots = root / SNAPSHOTS  # a hidden .partial-iter-N is an unfinished write, not a snapshot
+    return snapshots.is_dir() and any(not path.name.startswith(".") for path in snapshots.iterdir())
 
 
 def may_take_over(root: Path) -> bool:
@@ -252,10 +254,20 @@ class RunWriter:
         except OSError as error:
             raise UserError(f"cannot create run folder {self.root}: {error.strerror}") from None
         self._folder_lock = self._lock_folder()
-        if not resuming:  # what a start that never finished an iteration left: this run takes its place
-            for name in START_FILES:
-                (self.root / name).unlink(missing_ok=True)
+        try:
+            self._open(resuming)
+        except BaseException:
+            self._release_folder()
+            raise
         self._lock = threading.Lock()
+
+    def _open(self, resuming: bool) -> None:
+        """Prepare the files, under the folder's lock."""
+        if not resuming:
+            if not may_take_over(self.root):  # again: another run may have written it since the first look
+                raise UserError(f"run folder {self.root} already holds a run; choose another --out")
+            for name in START_FILES:  # what a start that never finished an iteration left
+                (self.root / name).unlink(missing_ok=True)
         if resuming:  # a process killed mid-line left a fragment: end it, so the next line parses
             for name in (METRICS, EVENTS):
                 path = self.root / name
@@ -271,13 +283,24 @@ class RunWriter:
         instead of interleaving its lines with this one's; the OS drops the lock if the process dies."""
         if fcntl is None:
             return None
-        handle = open(self.root / LOCK, "ab")  # noqa: SIM115 (held until close)
+        try:
+            handle = open(self.root / LOCK, "ab")  # noqa: SIM115 (held until close)
+        except OSError:
+            return None  # a folder we can write but not lock in: go on unguarded
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as error:
             handle.close()
-            raise UserError(f"run folder {self.root} is in use by another collapse-tui run") from None
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UserError(f"run folder {self.root} is in use by another collapse-tui run") from None
+            return None  # a filesystem without locks (some network mounts): go on unguarded
         return handle
+
+    def _release_folder(self) -> None:
+        if self._folder_lock is not None:
+            with contextlib.suppress(OSError):
+                self._folder_lock.close()  # closing the file releases the lock
+            self._folder_lock = None
 
     @staticmethod
     def _append(handle: IO[str], row: dict[str, Any]) -> None:
@@ -313,9 +336,7 @@ class RunWriter:
         with self._lock:
             self._metrics.close()
             self._events.close()
-            if self._folder_lock is not None:
-                self._folder_lock.close()  # closing the file releases the lock
-                self._folder_lock = None
+            self._release_folder()
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pytest
 from runfolders import dead_pid, make_run, record, wait_for, write_process
 
 from collapse_tui.controls import RunControls
+from collapse_tui.engine import ENDING_SNAPSHOT
 from collapse_tui.errors import UserError
 from collapse_tui.follow import (
     COMMANDS,
@@ -176,6 +177,39 @@ def test_a_live_run_is_followed_until_its_summary_appears(tmp_path: Path) -> Non
     assert listener.iterations == [0, 1, 2, 3, 4, 5]
     assert listener.events == ["start", "pause", "resume", "stop"]
     assert not source.controls.paused
+
+
+def test_a_summary_written_before_the_final_snapshot_keeps_a_watcher_following(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "running", n=2)
+    listener = Collect()
+    source = FolderSource(run_dir, read_only=True, poll_s=0.01)
+    thread, result = follow_in_thread(source, listener)
+    wait_for(lambda: len(listener.iterations) == 2, what="the replay")
+
+    writer = RunWriter(run_dir, resuming=True)
+    writer.write_summary(
+        {"status": "finished", "reason": "max_iters", "iterations": 2, "ending": ENDING_SNAPSHOT}
+    )
+    writer.write_event(Event("snapshot", 2, data={"path": str(run_dir / "snapshots" / "iter-2")}))
+    wait_for(lambda: "snapshot" in listener.events, what="the snapshot event, after that summary")
+    writer.write_event(Event("stop", 2, data={"reason": "max_iters"}))
+    writer.write_summary({"status": "finished", "reason": "max_iters", "iterations": 2})
+    writer.close()
+    thread.join(timeout=10)
+
+    assert not thread.is_alive() and result["status"] == "finished" and "ending" not in result
+    assert listener.events[-2:] == ["snapshot", "stop"]
+
+
+def test_a_run_killed_during_its_final_snapshot_shows_the_summary_it_left(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "killed", n=2)
+    writer = RunWriter(run_dir, resuming=True)
+    writer.write_summary(
+        {"status": "stopped", "reason": "requested", "iterations": 2, "ending": ENDING_SNAPSHOT}
+    )
+    writer.close()
+    summary = FolderSource(run_dir, read_only=True).run(Collect())
+    assert (summary["status"], summary["ending"]) == ("stopped", ENDING_SNAPSHOT)
 
 
 def test_a_run_whose_process_is_gone_is_reported_crashed(tmp_path: Path) -> None:

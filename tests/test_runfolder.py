@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from collapse_tui import runfolder
 from collapse_tui.errors import UserError
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import RunWriter, read_jsonl, read_run
+from collapse_tui.runfolder import RunWriter, parse_metrics, read_jsonl, read_run
 
 
 def record(iteration: int, gen_loss: float = 2.0) -> IterationRecord:
@@ -52,6 +54,10 @@ def test_written_folder_reads_back(tmp_path: Path) -> None:
     assert run.records[0].valid == {"wikitext-2": 3.4}
     assert [e.event for e in run.events] == ["pause"]
     assert run.status == "stopped"
+
+
+def read_run_records(root: Path) -> list[IterationRecord]:
+    return parse_metrics(read_jsonl(root / "metrics.jsonl"))
 
 
 def run_start(root: Path) -> RunWriter:
@@ -118,6 +124,29 @@ def test_a_folder_that_another_run_writes_is_refused(tmp_path: Path) -> None:
     assert json.loads((root / "config.json").read_text())["model"] == "tiny"
     first.close()
     RunWriter(root, resuming=True).close()
+
+
+def test_the_folder_is_looked_at_again_under_its_lock(tmp_path: Path, monkeypatch) -> None:
+    """Between the first look and the lock, another run may have written an iteration there."""
+    root = tmp_path / "run"
+    run_start(root).close()
+    looks = iter([True, False])  # empty at the first look, an iteration under the lock
+    monkeypatch.setattr(runfolder, "may_take_over", lambda _root: next(looks))
+    with pytest.raises(UserError, match="already holds a run"):
+        RunWriter(root)
+    assert (root / "config.json").exists()
+    RunWriter(root, resuming=True).close()  # the refused writer let go of the lock
+
+
+def test_a_filesystem_without_locks_still_takes_a_run(tmp_path: Path, monkeypatch) -> None:
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runfolder.fcntl, "flock", no_locks)
+    writer = RunWriter(tmp_path / "run")
+    writer.write_record(record(0))
+    writer.close()
+    assert [r.iteration for r in read_run_records(tmp_path / "run")] == [0]
 
 
 def test_reading_a_folder_that_is_not_a_run_says_so(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from collapse_tui.errors import UserError
 from collapse_tui.follow import FolderSource
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.source import RunInfo
-from collapse_tui.tui.app import CollapseApp, run_app
+from collapse_tui.tui.app import CollapseApp, RecordReport, run_app
 from collapse_tui.tui.history import SampleHistory
 from collapse_tui.tui.screens import LrScreen, parse_lr
 from collapse_tui.tui.widgets import (
@@ -396,6 +396,22 @@ def test_a_watcher_draws_a_resumed_run_from_its_resume_point() -> None:
         assert valid.data() == pytest.approx([r.valid["wikitext-2"] for r in shown])
         assert app.records_seen == 4 and app.history.iterations == [0, 1, 2, 3]
         assert app.query_one(RepetitionMeter).detector.streak == 4
+
+    drive(source, scenario)
+
+
+def test_browsing_an_abandoned_iteration_follows_again_when_the_resumed_branch_arrives() -> None:
+    source = FakeSource([make_record(i, 6) for i in range(4)], after="wait")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 4, "four records")
+        await pilot.press("left_square_bracket")  # back to iteration 2, which the resume abandons
+        await wait_until(pilot, lambda: app.browsing is not None, "browsing")
+        assert app.browsing.record.iteration == 2
+        app.post_message(RecordReport(make_record(2, 12)))  # the first record of a resume from iter-2
+        await wait_until(pilot, lambda: app.browsing is None, "following again")
+        assert app.query_one("#series-0", SeriesChart).query_one(ChartMarker).ordinal is None
+        assert app.history.iterations == [0, 1, 2] and app.records_seen == 3
 
     drive(source, scenario)
 
