@@ -22,6 +22,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -268,7 +269,11 @@ class RunWriter:
                 raise UserError(f"run folder {self.root} already holds a run; choose another --out")
             for name in START_FILES:  # what a start that never finished an iteration left
                 (self.root / name).unlink(missing_ok=True)
-        if resuming:  # a process killed mid-line left a fragment: end it, so the next line parses
+        if resuming:
+            # a process killed while writing a snapshot left it unfinished: never loadable, maybe GBs
+            for partial in (self.root / SNAPSHOTS).glob(".partial-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            # a process killed mid-line left a fragment: end it, so the next line parses
             for name in (METRICS, EVENTS):
                 path = self.root / name
                 if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):

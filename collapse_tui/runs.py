@@ -90,9 +90,14 @@ def run_status(run: RunFolder) -> str:
 
     A run with no summary whose process is gone crashed (killed, or the
     machine went down). Liveness is unknown for a run written on another
-    host, or by a front end that does not announce its process.
+    host, or by a front end that does not announce its process. A run
+    saving its final snapshot (its summary marked ``ending``) is still
+    running while its process lives.
     """
     status = run.status
+    summary = run.current_summary
+    if summary is not None and "ending" in summary and is_alive(run.root):
+        return "running"
     if status != "running":
         return status
     alive = is_alive(run.root)

@@ -149,6 +149,18 @@ def test_a_filesystem_without_locks_still_takes_a_run(tmp_path: Path, monkeypatc
     assert [r.iteration for r in read_run_records(tmp_path / "run")] == [0]
 
 
+def test_a_resume_clears_snapshots_a_killed_process_left_unfinished(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    writer = run_start(root)
+    writer.write_record(record(0))
+    writer.close()
+    (root / "snapshots" / "iter-1").mkdir(parents=True)
+    (root / "snapshots" / ".partial-iter-2").mkdir()
+    (root / "snapshots" / ".partial-iter-2" / "model.safetensors").write_bytes(b"half")
+    RunWriter(root, resuming=True).close()
+    assert [p.name for p in (root / "snapshots").iterdir()] == ["iter-1"]
+
+
 def test_reading_a_folder_that_is_not_a_run_says_so(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a run folder"):
         read_run(tmp_path)

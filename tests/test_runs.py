@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from runfolders import make_run, record
+from runfolders import dead_pid, make_run, record, write_process
 
+from collapse_tui.engine import ENDING_SNAPSHOT
 from collapse_tui.errors import UserError
 from collapse_tui.records import Event
 from collapse_tui.runfolder import RunWriter, read_run
@@ -130,3 +131,16 @@ def test_a_resume_from_an_older_snapshot_drops_the_abandoned_iterations_and_thei
     assert [r.iteration for r in run.records] == [0, 1, 2, 3, 4]  # 5, 6, 7 were the old branch's
     assert [r.gen_loss for r in run.records[3:]] == [9.0, 9.5]
     assert run.collapsed_at is None  # the old branch collapsed at 6; this one has not
+
+
+@pytest.mark.parametrize(("pid", "status"), [(None, "running"), ("dead", "stopped")])
+def test_a_run_saving_its_final_snapshot_runs_until_its_process_ends(tmp_path: Path, pid, status) -> None:
+    root = make_run(tmp_path / "run", "running", n=2)
+    if pid == "dead":  # killed during the snapshot: the summary written before it stands
+        write_process(root, dead_pid())
+    writer = RunWriter(root, resuming=True)
+    writer.write_summary(
+        {"status": "stopped", "reason": "requested", "iterations": 2, "ending": ENDING_SNAPSHOT}
+    )
+    writer.close()
+    assert run_status(read_run(root)) == status
