@@ -150,14 +150,20 @@ def test_a_finished_run_is_replayed_in_order_and_its_summary_returned(tmp_path: 
     assert source.info.model == "gpt2" and source.info.eval_names == ["wikitext-2"]
 
 
-def test_a_live_run_is_followed_until_its_summary_appears(tmp_path: Path) -> None:
+def follow_a_live_run(
+    tmp_path: Path,
+) -> tuple[Path, Collect, FolderSource, threading.Thread, dict, RunWriter]:
+    """A run of two iterations whose process lives, a watcher following it, and a writer to go on with."""
     run_dir = make_run(tmp_path / "run", "running", n=2)
     listener = Collect()
     source = FolderSource(run_dir, read_only=True, poll_s=0.01)
     thread, result = follow_in_thread(source, listener)
     wait_for(lambda: len(listener.iterations) == 2, what="the replay")
+    return run_dir, listener, source, thread, result, RunWriter(run_dir, resuming=True)
 
-    writer = RunWriter(run_dir, resuming=True)
+
+def test_a_live_run_is_followed_until_its_summary_appears(tmp_path: Path) -> None:
+    run_dir, listener, source, thread, result, writer = follow_a_live_run(tmp_path)
     for i in range(2, 6):
         if i == 3:
             writer.write_event(Event("pause", 3))
@@ -180,13 +186,7 @@ def test_a_live_run_is_followed_until_its_summary_appears(tmp_path: Path) -> Non
 
 
 def test_a_summary_written_before_the_final_snapshot_keeps_a_watcher_following(tmp_path: Path) -> None:
-    run_dir = make_run(tmp_path / "run", "running", n=2)
-    listener = Collect()
-    source = FolderSource(run_dir, read_only=True, poll_s=0.01)
-    thread, result = follow_in_thread(source, listener)
-    wait_for(lambda: len(listener.iterations) == 2, what="the replay")
-
-    writer = RunWriter(run_dir, resuming=True)
+    run_dir, listener, _, thread, result, writer = follow_a_live_run(tmp_path)
     writer.write_summary(
         {"status": "finished", "reason": "max_iters", "iterations": 2, "ending": ENDING_SNAPSHOT}
     )
