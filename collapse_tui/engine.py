@@ -134,6 +134,8 @@ class Engine:
         self.snapshot_iteration: int | None = None
         #: Where this process's iterations began (0, or the snapshot's), once the run has started.
         self.first_iteration: int | None = None
+        #: The time of this process's ``start`` event, which the summary before the final snapshot names.
+        self.started_at: float | None = None
         #: The random states as the iteration in flight began, and what a snapshot saves instead of the
         #: live ones once a stop has cut that iteration short.
         self.rngs_before_iteration: dict[str, Any] | None = None
@@ -290,8 +292,9 @@ class Engine:
                     self.load()
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory_error(self.config.model, self.device) from None
-            self._emit(Event("start", self.iteration, data={"lr": self.lr}))
-            self.first_iteration = self.iteration
+            start = Event("start", self.iteration, data={"lr": self.lr})
+            self._emit(start)
+            self.first_iteration, self.started_at = self.iteration, start.time
             status, reason = self._loop()
             self._final_snapshot(status, reason)
         except RunInterrupted:
@@ -400,7 +403,8 @@ class Engine:
         stepped = self.first_iteration is not None and self.iteration > self.first_iteration
         if self.config.final_snapshot and stepped and self.snapshot_iteration != self.iteration:
             assert self.writer is not None
-            self.writer.write_summary({**self.summary(status, reason), "ending": ENDING_SNAPSHOT})
+            ending = {"ending": ENDING_SNAPSHOT, "started": self.started_at}
+            self.writer.write_summary({**self.summary(status, reason), **ending})
             self._take_snapshot()
 
     def _record(self, record: IterationRecord) -> None:

@@ -247,9 +247,7 @@ class RunWriter:
     def __init__(self, root: Path, *, resuming: bool = False) -> None:
         self.root = Path(root)
         if not resuming and not may_take_over(self.root):
-            raise UserError(
-                f"run folder {self.root} already holds a run; choose another --out, or --resume a snapshot"
-            )
+            raise self._holds_a_run()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -266,7 +264,7 @@ class RunWriter:
         """Prepare the files, under the folder's lock."""
         if not resuming:
             if not may_take_over(self.root):  # again: another run may have written it since the first look
-                raise UserError(f"run folder {self.root} already holds a run; choose another --out")
+                raise self._holds_a_run()
             for name in START_FILES:  # what a start that never finished an iteration left
                 (self.root / name).unlink(missing_ok=True)
         if resuming:
@@ -282,6 +280,11 @@ class RunWriter:
         # Kept open for the run's life (closed in ``close``): one line per iteration, flushed.
         self._metrics: IO[str] = open(self.root / METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._events: IO[str] = open(self.root / EVENTS, "a", encoding="utf-8")  # noqa: SIM115
+
+    def _holds_a_run(self) -> UserError:
+        return UserError(
+            f"run folder {self.root} already holds a run; choose another --out, or --resume a snapshot"
+        )
 
     def _lock_folder(self) -> IO[bytes] | None:
         """Hold ``.lock`` for the run's life, so that a second run (or resume) in this folder is refused
@@ -376,9 +379,15 @@ class RunFolder:
         A resume keeps the old ``summary.json`` until it ends, so a summary
         counts only if no ``start`` or ``resumed_from`` event follows the last
         ``stop`` event (runs without stop events are taken at their word).
+        The summary written before the final snapshot (marked ``ending``)
+        comes before its process's stop event: it counts if it names the
+        last ``start`` event's time, i.e. no later process has started.
         """
         if self.summary is None:
             return None
+        if "ending" in self.summary:
+            starts = [e.time for e in self.events if e.event == "start"]
+            return self.summary if starts and starts[-1] == self.summary.get("started") else None
         kinds = [e.event for e in self.events]
         if "stop" not in kinds:
             return self.summary

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import RunWriter
+from collapse_tui.runfolder import RunWriter, read_jsonl
 
 
 def record(
@@ -102,6 +102,20 @@ def make_run(
         write_process(path, dead_pid())
     writer.close()
     return path
+
+
+def ending_summary(run_dir: Path, status: str, iterations: int) -> dict:
+    """The summary an engine writes before its final snapshot: marked ``ending``, naming its start event."""
+    from collapse_tui.engine import ENDING_SNAPSHOT  # torch: only for the tests that need it
+
+    starts = [row["time"] for row in read_jsonl(run_dir / "events.jsonl") if row["event"] == "start"]
+    return {
+        "status": status,
+        "reason": status,
+        "iterations": iterations,
+        "ending": ENDING_SNAPSHOT,
+        "started": starts[-1],
+    }
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

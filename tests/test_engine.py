@@ -299,7 +299,7 @@ def test_the_summary_is_on_disk_before_the_final_snapshot_starts(tiny_config: Ru
     real_snapshot = engine.snapshot
 
     def snapshot():  # what a SIGKILL at this moment would leave
-        on_disk.append(read_summary(Path(tiny_config.out)))
+        on_disk.append(read_run(Path(tiny_config.out)).current_summary)
         return real_snapshot()
 
     engine.snapshot = snapshot

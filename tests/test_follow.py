@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runfolders import dead_pid, make_run, record, wait_for, write_process
+from runfolders import dead_pid, ending_summary, make_run, record, wait_for, write_process
 
 from collapse_tui.controls import RunControls
 from collapse_tui.engine import ENDING_SNAPSHOT
@@ -187,9 +187,7 @@ def test_a_live_run_is_followed_until_its_summary_appears(tmp_path: Path) -> Non
 
 def test_a_summary_written_before_the_final_snapshot_keeps_a_watcher_following(tmp_path: Path) -> None:
     run_dir, listener, _, thread, result, writer = follow_a_live_run(tmp_path)
-    writer.write_summary(
-        {"status": "finished", "reason": "max_iters", "iterations": 2, "ending": ENDING_SNAPSHOT}
-    )
+    writer.write_summary(ending_summary(run_dir, "finished", 2))
     writer.write_event(Event("snapshot", 2, data={"path": str(run_dir / "snapshots" / "iter-2")}))
     wait_for(lambda: "snapshot" in listener.events, what="the snapshot event, after that summary")
     writer.write_event(Event("stop", 2, data={"reason": "max_iters"}))
@@ -204,9 +202,7 @@ def test_a_summary_written_before_the_final_snapshot_keeps_a_watcher_following(t
 def test_a_run_killed_during_its_final_snapshot_shows_the_summary_it_left(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", "killed", n=2)
     writer = RunWriter(run_dir, resuming=True)
-    writer.write_summary(
-        {"status": "stopped", "reason": "requested", "iterations": 2, "ending": ENDING_SNAPSHOT}
-    )
+    writer.write_summary(ending_summary(run_dir, "stopped", 2))
     writer.close()
     summary = FolderSource(run_dir, read_only=True).run(Collect())
     assert (summary["status"], summary["ending"]) == ("stopped", ENDING_SNAPSHOT)

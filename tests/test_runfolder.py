@@ -161,6 +161,22 @@ def test_a_resume_clears_snapshots_a_killed_process_left_unfinished(tmp_path: Pa
     assert [p.name for p in (root / "snapshots").iterdir()] == ["iter-1"]
 
 
+def test_a_summary_left_by_a_final_snapshot_counts_until_another_process_starts(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    writer = run_start(root)  # started at the start event's time
+    writer.write_record(record(0))
+    started = read_run(root).events[0].time
+    writer.write_summary({"status": "stopped", "iterations": 1, "ending": "saving", "started": started})
+    writer.close()  # killed during the snapshot: no stop event
+    assert read_run(root).current_summary["status"] == "stopped"
+
+    writer = RunWriter(root, resuming=True)  # resumed from an earlier snapshot: a new process
+    writer.write_event(Event("resumed_from", 0, data={"path": "snapshots/iter-0"}))
+    writer.write_event(Event("start", 0, time=started + 1))
+    writer.close()
+    assert read_run(root).current_summary is None and read_run(root).status == "running"
+
+
 def test_reading_a_folder_that_is_not_a_run_says_so(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a run folder"):
         read_run(tmp_path)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from runfolders import dead_pid, make_run, record, write_process
+from runfolders import dead_pid, ending_summary, make_run, record, write_process
 
-from collapse_tui.engine import ENDING_SNAPSHOT
 from collapse_tui.errors import UserError
 from collapse_tui.records import Event
 from collapse_tui.runfolder import RunWriter, read_run
@@ -139,8 +138,6 @@ def test_a_run_saving_its_final_snapshot_runs_until_its_process_ends(tmp_path: P
     if pid == "dead":  # killed during the snapshot: the summary written before it stands
         write_process(root, dead_pid())
     writer = RunWriter(root, resuming=True)
-    writer.write_summary(
-        {"status": "stopped", "reason": "requested", "iterations": 2, "ending": ENDING_SNAPSHOT}
-    )
+    writer.write_summary(ending_summary(root, "stopped", 2))
     writer.close()
     assert run_status(read_run(root)) == status
