@@ -139,6 +139,7 @@ def gemm_stage(x_ptr, w_ptr, b_ptr, out_ptr, cache_ptr, M, pos, pid, nprog,
     """
     N_TILES: tl.constexpr = N // BN
     KS: tl.constexpr = K // SPLITS
+    STEPS: tl.constexpr = KS // BK
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows[:, None] < M
     for item in range(pid, N_TILES * SPLITS, nprog):
@@ -149,16 +150,14 @@ def gemm_stage(x_ptr, w_ptr, b_ptr, out_ptr, cache_ptr, M, pos, pid, nprog,
             bias = tl.load(b_ptr + cols).to(tl.float32)
         if WAITS:
             spin = wait(wait_ptr + split, error_ptr, wait_target, spin)
-        ks = split * KS + tl.arange(0, BK)
-        x_ptrs = x_ptr + rows[:, None] * K + ks[None, :]
-        w_ptrs = w_ptr + cols[:, None] * K + ks[None, :]
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-        for _ in range(0, KS, BK):
-            x = tl.load(x_ptrs, mask=row_ok, other=0.0, cache_modifier=".cg")
-            w = tl.load(w_ptrs)
+        # addresses from the step's offsets, not pointer tensors carried and advanced through the loop:
+        # a [BLOCK_M, BK] tensor of 64-bit pointers holds registers the pipelined loads can use
+        for step in range(0, STEPS):
+            ks = split * KS + step * BK + tl.arange(0, BK)
+            x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok, other=0.0, cache_modifier=".cg")
+            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])
             acc = mma(x, tl.trans(w), acc, UPCAST)
-            x_ptrs += BK
-            w_ptrs += BK
         if EPILOGUE == 2:
             out_ptrs = out_ptr + (split * BLOCK_M + rows[:, None]) * N + cols[None, :]
             tl.store(out_ptrs, acc, mask=row_ok)
