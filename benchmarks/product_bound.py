@@ -66,20 +66,21 @@ def product_kernel(x_ptr, w_ptr, out_ptr, M, N: tl.constexpr, K: tl.constexpr, S
             tile = item % N_TILES
             split = item // N_TILES
             cols = tile * BN + tl.arange(0, BN)
-            ks = split * KS + tl.arange(0, BK)
-            x_ptrs = x_ptr + rows[:, None] * K + ks[None, :]
-            w_ptrs = w_ptr + cols[:, None] * K + ks[None, :]
+            first = split * KS + tl.arange(0, BK)
             acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-            x = tl.load(x_ptrs, mask=row_ok, other=0.0, cache_modifier=".cg")
-            w = tl.load(w_ptrs)
-            for _k in range(0, KS, BK):
+            x = tl.load(
+                x_ptr + rows[:, None] * K + first[None, :], mask=row_ok, other=0.0, cache_modifier=".cg"
+            )
+            w = tl.load(w_ptr + cols[:, None] * K + first[None, :])
+            for step in range(0, KS // BK):  # addresses from the step's offsets, as in gemm_stage
+                ks = split * KS + step * BK + tl.arange(0, BK)
                 if REUSE != 1:
-                    x = tl.load(x_ptrs, mask=row_ok, other=0.0, cache_modifier=".cg")
+                    x = tl.load(
+                        x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok, other=0.0, cache_modifier=".cg"
+                    )
                 if REUSE != 2:
-                    w = tl.load(w_ptrs)
+                    w = tl.load(w_ptr + cols[:, None] * K + ks[None, :])
                 acc = tl.dot(x, tl.trans(w), acc)
-                x_ptrs += BK
-                w_ptrs += BK
             tl.store(out_ptr + (split * BLOCK_M + rows[:, None]) * N + cols[None, :], acc, mask=row_ok)
 
 
