@@ -40,18 +40,16 @@ from collapse_tui.modeling import load_model, out_of_memory_error, resolve_autoc
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import (
     CONFIG,
+    ENDING_SNAPSHOT,
     RunWriter,
+    check_new_run_folder,
     make_summary,
-    may_take_over,
+    partial_snapshot,
     read_run,
     snapshot_iteration,
 )
 from collapse_tui.source import EngineListener, NullListener, RunInfo
 from collapse_tui.training import build_optimizer, load_optimizer_state, make_train_step
-
-#: The summary written before the final snapshot says so: a watcher keeps following while the process
-#: lives, and a folder whose process died during the snapshot shows it.
-ENDING_SNAPSHOT = "saving the final snapshot"
 
 #: How long a paused engine sleeps between looks at its controls.
 PAUSE_POLL_SECONDS = 0.2
@@ -109,11 +107,7 @@ class Engine:
             self.resume_dir = None
             self.resumed_records = []
             self.run_dir = Path(config.out) if config.out else default_run_dir(config)
-            if not may_take_over(self.run_dir):  # checked again, under the folder's lock, by RunWriter
-                raise UserError(
-                    f"run folder {self.run_dir} already holds a run; choose another --out, "
-                    "or --resume one of its snapshots"
-                )
+            check_new_run_folder(self.run_dir)  # before loading; again, under the folder's lock, by RunWriter
         self.info = RunInfo(
             model=config.model,
             device=str(self.device),
@@ -385,7 +379,7 @@ class Engine:
         try:
             path = self.snapshot()
         except Exception as error:  # torch and safetensors raise their own types on ENOSPC and EFBIG
-            shutil.rmtree(target.with_name(f".partial-{target.name}"), ignore_errors=True)
+            shutil.rmtree(partial_snapshot(target), ignore_errors=True)
             message = f"{type(error).__name__}: {error}" if not isinstance(error, OSError) else str(error)
             self._emit(Event("snapshot_failed", self.iteration, data={"message": message}))
         else:
@@ -434,7 +428,7 @@ class Engine:
         """
         assert self.writer is not None
         final = self.writer.snapshot_dir(self.iteration)
-        path = final.with_name(f".partial-{final.name}")
+        path = partial_snapshot(final)
         shutil.rmtree(path, ignore_errors=True)  # a leftover of a write that was killed
         path.mkdir(parents=True)
         self._write_snapshot(path)

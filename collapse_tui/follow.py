@@ -50,6 +50,7 @@ from collapse_tui.runfolder import (
     RunFolder,
     dedupe_records,
     drop_abandoned_events,
+    is_ending,
     make_summary,
     parse_events,
     parse_metrics,
@@ -446,8 +447,8 @@ class FolderSource:
             self._forward(listener, metrics, events)
             self.folder.summary = read_summary(self.run_dir)
             summary = self.folder.current_summary
-            # a summary marked ``ending`` comes before the final snapshot: final once the process is gone
-            if summary is not None and ("ending" not in summary or alive is not True):
+            # the summary written before the final snapshot is final once the process is gone
+            if summary is not None and (not is_ending(summary) or alive is not True):
                 return summary
             if alive is False:
                 return self._process_gone(listener)

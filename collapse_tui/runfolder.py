@@ -44,6 +44,11 @@ EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 SNAPSHOTS = "snapshots"
 LOCK = ".lock"
+#: A snapshot is written into ``snapshots/.partial-iter-N`` and renamed to ``iter-N`` once complete.
+PARTIAL = ".partial-"
+#: The mark on the summary written before the final snapshot (``Engine._final_snapshot``): until its
+#: process ends, the run is still going.
+ENDING_SNAPSHOT = "saving the final snapshot"
 #: What a start that never finished an iteration leaves (a quit or a crash while loading, or in the
 #: first iteration); a new run given the same --out replaces them.
 START_FILES = (CONFIG, METRICS, EVENTS, SUMMARY, "traceback.txt")
@@ -95,6 +100,24 @@ def may_take_over(root: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and "run_dir" in config and "model" in config
+
+
+def check_new_run_folder(root: Path) -> None:
+    """Refuse ``root`` for a new run unless ``may_take_over`` allows it: one message wherever it is asked."""
+    if not may_take_over(root):
+        raise UserError(
+            f"run folder {root} already holds a run; choose another --out, or --resume a snapshot"
+        )
+
+
+def partial_snapshot(final: Path) -> Path:
+    """Where snapshot ``final`` (``snapshots/iter-N``) is written before it is complete."""
+    return final.with_name(PARTIAL + final.name)
+
+
+def is_ending(summary: dict[str, Any] | None) -> bool:
+    """Whether ``summary`` is the one written before the final snapshot, not the run's last word."""
+    return summary is not None and "ending" in summary
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -246,8 +269,8 @@ class RunWriter:
 
     def __init__(self, root: Path, *, resuming: bool = False) -> None:
         self.root = Path(root)
-        if not resuming and not may_take_over(self.root):
-            raise self._holds_a_run()
+        if not resuming:
+            check_new_run_folder(self.root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -263,13 +286,12 @@ class RunWriter:
     def _open(self, resuming: bool) -> None:
         """Prepare the files, under the folder's lock."""
         if not resuming:
-            if not may_take_over(self.root):  # again: another run may have written it since the first look
-                raise self._holds_a_run()
+            check_new_run_folder(self.root)  # again: another run may have written it since the first look
             for name in START_FILES:  # what a start that never finished an iteration left
                 (self.root / name).unlink(missing_ok=True)
         if resuming:
             # a process killed while writing a snapshot left it unfinished: never loadable, maybe GBs
-            for partial in (self.root / SNAPSHOTS).glob(".partial-*"):
+            for partial in (self.root / SNAPSHOTS).glob(PARTIAL + "*"):
                 shutil.rmtree(partial, ignore_errors=True)
             # a process killed mid-line left a fragment: end it, so the next line parses
             for name in (METRICS, EVENTS):
@@ -280,11 +302,6 @@ class RunWriter:
         # Kept open for the run's life (closed in ``close``): one line per iteration, flushed.
         self._metrics: IO[str] = open(self.root / METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._events: IO[str] = open(self.root / EVENTS, "a", encoding="utf-8")  # noqa: SIM115
-
-    def _holds_a_run(self) -> UserError:
-        return UserError(
-            f"run folder {self.root} already holds a run; choose another --out, or --resume a snapshot"
-        )
 
     def _lock_folder(self) -> IO[bytes] | None:
         """Hold ``.lock`` for the run's life, so that a second run (or resume) in this folder is refused
@@ -385,7 +402,7 @@ class RunFolder:
         """
         if self.summary is None:
             return None
-        if "ending" in self.summary:
+        if is_ending(self.summary):
             starts = [e.time for e in self.events if e.event == "start"]
             return self.summary if starts and starts[-1] == self.summary.get("started") else None
         kinds = [e.event for e in self.events]

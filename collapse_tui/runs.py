@@ -15,7 +15,7 @@ from rich.table import Table
 
 from collapse_tui.errors import UserError
 from collapse_tui.follow import is_alive
-from collapse_tui.runfolder import CONFIG, EVENTS, METRICS, RunFolder, read_run
+from collapse_tui.runfolder import CONFIG, EVENTS, METRICS, RunFolder, is_ending, read_run
 
 #: How deep under DIR run folders are looked for (runs/<sweep>/<run>/ is depth 2).
 MAX_DEPTH = 4
@@ -95,12 +95,12 @@ def run_status(run: RunFolder) -> str:
     running while its process lives.
     """
     status = run.status
-    summary = run.current_summary
-    if summary is not None and "ending" in summary and is_alive(run.root):
-        return "running"
-    if status != "running":
+    ending = is_ending(run.current_summary)
+    if status != "running" and not ending:
         return status
     alive = is_alive(run.root)
+    if ending:  # the summary before the final snapshot: final once its process is gone
+        return "running" if alive else status
     if alive is False:
         return "crashed"
     return "running" if alive else "running?"

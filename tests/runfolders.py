@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import RunWriter, read_jsonl
+from collapse_tui.runfolder import ENDING_SNAPSHOT, RunWriter, read_jsonl
 
 
 def record(
@@ -106,8 +106,6 @@ def make_run(
 
 def ending_summary(run_dir: Path, status: str, iterations: int) -> dict:
     """The summary an engine writes before its final snapshot: marked ``ending``, naming its start event."""
-    from collapse_tui.engine import ENDING_SNAPSHOT  # torch: only for the tests that need it
-
     starts = [row["time"] for row in read_jsonl(run_dir / "events.jsonl") if row["event"] == "start"]
     return {
         "status": status,

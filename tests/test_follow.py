@@ -11,7 +11,6 @@ import pytest
 from runfolders import dead_pid, ending_summary, make_run, record, wait_for, write_process
 
 from collapse_tui.controls import RunControls
-from collapse_tui.engine import ENDING_SNAPSHOT
 from collapse_tui.errors import UserError
 from collapse_tui.follow import (
     COMMANDS,
@@ -24,7 +23,7 @@ from collapse_tui.follow import (
     send_command,
 )
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import RunWriter, read_jsonl, read_run
+from collapse_tui.runfolder import ENDING_SNAPSHOT, RunWriter, read_jsonl, read_run
 
 
 class Collect:

@@ -162,9 +162,14 @@ def test_plus_doubles_and_minus_halves_the_lr() -> None:
     drive(source, scenario)
 
 
+def source_at_lr(lr: float) -> FakeSource:
+    return FakeSource(
+        info=RunInfo(model="fake", device="cpu", max_iters=100, lr=lr, eval_names=["wikitext-2"])
+    )
+
+
 def test_plus_stops_at_the_same_ceiling_as_the_typed_lr() -> None:
-    info = RunInfo(model="fake", device="cpu", max_iters=100, lr=0.75, eval_names=["wikitext-2"])
-    source = FakeSource(info=info)
+    source = source_at_lr(0.75)
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await started(app, pilot)
@@ -177,8 +182,7 @@ def test_plus_stops_at_the_same_ceiling_as_the_typed_lr() -> None:
 
 
 def test_minus_still_lowers_an_lr_above_the_ceiling() -> None:
-    info = RunInfo(model="fake", device="cpu", max_iters=100, lr=8.0, eval_names=["wikitext-2"])
-    source = FakeSource(info=info)
+    source = source_at_lr(8.0)
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await started(app, pilot)

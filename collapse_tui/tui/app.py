@@ -153,9 +153,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.iteration: int | None = None
         #: Records drawn on the charts (a resume that goes back drops the abandoned ones).
         self.records_seen = 0
-        #: (iteration, gen_loss, the evaluation losses in ``info.eval_names`` order, rep4) of each record
-        #: drawn, to redraw after such a resume: floats only, as the charts keep a bounded summary.
-        self.drawn: list[tuple[int, float, tuple[float, ...], float]] = []
+        #: (iteration, rep4, the charts' values: gen_loss, then the ``info.eval_names`` losses) of each
+        #: record drawn, to redraw after such a resume: floats only, as the charts keep a bounded summary.
+        self.drawn: list[tuple[int, float, tuple[float, ...]]] = []
         #: Past iterations' records, for the history keys; ``browsing`` is the one shown, None to follow.
         self.history = SampleHistory()
         self.browsing: Entry | None = None
@@ -259,7 +259,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.history.add(self.records_seen, record)
         self.records_seen += 1
         losses = tuple(record.valid.get(name, math.nan) for name in self.info.eval_names)
-        self.drawn.append((record.iteration, record.gen_loss, losses, record.rep4))
+        self.drawn.append((record.iteration, record.rep4, (record.gen_loss, *losses)))
         self.iteration = record.iteration
         self.applied_lr = record.lr
         if self.requested_lr == record.lr:
@@ -280,12 +280,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         del self.drawn[keep:]
         self.records_seen = keep
         self.recent.clear()
-        names = self.info.eval_names
-        charts = self.query_one(LossCharts)
-        charts.replace(
-            (gen_loss, dict(zip(names, losses, strict=True))) for _, gen_loss, losses, _ in self.drawn
-        )
-        self.query_one(RepetitionMeter).replay(rep4 for *_, rep4 in self.drawn)
+        self.query_one(LossCharts).replace(values for *_, values in self.drawn)
+        self.query_one(RepetitionMeter).replay(rep4 for _, rep4, _ in self.drawn)
         if self.browsing is not None and self.browsing.record.iteration >= iteration:
             self._browse(None)  # an abandoned iteration: its ordinal now belongs to the new branch
 

@@ -265,14 +265,15 @@ class LossCharts(VerticalScroll):
             value = gen_loss if index == 0 else valid.get(name, math.nan)
             self.query_one(f"#series-{index}", SeriesChart).add(value)
 
-    def replace(self, rows: Iterable[tuple[float, dict[str, float]]]) -> None:
-        """Draw ``rows`` (gen_loss, valid) from scratch: a resumed run's earlier iterations only."""
+    def replace(self, rows: Iterable[tuple[float, ...]]) -> None:
+        """Draw ``rows`` from scratch, each the values of ``names`` in order (gen_loss, then each
+        evaluation set): a resumed run's earlier iterations only."""
         rows = list(rows)
-        for index, name in enumerate(self.names):
+        for index in range(len(self.names)):
             chart = self.query_one(f"#series-{index}", SeriesChart)
             chart.series.clear()
-            for gen_loss, valid in rows:
-                chart.series.add(gen_loss if index == 0 else valid.get(name, math.nan))
+            for row in rows:
+                chart.series.add(row[index])
             chart.add_done()
 
     def mark(self, ordinal: int | None) -> None:
