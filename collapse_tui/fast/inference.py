@@ -1,10 +1,8 @@
 """``FastGPT2Inference``: the engine's generation and evaluation for GPT-2, with fixed shapes.
 
-Generation keeps the whole loop on the device: the token buffer and the step
-counter are device tensors, one step reads the context, runs the model,
-samples and writes the new token, and on CUDA runs of 1, 2, 4, ... 32 such
-steps are captured once in CUDA graphs and replayed, one launch per 32
-tokens. Nothing comes back to the host until the sample is complete.
+Generation keeps the whole loop on the device and replays it from CUDA
+graphs, 32 tokens a launch (``steps.StepLoop``, which also says how the
+graphs draw their random numbers); this module gives it GPT-2's steps.
 
 The two cases of DESIGN section 1 need two steps:
 
@@ -17,12 +15,6 @@ The two cases of DESIGN section 1 need two steps:
 - full context (prompt + new tokens fit in ``block``): a static KV cache, one
   token per step, attention over the cache with an additive mask for the
   slots not yet written.
-
-Randomness: inside a graph, sampling draws from a generator owned by this
-object and registered with the graph, seeded at the start of every
-``generate`` from the caller's generator, so a run is deterministic given its
-seed (it does not reproduce the eager path's draws). Without graphs (the CPU)
-the caller's generator is used directly, like ``EagerInference`` does.
 
 Evaluation runs all windows of a set in a few large forwards and computes the
 cross-entropy over chunks of positions, so no more than a chunk of logits
@@ -38,11 +30,11 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from collapse_tui.errors import RunInterrupted
 from collapse_tui.fast.gpt2 import GPT2Weights
 from collapse_tui.fast.persistent import PersistentForward, Plan, check_plan, persistent_unsupported
+from collapse_tui.fast.steps import StepLoop
 from collapse_tui.fast.topk_race import sample_token
-from collapse_tui.inference import STOP_CHECK_EVERY, Inference
+from collapse_tui.inference import Inference
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +48,14 @@ LOGIT_CHUNK = 2048
 PAD = -100
 
 
-class _Decoder:
-    """Device state of one way of generating: the token buffer, the counter, and the captured step."""
+class _Decoder(StepLoop):
+    """One way of generating GPT-2 tokens (window or KV cache), and its persistent forward where it applies."""
 
     def __init__(self, owner: FastGPT2Inference, capacity: int, kv: bool) -> None:
+        super().__init__(owner.device, capacity, owner.tokens_per_replay, owner.graph_pool)
         self.owner = owner
         self.kv = kv
         device = owner.device
-        self.capacity = capacity
-        self.seq = torch.zeros(capacity, dtype=torch.long, device=device)
-        self.counter = torch.zeros(1, dtype=torch.long, device=device)
         if kv:
             self.cache_len = -(-owner.block // 16) * 16  # aligned rows for the attention kernels
             self.cache = owner.weights.new_kv_cache(self.cache_len)
@@ -83,11 +73,8 @@ class _Decoder:
                 )
             else:
                 log.info("persistent forward not used: %s", reason)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.generator: torch.Generator | None = None
 
     def step(self, generator: torch.Generator) -> None:
-        """One token: read the context from ``seq``, write the sampled token, advance the counter."""
         weights, block = self.owner.weights, self.owner.block
         if self.kv:
             position = self.counter  # the token at ``position`` is fed; the next one is written
@@ -112,15 +99,15 @@ class _Decoder:
         self.seq.index_copy_(0, target, token)
         self.counter.add_(1)
 
-    def _capture_steps(self, steps: int, generator: torch.Generator) -> torch.cuda.CUDAGraph:
-        """One CUDA graph of ``steps`` consecutive steps: one launch for ``steps`` tokens."""
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(generator)
-        # thread_local: CUDA calls of another thread (a TUI) cannot break the capture
-        with torch.cuda.graph(graph, pool=self.owner.graph_pool, capture_error_mode="thread_local"):
-            for _ in range(steps):
-                self.step(generator)
-        return graph
+    def start(self, prompt_len: int) -> None:
+        if self.kv:
+            # keys and values of the prompt but its last token, in one forward; the
+            # steps then feed one token each, starting with the prompt's last
+            if prompt_len > 1:
+                self.owner.weights.hidden(self.seq[: prompt_len - 1].view(1, -1), self.cache)
+            self.counter.fill_(prompt_len - 1)
+        else:
+            self.counter.fill_(prompt_len)
 
     def check_persistent(self) -> None:
         """Run two steps on the persistent forward and drop it if they fail.
@@ -145,55 +132,6 @@ class _Decoder:
             log.warning("persistent forward not used (%s): generating layer by layer", problem)
             self.persistent = None
 
-    def capture(self) -> None:
-        """Capture chunks of steps in CUDA graphs; on failure keep running eagerly (still no host sync).
-
-        One graph per power of two up to ``owner.tokens_per_replay``: a sample
-        of n tokens replays the largest chunk while it fits, then at most one
-        graph of each smaller size. Several steps per graph remove the gap
-        between replays (~0.15 ms a token for gpt2-medium with one step per
-        replay); all graphs share one memory pool and the generator.
-        """
-        device = self.owner.device
-        generator = torch.Generator(device=device)
-        if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
-            log.warning("this torch cannot register a generator with a CUDA graph: generation runs eagerly")
-            return
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        self.counter.fill_(1)  # a valid state to warm up from (run() sets the real one)
-        graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        try:
-            # warm up: Triton compiles and tunes, cuBLAS picks its kernels
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.step(generator)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            chunk = 1
-            while chunk <= self.owner.tokens_per_replay:
-                self.counter.fill_(1)  # the captured steps must stay inside the buffers
-                graphs[chunk] = self._capture_steps(chunk, generator)
-                chunk *= 2
-        except RuntimeError as error:  # pragma: no cover - depends on the torch build
-            log.warning("CUDA graph capture failed (%s): generation runs eagerly", error)
-            torch.cuda.synchronize(device)
-            return
-        self.graphs, self.generator = graphs, generator
-
-    @property
-    def graph(self) -> torch.cuda.CUDAGraph | None:
-        """The one-step graph (``None`` when steps run eagerly)."""
-        return self.graphs.get(1)
-
-    def _chunks(self, gen_tokens: int) -> Iterator[int]:
-        """Steps per launch: the largest captured chunk while it fits, then the smaller ones."""
-        sizes = sorted(self.graphs, reverse=True) if self.graphs else [1]
-        left = gen_tokens
-        for size in sizes:
-            while left >= size:
-                yield size
-                left -= size
-
     def run(
         self,
         prompt_ids: list[int],
@@ -201,33 +139,7 @@ class _Decoder:
         generator: torch.Generator,
         should_stop: Callable[[], bool],
     ) -> list[int]:
-        prompt_len = len(prompt_ids)
-        prompt = torch.tensor(prompt_ids, dtype=torch.long)
-        self.seq[:prompt_len].copy_(prompt)
-        if self.kv:
-            # keys and values of the prompt but its last token, in one forward; the
-            # steps then feed one token each, starting with the prompt's last
-            if prompt_len > 1:
-                self.owner.weights.hidden(self.seq[: prompt_len - 1].view(1, -1), self.cache)
-            self.counter.fill_(prompt_len - 1)
-        else:
-            self.counter.fill_(prompt_len)
-        if self.graphs:
-            # one host sync per sample, to seed the graphs' generator from the caller's
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-            self.generator.manual_seed(seed)  # type: ignore[union-attr]
-        done, checked = 0, -STOP_CHECK_EVERY
-        for size in self._chunks(gen_tokens):
-            if done - checked >= STOP_CHECK_EVERY:
-                if should_stop():
-                    raise RunInterrupted
-                checked = done
-            if self.graphs:
-                self.graphs[size].replay()
-            else:
-                self.step(generator)
-            done += size
-        sample = self.seq[: prompt_len + gen_tokens].tolist()
+        sample = super().run(prompt_ids, gen_tokens, generator, should_stop)
         if self.persistent is not None and self.persistent.failed():
             # a grid barrier gave up (CTAs not all resident?): this sample is not to be
             # trusted; drop the persistent kernel for good and generate it again (from a
