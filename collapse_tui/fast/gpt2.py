@@ -25,16 +25,14 @@ and matrix products in the compute dtype, which is what bf16 autocast does.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from collapse_tui.fast import skinny
 from collapse_tui.fast.kernels import add_layernorm, fused_gelu_is_tanh, linear_gelu, triton_available
+from collapse_tui.fast.staleness import watch_optimizer_steps
 
 #: lm_head's copy has its rows (the vocabulary) padded with zeros to a multiple of this: cuBLAS
 #: runs a product with 50,257 output columns on an sm75 kernel at a sixth of the rate it gets with
@@ -62,27 +60,6 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if getattr(model.lm_head, "bias", None) is not None:
         return "lm_head with a bias"
     return None
-
-
-#: Every live ``GPT2Weights``: an optimizer step anywhere marks them all stale.
-_LIVE: weakref.WeakSet[GPT2Weights] = weakref.WeakSet()
-_HOOK: list[Any] = []
-
-
-def _after_any_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for weights in list(_LIVE):
-        weights.dirty = True
-
-
-def _watch(weights: GPT2Weights) -> None:
-    """Register the global optimizer hook once, and ``weights`` with it.
-
-    The fused AdamW kernel updates parameters without bumping their version
-    counters, so the counters alone cannot tell that a step happened.
-    """
-    if not _HOOK:
-        _HOOK.append(register_optimizer_step_post_hook(_after_any_optimizer_step))
-    _LIVE.add(weights)
 
 
 @dataclass
@@ -163,7 +140,7 @@ class GPT2Weights:
         self._versions: list[int] = []
         self.dirty = True
         self.refresh()
-        _watch(self)
+        watch_optimizer_steps(self)
 
     def _copy(self, source: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """Register a master tensor; ``Conv1D`` weights ``[in, out]`` are copied transposed."""
