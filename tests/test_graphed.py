@@ -1,0 +1,137 @@
+"""The graphed path for any causal LM, on the CPU (no graphs): same tokens as the eager path, fresh weights.
+
+On CUDA the same steps are captured in CUDA graphs (tests/test_fast_gpu.py);
+here they run one by one and must sample, from the same draws, exactly the
+tokens ``EagerInference`` samples.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from collapse_tui.errors import RunInterrupted
+from collapse_tui.fast import fast_inference_for
+from collapse_tui.fast.graphed import GenerationCopy, GraphedInference
+from collapse_tui.inference import EagerInference
+
+VOCAB = 300
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """Two layers, grouped-query attention, rotary positions, lm_head tied to the embedding."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def graphed_cpu(model: torch.nn.Module, block: int, dtype: torch.dtype | None = None) -> GraphedInference:
+    return GraphedInference(model, block, 1.0, 50, autocast_dtype=dtype, use_graphs=False)
+
+
+@pytest.mark.parametrize(
+    ("block", "prompt_len", "gen_tokens"),
+    [(16, 3, 40), (16, 20, 10), (8, 1, 30)],
+    ids=["sliding", "long-prompt", "short-block"],
+)
+def test_sliding_window_generation_matches_eager_token_for_token(
+    block: int, prompt_len: int, gen_tokens: int
+) -> None:
+    model = tiny_llama()
+    prompt = list(range(7, 7 + prompt_len))
+    graphed = graphed_cpu(model, block)
+    ours = graphed.generate(prompt, gen_tokens, torch.Generator().manual_seed(5))
+    theirs = EagerInference(model, block, 1.0, 50).generate(
+        prompt, gen_tokens, torch.Generator().manual_seed(5)
+    )
+    assert graphed._steps is not None  # the window steps ran, not the eager fallback
+    assert len(ours) == prompt_len + gen_tokens
+    assert ours == theirs
+
+
+def test_full_context_stays_on_the_eager_kv_cache() -> None:
+    model = tiny_llama()
+    graphed = graphed_cpu(model, block=64)
+    ours = graphed.generate([1], 40, torch.Generator().manual_seed(2))
+    assert graphed._steps is None
+    assert ours == EagerInference(model, 64, 1.0, 50).generate([1], 40, torch.Generator().manual_seed(2))
+
+
+def test_the_copy_computes_what_autocast_computes_from_the_master() -> None:
+    model = tiny_llama()
+    weights = GenerationCopy(model, torch.bfloat16)
+    copy = weights.module
+    assert copy.lm_head.weight.dtype == torch.bfloat16
+    assert copy.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    # untied: the embedding, and with it the residual stream, stays fp32 as under autocast
+    assert copy.model.embed_tokens.weight.dtype == torch.float32
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(copy(tokens).logits, model(tokens).logits)
+
+
+def test_an_optimizer_step_reaches_the_copy() -> None:
+    model = tiny_llama()
+    graphed = graphed_cpu(model, block=16, dtype=torch.bfloat16)
+    weights = graphed.weights
+    tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(6))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    model(tokens, labels=torch.full_like(tokens, 42)).loss.backward()
+    optimizer.step()
+    assert weights.stale()
+    changed = weights.module.model.embed_tokens.weight.clone()
+    graphed.weights_changed()
+    assert not weights.stale()
+    assert not torch.equal(weights.module.model.embed_tokens.weight, changed)
+    for master, twin in zip(model.parameters(), weights.module.parameters(), strict=False):
+        assert torch.equal(twin, master.detach().to(twin.dtype))
+    assert torch.equal(weights.module.lm_head.weight, model.lm_head.weight.detach().to(torch.bfloat16))
+
+
+def test_a_stale_copy_is_refreshed_before_generating() -> None:
+    model = tiny_llama()
+    graphed = graphed_cpu(model, block=8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2.0)  # in place, no weights_changed: the version counter tells
+    graphed.generate([1, 2], 20, torch.Generator().manual_seed(0))
+    assert torch.equal(graphed.weights.module.model.norm.weight, model.model.norm.weight)
+
+
+def test_stop_request_interrupts_generation() -> None:
+    graphed = graphed_cpu(tiny_llama(), 8)
+    with pytest.raises(RunInterrupted):
+        graphed.generate([1], 100, torch.Generator().manual_seed(0), should_stop=lambda: True)
+
+
+def test_no_fast_inference_off_cuda() -> None:
+    assert fast_inference_for(tiny_llama(), block=16, temperature=1.0, top_k=50, autocast_dtype=None) is None
+
+
+def test_a_model_that_does_not_compile_generates_uncompiled(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def failing_compile(module: torch.nn.Module, **options: object):
+        def compiled(*args: object, **kwargs: object):
+            raise RuntimeError("inductor cannot build this\nsecond line")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    model = tiny_llama()
+    graphed = GraphedInference(model, 8, 1.0, 50, use_graphs=False, compile=True)
+    ours = graphed.generate([1, 2], 30, torch.Generator().manual_seed(4))
+    assert "torch.compile of the model failed (RuntimeError: inductor cannot build this)" in caplog.text
+    assert graphed.forward is graphed.weights.module
+    assert "compiled" not in graphed.description
+    assert ours == EagerInference(model, 8, 1.0, 50).generate([1, 2], 30, torch.Generator().manual_seed(4))
