@@ -1,7 +1,8 @@
 """End-to-end check of the engine on a CUDA device, the way the front ends drive it.
 
-Builds a random-weight model folder of a GPT-2 shape (random weights time
-exactly like the real ones), then runs the real engine in a background thread
+Builds a random-weight model folder of a GPT-2 shape, or of SmolLM2-135M's
+Llama shape with GPT-2's vocabulary, which takes the graphed path for other
+models (random weights time exactly like the real ones), then runs the real engine in a background thread
 as the TUI does: a learning-rate change, a snapshot, a stop; then resumes from
 the snapshot. Prints each iteration's phases and checks the run folder::
 
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig  # noqa: E402
 
 from collapse_tui.config import RunConfig  # noqa: E402
 from collapse_tui.engine import Engine  # noqa: E402
@@ -32,18 +33,20 @@ from collapse_tui.records import Event, IterationRecord  # noqa: E402
 from collapse_tui.runfolder import read_run  # noqa: E402
 
 SHAPES = {
-    "gpt2": (12, 12, 768),
-    "gpt2-medium": (24, 16, 1024),
-    "gpt2-large": (36, 20, 1280),
-    "gpt2-xl": (48, 25, 1600),
-}
+    "gpt2": lambda: GPT2Config(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": lambda: GPT2Config(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": lambda: GPT2Config(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": lambda: GPT2Config(n_layer=48, n_head=25, n_embd=1600),
+    "smollm2-135m": lambda: LlamaConfig(
+        vocab_size=50257, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
 
 
 def make_model(shape: str, tokenizer_dir: str, folder: Path) -> Path:
-    n_layer, n_head, n_embd = SHAPES[shape]
-    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     with torch.device("cuda"):
-        model = GPT2LMHeadModel(config)
+        model = AutoModelForCausalLM.from_config(SHAPES[shape]())
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     return folder
