@@ -1,13 +1,14 @@
 """Generation of models other than GPT-2: the eager path against the graphed one (``fast/graphed.py``).
 
 One CUDA device, random-weight models of a few popular shapes (no download):
-the time of one sample of ``--tokens`` new tokens at block ``--block`` (the
-paper's sliding window), bf16 autocast over fp32 master weights as the
+the time of one sample of ``--tokens`` new tokens at each of ``--blocks``
+(the paper's sliding window; a block of at least ``--tokens`` takes
+block - 1 tokens instead, in full context), bf16 autocast over fp32 master weights as the
 engine runs them, after a warm-up sample (which compiles and captures): the
 eager path, the graphed path without ``torch.compile`` and with it (the
 engine's default on CUDA).
 
-    python benchmarks/bench_generic.py --models smollm2-135m,pythia-160m,qwen2.5-0.5b
+    python benchmarks/bench_generic.py --models smollm2-135m,pythia-160m,qwen2.5-0.5b --blocks 100,1024
 """
 
 from __future__ import annotations
@@ -69,32 +70,36 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default="smollm2-135m,pythia-160m,qwen2.5-0.5b")
-    parser.add_argument("--block", type=int, default=100)
-    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--blocks", default="100", help="100: the paper's window; 1024: full context")
+    parser.add_argument("--tokens", type=int, default=1024, help="new tokens (block - 1 where that is fewer)")
     args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; block {args.block}, {args.tokens} tokens"
+        "| model | parameters | block | tokens | eager s | graphs s | graphs + torch.compile s | speed-up | ms a token |"
     )
-    print("| model | parameters | eager s | graphs s | graphs + torch.compile s | speed-up | ms a token |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in args.models.split(","):
         model = build_model(name)
         params = sum(p.numel() for p in model.parameters())
-        eager = EagerInference(model, args.block, 1.0, 200, torch.bfloat16)
-        eager_s = sample_seconds(eager, args.tokens, warm_up=2 * args.block + 8)
-        del eager
-        seconds = []
-        for compile in (False, True):
-            graphed = GraphedInference(model, args.block, 1.0, 200, torch.bfloat16, compile=compile)
-            seconds.append(sample_seconds(graphed, args.tokens, warm_up=args.tokens))
-            print(f"  {graphed.description}", flush=True)
-            del graphed
-            torch.cuda.empty_cache()
-        print(
-            f"| {name} | {params / 1e6:.0f}M | {eager_s:.2f} | {seconds[0]:.3f} | {seconds[1]:.3f} "
-            f"| {eager_s / seconds[1]:.1f}× | {seconds[1] / args.tokens * 1e3:.2f} |",
-            flush=True,
-        )
+        for block in (int(b) for b in args.blocks.split(",")):
+            tokens = (
+                args.tokens if block < args.tokens else block - 1
+            )  # else: full context, as in bench_iteration
+            eager = EagerInference(model, block, 1.0, 200, torch.bfloat16)
+            eager_s = sample_seconds(eager, tokens, warm_up=min(tokens, 2 * block + 8))
+            del eager
+            seconds = []
+            for compile in (False, True):
+                graphed = GraphedInference(model, block, 1.0, 200, torch.bfloat16, compile=compile)
+                seconds.append(sample_seconds(graphed, tokens, warm_up=tokens))
+                print(f"  {graphed.description}", flush=True)
+                del graphed
+                torch.cuda.empty_cache()
+            print(
+                f"| {name} | {params / 1e6:.0f}M | {block} | {tokens} | {eager_s:.2f} | {seconds[0]:.3f} "
+                f"| {seconds[1]:.3f} | {eager_s / seconds[1]:.1f}× | {seconds[1] / tokens * 1e3:.2f} |",
+                flush=True,
+            )
         del model
         torch.cuda.empty_cache()
 

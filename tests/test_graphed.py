@@ -54,17 +54,52 @@ def test_sliding_window_generation_matches_eager_token_for_token(
     theirs = EagerInference(model, block, 1.0, 50).generate(
         prompt, gen_tokens, torch.Generator().manual_seed(5)
     )
-    assert graphed._steps is not None  # the window steps ran, not the eager fallback
+    assert list(graphed._steps) == [False]  # the window steps ran, not the eager path
     assert len(ours) == prompt_len + gen_tokens
     assert ours == theirs
 
 
-def test_full_context_stays_on_the_eager_kv_cache() -> None:
+@pytest.mark.parametrize(
+    ("block", "prompt_len", "gen_tokens"),
+    [(64, 1, 40), (64, 5, 40), (44, 1, 43)],
+    ids=["full", "full-prompt", "full-exact-fit"],
+)
+def test_full_context_generation_against_a_static_cache_matches_eager(
+    block: int, prompt_len: int, gen_tokens: int
+) -> None:
+    model = tiny_llama()
+    prompt = list(range(3, 3 + prompt_len))
+    graphed = graphed_cpu(model, block)
+    ours = graphed.generate(prompt, gen_tokens, torch.Generator().manual_seed(2))
+    assert list(graphed._steps) == [True]  # the cached steps ran, not the eager path
+    eager = EagerInference(model, block, 1.0, 50)
+    assert ours == eager.generate(prompt, gen_tokens, torch.Generator().manual_seed(2))
+
+
+def test_the_static_cache_is_emptied_for_each_sample() -> None:
+    """A second, shorter sample must not see the keys the first one left in the cache."""
+    model = tiny_llama()
+    graphed, eager = graphed_cpu(model, 64), EagerInference(model, 64, 1.0, 50)
+    for prompt, gen_tokens in (([1, 2, 3, 4], 50), ([9, 8], 20), ([5], 30)):
+        seeds = torch.Generator().manual_seed(len(prompt)), torch.Generator().manual_seed(len(prompt))
+        assert graphed.generate(prompt, gen_tokens, seeds[0]) == eager.generate(prompt, gen_tokens, seeds[1])
+
+
+def test_a_model_without_a_static_cache_keeps_the_eager_kv_cache(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_static_cache(self: GraphedInference, first: torch.Tensor) -> None:
+        raise TypeError("this model has no static cache")
+
+    monkeypatch.setattr(GraphedInference, "new_static_cache", no_static_cache)
     model = tiny_llama()
     graphed = graphed_cpu(model, block=64)
     ours = graphed.generate([1], 40, torch.Generator().manual_seed(2))
-    assert graphed._steps is None
+    assert "full-context steps not graphed (TypeError: this model has no static cache)" in caplog.text
+    assert graphed.eager_full_context and not graphed._steps
     assert ours == EagerInference(model, 64, 1.0, 50).generate([1], 40, torch.Generator().manual_seed(2))
+    graphed.generate([1], 40, torch.Generator().manual_seed(2))
+    assert caplog.text.count("full-context steps not graphed") == 1  # tried once, not every sample
 
 
 def test_the_copy_computes_what_autocast_computes_from_the_master() -> None:

@@ -50,14 +50,17 @@ def graphed_for(model: torch.nn.Module, block: int, top_k: int | None = 200, dty
     return graphed
 
 
-@pytest.mark.parametrize(("block", "gen_tokens"), [(32, 150), (100, 200)], ids=["slide", "pad-then-slide"])
+@pytest.mark.parametrize(
+    ("block", "gen_tokens"), [(32, 150), (100, 200), (256, 150)], ids=["slide", "pad-then-slide", "kv"]
+)
 def test_fp32_graphs_generate_the_eager_tokens(block: int, gen_tokens: int) -> None:
-    """Graph replay, padding and window slide against ``EagerInference``, fp32, same draws."""
+    """Graph replay, padding, window slide and static cache against ``EagerInference``, fp32, same draws."""
     model = llama_model()
     prompt = [11, 12, 13]
     graphed = graphed_for(model, block, dtype=None)
     ours = graphed.generate(prompt, gen_tokens, cuda_gen(1))
-    assert graphed._steps is not None and graphed._steps.graph is not None, graphed.description
+    kv = block >= len(prompt) + gen_tokens - 1
+    assert list(graphed._steps) == [kv] and graphed._steps[kv].graph is not None, graphed.description
     assert "compiled" in graphed.description  # torch.compile is the default on CUDA
     # the graphs' generator is seeded from the caller's: reproduce that seed for the eager paths
     seed = int(torch.randint(0, 2**62, (1,), generator=cuda_gen(1), device="cuda"))
@@ -66,8 +69,9 @@ def test_fp32_graphs_generate_the_eager_tokens(block: int, gen_tokens: int) -> N
     assert EagerInference(model, block, 1.0, 200).generate(prompt, gen_tokens, cuda_gen(seed)) == ours
 
 
-def test_generation_is_deterministic_given_the_seed() -> None:
-    graphed = graphed_for(llama_model(), 100)
+@pytest.mark.parametrize("block", [100, 512], ids=["window", "cache"])
+def test_generation_is_deterministic_given_the_seed(block: int) -> None:
+    graphed = graphed_for(llama_model(), block)
     a = graphed.generate([1], 300, cuda_gen(7))
     b = graphed.generate([1], 300, cuda_gen(7))
     c = graphed.generate([1], 300, cuda_gen(8))
@@ -82,7 +86,7 @@ def test_the_next_generation_uses_the_updated_weights(notify: bool) -> None:
     model = llama_model()
     graphed = graphed_for(model, 32, top_k=1)
     before = graphed.generate([5], 64, cuda_gen(0))  # captures the graphs with the old weights
-    assert graphed._steps is not None and graphed._steps.graph is not None
+    assert graphed._steps[False].graph is not None
     assert before.count(42) < 10
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), fused=True)
     target = torch.full((1, 32), 42, device="cuda")

@@ -1,4 +1,4 @@
-"""``GraphedInference``: any Hugging Face causal LM's sliding-window generation, replayed from CUDA graphs.
+"""``GraphedInference``: any Hugging Face causal LM's generation, replayed from CUDA graphs.
 
 Why: models other than GPT-2 have no hand-written forward here, and the eager
 path launches every kernel of the model's forward from Python, token after
@@ -12,10 +12,12 @@ tokens at positions 0..block-1; while the sequence is shorter than the block,
 the tail of the buffer is right padding and the logits are read at the last
 real token, which causal attention keeps blind to the padding.
 
-Only the sliding window is graphed. In full context (prompt and new tokens
-fit in the block) re-running the whole window for every token would cost
-``block`` times the work of a KV-cache step, so that case stays on the eager
-path's KV cache, as does evaluation.
+In full context (prompt and new tokens fit in the block) a step feeds one
+token against a static KV cache of ``block`` slots (``CachedSteps``, the
+Hugging Face ``StaticCache``), as the eager path's KV cache does without
+graphs. A model or a transformers release whose cache cannot do that (with
+bf16, transformers before 5.24) keeps the eager path there. Evaluation stays
+the eager path's.
 
 Precision: with the engine's autocast dtype (bf16) the graphs run a copy of
 the model whose linear weights are already in that dtype, under autocast:
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -113,8 +116,42 @@ class WindowSteps(StepLoop):
         self.counter.add_(1)
 
 
+class CachedSteps(StepLoop):
+    """Full context: a step feeds one token at the counter's position against a static KV cache and samples the next."""
+
+    def __init__(self, owner: GraphedInference, capacity: int) -> None:
+        super().__init__(owner.device, capacity, owner.tokens_per_replay, owner.graph_pool)
+        self.owner = owner
+        self.cache = owner.new_static_cache(self.seq[:1].view(1, 1))
+
+    def step(self, generator: torch.Generator) -> None:
+        owner = self.owner
+        position = self.counter  # the token at ``position`` is fed; the next one is written after it
+        fed = self.seq.index_select(0, position).view(1, 1)
+        token = sample_token(
+            owner.cached_logits(fed, position, self.cache), owner.temperature, owner.top_k, generator
+        )
+        self.seq.index_copy_(0, position + 1, token)
+        self.counter.add_(1)
+
+    def start(self, prompt_len: int) -> None:
+        # the cache writes where its own count says (transformers 5) or at the positions given (4):
+        # empty it, so that both agree with the positions given
+        self.cache.reset()
+        if prompt_len > 1:  # keys and values of the prompt but its last token, in one uncompiled forward
+            positions = torch.arange(prompt_len - 1, device=self.device)
+            self.owner.cached_logits(
+                self.seq[: prompt_len - 1].view(1, -1), positions, self.cache, compiled=False
+            )
+        self.counter.fill_(prompt_len - 1)
+
+    def warm_up(self, generator: torch.Generator) -> None:
+        self.cache.reset()
+        super().warm_up(generator)
+
+
 class GraphedInference(EagerInference):
-    """``EagerInference`` whose sliding-window generation runs from CUDA graphs."""
+    """``EagerInference`` whose generation runs from CUDA graphs: the window slides, or a static cache fills."""
 
     def __init__(
         self,
@@ -127,29 +164,31 @@ class GraphedInference(EagerInference):
         tokens_per_replay: int = TOKENS_PER_REPLAY,
         compile: bool | None = None,
     ) -> None:
-        """``compile``: run the copy's forward through ``torch.compile`` (default: on CUDA)."""
+        """``compile``: run the copy's forward through ``torch.compile`` (default: on CUDA, unless
+        ``COLLAPSE_TUI_COMPILE=0`` is in the environment)."""
         super().__init__(model, block, temperature, top_k, autocast_dtype)
         self.weights = GenerationCopy(model, autocast_dtype or torch.float32)
         #: what the steps call: the copy's forward, compiled on first use where that works
         self.forward: Callable[..., Any] = self.weights.module
-        self.compile = self.device.type == "cuda" if compile is None else compile
+        if compile is None:
+            compile = self.device.type == "cuda" and os.environ.get("COLLAPSE_TUI_COMPILE", "1") != "0"
+        self.compile = compile
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.tokens_per_replay = tokens_per_replay
         #: whether the forward takes ``logits_to_keep`` as a tensor of positions (transformers ≥ 4.50)
         self.keeps_given_logits = self._keep_last_only
-        self._steps: WindowSteps | None = None
+        self._steps: dict[bool, StepLoop] = {}  # by ``kv``: full context or window
+        #: set when full-context steps could not be built: that case then runs the eager KV cache
+        self.eager_full_context = False
 
     @property
     def description(self) -> str:
         """How generation runs, for logs and the benchmark table."""
-        graphed = self._steps is not None and self._steps.graph is not None
-        how = f"CUDA graphs of {self.tokens_per_replay} steps" if graphed else "eager steps"
-        forward = (
-            "compiled Hugging Face forward"
-            if self.forward is not self.weights.module
-            else "Hugging Face forward"
-        )
+        graphed = [steps.graph is not None for steps in self._steps.values()]
+        how = f"CUDA graphs of {self.tokens_per_replay} steps" if graphed and all(graphed) else "eager steps"
+        compiled = self.forward is not self.weights.module
+        forward = "compiled Hugging Face forward" if compiled else "Hugging Face forward"
         return f"{str(self.weights.dtype).replace('torch.', '')} copy, {forward}, {how}"
 
     def autocast(self) -> torch.autocast:
@@ -171,39 +210,80 @@ class GraphedInference(EagerInference):
                 logits = self.forward(window, use_cache=False).logits.index_select(1, last)
         return logits.view(1, -1)
 
-    def _compile_forward(self) -> None:
-        """Compile the forward once, for the step's fixed shapes; keep it uncompiled if that fails.
+    def cached_logits(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: Any, compiled: bool = True
+    ) -> torch.Tensor:
+        """Logits ``[1, V]`` of the last of ``tokens`` [1, n] at ``positions`` [n], their keys and values into ``cache``."""
+        forward = self.forward if compiled else self.weights.module
+        cache_argument = {self._cache_argument: cache}
+        with self.autocast():
+            out = forward(tokens, use_cache=True, cache_position=positions, **cache_argument)
+        return out.logits[:, -1]
+
+    def new_static_cache(self, first: torch.Tensor) -> Any:
+        """A Hugging Face ``StaticCache`` of ``block`` slots, allocated by one uncompiled forward of ``first`` [1, 1].
+
+        Allocated here, so that the compiled step never traces the
+        allocation. A cache that cannot store what the model's attention
+        gives it raises here, and the full-context case stays eager: under
+        bf16 autocast Llama's keys leave the rotary embedding in fp32 while
+        its values are bf16, and transformers before 5.24 (5.17 measured)
+        allocates both in the keys' dtype.
+        """
+        from transformers import StaticCache
+
+        cache = StaticCache(
+            config=self.model.config, max_cache_len=self.block, max_batch_size=1, device=self.device
+        )
+        self.cached_logits(first, torch.zeros(1, dtype=torch.long, device=self.device), cache, compiled=False)
+        return cache
+
+    def _steps_for(self, kv: bool, total: int) -> StepLoop | None:
+        """The steps for this case, built (compiled, captured) on first use; ``None``: use the eager path."""
+        steps = self._steps.get(kv)
+        if steps is not None and steps.capacity >= total:
+            return steps
+        if kv and self.eager_full_context:
+            return None
+        capacity = -(-max(self.block, total) // 1024) * 1024
+        try:
+            steps = CachedSteps(self, capacity) if kv else WindowSteps(self, capacity)
+            self._try_steps(steps)
+        except Exception as error:  # a model or cache that cannot step this way: the eager path can
+            if not kv:
+                raise
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            log.warning(
+                "full-context steps not graphed (%s: %s): eager KV cache", type(error).__name__, first_line
+            )
+            self.eager_full_context = True
+            return None
+        if self.use_graphs:
+            steps.capture()
+        self._steps[kv] = steps
+        return steps
+
+    def _try_steps(self, steps: StepLoop) -> None:
+        """Run two steps, compiling the forward for their shapes; a forward that does not compile runs uncompiled.
 
         Inductor fuses the elementwise kernels around the products (norms,
         rotary embeddings, activations, residual adds), so a step launches
         far fewer kernels (benchmarks/RESULTS.md, "Models other than GPT-2").
-        The first call compiles (tens of seconds for a large model); a model
-        it cannot compile generates uncompiled, still from graphs.
+        The first call compiles (tens of seconds for a large model).
         """
-        if not self.compile or self.forward is not self.weights.module:
-            return
-        compiled = torch.compile(self.weights.module, dynamic=False)
-        window = torch.zeros((1, self.block), dtype=torch.long, device=self.device)
-        last = torch.full((1,), self.block - 1, dtype=torch.long, device=self.device)
-        self.forward = compiled
+        if self.compile and self.forward is self.weights.module:
+            self.forward = torch.compile(self.weights.module, dynamic=False)
+        generator = torch.Generator(device=self.device)
         try:
-            self.next_logits(window, last)
-        except Exception as error:  # any failure of the optional compiler means: go without it
+            steps.warm_up(generator)
+        except Exception as error:
+            if self.forward is self.weights.module:
+                raise
             first_line = str(error).splitlines()[0] if str(error) else ""
             log.warning("torch.compile of the model failed (%s: %s): its forward runs uncompiled",
                         type(error).__name__, first_line)  # fmt: skip
-            self.forward = self.weights.module
-            self.compile = False
-
-    def _window_steps(self, total: int) -> WindowSteps:
-        steps = self._steps
-        if steps is None or steps.capacity < total:
-            self._compile_forward()
-            steps = WindowSteps(self, -(-max(self.block, total) // 1024) * 1024)
-            if self.use_graphs:
-                steps.capture()
-            self._steps = steps
-        return steps
+            self.forward, self.compile = self.weights.module, False
+            steps.warm_up(generator)
 
     @torch.no_grad()
     def generate(
@@ -215,13 +295,12 @@ class GraphedInference(EagerInference):
     ) -> list[int]:
         if not prompt_ids:
             raise ValueError("generation needs a prompt of at least one token")
-        if gen_tokens <= 0 or len(prompt_ids) + gen_tokens - 1 <= self.block:
-            return super().generate(prompt_ids, gen_tokens, generator, should_stop)  # full context
+        total = len(prompt_ids) + gen_tokens
+        kv = total - 1 <= self.block  # the longest context fits: ordinary full-context decoding
         if self.weights.stale():
             self.weights.refresh()
-        with torch.autocast(
-            self.device.type, enabled=False
-        ):  # the caller's autocast: ours is inside the step
-            return self._window_steps(len(prompt_ids) + gen_tokens).run(
-                prompt_ids, gen_tokens, generator, should_stop
-            )
+        with torch.autocast(self.device.type, enabled=False):  # the caller's: ours is inside the step
+            steps = self._steps_for(kv, total) if gen_tokens > 0 else None
+            if steps is not None:
+                return steps.run(prompt_ids, gen_tokens, generator, should_stop)
+        return super().generate(prompt_ids, gen_tokens, generator, should_stop)

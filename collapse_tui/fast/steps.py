@@ -58,6 +58,12 @@ class StepLoop(ABC):
         """Make the state a sample starts from, its prompt already in ``seq``: the first new token goes at ``prompt_len``."""
         self.counter.fill_(prompt_len)
 
+    def warm_up(self, generator: torch.Generator) -> None:
+        """Two steps from a valid state (``run`` sets the real one): compiles, tunes and allocates what a step needs."""
+        self.counter.fill_(1)
+        for _ in range(2):
+            self.step(generator)
+
     def _capture_steps(self, steps: int, generator: torch.Generator) -> torch.cuda.CUDAGraph:
         """One CUDA graph of ``steps`` consecutive steps: one launch for ``steps`` tokens."""
         graph = torch.cuda.CUDAGraph()
@@ -83,13 +89,11 @@ class StepLoop(ABC):
             return
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        self.counter.fill_(1)  # a valid state to warm up from (run() sets the real one)
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
         try:
-            # warm up: Triton compiles and tunes, cuBLAS picks its kernels
+            # warm up on a side stream, as capture requires: Triton compiles and tunes, cuBLAS picks its kernels
             with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.step(generator)
+                self.warm_up(generator)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             chunk = 1
             while chunk <= self.tokens_per_replay:
