@@ -180,6 +180,9 @@ class Engine:
             self._restore(self.resume_dir)
         else:
             self.writer.write_config(self._config_record())
+        if self.inference.preparing:
+            status(self.inference.preparing, None)
+            self.inference.prepare(len(self.prompt_ids), config.gen_tokens)
         status("ready", 1.0)
 
     def _encode_prompt(self, prompt: str) -> list[int]:

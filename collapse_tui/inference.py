@@ -30,6 +30,9 @@ STOP_CHECK_EVERY = 16
 class Inference(ABC):
     """Generation and evaluation of the current weights θ_i."""
 
+    #: what ``prepare`` does, for the status line while loading; ``None`` when it does nothing
+    preparing: str | None = None
+
     def __init__(self, block: int, temperature: float, top_k: int | None) -> None:
         self.block = block
         self.temperature = temperature
@@ -48,6 +51,14 @@ class Inference(ABC):
     @abstractmethod
     def loss_sum(self, windows: torch.Tensor) -> tuple[float, int]:
         """Summed next-token cross-entropy over windows ``[n, L+1]``, and the number of targets."""
+
+    def prepare(self, prompt_len: int, gen_tokens: int) -> None:  # noqa: B027 - optional hook
+        """Build what generating samples of this size needs (compiled kernels, captured graphs) now.
+
+        The engine calls it while loading, under a status line, so that the
+        first iteration is not the one that waits for it. A no-op for eager
+        forwards, which build nothing.
+        """
 
     def weights_changed(self) -> None:  # noqa: B027 - optional hook, a no-op for eager forwards
         """Called after every optimizer step: implementations that keep copies refresh them here."""

@@ -399,3 +399,33 @@ def test_a_failed_snapshot_leaves_the_one_already_in_its_place(
     engine._take_snapshot()  # the same iteration again, whole: it replaces the one there
     assert [p.name for p in (Path(tiny_config.out) / "snapshots").iterdir()] == ["iter-0"]
     assert (Path(tiny_config.out) / "snapshots" / "iter-0" / "optimizer.pt").is_file()
+
+
+def test_generation_is_prepared_while_loading_not_in_the_first_iteration(
+    tiny_config: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inference that builds things (compiles, captures) does it under a status line before "ready"."""
+    import collapse_tui.engine as engine_module
+
+    calls: list[tuple[int, int]] = []
+
+    class Preparing(EagerInference):
+        preparing = "building the test's kernels"
+
+        def prepare(self, prompt_len: int, gen_tokens: int) -> None:
+            calls.append((prompt_len, gen_tokens))
+
+    def make(model, config, device, autocast_dtype):
+        return Preparing(model, config.block, config.temperature, config.top_k, autocast_dtype)
+
+    monkeypatch.setattr(engine_module, "make_inference", make)
+    engine, listener = Engine(tiny_config), Collector()
+    engine.load(listener)
+    assert calls == [(len(engine.prompt_ids), tiny_config.gen_tokens)]
+    assert listener.statuses[-2:] == ["building the test's kernels", "ready"]
+
+
+def test_eager_inference_has_nothing_to_prepare(tiny_config: RunConfig) -> None:
+    engine, listener = Engine(tiny_config), Collector()
+    engine.load(listener)
+    assert listener.statuses[-2:] == ["preparing generation", "ready"]

@@ -203,3 +203,17 @@ def test_a_failing_persistent_forward_is_dropped_before_generating(
     ids = fast.generate([1, 2, 3], 40, torch.Generator().manual_seed(0))
     seed = torch.Generator().manual_seed(0)
     assert ids == EagerInference(model, 16, 1.0, 50).generate([1, 2, 3], 40, seed)
+
+
+@pytest.mark.parametrize(("block", "kv"), [(16, False), (64, True)], ids=["window", "cache"])
+def test_prepare_builds_the_decoder_the_first_sample_uses(block: int, kv: bool) -> None:
+    model = tiny_model()
+    fast = fast_cpu(model, block)
+    assert fast.preparing
+    fast.prepare(3, 40)
+    prepared = fast._decoders[kv]
+    ours = fast.generate([1, 2, 3], 40, torch.Generator().manual_seed(1))
+    assert fast._decoders == {kv: prepared}  # not built again
+    assert ours == EagerInference(model, block, 1.0, 50).generate(
+        [1, 2, 3], 40, torch.Generator().manual_seed(1)
+    )

@@ -170,3 +170,17 @@ def test_a_model_that_does_not_compile_generates_uncompiled(
     assert graphed.forward is graphed.weights.module
     assert "compiled" not in graphed.description
     assert ours == EagerInference(model, 8, 1.0, 50).generate([1, 2], 30, torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize(("block", "kv"), [(8, False), (64, True)], ids=["window", "cache"])
+def test_prepare_builds_the_steps_the_first_sample_uses(block: int, kv: bool) -> None:
+    model = tiny_llama()
+    graphed = graphed_cpu(model, block)
+    assert graphed.preparing
+    graphed.prepare(2, 40)
+    prepared = graphed._steps[kv]
+    ours = graphed.generate([1, 2], 40, torch.Generator().manual_seed(1))
+    assert graphed._steps == {kv: prepared}  # not built again
+    assert ours == EagerInference(model, block, 1.0, 50).generate(
+        [1, 2], 40, torch.Generator().manual_seed(1)
+    )

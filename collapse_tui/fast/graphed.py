@@ -153,6 +153,8 @@ class CachedSteps(StepLoop):
 class GraphedInference(EagerInference):
     """``EagerInference`` whose generation runs from CUDA graphs: the window slides, or a static cache fills."""
 
+    preparing = "compiling the model and capturing generation (up to a minute or two)"
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -284,6 +286,12 @@ class GraphedInference(EagerInference):
                         type(error).__name__, first_line)  # fmt: skip
             self.forward, self.compile = self.weights.module, False
             steps.warm_up(generator)
+
+    @torch.no_grad()
+    def prepare(self, prompt_len: int, gen_tokens: int) -> None:
+        total = prompt_len + gen_tokens
+        with torch.autocast(self.device.type, enabled=False):
+            self._steps_for(total - 1 <= self.block, total)
 
     @torch.no_grad()
     def generate(

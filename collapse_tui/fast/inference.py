@@ -157,6 +157,8 @@ class _Decoder(StepLoop):
 class FastGPT2Inference(Inference):
     """Generation and evaluation of a ``GPT2LMHeadModel`` through ``GPT2Weights``."""
 
+    preparing = "building kernels and capturing generation"
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -225,6 +227,12 @@ class FastGPT2Inference(Inference):
                 decoder.capture()
             self._decoders[kv] = decoder
         return decoder
+
+    def prepare(self, prompt_len: int, gen_tokens: int) -> None:
+        total = prompt_len + gen_tokens
+        with self._forward_context():
+            self._fresh()
+            self._decoder(total - 1 <= self.block, total)
 
     def generate(
         self,
