@@ -176,13 +176,14 @@ class Engine:
         self.info.extra["dtype"] = str(self.autocast_dtype or torch.float32).replace("torch.", "")
         self.info.extra["inference"] = type(self.inference).__name__
         self.writer = RunWriter(self.run_dir, resuming=self.resume_dir is not None)
-        if self.resume_dir is not None:
-            self._restore(self.resume_dir)
-        else:
+        if self.resume_dir is None:
             self.writer.write_config(self._config_record())
         if self.inference.preparing:
+            # before the random states of a resumed snapshot are restored: whatever building draws, they replace
             status(self.inference.preparing, None)
             self.inference.prepare(len(self.prompt_ids), config.gen_tokens)
+        if self.resume_dir is not None:
+            self._restore(self.resume_dir)
         status("ready", 1.0)
 
     def _encode_prompt(self, prompt: str) -> list[int]:
