@@ -15,13 +15,14 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from collapse_tui.errors import in_one_line
+
 
 def report_crash(error: BaseException, run_dir: Path | None) -> Path | None:
     """Print one line about ``error`` on stderr and save its traceback; return where it went."""
     has_folder = run_dir is not None and Path(run_dir).is_dir()
     saved = _save_traceback("".join(traceback.format_exception(error)), Path(run_dir) if has_folder else None)
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    line = f"collapse-tui: the run crashed: {type(error).__name__}" + (f": {message}" if message else "")
+    line = f"collapse-tui: the run crashed: {in_one_line(error)}"
     if has_folder:
         line += f"; its data is kept in {run_dir}"
     if saved is not None:

@@ -18,3 +18,13 @@ class RunInterrupted(Exception):
     The engine catches it and discards the half-done iteration, so a quit in
     the middle of a long generation returns promptly.
     """
+
+
+def in_one_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (just ``Type`` without one): an error fit for a status or log line.
+
+    Compiler and CUDA errors run to dozens of lines; their first says what went wrong.
+    """
+    message = str(error).strip()
+    first = message.splitlines()[0] if message else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

@@ -73,6 +73,16 @@ class Inference(ABC):
         return total / count if count else float("nan")
 
 
+def full_context(total: int, block: int) -> bool:
+    """Whether a sample of ``total`` tokens (prompt and new) never outgrows the block.
+
+    The last token is never fed, so the longest context is ``total - 1``:
+    then every position is the token's own, and a KV cache is exact
+    (ordinary full-context decoding, DESIGN section 1).
+    """
+    return total - 1 <= block
+
+
 def sequence_windows(ids: list[int], block: int) -> list[torch.Tensor]:
     """Cut a sequence into consecutive windows of ``block`` inputs (+1 target each).
 

@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from gpu import teach_to_say
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from collapse_tui.fast import FastGPT2Inference, fast_inference_for, persistent, skinny
@@ -191,17 +192,7 @@ def test_the_next_generation_uses_the_updated_weights(notify: bool) -> None:
     fast = fast_for(model, 32, top_k=1)
     before = fast.generate([5], 64, cuda_gen(0))  # captures the graph with the old weights
     assert before.count(42) < 10
-    params = [p for p in model.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), fused=True)
-    target = torch.full((1, 32), 42, device="cuda")
-    for _ in range(5):  # drastic: teach it to say 42, as the engine trains (bf16 autocast)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(torch.randint(0, VOCAB, (1, 32), device="cuda")).logits
-        F.cross_entropy(logits.float().flatten(0, 1), target.flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if notify:
-            fast.weights_changed()
+    teach_to_say(model, 42, VOCAB, fast.weights_changed if notify else lambda: None)
     after = fast.generate([5], 64, cuda_gen(0))
     assert after[1:].count(42) > 48
     tokens = torch.tensor([after[:32]], device="cuda")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from gpu import teach_to_say
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from collapse_tui.fast import GraphedInference, fast_inference_for
@@ -80,7 +80,7 @@ def test_generation_is_deterministic_given_the_seed(block: int) -> None:
     assert len(set(a)) > 50  # fresh draws every token, not one replayed draw
 
 
-@pytest.mark.parametrize("notify", [True, False], ids=["weights_changed", "version-counters"])
+@pytest.mark.parametrize("notify", [True, False], ids=["weights_changed", "optimizer-hook"])
 def test_the_next_generation_uses_the_updated_weights(notify: bool) -> None:
     """Captured graphs read the bf16 copy, which the update refreshes in place."""
     model = llama_model()
@@ -88,15 +88,6 @@ def test_the_next_generation_uses_the_updated_weights(notify: bool) -> None:
     before = graphed.generate([5], 64, cuda_gen(0))  # captures the graphs with the old weights
     assert graphed._steps[False].graph is not None
     assert before.count(42) < 10
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), fused=True)
-    target = torch.full((1, 32), 42, device="cuda")
-    for _ in range(5):  # drastic: teach it to say 42, as the engine trains (bf16 autocast)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(torch.randint(0, VOCAB, (1, 32), device="cuda")).logits
-        F.cross_entropy(logits.float().flatten(0, 1), target.flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if notify:
-            graphed.weights_changed()
+    teach_to_say(model, 42, VOCAB, graphed.weights_changed if notify else lambda: None)
     after = graphed.generate([5], 64, cuda_gen(0))
     assert after[1:].count(42) > 48

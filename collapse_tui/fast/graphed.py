@@ -36,10 +36,11 @@ from typing import Any
 
 import torch
 
+from collapse_tui.errors import in_one_line
 from collapse_tui.fast.staleness import watch_optimizer_steps
 from collapse_tui.fast.steps import StepLoop
 from collapse_tui.fast.topk_race import sample_token
-from collapse_tui.inference import EagerInference
+from collapse_tui.inference import EagerInference, full_context
 
 log = logging.getLogger(__name__)
 
@@ -247,17 +248,14 @@ class GraphedInference(EagerInference):
             return steps
         if kv and self.eager_full_context:
             return None
-        capacity = -(-max(self.block, total) // 1024) * 1024
+        capacity = StepLoop.capacity_for(self.block, total)
         try:
             steps = CachedSteps(self, capacity) if kv else WindowSteps(self, capacity)
             self._try_steps(steps)
         except Exception as error:  # a model or cache that cannot step this way: the eager path can
             if not kv:
                 raise
-            first_line = str(error).splitlines()[0] if str(error) else ""
-            log.warning(
-                "full-context steps not graphed (%s: %s): eager KV cache", type(error).__name__, first_line
-            )
+            log.warning("full-context steps not graphed (%s): eager KV cache", in_one_line(error))
             self.eager_full_context = True
             return None
         if self.use_graphs:
@@ -281,9 +279,9 @@ class GraphedInference(EagerInference):
         except Exception as error:
             if self.forward is self.weights.module:
                 raise
-            first_line = str(error).splitlines()[0] if str(error) else ""
-            log.warning("torch.compile of the model failed (%s: %s): its forward runs uncompiled",
-                        type(error).__name__, first_line)  # fmt: skip
+            log.warning(
+                "torch.compile of the model failed (%s): its forward runs uncompiled", in_one_line(error)
+            )
             self.forward, self.compile = self.weights.module, False
             steps.warm_up(generator)
 
@@ -291,7 +289,7 @@ class GraphedInference(EagerInference):
     def prepare(self, prompt_len: int, gen_tokens: int) -> None:
         total = prompt_len + gen_tokens
         with torch.autocast(self.device.type, enabled=False):
-            self._steps_for(total - 1 <= self.block, total)
+            self._steps_for(full_context(total, self.block), total)
 
     @torch.no_grad()
     def generate(
@@ -304,7 +302,7 @@ class GraphedInference(EagerInference):
         if not prompt_ids:
             raise ValueError("generation needs a prompt of at least one token")
         total = len(prompt_ids) + gen_tokens
-        kv = total - 1 <= self.block  # the longest context fits: ordinary full-context decoding
+        kv = full_context(total, self.block)
         if self.weights.stale():
             self.weights.refresh()
         with torch.autocast(self.device.type, enabled=False):  # the caller's: ours is inside the step

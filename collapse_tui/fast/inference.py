@@ -30,11 +30,12 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from collapse_tui.errors import in_one_line
 from collapse_tui.fast.gpt2 import GPT2Weights
 from collapse_tui.fast.persistent import PersistentForward, Plan, check_plan, persistent_unsupported
 from collapse_tui.fast.steps import StepLoop
 from collapse_tui.fast.topk_race import sample_token
-from collapse_tui.inference import Inference
+from collapse_tui.inference import Inference, full_context
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class _Decoder(StepLoop):
                 self.step(generator)
             problem = "a grid barrier gave up" if self.persistent.failed() else None
         except Exception as error:  # any failure of the optional kernel means: go without it
-            problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            problem = in_one_line(error)
         if problem is not None:
             log.warning("persistent forward not used (%s): generating layer by layer", problem)
             self.persistent = None
@@ -219,8 +220,7 @@ class FastGPT2Inference(Inference):
     def _decoder(self, kv: bool, total: int) -> _Decoder:
         decoder = self._decoders.get(kv)
         if decoder is None or decoder.capacity < total:
-            capacity = max(self.block, total)
-            capacity = -(-capacity // 1024) * 1024
+            capacity = StepLoop.capacity_for(self.block, total)
             decoder = _Decoder(self, capacity, kv)
             decoder.check_persistent()
             if self.use_graphs:
@@ -232,7 +232,7 @@ class FastGPT2Inference(Inference):
         total = prompt_len + gen_tokens
         with self._forward_context():
             self._fresh()
-            self._decoder(total - 1 <= self.block, total)
+            self._decoder(full_context(total, self.block), total)
 
     def generate(
         self,
@@ -246,7 +246,7 @@ class FastGPT2Inference(Inference):
         if gen_tokens <= 0:
             return list(prompt_ids)
         total = len(prompt_ids) + gen_tokens
-        kv = total - 1 <= self.block  # the longest context fits: ordinary full-context decoding
+        kv = full_context(total, self.block)
         longest = total - 1 if kv else self.block  # positions one forward sees
         if longest > self.max_positions:
             raise ValueError(f"block {self.block} is longer than the model's {self.max_positions} positions")

@@ -47,6 +47,11 @@ class StepLoop(ABC):
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.generator: torch.Generator | None = None
 
+    @staticmethod
+    def capacity_for(block: int, total: int) -> int:
+        """Buffer length for samples of ``total`` tokens: rounded up to 1024, so that a few sizes serve every run."""
+        return -(-max(block, total) // 1024) * 1024
+
     @abstractmethod
     def step(self, generator: torch.Generator) -> None:
         """One token: read the context from ``seq``, write the sampled token, advance ``counter``.
