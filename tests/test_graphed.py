@@ -19,8 +19,8 @@ from collapse_tui.inference import EagerInference
 VOCAB = 300
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """Two layers, grouped-query attention, rotary positions, lm_head tied to the embedding."""
+def tiny_llama(seed: int = 0, tied: bool = True) -> LlamaForCausalLM:
+    """Two layers, grouped-query attention, rotary positions, lm_head tied to the embedding (or not)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -30,7 +30,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -102,15 +102,18 @@ def test_a_model_without_a_static_cache_keeps_the_eager_kv_cache(
     assert caplog.text.count("full-context steps not graphed") == 1  # tried once, not every sample
 
 
-def test_the_copy_computes_what_autocast_computes_from_the_master() -> None:
-    model = tiny_llama()
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_copy_computes_what_autocast_computes_from_the_master(tied: bool) -> None:
+    model = tiny_llama(tied=tied)
     weights = GenerationCopy(model, torch.bfloat16)
     copy = weights.module
-    assert copy.lm_head.weight.dtype == torch.bfloat16
-    assert copy.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    linears = [m for m in copy.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 15 and all(m.weight.dtype == torch.bfloat16 for m in linears)
     # untied: the embedding, and with it the residual stream, stays fp32 as under autocast
     assert copy.model.embed_tokens.weight.dtype == torch.float32
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied  # the master is left as it was
+    masters = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in masters for p in copy.parameters())  # nothing shared with the master
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(copy(tokens).logits, model(tokens).logits)

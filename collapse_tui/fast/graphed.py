@@ -66,10 +66,7 @@ class GenerationCopy:
             self._sources: list[torch.Tensor] = []
             self._copies: list[torch.Tensor] = []
         else:
-            self.module = copy.deepcopy(model)
-            for module in self.module.modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+            self.module = _copy_with_linear_weights_in(model, dtype)
             self._sources, self._copies = [], []
             for master, twin in zip(model.modules(), self.module.modules(), strict=True):
                 for name, source in master.named_parameters(recurse=False):
@@ -96,6 +93,33 @@ class GenerationCopy:
         in-place change that bumps a version counter (``p.mul_(...)``).
         """
         return self.dirty or any(t._version != v for t, v in zip(self._sources, self._versions, strict=True))
+
+
+def _copy_with_linear_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A deep copy of ``model`` whose linear weights are ``dtype`` and untied from any other module.
+
+    The weights of linear layers are converted as they are copied, so the
+    copy never holds them in fp32 too (a transient twice the size). A weight
+    a linear layer shares with another module (an lm_head tied to the
+    embedding) is copied as it is for the other one and converted after.
+    """
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    elsewhere = {
+        id(parameter)
+        for module in model.modules()
+        if not isinstance(module, torch.nn.Linear)
+        for parameter in module.parameters(recurse=False)
+    }
+    memo: dict[int, Any] = {
+        id(linear.weight): torch.nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)
+        for linear in linears
+        if id(linear.weight) not in elsewhere
+    }
+    twin = copy.deepcopy(model, memo)
+    for module in twin.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype != dtype:
+            module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+    return twin
 
 
 class WindowSteps(StepLoop):
