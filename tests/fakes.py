@@ -97,6 +97,8 @@ class FakeSource:
         self.in_iteration = False
         self.stopped_mid_iteration = False
         self.finished = False
+        #: records emitted so far
+        self.emitted = 0
 
     def run(self, listener: EngineListener) -> dict[str, Any]:
         listener.on_status("loading the fake model", 0.5)
@@ -128,6 +130,7 @@ class FakeSource:
                     self._emit(listener, event)
                 listener.on_record(record)
                 iteration += 1
+                self.emitted = iteration
             if self.controls.stop_requested:
                 reason = "requested"
         except InterruptedError:
