@@ -187,3 +187,14 @@ def test_prepare_builds_the_steps_the_first_sample_uses(block: int, kv: bool) ->
     assert ours == EagerInference(model, block, 1.0, 50).generate(
         [1, 2], 40, torch.Generator().manual_seed(1)
     )
+
+
+def test_evaluation_takes_as_many_windows_a_forward_as_the_logits_allow() -> None:
+    model = tiny_llama()
+    graphed = graphed_cpu(model, block=16)
+    assert graphed.eval_batch == (1 << 30) // (16 * VOCAB * 6)  # bf16 logits and their fp32 copy
+    windows = torch.randint(0, VOCAB, (40, 17), generator=torch.Generator().manual_seed(3))
+    ours, count = graphed.loss_sum(windows)
+    theirs, their_count = EagerInference(model, 16, 1.0, 50).loss_sum(windows)  # 16 windows a forward
+    assert count == their_count == 40 * 16
+    assert ours == pytest.approx(theirs, rel=1e-5)

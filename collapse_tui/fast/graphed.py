@@ -16,8 +16,9 @@ In full context (prompt and new tokens fit in the block) a step feeds one
 token against a static KV cache of ``block`` slots (``CachedSteps``, the
 Hugging Face ``StaticCache``), as the eager path's KV cache does without
 graphs. A model or a transformers release whose cache cannot do that (with
-bf16, transformers before 5.24) keeps the eager path there. Evaluation stays
-the eager path's.
+bf16, transformers before 5.24) keeps the eager path there. Evaluation is
+the eager path's, with as many windows a forward as ``EVAL_LOGITS_BYTES``
+of logits allow.
 
 Precision: with the engine's autocast dtype (bf16) the graphs run a copy of
 the model whose linear weights are already in that dtype, under autocast:
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 
 #: Generation steps captured in one CUDA graph (a power of two), as for GPT-2.
 TOKENS_PER_REPLAY = 32
+#: Bytes of logits one evaluation forward may make (bf16, and their fp32 copy for the cross-entropy):
+#: as many windows a forward as fit, for fewer launches of the eager forward.
+EVAL_LOGITS_BYTES = 1 << 30
 
 
 class GenerationCopy:
@@ -194,6 +198,9 @@ class GraphedInference(EagerInference):
         """``compile``: run the copy's forward through ``torch.compile`` (default: on CUDA, unless
         ``COLLAPSE_TUI_COMPILE=0`` is in the environment)."""
         super().__init__(model, block, temperature, top_k, autocast_dtype)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab = head.weight.size(0) if head is not None else model.config.vocab_size
+        self.eval_batch = max(self.eval_batch, EVAL_LOGITS_BYTES // (block * vocab * 6))
         self.weights = GenerationCopy(model, autocast_dtype or torch.float32)
         #: what the steps call: the copy's forward, compiled on first use where that works
         self.forward: Callable[..., Any] = self.weights.module
