@@ -198,3 +198,28 @@ def test_evaluation_takes_as_many_windows_a_forward_as_the_logits_allow() -> Non
     theirs, their_count = EagerInference(model, 16, 1.0, 50).loss_sum(windows)  # 16 windows a forward
     assert count == their_count == 40 * 16
     assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+class _IntOnlyLogitsToKeep(LlamaForCausalLM):
+    """A model whose ``logits_to_keep`` takes a count only, as before transformers 4.50 or in custom code."""
+
+    def forward(self, input_ids=None, logits_to_keep=0, **kwargs):
+        if isinstance(logits_to_keep, torch.Tensor):
+            raise TypeError("logits_to_keep must be an int")
+        return super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the eager path's cache argument, by its older name
+def test_a_forward_that_keeps_no_given_positions_computes_all_logits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = _IntOnlyLogitsToKeep(tiny_llama().config).eval()
+    model.load_state_dict(tiny_llama().state_dict())
+    graphed = graphed_cpu(model, block=8)
+    ours = graphed.generate([1, 2], 30, torch.Generator().manual_seed(6))
+    assert (
+        "the forward took no positions as logits_to_keep (TypeError: logits_to_keep must be an int)"
+        in caplog.text
+    )
+    assert not graphed.keeps_given_logits
+    assert ours == EagerInference(model, 8, 1.0, 50).generate([1, 2], 30, torch.Generator().manual_seed(6))

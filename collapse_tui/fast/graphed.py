@@ -295,26 +295,36 @@ class GraphedInference(EagerInference):
         return steps
 
     def _try_steps(self, steps: StepLoop) -> None:
-        """Run two steps, compiling the forward for their shapes; a forward that does not compile runs uncompiled.
+        """Run two steps, compiling the forward for their shapes; give up what fails, one thing at a time.
 
         Inductor fuses the elementwise kernels around the products (norms,
         rotary embeddings, activations, residual adds), so a step launches
         far fewer kernels (benchmarks/RESULTS.md, "Models other than GPT-2").
-        The first call compiles (tens of seconds for a large model).
+        The first call compiles (tens of seconds for a large model). A forward
+        that does not compile runs uncompiled; one whose ``logits_to_keep``
+        takes no tensor of positions (older or custom models) computes all
+        the window's logits and keeps one row.
         """
         if self.compile and self.forward is self.weights.module:
             self.forward = torch.compile(self.weights.module, dynamic=False)
         generator = torch.Generator(device=self.device)
-        try:
-            steps.warm_up(generator)
-        except Exception as error:
-            if self.forward is self.weights.module:
-                raise
-            log.warning(
-                "torch.compile of the model failed (%s): its forward runs uncompiled", in_one_line(error)
-            )
-            self.forward, self.compile = self.weights.module, False
-            steps.warm_up(generator)
+        while True:
+            try:
+                steps.warm_up(generator)
+                return
+            except Exception as error:
+                if self.forward is not self.weights.module:
+                    log.warning(
+                        "torch.compile of the model failed (%s): its forward runs uncompiled",
+                        in_one_line(error),
+                    )
+                    self.forward, self.compile = self.weights.module, False
+                elif self.keeps_given_logits and isinstance(steps, WindowSteps):
+                    log.warning("the forward took no positions as logits_to_keep (%s): all logits computed",
+                                in_one_line(error))  # fmt: skip
+                    self.keeps_given_logits = False
+                else:
+                    raise
 
     @torch.no_grad()
     def prepare(self, prompt_len: int, gen_tokens: int) -> None:
