@@ -38,6 +38,7 @@ from collapse_tui.tui.widgets import (
     RepetitionMeter,
     SampleView,
     SeriesChart,
+    StatusLine,
     highlight_repeats,
     series_caption,
     sparkline_columns,
@@ -776,5 +777,17 @@ def test_while_help_is_open_the_footer_offers_none_of_the_keys_it_swallows() -> 
             assert app.check_action(action, ()) is False
         await pilot.press("escape")
         assert app.check_action("pause", ()) is True
+
+    drive(source, scenario)
+
+
+def test_a_status_tick_while_the_screen_is_torn_down_does_nothing() -> None:
+    """The once-a-second status update can fire after an exit has removed the status line (seen once in CI)."""
+    source = FakeSource([make_record(0, 5)])
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 1, "the record")
+        await app.query_one(StatusLine).remove()
+        app._show_status()  # raised NoMatches before
 
     drive(source, scenario)

@@ -392,10 +392,14 @@ class CollapseApp(App[dict[str, Any] | None]):
         return (last_it - first_it) / (last_t - first_t) if last_t > first_t else None
 
     def _show_status(self) -> None:
+        """Once a second: the status line. A tick that comes while the app tears its screen down does nothing."""
+        lines = self.query(StatusLine)
+        if not lines:
+            return
         rate = self._rate()
         done = 0 if self.iteration is None else self.iteration + 1
         remaining = (self.info.max_iters - done) / rate if rate and self.running else None
-        self.query_one(StatusLine).show(
+        lines.first().show(
             model=self.info.model,
             device=self.info.device,
             iteration=self.iteration,
