@@ -1,6 +1,6 @@
 """The graphed path for any causal LM, on the CPU (no graphs): same tokens as the eager path, fresh weights.
 
-On CUDA the same steps are captured in CUDA graphs (tests/test_fast_gpu.py);
+On CUDA the same steps are captured in CUDA graphs (tests/test_graphed_gpu.py);
 here they run one by one and must sample, from the same draws, exactly the
 tokens ``EagerInference`` samples.
 """
