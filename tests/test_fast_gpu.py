@@ -16,6 +16,7 @@ from gpu import teach_to_say
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from collapse_tui.fast import FastGPT2Inference, fast_inference_for, persistent, skinny
+from collapse_tui.fast.steps import StepLoop
 from collapse_tui.fast.topk_race import race_winner, sample_token
 from collapse_tui.inference import EagerInference, sequence_windows
 from collapse_tui.sampling import filter_logits, sample_next
@@ -117,7 +118,7 @@ def test_fp32_graphs_generate_the_eager_tokens(block: int, gen_tokens: int) -> N
     ours = graphed.generate(prompt, gen_tokens, cuda_gen(1))
     assert all(d.graph is not None for d in graphed._decoders.values()), graphed.description
     # the graph's generator is seeded from the caller's: reproduce that seed for the eager paths
-    seed = int(torch.randint(0, 2**62, (1,), generator=cuda_gen(1), device="cuda"))
+    seed = StepLoop.graph_seed(cuda_gen(1))
     eager_fast = FastGPT2Inference(model, block, 1.0, 200, dtype=torch.float32, use_graphs=False)
     assert eager_fast.generate(prompt, gen_tokens, cuda_gen(seed)) == ours
     assert EagerInference(model, block, 1.0, 200).generate(prompt, gen_tokens, cuda_gen(seed)) == ours

@@ -13,6 +13,7 @@ from gpu import teach_to_say
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from collapse_tui.fast import GraphedInference, fast_inference_for
+from collapse_tui.fast.steps import StepLoop
 from collapse_tui.inference import EagerInference
 
 pytestmark = [
@@ -63,7 +64,7 @@ def test_fp32_graphs_generate_the_eager_tokens(block: int, gen_tokens: int) -> N
     assert list(graphed._steps) == [kv] and graphed._steps[kv].graph is not None, graphed.description
     assert "compiled" in graphed.description  # torch.compile is the default on CUDA
     # the graphs' generator is seeded from the caller's: reproduce that seed for the eager paths
-    seed = int(torch.randint(0, 2**62, (1,), generator=cuda_gen(1), device="cuda"))
+    seed = StepLoop.graph_seed(cuda_gen(1))
     eager_steps = GraphedInference(model, block, 1.0, 200, use_graphs=False)
     assert eager_steps.generate(prompt, gen_tokens, cuda_gen(seed)) == ours
     assert EagerInference(model, block, 1.0, 200).generate(prompt, gen_tokens, cuda_gen(seed)) == ours

@@ -121,11 +121,8 @@ class _Decoder(StepLoop):
         """
         if self.persistent is None:
             return
-        generator = torch.Generator(device=self.owner.device)
-        self.counter.fill_(1)  # a valid state to step from (run() sets the real one)
         try:
-            for _ in range(2):
-                self.step(generator)
+            self.warm_up(torch.Generator(device=self.owner.device))
             problem = "a grid barrier gave up" if self.persistent.failed() else None
         except Exception as error:  # any failure of the optional kernel means: go without it
             problem = in_one_line(error)

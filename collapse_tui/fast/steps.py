@@ -52,6 +52,11 @@ class StepLoop(ABC):
         """Buffer length for samples of ``total`` tokens: rounded up to 1024, so that a few sizes serve every run."""
         return -(-max(block, total) // 1024) * 1024
 
+    @staticmethod
+    def graph_seed(generator: torch.Generator) -> int:
+        """The seed the graphs' generator takes for a sample, drawn from the caller's (one host sync)."""
+        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+
     @abstractmethod
     def step(self, generator: torch.Generator) -> None:
         """One token: read the context from ``seq``, write the sampled token, advance ``counter``.
@@ -138,8 +143,7 @@ class StepLoop(ABC):
         self.start(prompt_len)
         if self.graphs:
             # one host sync per sample, to seed the graphs' generator from the caller's
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-            self.generator.manual_seed(seed)  # type: ignore[union-attr]
+            self.generator.manual_seed(self.graph_seed(generator))  # type: ignore[union-attr]
         done, checked = 0, -STOP_CHECK_EVERY
         for size in self._chunks(gen_tokens):
             if done - checked >= STOP_CHECK_EVERY:
