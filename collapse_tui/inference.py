@@ -158,7 +158,7 @@ class EagerInference(Inference):
                     new = seq[:t] if cache is None else seq[t - 1 : t]
                     past = {self._cache_argument: cache}
                     out = self.model(new.unsqueeze(0), use_cache=True, **past, **keep_last)
-                    cache = out.past_key_values
+                    cache = getattr(out, self._cache_argument)
                 else:
                     # The window slides and its positions restart at 0, so every
                     # hidden state changes: re-run the last `block` tokens.

@@ -223,3 +223,33 @@ def test_a_forward_that_keeps_no_given_positions_computes_all_logits(
     )
     assert not graphed.keeps_given_logits
     assert ours == EagerInference(model, 8, 1.0, 50).generate([1, 2], 30, torch.Generator().manual_seed(6))
+
+
+def test_the_eager_kv_cache_uses_the_forwards_own_name_for_it() -> None:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns when the old one is read.
+
+    The engine silences transformers' warnings, but scripts and notebooks
+    that use the inference classes directly would see it.
+    """
+    import io
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    model = tiny_llama()
+    eager = EagerInference(model, 16, 1.0, 50)
+    if eager._cache_argument != "cache":
+        pytest.skip("this transformers release knows only past_key_values")
+    seen = io.StringIO()
+    handler = logging.StreamHandler(seen)
+    library = transformers_logging.get_logger("transformers")
+    verbosity = transformers_logging.get_verbosity()
+    library.addHandler(handler)
+    transformers_logging.set_verbosity_warning()
+    logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]  # transformers warns once a process
+    try:
+        eager.generate([1, 2], 6, torch.Generator().manual_seed(0))
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        library.removeHandler(handler)
+    assert "deprecated" not in seen.getvalue()
