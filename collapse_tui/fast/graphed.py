@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from collapse_tui.errors import in_one_line
+from collapse_tui.fast.shared_input import compile_options, fuse_shared_input_linears, set_fused
 from collapse_tui.fast.staleness import watch_optimizer_steps
 from collapse_tui.fast.steps import StepLoop
 from collapse_tui.fast.topk_race import sample_token
@@ -65,22 +66,38 @@ class GenerationCopy:
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         self.dtype = dtype
+        self.master = model
+        self._sources: list[torch.Tensor] = []
+        self._copies: list[torch.Tensor] = []
         if dtype == torch.float32:
             self.module = model
-            self._sources: list[torch.Tensor] = []
-            self._copies: list[torch.Tensor] = []
         else:
             self.module = _copy_with_linear_weights_in(model, dtype)
-            self._sources, self._copies = [], []
-            for master, twin in zip(model.modules(), self.module.modules(), strict=True):
-                for name, source in master.named_parameters(recurse=False):
-                    self._sources.append(source.detach())
-                    self._copies.append(getattr(twin, name).detach())
             self.module.requires_grad_(False).eval()
+            self._pair()
         self._versions = [t._version for t in self._sources]
         self.dirty = False
         if self._copies:
             watch_optimizer_steps(self)
+
+    def _pair(self) -> None:
+        """Each master parameter and the copy's tensor that ``refresh`` writes it into."""
+        self._sources, self._copies = [], []
+        for master, twin in zip(self.master.modules(), self.module.modules(), strict=True):
+            for name, source in master.named_parameters(recurse=False):
+                self._sources.append(source.detach())
+                self._copies.append(getattr(twin, name).detach())
+
+    def fuse_shared_inputs(self, probe: Callable[[], object]) -> int:
+        """Stack the weights of the copy's linear layers that share an input (``shared_input``); the number of groups.
+
+        Never in fp32, where the copy is the model itself: the user's model is not changed.
+        """
+        if self.module is self.master:
+            return 0
+        groups = fuse_shared_input_linears(self.module, probe)
+        self._pair()  # the layers' weights are now views of the stacked ones
+        return groups
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -194,9 +211,11 @@ class GraphedInference(EagerInference):
         use_graphs: bool | None = None,
         tokens_per_replay: int = TOKENS_PER_REPLAY,
         compile: bool | None = None,
+        fuse_products: bool = True,
     ) -> None:
         """``compile``: run the copy's forward through ``torch.compile`` (default: on CUDA, unless
-        ``COLLAPSE_TUI_COMPILE=0`` is in the environment)."""
+        ``COLLAPSE_TUI_COMPILE=0`` is in the environment). ``fuse_products``: when compiling a
+        bf16 copy, one product for the linear layers that share an input (``shared_input``)."""
         super().__init__(model, block, temperature, top_k, autocast_dtype)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         vocab = head.weight.size(0) if head is not None else model.config.vocab_size
@@ -207,6 +226,9 @@ class GraphedInference(EagerInference):
         if compile is None:
             compile = self.device.type == "cuda" and os.environ.get("COLLAPSE_TUI_COMPILE", "1") != "0"
         self.compile = compile
+        self.fuse_products = fuse_products
+        #: groups of linear layers whose products the compiled forward computes as one
+        self.fused_groups = 0
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.tokens_per_replay = tokens_per_replay
@@ -223,6 +245,8 @@ class GraphedInference(EagerInference):
         how = f"CUDA graphs of {self.tokens_per_replay} steps" if graphed and all(graphed) else "eager steps"
         compiled = self.forward is not self.weights.module
         forward = "compiled Hugging Face forward" if compiled else "Hugging Face forward"
+        if compiled and self.fused_groups:
+            forward += f" ({self.fused_groups} groups of products fused)"
         return f"{str(self.weights.dtype).replace('torch.', '')} copy, {forward}, {how}"
 
     def autocast(self) -> torch.autocast:
@@ -306,14 +330,20 @@ class GraphedInference(EagerInference):
         the window's logits and keeps one row.
         """
         if self.compile and self.forward is self.weights.module:
-            self.forward = torch.compile(self.weights.module, dynamic=False)
+            self._compile()
         generator = torch.Generator(device=self.device)
         while True:
             try:
                 steps.warm_up(generator)
                 return
             except Exception as error:
-                if self.forward is not self.weights.module:
+                if self.fused_groups:
+                    log.warning("torch.compile of the fused products failed (%s): compiling them one by one",
+                                in_one_line(error))  # fmt: skip
+                    set_fused(self.weights.module, False)
+                    self.fused_groups = 0
+                    self.forward = torch.compile(self.weights.module, dynamic=False)
+                elif self.forward is not self.weights.module:
                     log.warning(
                         "torch.compile of the model failed (%s): its forward runs uncompiled",
                         in_one_line(error),
@@ -325,6 +355,22 @@ class GraphedInference(EagerInference):
                     self.keeps_given_logits = False
                 else:
                     raise
+
+    def _compile(self) -> None:
+        """``torch.compile`` the copy's forward, with the products of layers that share an input fused where that works."""
+        options = compile_options() if self.fuse_products else None
+        if options is not None:
+            probe = torch.zeros((1, min(self.block, 8)), dtype=torch.long, device=self.device)
+
+            def forward() -> object:
+                with self.autocast():
+                    return self.weights.module(probe, use_cache=False)
+
+            self.fused_groups = self.weights.fuse_shared_inputs(forward)
+        if self.fused_groups:
+            self.forward = torch.compile(self.weights.module, dynamic=False, options=options)
+        else:
+            self.forward = torch.compile(self.weights.module, dynamic=False)
 
     @torch.no_grad()
     def prepare(self, prompt_len: int, gen_tokens: int) -> None:
