@@ -23,7 +23,8 @@ of logits allow.
 Precision: with the engine's autocast dtype (bf16) the graphs run a copy of
 the model whose linear weights are already in that dtype, under autocast:
 the same products autocast makes of the fp32 weights, without casting every
-weight for every token. The copy is refreshed after each optimizer step
+weight for every token. Compiled, the copy's layers that read one input
+(q, k and v; gate and up) compute one product together (``shared_input``). The copy is refreshed after each optimizer step
 (``weights_changed``), and before generating if a weight changed without it.
 """
 
@@ -322,12 +323,14 @@ class GraphedInference(EagerInference):
         """Run two steps, compiling the forward for their shapes; give up what fails, one thing at a time.
 
         Inductor fuses the elementwise kernels around the products (norms,
-        rotary embeddings, activations, residual adds), so a step launches
-        far fewer kernels (benchmarks/RESULTS.md, "Models other than GPT-2").
-        The first call compiles (tens of seconds for a large model). A forward
-        that does not compile runs uncompiled; one whose ``logits_to_keep``
-        takes no tensor of positions (older or custom models) computes all
-        the window's logits and keeps one row.
+        rotary embeddings, activations, residual adds), and the layers that
+        read one input run one product (``shared_input``), so a step
+        launches far fewer kernels (benchmarks/RESULTS.md, "Models other
+        than GPT-2"). The first call compiles (tens of seconds for a large
+        model). Fused products that do not compile compile one by one; a
+        forward that does not compile runs uncompiled; one whose
+        ``logits_to_keep`` takes no tensor of positions (older or custom
+        models) computes all the window's logits and keeps one row.
         """
         if self.compile and self.forward is self.weights.module:
             self._compile()
