@@ -130,3 +130,20 @@ def test_if_the_fused_products_do_not_compile_they_compile_one_by_one(
     assert not any(m.fuse for m in graphed.weights.module.modules() if isinstance(m, SharedInputLinear))
     eager = EagerInference(model, 8, 1.0, 50, torch.bfloat16)
     assert ours == eager.generate([1, 2], 20, torch.Generator().manual_seed(4))
+
+
+def test_a_probe_that_fails_leaves_the_layers_as_they_are(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def failing_probe(module: torch.nn.Module, probe: object) -> int:
+        raise RuntimeError("this model's forward needs more than tokens")
+
+    monkeypatch.setattr("collapse_tui.fast.graphed.fuse_shared_input_linears", failing_probe)
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    model = tiny_llama()
+    graphed = GraphedInference(model, 8, 1.0, 50, torch.bfloat16, use_graphs=False, compile=True)
+    ours = graphed.generate([1, 2], 10, torch.Generator().manual_seed(4))
+    assert "products not fused (RuntimeError: this model's forward needs more than tokens)" in caplog.text
+    assert graphed.fused_groups == 0
+    eager = EagerInference(model, 8, 1.0, 50, torch.bfloat16)
+    assert ours == eager.generate([1, 2], 10, torch.Generator().manual_seed(4))

@@ -369,7 +369,12 @@ class GraphedInference(EagerInference):
                 with self.autocast():
                     return self.weights.module(probe, use_cache=False)
 
-            self.fused_groups = self.weights.fuse_shared_inputs(forward)
+            try:
+                self.fused_groups = self.weights.fuse_shared_inputs(forward)
+            except (
+                Exception
+            ) as error:  # the probe failed: nothing was changed, compile the layers as they are
+                log.warning("products not fused (%s)", in_one_line(error))
         if self.fused_groups:
             self.forward = torch.compile(self.weights.module, dynamic=False, options=options)
         else:
