@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument(
         "--modes",
         default="default",
-        help="torch.compile modes, comma-separated; 'none': no compile; 'unfused': default without shared-input products fused",
+        help="torch.compile modes, comma-separated; 'none': no compile; 'unfused': default without shared-input "
+        "products fused; other modes (max-autotune, ...) compile without them too: torch.compile takes a mode "
+        "or options, not both",
     )
     parser.add_argument("--rows", type=int, default=20)
     args = parser.parse_args()

@@ -158,7 +158,9 @@ class EagerInference(Inference):
                     new = seq[:t] if cache is None else seq[t - 1 : t]
                     past = {self._cache_argument: cache}
                     out = self.model(new.unsqueeze(0), use_cache=True, **past, **keep_last)
-                    cache = getattr(out, self._cache_argument)
+                    cache = getattr(out, self._cache_argument, None)
+                    if cache is None:  # custom model code whose output keeps the old name
+                        cache = out.past_key_values
                 else:
                     # The window slides and its positions restart at 0, so every
                     # hidden state changes: re-run the last `block` tokens.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from collapse_tui.fast import shared_input
 from collapse_tui.fast.graphed import GenerationCopy, GraphedInference
 from collapse_tui.fast.shared_input import CommonProducts, SharedInputLinear, compile_options
 from collapse_tui.inference import EagerInference
@@ -80,15 +82,54 @@ def test_an_optimizer_step_reaches_the_stacked_weights() -> None:
     assert torch.equal(stacked, expected)
 
 
+def common_products_of(fn: Callable[..., object], *args: torch.Tensor) -> list[str]:
+    """The operations left in ``fn``'s traced graph after ``CommonProducts``."""
+    graph = make_fx(fn)(*args).graph
+    CommonProducts()(graph)
+    return [str(node.target) for node in graph.nodes if node.op == "call_function"]
+
+
 def test_common_products_keeps_one_of_identical_products_and_every_random_draw() -> None:
     def twice(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return x @ w, x @ w, torch.rand(3), torch.rand(3), x @ w.t()
+        return (x @ w) + 1, (x @ w) + 2, torch.rand(3), torch.rand(3), (x @ w.t()) + 3
 
-    graph = make_fx(twice)(torch.randn(4, 4), torch.randn(4, 4)).graph
-    CommonProducts()(graph)
-    targets = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    targets = common_products_of(twice, torch.randn(4, 4), torch.randn(4, 4))
     assert targets.count("aten.mm.default") == 2  # x @ w once, x @ w.t() once
     assert targets.count("aten.rand.default") == 2
+
+
+def test_common_products_never_makes_two_outputs_one_tensor_or_mixes_scalar_types() -> None:
+    def outputs(x: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x * 2, x * 2, flags * True, flags * 1
+
+    targets = common_products_of(outputs, torch.randn(3), torch.tensor([True, False]))
+    assert targets.count("aten.mul.Tensor") == 4
+    # merged, ``flags * True`` (bool) would take ``flags * 1``'s int64, or the other way round
+    graph = make_fx(lambda flags: (flags * True).float() + (flags * 1).float())(torch.tensor([True])).graph
+    CommonProducts()(graph)
+    assert [str(n.target) for n in graph.nodes if n.op == "call_function"].count("aten.mul.Tensor") == 2
+
+
+def test_a_failure_while_stacking_changes_no_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_llama()
+    weights = GenerationCopy(model, torch.bfloat16)
+    real_stacked, stacks = shared_input._stacked, []
+
+    def stacked_that_fails_the_second_time(layers: list[torch.nn.Linear]):
+        stacks.append(layers)
+        if len(stacks) == 2:
+            raise torch.OutOfMemoryError("no room for the second group")
+        return real_stacked(layers)
+
+    monkeypatch.setattr(shared_input, "_stacked", stacked_that_fails_the_second_time)
+    with pytest.raises(torch.OutOfMemoryError):
+        weights.fuse_shared_inputs(lambda: logits_of(weights.module))
+    assert not any(isinstance(m, SharedInputLinear) for m in weights.module.modules())
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.add_(1.0)
+    weights.refresh()
+    twin = weights.module.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(twin, model.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16))
 
 
 @pytest.mark.skipif(compile_options() is None, reason="this torch has no post-grad graph pass hook")
@@ -135,15 +176,52 @@ def test_if_the_fused_products_do_not_compile_they_compile_one_by_one(
 def test_a_probe_that_fails_leaves_the_layers_as_they_are(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def failing_probe(module: torch.nn.Module, probe: object) -> int:
-        raise RuntimeError("this model's forward needs more than tokens")
-
-    monkeypatch.setattr("collapse_tui.fast.graphed.fuse_shared_input_linears", failing_probe)
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
     model = tiny_llama()
     graphed = GraphedInference(model, 8, 1.0, 50, torch.bfloat16, use_graphs=False, compile=True)
+    copies_before = [t.data_ptr() for t in graphed.weights._copies]
+    failures = []
+
+    def fail_once(module: torch.nn.Module, args: object) -> None:  # the probe is the copy's first forward
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("this model's forward needs more than tokens")
+
+    hook = graphed.weights.module.model.layers[1].register_forward_pre_hook(fail_once)
     ours = graphed.generate([1, 2], 10, torch.Generator().manual_seed(4))
+    hook.remove()
     assert "products not fused (RuntimeError: this model's forward needs more than tokens)" in caplog.text
     assert graphed.fused_groups == 0
+    assert not any(isinstance(m, SharedInputLinear) for m in graphed.weights.module.modules())
+    assert [t.data_ptr() for t in graphed.weights._copies] == copies_before  # refresh writes where it did
+    eager = EagerInference(model, 8, 1.0, 50, torch.bfloat16)
+    assert ours == eager.generate([1, 2], 10, torch.Generator().manual_seed(4))
+
+
+def test_a_torch_that_refuses_the_graph_pass_compiles_the_layers_one_by_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torch 2.4 and 2.5 refuse ``options`` whose value is not of the default's type, in ``torch.compile`` itself."""
+    compiled_with: list[object] = []
+
+    def compile_that_refuses_options(module: torch.nn.Module, **kwargs: object):
+        compiled_with.append(kwargs.get("options"))
+        if kwargs.get("options") is not None:
+            raise RuntimeError("Unexpected type of attr post_grad_custom_pre_pass")
+        return module
+
+    monkeypatch.setattr(torch, "compile", compile_that_refuses_options)
+    monkeypatch.setattr(
+        "collapse_tui.fast.graphed.compile_options", lambda: {"post_grad_custom_pre_pass": object()}
+    )
+    model = tiny_llama()
+    graphed = GraphedInference(model, 8, 1.0, 50, torch.bfloat16, use_graphs=False, compile=True)
+    ours = graphed.generate([1, 2], 10, torch.Generator().manual_seed(4))
+    assert (
+        "products not fused (RuntimeError: Unexpected type of attr post_grad_custom_pre_pass)" in caplog.text
+    )
+    assert compiled_with[0] is not None and compiled_with[1] is None
+    assert graphed.fused_groups == 0
+    assert not any(m.fuse for m in graphed.weights.module.modules() if isinstance(m, SharedInputLinear))
     eager = EagerInference(model, 8, 1.0, 50, torch.bfloat16)
     assert ours == eager.generate([1, 2], 10, torch.Generator().manual_seed(4))

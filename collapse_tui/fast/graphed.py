@@ -96,9 +96,10 @@ class GenerationCopy:
         """
         if self.module is self.master:
             return 0
-        groups = fuse_shared_input_linears(self.module, probe)
-        self._pair()  # the layers' weights are now views of the stacked ones
-        return groups
+        try:
+            return fuse_shared_input_linears(self.module, probe)
+        finally:
+            self._pair()  # the layers' weights are now views of the stacked ones
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -340,11 +341,12 @@ class GraphedInference(EagerInference):
                 steps.warm_up(generator)
                 return
             except Exception as error:
-                if self.fused_groups:
+                if (
+                    self.fused_groups and not self._steps
+                ):  # nothing ran fused yet: the fusion may be what fails
                     log.warning("torch.compile of the fused products failed (%s): compiling them one by one",
                                 in_one_line(error))  # fmt: skip
-                    set_fused(self.weights.module, False)
-                    self.fused_groups = 0
+                    self._unfuse()
                     self.forward = torch.compile(self.weights.module, dynamic=False)
                 elif self.forward is not self.weights.module:
                     log.warning(
@@ -371,14 +373,21 @@ class GraphedInference(EagerInference):
 
             try:
                 self.fused_groups = self.weights.fuse_shared_inputs(forward)
-            except (
-                Exception
-            ) as error:  # the probe failed: nothing was changed, compile the layers as they are
+            except Exception as error:  # the probe or a stack failed: no layer was changed
                 log.warning("products not fused (%s)", in_one_line(error))
         if self.fused_groups:
-            self.forward = torch.compile(self.weights.module, dynamic=False, options=options)
-        else:
-            self.forward = torch.compile(self.weights.module, dynamic=False)
+            try:
+                self.forward = torch.compile(self.weights.module, dynamic=False, options=options)
+                return
+            except Exception as error:  # this torch takes no such option: compile the layers one by one
+                log.warning("products not fused (%s)", in_one_line(error))
+                self._unfuse()
+        self.forward = torch.compile(self.weights.module, dynamic=False)
+
+    def _unfuse(self) -> None:
+        """Let the layers that share an input trace one product each again."""
+        set_fused(self.weights.module, False)
+        self.fused_groups = 0
 
     @torch.no_grad()
     def prepare(self, prompt_len: int, gen_tokens: int) -> None:

@@ -61,12 +61,18 @@ def fuse_shared_input_linears(module: torch.nn.Module, probe: Callable[[], objec
     """Make the ``nn.Linear`` layers of ``module`` that ``probe`` calls on one input a ``SharedInputLinear`` group.
 
     ``probe`` runs a forward of ``module``. A layer joins a group only if it
-    was called once, on a tensor at least one other layer was called on,
-    with the same dtype, device and bias-or-not. Returns the number of groups.
+    was called once, needs no gradient, and was called on the same tensor as
+    at least one other such layer with the same dtype, device and
+    bias-or-not. Returns the number of groups. If anything fails, no layer
+    has been changed.
     """
-    calls: list[tuple[torch.nn.Linear, torch.Tensor]] = []
+    calls: list[tuple[torch.nn.Linear, torch.Tensor | None]] = []
+
+    def record(layer: torch.nn.Linear, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append((layer, args[0] if args else kwargs.get("input")))
+
     hooks = [
-        layer.register_forward_pre_hook(lambda layer, args: calls.append((layer, args[0])))
+        layer.register_forward_pre_hook(record, with_kwargs=True)
         for layer in module.modules()
         if type(layer) is torch.nn.Linear
     ]
@@ -79,38 +85,35 @@ def fuse_shared_input_linears(module: torch.nn.Module, probe: Callable[[], objec
     times_called: dict[int, int] = {}
     for layer, _ in calls:
         times_called[id(layer)] = times_called.get(id(layer), 0) + 1
-    by_input: dict[int, list[torch.nn.Linear]] = {}
+    groups: dict[tuple[Any, ...], list[torch.nn.Linear]] = {}
     for layer, tensor in calls:  # ``calls`` holds every input, so no id is reused while grouping
-        if times_called[id(layer)] == 1:
-            by_input.setdefault(id(tensor), []).append(layer)
-    groups = 0
-    for layers in by_input.values():
-        first = layers[0]
-        if len(layers) < 2 or any(
-            layer.weight.dtype != first.weight.dtype
-            or layer.weight.device != first.weight.device
-            or (layer.bias is None) != (first.bias is None)
-            for layer in layers
-        ):
+        if tensor is None or times_called[id(layer)] != 1 or layer.weight.requires_grad:
             continue
-        _stack(layers)
-        groups += 1
-    return groups
+        key = (id(tensor), layer.weight.dtype, layer.weight.device, layer.bias is None)
+        groups.setdefault(key, []).append(layer)
+    stacked = [(layers, _stacked(layers)) for layers in groups.values() if len(layers) > 1]
+    for layers, (weight, bias) in stacked:  # every stack made first: a failure above changes nothing
+        _share(layers, weight, bias)
+    return len(stacked)
 
 
 @torch.no_grad()
-def _stack(layers: list[torch.nn.Linear]) -> None:
-    """One weight (and bias) tensor for ``layers``, each layer's own a view of its rows."""
+def _stacked(layers: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases) of ``layers``, one after the other in one tensor."""
     weight = torch.cat([layer.weight for layer in layers])
     bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+    return weight, bias
+
+
+def _share(layers: list[torch.nn.Linear], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Make each of ``layers`` a ``SharedInputLinear`` whose weight (and bias) are views of its rows of the stack."""
     start = 0
     for layer in layers:
         stop = start + layer.out_features
-        requires_grad = layer.weight.requires_grad
         layer.__class__ = SharedInputLinear
-        layer.weight = torch.nn.Parameter(weight[start:stop], requires_grad=requires_grad)
+        layer.weight = torch.nn.Parameter(weight[start:stop], requires_grad=False)
         if bias is not None:
-            layer.bias = torch.nn.Parameter(bias[start:stop], requires_grad=requires_grad)
+            layer.bias = torch.nn.Parameter(bias[start:stop], requires_grad=False)
         layer.fused_weight, layer.fused_bias = weight, bias
         layer.start, layer.stop, layer.fuse = start, stop, True
         start = stop
@@ -127,16 +130,26 @@ class CommonProducts(_GraphPassBase):
     """An inductor graph pass that keeps one of each set of identical pure operations (common subexpressions).
 
     The layers of a ``SharedInputLinear`` group each trace the same product
-    of the same input; this leaves one. Operations that mutate or draw
-    random numbers are never merged.
+    of the same input; this leaves one. Never merged: operations that mutate,
+    draw random numbers or have other effects (``Node.is_impure``), that
+    make sizes known only at run time, and the graph's outputs (two outputs
+    must not become one tensor). Scalar arguments compare with their type,
+    so ``x * 1`` and ``x * True`` stay apart.
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        outputs = {node for node in graph.nodes if node.op == "output"}
         first: dict[Any, torch.fx.Node] = {}
         for node in list(graph.nodes):
             if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
                 continue
-            if node.target._schema.is_mutable or torch.Tag.nondeterministic_seeded in node.target.tags:
+            if (
+                node.target._schema.is_mutable
+                or torch.Tag.nondeterministic_seeded in node.target.tags
+                or node.is_impure()
+                or node.meta.get("unbacked_bindings")
+                or any(user in outputs for user in node.users)
+            ):
                 continue
             try:
                 key = _frozen((node.target, node.args, node.kwargs))
@@ -155,18 +168,26 @@ class CommonProducts(_GraphPassBase):
 
 
 def _frozen(value: Any) -> Any:
-    """``value`` with its lists and dicts made tuples, so that equal arguments hash equal."""
+    """``value`` as a hashable key: lists and dicts made tuples, scalars paired with their type (and floats by bits)."""
     if isinstance(value, (list, tuple)):
         return tuple(_frozen(item) for item in value)
     if isinstance(value, dict):
         return tuple(sorted((key, _frozen(item)) for key, item in value.items()))
+    if isinstance(value, float):
+        return (float, value.hex())  # 0.0 and -0.0 apart, NaN equal to itself
+    if isinstance(value, (bool, int, complex)):
+        return (type(value), value)
     return value
 
 
 def compile_options() -> dict[str, Any] | None:
-    """``torch.compile`` options that install ``CommonProducts``; ``None`` where this torch has no such hook."""
+    """``torch.compile`` options that install ``CommonProducts``; ``None`` where this torch takes no such pass.
+
+    Before 2.6 ``torch.compile`` refuses an option whose value is not of its
+    default's type, and this one's default is ``None``.
+    """
     from torch._inductor import config
 
-    if not hasattr(config, "post_grad_custom_pre_pass"):
+    if torch.__version__ < "2.6" or not hasattr(config, "post_grad_custom_pre_pass"):
         return None
     return {"post_grad_custom_pre_pass": CommonProducts()}
