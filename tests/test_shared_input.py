@@ -11,7 +11,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from collapse_tui.fast import shared_input
 from collapse_tui.fast.graphed import GenerationCopy, GraphedInference
-from collapse_tui.fast.shared_input import CommonProducts, SharedInputLinear, compile_options
+from collapse_tui.fast.shared_input import (
+    CommonProducts,
+    SharedInputLinear,
+    compile_options,
+    fuse_shared_input_linears,
+)
 from collapse_tui.inference import EagerInference
 from tests.test_graphed import VOCAB, tiny_llama
 
@@ -225,3 +230,31 @@ def test_a_torch_that_refuses_the_graph_pass_compiles_the_layers_one_by_one(
     assert not any(m.fuse for m in graphed.weights.module.modules() if isinstance(m, SharedInputLinear))
     eager = EagerInference(model, 8, 1.0, 50, torch.bfloat16)
     assert ours == eager.generate([1, 2], 10, torch.Generator().manual_seed(4))
+
+
+def test_layers_on_one_input_group_by_dtype_and_bias_and_keyword_calls_count() -> None:
+    """GPT-J's q, k and v (no bias) read the input its MLP's fc_in (bias) reads: q, k, v still fuse."""
+
+    class ParallelBlock(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(8, 8, bias=False) for _ in range(3))
+            self.fc_in = torch.nn.Linear(8, 16)
+            self.gate, self.up = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+            self.twice = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            attention = self.q(x) * self.k(input=x) + self.v(x)
+            y = torch.relu(x)
+            mlp = self.fc_in(x).sum(-1, keepdim=True) + self.gate(y).sum(-1, keepdim=True) * self.up(y).sum(
+                -1, keepdim=True
+            )
+            return attention + mlp + self.twice(self.twice(x))  # a layer called twice never fuses
+
+    block = ParallelBlock().requires_grad_(False)
+    x = torch.randn(2, 8)
+    expected = block(x)
+    assert fuse_shared_input_linears(block, lambda: block(x)) == 2
+    fused = {name for name, m in block.named_modules() if isinstance(m, SharedInputLinear)}
+    assert fused == {"q", "k", "v", "gate", "up"}
+    assert torch.equal(block(x), expected)
