@@ -21,25 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_generic import build_model
-from timing import kernels_of
+from timing import kernels_of, step_replay_seconds
 
 from collapse_tui.fast.graphed import GraphedInference
-
-
-def replay_ms(steps, position: int, replays: int = 200) -> float:
-    """Milliseconds per replay of the one-step graph, the counter held at ``position``."""
-    graph = steps.graphs[1]
-    for _ in range(10):
-        steps.counter.fill_(position)
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        steps.counter.fill_(position)  # stay inside the buffers
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
 
 
 def main() -> None:
@@ -78,7 +62,7 @@ def main() -> None:
             prepared = time.perf_counter() - started
             steps = graphed._steps[kv]
             position = args.block // 2 if kv else args.block + 1
-            step_ms = replay_ms(steps, position)
+            step_ms = step_replay_seconds(steps, position) * 1e3
             generator = torch.Generator(device="cuda").manual_seed(0)
 
             def one_step(steps=steps, generator=generator, position=position) -> None:

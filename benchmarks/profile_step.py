@@ -18,27 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_iteration import build_model
-from timing import graph_time, kernels_of
+from timing import graph_time, kernels_of, step_replay_seconds
 
 from collapse_tui.fast import FastGPT2Inference
-
-
-def replay_time(fast: FastGPT2Inference, kv: bool, replays: int = 200) -> float:
-    """Seconds per replay of the captured step."""
-    decoder = fast._decoders[kv]
-    assert decoder.graph is not None
-    decoder.counter.fill_(fast.block if not kv else 1)
-    for _ in range(10):
-        decoder.counter.fill_(fast.block if not kv else 1)
-        decoder.graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        decoder.counter.fill_(fast.block if not kv else 1)  # stay inside the buffers
-        decoder.graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / replays
 
 
 def kernel_table(fast: FastGPT2Inference, kv: bool, rows: int) -> str:
@@ -85,7 +67,7 @@ def main() -> None:
     tokens = 1024 if args.block < 1024 else 1023
     fast.generate([50256], tokens, gen)
     kv = tokens <= args.block
-    step = replay_time(fast, kv)
+    step = step_replay_seconds(fast._decoders[kv], 1 if kv else fast.block)
     print(f"{args.model} block {args.block} ({fast.description}): {step * 1e3:.3f} ms per replayed step")
     print(kernel_table(fast, kv, args.rows))
     print(gemm_layouts(model.config.n_embd))

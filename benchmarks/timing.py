@@ -7,6 +7,7 @@ measurement, so what is timed is the kernels themselves, back to back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -51,3 +52,20 @@ def kernels_of(fn: Callable[[], object], rows: int = 0) -> tuple[float, int, str
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows) if rows else ""
     return sum(e.device_time for e in events) / 1e6, len(events), table
+
+
+def step_replay_seconds(loop: Any, position: int, replays: int = 200) -> float:
+    """Seconds per replay of a ``StepLoop``'s one-step graph, its counter held at ``position`` (inside its buffers)."""
+    graph = loop.graph
+    assert graph is not None, "the step was not captured"
+    for _ in range(10):
+        loop.counter.fill_(position)
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        loop.counter.fill_(position)
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays

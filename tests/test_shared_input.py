@@ -20,6 +20,7 @@ from collapse_tui.fast.shared_input import (
 from collapse_tui.inference import EagerInference
 from tests.test_graphed import VOCAB, tiny_llama
 
+SEED = 4
 TOKENS = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
 
 
@@ -33,6 +34,17 @@ def fused_copy() -> tuple[torch.nn.Module, GenerationCopy, int]:
     weights = GenerationCopy(model, torch.bfloat16)
     groups = weights.fuse_shared_inputs(lambda: logits_of(weights.module))
     return model, weights, groups
+
+
+def compiling_graphed(model: torch.nn.Module) -> GraphedInference:
+    """The graphed path on the CPU as CUDA runs it: a bf16 copy, compiled (``torch.compile`` is patched by the tests)."""
+    return GraphedInference(model, 8, 1.0, 50, torch.bfloat16, use_graphs=False, compile=True)
+
+
+def eager_tokens(model: torch.nn.Module, gen_tokens: int) -> list[int]:
+    """What the eager path samples from the prompt [1, 2] with the tests' seed."""
+    eager = EagerInference(model, 8, 1.0, 50, torch.bfloat16)
+    return eager.generate([1, 2], gen_tokens, torch.Generator().manual_seed(SEED))
 
 
 def test_q_k_v_and_gate_up_become_one_stacked_weight_each() -> None:
@@ -167,15 +179,14 @@ def test_if_the_fused_products_do_not_compile_they_compile_one_by_one(
 
     monkeypatch.setattr(torch, "compile", compile_that_fails_with_options)
     model = tiny_llama()
-    graphed = GraphedInference(model, 8, 1.0, 50, torch.bfloat16, use_graphs=False, compile=True)
-    ours = graphed.generate([1, 2], 20, torch.Generator().manual_seed(4))
+    graphed = compiling_graphed(model)
+    ours = graphed.generate([1, 2], 20, torch.Generator().manual_seed(SEED))
     if compile_options() is not None:
         assert "compiling them one by one" in caplog.text
         assert compiled_with[0] is not None and compiled_with[1] is None
     assert graphed.fused_groups == 0
     assert not any(m.fuse for m in graphed.weights.module.modules() if isinstance(m, SharedInputLinear))
-    eager = EagerInference(model, 8, 1.0, 50, torch.bfloat16)
-    assert ours == eager.generate([1, 2], 20, torch.Generator().manual_seed(4))
+    assert ours == eager_tokens(model, 20)
 
 
 def test_a_probe_that_fails_leaves_the_layers_as_they_are(
@@ -183,7 +194,7 @@ def test_a_probe_that_fails_leaves_the_layers_as_they_are(
 ) -> None:
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
     model = tiny_llama()
-    graphed = GraphedInference(model, 8, 1.0, 50, torch.bfloat16, use_graphs=False, compile=True)
+    graphed = compiling_graphed(model)
     copies_before = [t.data_ptr() for t in graphed.weights._copies]
     failures = []
 
@@ -193,14 +204,13 @@ def test_a_probe_that_fails_leaves_the_layers_as_they_are(
             raise RuntimeError("this model's forward needs more than tokens")
 
     hook = graphed.weights.module.model.layers[1].register_forward_pre_hook(fail_once)
-    ours = graphed.generate([1, 2], 10, torch.Generator().manual_seed(4))
+    ours = graphed.generate([1, 2], 10, torch.Generator().manual_seed(SEED))
     hook.remove()
     assert "products not fused (RuntimeError: this model's forward needs more than tokens)" in caplog.text
     assert graphed.fused_groups == 0
     assert not any(isinstance(m, SharedInputLinear) for m in graphed.weights.module.modules())
     assert [t.data_ptr() for t in graphed.weights._copies] == copies_before  # refresh writes where it did
-    eager = EagerInference(model, 8, 1.0, 50, torch.bfloat16)
-    assert ours == eager.generate([1, 2], 10, torch.Generator().manual_seed(4))
+    assert ours == eager_tokens(model, 10)
 
 
 def test_a_torch_that_refuses_the_graph_pass_compiles_the_layers_one_by_one(
@@ -220,16 +230,15 @@ def test_a_torch_that_refuses_the_graph_pass_compiles_the_layers_one_by_one(
         "collapse_tui.fast.graphed.compile_options", lambda: {"post_grad_custom_pre_pass": object()}
     )
     model = tiny_llama()
-    graphed = GraphedInference(model, 8, 1.0, 50, torch.bfloat16, use_graphs=False, compile=True)
-    ours = graphed.generate([1, 2], 10, torch.Generator().manual_seed(4))
+    graphed = compiling_graphed(model)
+    ours = graphed.generate([1, 2], 10, torch.Generator().manual_seed(SEED))
     assert (
         "products not fused (RuntimeError: Unexpected type of attr post_grad_custom_pre_pass)" in caplog.text
     )
     assert compiled_with[0] is not None and compiled_with[1] is None
     assert graphed.fused_groups == 0
     assert not any(m.fuse for m in graphed.weights.module.modules() if isinstance(m, SharedInputLinear))
-    eager = EagerInference(model, 8, 1.0, 50, torch.bfloat16)
-    assert ours == eager.generate([1, 2], 10, torch.Generator().manual_seed(4))
+    assert ours == eager_tokens(model, 10)
 
 
 def test_layers_on_one_input_group_by_dtype_and_bias_and_keyword_calls_count() -> None:

@@ -24,8 +24,9 @@ Precision: with the engine's autocast dtype (bf16) the graphs run a copy of
 the model whose linear weights are already in that dtype, under autocast:
 the same products autocast makes of the fp32 weights, without casting every
 weight for every token. Compiled, the copy's layers that read one input
-(q, k and v; gate and up) compute one product together (``shared_input``). The copy is refreshed after each optimizer step
-(``weights_changed``), and before generating if a weight changed without it.
+(q, k and v; gate and up) compute one product together (``shared_input``).
+The copy is refreshed after each optimizer step (``weights_changed``), and
+before generating if a weight changed without it.
 """
 
 from __future__ import annotations
@@ -341,13 +342,11 @@ class GraphedInference(EagerInference):
                 steps.warm_up(generator)
                 return
             except Exception as error:
-                if (
-                    self.fused_groups and not self._steps
-                ):  # nothing ran fused yet: the fusion may be what fails
+                # before anything ran fused, the fusion may be what fails
+                if self.fused_groups and not self._steps:
                     log.warning("torch.compile of the fused products failed (%s): compiling them one by one",
                                 in_one_line(error))  # fmt: skip
-                    self._unfuse()
-                    self.forward = torch.compile(self.weights.module, dynamic=False)
+                    self._compile_unfused()
                 elif self.forward is not self.weights.module:
                     log.warning(
                         "torch.compile of the model failed (%s): its forward runs uncompiled",
@@ -381,13 +380,13 @@ class GraphedInference(EagerInference):
                 return
             except Exception as error:  # this torch takes no such option: compile the layers one by one
                 log.warning("products not fused (%s)", in_one_line(error))
-                self._unfuse()
-        self.forward = torch.compile(self.weights.module, dynamic=False)
+        self._compile_unfused()
 
-    def _unfuse(self) -> None:
-        """Let the layers that share an input trace one product each again."""
+    def _compile_unfused(self) -> None:
+        """``torch.compile`` the copy's forward with every layer tracing its own product."""
         set_fused(self.weights.module, False)
         self.fused_groups = 0
+        self.forward = torch.compile(self.weights.module, dynamic=False)
 
     @torch.no_grad()
     def prepare(self, prompt_len: int, gen_tokens: int) -> None:

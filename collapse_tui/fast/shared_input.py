@@ -23,6 +23,7 @@ How, without touching a model's code (any Hugging Face causal LM must work):
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,7 @@ def fuse_shared_input_linears(module: torch.nn.Module, probe: Callable[[], objec
     finally:
         for hook in hooks:
             hook.remove()
-    times_called: dict[int, int] = {}
-    for layer, _ in calls:
-        times_called[id(layer)] = times_called.get(id(layer), 0) + 1
+    times_called = Counter(id(layer) for layer, _ in calls)
     groups: dict[tuple[Any, ...], list[torch.nn.Linear]] = {}
     for layer, tensor in calls:  # ``calls`` holds every input, so no id is reused while grouping
         if tensor is None or times_called[id(layer)] != 1 or layer.weight.requires_grad:
