@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from collapse_tui.fast.topk_race import race_winner, sample_token
+from collapse_tui.fast.topk_race import Append, RaceBuffers, race_winner, sample_token
 from collapse_tui.sampling import sample_next
 
 try:
@@ -104,3 +104,36 @@ def test_negative_zero_ties_with_a_zero_kth_largest() -> None:
     ours = race_winner(logits, draws, 1.0, 100, use_triton=True)
     theirs = race_winner(logits, draws, 1.0, 100, use_triton=False)
     assert ours.tolist() == theirs.tolist() == [150]
+
+
+def _race_three_times(use_triton: bool) -> tuple[list[int], list[int], torch.Tensor, RaceBuffers]:
+    """Three races into one sequence through one set of buffers; and each race's token when raced alone."""
+    n = 3000
+    buffers = RaceBuffers(n, torch.device("cpu"))
+    seq, counter = torch.full((10,), -1, dtype=torch.long), torch.tensor([3])
+    append = Append(seq, counter, offset=1)  # the counter holds the position fed, as a KV-cache step's
+    appended, alone = [], []
+    for seed in range(3):
+        logits = logits_row(n, ties=False, seed=seed)
+        draws = torch.empty(1, n).exponential_(generator=torch.Generator().manual_seed(seed))
+        token = race_winner(logits, draws, 1.0, 200, use_triton=use_triton, buffers=buffers, append=append)
+        appended.append(int(token))
+        alone.append(int(race_winner(logits, draws, 1.0, 200, use_triton=use_triton)))
+    assert counter.tolist() == [6]
+    return appended, alone, seq, buffers
+
+
+def test_the_torch_race_appends_its_token_after_the_counter() -> None:
+    appended, alone, seq, _ = _race_three_times(use_triton=False)
+    assert appended == alone
+    assert seq.tolist() == [-1] * 4 + alone + [-1] * 3
+
+
+@interpreted
+def test_the_triton_race_appends_its_token_and_leaves_its_state_zeroed() -> None:
+    """Buffers reused race after race: the last block zeroes the histograms, or the next race would count twice."""
+    appended, alone, seq, buffers = _race_three_times(use_triton=True)
+    assert appended == alone
+    assert len(set(alone)) > 1
+    assert seq.tolist() == [-1] * 4 + alone + [-1] * 3
+    assert not buffers.state.any()

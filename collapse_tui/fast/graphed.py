@@ -43,7 +43,7 @@ from collapse_tui.errors import in_one_line
 from collapse_tui.fast.shared_input import compile_options, fuse_shared_input_linears, set_fused
 from collapse_tui.fast.staleness import watch_optimizer_steps
 from collapse_tui.fast.steps import StepLoop
-from collapse_tui.fast.topk_race import sample_token
+from collapse_tui.fast.topk_race import Append, RaceBuffers, sample_token
 from collapse_tui.inference import EagerInference, full_context
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,8 @@ class WindowSteps(StepLoop):
         super().__init__(owner.device, capacity, owner.tokens_per_replay, owner.graph_pool)
         self.owner = owner
         self.window = torch.arange(owner.block, device=owner.device)
+        # the race writes the token at the counter and advances it (no copy launches of our own)
+        self.race, self.append = RaceBuffers(owner.vocab, owner.device), Append(self.seq, self.counter)
 
     def step(self, generator: torch.Generator) -> None:
         owner, block = self.owner, self.owner.block
@@ -160,9 +162,8 @@ class WindowSteps(StepLoop):
         start = (target - block).clamp_(min=0)
         window = self.seq.index_select(0, start + self.window).view(1, block)
         last = target.clamp(max=block) - 1
-        token = sample_token(owner.next_logits(window, last), owner.temperature, owner.top_k, generator)
-        self.seq.index_copy_(0, target, token)
-        self.counter.add_(1)
+        logits = owner.next_logits(window, last)
+        sample_token(logits, owner.temperature, owner.top_k, generator, self.race, self.append)
 
 
 class CachedSteps(StepLoop):
@@ -172,16 +173,15 @@ class CachedSteps(StepLoop):
         super().__init__(owner.device, capacity, owner.tokens_per_replay, owner.graph_pool)
         self.owner = owner
         self.cache = owner.new_static_cache(self.seq[:1].view(1, 1))
+        # the race writes the token after the one fed and advances the counter
+        self.race, self.append = RaceBuffers(owner.vocab, owner.device), Append(self.seq, self.counter, 1)
 
     def step(self, generator: torch.Generator) -> None:
         owner = self.owner
         position = self.counter  # the token at ``position`` is fed; the next one is written after it
         fed = self.seq.index_select(0, position).view(1, 1)
-        token = sample_token(
-            owner.cached_logits(fed, position, self.cache), owner.temperature, owner.top_k, generator
-        )
-        self.seq.index_copy_(0, position + 1, token)
-        self.counter.add_(1)
+        logits = owner.cached_logits(fed, position, self.cache)
+        sample_token(logits, owner.temperature, owner.top_k, generator, self.race, self.append)
 
     def start(self, prompt_len: int) -> None:
         # the cache writes where its own count says (transformers 5) or at the positions given (4):
@@ -221,8 +221,9 @@ class GraphedInference(EagerInference):
         bf16 copy, one product for the linear layers that share an input (``shared_input``)."""
         super().__init__(model, block, temperature, top_k, autocast_dtype)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        vocab = head.weight.size(0) if head is not None else model.config.vocab_size
-        self.eval_batch = max(self.eval_batch, EVAL_LOGITS_BYTES // (block * vocab * 6))
+        #: logits a step samples from (the race's buffers are made for this many)
+        self.vocab = head.weight.size(0) if head is not None else model.config.vocab_size
+        self.eval_batch = max(self.eval_batch, EVAL_LOGITS_BYTES // (block * self.vocab * 6))
         self.weights = GenerationCopy(model, autocast_dtype or torch.float32)
         #: what the steps call: the copy's forward, compiled on first use where that works
         self.forward: Callable[..., Any] = self.weights.module

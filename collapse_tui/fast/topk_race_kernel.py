@@ -78,12 +78,16 @@ def low_histogram(logit_ptr, state_ptr, n, k, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def race(logit_ptr, draw_ptr, kth_ptr, state_ptr, best_ptr, index_ptr, token_ptr, n, k, inv_temperature,
-         THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):  # fmt: skip
+def race(logit_ptr, draw_ptr, kth_ptr, state_ptr, best_ptr, index_ptr, token_ptr, seq_ptr, counter_ptr, n, k,
+         inv_temperature, THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
+         APPEND: tl.constexpr, OFFSET: tl.constexpr):  # fmt: skip
     """``argmax(x / T - log E)`` over the logits at or above the k-th largest, written to ``token_ptr``.
 
     THRESHOLD 0: no top-k; 1: the k-th largest from the two histograms
-    (bf16 logits); 2: the k-th largest value given at ``kth_ptr``.
+    (bf16 logits); 2: the k-th largest value given at ``kth_ptr``. The last
+    block zeroes the state for the next race (every block has read it by
+    then) and, with ``APPEND``, also writes the token to
+    ``seq[counter + OFFSET]`` and adds 1 to ``counter`` (``topk_race.Append``).
     """
     pid = tl.program_id(0)
     offsets = pid * BLOCK + tl.arange(0, BLOCK)
@@ -109,4 +113,11 @@ def race(logit_ptr, draw_ptr, kth_ptr, state_ptr, best_ptr, index_ptr, token_ptr
         present = blocks < tl.num_programs(0)
         bests = tl.load(best_ptr + blocks, mask=present, other=float("-inf"), cache_modifier=".cg")
         winner = tl.argmax(bests, axis=0)
-        tl.store(token_ptr, tl.load(index_ptr + winner, cache_modifier=".cg"))
+        token = tl.load(index_ptr + winner, cache_modifier=".cg")
+        tl.store(token_ptr, token)
+        slots = tl.arange(0, 1024)
+        tl.store(state_ptr + slots, tl.zeros([1024], dtype=tl.int32), mask=slots < 2 * 256 + 1)
+        if APPEND:
+            count = tl.load(counter_ptr)
+            tl.store(seq_ptr + count + OFFSET, token)
+            tl.store(counter_ptr, count + 1)
