@@ -153,27 +153,35 @@ def main() -> None:
         weights = GPT2Weights(GPT2LMHeadModel(config), torch.bfloat16)
         cache = weights.new_kv_cache(1024)
         token, position = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        sequence = torch.zeros(1024, dtype=torch.long)
+        window = torch.zeros(100, dtype=torch.long)
+        plain = replace(persistent.default_plan(width, 1), matvec=False)
+        traced = persistent.PersistentForward(weights, 1, cache=cache, grid=132)
+        traced.trace = True
+        traced_window = persistent.PersistentForward(weights, 100, grid=132)
+        traced_window.trace = True
+        # label: (forward, launch's arguments); generation's steps read their tokens from the sequence
         launches = {
-            "window, 100 rows": (
+            "window, 100 rows": (persistent.PersistentForward(weights, 100, grid=132), (window,)),
+            "window, 100 rows, from the sequence": (
                 persistent.PersistentForward(weights, 100, grid=132),
-                (torch.zeros(100, dtype=torch.long),),
+                (sequence, position, True, True),
             ),
             "cached token": (
                 persistent.PersistentForward(weights, 1, cache=cache, grid=132),
                 (token, position),
             ),
+            "cached token, from the sequence": (
+                persistent.PersistentForward(weights, 1, cache=cache, grid=132),
+                (sequence, position, True, True),
+            ),
+            "cached token, forward_kernel": (
+                persistent.PersistentForward(weights, 1, cache=cache, plan=plain, grid=132),
+                (sequence, position, True, True),
+            ),
+            "cached token, traced": (traced, (token, position)),
+            "window, traced": (traced_window, (window,)),
         }
-        plain = replace(persistent.default_plan(width, 1), matvec=False)
-        launches["cached token, forward_kernel"] = (
-            persistent.PersistentForward(weights, 1, cache=cache, plan=plain, grid=132),
-            (token, position),
-        )
-        traced = persistent.PersistentForward(weights, 1, cache=cache, grid=132)
-        traced.trace = True
-        launches["cached token, traced"] = (traced, (token, position))
-        traced_window = persistent.PersistentForward(weights, 100, grid=132)
-        traced_window.trace = True
-        launches["window, traced"] = (traced_window, (torch.zeros(100, dtype=torch.long),))
         for label, (forward, inputs) in launches.items():
             kernel, kernel_args, constants = forward.launch(*inputs)
             seconds, used = compile_launch(module, kernel, kernel_args, dict(constants), args.arch)
@@ -185,14 +193,22 @@ def compile_sampling(arch: int) -> None:
     """Every launch of the top-k race: bf16 and fp32 logits, with and without top-k."""
     from collapse_tui.fast import topk_race, topk_race_kernel
 
+    sequence, counter = torch.zeros(1024, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     for dtype in (torch.bfloat16, torch.float32):
         for top_k in (200, None):
-            logits, draws = torch.zeros(50257, dtype=dtype), torch.ones(50257)
-            plan, _ = topk_race.launches(logits, draws, top_k, 1.0)
-            for kernel, _grid, kernel_args, constants in plan:
-                seconds, used = compile_launch(topk_race_kernel, kernel, kernel_args, dict(constants), arch)
-                label = f"{DTYPES[dtype]} logits, top-k {top_k}"
-                print(f"sampling: {label}: {kernel} built for sm_{arch} in {seconds:.1f} s{used}", flush=True)
+            for append in (None, topk_race.Append(sequence, counter)):
+                logits, draws = torch.zeros(50257, dtype=dtype), torch.ones(50257)
+                buffers = topk_race.RaceBuffers(50257, logits.device)
+                plan, _ = topk_race.launches(logits, draws, top_k, 1.0, buffers, append)
+                for kernel, _grid, kernel_args, constants in plan:
+                    seconds, used = compile_launch(
+                        topk_race_kernel, kernel, kernel_args, dict(constants), arch
+                    )
+                    label = f"{DTYPES[dtype]} logits, top-k {top_k}{', appended' if append else ''}"
+                    print(
+                        f"sampling: {label}: {kernel} built for sm_{arch} in {seconds:.1f} s{used}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

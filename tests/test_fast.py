@@ -16,6 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from collapse_tui.errors import RunInterrupted
 from collapse_tui.fast import FastGPT2Inference, fast_inference_for
 from collapse_tui.fast.gpt2 import unsupported_reason
+from collapse_tui.fast.inference import _Decoder
 from collapse_tui.fast.kernels import add_layernorm, linear_gelu
 from collapse_tui.inference import EagerInference, sequence_windows
 
@@ -205,15 +206,46 @@ def test_a_failing_persistent_forward_is_dropped_before_generating(
     assert ids == EagerInference(model, 16, 1.0, 50).generate([1, 2, 3], 40, seed)
 
 
-@pytest.mark.parametrize(("block", "kv"), [(16, False), (64, True)], ids=["window", "cache"])
-def test_prepare_builds_the_decoder_the_first_sample_uses(block: int, kv: bool) -> None:
+@pytest.mark.parametrize(("block", "kinds"), [(16, {True, False}), (64, {True})], ids=["window", "cache"])
+def test_prepare_builds_the_decoders_the_first_sample_uses(block: int, kinds: set[bool]) -> None:
+    """A window sample takes both decoders (it starts on the KV cache), a full-context one only the cache's."""
     model = tiny_model()
     fast = fast_cpu(model, block)
     assert fast.preparing
     fast.prepare(3, 40)
-    prepared = fast._decoders[kv]
+    prepared = dict(fast._decoders)
+    assert set(prepared) == kinds
     ours = fast.generate([1, 2, 3], 40, torch.Generator().manual_seed(1))
-    assert fast._decoders == {kv: prepared}  # not built again
+    assert fast._decoders == prepared  # none built again
     assert ours == EagerInference(model, block, 1.0, 50).generate(
         [1, 2, 3], 40, torch.Generator().manual_seed(1)
+    )
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "cached", "windowed"),
+    [(1, 16, 24), (3, 14, 26), (16, 1, 39), (17, 0, 40), (30, 0, 40)],
+    ids=["one-token-prompt", "short-prompt", "prompt-of-a-block", "prompt-past-the-block", "long-prompt"],
+)
+def test_a_window_sample_starts_on_the_kv_cache(
+    prompt_len: int, cached: int, windowed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokens that still see the sequence from position 0 (up to block + 1 in all) come from the cache, exactly."""
+    model = tiny_model()
+    block = 16
+    fast = fast_cpu(model, block)
+    steps = {True: 0, False: 0}
+    real_step = _Decoder.step
+
+    def counted(decoder: _Decoder, generator: torch.Generator) -> None:
+        steps[decoder.kv] += 1
+        real_step(decoder, generator)
+
+    prompt = list(range(5, 5 + prompt_len))
+    fast.prepare(prompt_len, 40)
+    monkeypatch.setattr(_Decoder, "step", counted)
+    ours = fast.generate(prompt, 40, torch.Generator().manual_seed(2))
+    assert steps == {True: cached, False: windowed}
+    assert ours == EagerInference(model, block, 1.0, 50).generate(
+        prompt, 40, torch.Generator().manual_seed(2)
     )

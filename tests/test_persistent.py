@@ -169,7 +169,8 @@ def test_default_plan_splits_k_into_whole_steps() -> None:
 def test_the_kernels_build_for_hopper(tmp_path) -> None:
     """What the interpreter cannot check: that Triton's compiler accepts every launch the engine makes.
 
-    Five persistent launches (two traced), and six of the top-k race (three kernels; bf16 and fp32 logits).
+    Seven persistent launches (two reading their tokens from a sequence, two traced), and twelve of the
+    top-k race (three kernels; bf16 and fp32 logits; with and without appending the token).
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
@@ -180,7 +181,44 @@ def test_the_kernels_build_for_hopper(tmp_path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert sum(line.startswith("gpt2: ") and "built for sm_90" in line for line in lines) == 5, done.stdout
-    assert sum(line.startswith("sampling: ") and "built for sm_90" in line for line in lines) == 6, (
+    assert sum(line.startswith("gpt2: ") and "built for sm_90" in line for line in lines) == 7, done.stdout
+    assert sum(line.startswith("sampling: ") and "built for sm_90" in line for line in lines) == 12, (
         done.stdout
     )
+
+
+@interpreted
+@pytest.mark.parametrize("target", [5, 20, 33], ids=["padded", "exactly-full", "sliding"])
+def test_a_window_from_the_sequence_is_the_window_before_the_counter(target: int) -> None:
+    """``run_sequence``: the kernel takes the ``rows`` tokens before the counter and returns their last real row.
+
+    Launched twice: the second launch passes its barriers only if the first left its counts zeroed.
+    """
+    weights, rows = tiny_weights(), 20
+    seq = torch.randint(0, 97, (64,), generator=torch.Generator().manual_seed(target))
+    forward = persistent.PersistentForward(weights, rows, plan=persistent.Plan(proj_splits=2, out_splits=4))
+    start = max(0, target - rows)
+    with torch.no_grad():
+        reference = weights.hidden(seq[start : start + rows].view(1, rows))[0, min(target, rows) - 1]
+    for _ in range(2):
+        last = forward.run_sequence(seq, torch.tensor([target]))
+        forward.check()
+        assert last.shape == (1, 128)
+        assert rel_err(last[0], reference) < 2e-2
+
+
+@interpreted
+@pytest.mark.parametrize("matvec", [True, False], ids=["decode_kernel", "forward_kernel"])
+def test_a_cached_token_from_the_sequence_is_the_one_at_the_counter(matvec: bool) -> None:
+    weights = tiny_weights()
+    seq = torch.randint(0, 97, (64,), generator=torch.Generator().manual_seed(9))
+    cache = weights.new_kv_cache(16)
+    plan = dataclasses.replace(persistent.default_plan(128, 1), block_kv=16, chunk=4, matvec=matvec)
+    forward = persistent.PersistentForward(weights, 1, cache=cache, plan=plan)
+    with torch.no_grad():
+        weights.hidden(seq[:11].view(1, 11), cache)  # prefill, as the decoder does
+        reference = weights.hidden(seq[:12].view(1, 12), cache.clone())[0, -1]
+    out = forward.run_sequence(seq, torch.tensor([11]))
+    forward.check()
+    assert out.shape == (1, 128)
+    assert rel_err(out[0], reference) < 2e-2

@@ -8,10 +8,12 @@ The two cases of DESIGN section 1 need two steps:
 
 - sliding window (the sequence outgrows ``block``): a KV cache is not exact,
   because the window's positions restart at 0 every token, so each step
-  re-runs a fixed ``[1, block]`` window. While the sequence is shorter than
-  ``block`` the same shape is used with the tail of the buffer as right
-  padding, and the logits are read at the last real token; causal attention
-  makes the padding invisible to it.
+  re-runs a fixed ``[1, block]`` window. Until the sequence outgrows
+  ``block`` every token sees the whole sequence from position 0, so a run
+  starts on the KV cache (below) and switches to the window when it must.
+  (The window's step itself, when the sequence is shorter, uses the same
+  shape with the tail of the buffer as right padding and reads the logits
+  at the last real token; causal attention makes the padding invisible.)
 - full context (prompt + new tokens fit in ``block``): a static KV cache, one
   token per step, attention over the cache with an additive mask for the
   slots not yet written.
@@ -34,7 +36,7 @@ from collapse_tui.errors import in_one_line
 from collapse_tui.fast.gpt2 import GPT2Weights
 from collapse_tui.fast.persistent import PersistentForward, Plan, check_plan, persistent_unsupported
 from collapse_tui.fast.steps import StepLoop
-from collapse_tui.fast.topk_race import sample_token
+from collapse_tui.fast.topk_race import Append, RaceBuffers, sample_token
 from collapse_tui.inference import Inference, full_context
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ class _Decoder(StepLoop):
             self.slots = torch.arange(self.cache_len, device=device)
         else:
             self.window = torch.arange(owner.block, device=device)
+        #: the race's scratch, and where it writes the token: the step's last launch appends it itself
+        self.race = RaceBuffers(owner.weights.lm_head.size(0), device)
+        self.append = Append(self.seq, self.counter, offset=1 if kv else 0)
         #: the whole forward in one launch a token, where the shape allows (persistent.py)
         self.persistent: PersistentForward | None = None
         if owner.use_persistent:
@@ -77,28 +82,23 @@ class _Decoder(StepLoop):
 
     def step(self, generator: torch.Generator) -> None:
         weights, block = self.owner.weights, self.owner.block
-        if self.kv:
-            position = self.counter  # the token at ``position`` is fed; the next one is written
+        if self.persistent is not None:
+            # the kernel finds its tokens in the sequence and the race appends the token: six launches
+            # a token (forward, lm_head, the draws, two histograms, the race), no gathers or copies
+            logits = weights.logits(self.persistent.run_sequence(self.seq, self.counter))
+        elif self.kv:
+            position = self.counter  # the token at ``position`` is fed; the next one is written after it
             fed = self.seq.index_select(0, position)
-            if self.persistent is not None:
-                logits = weights.logits(self.persistent.run(fed, position)[:1])
-            else:
-                mask = torch.where(self.slots <= position, 0.0, float("-inf")).to(weights.dtype)
-                logits = weights.decode_one(fed, position, self.cache, mask.view(1, 1, 1, -1))
-            target = position + 1
-            token = sample_token(logits, self.owner.temperature, self.owner.top_k, generator)
+            mask = torch.where(self.slots <= position, 0.0, float("-inf")).to(weights.dtype)
+            logits = weights.decode_one(fed, position, self.cache, mask.view(1, 1, 1, -1))
         else:
             target = self.counter  # the token written at ``target`` sees seq[max(0, target-block):target]
             start = (target - block).clamp_(min=0)
             window = self.seq.index_select(0, start + self.window)
-            if self.persistent is not None:
-                x = self.persistent.run(window)
-            else:
-                x = weights.hidden(window.view(1, block))[0]
-            last = x.index_select(0, target.clamp(max=block) - 1)
-            token = sample_token(weights.logits(last), self.owner.temperature, self.owner.top_k, generator)
-        self.seq.index_copy_(0, target, token)
-        self.counter.add_(1)
+            x = weights.hidden(window.view(1, block))[0]
+            logits = weights.logits(x.index_select(0, target.clamp(max=block) - 1))
+        owner = self.owner
+        sample_token(logits, owner.temperature, owner.top_k, generator, self.race, self.append)
 
     def start(self, prompt_len: int) -> None:
         if self.kv:
@@ -136,8 +136,9 @@ class _Decoder(StepLoop):
         gen_tokens: int,
         generator: torch.Generator,
         should_stop: Callable[[], bool],
+        continue_draws: bool = False,
     ) -> list[int]:
-        sample = super().run(prompt_ids, gen_tokens, generator, should_stop)
+        sample = super().run(prompt_ids, gen_tokens, generator, should_stop, continue_draws)
         if self.persistent is not None and self.persistent.failed():
             # a grid barrier gave up (CTAs not all resident?): this sample is not to be
             # trusted; drop the persistent kernel for good and generate it again (from a
@@ -150,6 +151,10 @@ class _Decoder(StepLoop):
                 self.capture()
             return self.run(prompt_ids, gen_tokens, generator, should_stop)
         return sample
+
+    def capture(self, generator: torch.Generator | None = None) -> None:
+        """Capture with the generator both decoders share: a window sample's steps continue its cached start's draws."""
+        super().capture(self.owner.graph_generator if generator is None else generator)
 
 
 class FastGPT2Inference(Inference):
@@ -176,6 +181,8 @@ class FastGPT2Inference(Inference):
         self.max_positions = model.config.n_positions
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        #: the graphs' generator, shared by both decoders (a window sample starts on the KV cache's)
+        self.graph_generator = torch.Generator(device=self.device) if self.use_graphs else None
         self.tokens_per_replay = tokens_per_replay
         #: try the one-launch-a-token forward (persistent.py) where the device and shape allow
         self.use_persistent = use_persistent
@@ -225,11 +232,21 @@ class FastGPT2Inference(Inference):
             self._decoders[kv] = decoder
         return decoder
 
+    def _head(self, prompt_len: int, total: int) -> int:
+        """How many of a sample's first tokens come from the KV cache: all of a full-context sample's;
+        of a window sample's, those that still see the sequence from position 0 (up to ``block + 1``)."""
+        if full_context(total, self.block):
+            return total - prompt_len
+        return max(0, self.block + 1 - prompt_len)
+
     def prepare(self, prompt_len: int, gen_tokens: int) -> None:
         total = prompt_len + gen_tokens
         with self._forward_context():
             self._fresh()
-            self._decoder(full_context(total, self.block), total)
+            if self._head(prompt_len, total):
+                self._decoder(True, min(total, self.block + 1))
+            if not full_context(total, self.block):
+                self._decoder(False, total)
 
     def generate(
         self,
@@ -249,7 +266,17 @@ class FastGPT2Inference(Inference):
             raise ValueError(f"block {self.block} is longer than the model's {self.max_positions} positions")
         with self._forward_context():
             self._fresh()
-            return self._decoder(kv, total).run(prompt_ids, gen_tokens, generator, should_stop)
+            head = self._head(len(prompt_ids), total)
+            cached = self._decoder(True, min(total, self.block + 1)) if head else None
+            if cached is not None:
+                # exact: these tokens see the whole sequence at its own positions, as the window would
+                prompt_ids = cached.run(prompt_ids, head, generator, should_stop)
+            if kv:
+                return prompt_ids
+            window = self._decoder(False, total)
+            # the window's graphs go on with the draws of the cached start's (one generator, seeded once)
+            continued = cached is not None and bool(cached.graphs)
+            return window.run(prompt_ids, gen_tokens - head, generator, should_stop, continue_draws=continued)
 
     def _row_batches(self, windows: torch.Tensor) -> Iterator[torch.Tensor]:
         rows = max(1, EVAL_TOKENS_PER_FORWARD // max(1, windows.size(1) - 1))

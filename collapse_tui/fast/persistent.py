@@ -207,10 +207,14 @@ class PersistentForward:
         self.attn_out = torch.zeros(heads_chunks, width // heads, dtype=torch.float32, device=device)
         self.attn_stats = torch.zeros(heads_chunks, 2, dtype=torch.float32, device=device)
         # the grid barrier's counter, then the dependency flags (persistent_kernel.forward_kernel: per
-        # head, per K split of each product, layer-norm rows), one tensor so that a launch zeroes them all
-        self.sync = torch.zeros(2 + heads + self.plan.proj_splits + self.plan.out_splits, dtype=torch.int32,
-                                device=device)  # fmt: skip
-        self.counter, self.flags = self.sync[:1], self.sync[1:]
+        # head, per K split of each product, layer-norm rows), and last the count of CTAs that are done;
+        # the last CTA out of a launch copies them to ``final`` and zeroes them (persistent_kernel.leave)
+        flags = 1 + heads + self.plan.proj_splits + self.plan.out_splits
+        self.sync = torch.zeros(_next_pow2(flags + 2), dtype=torch.int32, device=device)
+        self.counter, self.flags = self.sync[:1], self.sync[1 : 1 + flags]
+        self.final = torch.zeros_like(self.sync)
+        #: the row lm_head reads after a window launch: ln_f of the last real row (``run_sequence``)
+        self.last = torch.zeros(1, width, dtype=dtype, device=device)
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
         self.cache_len = cache.size(3) if cache is not None else 1
         self._dummy_cache = torch.zeros(1, dtype=dtype, device=device)
@@ -303,16 +307,36 @@ class PersistentForward:
 
         ``work=False`` passes the barriers only (benchmarks time them so).
         """
-        module = _build()
-        assert module is not None, "Triton is not installed"
-        name, args, constants = self.launch(tokens, position, work)
-        self.last_kernel, self.last_work = name, work
-        self.sync.zero_()
-        getattr(module, name)[(self.grid,)](*args, **constants)
+        self._launch(tokens, position, work, from_sequence=False)
         return self.xn
 
+    def run_sequence(self, seq: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+        """The forward a generation step needs, its tokens read by the kernel from ``seq`` [capacity].
+
+        Window: the ``rows`` tokens before position ``counter`` [1] (from 0
+        while the sequence is shorter, the rest padding); cache: the token at
+        ``counter``. Returns the ``[1, n_embd]`` row lm_head takes (``ln_f``
+        of the window's last real row, or of the cached token). One launch:
+        no gather of the window before it, no pick of the row after it.
+        """
+        self._launch(seq, counter, True, from_sequence=True)
+        return self.xn[:1] if self.matvec else self.last
+
+    def _launch(
+        self, tokens: torch.Tensor, position: torch.Tensor | None, work: bool, from_sequence: bool
+    ) -> None:
+        module = _build()
+        assert module is not None, "Triton is not installed"
+        name, args, constants = self.launch(tokens, position, work, from_sequence)
+        self.last_kernel, self.last_work = name, work
+        getattr(module, name)[(self.grid,)](*args, **constants)
+
     def launch(
-        self, tokens: torch.Tensor, position: torch.Tensor | None = None, work: bool = True
+        self,
+        tokens: torch.Tensor,
+        position: torch.Tensor | None = None,
+        work: bool = True,
+        from_sequence: bool = False,
     ) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
         """The kernel's name, its arguments and its compile-time constants (with warps and stages) for a launch.
 
@@ -332,6 +356,7 @@ class PersistentForward:
             # one program under the interpreter: a wait its own work has not met will never be met
             "SPIN": 64 if interpreted else SPIN_LIMIT,
             "PREFETCH": plan.prefetch and not interpreted, "num_warps": plan.warps,
+            "FROM_SEQ": from_sequence, "SYNC_SLOTS": self.sync.numel(),
         }  # fmt: skip
         if self.matvec and work:
             assert position is not None and self.cache is not None
@@ -339,7 +364,8 @@ class PersistentForward:
             args = (
                 tokens, position, w.wte, w.wpe, *stacks,
                 self.h, self.xn, self.qkv, self.ff, self.part, self.attn_out, self.attn_stats, self.cache,
-                self.counter, self.flags, self.error, self.trace_cycles, len(w.layers), w.eps, self.scale,
+                self.counter, self.flags, self.final, self.error, self.trace_cycles, len(w.layers), w.eps,
+                self.scale,
             )  # fmt: skip
             constants = {
                 "BN": self._block_n(), "KSPLIT": chunks, "CH": chunk, **self.flag_counts(),
@@ -351,8 +377,8 @@ class PersistentForward:
         cached = self.cache is not None
         args = (
             tokens, position if position is not None else self._position, w.wte, w.wpe, *stacks,
-            self.h, self.xn, self.qkv, self.attn, self.ff, self.part,
-            self.cache if cached else self._dummy_cache, self.counter, self.flags, self.error,
+            self.h, self.xn, self.last, self.qkv, self.attn, self.ff, self.part,
+            self.cache if cached else self._dummy_cache, self.counter, self.flags, self.final, self.error,
             self.trace_cycles, self.rows, len(w.layers), w.eps, self.scale,
         )  # fmt: skip
         constants = {
@@ -369,11 +395,20 @@ class PersistentForward:
         return bool(int(self.error.item()))
 
     def check(self) -> None:
-        """Raise if a barrier gave up or the counter shows a CTA missed one (host sync: tests only)."""
+        """Raise if a barrier gave up, the counter shows a CTA missed one, or a flag is off (host sync: tests only).
+
+        Reads what the last launch counted (``final``) and checks that it
+        left the live counts zeroed for the next.
+        """
         if int(self.error.item()):
             raise RuntimeError("a grid barrier of the persistent forward timed out")
+        counter, flags = int(self.final[0]), self.final[1 : 1 + self.flags.numel()].tolist()
         expected = self.barriers * self.grid
-        if int(self.counter.item()) != expected:
-            raise RuntimeError(f"barrier counter {int(self.counter.item())}, expected {expected}")
-        if self.flags.tolist() != self.expected_flags():
-            raise RuntimeError(f"dependency flags {self.flags.tolist()}, expected {self.expected_flags()}")
+        if counter != expected:
+            raise RuntimeError(f"barrier counter {counter}, expected {expected}")
+        if flags != self.expected_flags():
+            raise RuntimeError(f"dependency flags {flags}, expected {self.expected_flags()}")
+        if int(self.final[-1]) != self.grid:
+            raise RuntimeError(f"{int(self.final[-1])} CTAs counted themselves out, expected {self.grid}")
+        if self.sync.any():
+            raise RuntimeError(f"the launch left its counts at {self.sync.tolist()}, not zeroed")

@@ -67,6 +67,24 @@ def spin_budget(error_ptr, SPIN: tl.constexpr):
 
 
 @triton.jit
+def leave(sync_ptr, final_ptr, nprog, SLOTS: tl.constexpr):
+    """Count this CTA out; the last one out copies the barrier counter and flags to ``final_ptr`` and zeroes them.
+
+    ``sync_ptr [SLOTS]`` (a power of two) is the counter, the flags, unused
+    slots, and last this exit count. Every other CTA has passed its last
+    wait when it counts itself out, so nobody reads them any more: the next
+    launch finds them zeroed without a zeroing launch of its own, and
+    ``final_ptr`` keeps what this one counted (``PersistentForward.check``).
+    """
+    tl.debug_barrier()
+    done = tl.atomic_add(sync_ptr + SLOTS - 1, 1, sem="acq_rel", scope="gpu")
+    if done == nprog - 1:
+        slots = tl.arange(0, SLOTS)
+        tl.store(final_ptr + slots, tl.load(sync_ptr + slots, cache_modifier=".cg"))
+        tl.store(sync_ptr + slots, tl.zeros([SLOTS], dtype=tl.int32))
+
+
+@triton.jit
 def signal(flag_ptr, first, COLS: tl.constexpr, GROUP: tl.constexpr):
     """Count one finished item, covering columns ``first .. first+COLS-1``, on the flag of each group it touches.
 
@@ -82,10 +100,13 @@ def signal(flag_ptr, first, COLS: tl.constexpr, GROUP: tl.constexpr):
 
 @triton.jit
 def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, wte_ptr, wpe_ptr,
-               rows_ptr, M, pos, eps, pid, nprog,
+               rows_ptr, M, pos, eps, pid, nprog, last_ptr, last_row,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                SPLITS: tl.constexpr, EMBED: tl.constexpr):  # fmt: skip
     """Per row: h = embedding, or h += partial sums + bias; then xn = layer_norm(h) in bf16.
+
+    Row ``last_row`` (-1: none) also goes to ``last_ptr``: the row lm_head
+    reads, so that no gather launch picks it out of ``xn``.
 
     The rows a CTA did are counted on ``rows_ptr`` (release) once all are
     stored, in one atomic: the product after waits for all ``M`` rows
@@ -113,7 +134,10 @@ def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, w
         mean = tl.sum(h, axis=0) / D
         centred = tl.where(ok, h - mean, 0.0)
         rstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / D + eps)
-        tl.store(xn_ptr + r * D + cols, (centred * rstd * w + b).to(xn_ptr.dtype.element_ty), mask=ok)
+        normed = (centred * rstd * w + b).to(xn_ptr.dtype.element_ty)
+        tl.store(xn_ptr + r * D + cols, normed, mask=ok)
+        if r == last_row:
+            tl.store(last_ptr + cols, normed, mask=ok)
     if pid < M:  # one count (release) for all of this CTA's rows, once they are all stored
         tl.debug_barrier()
         tl.atomic_add(rows_ptr, tl.cdiv(M - pid, nprog), sem="release", scope="gpu")
@@ -282,16 +306,25 @@ def next_layer(qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln
 @triton.jit
 def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
                    qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b,
-                   h_ptr, xn_ptr, qkv_ptr, attn_ptr, ff_ptr, part_ptr, cache_ptr, counter_ptr, flag_ptr,
-                   error_ptr, trace_ptr, M, n_layer, eps, scale,
+                   h_ptr, xn_ptr, last_ptr, qkv_ptr, attn_ptr, ff_ptr, part_ptr, cache_ptr, counter_ptr, flag_ptr,
+                   final_ptr, error_ptr, trace_ptr, M, n_layer, eps, scale,
                    D: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, LC: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CACHED: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CACHED: tl.constexpr, FROM_SEQ: tl.constexpr,
+                   SYNC_SLOTS: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                    PROJ_SPLITS: tl.constexpr, OUT_SPLITS: tl.constexpr, SPIN: tl.constexpr,
                    QKV_COUNT: tl.constexpr, ATTN_COUNT: tl.constexpr, UP_COUNT: tl.constexpr,
                    UPCAST: tl.constexpr, PREFETCH: tl.constexpr, WORK: tl.constexpr,
                    TRACE: tl.constexpr):  # fmt: skip
     """Embedding, every layer, and the final layer norm (``ln1_w[n_layer]`` is ``ln_f``) into ``xn``.
+
+    The tokens are ``tok_ptr[0:M]``; with ``FROM_SEQ`` ``tok_ptr`` is a
+    generation loop's whole sequence and ``pos_ptr`` its counter, and the
+    kernel finds its tokens itself: the window ending before the counter
+    (rows from 0, padded while the sequence is shorter than ``M``), or with
+    ``CACHED`` the ``M`` tokens from the cache position. The row the next
+    token is sampled from (the window's last real row) also goes to
+    ``last_ptr``. The last CTA out zeroes the counter and flags (``leave``).
 
     A layer: ln_1 > qkv > attention > projection | residual + ln_2 > MLP up
     > MLP down | residual + ln_1 of the next layer, where ``|`` is a grid
@@ -318,15 +351,22 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     out_flags = flag_ptr + H + PROJ_SPLITS
     rows_flag = out_flags + OUT_SPLITS
     pos = 0
+    last_row = M - 1
     if CACHED:
         pos = tl.load(pos_ptr).to(tl.int32)
+        if FROM_SEQ:
+            tok_ptr += pos
+    elif FROM_SEQ:
+        target = tl.load(pos_ptr).to(tl.int32)  # where the token sampled from this forward goes
+        tok_ptr += tl.maximum(target - M, 0)
+        last_row = tl.minimum(target, M) - 1
     barrier = 0
     spin = spin_budget(error_ptr, SPIN)
     if WORK:
         prefetch_tiles(qkv_w, pid, nprog, 3 * D, D, 1, BN, PREFETCH)
         prefetch_tiles(proj_w, pid, nprog, D, D, PROJ_SPLITS, BN, PREFETCH)
         rows_stage(h_ptr, part_ptr, proj_b, ln1_w, ln1_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, rows_flag, M, pos, eps,
-                   pid, nprog, D, BLOCK_D, BLOCK_M, 1, True)  # fmt: skip
+                   pid, nprog, last_ptr, -1, D, BLOCK_D, BLOCK_M, 1, True)  # fmt: skip
     cache = cache_ptr
     if TRACE:
         cycles = tl.zeros([16], dtype=tl.int64)
@@ -358,7 +398,7 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
             cycles, since = tick(cycles, since, 3)
         if WORK:
             rows_stage(h_ptr, part_ptr, proj_b, ln2_w, ln2_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, rows_flag, M, pos, eps,
-                       pid, nprog, D, BLOCK_D, BLOCK_M, PROJ_SPLITS, False)  # fmt: skip
+                       pid, nprog, last_ptr, -1, D, BLOCK_D, BLOCK_M, PROJ_SPLITS, False)  # fmt: skip
         if TRACE:
             cycles, since = tick(cycles, since, 4)
         if WORK:
@@ -382,8 +422,9 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if TRACE:
             cycles, since = tick(cycles, since, 8)
         if WORK:
+            final_row = tl.where(layer + 1 == n_layer, last_row, -1)  # after the last layer: ln_f
             rows_stage(h_ptr, part_ptr, out_b, ln1_w + D, ln1_b + D, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, rows_flag, M, pos,
-                       eps, pid, nprog, D, BLOCK_D, BLOCK_M, OUT_SPLITS, False)  # fmt: skip
+                       eps, pid, nprog, last_ptr, final_row, D, BLOCK_D, BLOCK_M, OUT_SPLITS, False)  # fmt: skip
         if TRACE:
             cycles, since = tick(cycles, since, 9)
         qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache = next_layer(
@@ -391,6 +432,7 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         )  # fmt: skip
     if TRACE:
         tl.store(trace_ptr + pid * 16 + tl.arange(0, 16), cycles)
+    leave(counter_ptr, final_ptr, nprog, SYNC_SLOTS)
 
 
 # -- one cached token (full-context decoding): products as matrix-vector products ---------------
@@ -563,14 +605,18 @@ def tick(acc, since, SLOT: tl.constexpr):
 def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
                   qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b,
                   h_ptr, xn_ptr, qkv_ptr, ff_ptr, part_ptr, o_ptr, ml_ptr, cache_ptr, counter_ptr, flag_ptr,
-                  error_ptr, trace_ptr, n_layer, eps, scale,
+                  final_ptr, error_ptr, trace_ptr, n_layer, eps, scale,
                   D: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, LC: tl.constexpr,
+                  FROM_SEQ: tl.constexpr, SYNC_SLOTS: tl.constexpr,
                   BLOCK_D: tl.constexpr, BN: tl.constexpr, KSPLIT: tl.constexpr, CH: tl.constexpr,
                   PROJ_SPLITS: tl.constexpr, OUT_SPLITS: tl.constexpr, KX_PROJ: tl.constexpr,
                   KX_OUT: tl.constexpr, SPIN: tl.constexpr, QKV_COUNT: tl.constexpr,
                   ATTN_COUNT: tl.constexpr, UP_COUNT: tl.constexpr, PREFETCH: tl.constexpr,
                   TRACE: tl.constexpr):  # fmt: skip
     """One token at the position in ``pos_ptr``, over the cache: two grid barriers a layer.
+
+    The token is ``tok_ptr[0]``, or with ``FROM_SEQ`` ``tok_ptr[pos]`` (a
+    generation loop's sequence, ``pos_ptr`` its counter).
 
     The layer norms ride in the prologue of the product after them (every CTA
     normalises the one row itself), and the attention's key chunks are
@@ -600,6 +646,8 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     KS_OUT: tl.constexpr = F // OUT_SPLITS
     cols_d = tl.arange(0, BLOCK_D)
     pos = tl.load(pos_ptr).to(tl.int32)
+    if FROM_SEQ:
+        tok_ptr += pos
     token = tl.load(tok_ptr)
     h_a = h_ptr
     h_b = h_ptr + D
@@ -721,3 +769,4 @@ def decode_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         h = add_residual(h_a, part_out, out_b - D, h_b, pid, OUT_SPLITS, D, BLOCK_D)
         x_f = layer_norm_row(h, ln_w, ln_b, eps, D, BLOCK_D)
         tl.store(xn_ptr + cols_d, x_f.to(xn_ptr.dtype.element_ty), mask=cols_d < D)
+    leave(counter_ptr, final_ptr, nprog, SYNC_SLOTS)

@@ -13,10 +13,11 @@ A subclass says what one step computes (``step``) and how a sample starts
 any causal LM (``fast/graphed.py``) share the capture and the replay loop.
 
 Randomness: inside a graph, sampling draws from a generator owned by the loop
-and registered with the graphs, seeded at the start of every sample from the
-caller's generator, so a run is deterministic given its seed (it does not
-reproduce the eager path's draws). Without graphs (the CPU, or a capture that
-failed) the caller's generator is used directly, like ``EagerInference``.
+(or shared by the loops that make one sample, ``capture``) and registered with
+the graphs, seeded at the start of every sample from the caller's generator,
+so a run is deterministic given its seed (it does not reproduce the eager
+path's draws). Without graphs (the CPU, or a capture that failed) the
+caller's generator is used directly, like ``EagerInference``.
 """
 
 from __future__ import annotations
@@ -84,16 +85,18 @@ class StepLoop(ABC):
                 self.step(generator)
         return graph
 
-    def capture(self) -> None:
+    def capture(self, generator: torch.Generator | None = None) -> None:
         """Capture chunks of steps in CUDA graphs; on failure keep running eagerly (still no host sync).
 
         One graph per power of two up to ``tokens_per_replay``: a sample of n
         tokens replays the largest chunk while it fits, then at most one graph
         of each smaller size. Several steps per graph remove the gap between
         replays (~0.15 ms a token for gpt2-medium with one step per replay);
-        all graphs share one memory pool and the generator.
+        all graphs share one memory pool and the generator: ``generator``
+        where loops take turns on one sample (so that the second continues
+        the first's draws, ``run``'s ``continue_draws``), else a new one.
         """
-        generator = torch.Generator(device=self.device)
+        generator = generator if generator is not None else torch.Generator(device=self.device)
         if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
             log.warning("this torch cannot register a generator with a CUDA graph: generation runs eagerly")
             return
@@ -136,12 +139,18 @@ class StepLoop(ABC):
         gen_tokens: int,
         generator: torch.Generator,
         should_stop: Callable[[], bool],
+        continue_draws: bool = False,
     ) -> list[int]:
-        """The prompt followed by ``gen_tokens`` sampled tokens; ``RunInterrupted`` when asked to stop."""
+        """The prompt followed by ``gen_tokens`` sampled tokens; ``RunInterrupted`` when asked to stop.
+
+        ``continue_draws``: the graphs' generator goes on from where another
+        loop that shares it left it (that loop sampled the start of this
+        sample), instead of being seeded for a new sample.
+        """
         prompt_len = len(prompt_ids)
         self.seq[:prompt_len].copy_(torch.tensor(prompt_ids, dtype=torch.long))
         self.start(prompt_len)
-        if self.graphs:
+        if self.graphs and not continue_draws:
             # one host sync per sample, to seed the graphs' generator from the caller's
             self.generator.manual_seed(self.graph_seed(generator))  # type: ignore[union-attr]
         done, checked = 0, -STOP_CHECK_EVERY
