@@ -268,12 +268,14 @@ class FastGPT2Inference(Inference):
             self._fresh()
             head = self._head(len(prompt_ids), total)
             cached = self._decoder(True, min(total, self.block + 1)) if head else None
+            # built before the cached start runs: building captures, and capturing draws from the
+            # generator the two decoders share
+            window = None if kv else self._decoder(False, total)
             if cached is not None:
                 # exact: these tokens see the whole sequence at its own positions, as the window would
                 prompt_ids = cached.run(prompt_ids, head, generator, should_stop)
-            if kv:
+            if window is None:
                 return prompt_ids
-            window = self._decoder(False, total)
             # the window's graphs go on with the draws of the cached start's (one generator, seeded once)
             continued = cached is not None and bool(cached.graphs)
             return window.run(prompt_ids, gen_tokens - head, generator, should_stop, continue_draws=continued)
