@@ -200,6 +200,28 @@ def test_evaluation_takes_as_many_windows_a_forward_as_the_logits_allow() -> Non
     assert ours == pytest.approx(theirs, rel=1e-5)
 
 
+def test_bf16_evaluation_reads_the_copy_and_computes_what_autocast_over_the_master_computes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The copy holds the weights as autocast casts them: the same loss, exactly, without the master's forward.
+
+    A change to the master that nobody announced (the version counter tells) reaches the loss too.
+    """
+    model = tiny_llama()
+    graphed = graphed_cpu(model, block=16, dtype=torch.bfloat16)
+    windows = torch.randint(0, VOCAB, (6, 17), generator=torch.Generator().manual_seed(8))
+    eager = EagerInference(model, 16, 1.0, 50, autocast_dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    theirs = eager.loss_sum(windows)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("evaluation ran the master's forward")
+
+    monkeypatch.setattr(model, "forward", refuse)
+    assert graphed.loss_sum(windows) == theirs
+
+
 class _IntOnlyLogitsToKeep(LlamaForCausalLM):
     """A model whose ``logits_to_keep`` takes a count only, as before transformers 4.50 or in custom code."""
 

@@ -263,6 +263,18 @@ class GraphedInference(EagerInference):
     def weights_changed(self) -> None:
         self.weights.refresh()
 
+    def window_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Evaluation through the copy generation uses, uncompiled (its shapes are not generation's).
+
+        The same products as autocast over the master weights (the copy holds
+        them cast as autocast casts them), without casting every linear
+        layer's weight again in every forward.
+        """
+        if self.weights.stale():
+            self.weights.refresh()
+        with torch.autocast(self.device.type, enabled=False), self.autocast():
+            return self.weights.module(tokens, use_cache=False).logits
+
     def next_logits(self, window: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Logits ``[1, V]`` at position ``last`` [1] of ``window`` [1, block]: only that row goes through lm_head."""
         with self.autocast():
