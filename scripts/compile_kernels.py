@@ -5,8 +5,9 @@
 Triton's interpreter (tests/test_persistent.py) checks what the kernels
 compute but not what the compiler refuses: a loop-carried variable that
 changes shape, a pointer of the wrong type. This builds every launch the
-engine makes — the window kernel and both cached-token kernels, and the
-traced builds of benchmarks/trace_persistent.py — for GPT-2 widths (gpt2,
+engine makes — the window kernel and both cached-token kernels, as
+``run`` and as ``run_sequence`` launch them, and the traced builds of
+benchmarks/trace_persistent.py — for GPT-2 widths (gpt2,
 gpt2-medium) down to the target's machine code with Triton's own
 ``ptxas``, exactly as ``run`` would launch them
 (``PersistentForward.launch``), and the top-k race's kernels as
@@ -190,7 +191,7 @@ def main() -> None:
 
 
 def compile_sampling(arch: int) -> None:
-    """Every launch of the top-k race: bf16 and fp32 logits, with and without top-k."""
+    """Every launch of the top-k race: bf16 and fp32 logits, with and without top-k, with and without appending."""
     from collapse_tui.fast import topk_race, topk_race_kernel
 
     sequence, counter = torch.zeros(1024, dtype=torch.long), torch.zeros(1, dtype=torch.long)
