@@ -35,7 +35,7 @@ def fast_inference_for(
     """A fast ``Inference`` for ``model`` on CUDA, or ``None`` when it has none.
 
     ``autocast_dtype`` is the engine's precision: bf16 (or fp16) copies of the
-    weights are used for generation (and, for GPT-2, evaluation); ``None``
+    weights are used for generation and evaluation; ``None``
     means fp32 all the way, which the fast paths honour.
     """
     device = next(model.parameters()).device

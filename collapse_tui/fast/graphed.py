@@ -16,9 +16,9 @@ In full context (prompt and new tokens fit in the block) a step feeds one
 token against a static KV cache of ``block`` slots (``CachedSteps``, the
 Hugging Face ``StaticCache``), as the eager path's KV cache does without
 graphs. A model or a transformers release whose cache cannot do that (with
-bf16, transformers before 5.24) keeps the eager path there. Evaluation is
-the eager path's, with as many windows a forward as ``EVAL_LOGITS_BYTES``
-of logits allow.
+bf16, transformers before 5.24) keeps the eager path there. Evaluation runs
+the copy (below) uncompiled, with as many windows a forward as
+``EVAL_LOGITS_BYTES`` of logits allow.
 
 Precision: with the engine's autocast dtype (bf16) the graphs run a copy of
 the model whose linear weights are already in that dtype, under autocast:
@@ -43,7 +43,6 @@ from collapse_tui.errors import in_one_line
 from collapse_tui.fast.shared_input import compile_options, fuse_shared_input_linears, set_fused
 from collapse_tui.fast.staleness import watch_optimizer_steps
 from collapse_tui.fast.steps import StepLoop
-from collapse_tui.fast.topk_race import Append, RaceBuffers, sample_token
 from collapse_tui.inference import EagerInference, full_context
 
 log = logging.getLogger(__name__)
@@ -153,8 +152,6 @@ class WindowSteps(StepLoop):
         super().__init__(owner.device, capacity, owner.tokens_per_replay, owner.graph_pool)
         self.owner = owner
         self.window = torch.arange(owner.block, device=owner.device)
-        # the race writes the token at the counter and advances it (no copy launches of our own)
-        self.race, self.append = RaceBuffers(owner.vocab, owner.device), Append(self.seq, self.counter)
 
     def step(self, generator: torch.Generator) -> None:
         owner, block = self.owner, self.owner.block
@@ -162,26 +159,24 @@ class WindowSteps(StepLoop):
         start = (target - block).clamp_(min=0)
         window = self.seq.index_select(0, start + self.window).view(1, block)
         last = target.clamp(max=block) - 1
-        logits = owner.next_logits(window, last)
-        sample_token(logits, owner.temperature, owner.top_k, generator, self.race, self.append)
+        self.sample(owner.next_logits(window, last), owner.temperature, owner.top_k, generator)
 
 
 class CachedSteps(StepLoop):
     """Full context: a step feeds one token at the counter's position against a static KV cache and samples the next."""
 
+    append_offset = 1  # the token goes after the one fed
+
     def __init__(self, owner: GraphedInference, capacity: int) -> None:
         super().__init__(owner.device, capacity, owner.tokens_per_replay, owner.graph_pool)
         self.owner = owner
         self.cache = owner.new_static_cache(self.seq[:1].view(1, 1))
-        # the race writes the token after the one fed and advances the counter
-        self.race, self.append = RaceBuffers(owner.vocab, owner.device), Append(self.seq, self.counter, 1)
 
     def step(self, generator: torch.Generator) -> None:
         owner = self.owner
         position = self.counter  # the token at ``position`` is fed; the next one is written after it
         fed = self.seq.index_select(0, position).view(1, 1)
-        logits = owner.cached_logits(fed, position, self.cache)
-        sample_token(logits, owner.temperature, owner.top_k, generator, self.race, self.append)
+        self.sample(owner.cached_logits(fed, position, self.cache), owner.temperature, owner.top_k, generator)
 
     def start(self, prompt_len: int) -> None:
         # the cache writes where its own count says (transformers 5) or at the positions given (4):
@@ -221,9 +216,8 @@ class GraphedInference(EagerInference):
         bf16 copy, one product for the linear layers that share an input (``shared_input``)."""
         super().__init__(model, block, temperature, top_k, autocast_dtype)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        #: logits a step samples from (the race's buffers are made for this many)
-        self.vocab = head.weight.size(0) if head is not None else model.config.vocab_size
-        self.eval_batch = max(self.eval_batch, EVAL_LOGITS_BYTES // (block * self.vocab * 6))
+        vocab = head.weight.size(0) if head is not None else model.config.vocab_size
+        self.eval_batch = max(self.eval_batch, EVAL_LOGITS_BYTES // (block * vocab * 6))
         self.weights = GenerationCopy(model, autocast_dtype or torch.float32)
         #: what the steps call: the copy's forward, compiled on first use where that works
         self.forward: Callable[..., Any] = self.weights.module

@@ -36,7 +36,6 @@ from collapse_tui.errors import in_one_line
 from collapse_tui.fast.gpt2 import GPT2Weights
 from collapse_tui.fast.persistent import PersistentForward, Plan, check_plan, persistent_unsupported
 from collapse_tui.fast.steps import StepLoop
-from collapse_tui.fast.topk_race import Append, RaceBuffers, sample_token
 from collapse_tui.inference import Inference, full_context
 
 log = logging.getLogger(__name__)
@@ -65,9 +64,7 @@ class _Decoder(StepLoop):
             self.slots = torch.arange(self.cache_len, device=device)
         else:
             self.window = torch.arange(owner.block, device=device)
-        #: the race's scratch, and where it writes the token: the step's last launch appends it itself
-        self.race = RaceBuffers(owner.weights.lm_head.size(0), device)
-        self.append = Append(self.seq, self.counter, offset=1 if kv else 0)
+        self.append_offset = 1 if kv else 0  # a cached step writes the token after the one it feeds
         #: the whole forward in one launch a token, where the shape allows (persistent.py)
         self.persistent: PersistentForward | None = None
         if owner.use_persistent:
@@ -97,8 +94,7 @@ class _Decoder(StepLoop):
             window = self.seq.index_select(0, start + self.window)
             x = weights.hidden(window.view(1, block))[0]
             logits = weights.logits(x.index_select(0, target.clamp(max=block) - 1))
-        owner = self.owner
-        sample_token(logits, owner.temperature, owner.top_k, generator, self.race, self.append)
+        self.sample(logits, self.owner.temperature, self.owner.top_k, generator)
 
     def start(self, prompt_len: int) -> None:
         if self.kv:
@@ -232,7 +228,7 @@ class FastGPT2Inference(Inference):
             self._decoders[kv] = decoder
         return decoder
 
-    def _head(self, prompt_len: int, total: int) -> int:
+    def _cached_start(self, prompt_len: int, total: int) -> int:
         """How many of a sample's first tokens come from the KV cache: all of a full-context sample's;
         of a window sample's, those that still see the sequence from position 0 (up to ``block + 1``)."""
         if full_context(total, self.block):
@@ -243,7 +239,7 @@ class FastGPT2Inference(Inference):
         total = prompt_len + gen_tokens
         with self._forward_context():
             self._fresh()
-            if self._head(prompt_len, total):
+            if self._cached_start(prompt_len, total):
                 self._decoder(True, min(total, self.block + 1))
             if not full_context(total, self.block):
                 self._decoder(False, total)
@@ -266,7 +262,7 @@ class FastGPT2Inference(Inference):
             raise ValueError(f"block {self.block} is longer than the model's {self.max_positions} positions")
         with self._forward_context():
             self._fresh()
-            head = self._head(len(prompt_ids), total)
+            head = self._cached_start(len(prompt_ids), total)
             cached = self._decoder(True, min(total, self.block + 1)) if head else None
             # built before the cached start runs: building captures, and capturing draws from the
             # generator the two decoders share

@@ -169,7 +169,10 @@ class PersistentForward:
 
     ``run`` returns ``xn`` ``[BLOCK_M, n_embd]`` in the compute dtype: ``ln_f``
     of the last hidden states, rows ``0..rows-1`` valid; ready for lm_head.
-    Every buffer is allocated here once, so the launch can be captured.
+    ``run_sequence`` (a generation step) reads its tokens from the loop's
+    sequence and returns the one row lm_head needs. Every buffer is
+    allocated here once, so the launch can be captured; the barrier counts
+    are zeroed by each launch's last CTA, not by a launch of their own.
     """
 
     def __init__(
@@ -214,7 +217,7 @@ class PersistentForward:
         self.counter, self.flags = self.sync[:1], self.sync[1 : 1 + flags]
         self.final = torch.zeros_like(self.sync)
         #: the row lm_head reads after a window launch: ln_f of the last real row (``run_sequence``)
-        self.last = torch.zeros(1, width, dtype=dtype, device=device)
+        self.last_row = torch.zeros(1, width, dtype=dtype, device=device)
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
         self.cache_len = cache.size(3) if cache is not None else 1
         self._dummy_cache = torch.zeros(1, dtype=dtype, device=device)
@@ -320,7 +323,7 @@ class PersistentForward:
         no gather of the window before it, no pick of the row after it.
         """
         self._launch(seq, counter, True, from_sequence=True)
-        return self.xn[:1] if self.matvec else self.last
+        return self.xn[:1] if self.matvec else self.last_row
 
     def _launch(
         self, tokens: torch.Tensor, position: torch.Tensor | None, work: bool, from_sequence: bool
@@ -377,7 +380,7 @@ class PersistentForward:
         cached = self.cache is not None
         args = (
             tokens, position if position is not None else self._position, w.wte, w.wpe, *stacks,
-            self.h, self.xn, self.last, self.qkv, self.attn, self.ff, self.part,
+            self.h, self.xn, self.last_row, self.qkv, self.attn, self.ff, self.part,
             self.cache if cached else self._dummy_cache, self.counter, self.flags, self.final, self.error,
             self.trace_cycles, self.rows, len(w.layers), w.eps, self.scale,
         )  # fmt: skip

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from collapse_tui.errors import RunInterrupted
+from collapse_tui.fast.topk_race import Append, RaceBuffers, sample_token
 from collapse_tui.inference import STOP_CHECK_EVERY
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 class StepLoop(ABC):
     """A token buffer and a counter on the device, and one captured step that extends the buffer."""
+
+    #: where ``sample`` writes a step's token: at the counter (0), or after it (1: the counter holds the token fed)
+    append_offset = 0
 
     def __init__(self, device: torch.device, capacity: int, tokens_per_replay: int, graph_pool: Any) -> None:
         self.device = device
@@ -47,6 +51,8 @@ class StepLoop(ABC):
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.generator: torch.Generator | None = None
+        #: the sampling race's scratch, made by the first step (a warm-up, never a capture)
+        self.race: RaceBuffers | None = None
 
     @staticmethod
     def capacity_for(block: int, total: int) -> int:
@@ -64,6 +70,20 @@ class StepLoop(ABC):
 
         Only device work, no host sync: it is captured in CUDA graphs.
         """
+
+    def sample(
+        self, logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator
+    ) -> None:
+        """Draw the next token from ``logits`` [1, V], write it into ``seq`` and advance ``counter``.
+
+        On CUDA the race's last block does the writing (``topk_race.Append``)
+        and keeps its scratch zeroed for the next step, so a step launches no
+        copies of its own.
+        """
+        if self.race is None or self.race.vocab != logits.size(-1):
+            self.race = RaceBuffers(logits.size(-1), logits.device)
+        append = Append(self.seq, self.counter, self.append_offset)
+        sample_token(logits, temperature, top_k, generator, self.race, append)
 
     def start(self, prompt_len: int) -> None:
         """Make the state a sample starts from, its prompt already in ``seq``: the first new token goes at ``prompt_len``."""

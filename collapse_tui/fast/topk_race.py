@@ -5,7 +5,8 @@ the same exponential race, written as ``argmax(x / T - log E)`` over the
 top-k logits (the log of ``p / E`` up to a constant), so it needs no
 softmax. On CUDA the whole draw is five launches (the exponential draws,
 zeroing a small state, two histograms that find the k-th largest bf16 logit
-exactly, the race; ``topk_race_kernel.py``) instead of ``torch.topk``'s dozen,
+exactly, the race; ``topk_race_kernel.py``; four with ``RaceBuffers``,
+below) instead of ``torch.topk``'s dozen,
 and nothing comes back to the host, so it can be captured in a CUDA graph.
 Elsewhere (the CPU, or no Triton) it is plain torch.
 
@@ -141,7 +142,8 @@ def sample_token(
 
     With the same generator it consumes the same draws as ``sample_next``
     and picks the same token (up to rounding). ``buffers`` and ``append``:
-    see the module's docstring.
+    see the module's docstring. With ``buffers`` the tensor returned is
+    ``buffers.token``, which the next race with them overwrites.
     """
     draws = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     draws.exponential_(1.0, generator=generator)

@@ -115,7 +115,7 @@ def race(logit_ptr, draw_ptr, kth_ptr, state_ptr, best_ptr, index_ptr, token_ptr
         winner = tl.argmax(bests, axis=0)
         token = tl.load(index_ptr + winner, cache_modifier=".cg")
         tl.store(token_ptr, token)
-        slots = tl.arange(0, 1024)
+        slots = tl.arange(0, 1024)  # the histograms and the count of finished blocks (topk_race.STATE_SLOTS)
         tl.store(state_ptr + slots, tl.zeros([1024], dtype=tl.int32), mask=slots < 2 * 256 + 1)
         if APPEND:
             count = tl.load(counter_ptr)
