@@ -173,16 +173,20 @@ class EagerInference(Inference):
         yield from windows.split(self.eval_batch)
 
     def window_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits of a batch of evaluation windows ``[n, L]``: the model under the engine's autocast."""
-        with autocast_context(self.device, self.autocast_dtype):
-            return self.model(tokens, use_cache=False).logits
+        """Logits of a batch of evaluation windows ``[n, L]``, under ``loss_sum``'s autocast.
+
+        (One autocast around all batches, so that it casts the weights once,
+        not once a batch.)
+        """
+        return self.model(tokens, use_cache=False).logits
 
     @torch.no_grad()
     def loss_sum(self, windows: torch.Tensor) -> tuple[float, int]:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in self._batches(windows.to(self.device)):
-            logits = self.window_logits(batch[:, :-1])
-            total += F.cross_entropy(
-                logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
-            ).double()
+        with autocast_context(self.device, self.autocast_dtype):
+            for batch in self._batches(windows.to(self.device)):
+                logits = self.window_logits(batch[:, :-1])
+                total += F.cross_entropy(
+                    logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
+                ).double()
         return float(total), windows.size(0) * (windows.size(1) - 1)
