@@ -197,7 +197,8 @@ def compile_sampling(arch: int) -> None:
     sequence, counter = torch.zeros(1024, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     for dtype in (torch.bfloat16, torch.float32):
         for top_k in (200, None):
-            for append in (None, topk_race.Append(sequence, counter)):
+            appends = (None, topk_race.Append(sequence, counter, 0), topk_race.Append(sequence, counter, 1))
+            for append in appends:
                 logits, draws = torch.zeros(50257, dtype=dtype), torch.ones(50257)
                 buffers = topk_race.RaceBuffers(50257, logits.device)
                 plan, _ = topk_race.launches(logits, draws, top_k, 1.0, buffers, append)
@@ -205,7 +206,8 @@ def compile_sampling(arch: int) -> None:
                     seconds, used = compile_launch(
                         topk_race_kernel, kernel, kernel_args, dict(constants), arch
                     )
-                    label = f"{DTYPES[dtype]} logits, top-k {top_k}{', appended' if append else ''}"
+                    where = f", appended at the counter + {append.offset}" if append else ""
+                    label = f"{DTYPES[dtype]} logits, top-k {top_k}{where}"
                     print(
                         f"sampling: {label}: {kernel} built for sm_{arch} in {seconds:.1f} s{used}",
                         flush=True,

@@ -176,34 +176,64 @@ def test_add_layernorm_sums_split_k_partials() -> None:
 
 
 class _BrokenForward:
-    """Stands in for a persistent forward that does not build, or whose barrier gave up."""
+    """Stands in for a window's persistent forward that does not build, or whose barrier gave up.
 
-    def __init__(self, weights, raises: bool) -> None:
-        self.weights, self.raises = weights, raises
+    When it runs it computes the right row (as the layer-by-layer forward), so
+    only ``failed`` tells that its sample is not to be trusted.
+    """
 
-    def run(self, tokens: torch.Tensor, position: torch.Tensor | None = None) -> torch.Tensor:
+    def __init__(self, weights, block: int, raises: bool) -> None:
+        self.weights, self.block, self.raises = weights, block, raises
+
+    def run_sequence(self, seq: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
         if self.raises:
             raise ValueError("no kernel for this GPU")
-        return self.weights.hidden(tokens.view(1, -1))[0]
+        target = int(counter)
+        start = max(0, target - self.block)
+        window = seq[start : start + self.block].view(1, -1)
+        return self.weights.hidden(window)[0, min(target, self.block) - 1].view(1, -1)
 
     def failed(self) -> bool:
         return True
 
 
-@pytest.mark.parametrize("raises", [True, False], ids=["does-not-build", "barrier-gave-up"])
+@pytest.mark.parametrize(
+    ("raises", "logged"),
+    [(True, "ValueError: no kernel for this GPU"), (False, "a grid barrier gave up")],
+    ids=["does-not-build", "barrier-gave-up"],
+)
 def test_a_failing_persistent_forward_is_dropped_before_generating(
-    raises: bool, caplog: pytest.LogCaptureFixture
+    raises: bool, logged: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = tiny_model()
     fast = fast_cpu(model, block=16)
     decoder = fast._decoder(False, 64)
-    decoder.persistent = _BrokenForward(fast.weights, raises)
+    decoder.persistent = _BrokenForward(fast.weights, 16, raises)
     decoder.check_persistent()
     assert decoder.persistent is None
-    assert "persistent forward not used" in caplog.text
+    assert f"persistent forward not used ({logged})" in caplog.text
     ids = fast.generate([1, 2, 3], 40, torch.Generator().manual_seed(0))
     seed = torch.Generator().manual_seed(0)
     assert ids == EagerInference(model, 16, 1.0, 50).generate([1, 2, 3], 40, seed)
+
+
+def test_a_barrier_that_gave_up_during_a_sample_regenerates_its_window_part(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found after the sample: the window part runs again layer by layer, after the same cached start."""
+    samples = []
+    for _ in range(2):
+        fast = fast_cpu(tiny_model(), block=16)
+        fast.prepare(3, 40)
+        decoder = fast._decoders[False]
+        decoder.persistent = _BrokenForward(fast.weights, 16, raises=False)
+        cached_start = fast.generate([1, 2, 3], 14, torch.Generator().manual_seed(4))  # full context
+        samples.append(fast.generate([1, 2, 3], 40, torch.Generator().manual_seed(4)))
+        assert decoder.persistent is None  # dropped for good
+        assert samples[-1][:17] == cached_start
+        assert len(samples[-1]) == 43
+    assert "the persistent forward failed a grid barrier" in caplog.text
+    assert samples[0] == samples[1]
 
 
 @pytest.mark.parametrize(("block", "kinds"), [(16, {True, False}), (64, {True})], ids=["window", "cache"])

@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from collapse_tui.fast import FastGPT2Inference, fast_inference_for, persistent, skinny
 from collapse_tui.fast.steps import StepLoop
-from collapse_tui.fast.topk_race import race_winner, sample_token
+from collapse_tui.fast.topk_race import RaceBuffers, race_winner, sample_token
 from collapse_tui.inference import EagerInference, sequence_windows
 from collapse_tui.sampling import filter_logits, sample_next
 
@@ -171,8 +171,12 @@ def test_graph_sampling_has_the_filtered_distribution(sampler, dtype: torch.dtyp
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_triton_top_k_race_picks_the_torch_race_token(dtype: torch.dtype) -> None:
-    """The histogram select of the k-th largest and the race, on the GPU, against torch with the same draws."""
+    """The histogram select of the k-th largest and the race, on the GPU, against torch with the same draws.
+
+    One set of ``RaceBuffers`` serves every race, as in generation: each race must leave its state zeroed.
+    """
     gen = cuda_gen(11)
+    buffers = RaceBuffers(VOCAB, torch.device("cuda"))
     for trial in range(40):
         logits = torch.randn(1, VOCAB, device="cuda", generator=gen) * 3
         if trial % 2:  # few distinct values: the k-th largest is shared by many logits
@@ -181,9 +185,10 @@ def test_triton_top_k_race_picks_the_torch_race_token(dtype: torch.dtype) -> Non
         draws = torch.empty(1, VOCAB, device="cuda").exponential_(generator=gen)
         zero_kth = int((logits > 0).sum()) + 1  # rounded: the k-th largest is ±0
         for k in (None, 1, 200, VOCAB - 1, zero_kth):
-            ours = race_winner(logits, draws, 0.9, k, use_triton=True)
+            ours = race_winner(logits, draws, 0.9, k, use_triton=True, buffers=buffers)
             theirs = race_winner(logits, draws, 0.9, k, use_triton=False)
             assert ours.tolist() == theirs.tolist(), (trial, k)
+    assert not buffers.state.any()
 
 
 @pytest.mark.parametrize("notify", [True, False], ids=["weights_changed", "optimizer-hook"])
@@ -266,6 +271,7 @@ def test_generation_runs_on_the_persistent_forward(block: int) -> None:
     assert len(set(a)) > 50
     for decoder in fast._decoders.values():
         assert not decoder.persistent.failed()
+        decoder.persistent.check()  # the last launch's counts, and the live ones left zeroed by it
 
 
 def test_a_failed_barrier_falls_back_to_layer_by_layer() -> None:
