@@ -235,14 +235,20 @@ class FastGPT2Inference(Inference):
             return total - prompt_len
         return max(0, self.block + 1 - prompt_len)
 
+    def _decoders_for(self, prompt_len: int, total: int) -> tuple[_Decoder | None, _Decoder | None]:
+        """The decoders a sample takes, built if need be: the cached start's (if it has one), the window's
+        (if it outgrows the block). Both are built before either runs: building captures, and capturing
+        draws from the generator the two share."""
+        cached = (
+            self._decoder(True, min(total, self.block + 1)) if self._cached_start(prompt_len, total) else None
+        )
+        window = None if full_context(total, self.block) else self._decoder(False, total)
+        return cached, window
+
     def prepare(self, prompt_len: int, gen_tokens: int) -> None:
-        total = prompt_len + gen_tokens
         with self._forward_context():
             self._fresh()
-            if self._cached_start(prompt_len, total):
-                self._decoder(True, min(total, self.block + 1))
-            if not full_context(total, self.block):
-                self._decoder(False, total)
+            self._decoders_for(prompt_len, prompt_len + gen_tokens)
 
     def generate(
         self,
@@ -263,10 +269,7 @@ class FastGPT2Inference(Inference):
         with self._forward_context():
             self._fresh()
             head = self._cached_start(len(prompt_ids), total)
-            cached = self._decoder(True, min(total, self.block + 1)) if head else None
-            # built before the cached start runs: building captures, and capturing draws from the
-            # generator the two decoders share
-            window = None if kv else self._decoder(False, total)
+            cached, window = self._decoders_for(len(prompt_ids), total)
             if cached is not None:
                 # exact: these tokens see the whole sequence at its own positions, as the window would
                 prompt_ids = cached.run(prompt_ids, head, generator, should_stop)
