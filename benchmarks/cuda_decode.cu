@@ -1,0 +1,567 @@
+// A hand-written persistent kernel for one cached GPT-2 token: every layer in one launch.
+//
+// A prototype that benchmarks/cuda_decode.py compiles (NVRTC) and times against the
+// Triton decode kernel (collapse_tui/fast/persistent_kernel.py): does a layer written
+// in CUDA, with its stages near their own floor, reach the ~10 µs that
+// benchmarks/RESULTS.md ("What a hand-off costs in plain CUDA") estimated?
+//
+// The shape comes in as macros (D, NH, NL, LC, GRID) prepended by the script; D must be
+// a multiple of 256 (gpt2, gpt2-medium, gpt2-large). One CTA per SM, THREADS threads,
+// one warp per output row of every product (a warp reads its row's K contiguous bf16
+// values, 16 bytes a lane a step, and sums across its lanes): no tiles, no cross-warp
+// reductions in the products. The weights stream into shared memory ahead of the chain:
+// each product's rows are copied (one bulk copy a row, cp.async.bulk, counted on an
+// mbarrier a warp) into a ring of three slots as soon as a slot is free, three or four
+// stages before the stage that reads them, so after a barrier a stage waits only for its
+// input vector. Every CTA computes a layer norm itself from the residual row, warp by
+// warp: no hand-off for the norms. Five grid barriers a layer:
+//   ln_1 + qkv | attention (items: head x chunk of CH keys) | projection (combines
+//   the chunks' partial softmax first) | ln_2 + MLP up | MLP down |
+// Rounding mirrors the Triton kernel: the normed rows, qkv, the attention output and
+// the MLP's hidden row are bf16; the residual and all sums are fp32.
+//
+// Macros for diagnosis (benchmarks/RESULTS.md, eighth session): LANE_COPIES (every lane
+// copies its own 16-byte pieces with cp.async instead), NO_COPY (no weights copied: the
+// chain alone), NO_WAIT (with LANE_COPIES: read the slots without waiting), NO_PREFETCH
+// (no L2 prefetch of the attention's keys and values). The last three give wrong results.
+
+#define HD 64
+#ifndef THREADS
+#define THREADS 256
+#endif
+#define WARPS (THREADS / 32)
+#define G (GRID * WARPS)  // warps in the grid
+#define RQ ((3 * D + G - 1) / G)  // qkv rows a warp
+#define RF ((FF + G - 1) / G)     // MLP up rows a warp
+#define RD ((D + G - 1) / G)      // projection and MLP down rows a warp
+#define FF (4 * D)
+#define KD (D / 256)   // 16-byte steps a lane takes through a row of D values
+#define KF (FF / 256)  // ... of FF values
+#define CH 128         // keys an attention item covers
+#define PASSES (CH / WARPS / 4)  // a warp takes 4 keys a pass (8 lanes a key)
+#define NCHMAX ((LC + CH - 1) / CH)
+#define PART (HD + 2)  // an attention item's partial: o[HD], max, sum
+#define SPIN_LIMIT (1 << 20)
+#define EPS 1e-5f
+#define NEG_INF __int_as_float(0xff800000)  // NVRTC has no math.h
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ float bf_lo(u32 u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf_hi(u32 u) { return __uint_as_float(u & 0xffff0000u); }
+__device__ __forceinline__ u32 to_bf(float f) {  // round to nearest even
+    u32 u = __float_as_uint(f);
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+__device__ __forceinline__ float round_bf(float f) { return __uint_as_float(to_bf(f) << 16); }
+
+__device__ __forceinline__ float dot8(uint4 w, const float* x) {
+    return bf_lo(w.x) * x[0] + bf_hi(w.x) * x[1] + bf_lo(w.y) * x[2] + bf_hi(w.y) * x[3] +
+           bf_lo(w.z) * x[4] + bf_hi(w.z) * x[5] + bf_lo(w.w) * x[6] + bf_hi(w.w) * x[7];
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+// data this launch wrote on other SMs: from L2, never a stale L1 line
+__device__ __forceinline__ uint4 load16_cg(const u16* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
+#ifndef NO_PREFETCH  // (diagnosis) the keys' and values' prefetch left out
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+#else
+__device__ __forceinline__ void prefetch_l2(const void* p) {}
+#endif
+
+// Weights into shared memory, asynchronously. A slot holds one product's rows for every warp of the CTA:
+// warp w's row r (of R) at ((w * R + r) * K), each lane copying and later reading the same 16-byte
+// pieces, so a lane's own cp.async.wait_group is the only wait a stage needs before reading them.
+#define SLOT_A (WARPS * RQ * D)
+#define SLOT_B (WARPS * RF * D)
+#define SLOT_C (WARPS * RD * FF)
+#define SLOT (SLOT_A > SLOT_B ? (SLOT_A > SLOT_C ? SLOT_A : SLOT_C) : (SLOT_B > SLOT_C ? SLOT_B : SLOT_C))
+// The ring's state a thread carries: the slots, one mbarrier a (slot, warp) in shared memory, and the
+// parity of the fills issued so far of each slot (bit s), which names the phase a wait is for.
+struct Ring {
+    u16* slots;
+    unsigned long long* bars;  // [3][WARPS]
+    u32 fills;
+};
+__device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// Copy this warp's rows g, g + G, ... (R of them, K long) of W [rows, K] into slot s, and commit. By
+// default one lane issues a bulk copy a row (cp.async.bulk, the copy engine; the warp's mbarrier counts
+// the bytes); with LANE_COPIES every lane copies its own 16-byte pieces (cp.async), one commit group a
+// call. NO_COPY (diagnosis) copies nothing: the chain without the weights' traffic, wrong results.
+template <int R, int K>
+__device__ __forceinline__ void stage_copy(Ring& ring, int s, const u16* W, int rows, int g, int warp, int lane) {
+    u16* slot = ring.slots + s * SLOT;
+#if defined(LANE_COPIES)
+#ifndef NO_COPY
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int row = g + r * G;
+        if (row < rows) {
+#pragma unroll
+            for (int i = 0; i < K / 256; ++i) {
+                const u32 dst = shared_address(slot + (warp * R + r) * K + i * 256 + lane * 8);
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst),
+                             "l"(W + (long long)row * K + i * 256 + lane * 8) : "memory");
+            }
+        }
+    }
+#endif
+    asm volatile("cp.async.commit_group;" ::: "memory");  // a group even when empty: the counts stay fixed
+#else
+    if (lane == 0) {
+        const u32 bar = shared_address(ring.bars + s * WARPS + warp);
+        u32 bytes = 0;
+#ifndef NO_COPY
+#pragma unroll
+        for (int r = 0; r < R; ++r) bytes += g + r * G < rows ? K * 2 : 0;
+#endif
+        // the slot's earlier reads (generic proxy) before the copy engine's writes (async proxy)
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+#ifndef NO_COPY
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int row = g + r * G;
+            if (row < rows)
+                asm volatile(
+                    "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                        shared_address(slot + (warp * R + r) * K)),
+                    "l"(W + (long long)row * K), "r"(K * 2), "r"(bar) : "memory");
+        }
+#endif
+    }
+    ring.fills ^= 1u << s;
+#endif
+}
+// wait for slot s's latest fill (with LANE_COPIES: all but the two groups committed after it)
+// NO_WAIT (diagnosis): read the slot without waiting, to tell copies that arrive late from copies
+// whose traffic slows everything else (wrong results)
+__device__ __forceinline__ void wait_stage(Ring& ring, int s, int warp) {
+#if defined(NO_WAIT)
+#elif defined(LANE_COPIES)
+    asm volatile("cp.async.wait_group 2;" ::: "memory");
+#else
+    const u32 bar = shared_address(ring.bars + s * WARPS + warp);
+    const u32 parity = ((ring.fills >> s) & 1u) ^ 1u;  // the phase the latest fill completes
+    u32 done = 0;
+    while (!done)
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+#endif
+}
+template <int R, int K>
+__device__ __forceinline__ uint4 slot_piece(const Ring& ring, int s, int warp, int r, int i, int lane) {
+    return *reinterpret_cast<const uint4*>(ring.slots + s * SLOT + (warp * R + r) * K + i * 256 + lane * 8);
+}
+
+// all CTAs meet: one thread a CTA counts itself in (release) and polls (acquire)
+__device__ __forceinline__ void grid_sync(int* counter, int* error, int& target) {
+    target += gridDim.x;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int seen, spins = 0;
+        __threadfence();
+        asm volatile("atom.add.release.gpu.global.s32 %0, [%1], 1;" : "=r"(seen) : "l"(counter) : "memory");
+        do {
+            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+            // after one barrier gave up the others do not wait their whole budget too
+        } while (seen < target && ++spins < SPIN_LIMIT && ((spins & 255) || !*(volatile int*)error));
+        if (seen < target) atomicExch(error, 1);
+    }
+    __syncthreads();
+}
+
+// the layer norm of the row in hs (params gs, bs) at this lane's elements of a D-row, rounded to bf16
+__device__ __forceinline__ void norm_lane(const float* hs, const float* gs, const float* bs, float* x, int lane) {
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < KD; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            x[i * 8 + j] = hs[i * 256 + lane * 8 + j];
+            sum += x[i * 8 + j];
+        }
+    const float mean = warp_sum(sum) / D;
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < KD * 8; ++i) {
+        x[i] -= mean;
+        sq += x[i] * x[i];
+    }
+    const float rstd = rsqrtf(warp_sum(sq) / D + EPS);
+#pragma unroll
+    for (int i = 0; i < KD; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int c = i * 256 + lane * 8 + j;
+            x[i * 8 + j] = round_bf(x[i * 8 + j] * rstd * gs[c] + bs[c]);
+        }
+}
+
+// The CTA copies a row of D fp32 values (written this launch) into shared memory. Every load is
+// issued before the first store: a loop that stored each value before loading the next would wait one
+// L2 round trip (~0.7 µs) per step.
+
+#define PER_THREAD_UP ((D + THREADS - 1) / THREADS)  // values of a D-row a thread copies
+__device__ __forceinline__ void load_row(float* dst, const float* src) {
+    float v[PER_THREAD_UP];
+#pragma unroll
+    for (int k = 0; k < PER_THREAD_UP; ++k) {
+        const int i = threadIdx.x + k * THREADS;
+        if (i < D) v[k] = __ldcg(src + i);
+    }
+#pragma unroll
+    for (int k = 0; k < PER_THREAD_UP; ++k) {
+        const int i = threadIdx.x + k * THREADS;
+        if (i < D) dst[i] = v[k];
+    }
+}
+// a layer norm's parameters (constant through the launch), the same way
+__device__ __forceinline__ void load_params(float* gs, float* bs, const float* g, const float* b) {
+    float vg[PER_THREAD_UP], vb[PER_THREAD_UP];
+#pragma unroll
+    for (int k = 0; k < PER_THREAD_UP; ++k) {
+        const int i = threadIdx.x + k * THREADS;
+        if (i < D) {
+            vg[k] = g[i];
+            vb[k] = b[i];
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < PER_THREAD_UP; ++k) {
+        const int i = threadIdx.x + k * THREADS;
+        if (i < D) {
+            gs[i] = vg[k];
+            bs[i] = vb[k];
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
+    const long long* token_ptr, const long long* pos_ptr, const float* wte, const float* wpe,
+    const u16* qkv_w, const u16* qkv_b, const u16* proj_w, const float* proj_b, const u16* fc_w,
+    const u16* fc_b, const u16* out_w, const float* out_b, const float* ln1_w, const float* ln1_b,
+    const float* ln2_w, const float* ln2_b, u16* cache, float* h, u16* qkv, float* part, u16* ff,
+    u16* out, int* sync, int* error) {
+    __shared__ __align__(16) float xs[FF];  // a product's input row: the attention output, or the MLP's hidden row
+    __shared__ __align__(16) float hs[D];   // the residual row
+    __shared__ __align__(16) float gs[D];   // a layer norm's weight ...
+    __shared__ __align__(16) float bs[D];   // ... and bias
+    __shared__ float red_m[WARPS], red_l[WARPS], red_o[WARPS][HD];
+    extern __shared__ __align__(128) u16 slots[];  // 3 x SLOT: the ring of weight slots
+    __shared__ __align__(8) unsigned long long bars[3 * WARPS];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = blockIdx.x * WARPS + warp;  // this warp's first row of every product; the next are G apart
+    const int pos = (int)pos_ptr[0];
+    const int token = (int)token_ptr[0];
+    const int nch = pos / CH + 1;  // attention items a head: keys 0..pos
+    const float scale = 0.125f;    // 1 / sqrt(HD)
+    int target = 0;
+    int* counter = sync;
+
+    // the embedding, in every CTA (no hand-off); the first layer's norm parameters
+    for (int i = threadIdx.x; i < D; i += THREADS) hs[i] = wte[(long long)token * D + i] + wpe[(long long)pos * D + i];
+    load_params(gs, bs, ln1_w, ln1_b);
+
+    // The ring: layer l's qkv in slot l % 3, its projection in (l + 1) % 3, MLP up in (l + 2) % 3, MLP down in
+    // l % 3 again once qkv is read. Each product is copied as soon as its slot is free: down(l) after
+    // qkv(l), qkv(l + 1) after proj(l), proj(l + 1) after up(l), up(l + 1) after down(l), so that every
+    // stage waits for its group with exactly two groups committed after it.
+    Ring ring{slots, bars, 0u};
+    if (lane == 0)
+        for (int s = 0; s < 3; ++s)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(bars + s * WARPS + warp)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncwarp();
+    stage_copy<RQ, D>(ring, 0, qkv_w, 3 * D, g, warp, lane);
+    stage_copy<RD, D>(ring, 1, proj_w, D, g, warp, lane);
+    stage_copy<RF, D>(ring, 2, fc_w, FF, g, warp, lane);
+    float bq[RQ];
+#pragma unroll
+    for (int r = 0; r < RQ; ++r) bq[r] = bf_lo(qkv_b[min(g + r * G, 3 * D - 1)]);
+    __syncthreads();
+
+    for (int l = 0; l < NL; ++l) {
+        const u16* Wqkv = qkv_w + (long long)l * 3 * D * D;
+        const u16* Wproj = proj_w + (long long)l * D * D;
+        const u16* Wfc = fc_w + (long long)l * FF * D;
+        const u16* Wout = out_w + (long long)l * D * FF;
+        u16* kcache = cache + (long long)l * 2 * NH * LC * HD;
+        u16* vcache = kcache + (long long)NH * LC * HD;
+        const bool more = l + 1 < NL;
+        const int slot_q = l % 3;        // qkv(l), then down(l)
+        const int slot_p = (l + 1) % 3;  // proj(l), then qkv(l + 1)
+        const int slot_u = (l + 2) % 3;  // up(l), then proj(l + 1)
+
+        // this CTA's attention item's earlier keys and values (written by earlier launches) from HBM into
+        // L2 now, so that after the barrier they come back with the query in one L2 round trip
+        if (blockIdx.x < NH * nch) {
+            const int head = blockIdx.x / nch, chunk = blockIdx.x % nch;
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                const int key = chunk * CH + (warp * PASSES + p) * 4 + (lane >> 3);
+                if (key < pos && (lane & 7) == 0) {  // one 128-byte line a key
+                    prefetch_l2(kcache + ((long long)head * LC + key) * HD);
+                    prefetch_l2(vcache + ((long long)head * LC + key) * HD);
+                }
+            }
+        }
+        // ---- ln_1 + qkv (hs, gs, bs hold the residual and ln_1's parameters) ----
+        {
+            float x[KD * 8];
+            norm_lane(hs, gs, bs, x, lane);
+            wait_stage(ring, slot_q, warp);
+#pragma unroll
+            for (int r = 0; r < RQ; ++r) {
+                const int row = g + r * G;
+                if (row < 3 * D) {
+                    float acc = 0.f;
+#pragma unroll
+                    for (int i = 0; i < KD; ++i) acc += dot8(slot_piece<RQ, D>(ring, slot_q, warp, r, i, lane), x + i * 8);
+                    acc = warp_sum(acc);
+                    if (lane == 0) {
+                        const u32 value = to_bf(acc + bq[r]);
+                        qkv[row] = (u16)value;
+                        if (row >= D) {
+                            const int which = row / D - 1, head = (row % D) / HD, dim = row % HD;
+                            cache[((((long long)l * 2 + which) * NH + head) * LC + pos) * HD + dim] = (u16)value;
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();  // the slot's last readers are done: its new layout overlaps other warps' pieces
+        stage_copy<RD, FF>(ring, slot_q, Wout, D, g, warp, lane);  // down(l) where qkv(l) was
+        const int kk = lane >> 3, dg = lane & 7;  // attention: a pass takes 4 keys, 8 lanes a key, 8 dims a lane
+        grid_sync(counter, error, target);
+
+        // ---- attention: item (head, chunk of CH keys); warp w takes CH / WARPS of them ----
+        for (int item = blockIdx.x; item < NH * nch; item += gridDim.x) {
+            const int head = item / nch, chunk = item % nch;
+            float s[PASSES];
+            const uint4 q4 = load16_cg(qkv + head * HD + dg * 8);
+            float q[8] = {bf_lo(q4.x), bf_hi(q4.x), bf_lo(q4.y), bf_hi(q4.y),
+                          bf_lo(q4.z), bf_hi(q4.z), bf_lo(q4.w), bf_hi(q4.w)};
+            float m = NEG_INF;
+            uint4 kr[PASSES], vr[PASSES];
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                const int key = chunk * CH + (warp * PASSES + p) * 4 + kk;
+                if (key <= pos) {  // this token's key and value were written this launch: from L2
+                    kr[p] = load16_cg(kcache + ((long long)head * LC + key) * HD + dg * 8);
+                    vr[p] = load16_cg(vcache + ((long long)head * LC + key) * HD + dg * 8);
+                }
+            }
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                const int key = chunk * CH + (warp * PASSES + p) * 4 + kk;
+                float part_s = key <= pos ? dot8(kr[p], q) : 0.f;
+                part_s += __shfl_xor_sync(0xffffffffu, part_s, 1);
+                part_s += __shfl_xor_sync(0xffffffffu, part_s, 2);
+                part_s += __shfl_xor_sync(0xffffffffu, part_s, 4);
+                s[p] = key <= pos ? part_s * scale : NEG_INF;
+                m = fmaxf(m, s[p]);
+            }
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+            float lsum = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                if (s[p] != NEG_INF) {  // masked keys' registers were never loaded
+                    const float e = __expf(s[p] - m);
+                    lsum += e;
+                    const u32 v[4] = {vr[p].x, vr[p].y, vr[p].z, vr[p].w};
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        o[2 * j] += e * bf_lo(v[j]);
+                        o[2 * j + 1] += e * bf_hi(v[j]);
+                    }
+                }
+            }
+            lsum += __shfl_xor_sync(0xffffffffu, lsum, 8);
+            lsum += __shfl_xor_sync(0xffffffffu, lsum, 16);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                o[j] += __shfl_xor_sync(0xffffffffu, o[j], 8);
+                o[j] += __shfl_xor_sync(0xffffffffu, o[j], 16);
+            }
+            if (kk == 0) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) red_o[warp][dg * 8 + j] = o[j];
+                if (dg == 0) {
+                    red_m[warp] = m;
+                    red_l[warp] = lsum;
+                }
+            }
+            __syncthreads();
+            if (threadIdx.x < HD) {
+                float mm = NEG_INF;
+                for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, red_m[w]);
+                float ll = 0.f, oo = 0.f;
+                for (int w = 0; w < WARPS; ++w) {
+                    if (red_m[w] != NEG_INF) {
+                        const float f = __expf(red_m[w] - mm);
+                        ll += red_l[w] * f;
+                        oo += red_o[w][threadIdx.x] * f;
+                    }
+                }
+                float* dst = part + ((long long)head * NCHMAX + chunk) * PART;
+                dst[threadIdx.x] = oo;
+                if (threadIdx.x == 0) {
+                    dst[HD] = mm;
+                    dst[HD + 1] = ll;
+                }
+            }
+            __syncthreads();
+        }
+        float bp[RD];
+#pragma unroll
+        for (int r = 0; r < RD; ++r) bp[r] = proj_b[l * D + min(g + r * G, D - 1)];
+        grid_sync(counter, error, target);
+
+        // ---- projection: the chunks' partial softmax combined per (head, dim), then rows ----
+#pragma unroll
+        for (int k = 0; k < PER_THREAD_UP; ++k) {
+            const int c = threadIdx.x + k * THREADS;
+            if (c < D) {
+                const float* src = part + (long long)(c / HD) * NCHMAX * PART;
+                float pm[NCHMAX], pl[NCHMAX], po[NCHMAX];  // every chunk's loads issued before the first is used
+#pragma unroll
+                for (int n = 0; n < NCHMAX; ++n)
+                    if (n < nch) {
+                        pm[n] = __ldcg(src + n * PART + HD);
+                        pl[n] = __ldcg(src + n * PART + HD + 1);
+                        po[n] = __ldcg(src + n * PART + c % HD);
+                    }
+                float mm = NEG_INF;
+#pragma unroll
+                for (int n = 0; n < NCHMAX; ++n)
+                    if (n < nch) mm = fmaxf(mm, pm[n]);
+                float ll = 0.f, oo = 0.f;
+#pragma unroll
+                for (int n = 0; n < NCHMAX; ++n)
+                    if (n < nch) {
+                        const float f = __expf(pm[n] - mm);
+                        ll += pl[n] * f;
+                        oo += po[n] * f;
+                    }
+                xs[c] = round_bf(oo / ll);
+            }
+        }
+        wait_stage(ring, slot_p, warp);
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < RD; ++r) {
+            const int row = g + r * G;
+            if (row < D) {
+                float acc = 0.f;
+#pragma unroll
+                for (int i = 0; i < KD; ++i) acc += dot8(slot_piece<RD, D>(ring, slot_p, warp, r, i, lane), xs + i * 256 + lane * 8);
+                acc = warp_sum(acc);
+                if (lane == 0) h[row] = hs[row] + acc + bp[r];
+            }
+        }
+        __syncthreads();  // the slot's last readers are done: its new layout overlaps other warps' pieces
+        stage_copy<RQ, D>(ring, slot_p, Wqkv + 3 * D * D, more ? 3 * D : 0, g, warp, lane);  // qkv(l + 1)
+        float bf[RF];
+#pragma unroll
+        for (int r = 0; r < RF; ++r) bf[r] = bf_lo(fc_b[l * FF + min(g + r * G, FF - 1)]);
+        load_params(gs, bs, ln2_w + l * D, ln2_b + l * D);  // ln_1's were last read in the qkv stage
+        grid_sync(counter, error, target);
+
+        // ---- ln_2 + MLP up + GELU ----
+        load_row(hs, h);
+        __syncthreads();
+        {
+            float x[KD * 8];
+            norm_lane(hs, gs, bs, x, lane);
+            wait_stage(ring, slot_u, warp);
+#pragma unroll
+            for (int r = 0; r < RF; ++r) {
+                const int row = g + r * G;
+                if (row < FF) {
+                    float acc = 0.f;
+#pragma unroll
+                    for (int i = 0; i < KD; ++i) acc += dot8(slot_piece<RF, D>(ring, slot_u, warp, r, i, lane), x + i * 8);
+                    acc = warp_sum(acc) + bf[r];
+                    const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
+                    acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
+                    if (lane == 0) ff[row] = (u16)to_bf(acc);
+                }
+            }
+        }
+        __syncthreads();  // the slot's last readers are done: its new layout overlaps other warps' pieces
+        stage_copy<RD, D>(ring, slot_u, Wproj + D * D, more ? D : 0, g, warp, lane);  // proj(l + 1) where up(l) was
+        float bd[RD];
+#pragma unroll
+        for (int r = 0; r < RD; ++r) bd[r] = out_b[l * D + min(g + r * G, D - 1)];
+        grid_sync(counter, error, target);
+
+        // ---- MLP down, added to the residual ----
+        {
+            constexpr int STEPS = (FF / 8 + THREADS - 1) / THREADS;  // 16-byte loads a thread
+            uint4 v[STEPS];  // every load issued before the first store
+#pragma unroll
+            for (int k = 0; k < STEPS; ++k)
+                if (threadIdx.x + k * THREADS < FF / 8) v[k] = load16_cg(ff + (threadIdx.x + k * THREADS) * 8);
+#pragma unroll
+            for (int k = 0; k < STEPS; ++k)
+                if (threadIdx.x + k * THREADS < FF / 8) {
+                    float* dst = xs + (threadIdx.x + k * THREADS) * 8;
+                    dst[0] = bf_lo(v[k].x); dst[1] = bf_hi(v[k].x); dst[2] = bf_lo(v[k].y); dst[3] = bf_hi(v[k].y);
+                    dst[4] = bf_lo(v[k].z); dst[5] = bf_hi(v[k].z); dst[6] = bf_lo(v[k].w); dst[7] = bf_hi(v[k].w);
+                }
+        }
+        wait_stage(ring, slot_q, warp);
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < RD; ++r) {
+            const int row = g + r * G;
+            if (row < D) {
+                float acc = 0.f;
+#pragma unroll
+                for (int i = 0; i < KF; ++i) acc += dot8(slot_piece<RD, FF>(ring, slot_q, warp, r, i, lane), xs + i * 256 + lane * 8);
+                acc = warp_sum(acc);
+                if (lane == 0) h[row] = hs[row] + acc + bd[r];
+            }
+        }
+        __syncthreads();  // the slot's last readers are done: its new layout overlaps other warps' pieces
+        stage_copy<RF, D>(ring, slot_q, Wfc + FF * D, more ? FF : 0, g, warp, lane);  // up(l + 1) where down(l) was
+        {
+            const int next = more ? l + 1 : l;
+#pragma unroll
+            for (int r = 0; r < RQ; ++r) bq[r] = bf_lo(qkv_b[next * 3 * D + min(g + r * G, 3 * D - 1)]);
+        }
+        load_params(gs, bs, ln1_w + (l + 1) * D, ln1_b + (l + 1) * D);  // ln_f rides as ln_1 of layer NL
+        grid_sync(counter, error, target);
+        load_row(hs, h);
+        __syncthreads();
+    }
+
+    // ln_f of the token, by CTA 0's first warp
+    if (blockIdx.x == 0 && warp == 0) {
+        float x[KD * 8];
+        norm_lane(hs, gs, bs, x, lane);
+#pragma unroll
+        for (int i = 0; i < KD; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) out[i * 256 + lane * 8 + j] = (u16)to_bf(x[i * 8 + j]);
+    }
+    // the last CTA out zeroes the barrier counter for the next launch
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int gone = atomicAdd(sync + 32, 1);
+        if (gone == gridDim.x - 1) {
+            sync[0] = 0;
+            sync[32] = 0;
+            __threadfence();
+        }
+    }
+}

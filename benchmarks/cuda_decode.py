@@ -1,0 +1,202 @@
+"""A cached GPT-2 token in hand-written CUDA (benchmarks/cuda_decode.cu) against the Triton kernel.
+
+    python benchmarks/cuda_decode.py --models gpt2-medium,gpt2 --positions 100,511,1000
+
+A prototype, not part of the engine: it asks whether a persistent kernel
+written in CUDA, each stage near its own floor (a warp per output row, the
+weights streamed into shared memory stages ahead, the layer norms computed
+by every CTA), makes a layer much shorter than the Triton decode kernel's
+(~22.5 µs a gpt2-medium layer). It did not (benchmarks/RESULTS.md, eighth
+session: 23.6 µs; the chain alone 17.3). Compiled at run time by NVRTC
+(``torch.cuda._compile_kernel``), the shape as macros; needs a GPU with
+~222 KB of shared memory a block (Hopper) for gpt2-medium.
+
+For each model and position it checks the CUDA kernel against the
+layer-by-layer forward (``GPT2Weights.decode_one``, fp32 accumulation over
+bf16 weights), with biases and layer-norm parameters randomised so that a
+missing one shows: the logits' largest difference, next to the Triton
+kernel's, and the key/value row written into the cache. Then it times
+both kernels and the layer-by-layer forward by CUDA graph replay
+(benchmarks/timing.py), µs a token without lm_head and sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_iteration import SHAPES, build_model, copy_bandwidth
+from timing import graph_time
+
+from collapse_tui.fast.gpt2 import GPT2Weights
+from collapse_tui.fast.persistent import PersistentForward
+
+SOURCE = Path(__file__).with_name("cuda_decode.cu")
+CACHE_LENGTH = 1024
+HEAD_DIM = 64
+CHUNK = 128  # keys an attention item covers (cuda_decode.cu's CH)
+
+
+class CudaDecode:
+    """The CUDA kernel for one shape, its buffers, and a launch that reads token and position on the device."""
+
+    def __init__(
+        self, weights: GPT2Weights, cache: torch.Tensor, threads: int, extra: dict[str, str]
+    ) -> None:
+        self.weights, self.cache, self.threads = weights, cache, threads
+        width, heads, layers = weights.n_embd, weights.n_head, len(weights.layers)
+        self.grid = torch.cuda.get_device_properties(0).multi_processor_count
+        defines = {
+            "D": width,
+            "NH": heads,
+            "NL": layers,
+            "LC": cache.size(3),
+            "GRID": self.grid,
+            "THREADS": threads,
+            **extra,
+        }
+        source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + SOURCE.read_text()
+        self.kernel = torch.cuda._compile_kernel(source, "decode_layers")
+        # the ring of three weight slots in dynamic shared memory (cuda_decode.cu's SLOT)
+        warps = self.grid * threads // 32
+        rows = [-(-n // warps) for n in (3 * width, 4 * width, width)]
+        slot = max(
+            threads // 32 * rows[0] * width,
+            threads // 32 * rows[1] * width,
+            threads // 32 * rows[2] * 4 * width,
+        )
+        self.shared = 3 * slot * 2
+        if hasattr(self.kernel, "set_shared_memory_config"):
+            self.kernel.set_shared_memory_config(self.shared)
+        else:  # older torch: the attribute directly (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+            library = torch.cuda._utils._get_gpu_runtime_library()
+            assert library.cuFuncSetAttribute(self.kernel.func, 8, self.shared) == 0
+        device = weights.wte.device
+        chunks = -(-cache.size(3) // CHUNK)
+        self.h = torch.zeros(width, device=device)
+        self.qkv = torch.zeros(3 * width, dtype=torch.bfloat16, device=device)
+        self.part = torch.zeros(heads * chunks * (HEAD_DIM + 2), device=device)
+        self.ff = torch.zeros(4 * width, dtype=torch.bfloat16, device=device)
+        self.out = torch.zeros(1, width, dtype=torch.bfloat16, device=device)
+        self.sync = torch.zeros(64, dtype=torch.int32, device=device)
+        self.error = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def run(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """``ln_f`` of ``token`` [1] at ``position`` [1] (int64, on the device), ``[1, n_embd]`` bf16."""
+        w = self.weights
+        self.kernel(
+            grid=(self.grid, 1, 1),
+            block=(self.threads, 1, 1),
+            shared_mem=self.shared,
+            args=[
+                token, position, w.wte, w.wpe, w.qkv_w_all, w.qkv_b_all, w.proj_w_all, w.proj_b_all,
+                w.fc_w_all, w.fc_b_all, w.out_w_all, w.out_b_all, w.ln1_w_all, w.ln1_b_all, w.ln2_w_all,
+                w.ln2_b_all, self.cache, self.h, self.qkv, self.part, self.ff, self.out, self.sync, self.error,
+            ],
+        )  # fmt: skip
+        return self.out
+
+
+def randomise_small_parameters(model: torch.nn.Module) -> None:
+    """Biases and layer-norm parameters away from 0 and 1, so a kernel that drops one is caught."""
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator).to(parameter.device)
+            if name.endswith("bias"):
+                parameter.add_(0.02 * noise)
+            elif ".ln_" in name and name.endswith("weight"):
+                parameter.add_(0.1 * noise)
+
+
+def check_and_time(
+    name: str, positions: list[int], threads: int, extra: dict[str, str], bandwidth: float
+) -> None:
+    model = build_model(name)
+    randomise_small_parameters(model)
+    weights = GPT2Weights(model, torch.bfloat16)
+    weights.refresh()
+    layer_bytes = weights.nbytes_per_token - weights.lm_head.numel() * weights.lm_head.element_size()
+    floor = layer_bytes / bandwidth * 1e6
+    layers = len(weights.layers)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randint(0, 50257, (max(positions) + 1,), device="cuda", generator=generator)
+    base = weights.new_kv_cache(CACHE_LENGTH)
+    with torch.no_grad():
+        weights.hidden(tokens[: max(positions)].view(1, -1), base)  # the prompt's keys and values
+        for position in positions:
+            token = tokens[position : position + 1]
+            where = torch.tensor([position], device="cuda")
+            mask = torch.zeros(1, 1, 1, CACHE_LENGTH, device="cuda", dtype=torch.bfloat16)
+            mask[..., position + 1 :] = float("-inf")
+            caches = {k: base.clone() for k in ("reference", "cuda", "triton")}
+            reference = weights.decode_one(token, where, caches["reference"], mask).float()
+            cuda = CudaDecode(weights, caches["cuda"], threads, extra)
+            triton = PersistentForward(weights, 1, cache=caches["triton"])
+            cuda_logits = weights.logits(cuda.run(token, where)).float()
+            triton_logits = weights.logits(triton.run(token, where)[:1]).float()
+            torch.cuda.synchronize()
+            failed = int(cuda.error.item())
+            cuda_error = (cuda_logits - reference).abs().max().item()
+            triton_error = (triton_logits - reference).abs().max().item()
+            kv_error = (
+                (caches["cuda"][:, :, :, position] - caches["reference"][:, :, :, position])
+                .abs()
+                .max()
+                .item()
+            )
+            scale = reference.abs().max().item()
+            times = {
+                "cuda": graph_time([lambda c=cuda, t=token, p=where: c.run(t, p)]),
+                "triton": graph_time([lambda f=triton, t=token, p=where: f.run(t, p)]),
+                "layered": graph_time(
+                    [lambda t=token, p=where, c=caches["reference"], m=mask: weights.decode_one(t, p, c, m)]
+                ),
+            }
+            failed |= int(cuda.error.item())
+            print(
+                f"| {name} | {position} | {times['cuda']:.1f} ({times['cuda'] / layers:.2f} a layer) "
+                f"| {times['triton']:.1f} ({times['triton'] / layers:.2f}) | {times['layered']:.1f} | {floor:.1f} "
+                f"| {cuda_error:.4f} / {triton_error:.4f} of {scale:.2f} | {kv_error:.4f} "
+                f"| {'BARRIER GAVE UP' if failed else 'ok'} |",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="gpt2-medium,gpt2")
+    parser.add_argument("--positions", default="100,511,1000")
+    parser.add_argument("--threads", type=int, default=256)
+    parser.add_argument(
+        "--defines",
+        default="",
+        help="more macros, comma-separated, for diagnosis: e.g. NO_COPY=1 or LANE_COPIES=1,NO_WAIT=1",
+    )
+    args = parser.parse_args()
+    positions = [int(p) for p in args.positions.split(",")]
+    extra = dict(item.split("=") for item in filter(None, args.defines.split(",")))
+    bandwidth = copy_bandwidth()
+    print(
+        f"{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; {args.threads} threads a CTA; {extra or 'no extra macros'}"
+    )
+    print(
+        "| model | position | CUDA µs a token | Triton µs | layer by layer µs | layers' floor µs "
+        "| logits' largest difference from layer by layer, CUDA / Triton | cache row's | barriers |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |")
+    for name in args.models.split(","):
+        assert name in SHAPES, f"unknown model {name}"
+        check_and_time(name, positions, args.threads, extra, bandwidth)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
