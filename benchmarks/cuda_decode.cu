@@ -272,8 +272,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
 
     // The ring: layer l's qkv in slot l % 3, its projection in (l + 1) % 3, MLP up in (l + 2) % 3, MLP down in
     // l % 3 again once qkv is read. Each product is copied as soon as its slot is free: down(l) after
-    // qkv(l), qkv(l + 1) after proj(l), proj(l + 1) after up(l), up(l + 1) after down(l), so that every
-    // stage waits for its group with exactly two groups committed after it.
+    // qkv(l), qkv(l + 1) after proj(l), proj(l + 1) after up(l), up(l + 1) after down(l). A stage waits on
+    // its slot's mbarrier (with LANE_COPIES: for its group, exactly two groups having been committed after it).
     Ring ring{slots, bars, 0u};
     if (lane == 0)
         for (int s = 0; s < 3; ++s)
