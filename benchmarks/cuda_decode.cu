@@ -6,26 +6,31 @@
 // benchmarks/RESULTS.md ("What a hand-off costs in plain CUDA") estimated?
 //
 // The shape comes in as macros (D, NH, NL, LC, GRID) prepended by the script; D must be
-// a multiple of 256 (gpt2, gpt2-medium, gpt2-large). One CTA per SM, THREADS threads,
-// one warp per output row of every product (a warp reads its row's K contiguous bf16
-// values, 16 bytes a lane a step, and sums across its lanes): no tiles, no cross-warp
-// reductions in the products. The weights stream into shared memory ahead of the chain:
-// each product's rows are copied (one bulk copy a row, cp.async.bulk, counted on an
-// mbarrier a warp) into a ring of three slots as soon as a slot is free, three or four
-// stages before the stage that reads them, so after a barrier a stage waits only for its
-// input vector. Every CTA computes a layer norm itself from the residual row, warp by
+// a multiple of 256 (gpt2, gpt2-medium, gpt2-large). One CTA per SM: THREADS consumer
+// threads and one producer warp. The consumers run the chain, one warp per output row of
+// every product (a warp reads its row's K contiguous bf16 values from shared memory, 16
+// bytes a lane a step, and sums across its lanes): no tiles, no cross-warp reductions in
+// the products. The producer streams the weights into a ring of three shared-memory slots
+// (one bulk copy a row), each slot refilled as soon as the consumers let go of it, three
+// or four stages before the stage that reads it; so after a barrier a stage waits only for
+// its input vector. Every CTA computes a layer norm itself from the residual row, warp by
 // warp: no hand-off for the norms. Five grid barriers a layer:
 //   ln_1 + qkv | attention (items: head x chunk of CH keys) | projection (combines
 //   the chunks' partial softmax first) | ln_2 + MLP up | MLP down |
 // Rounding mirrors the Triton kernel: the normed rows, qkv, the attention output and
 // the MLP's hidden row are bf16; the residual and all sums are fp32.
 //
-// Macros for diagnosis (benchmarks/RESULTS.md, eighth session): LANE_COPIES (every lane
-// copies its own 16-byte pieces with cp.async instead), NO_COPY (no weights copied: the
-// chain alone), NO_WAIT (with LANE_COPIES: read the slots without waiting), NO_PREFETCH
-// (no L2 prefetch of the attention's keys and values). The last three give wrong results.
+// Macros: PACE (cycles a KB the producer waits after each row's copy; default 100, 0: none).
+// For diagnosis (wrong results): NO_COPY (no weights copied: the chain alone),
+// NO_PREFETCH (no L2 prefetch of the attention's keys and values), NO_FENCE (the grid
+// barrier's release without the fence before it). Commit e9970e8 has the versions without a
+// producer warp that RESULTS.md's eighth session measured first (the consumers issuing the
+// copies; LANE_COPIES, NO_WAIT, EVICT_FIRST).
 
 #define HD 64
+#ifndef PACE
+#define PACE 100  // measured best of 0, 100, 200 for gpt2-medium on an H200
+#endif
 #ifndef THREADS
 #define THREADS 256
 #endif
@@ -80,93 +85,104 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {}
 #define SLOT_B (WARPS * RF * D)
 #define SLOT_C (WARPS * RD * FF)
 #define SLOT (SLOT_A > SLOT_B ? (SLOT_A > SLOT_C ? SLOT_A : SLOT_C) : (SLOT_B > SLOT_C ? SLOT_B : SLOT_C))
-// The ring's state a thread carries: the slots, one mbarrier a (slot, warp) in shared memory, and the
-// parity of the fills issued so far of each slot (bit s), which names the phase a wait is for.
+// The ring of three weight slots. A slot holds one product's rows for every consumer warp of the CTA:
+// warp w's row r (of R) at (w * R + r) * K. A producer warp (one thread of it) fills the slots with bulk
+// copies (cp.async.bulk, one a row), each fill counted on the slot's `full` mbarrier; the consumer warps
+// wait on `full`, read, and count themselves out on the slot's `empty` mbarrier, which the producer waits
+// on before it fills the slot again. So the copies run as far ahead as the ring allows, issued off the
+// chain's critical path, and, with PACE, spread out in time: PACE cycles a KB after each row, so that
+// the stream does not arrive in bursts at full bandwidth (the traffic that slowed the chain when the
+// consumers issued a whole product at once; RESULTS.md, eighth session).
 struct Ring {
     u16* slots;
-    unsigned long long* bars;  // [3][WARPS]
-    u32 fills;
+    unsigned long long* full;   // [3], one arrival (the producer's) plus the bytes
+    unsigned long long* empty;  // [3], WARPS arrivals (the consumer warps)
+    u32 uses;                   // consumer side: bit s = parity of slot s's fills consumed so far
 };
 __device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-// Copy this warp's rows g, g + G, ... (R of them, K long) of W [rows, K] into slot s, and commit. By
-// default one lane issues a bulk copy a row (cp.async.bulk, the copy engine; the warp's mbarrier counts
-// the bytes); with LANE_COPIES every lane copies its own 16-byte pieces (cp.async), one commit group a
-// call. NO_COPY (diagnosis) copies nothing: the chain without the weights' traffic, wrong results.
-template <int R, int K>
-__device__ __forceinline__ void stage_copy(Ring& ring, int s, const u16* W, int rows, int g, int warp, int lane) {
-    u16* slot = ring.slots + s * SLOT;
-#if defined(LANE_COPIES)
-#ifndef NO_COPY
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const int row = g + r * G;
-        if (row < rows) {
-#pragma unroll
-            for (int i = 0; i < K / 256; ++i) {
-                const u32 dst = shared_address(slot + (warp * R + r) * K + i * 256 + lane * 8);
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst),
-                             "l"(W + (long long)row * K + i * 256 + lane * 8) : "memory");
-            }
-        }
-    }
-#endif
-    asm volatile("cp.async.commit_group;" ::: "memory");  // a group even when empty: the counts stay fixed
-#else
-    if (lane == 0) {
-        const u32 bar = shared_address(ring.bars + s * WARPS + warp);
-        u32 bytes = 0;
-#ifndef NO_COPY
-#pragma unroll
-        for (int r = 0; r < R; ++r) bytes += g + r * G < rows ? K * 2 : 0;
-#endif
-        // the slot's earlier reads (generic proxy) before the copy engine's writes (async proxy)
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-#ifndef NO_COPY
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int row = g + r * G;
-            if (row < rows)
-                asm volatile(
-                    "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                        shared_address(slot + (warp * R + r) * K)),
-                    "l"(W + (long long)row * K), "r"(K * 2), "r"(bar) : "memory");
-        }
-#endif
-    }
-    ring.fills ^= 1u << s;
-#endif
-}
-// wait for slot s's latest fill (with LANE_COPIES: all but the two groups committed after it)
-// NO_WAIT (diagnosis): read the slot without waiting, to tell copies that arrive late from copies
-// whose traffic slows everything else (wrong results)
-__device__ __forceinline__ void wait_stage(Ring& ring, int s, int warp) {
-#if defined(NO_WAIT)
-#elif defined(LANE_COPIES)
-    asm volatile("cp.async.wait_group 2;" ::: "memory");
-#else
-    const u32 bar = shared_address(ring.bars + s * WARPS + warp);
-    const u32 parity = ((ring.fills >> s) & 1u) ^ 1u;  // the phase the latest fill completes
+__device__ __forceinline__ void wait_parity(const unsigned long long* bar, u32 parity) {
     u32 done = 0;
     while (!done)
         asm volatile(
             "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-            : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+            : "=r"(done) : "r"(shared_address(bar)), "r"(parity) : "memory");
+}
+
+// The producer: fill slot s with the CTA's rows of W [rows, K] (R a warp), after the consumers let go of
+// the slot's previous fill (the `fill`-th of this slot; the first needs no wait).
+template <int R, int K>
+__device__ __forceinline__ void fill_slot(Ring& ring, int s, int fill, const u16* W, int rows) {
+    if (fill > 0) wait_parity(ring.empty + s, (fill - 1) & 1);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the consumers' reads before the copy's writes
+    u32 bytes = 0;
+#ifndef NO_COPY
+    for (int w = 0; w < WARPS; ++w)
+#pragma unroll
+        for (int r = 0; r < R; ++r) bytes += blockIdx.x * WARPS + w + r * G < rows ? K * 2 : 0;
 #endif
+    const u32 bar = shared_address(ring.full + s);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+#ifndef NO_COPY
+    for (int w = 0; w < WARPS; ++w)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int row = blockIdx.x * WARPS + w + r * G;
+            if (row < rows) {
+                asm volatile(
+                    "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                        shared_address(ring.slots + s * SLOT + (w * R + r) * K)),
+                    "l"(W + (long long)row * K), "r"(K * 2), "r"(bar) : "memory");
+#if defined(PACE) && PACE > 0
+                const long long start = clock64();
+                while (clock64() - start < (long long)PACE * K * 2 / 1024) {
+                }
+#endif
+            }
+        }
+#endif
+}
+
+// The whole sequence of fills, in the order the consumers free the slots (see the ring in the kernel).
+__device__ void produce(Ring& ring, const u16* qkv_w, const u16* proj_w, const u16* fc_w, const u16* out_w) {
+    int fills[3] = {0, 0, 0};
+    fill_slot<RQ, D>(ring, 0, fills[0]++, qkv_w, 3 * D);
+    fill_slot<RD, D>(ring, 1, fills[1]++, proj_w, D);
+    fill_slot<RF, D>(ring, 2, fills[2]++, fc_w, FF);
+    for (int l = 0; l < NL; ++l) {
+        const int q = l % 3, p = (l + 1) % 3, u = (l + 2) % 3;
+        fill_slot<RD, FF>(ring, q, fills[q]++, out_w + (long long)l * D * FF, D);  // down(l) where qkv(l) was
+        if (l + 1 == NL) break;
+        fill_slot<RQ, D>(ring, p, fills[p]++, qkv_w + (long long)(l + 1) * 3 * D * D, 3 * D);  // where proj(l) was
+        fill_slot<RD, D>(ring, u, fills[u]++, proj_w + (long long)(l + 1) * D * D, D);  // where up(l) was
+        fill_slot<RF, D>(ring, q, fills[q]++, fc_w + (long long)(l + 1) * FF * D, FF);  // where down(l) was
+    }
+}
+
+// A consumer warp: wait for slot s's next fill; then, once read, let it go.
+__device__ __forceinline__ void wait_stage(Ring& ring, int s) {
+    wait_parity(ring.full + s, (ring.uses >> s) & 1u);
+    ring.uses ^= 1u << s;
+}
+__device__ __forceinline__ void release_stage(Ring& ring, int s, int lane) {
+    __syncwarp();
+    if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(ring.empty + s)) : "memory");
 }
 template <int R, int K>
 __device__ __forceinline__ uint4 slot_piece(const Ring& ring, int s, int warp, int r, int i, int lane) {
     return *reinterpret_cast<const uint4*>(ring.slots + s * SLOT + (warp * R + r) * K + i * 256 + lane * 8);
 }
+// the consumer threads meet (named barrier 1: the producer warp is not among them)
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory"); }
 
 // all CTAs meet: one thread a CTA counts itself in (release) and polls (acquire)
 __device__ __forceinline__ void grid_sync(int* counter, int* error, int& target) {
     target += gridDim.x;
-    __syncthreads();
+    consumer_sync();
     if (threadIdx.x == 0) {
         int seen, spins = 0;
+#ifndef NO_FENCE  // (diagnosis) the release alone, without the fence before it
         __threadfence();
+#endif
         asm volatile("atom.add.release.gpu.global.s32 %0, [%1], 1;" : "=r"(seen) : "l"(counter) : "memory");
         do {
             asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
@@ -174,7 +190,7 @@ __device__ __forceinline__ void grid_sync(int* counter, int* error, int& target)
         } while (seen < target && ++spins < SPIN_LIMIT && ((spins & 255) || !*(volatile int*)error));
         if (seen < target) atomicExch(error, 1);
     }
-    __syncthreads();
+    consumer_sync();
 }
 
 // the layer norm of the row in hs (params gs, bs) at this lane's elements of a D-row, rounded to bf16
@@ -243,7 +259,7 @@ __device__ __forceinline__ void load_params(float* gs, float* bs, const float* g
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
+extern "C" __global__ void __launch_bounds__(THREADS + 32, 1) decode_layers(
     const long long* token_ptr, const long long* pos_ptr, const float* wte, const float* wpe,
     const u16* qkv_w, const u16* qkv_b, const u16* proj_w, const float* proj_b, const u16* fc_w,
     const u16* fc_b, const u16* out_w, const float* out_b, const float* ln1_w, const float* ln1_b,
@@ -255,7 +271,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
     __shared__ __align__(16) float bs[D];   // ... and bias
     __shared__ float red_m[WARPS], red_l[WARPS], red_o[WARPS][HD];
     extern __shared__ __align__(128) u16 slots[];  // 3 x SLOT: the ring of weight slots
-    __shared__ __align__(8) unsigned long long bars[3 * WARPS];
+    __shared__ __align__(8) unsigned long long full[3], empty[3];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = blockIdx.x * WARPS + warp;  // this warp's first row of every product; the next are G apart
@@ -266,33 +282,32 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
     int target = 0;
     int* counter = sync;
 
+    // The ring: layer l's qkv in slot l % 3, its projection in (l + 1) % 3, MLP up in (l + 2) % 3, MLP down in
+    // l % 3 again once qkv is read; the producer fills each slot as soon as the consumers let go of it:
+    // down(l) after qkv(l), qkv(l + 1) after proj(l), proj(l + 1) after up(l), up(l + 1) after down(l).
+    Ring ring{slots, full, empty, 0u};
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < 3; ++s) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(full + s)) : "memory");
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(empty + s)), "n"(WARPS) : "memory");
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();  // every thread, the producer warp's too, sees the initialised barriers
+    if (warp == WARPS) {  // the producer warp: one thread issues every copy, then leaves
+        if (lane == 0) produce(ring, qkv_w, proj_w, fc_w, out_w);
+        return;
+    }
+
     // the embedding, in every CTA (no hand-off); the first layer's norm parameters
     for (int i = threadIdx.x; i < D; i += THREADS) hs[i] = wte[(long long)token * D + i] + wpe[(long long)pos * D + i];
     load_params(gs, bs, ln1_w, ln1_b);
-
-    // The ring: layer l's qkv in slot l % 3, its projection in (l + 1) % 3, MLP up in (l + 2) % 3, MLP down in
-    // l % 3 again once qkv is read. Each product is copied as soon as its slot is free: down(l) after
-    // qkv(l), qkv(l + 1) after proj(l), proj(l + 1) after up(l), up(l + 1) after down(l). A stage waits on
-    // its slot's mbarrier (with LANE_COPIES: for its group, exactly two groups having been committed after it).
-    Ring ring{slots, bars, 0u};
-    if (lane == 0)
-        for (int s = 0; s < 3; ++s)
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(bars + s * WARPS + warp)) : "memory");
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    __syncwarp();
-    stage_copy<RQ, D>(ring, 0, qkv_w, 3 * D, g, warp, lane);
-    stage_copy<RD, D>(ring, 1, proj_w, D, g, warp, lane);
-    stage_copy<RF, D>(ring, 2, fc_w, FF, g, warp, lane);
     float bq[RQ];
 #pragma unroll
     for (int r = 0; r < RQ; ++r) bq[r] = bf_lo(qkv_b[min(g + r * G, 3 * D - 1)]);
-    __syncthreads();
+    consumer_sync();
 
     for (int l = 0; l < NL; ++l) {
-        const u16* Wqkv = qkv_w + (long long)l * 3 * D * D;
-        const u16* Wproj = proj_w + (long long)l * D * D;
-        const u16* Wfc = fc_w + (long long)l * FF * D;
-        const u16* Wout = out_w + (long long)l * D * FF;
         u16* kcache = cache + (long long)l * 2 * NH * LC * HD;
         u16* vcache = kcache + (long long)NH * LC * HD;
         const bool more = l + 1 < NL;
@@ -317,7 +332,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
         {
             float x[KD * 8];
             norm_lane(hs, gs, bs, x, lane);
-            wait_stage(ring, slot_q, warp);
+            wait_stage(ring, slot_q);
 #pragma unroll
             for (int r = 0; r < RQ; ++r) {
                 const int row = g + r * G;
@@ -337,8 +352,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
                 }
             }
         }
-        __syncthreads();  // the slot's last readers are done: its new layout overlaps other warps' pieces
-        stage_copy<RD, FF>(ring, slot_q, Wout, D, g, warp, lane);  // down(l) where qkv(l) was
+        release_stage(ring, slot_q, lane);  // the producer copies down(l) there next
         const int kk = lane >> 3, dg = lane & 7;  // attention: a pass takes 4 keys, 8 lanes a key, 8 dims a lane
         grid_sync(counter, error, target);
 
@@ -400,7 +414,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
                     red_l[warp] = lsum;
                 }
             }
-            __syncthreads();
+            consumer_sync();
             if (threadIdx.x < HD) {
                 float mm = NEG_INF;
                 for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, red_m[w]);
@@ -419,7 +433,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
                     dst[HD + 1] = ll;
                 }
             }
-            __syncthreads();
+            consumer_sync();
         }
         float bp[RD];
 #pragma unroll
@@ -455,8 +469,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
                 xs[c] = round_bf(oo / ll);
             }
         }
-        wait_stage(ring, slot_p, warp);
-        __syncthreads();
+        wait_stage(ring, slot_p);
+        consumer_sync();
 #pragma unroll
         for (int r = 0; r < RD; ++r) {
             const int row = g + r * G;
@@ -468,8 +482,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
                 if (lane == 0) h[row] = hs[row] + acc + bp[r];
             }
         }
-        __syncthreads();  // the slot's last readers are done: its new layout overlaps other warps' pieces
-        stage_copy<RQ, D>(ring, slot_p, Wqkv + 3 * D * D, more ? 3 * D : 0, g, warp, lane);  // qkv(l + 1)
+        release_stage(ring, slot_p, lane);  // qkv(l + 1) next
         float bf[RF];
 #pragma unroll
         for (int r = 0; r < RF; ++r) bf[r] = bf_lo(fc_b[l * FF + min(g + r * G, FF - 1)]);
@@ -478,11 +491,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
 
         // ---- ln_2 + MLP up + GELU ----
         load_row(hs, h);
-        __syncthreads();
+        consumer_sync();
         {
             float x[KD * 8];
             norm_lane(hs, gs, bs, x, lane);
-            wait_stage(ring, slot_u, warp);
+            wait_stage(ring, slot_u);
 #pragma unroll
             for (int r = 0; r < RF; ++r) {
                 const int row = g + r * G;
@@ -497,8 +510,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
                 }
             }
         }
-        __syncthreads();  // the slot's last readers are done: its new layout overlaps other warps' pieces
-        stage_copy<RD, D>(ring, slot_u, Wproj + D * D, more ? D : 0, g, warp, lane);  // proj(l + 1) where up(l) was
+        release_stage(ring, slot_u, lane);  // proj(l + 1) next
         float bd[RD];
 #pragma unroll
         for (int r = 0; r < RD; ++r) bd[r] = out_b[l * D + min(g + r * G, D - 1)];
@@ -519,8 +531,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
                     dst[4] = bf_lo(v[k].z); dst[5] = bf_hi(v[k].z); dst[6] = bf_lo(v[k].w); dst[7] = bf_hi(v[k].w);
                 }
         }
-        wait_stage(ring, slot_q, warp);
-        __syncthreads();
+        wait_stage(ring, slot_q);
+        consumer_sync();
 #pragma unroll
         for (int r = 0; r < RD; ++r) {
             const int row = g + r * G;
@@ -532,8 +544,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
                 if (lane == 0) h[row] = hs[row] + acc + bd[r];
             }
         }
-        __syncthreads();  // the slot's last readers are done: its new layout overlaps other warps' pieces
-        stage_copy<RF, D>(ring, slot_q, Wfc + FF * D, more ? FF : 0, g, warp, lane);  // up(l + 1) where down(l) was
+        release_stage(ring, slot_q, lane);  // up(l + 1) next
         {
             const int next = more ? l + 1 : l;
 #pragma unroll
@@ -542,7 +553,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
         load_params(gs, bs, ln1_w + (l + 1) * D, ln1_b + (l + 1) * D);  // ln_f rides as ln_1 of layer NL
         grid_sync(counter, error, target);
         load_row(hs, h);
-        __syncthreads();
+        consumer_sync();
     }
 
     // ln_f of the token, by CTA 0's first warp
@@ -555,7 +566,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_layers(
             for (int j = 0; j < 8; ++j) out[i * 256 + lane * 8 + j] = (u16)to_bf(x[i * 8 + j]);
     }
     // the last CTA out zeroes the barrier counter for the next launch
-    __syncthreads();
+    consumer_sync();
     if (threadIdx.x == 0) {
         const int gone = atomicAdd(sync + 32, 1);
         if (gone == gridDim.x - 1) {

@@ -4,8 +4,8 @@
 
 A prototype, not part of the engine: it asks whether a persistent kernel
 written in CUDA, each stage near its own floor (a warp per output row, the
-weights streamed into shared memory stages ahead, the layer norms computed
-by every CTA), makes a layer much shorter than the Triton decode kernel's
+weights streamed into shared memory stages ahead by a producer warp, the
+layer norms computed by every CTA), makes a layer much shorter than the Triton decode kernel's
 (~22.5 µs a gpt2-medium layer). It did not (benchmarks/RESULTS.md, eighth
 session: 23.6 µs; the chain alone 17.3). Compiled at run time by NVRTC
 (``torch.cuda._compile_kernel``), the shape as macros; needs a GPU with
@@ -91,7 +91,7 @@ class CudaDecode:
         w = self.weights
         self.kernel(
             grid=(self.grid, 1, 1),
-            block=(self.threads, 1, 1),
+            block=(self.threads + 32, 1, 1),  # and the producer warp
             shared_mem=self.shared,
             args=[
                 token, position, w.wte, w.wpe, w.qkv_w_all, w.qkv_b_all, w.proj_w_all, w.proj_b_all,
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument(
         "--defines",
         default="",
-        help="more macros, comma-separated, for diagnosis: e.g. NO_COPY=1 or LANE_COPIES=1,NO_WAIT=1",
+        help="more macros, comma-separated: e.g. PACE=150, or NO_COPY=1 for diagnosis",
     )
     args = parser.parse_args()
     positions = [int(p) for p in args.positions.split(",")]
