@@ -6,7 +6,8 @@
 // benchmarks/RESULTS.md ("What a hand-off costs in plain CUDA") estimated?
 //
 // The shape comes in as macros (D, NH, NL, LC, GRID) prepended by the script; D must be
-// a multiple of 256 (gpt2, gpt2-medium, gpt2-large). One CTA per SM: THREADS consumer
+// a multiple of 256 and the ring must fit in shared memory (gpt2 and gpt2-medium on an
+// H100/H200; not gpt2-large, whose slots would need ~480 KB). One CTA per SM: THREADS consumer
 // threads and one producer warp. The consumers run the chain, one warp per output row of
 // every product (a warp reads its row's K contiguous bf16 values from shared memory, 16
 // bytes a lane a step, and sums across its lanes): no tiles, no cross-warp reductions in
@@ -20,12 +21,12 @@
 // Rounding mirrors the Triton kernel: the normed rows, qkv, the attention output and
 // the MLP's hidden row are bf16; the residual and all sums are fp32.
 //
-// Macros: PACE (cycles a KB the producer waits after each row's copy; default 100, 0: none).
-// For diagnosis (wrong results): NO_COPY (no weights copied: the chain alone),
-// NO_PREFETCH (no L2 prefetch of the attention's keys and values), NO_FENCE (the grid
-// barrier's release without the fence before it). Commit e9970e8 has the versions without a
-// producer warp that RESULTS.md's eighth session measured first (the consumers issuing the
-// copies; LANE_COPIES, NO_WAIT, EVICT_FIRST).
+// Macros: PACE (SM clock cycles the producer waits per KiB of the row it has just copied;
+// default 100, 0: none). For diagnosis: NO_COPY (no weights copied: the chain alone; wrong
+// results), NO_PREFETCH (no L2 prefetch of the attention's keys and values), NO_FENCE (the
+// grid barrier's release without the fence before it). Commit e9970e8 has the version whose
+// consumer warps issue the copies themselves (LANE_COPIES, NO_WAIT); the other versions
+// RESULTS.md's eighth session measured (weights in registers, EVICT_FIRST) were not kept.
 
 #define HD 64
 #ifndef PACE
@@ -78,13 +79,13 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 __device__ __forceinline__ void prefetch_l2(const void* p) {}
 #endif
 
-// Weights into shared memory, asynchronously. A slot holds one product's rows for every warp of the CTA:
-// warp w's row r (of R) at ((w * R + r) * K), each lane copying and later reading the same 16-byte
-// pieces, so a lane's own cp.async.wait_group is the only wait a stage needs before reading them.
+// A slot's size: the largest of the products' rows for all of a CTA's consumer warps (bf16 values).
 #define SLOT_A (WARPS * RQ * D)
 #define SLOT_B (WARPS * RF * D)
 #define SLOT_C (WARPS * RD * FF)
 #define SLOT (SLOT_A > SLOT_B ? (SLOT_A > SLOT_C ? SLOT_A : SLOT_C) : (SLOT_B > SLOT_C ? SLOT_B : SLOT_C))
+static_assert(D % 256 == 0, "a lane steps through a row 8 values at a time, 32 lanes a step");
+static_assert(CH % (WARPS * 4) == 0 && THREADS >= HD, "an attention item's keys split evenly over the warps");
 // The ring of three weight slots. A slot holds one product's rows for every consumer warp of the CTA:
 // warp w's row r (of R) at (w * R + r) * K. A producer warp (one thread of it) fills the slots with bulk
 // copies (cp.async.bulk, one a row), each fill counted on the slot's `full` mbarrier; the consumer warps

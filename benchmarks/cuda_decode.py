@@ -5,11 +5,12 @@
 A prototype, not part of the engine: it asks whether a persistent kernel
 written in CUDA, each stage near its own floor (a warp per output row, the
 weights streamed into shared memory stages ahead by a producer warp, the
-layer norms computed by every CTA), makes a layer much shorter than the Triton decode kernel's
-(~22.5 µs a gpt2-medium layer). It did not (benchmarks/RESULTS.md, eighth
-session: 23.6 µs; the chain alone 17.3). Compiled at run time by NVRTC
-(``torch.cuda._compile_kernel``), the shape as macros; needs a GPU with
-~222 KB of shared memory a block (Hopper) for gpt2-medium.
+layer norms computed by every CTA), makes a layer much shorter than the
+Triton decode kernel's. It did not (benchmarks/RESULTS.md, eighth session:
+23.3 µs a gpt2-medium layer against Triton's 22.6; the chain alone, no
+weights copied, 17.6). Compiled at run time by NVRTC
+(``torch.cuda._compile_kernel``), the shape as macros; gpt2 and gpt2-medium
+only, on a GPU with ~222 KB of shared memory a block (Hopper).
 
 For each model and position it checks the CUDA kernel against the
 layer-by-layer forward (``GPT2Weights.decode_one``, fp32 accumulation over
@@ -23,8 +24,10 @@ both kernels and the layer-by-layer forward by CUDA graph replay
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,6 +45,12 @@ HEAD_DIM = 64
 CHUNK = 128  # keys an attention item covers (cuda_decode.cu's CH)
 
 
+@functools.cache
+def compiled(source: str) -> Any:
+    """The kernel built from ``source`` by NVRTC, once per shape and macros (not once per position)."""
+    return torch.cuda._compile_kernel(source, "decode_layers")
+
+
 class CudaDecode:
     """The CUDA kernel for one shape, its buffers, and a launch that reads token and position on the device."""
 
@@ -50,7 +59,12 @@ class CudaDecode:
     ) -> None:
         self.weights, self.cache, self.threads = weights, cache, threads
         width, heads, layers = weights.n_embd, weights.n_head, len(weights.layers)
-        self.grid = torch.cuda.get_device_properties(0).multi_processor_count
+        properties = torch.cuda.get_device_properties(0)
+        self.grid = properties.multi_processor_count
+        if width % 256 or CHUNK % (threads // 32 * 4) or threads < HEAD_DIM:
+            raise SystemExit(
+                f"cuda_decode: width {width} or {threads} threads not supported (cuda_decode.cu)"
+            )
         defines = {
             "D": width,
             "NH": heads,
@@ -61,7 +75,7 @@ class CudaDecode:
             **extra,
         }
         source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + SOURCE.read_text()
-        self.kernel = torch.cuda._compile_kernel(source, "decode_layers")
+        self.kernel = compiled(source)
         # the ring of three weight slots in dynamic shared memory (cuda_decode.cu's SLOT)
         warps = self.grid * threads // 32
         rows = [-(-n // warps) for n in (3 * width, 4 * width, width)]
@@ -71,11 +85,19 @@ class CudaDecode:
             threads // 32 * rows[2] * 4 * width,
         )
         self.shared = 3 * slot * 2
+        # the kernel's static shared memory: xs, hs, gs, bs (fp32 rows), red_m, red_l, red_o, the mbarriers
+        static = 4 * (4 * width + 3 * width) + 4 * (threads // 32) * (HEAD_DIM + 2) + 64
+        if self.shared + static > properties.shared_memory_per_block_optin:
+            raise SystemExit(
+                f"cuda_decode: the weight ring needs {self.shared + static} bytes of shared memory a block, "
+                f"the GPU allows {properties.shared_memory_per_block_optin}"
+            )
         if hasattr(self.kernel, "set_shared_memory_config"):
             self.kernel.set_shared_memory_config(self.shared)
         else:  # older torch: the attribute directly (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
             library = torch.cuda._utils._get_gpu_runtime_library()
-            assert library.cuFuncSetAttribute(self.kernel.func, 8, self.shared) == 0
+            if library.cuFuncSetAttribute(self.kernel.func, 8, self.shared) != 0:
+                raise RuntimeError("cuFuncSetAttribute (dynamic shared memory) failed")
         device = weights.wte.device
         chunks = -(-cache.size(3) // CHUNK)
         self.h = torch.zeros(width, device=device)
@@ -178,11 +200,13 @@ def main() -> None:
     parser.add_argument(
         "--defines",
         default="",
-        help="more macros, comma-separated: e.g. PACE=150, or NO_COPY=1 for diagnosis",
+        help="more macros, comma-separated, NAME or NAME=VALUE: e.g. PACE=0, or NO_COPY for diagnosis",
     )
     args = parser.parse_args()
     positions = [int(p) for p in args.positions.split(",")]
-    extra = dict(item.split("=") for item in filter(None, args.defines.split(",")))
+    if not all(0 < p < CACHE_LENGTH for p in positions):
+        raise SystemExit(f"cuda_decode: positions must lie in 1..{CACHE_LENGTH - 1}")
+    extra = dict([*item.split("="), "1"][:2] for item in filter(None, args.defines.split(",")))
     bandwidth = copy_bandwidth()
     print(
         f"{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; {args.threads} threads a CTA; {extra or 'no extra macros'}"
