@@ -63,7 +63,8 @@ class CudaDecode:
         self.grid = properties.multi_processor_count
         if width % 256 or CHUNK % (threads // 32 * 4) or threads < HEAD_DIM:
             raise SystemExit(
-                f"cuda_decode: width {width} or {threads} threads not supported (cuda_decode.cu)"
+                f"cuda_decode: width {width} with {threads} threads is not supported: "
+                "the width must be a multiple of 256, the threads 64, 128, 256 or 512"
             )
         defines = {
             "D": width,
@@ -87,10 +88,11 @@ class CudaDecode:
         self.shared = 3 * slot * 2
         # the kernel's static shared memory: xs, hs, gs, bs (fp32 rows), red_m, red_l, red_o, the mbarriers
         static = 4 * (4 * width + 3 * width) + 4 * (threads // 32) * (HEAD_DIM + 2) + 64
-        if self.shared + static > properties.shared_memory_per_block_optin:
+        allowed = getattr(properties, "shared_memory_per_block_optin", None)  # not in every torch
+        if allowed is not None and self.shared + static > allowed:
             raise SystemExit(
                 f"cuda_decode: the weight ring needs {self.shared + static} bytes of shared memory a block, "
-                f"the GPU allows {properties.shared_memory_per_block_optin}"
+                f"the GPU allows {allowed}"
             )
         if hasattr(self.kernel, "set_shared_memory_config"):
             self.kernel.set_shared_memory_config(self.shared)
