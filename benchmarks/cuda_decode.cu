@@ -172,6 +172,23 @@ template <int R, int K>
 __device__ __forceinline__ uint4 slot_piece(const Ring& ring, int s, int warp, int r, int i, int lane) {
     return *reinterpret_cast<const uint4*>(ring.slots + s * SLOT + (warp * R + r) * K + i * 256 + lane * 8);
 }
+// The projection and MLP down: this warp's rows (RD of them, K long, in slot s) times the input row x
+// in shared memory, added to the residual: h[row] = hs[row] + product + bias.
+template <int K>
+__device__ __forceinline__ void add_rows(const Ring& ring, int s, const float* x, const float* bias, const float* hs,
+                                         float* h, int g, int warp, int lane) {
+#pragma unroll
+    for (int r = 0; r < RD; ++r) {
+        const int row = g + r * G;
+        if (row < D) {
+            float acc = 0.f;
+#pragma unroll
+            for (int i = 0; i < K / 256; ++i) acc += dot8(slot_piece<RD, K>(ring, s, warp, r, i, lane), x + i * 256 + lane * 8);
+            acc = warp_sum(acc);
+            if (lane == 0) h[row] = hs[row] + acc + bias[r];
+        }
+    }
+}
 // the consumer threads meet (named barrier 1: the producer warp is not among them)
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory"); }
 
@@ -472,17 +489,7 @@ extern "C" __global__ void __launch_bounds__(THREADS + 32, 1) decode_layers(
         }
         wait_stage(ring, slot_p);
         consumer_sync();
-#pragma unroll
-        for (int r = 0; r < RD; ++r) {
-            const int row = g + r * G;
-            if (row < D) {
-                float acc = 0.f;
-#pragma unroll
-                for (int i = 0; i < KD; ++i) acc += dot8(slot_piece<RD, D>(ring, slot_p, warp, r, i, lane), xs + i * 256 + lane * 8);
-                acc = warp_sum(acc);
-                if (lane == 0) h[row] = hs[row] + acc + bp[r];
-            }
-        }
+        add_rows<D>(ring, slot_p, xs, bp, hs, h, g, warp, lane);
         release_stage(ring, slot_p, lane);  // qkv(l + 1) next
         float bf[RF];
 #pragma unroll
@@ -534,17 +541,7 @@ extern "C" __global__ void __launch_bounds__(THREADS + 32, 1) decode_layers(
         }
         wait_stage(ring, slot_q);
         consumer_sync();
-#pragma unroll
-        for (int r = 0; r < RD; ++r) {
-            const int row = g + r * G;
-            if (row < D) {
-                float acc = 0.f;
-#pragma unroll
-                for (int i = 0; i < KF; ++i) acc += dot8(slot_piece<RD, FF>(ring, slot_q, warp, r, i, lane), xs + i * 256 + lane * 8);
-                acc = warp_sum(acc);
-                if (lane == 0) h[row] = hs[row] + acc + bd[r];
-            }
-        }
+        add_rows<FF>(ring, slot_q, xs, bd, hs, h, g, warp, lane);
         release_stage(ring, slot_q, lane);  // up(l + 1) next
         {
             const int next = more ? l + 1 : l;
