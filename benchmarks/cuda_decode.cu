@@ -133,7 +133,7 @@ __device__ __forceinline__ void fill_slot(Ring& ring, int s, int fill, const u16
                     "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
                         shared_address(ring.slots + s * SLOT + (w * R + r) * K)),
                     "l"(W + (long long)row * K), "r"(K * 2), "r"(bar) : "memory");
-#if defined(PACE) && PACE > 0
+#if PACE > 0  // (PACE is always defined: 100 unless the script sets it)
                 const long long start = clock64();
                 while (clock64() - start < (long long)PACE * K * 2 / 1024) {
                 }
@@ -241,7 +241,6 @@ __device__ __forceinline__ void norm_lane(const float* hs, const float* gs, cons
 // The CTA copies a row of D fp32 values (written this launch) into shared memory. Every load is
 // issued before the first store: a loop that stored each value before loading the next would wait one
 // L2 round trip (~0.7 µs) per step.
-
 #define PER_THREAD_UP ((D + THREADS - 1) / THREADS)  // values of a D-row a thread copies
 __device__ __forceinline__ void load_row(float* dst, const float* src) {
     float v[PER_THREAD_UP];
