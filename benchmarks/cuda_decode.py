@@ -40,9 +40,11 @@ from collapse_tui.fast.gpt2 import GPT2Weights
 from collapse_tui.fast.persistent import PersistentForward
 
 SOURCE = Path(__file__).with_name("cuda_decode.cu")
+CLUSTER_SOURCE = Path(__file__).with_name("cuda_cluster_decode.cu")
 CACHE_LENGTH = 1024
 HEAD_DIM = 64
 CHUNK = 128  # keys an attention item covers (cuda_decode.cu's CH)
+TRACE_STAGES = 10  # cuda_cluster_decode.cu's STAGES
 
 
 @functools.cache
@@ -94,12 +96,7 @@ class CudaDecode:
                 f"cuda_decode: the weight ring needs {self.shared + static} bytes of shared memory a block, "
                 f"the GPU allows {allowed}"
             )
-        if hasattr(self.kernel, "set_shared_memory_config"):
-            self.kernel.set_shared_memory_config(self.shared)
-        else:  # older torch: the attribute directly (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
-            library = torch.cuda._utils._get_gpu_runtime_library()
-            if library.cuFuncSetAttribute(self.kernel.func, 8, self.shared) != 0:
-                raise RuntimeError("cuFuncSetAttribute (dynamic shared memory) failed")
+        set_dynamic_shared_memory(self.kernel, self.shared)
         device = weights.wte.device
         chunks = -(-cache.size(3) // CHUNK)
         self.h = torch.zeros(width, device=device)
@@ -126,6 +123,146 @@ class CudaDecode:
         return self.out
 
 
+class ClusterDecode:
+    """cuda_cluster_decode.cu for one shape: clusters of ``cluster`` CTAs, one a head, two grid barriers a layer.
+
+    The weights are re-arranged once so that a CTA's share of each product is one contiguous block:
+    its rows of its head's q, k and v; its head's columns of the projection for its slice of outputs;
+    its MLP up rows; MLP down's columns for those rows.
+    """
+
+    def __init__(
+        self, weights: GPT2Weights, cache: torch.Tensor, threads: int, extra: dict[str, str], cluster: int = 8
+    ) -> None:
+        self.weights, self.cache, self.threads = weights, cache, threads
+        width, heads, layers = weights.n_embd, weights.n_head, len(weights.layers)
+        self.grid = heads * cluster
+        defines = {
+            "D": width,
+            "NH": heads,
+            "NL": layers,
+            "LC": cache.size(3),
+            "THREADS": threads,
+            "CS": cluster,
+            **extra,
+        }
+        source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + CLUSTER_SOURCE.read_text()
+        self.kernel = compiled(source)
+        device = weights.wte.device
+        qkv_rows = 3 * HEAD_DIM // cluster
+        outputs = width // cluster
+        up_rows = 4 * width // self.grid
+        index = torch.arange(3 * HEAD_DIM, device=device)
+        rows = (index // HEAD_DIM) * width + (index % HEAD_DIM)
+        rows = (rows.view(1, -1) + HEAD_DIM * torch.arange(heads, device=device).view(-1, 1)).flatten()
+        with torch.no_grad():
+            self.wq = weights.qkv_w_all[:, rows, :].contiguous()
+            self.wp = (
+                weights.proj_w_all.view(layers, cluster, outputs, heads, HEAD_DIM)
+                .permute(0, 3, 1, 2, 4)
+                .contiguous()
+            )
+            self.wf = weights.fc_w_all
+            self.wd = (
+                weights.out_w_all.view(layers, width, self.grid, up_rows).permute(0, 2, 1, 3).contiguous()
+            )
+        slot = max(qkv_rows * width, outputs * HEAD_DIM, up_rows * width, width * up_rows)
+        self.shared = 3 * slot * 2
+        # hs, gs, bs, down, down_all; red_o; att, att_all; head_qkv, head_out, hidden, the rest
+        static = 4 * 5 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
+        static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 512
+        allowed = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
+        if allowed is not None and self.shared + static > allowed:
+            raise SystemExit(
+                f"cuda_decode: the cluster kernel needs {self.shared + static} bytes of shared memory a block, "
+                f"the GPU allows {allowed}"
+            )
+        set_dynamic_shared_memory(self.kernel, self.shared)
+        resident = max_active_clusters(self.kernel, self.grid, threads + 32, self.shared)
+        if resident is not None and resident < heads:
+            raise SystemExit(
+                f"cuda_decode: the GPU keeps {resident} clusters of {cluster} CTAs ({self.shared // 1024} KiB of "
+                f"shared memory each) resident at once; the cluster kernel needs {heads}, one a head"
+            )
+        self.trace = torch.zeros(self.grid * (layers * TRACE_STAGES + 4), dtype=torch.int64, device=device)
+        self.head_parts = torch.zeros(heads * width, device=device)
+        self.cluster_parts = torch.zeros(heads * width, device=device)
+        self.out = torch.zeros(1, width, dtype=torch.bfloat16, device=device)
+        self.sync = torch.zeros(64, dtype=torch.int32, device=device)
+        self.error = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def run(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """``ln_f`` of ``token`` [1] at ``position`` [1] (int64, on the device), ``[1, n_embd]`` bf16."""
+        w = self.weights
+        self.kernel(
+            grid=(self.grid, 1, 1),
+            block=(self.threads + 32, 1, 1),
+            shared_mem=self.shared,
+            args=[
+                token, position, w.wte, w.wpe, self.wq, w.qkv_b_all, self.wp, w.proj_b_all, self.wf, w.fc_b_all,
+                self.wd, w.out_b_all, w.ln1_w_all, w.ln1_b_all, w.ln2_w_all, w.ln2_b_all, self.cache,
+                self.head_parts, self.cluster_parts, self.out, self.sync, self.error, self.trace,
+            ],
+        )  # fmt: skip
+        return self.out
+
+
+def max_active_clusters(kernel: Any, grid: int, block: int, shared: int) -> int | None:
+    """How many of the kernel's clusters the GPU can hold at once (cuOccupancyMaxActiveClusters), or None."""
+    import ctypes
+
+    class LaunchConfig(ctypes.Structure):
+        _fields_ = [
+            *((name, ctypes.c_uint) for name in ("gx", "gy", "gz", "bx", "by", "bz", "shared")),
+            ("stream", ctypes.c_void_p),
+            ("attrs", ctypes.c_void_p),
+            ("count", ctypes.c_uint),
+        ]
+
+    library = torch.cuda._utils._get_gpu_runtime_library()
+    function = getattr(library, "cuOccupancyMaxActiveClusters", None)
+    if function is None:
+        return None
+    clusters = ctypes.c_int(0)
+    config = LaunchConfig(grid, 1, 1, block, 1, 1, shared, None, None, 0)
+    if function(ctypes.byref(clusters), kernel.func, ctypes.byref(config)) != 0:
+        return None
+    return clusters.value
+
+
+def report_trace(decode: ClusterDecode, layers: int) -> None:
+    """Where a layer's time goes, from the TRACE build's clock stamps (one launch): µs a stage."""
+    stages = TRACE_STAGES
+    trace = decode.trace.cpu()
+    grid = decode.grid
+    stamps = trace[: grid * layers * stages].view(grid, layers, stages).double()
+    ends = trace[grid * layers * stages :].view(grid, 4).double()
+    per_cycle = (ends[:, 3] - ends[:, 2]) / (ends[:, 1] - ends[:, 0]) / 1000  # µs a cycle, per CTA
+    # stage k's time: stamp k - stamp k-1; stage 0's: the next layer's stamp 0 - this layer's stamp 9
+    times = torch.empty(grid, layers - 1, stages, dtype=torch.float64)
+    times[:, :, 1:] = stamps[:, :-1, 1:] - stamps[:, :-1, :-1]
+    times[:, :, 0] = stamps[:, 1:, 0] - stamps[:, :-1, stages - 1]
+    times *= per_cycle.view(-1, 1, 1)
+    names = ["G2 + residual", "ln_1 + qkv", "meet 0 + gather", "attention", "meet 1 + combine",
+             "projection", "G1 + residual", "ln_2 + up", "down", "meet 2 + reduce"]  # fmt: skip
+    mean = times.mean(dim=(0, 1))
+    worst = times.mean(dim=1).max(dim=0).values
+    print(f"trace (µs a layer, mean over layers 1..{layers - 1}; mean over CTAs / the slowest CTA's mean):")
+    for index in [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]:
+        print(f"  {names[index]:>18}: {mean[index]:6.2f} / {worst[index]:6.2f}")
+    print(f"  {'layer':>18}: {mean.sum():6.2f}")
+
+
+def set_dynamic_shared_memory(kernel: Any, size: int) -> None:
+    """Let ``kernel`` take ``size`` bytes of dynamic shared memory (beyond the default 48 KB)."""
+    if hasattr(kernel, "set_shared_memory_config"):
+        kernel.set_shared_memory_config(size)
+    else:  # older torch: the attribute directly (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+        library = torch.cuda._utils._get_gpu_runtime_library()
+        if library.cuFuncSetAttribute(kernel.func, 8, size) != 0:
+            raise RuntimeError("cuFuncSetAttribute (dynamic shared memory) failed")
+
+
 def randomise_small_parameters(model: torch.nn.Module) -> None:
     """Biases and layer-norm parameters away from 0 and 1, so a kernel that drops one is caught."""
     generator = torch.Generator(device="cpu").manual_seed(1)
@@ -139,7 +276,7 @@ def randomise_small_parameters(model: torch.nn.Module) -> None:
 
 
 def check_and_time(
-    name: str, positions: list[int], threads: int, extra: dict[str, str], bandwidth: float
+    name: str, positions: list[int], threads: int, extra: dict[str, str], bandwidth: float, kernel: str
 ) -> None:
     model = build_model(name)
     randomise_small_parameters(model)
@@ -160,7 +297,10 @@ def check_and_time(
             mask[..., position + 1 :] = float("-inf")
             caches = {k: base.clone() for k in ("reference", "cuda", "triton")}
             reference = weights.decode_one(token, where, caches["reference"], mask).float()
-            cuda = CudaDecode(weights, caches["cuda"], threads, extra)
+            if kernel == "cluster":
+                cuda = ClusterDecode(weights, caches["cuda"], threads, extra)
+            else:
+                cuda = CudaDecode(weights, caches["cuda"], threads, extra)
             triton = PersistentForward(weights, 1, cache=caches["triton"])
             cuda_logits = weights.logits(cuda.run(token, where)).float()
             triton_logits = weights.logits(triton.run(token, where)[:1]).float()
@@ -183,6 +323,10 @@ def check_and_time(
                 ),
             }
             failed |= int(cuda.error.item())
+            if "TRACE" in extra and isinstance(cuda, ClusterDecode):
+                cuda.run(token, where)
+                torch.cuda.synchronize()
+                report_trace(cuda, layers)
             print(
                 f"| {name} | {position} | {times['cuda']:.1f} ({times['cuda'] / layers:.2f} a layer) "
                 f"| {times['triton']:.1f} ({times['triton'] / layers:.2f}) | {times['layered']:.1f} | {floor:.1f} "
@@ -200,6 +344,12 @@ def main() -> None:
     parser.add_argument("--positions", default="100,511,1000")
     parser.add_argument("--threads", type=int, default=256)
     parser.add_argument(
+        "--kernel",
+        choices=("five", "cluster"),
+        default="five",
+        help="five: cuda_decode.cu (five grid barriers a layer); cluster: cuda_cluster_decode.cu (two)",
+    )
+    parser.add_argument(
         "--defines",
         default="",
         help="more macros, comma-separated, NAME or NAME=VALUE: e.g. PACE=0, or NO_COPY for diagnosis",
@@ -211,7 +361,7 @@ def main() -> None:
     extra = dict([*item.split("="), "1"][:2] for item in filter(None, args.defines.split(",")))
     bandwidth = copy_bandwidth()
     print(
-        f"{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; {args.threads} threads a CTA; {extra or 'no extra macros'}"
+        f"{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; {args.kernel} kernel; {args.threads} threads a CTA; {extra or 'no extra macros'}"
     )
     print(
         "| model | position | CUDA µs a token | Triton µs | layer by layer µs | layers' floor µs "
@@ -220,7 +370,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |")
     for name in args.models.split(","):
         assert name in SHAPES, f"unknown model {name}"
-        check_and_time(name, positions, args.threads, extra, bandwidth)
+        check_and_time(name, positions, args.threads, extra, bandwidth, args.kernel)
         torch.cuda.empty_cache()
 
 

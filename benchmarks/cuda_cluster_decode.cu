@@ -1,0 +1,618 @@
+// One cached GPT-2 token in hand-written CUDA with two grid barriers a layer instead of five.
+//
+// A prototype that benchmarks/cuda_decode.py (--kernel cluster) compiles with NVRTC and times against
+// the Triton decode kernel. The five-barrier CUDA kernel (cuda_decode.cu) showed a layer's time is its
+// chain of grid-wide hand-offs, ~3.5 µs each (RESULTS.md, eighth session). This one takes three of the
+// five off the grid: the CTAs come in clusters of CS (thread block clusters, Hopper), one cluster a head,
+// and hand off inside the cluster through distributed shared memory (DSMEM) and mbarriers, which do not
+// wait for every SM:
+//
+//   grid barrier | ln_1, this CTA's rows of its head's q, k, v           (every CTA does the norm)
+//   cluster      | attention over the CTA's chunk of CH keys             (q, k, v gathered from the cluster)
+//   cluster      | the chunks combined; the head's share of the projection, a partial of the whole row
+//   grid barrier | residual + every head's partial (a fixed order); ln_2; this CTA's rows of MLP up
+//                | + GELU; their share of MLP down, a partial of the whole row
+//   cluster      | the cluster's partials summed (each CTA a slice) and written out
+//   (grid barrier: the next layer adds the clusters' partials to the residual)
+//
+// The projection and MLP down are linear, so each is split by its input (K) and summed afterwards:
+// every CTA sums the same partials in the same order, so every CTA holds the same residual and the
+// result does not depend on timing. Weights come pre-arranged (cuda_decode.py) so that a CTA's share of
+// each product is one contiguous block, streamed by a producer warp into a ring of three shared-memory
+// slots (as in cuda_decode.cu). Rounding mirrors the Triton kernel: normed rows, q/k/v, the attention
+// output and the MLP's hidden values are bf16; the residual and all sums are fp32.
+//
+// Macros: D, NH, NL, LC (cache length), THREADS (consumer threads), CS (cluster size), PACE (cycles the
+// producer waits a KiB copied; default 0). For diagnosis: NO_COPY (no weights copied; wrong results).
+
+#define HD 64
+#ifndef PACE
+#define PACE 0
+#endif
+#ifndef THREADS
+#define THREADS 256
+#endif
+#ifndef CS
+#define CS 8
+#endif
+#define WARPS (THREADS / 32)
+#define GRID (NH * CS)
+#define FF (4 * D)
+#define KD (D / 256)         // 16-byte steps a lane takes through a row of D values
+#define QR (3 * HD / CS)     // q/k/v rows a CTA: its share of its head's 3 x HD
+#define PR (D / CS)          // projection outputs a CTA (its head's share of them)
+#define FR (FF / GRID)       // MLP up rows a CTA, = MLP down's inputs a CTA
+#define CH 128               // keys a CTA's attention chunk covers
+#define PASSES (CH / WARPS / 4)
+#define SPIN_LIMIT (1 << 20)
+#define EPS 1e-5f
+#define NEG_INF __int_as_float(0xff800000)
+#define ATT (HD + 4)         // an attention chunk's partial: o[HD], max, sum, padded to 16 bytes
+#define PIECE 4096           // bytes a bulk copy (pacing steps by it)
+
+#define QB (QR * D)  // a CTA's block of each product's weights (bf16 values)
+#define PB (PR * HD)
+#define FB (FR * D)
+#define DB (D * FR)
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
+#define SLOT MAX2(MAX2(QB, PB), MAX2(FB, DB))
+
+static_assert(D % 256 == 0, "a lane steps through a row 8 values at a time");
+static_assert(3 * HD % CS == 0 && QR % WARPS == 0, "a head's q/k/v rows split evenly over the cluster's warps");
+static_assert(D % CS == 0 && PR % (WARPS * 4) == 0, "projection outputs split evenly, 4 a warp a pass");
+static_assert(FF % GRID == 0 && FR % WARPS == 0 && FR % 8 == 0 && 32 % (FR / 8) == 0, "MLP rows split evenly");
+static_assert(D % (WARPS * (32 / (FR / 8))) == 0, "MLP down outputs split evenly over the warps");
+static_assert(LC <= CS * CH, "the cluster's chunks cover the cache");
+static_assert(CH % (WARPS * 4) == 0, "a chunk's keys split evenly over the warps");
+static_assert(D % 4 == 0 && D / 4 <= THREADS, "a thread sums 4 columns of the partials");
+static_assert(D / CS <= THREADS, "a thread reduces one column of the cluster's slice");
+static_assert(QR % 8 == 0 && (D / CS) % 4 == 0, "pushes go in 16-byte pieces");
+static_assert(CS * QR / 8 <= THREADS && CS * ATT / 4 <= THREADS && D / 4 <= THREADS, "a thread a piece");
+
+// TRACE: thread 0 of every CTA stamps the SM clock at each stage's end (trace[CTA][layer][stage]), and
+// the global timer at the launch's start and end (to turn cycles into time).
+#define STAGES 10
+#ifdef TRACE
+#define STAMP(k) \
+    if (threadIdx.x == 0) trace[((long long)blockIdx.x * NL + l) * STAGES + (k)] = clock64()
+#else
+#define STAMP(k)
+#endif
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ float bf_lo(u32 u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf_hi(u32 u) { return __uint_as_float(u & 0xffff0000u); }
+__device__ __forceinline__ u32 to_bf(float f) {  // round to nearest even
+    u32 u = __float_as_uint(f);
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+__device__ __forceinline__ float round_bf(float f) { return __uint_as_float(to_bf(f) << 16); }
+__device__ __forceinline__ float dot8(uint4 w, const float* x) {
+    return bf_lo(w.x) * x[0] + bf_hi(w.x) * x[1] + bf_lo(w.y) * x[2] + bf_hi(w.y) * x[3] +
+           bf_lo(w.z) * x[4] + bf_hi(w.z) * x[5] + bf_lo(w.w) * x[6] + bf_hi(w.w) * x[7];
+}
+template <int LANES>  // sum across groups of LANES adjacent lanes
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+    for (int o = LANES / 2; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ uint4 load16_cg(const u16* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
+__device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// ---- the weight ring (as in cuda_decode.cu, one contiguous block a stage) ----
+struct Ring {
+    u16* slots;
+    unsigned long long* full;
+    unsigned long long* empty;
+    u32 uses;
+};
+__device__ __forceinline__ void wait_parity(const unsigned long long* bar, u32 parity) {
+    u32 done = 0;
+    while (!done)
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done) : "r"(shared_address(bar)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void fill_slot(Ring& ring, int s, int fill, const u16* src, u32 values) {
+    if (fill > 0) wait_parity(ring.empty + s, (fill - 1) & 1);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    const u32 bytes = values * 2;
+    const u32 bar = shared_address(ring.full + s);
+#ifdef NO_COPY
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(0) : "memory");
+#else
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+    for (u32 done = 0; done < bytes; done += PIECE) {
+        const u32 n = bytes - done < PIECE ? bytes - done : PIECE;
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                         shared_address(reinterpret_cast<char*>(ring.slots + s * SLOT) + done)),
+                     "l"(reinterpret_cast<const char*>(src) + done), "r"(n), "r"(bar) : "memory");
+#if PACE > 0
+        const long long start = clock64();
+        while (clock64() - start < (long long)PACE * n / 1024) {
+        }
+#endif
+    }
+#endif
+}
+// The fills in the order the consumers free the slots: qkv(l) in slot l % 3, proj(l) in (l + 1) % 3,
+// up(l) in (l + 2) % 3, down(l) in l % 3 once qkv(l) is read.
+__device__ void produce(Ring& ring, const u16* wq, const u16* wp, const u16* wf, const u16* wd) {
+    const long long b = blockIdx.x;
+    int fills[3] = {0, 0, 0};
+    fill_slot(ring, 0, fills[0]++, wq + b * QB, QB);
+    fill_slot(ring, 1, fills[1]++, wp + b * PB, PB);
+    fill_slot(ring, 2, fills[2]++, wf + b * FB, FB);
+    for (int l = 0; l < NL; ++l) {
+        const int q = l % 3, p = (l + 1) % 3, u = (l + 2) % 3;
+        const long long layer = (long long)l * GRID + b;
+        fill_slot(ring, q, fills[q]++, wd + layer * DB, DB);
+        if (l + 1 == NL) break;
+        fill_slot(ring, p, fills[p]++, wq + (layer + GRID) * QB, QB);
+        fill_slot(ring, u, fills[u]++, wp + (layer + GRID) * PB, PB);
+        fill_slot(ring, q, fills[q]++, wf + (layer + GRID) * FB, FB);
+    }
+}
+__device__ __forceinline__ void wait_stage(Ring& ring, int s) {
+    wait_parity(ring.full + s, (ring.uses >> s) & 1u);
+    ring.uses ^= 1u << s;
+}
+__device__ __forceinline__ void release_stage(Ring& ring, int s, int lane) {
+    __syncwarp();
+    if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(ring.empty + s)) : "memory");
+}
+__device__ __forceinline__ const u16* slot_row(const Ring& ring, int s, int row, int k) { return ring.slots + s * SLOT + row * k; }
+
+// ---- hand-offs ----
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory"); }
+
+// all CTAs of the grid meet: one thread a CTA counts itself in (release) and polls (acquire)
+__device__ __forceinline__ void grid_sync(int* counter, int* error, int& target) {
+    target += GRID;
+    consumer_sync();
+    if (threadIdx.x == 0) {
+        int seen, spins = 0;
+        __threadfence();
+        asm volatile("atom.add.release.gpu.global.s32 %0, [%1], 1;" : "=r"(seen) : "l"(counter) : "memory");
+        do {
+            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+        } while (seen < target && ++spins < SPIN_LIMIT && ((spins & 255) || !*(volatile int*)error));
+        if (seen < target) atomicExch(error, 1);
+    }
+    consumer_sync();
+}
+// Hand-offs inside the cluster are pushes: a CTA stores its values straight into its peers' shared
+// memory with st.async, each store counted (in bytes) on the receiving CTA's mbarrier, which expects the
+// phase's bytes (thread 0 announces them at the layer's start). No fence, no round trip: a receiver waits
+// until its buffer is full, and the sender moves on at once.
+__device__ __forceinline__ u32 cluster_address(const void* p, u32 rank) {
+    u32 a;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(shared_address(p)), "r"(rank));
+    return a;
+}
+// 16 bytes from this CTA's shared memory at src into rank's copy of dst, counted on rank's bar
+__device__ __forceinline__ void push16(void* dst, const void* src, unsigned long long* bar, u32 rank) {
+    const uint4 v = *reinterpret_cast<const uint4*>(src);
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(
+                     cluster_address(dst, rank)),
+                 "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(cluster_address(bar, rank)) : "memory");
+}
+__device__ __forceinline__ void expect_bytes(unsigned long long* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void wait_pushes(unsigned long long* bar, u32 parity) {
+    u32 done = 0;
+    while (!done)
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done) : "r"(shared_address(bar)), "r"(parity) : "memory");
+}
+
+// ---- the stages' pieces ----
+// the layer norm of hs at this lane's elements of a D-row, rounded to bf16 (every warp for itself)
+__device__ __forceinline__ void norm_lane(const float* hs, const float* gs, const float* bs, float* x, int lane) {
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < KD; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            x[i * 8 + j] = hs[i * 256 + lane * 8 + j];
+            sum += x[i * 8 + j];
+        }
+    const float mean = group_sum<32>(sum) / D;
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < KD * 8; ++i) {
+        x[i] -= mean;
+        sq += x[i] * x[i];
+    }
+    const float rstd = rsqrtf(group_sum<32>(sq) / D + EPS);
+#pragma unroll
+    for (int i = 0; i < KD; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int c = i * 256 + lane * 8 + j;
+            x[i * 8 + j] = round_bf(x[i * 8 + j] * rstd * gs[c] + bs[c]);
+        }
+}
+// row `row` (D long, in slot s) times the normed row this lane holds in x, summed across the warp
+__device__ __forceinline__ float row_dot(const Ring& ring, int s, int row, const float* x, int lane) {
+    float acc = 0.f;
+#pragma unroll
+    for (int i = 0; i < KD; ++i)
+        acc += dot8(*reinterpret_cast<const uint4*>(slot_row(ring, s, row, D) + i * 256 + lane * 8), x + i * 8);
+    return group_sum<32>(acc);
+}
+// the residual plus a bias and n partial rows, summed in a fixed order: every CTA gets the same row
+__device__ __forceinline__ void add_partials(float* hs, const float* bias, const float* partials, int n) {
+    const int c = threadIdx.x * 4;
+    if (c < D) {
+        float4 p[NH > 16 ? NH : 16];
+#pragma unroll
+        for (int k = 0; k < NH; ++k)
+            if (k < n) p[k] = __ldcg(reinterpret_cast<const float4*>(partials + (long long)k * D + c));
+        const float4 b = *reinterpret_cast<const float4*>(bias + c);
+        float4 sum = b;
+#pragma unroll
+        for (int k = 0; k < NH; ++k)
+            if (k < n) {
+                sum.x += p[k].x;
+                sum.y += p[k].y;
+                sum.z += p[k].z;
+                sum.w += p[k].w;
+            }
+        hs[c] += sum.x;
+        hs[c + 1] += sum.y;
+        hs[c + 2] += sum.z;
+        hs[c + 3] += sum.w;
+    }
+}
+// a layer norm's parameters into shared memory without waiting (cp.async); params_arrived() waits
+__device__ __forceinline__ void prefetch_params(float* gs, float* bs, const float* g, const float* b) {
+    for (int i = threadIdx.x; i < D / 4; i += THREADS) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(gs + 4 * i)), "l"(g + 4 * i) : "memory");
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(bs + 4 * i)), "l"(b + 4 * i) : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+__device__ __forceinline__ void params_arrived() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS + 32, 1) decode_layers(
+    const long long* token_ptr, const long long* pos_ptr, const float* wte, const float* wpe,
+    const u16* wq, const u16* qkv_b, const u16* wp, const float* proj_b, const u16* wf,
+    const u16* fc_b, const u16* wd, const float* out_b, const float* ln1_w, const float* ln1_b,
+    const float* ln2_w, const float* ln2_b, u16* cache, float* head_parts, float* cluster_parts,
+    u16* out, int* sync, int* error, long long* trace) {
+    __shared__ __align__(16) float hs[D];     // the residual row (the same in every CTA)
+    __shared__ __align__(16) float gs[D];     // a layer norm's weight ...
+    __shared__ __align__(16) float bs[D];     // ... and bias
+    __shared__ __align__(16) float down[D];       // this CTA's partial of MLP down (pushed to the cluster)
+    __shared__ __align__(16) float down_all[D];   // the cluster's partials of this CTA's slice: [rank][D / CS]
+    __shared__ __align__(16) u16 qkv_s[QR];       // this CTA's q/k/v values (pushed to the cluster)
+    __shared__ __align__(16) u16 head_qkv[3 * HD];  // the head's q, and the new token's k and v (pushed here)
+    __shared__ __align__(16) float att[ATT];        // this CTA's chunk: o[HD], max, sum (pushed to the cluster)
+    __shared__ __align__(16) float att_all[CS][ATT];  // every chunk's (pushed here)
+    __shared__ __align__(16) float head_out[HD];    // the head's attention output
+    __shared__ __align__(16) float hidden[FR];      // this CTA's MLP hidden values
+    __shared__ float red_m[WARPS], red_l[WARPS], red_o[WARPS][HD];
+    __shared__ __align__(8) unsigned long long full[3], empty[3], got[3];
+    extern __shared__ __align__(128) u16 slots[];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u32 rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    const int head = blockIdx.x / CS;  // one cluster a head
+    const int pos = (int)pos_ptr[0];
+    const int token = (int)token_ptr[0];
+    const float scale = 0.125f;
+    int target = 0;
+
+    Ring ring{slots, full, empty, 0u};
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < 3; ++s) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(full + s)) : "memory");
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(empty + s)), "n"(WARPS) : "memory");
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(got + s)) : "memory");
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    // the whole cluster, producer warps too: every CTA's mbarriers are initialised before any remote arrival
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    if (warp == WARPS) {
+        if (lane == 0) produce(ring, wq, wp, wf, wd);
+        return;
+    }
+
+    for (int i = threadIdx.x; i < D; i += THREADS) hs[i] = wte[(long long)token * D + i] + wpe[(long long)pos * D + i];
+    prefetch_params(gs, bs, ln1_w, ln1_b);
+    float bq[QR / WARPS];  // this warp's q/k/v biases, loaded a layer ahead
+#pragma unroll
+    for (int r = 0; r < QR / WARPS; ++r) {
+        const int j = rank * QR + warp + r * WARPS;
+        bq[r] = bf_lo(qkv_b[(j / HD) * D + head * HD + j % HD]);
+    }
+    params_arrived();
+    consumer_sync();
+
+#ifdef TRACE
+    long long start_clock = clock64(), start_time;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start_time));
+#endif
+    for (int l = 0; l < NL; ++l) {
+        STAMP(0);
+        if (threadIdx.x == 0) {  // this layer's pushes into this CTA
+            expect_bytes(got + 0, 3 * HD * 2);
+            expect_bytes(got + 1, CS * ATT * 4);
+            expect_bytes(got + 2, D * 4);
+        }
+        float bf[FR / WARPS];  // this warp's MLP up biases, for later in the layer
+#pragma unroll
+        for (int r = 0; r < FR / WARPS; ++r) bf[r] = bf_lo(fc_b[(long long)l * FF + blockIdx.x * FR + warp + r * WARPS]);
+        u16* kcache = cache + ((long long)l * 2 * NH + head) * LC * HD;
+        u16* vcache = kcache + (long long)NH * LC * HD;
+        const int slot_q = l % 3, slot_p = (l + 1) % 3, slot_u = (l + 2) % 3;
+        const u32 parity = l & 1;
+        const int first_key = rank * CH;
+        // the chunk's earlier keys and values into L2 while the norm and q/k/v run
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+            const int key = first_key + (warp * PASSES + p) * 4 + (lane >> 3);
+            if (key < pos && (lane & 7) == 0) {
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(kcache + (long long)key * HD));
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(vcache + (long long)key * HD));
+            }
+        }
+
+        // ---- ln_1 + this CTA's q/k/v rows of its head ----
+        {
+            float x[KD * 8];
+            norm_lane(hs, gs, bs, x, lane);
+            wait_stage(ring, slot_q);
+#pragma unroll
+            for (int r = 0; r < QR / WARPS; ++r) {
+                const int i = warp + r * WARPS;         // row in the CTA's block
+                const int j = rank * QR + i;            // row in the head's q, k, v
+                const int which = j / HD, dim = j % HD;
+                const float acc = row_dot(ring, slot_q, i, x, lane);
+                if (lane == 0) {
+                    const u16 value = (u16)to_bf(acc + bq[r]);
+                    qkv_s[i] = value;
+                    if (which > 0) cache[(((long long)l * 2 + which - 1) * NH + head) * LC * HD + (long long)pos * HD + dim] = value;
+                }
+            }
+        }
+        release_stage(ring, slot_q, lane);  // MLP down(l) comes there next
+        STAMP(1);
+        consumer_sync();  // qkv_s complete; every warp's norm done with gs, bs
+        if (threadIdx.x < CS * QR / 8) {
+            const int to = threadIdx.x / (QR / 8), piece = threadIdx.x % (QR / 8);
+            push16(head_qkv + rank * QR + piece * 8, qkv_s + piece * 8, got + 0, to);
+        }
+        prefetch_params(gs, bs, ln2_w + l * D, ln2_b + l * D);
+        wait_pushes(got + 0, parity);
+        STAMP(2);
+
+        // ---- attention over keys first_key .. first_key + CH - 1 (up to pos) ----
+        {
+            const int kk = lane >> 3, dg = lane & 7;
+            float q[8];
+            {
+                const uint4 q4 = *reinterpret_cast<const uint4*>(head_qkv + dg * 8);
+                q[0] = bf_lo(q4.x); q[1] = bf_hi(q4.x); q[2] = bf_lo(q4.y); q[3] = bf_hi(q4.y);
+                q[4] = bf_lo(q4.z); q[5] = bf_hi(q4.z); q[6] = bf_lo(q4.w); q[7] = bf_hi(q4.w);
+            }
+            uint4 kr[PASSES], vr[PASSES];
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                const int key = first_key + (warp * PASSES + p) * 4 + kk;
+                if (key < pos) {
+                    kr[p] = load16_cg(kcache + (long long)key * HD + dg * 8);
+                    vr[p] = load16_cg(vcache + (long long)key * HD + dg * 8);
+                } else if (key == pos) {  // this token's: from the cluster, not the cache
+                    kr[p] = *reinterpret_cast<const uint4*>(head_qkv + HD + dg * 8);
+                    vr[p] = *reinterpret_cast<const uint4*>(head_qkv + 2 * HD + dg * 8);
+                }
+            }
+            float s[PASSES], m = NEG_INF;
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                const int key = first_key + (warp * PASSES + p) * 4 + kk;
+                float part = key <= pos ? dot8(kr[p], q) : 0.f;
+                part = group_sum<8>(part);
+                s[p] = key <= pos ? part * scale : NEG_INF;
+                m = fmaxf(m, s[p]);
+            }
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+            float lsum = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                if (s[p] != NEG_INF) {
+                    const float e = __expf(s[p] - m);
+                    lsum += e;
+                    const u32 v[4] = {vr[p].x, vr[p].y, vr[p].z, vr[p].w};
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        o[2 * j] += e * bf_lo(v[j]);
+                        o[2 * j + 1] += e * bf_hi(v[j]);
+                    }
+                }
+            }
+            lsum += __shfl_xor_sync(0xffffffffu, lsum, 8);
+            lsum += __shfl_xor_sync(0xffffffffu, lsum, 16);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                o[j] += __shfl_xor_sync(0xffffffffu, o[j], 8);
+                o[j] += __shfl_xor_sync(0xffffffffu, o[j], 16);
+            }
+            if (kk == 0) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) red_o[warp][dg * 8 + j] = o[j];
+                if (dg == 0) {
+                    red_m[warp] = m;
+                    red_l[warp] = lsum;
+                }
+            }
+            consumer_sync();
+            if (threadIdx.x < HD) {
+                float mm = NEG_INF;
+                for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, red_m[w]);
+                float ll = 0.f, oo = 0.f;
+                if (mm != NEG_INF)
+                    for (int w = 0; w < WARPS; ++w)
+                        if (red_m[w] != NEG_INF) {
+                            const float f = __expf(red_m[w] - mm);
+                            ll += red_l[w] * f;
+                            oo += red_o[w][threadIdx.x] * f;
+                        }
+                att[threadIdx.x] = oo;
+                if (threadIdx.x == 0) {
+                    att[HD] = mm;
+                    att[HD + 1] = ll;
+                }
+            }
+        }
+        STAMP(3);
+        consumer_sync();
+        if (threadIdx.x < CS * ATT / 4) {
+            const int to = threadIdx.x / (ATT / 4), piece = threadIdx.x % (ATT / 4);
+            push16(&att_all[rank][piece * 4], att + piece * 4, got + 1, to);
+        }
+        wait_pushes(got + 1, parity);
+
+        // ---- the cluster's chunks combined; this CTA's share of the head's projection ----
+        if (threadIdx.x < HD) {
+            float pm[CS], pl[CS], po[CS];
+#pragma unroll
+            for (int r = 0; r < CS; ++r) {
+                pm[r] = att_all[r][HD];
+                pl[r] = att_all[r][HD + 1];
+                po[r] = att_all[r][threadIdx.x];
+            }
+            float mm = NEG_INF;
+#pragma unroll
+            for (int r = 0; r < CS; ++r) mm = fmaxf(mm, pm[r]);
+            float ll = 0.f, oo = 0.f;
+#pragma unroll
+            for (int r = 0; r < CS; ++r)
+                if (pm[r] != NEG_INF) {
+                    const float f = __expf(pm[r] - mm);
+                    ll += pl[r] * f;
+                    oo += po[r] * f;
+                }
+            head_out[threadIdx.x] = round_bf(oo / ll);
+        }
+        consumer_sync();
+        STAMP(4);
+        wait_stage(ring, slot_p);
+        {
+            const int group = lane >> 3, k8 = lane & 7;  // 4 outputs a pass, 8 lanes an output
+#pragma unroll
+            for (int p = 0; p < PR / WARPS / 4; ++p) {
+                const int o = (warp * (PR / WARPS / 4) + p) * 4 + group;  // output in the CTA's share
+                float acc = dot8(*reinterpret_cast<const uint4*>(slot_row(ring, slot_p, o, HD) + k8 * 8), head_out + k8 * 8);
+                acc = group_sum<8>(acc);
+                if (k8 == 0) head_parts[(long long)head * D + rank * PR + o] = acc;
+            }
+        }
+        release_stage(ring, slot_p, lane);  // q/k/v(l + 1) next
+        STAMP(5);
+        grid_sync(sync, error, target);
+
+        // ---- residual + the heads' partials; ln_2; this CTA's MLP up rows + GELU ----
+        add_partials(hs, proj_b + l * D, head_parts, NH);
+        params_arrived();  // ln_2's
+        consumer_sync();
+        STAMP(6);
+        {
+            float x[KD * 8];
+            norm_lane(hs, gs, bs, x, lane);
+            wait_stage(ring, slot_u);
+#pragma unroll
+            for (int r = 0; r < FR / WARPS; ++r) {
+                const int i = warp + r * WARPS;
+                float acc = row_dot(ring, slot_u, i, x, lane) + bf[r];
+                const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
+                acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
+                if (lane == 0) hidden[i] = round_bf(acc);
+            }
+        }
+        release_stage(ring, slot_u, lane);  // proj(l + 1) next
+        consumer_sync();
+        STAMP(7);
+
+        // ---- this CTA's share of MLP down: every output, over its FR hidden values ----
+        wait_stage(ring, slot_q);
+        {
+            constexpr int LANES = FR / 8, PER_PASS = 32 / LANES, OUT_WARP = D / WARPS;
+            const int group = lane / LANES, k8 = lane % LANES;
+#pragma unroll 4
+            for (int p = 0; p < OUT_WARP / PER_PASS; ++p) {
+                const int o = warp * OUT_WARP + p * PER_PASS + group;
+                float acc = dot8(*reinterpret_cast<const uint4*>(slot_row(ring, slot_q, o, FR) + k8 * 8), hidden + k8 * 8);
+                acc = group_sum<LANES>(acc);
+                if (k8 == 0) down[o] = acc;
+            }
+        }
+        release_stage(ring, slot_q, lane);  // up(l + 1) next
+        STAMP(8);
+        consumer_sync();  // down complete; every warp's norm done with gs, bs
+        if (threadIdx.x < D / 4) {  // rank `to` gets this CTA's partial of its slice of D / CS columns
+            const int to = threadIdx.x / (D / CS / 4), piece = threadIdx.x % (D / CS / 4);
+            push16(down_all + rank * (D / CS) + piece * 4, down + to * (D / CS) + piece * 4, got + 2, to);
+        }
+        prefetch_params(gs, bs, ln1_w + (l + 1) * D, ln1_b + (l + 1) * D);  // ln_f rides as ln_1 of layer NL
+        if (l + 1 < NL) {
+#pragma unroll
+            for (int r = 0; r < QR / WARPS; ++r) {
+                const int j = rank * QR + warp + r * WARPS;
+                bq[r] = bf_lo(qkv_b[(long long)(l + 1) * 3 * D + (j / HD) * D + head * HD + j % HD]);
+            }
+        }
+        wait_pushes(got + 2, parity);
+        // the cluster's partials summed, this CTA a slice of D / CS columns, in rank order
+        if (threadIdx.x < D / CS) {
+            float sum = 0.f;
+#pragma unroll
+            for (int r = 0; r < CS; ++r) sum += down_all[r * (D / CS) + threadIdx.x];
+            cluster_parts[(long long)head * D + rank * (D / CS) + threadIdx.x] = sum;
+        }
+        STAMP(9);
+        grid_sync(sync, error, target);
+        add_partials(hs, out_b + l * D, cluster_parts, NH);
+        params_arrived();  // ln_1's of the next layer
+        consumer_sync();
+    }
+
+#ifdef TRACE
+    if (threadIdx.x == 0) {
+        long long end_time;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(end_time));
+        long long* times = trace + (long long)GRID * NL * STAGES + blockIdx.x * 4;
+        times[0] = start_clock;
+        times[1] = clock64();
+        times[2] = start_time;
+        times[3] = end_time;
+    }
+#endif
+    if (blockIdx.x == 0 && warp == 0) {
+        float x[KD * 8];
+        norm_lane(hs, gs, bs, x, lane);
+#pragma unroll
+        for (int i = 0; i < KD; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) out[i * 256 + lane * 8 + j] = (u16)to_bf(x[i * 8 + j]);
+    }
+    consumer_sync();
+    if (threadIdx.x == 0) {
+        const int gone = atomicAdd(sync + 32, 1);
+        if (gone == GRID - 1) {
+            sync[0] = 0;
+            sync[32] = 0;
+            __threadfence();
+        }
+    }
+}
