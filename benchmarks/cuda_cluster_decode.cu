@@ -42,8 +42,12 @@
 #define QR (3 * HD / CS)     // q/k/v rows a CTA: its share of its head's 3 x HD
 #define PR (D / CS)          // projection outputs a CTA (its head's share of them)
 #define FR (FF / GRID)       // MLP up rows a CTA, = MLP down's inputs a CTA
-#define CH 128               // keys a CTA's attention chunk covers
+#define CH ((LC / CS + WARPS * 4 - 1) / (WARPS * 4) * (WARPS * 4))  // keys a CTA's attention covers at most
 #define PASSES (CH / WARPS / 4)
+#define QRC (QR < 3 * WARPS ? QR : 3 * WARPS)  // q/k/v rows a weight chunk (3 a warp)
+#define FRC (FR < 4 * WARPS ? FR : 4 * WARPS)  // MLP up rows (MLP down's inputs) a weight chunk
+#define QC (QR / QRC)                          // chunks a product: q/k/v, MLP up, MLP down
+#define FC (FR / FRC)
 #define SPIN_LIMIT (1 << 20)
 #define EPS 1e-5f
 #define NEG_INF __int_as_float(0xff800000)
@@ -55,13 +59,15 @@
 #define FB (FR * D)
 #define DB (D * FR)
 #define MAX2(a, b) ((a) > (b) ? (a) : (b))
-#define SLOT MAX2(MAX2(QB, PB), MAX2(FB, DB))
+#define SLOT MAX2(MAX2(QRC * D, PB), FRC * D)  // a chunk of any product
 
 static_assert(D % 256 == 0, "a lane steps through a row 8 values at a time");
 static_assert(3 * HD % CS == 0 && QR % WARPS == 0, "a head's q/k/v rows split evenly over the cluster's warps");
 static_assert(D % CS == 0 && PR % (WARPS * 4) == 0, "projection outputs split evenly, 4 a warp a pass");
-static_assert(FF % GRID == 0 && FR % WARPS == 0 && FR % 8 == 0 && 32 % (FR / 8) == 0, "MLP rows split evenly");
-static_assert(D % (WARPS * (32 / (FR / 8))) == 0, "MLP down outputs split evenly over the warps");
+static_assert(QR % QRC == 0 && QRC % WARPS == 0, "q/k/v rows split evenly into chunks and warps");
+static_assert(FF % GRID == 0 && FR % FRC == 0 && FRC % WARPS == 0 && FRC % 8 == 0 && 32 % (FRC / 8) == 0,
+              "MLP rows split evenly into chunks and warps");
+static_assert(D % (WARPS * (32 / (FRC / 8))) == 0, "MLP down outputs split evenly over the warps");
 static_assert(LC <= CS * CH, "the cluster's chunks cover the cache");
 static_assert(CH % (WARPS * 4) == 0, "a chunk's keys split evenly over the warps");
 static_assert(D % 4 == 0 && D / 4 <= THREADS, "a thread sums 4 columns of the partials");
@@ -102,12 +108,12 @@ __device__ __forceinline__ float group_sum(float v) {
 __device__ __forceinline__ uint4 load16_cg(const u16* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
 __device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
-// ---- the weight ring (as in cuda_decode.cu, one contiguous block a stage) ----
+// ---- the weight ring: three slots, filled round robin with each CTA's chunks in the order they are used ----
 struct Ring {
     u16* slots;
-    unsigned long long* full;
-    unsigned long long* empty;
-    u32 uses;
+    unsigned long long* full;   // [3]: the producer's arrival plus the chunk's bytes
+    unsigned long long* empty;  // [3]: WARPS arrivals (the consumer warps)
+    u32 count;                  // chunks taken (consumer) or filled (producer) so far
 };
 __device__ __forceinline__ void wait_parity(const unsigned long long* bar, u32 parity) {
     u32 done = 0;
@@ -116,8 +122,11 @@ __device__ __forceinline__ void wait_parity(const unsigned long long* bar, u32 p
             "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
             : "=r"(done) : "r"(shared_address(bar)), "r"(parity) : "memory");
 }
-__device__ __forceinline__ void fill_slot(Ring& ring, int s, int fill, const u16* src, u32 values) {
-    if (fill > 0) wait_parity(ring.empty + s, (fill - 1) & 1);
+// the producer: the next chunk, `values` bf16 values from src, once the consumers let go of its slot
+__device__ __forceinline__ void fill(Ring& ring, const u16* src, u32 values) {
+    const int s = ring.count % 3;
+    if (ring.count >= 3) wait_parity(ring.empty + s, (ring.count / 3 - 1) & 1);
+    ++ring.count;
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     const u32 bytes = values * 2;
     const u32 bar = shared_address(ring.full + s);
@@ -138,52 +147,71 @@ __device__ __forceinline__ void fill_slot(Ring& ring, int s, int fill, const u16
     }
 #endif
 }
-// The fills in the order the consumers free the slots: qkv(l) in slot l % 3, proj(l) in (l + 1) % 3,
-// up(l) in (l + 2) % 3, down(l) in l % 3 once qkv(l) is read.
+// every chunk of every layer, in the consumers' order: q/k/v (QC chunks), projection, MLP up (FC), MLP down (FC)
 __device__ void produce(Ring& ring, const u16* wq, const u16* wp, const u16* wf, const u16* wd) {
-    const long long b = blockIdx.x;
-    int fills[3] = {0, 0, 0};
-    fill_slot(ring, 0, fills[0]++, wq + b * QB, QB);
-    fill_slot(ring, 1, fills[1]++, wp + b * PB, PB);
-    fill_slot(ring, 2, fills[2]++, wf + b * FB, FB);
     for (int l = 0; l < NL; ++l) {
-        const int q = l % 3, p = (l + 1) % 3, u = (l + 2) % 3;
-        const long long layer = (long long)l * GRID + b;
-        fill_slot(ring, q, fills[q]++, wd + layer * DB, DB);
-        if (l + 1 == NL) break;
-        fill_slot(ring, p, fills[p]++, wq + (layer + GRID) * QB, QB);
-        fill_slot(ring, u, fills[u]++, wp + (layer + GRID) * PB, PB);
-        fill_slot(ring, q, fills[q]++, wf + (layer + GRID) * FB, FB);
+        const long long block = (long long)l * GRID + blockIdx.x;
+        for (int c = 0; c < QC; ++c) fill(ring, wq + block * QB + c * QRC * D, QRC * D);
+        fill(ring, wp + block * PB, PB);
+        for (int c = 0; c < FC; ++c) fill(ring, wf + block * FB + c * FRC * D, FRC * D);
+        for (int c = 0; c < FC; ++c) fill(ring, wd + block * DB + c * D * FRC, D * FRC);
     }
 }
-__device__ __forceinline__ void wait_stage(Ring& ring, int s) {
-    wait_parity(ring.full + s, (ring.uses >> s) & 1u);
-    ring.uses ^= 1u << s;
+// a consumer thread: the next chunk, once it has landed
+__device__ __forceinline__ const u16* take(Ring& ring) {
+    const int s = ring.count % 3;
+    wait_parity(ring.full + s, (ring.count / 3) & 1);
+    return ring.slots + s * SLOT;
 }
-__device__ __forceinline__ void release_stage(Ring& ring, int s, int lane) {
+// ... and, once this warp has read it, its slot back to the producer
+__device__ __forceinline__ void give_back(Ring& ring, int lane) {
     __syncwarp();
-    if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(ring.empty + s)) : "memory");
+    if (lane == 0)
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(ring.empty + ring.count % 3)) : "memory");
+    ++ring.count;
 }
-__device__ __forceinline__ const u16* slot_row(const Ring& ring, int s, int row, int k) { return ring.slots + s * SLOT + row * k; }
 
 // ---- hand-offs ----
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory"); }
 
-// all CTAs of the grid meet: one thread a CTA counts itself in (release) and polls (acquire)
-__device__ __forceinline__ void grid_sync(int* counter, int* error, int& target) {
-    target += GRID;
-    consumer_sync();
-    if (threadIdx.x == 0) {
-        int seen, spins = 0;
-        __threadfence();
-        asm volatile("atom.add.release.gpu.global.s32 %0, [%1], 1;" : "=r"(seen) : "l"(counter) : "memory");
-        do {
-            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
-        } while (seen < target && ++spins < SPIN_LIMIT && ((spins & 255) || !*(volatile int*)error));
-        if (seen < target) atomicExch(error, 1);
-    }
-    consumer_sync();
+// Hand-offs across clusters carry their own flag: a partial value and its tag (launch and layer) go
+// out in one 64-bit store, which a reader sees whole or not at all; so a reader polls the data itself,
+// with no barrier and no fence (the LL protocol of NCCL). The tags' launch count makes last launch's
+// values stale; each buffer is rewritten only after every reader of its previous values is past them
+// (their next write needs values that every CTA produces after reading).
+__device__ __forceinline__ void store_tagged(unsigned long long* p, float value, u32 tag) {
+    const unsigned long long v = ((unsigned long long)tag << 32) | __float_as_uint(value);
+    asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
+__device__ __forceinline__ unsigned long long load_tagged(const unsigned long long* p) {
+    unsigned long long v;
+    asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+// column c of NH tagged rows (D apart) plus a bias, summed in row order once every row carries `tag`
+__device__ __forceinline__ float sum_tagged(const unsigned long long* rows, int c, float bias, u32 tag, int* error) {
+    unsigned long long v[NH];
+#pragma unroll
+    for (int k = 0; k < NH; ++k) v[k] = load_tagged(rows + (long long)k * D + c);
+    for (int spins = 0;; ++spins) {
+        bool all = true;
+#pragma unroll
+        for (int k = 0; k < NH; ++k) all &= (u32)(v[k] >> 32) == tag;
+        if (all) break;
+        if (spins >= SPIN_LIMIT || ((spins & 255) == 255 && *(volatile int*)error)) {
+            atomicExch(error, 1);
+            break;
+        }
+#pragma unroll
+        for (int k = 0; k < NH; ++k)
+            if ((u32)(v[k] >> 32) != tag) v[k] = load_tagged(rows + (long long)k * D + c);
+    }
+    float sum = bias;
+#pragma unroll
+    for (int k = 0; k < NH; ++k) sum += __uint_as_float((u32)v[k]);
+    return sum;
+}
+
 // Hand-offs inside the cluster are pushes: a CTA stores its values straight into its peers' shared
 // memory with st.async, each store counted (in bytes) on the receiving CTA's mbarrier, which expects the
 // phase's bytes (thread 0 announces them at the layer's start). No fence, no round trip: a receiver waits
@@ -199,6 +227,10 @@ __device__ __forceinline__ void push16(void* dst, const void* src, unsigned long
     asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(
                      cluster_address(dst, rank)),
                  "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(cluster_address(bar, rank)) : "memory");
+}
+__device__ __forceinline__ void push4(float* dst, float value, unsigned long long* bar, u32 rank) {
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(cluster_address(dst, rank)),
+                 "r"(__float_as_uint(value)), "r"(cluster_address(bar, rank)) : "memory");
 }
 __device__ __forceinline__ void expect_bytes(unsigned long long* bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes) : "memory");
@@ -238,37 +270,13 @@ __device__ __forceinline__ void norm_lane(const float* hs, const float* gs, cons
             x[i * 8 + j] = round_bf(x[i * 8 + j] * rstd * gs[c] + bs[c]);
         }
 }
-// row `row` (D long, in slot s) times the normed row this lane holds in x, summed across the warp
-__device__ __forceinline__ float row_dot(const Ring& ring, int s, int row, const float* x, int lane) {
+// row `row` (D long) of a chunk times the normed row this lane holds in x, summed across the warp
+__device__ __forceinline__ float row_dot(const u16* chunk, int row, const float* x, int lane) {
     float acc = 0.f;
 #pragma unroll
     for (int i = 0; i < KD; ++i)
-        acc += dot8(*reinterpret_cast<const uint4*>(slot_row(ring, s, row, D) + i * 256 + lane * 8), x + i * 8);
+        acc += dot8(*reinterpret_cast<const uint4*>(chunk + row * D + i * 256 + lane * 8), x + i * 8);
     return group_sum<32>(acc);
-}
-// the residual plus a bias and n partial rows, summed in a fixed order: every CTA gets the same row
-__device__ __forceinline__ void add_partials(float* hs, const float* bias, const float* partials, int n) {
-    const int c = threadIdx.x * 4;
-    if (c < D) {
-        float4 p[NH > 16 ? NH : 16];
-#pragma unroll
-        for (int k = 0; k < NH; ++k)
-            if (k < n) p[k] = __ldcg(reinterpret_cast<const float4*>(partials + (long long)k * D + c));
-        const float4 b = *reinterpret_cast<const float4*>(bias + c);
-        float4 sum = b;
-#pragma unroll
-        for (int k = 0; k < NH; ++k)
-            if (k < n) {
-                sum.x += p[k].x;
-                sum.y += p[k].y;
-                sum.z += p[k].z;
-                sum.w += p[k].w;
-            }
-        hs[c] += sum.x;
-        hs[c + 1] += sum.y;
-        hs[c + 2] += sum.z;
-        hs[c + 3] += sum.w;
-    }
 }
 // a layer norm's parameters into shared memory without waiting (cp.async); params_arrived() waits
 __device__ __forceinline__ void prefetch_params(float* gs, float* bs, const float* g, const float* b) {
@@ -284,8 +292,8 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     const long long* token_ptr, const long long* pos_ptr, const float* wte, const float* wpe,
     const u16* wq, const u16* qkv_b, const u16* wp, const float* proj_b, const u16* wf,
     const u16* fc_b, const u16* wd, const float* out_b, const float* ln1_w, const float* ln1_b,
-    const float* ln2_w, const float* ln2_b, u16* cache, float* head_parts, float* cluster_parts,
-    u16* out, int* sync, int* error, long long* trace) {
+    const float* ln2_w, const float* ln2_b, u16* cache, unsigned long long* head_parts,
+    unsigned long long* cluster_parts, u16* out, int* sync, int* error, long long* trace) {
     __shared__ __align__(16) float hs[D];     // the residual row (the same in every CTA)
     __shared__ __align__(16) float gs[D];     // a layer norm's weight ...
     __shared__ __align__(16) float bs[D];     // ... and bias
@@ -296,9 +304,10 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     __shared__ __align__(16) float att[ATT];        // this CTA's chunk: o[HD], max, sum (pushed to the cluster)
     __shared__ __align__(16) float att_all[CS][ATT];  // every chunk's (pushed here)
     __shared__ __align__(16) float head_out[HD];    // the head's attention output
+    __shared__ __align__(16) float delta[D];        // what the residual gains (pushed here by the cluster)
     __shared__ __align__(16) float hidden[FR];      // this CTA's MLP hidden values
     __shared__ float red_m[WARPS], red_l[WARPS], red_o[WARPS][HD];
-    __shared__ __align__(8) unsigned long long full[3], empty[3], got[3];
+    __shared__ __align__(8) unsigned long long full[3], empty[3], got[5];
     extern __shared__ __align__(128) u16 slots[];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -308,15 +317,19 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     const int pos = (int)pos_ptr[0];
     const int token = (int)token_ptr[0];
     const float scale = 0.125f;
-    int target = 0;
+    const u32 launch = (u32)*(volatile int*)(sync + 40) + 1;  // tags of 0 (zeroed buffers) are never current
+    // the attention's keys 0..pos split evenly over the cluster, in multiples of a pass (4 keys a warp)
+    const int chunk_keys = min(CH, ((pos + CS) / CS + WARPS * 4 - 1) / (WARPS * 4) * (WARPS * 4));
+    const int passes = chunk_keys / (WARPS * 4);
 
     Ring ring{slots, full, empty, 0u};
     if (threadIdx.x == 0) {
         for (int s = 0; s < 3; ++s) {
             asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(full + s)) : "memory");
             asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(empty + s)), "n"(WARPS) : "memory");
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(got + s)) : "memory");
         }
+        for (int s = 0; s < 5; ++s)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(got + s)) : "memory");
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     // the whole cluster, producer warps too: every CTA's mbarriers are initialised before any remote arrival
@@ -328,11 +341,14 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
 
     for (int i = threadIdx.x; i < D; i += THREADS) hs[i] = wte[(long long)token * D + i] + wpe[(long long)pos * D + i];
     prefetch_params(gs, bs, ln1_w, ln1_b);
+    // this warp's rows of a CTA's block: chunk c's rows warp, warp + WARPS, ...: row (rr / per) * chunk + ...
+#define QROW(rr) ((rr) / (QRC / WARPS) * QRC + warp + (rr) % (QRC / WARPS) * WARPS)
+#define FROW(rr) ((rr) / (FRC / WARPS) * FRC + warp + (rr) % (FRC / WARPS) * WARPS)
     float bq[QR / WARPS];  // this warp's q/k/v biases, loaded a layer ahead
 #pragma unroll
-    for (int r = 0; r < QR / WARPS; ++r) {
-        const int j = rank * QR + warp + r * WARPS;
-        bq[r] = bf_lo(qkv_b[(j / HD) * D + head * HD + j % HD]);
+    for (int rr = 0; rr < QR / WARPS; ++rr) {
+        const int j = rank * QR + QROW(rr);
+        bq[rr] = bf_lo(qkv_b[(j / HD) * D + head * HD + j % HD]);
     }
     params_arrived();
     consumer_sync();
@@ -347,20 +363,22 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             expect_bytes(got + 0, 3 * HD * 2);
             expect_bytes(got + 1, CS * ATT * 4);
             expect_bytes(got + 2, D * 4);
+            expect_bytes(got + 3, D * 4);
+            expect_bytes(got + 4, D * 4);
         }
+        const u32 tag = (launch << 8) | (l << 1);  // | 1 for the MLP's
         float bf[FR / WARPS];  // this warp's MLP up biases, for later in the layer
 #pragma unroll
-        for (int r = 0; r < FR / WARPS; ++r) bf[r] = bf_lo(fc_b[(long long)l * FF + blockIdx.x * FR + warp + r * WARPS]);
+        for (int rr = 0; rr < FR / WARPS; ++rr) bf[rr] = bf_lo(fc_b[(long long)l * FF + blockIdx.x * FR + FROW(rr)]);
         u16* kcache = cache + ((long long)l * 2 * NH + head) * LC * HD;
         u16* vcache = kcache + (long long)NH * LC * HD;
-        const int slot_q = l % 3, slot_p = (l + 1) % 3, slot_u = (l + 2) % 3;
         const u32 parity = l & 1;
-        const int first_key = rank * CH;
+        const int first_key = rank * chunk_keys;
         // the chunk's earlier keys and values into L2 while the norm and q/k/v run
 #pragma unroll
         for (int p = 0; p < PASSES; ++p) {
-            const int key = first_key + (warp * PASSES + p) * 4 + (lane >> 3);
-            if (key < pos && (lane & 7) == 0) {
+            const int key = first_key + (p * WARPS + warp) * 4 + (lane >> 3);
+            if (p < passes && key < pos && (lane & 7) == 0) {
                 asm volatile("prefetch.global.L2 [%0];" ::"l"(kcache + (long long)key * HD));
                 asm volatile("prefetch.global.L2 [%0];" ::"l"(vcache + (long long)key * HD));
             }
@@ -370,21 +388,24 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         {
             float x[KD * 8];
             norm_lane(hs, gs, bs, x, lane);
-            wait_stage(ring, slot_q);
 #pragma unroll
-            for (int r = 0; r < QR / WARPS; ++r) {
-                const int i = warp + r * WARPS;         // row in the CTA's block
-                const int j = rank * QR + i;            // row in the head's q, k, v
-                const int which = j / HD, dim = j % HD;
-                const float acc = row_dot(ring, slot_q, i, x, lane);
-                if (lane == 0) {
-                    const u16 value = (u16)to_bf(acc + bq[r]);
-                    qkv_s[i] = value;
-                    if (which > 0) cache[(((long long)l * 2 + which - 1) * NH + head) * LC * HD + (long long)pos * HD + dim] = value;
+            for (int c = 0; c < QC; ++c) {
+                const u16* chunk = take(ring);
+#pragma unroll
+                for (int r = 0; r < QRC / WARPS; ++r) {
+                    const int rr = c * (QRC / WARPS) + r, i = QROW(rr);  // row in the CTA's block
+                    const int j = rank * QR + i;                          // row in the head's q, k, v
+                    const int which = j / HD, dim = j % HD;
+                    const float acc = row_dot(chunk, i - c * QRC, x, lane);
+                    if (lane == 0) {
+                        const u16 value = (u16)to_bf(acc + bq[rr]);
+                        qkv_s[i] = value;
+                        if (which > 0) cache[(((long long)l * 2 + which - 1) * NH + head) * LC * HD + (long long)pos * HD + dim] = value;
+                    }
                 }
+                give_back(ring, lane);
             }
         }
-        release_stage(ring, slot_q, lane);  // MLP down(l) comes there next
         STAMP(1);
         consumer_sync();  // qkv_s complete; every warp's norm done with gs, bs
         if (threadIdx.x < CS * QR / 8) {
@@ -407,8 +428,9 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             uint4 kr[PASSES], vr[PASSES];
 #pragma unroll
             for (int p = 0; p < PASSES; ++p) {
-                const int key = first_key + (warp * PASSES + p) * 4 + kk;
-                if (key < pos) {
+                const int key = first_key + (p * WARPS + warp) * 4 + kk;
+                if (p >= passes) {
+                } else if (key < pos) {
                     kr[p] = load16_cg(kcache + (long long)key * HD + dg * 8);
                     vr[p] = load16_cg(vcache + (long long)key * HD + dg * 8);
                 } else if (key == pos) {  // this token's: from the cluster, not the cache
@@ -419,10 +441,11 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             float s[PASSES], m = NEG_INF;
 #pragma unroll
             for (int p = 0; p < PASSES; ++p) {
-                const int key = first_key + (warp * PASSES + p) * 4 + kk;
-                float part = key <= pos ? dot8(kr[p], q) : 0.f;
+                const int key = first_key + (p * WARPS + warp) * 4 + kk;
+                const bool valid = p < passes && key <= pos;
+                float part = valid ? dot8(kr[p], q) : 0.f;
                 part = group_sum<8>(part);
-                s[p] = key <= pos ? part * scale : NEG_INF;
+                s[p] = valid ? part * scale : NEG_INF;
                 m = fmaxf(m, s[p]);
             }
             m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
@@ -507,57 +530,65 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         }
         consumer_sync();
         STAMP(4);
-        wait_stage(ring, slot_p);
         {
+            const u16* chunk = take(ring);
             const int group = lane >> 3, k8 = lane & 7;  // 4 outputs a pass, 8 lanes an output
 #pragma unroll
             for (int p = 0; p < PR / WARPS / 4; ++p) {
                 const int o = (warp * (PR / WARPS / 4) + p) * 4 + group;  // output in the CTA's share
-                float acc = dot8(*reinterpret_cast<const uint4*>(slot_row(ring, slot_p, o, HD) + k8 * 8), head_out + k8 * 8);
+                float acc = dot8(*reinterpret_cast<const uint4*>(chunk + o * HD + k8 * 8), head_out + k8 * 8);
                 acc = group_sum<8>(acc);
-                if (k8 == 0) head_parts[(long long)head * D + rank * PR + o] = acc;
+                if (k8 == 0) store_tagged(head_parts + (long long)head * D + rank * PR + o, acc, tag);
             }
+            give_back(ring, lane);
         }
-        release_stage(ring, slot_p, lane);  // q/k/v(l + 1) next
         STAMP(5);
-        grid_sync(sync, error, target);
-
-        // ---- residual + the heads' partials; ln_2; this CTA's MLP up rows + GELU ----
-        add_partials(hs, proj_b + l * D, head_parts, NH);
+        // ---- residual + every head's partial (this CTA sums a slice and pushes it to the cluster) ----
+        if (threadIdx.x < D / CS) {
+            const int c = rank * (D / CS) + threadIdx.x;
+            const float value = sum_tagged(head_parts, c, proj_b[l * D + c], tag, error);
+#pragma unroll
+            for (int to = 0; to < CS; ++to) push4(delta + c, value, got + 3, to);
+        }
+        wait_pushes(got + 3, parity);
+        for (int c = threadIdx.x; c < D; c += THREADS) hs[c] += delta[c];
         params_arrived();  // ln_2's
         consumer_sync();
         STAMP(6);
         {
             float x[KD * 8];
             norm_lane(hs, gs, bs, x, lane);
-            wait_stage(ring, slot_u);
 #pragma unroll
-            for (int r = 0; r < FR / WARPS; ++r) {
-                const int i = warp + r * WARPS;
-                float acc = row_dot(ring, slot_u, i, x, lane) + bf[r];
-                const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
-                acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
-                if (lane == 0) hidden[i] = round_bf(acc);
+            for (int c = 0; c < FC; ++c) {
+                const u16* chunk = take(ring);
+#pragma unroll
+                for (int r = 0; r < FRC / WARPS; ++r) {
+                    const int rr = c * (FRC / WARPS) + r, i = FROW(rr);
+                    float acc = row_dot(chunk, i - c * FRC, x, lane) + bf[rr];
+                    const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
+                    acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
+                    if (lane == 0) hidden[i] = round_bf(acc);
+                }
+                give_back(ring, lane);
             }
         }
-        release_stage(ring, slot_u, lane);  // proj(l + 1) next
         consumer_sync();
         STAMP(7);
 
         // ---- this CTA's share of MLP down: every output, over its FR hidden values ----
-        wait_stage(ring, slot_q);
-        {
-            constexpr int LANES = FR / 8, PER_PASS = 32 / LANES, OUT_WARP = D / WARPS;
+        for (int c = 0; c < FC; ++c) {  // chunk c: every output over hidden values c * FRC ..
+            const u16* chunk = take(ring);
+            constexpr int LANES = FRC / 8, PER_PASS = 32 / LANES, OUT_WARP = D / WARPS;
             const int group = lane / LANES, k8 = lane % LANES;
 #pragma unroll 4
             for (int p = 0; p < OUT_WARP / PER_PASS; ++p) {
                 const int o = warp * OUT_WARP + p * PER_PASS + group;
-                float acc = dot8(*reinterpret_cast<const uint4*>(slot_row(ring, slot_q, o, FR) + k8 * 8), hidden + k8 * 8);
+                float acc = dot8(*reinterpret_cast<const uint4*>(chunk + o * FRC + k8 * 8), hidden + c * FRC + k8 * 8);
                 acc = group_sum<LANES>(acc);
-                if (k8 == 0) down[o] = acc;
+                if (k8 == 0) down[o] = c == 0 ? acc : down[o] + acc;  // the same lane each chunk
             }
+            give_back(ring, lane);
         }
-        release_stage(ring, slot_q, lane);  // up(l + 1) next
         STAMP(8);
         consumer_sync();  // down complete; every warp's norm done with gs, bs
         if (threadIdx.x < D / 4) {  // rank `to` gets this CTA's partial of its slice of D / CS columns
@@ -567,22 +598,27 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         prefetch_params(gs, bs, ln1_w + (l + 1) * D, ln1_b + (l + 1) * D);  // ln_f rides as ln_1 of layer NL
         if (l + 1 < NL) {
 #pragma unroll
-            for (int r = 0; r < QR / WARPS; ++r) {
-                const int j = rank * QR + warp + r * WARPS;
-                bq[r] = bf_lo(qkv_b[(long long)(l + 1) * 3 * D + (j / HD) * D + head * HD + j % HD]);
+            for (int rr = 0; rr < QR / WARPS; ++rr) {
+                const int j = rank * QR + QROW(rr);
+                bq[rr] = bf_lo(qkv_b[(long long)(l + 1) * 3 * D + (j / HD) * D + head * HD + j % HD]);
             }
         }
         wait_pushes(got + 2, parity);
         // the cluster's partials summed, this CTA a slice of D / CS columns, in rank order
         if (threadIdx.x < D / CS) {
+            const int c = rank * (D / CS) + threadIdx.x;
             float sum = 0.f;
 #pragma unroll
             for (int r = 0; r < CS; ++r) sum += down_all[r * (D / CS) + threadIdx.x];
-            cluster_parts[(long long)head * D + rank * (D / CS) + threadIdx.x] = sum;
+            store_tagged(cluster_parts + (long long)head * D + c, sum, tag | 1);
+            STAMP(9);
+            // ---- residual + every cluster's partial (a slice, pushed to the cluster) ----
+            const float value = sum_tagged(cluster_parts, c, out_b[l * D + c], tag | 1, error);
+#pragma unroll
+            for (int to = 0; to < CS; ++to) push4(delta + c, value, got + 4, to);
         }
-        STAMP(9);
-        grid_sync(sync, error, target);
-        add_partials(hs, out_b + l * D, cluster_parts, NH);
+        wait_pushes(got + 4, parity);
+        for (int c = threadIdx.x; c < D; c += THREADS) hs[c] += delta[c];
         params_arrived();  // ln_1's of the next layer
         consumer_sync();
     }
@@ -606,12 +642,13 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
 #pragma unroll
             for (int j = 0; j < 8; ++j) out[i * 256 + lane * 8 + j] = (u16)to_bf(x[i * 8 + j]);
     }
+    // the last CTA out counts the launch (the tags' launch count)
     consumer_sync();
     if (threadIdx.x == 0) {
         const int gone = atomicAdd(sync + 32, 1);
         if (gone == GRID - 1) {
-            sync[0] = 0;
             sync[32] = 0;
+            sync[40] += 1;
             __threadfence();
         }
     }

@@ -124,7 +124,7 @@ class CudaDecode:
 
 
 class ClusterDecode:
-    """cuda_cluster_decode.cu for one shape: clusters of ``cluster`` CTAs, one a head, two grid barriers a layer.
+    """cuda_cluster_decode.cu for one shape: clusters of 8 or 4 CTAs, one a head, no grid barriers.
 
     The weights are re-arranged once so that a CTA's share of each product is one contiguous block:
     its rows of its head's q, k and v; its head's columns of the projection for its slice of outputs;
@@ -132,26 +132,47 @@ class ClusterDecode:
     """
 
     def __init__(
-        self, weights: GPT2Weights, cache: torch.Tensor, threads: int, extra: dict[str, str], cluster: int = 8
+        self, weights: GPT2Weights, cache: torch.Tensor, threads: int, extra: dict[str, str]
     ) -> None:
         self.weights, self.cache, self.threads = weights, cache, threads
         width, heads, layers = weights.n_embd, weights.n_head, len(weights.layers)
-        self.grid = heads * cluster
-        defines = {
-            "D": width,
-            "NH": heads,
-            "NL": layers,
-            "LC": cache.size(3),
-            "THREADS": threads,
-            "CS": cluster,
-            **extra,
-        }
-        source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + CLUSTER_SOURCE.read_text()
-        self.kernel = compiled(source)
+        # the largest cluster whose NH clusters the GPU keeps resident at once (an H200 holds 15 of 8, 30 of 4)
+        reasons = []
+        for cluster in (8, 4):
+            self.cluster, self.grid = cluster, heads * cluster
+            qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)  # cuda_cluster_decode.cu's QRC
+            up_rows = 4 * width // self.grid
+            up_chunk = min(up_rows, 4 * threads // 32)  # FRC
+            outputs = width // cluster
+            self.shared = 3 * 2 * max(qkv_chunk * width, outputs * HEAD_DIM, up_chunk * width)
+            # hs, gs, bs, down, down_all, delta; red_o; att, att_all; head_qkv, head_out, hidden, the rest
+            static = 4 * 6 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
+            static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 512
+            allowed = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
+            if allowed is not None and self.shared + static > allowed:
+                reasons.append(
+                    f"clusters of {cluster} need {self.shared + static} bytes of shared memory a block"
+                )
+                continue
+            defines = {
+                "D": width,
+                "NH": heads,
+                "NL": layers,
+                "LC": cache.size(3),
+                "THREADS": threads,
+                "CS": cluster,
+            }
+            source = "".join(f"#define {k} {v}\n" for k, v in {**defines, **extra}.items())
+            self.kernel = compiled(source + CLUSTER_SOURCE.read_text())
+            set_dynamic_shared_memory(self.kernel, self.shared)
+            resident = max_active_clusters(self.kernel, self.grid, threads + 32, self.shared)
+            if resident is not None and resident < heads:
+                reasons.append(f"the GPU keeps {resident} clusters of {cluster} resident, not {heads}")
+                continue
+            break
+        else:
+            raise SystemExit("cuda_decode: no cluster size fits: " + "; ".join(reasons))
         device = weights.wte.device
-        qkv_rows = 3 * HEAD_DIM // cluster
-        outputs = width // cluster
-        up_rows = 4 * width // self.grid
         index = torch.arange(3 * HEAD_DIM, device=device)
         rows = (index // HEAD_DIM) * width + (index % HEAD_DIM)
         rows = (rows.view(1, -1) + HEAD_DIM * torch.arange(heads, device=device).view(-1, 1)).flatten()
@@ -163,30 +184,16 @@ class ClusterDecode:
                 .contiguous()
             )
             self.wf = weights.fc_w_all
+            # MLP down: a CTA's columns, in chunks of up_chunk columns, each chunk [width, up_chunk]
             self.wd = (
-                weights.out_w_all.view(layers, width, self.grid, up_rows).permute(0, 2, 1, 3).contiguous()
-            )
-        slot = max(qkv_rows * width, outputs * HEAD_DIM, up_rows * width, width * up_rows)
-        self.shared = 3 * slot * 2
-        # hs, gs, bs, down, down_all; red_o; att, att_all; head_qkv, head_out, hidden, the rest
-        static = 4 * 5 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
-        static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 512
-        allowed = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
-        if allowed is not None and self.shared + static > allowed:
-            raise SystemExit(
-                f"cuda_decode: the cluster kernel needs {self.shared + static} bytes of shared memory a block, "
-                f"the GPU allows {allowed}"
-            )
-        set_dynamic_shared_memory(self.kernel, self.shared)
-        resident = max_active_clusters(self.kernel, self.grid, threads + 32, self.shared)
-        if resident is not None and resident < heads:
-            raise SystemExit(
-                f"cuda_decode: the GPU keeps {resident} clusters of {cluster} CTAs ({self.shared // 1024} KiB of "
-                f"shared memory each) resident at once; the cluster kernel needs {heads}, one a head"
+                weights.out_w_all.view(layers, width, self.grid, up_rows // up_chunk, up_chunk)
+                .permute(0, 2, 3, 1, 4)
+                .contiguous()
             )
         self.trace = torch.zeros(self.grid * (layers * TRACE_STAGES + 4), dtype=torch.int64, device=device)
-        self.head_parts = torch.zeros(heads * width, device=device)
-        self.cluster_parts = torch.zeros(heads * width, device=device)
+        # tagged partials: a float and its tag (launch, layer) in one 64-bit word
+        self.head_parts = torch.zeros(heads * width, dtype=torch.int64, device=device)
+        self.cluster_parts = torch.zeros(heads * width, dtype=torch.int64, device=device)
         self.out = torch.zeros(1, width, dtype=torch.bfloat16, device=device)
         self.sync = torch.zeros(64, dtype=torch.int32, device=device)
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
@@ -243,8 +250,8 @@ def report_trace(decode: ClusterDecode, layers: int) -> None:
     times[:, :, 1:] = stamps[:, :-1, 1:] - stamps[:, :-1, :-1]
     times[:, :, 0] = stamps[:, 1:, 0] - stamps[:, :-1, stages - 1]
     times *= per_cycle.view(-1, 1, 1)
-    names = ["G2 + residual", "ln_1 + qkv", "meet 0 + gather", "attention", "meet 1 + combine",
-             "projection", "G1 + residual", "ln_2 + up", "down", "meet 2 + reduce"]  # fmt: skip
+    names = ["clusters summed", "ln_1 + qkv", "meet 0 + gather", "attention", "meet 1 + combine",
+             "projection", "heads summed", "ln_2 + up", "down", "meet 2 + in cluster"]  # fmt: skip
     mean = times.mean(dim=(0, 1))
     worst = times.mean(dim=1).max(dim=0).values
     print(f"trace (µs a layer, mean over layers 1..{layers - 1}; mean over CTAs / the slowest CTA's mean):")
@@ -328,7 +335,7 @@ def check_and_time(
                 torch.cuda.synchronize()
                 report_trace(cuda, layers)
             print(
-                f"| {name} | {position} | {times['cuda']:.1f} ({times['cuda'] / layers:.2f} a layer) "
+                f"| {name}{f' (clusters of {cuda.cluster})' if isinstance(cuda, ClusterDecode) else ''} | {position} | {times['cuda']:.1f} ({times['cuda'] / layers:.2f} a layer) "
                 f"| {times['triton']:.1f} ({times['triton'] / layers:.2f}) | {times['layered']:.1f} | {floor:.1f} "
                 f"| {cuda_error:.4f} / {triton_error:.4f} of {scale:.2f} | {kv_error:.4f} "
                 f"| {'BARRIER GAVE UP' if failed else 'ok'} |",
@@ -347,7 +354,7 @@ def main() -> None:
         "--kernel",
         choices=("five", "cluster"),
         default="five",
-        help="five: cuda_decode.cu (five grid barriers a layer); cluster: cuda_cluster_decode.cu (two)",
+        help="five: cuda_decode.cu (five grid barriers a layer); cluster: cuda_cluster_decode.cu (none)",
     )
     parser.add_argument(
         "--defines",
