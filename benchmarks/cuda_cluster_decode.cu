@@ -36,18 +36,24 @@
 #define CS 8
 #endif
 #define WARPS (THREADS / 32)
-#define GRID (NH * CS)
+#ifndef NCL
+#define NCL NH  // clusters: the first NH hold a head each; all of them share the MLP
+#endif
+#define GRID (NCL * CS)
+#define HGRID (NH * CS)  // the head clusters' CTAs
 #define FF (4 * D)
 #define KD (D / 256)         // 16-byte steps a lane takes through a row of D values
 #define QR (3 * HD / CS)     // q/k/v rows a CTA: its share of its head's 3 x HD
 #define PR (D / CS)          // projection outputs a CTA (its head's share of them)
-#define FR (FF / GRID)       // MLP up rows a CTA, = MLP down's inputs a CTA
+#define FR ((FF + GRID - 1) / GRID)  // MLP up rows a CTA at most (CTA b: rows b FF / GRID .. (b + 1) FF / GRID)
+#define FC ((FR * D * 2 + 65535) / 65536)  // chunks of MLP up (and of MLP down): up to 64 KB each
+#define FCR ((FR + FC - 1) / FC)            // rows a chunk at most
+#define FT ((FCR + WARPS - 1) / WARPS)      // rows a warp a chunk at most
+#define OPL (D / 32 / WARPS)                // MLP down outputs a lane
 #define CH ((LC / CS + WARPS * 4 - 1) / (WARPS * 4) * (WARPS * 4))  // keys a CTA's attention covers at most
 #define PASSES (CH / WARPS / 4)
 #define QRC (QR < 3 * WARPS ? QR : 3 * WARPS)  // q/k/v rows a weight chunk (3 a warp)
-#define FRC (FR < 4 * WARPS ? FR : 4 * WARPS)  // MLP up rows (MLP down's inputs) a weight chunk
-#define QC (QR / QRC)                          // chunks a product: q/k/v, MLP up, MLP down
-#define FC (FR / FRC)
+#define QC (QR / QRC)                          // q/k/v chunks
 #define SPIN_LIMIT (1 << 20)
 #define EPS 1e-5f
 #define NEG_INF __int_as_float(0xff800000)
@@ -56,18 +62,14 @@
 
 #define QB (QR * D)  // a CTA's block of each product's weights (bf16 values)
 #define PB (PR * HD)
-#define FB (FR * D)
-#define DB (D * FR)
 #define MAX2(a, b) ((a) > (b) ? (a) : (b))
-#define SLOT MAX2(MAX2(QRC * D, PB), FRC * D)  // a chunk of any product
+#define SLOT MAX2(MAX2(QRC * D, PB), FCR * D)  // a chunk of any product
 
 static_assert(D % 256 == 0, "a lane steps through a row 8 values at a time");
 static_assert(3 * HD % CS == 0 && QR % WARPS == 0, "a head's q/k/v rows split evenly over the cluster's warps");
 static_assert(D % CS == 0 && PR % (WARPS * 4) == 0, "projection outputs split evenly, 4 a warp a pass");
 static_assert(QR % QRC == 0 && QRC % WARPS == 0, "q/k/v rows split evenly into chunks and warps");
-static_assert(FF % GRID == 0 && FR % FRC == 0 && FRC % WARPS == 0 && FRC % 8 == 0 && 32 % (FRC / 8) == 0,
-              "MLP rows split evenly into chunks and warps");
-static_assert(D % (WARPS * (32 / (FRC / 8))) == 0, "MLP down outputs split evenly over the warps");
+static_assert(NCL >= NH, "a cluster for every head");
 static_assert(LC <= CS * CH, "the cluster's chunks cover the cache");
 static_assert(CH % (WARPS * 4) == 0, "a chunk's keys split evenly over the warps");
 static_assert(D % 4 == 0 && D / 4 <= THREADS, "a thread sums 4 columns of the partials");
@@ -148,13 +150,19 @@ __device__ __forceinline__ void fill(Ring& ring, const u16* src, u32 values) {
 #endif
 }
 // every chunk of every layer, in the consumers' order: q/k/v (QC chunks), projection, MLP up (FC), MLP down (FC)
+// (MLP chunk c of a CTA's n rows: rows c n / FC .. (c + 1) n / FC of them; MLP down's weights come as
+// [FF][D], a row for each hidden value, so a CTA's share is its rows of both.)
 __device__ void produce(Ring& ring, const u16* wq, const u16* wp, const u16* wf, const u16* wd) {
+    const int first = blockIdx.x * FF / GRID, rows = (blockIdx.x + 1) * FF / GRID - first;
     for (int l = 0; l < NL; ++l) {
-        const long long block = (long long)l * GRID + blockIdx.x;
-        for (int c = 0; c < QC; ++c) fill(ring, wq + block * QB + c * QRC * D, QRC * D);
-        fill(ring, wp + block * PB, PB);
-        for (int c = 0; c < FC; ++c) fill(ring, wf + block * FB + c * FRC * D, FRC * D);
-        for (int c = 0; c < FC; ++c) fill(ring, wd + block * DB + c * D * FRC, D * FRC);
+        if (blockIdx.x < HGRID) {
+            const long long block = (long long)l * HGRID + blockIdx.x;
+            for (int c = 0; c < QC; ++c) fill(ring, wq + block * QB + c * QRC * D, QRC * D);
+            fill(ring, wp + block * PB, PB);
+        }
+        const long long base = ((long long)l * FF + first) * D;
+        for (int c = 0; c < FC; ++c) fill(ring, wf + base + c * rows / FC * D, ((c + 1) * rows / FC - c * rows / FC) * D);
+        for (int c = 0; c < FC; ++c) fill(ring, wd + base + c * rows / FC * D, ((c + 1) * rows / FC - c * rows / FC) * D);
     }
 }
 // a consumer thread: the next chunk, once it has landed
@@ -188,27 +196,28 @@ __device__ __forceinline__ unsigned long long load_tagged(const unsigned long lo
     asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
     return v;
 }
-// column c of NH tagged rows (D apart) plus a bias, summed in row order once every row carries `tag`
+// column c of N tagged rows (D apart) plus a bias, summed in row order once every row carries `tag`
+template <int N>
 __device__ __forceinline__ float sum_tagged(const unsigned long long* rows, int c, float bias, u32 tag, int* error) {
-    unsigned long long v[NH];
+    unsigned long long v[N];
 #pragma unroll
-    for (int k = 0; k < NH; ++k) v[k] = load_tagged(rows + (long long)k * D + c);
+    for (int k = 0; k < N; ++k) v[k] = load_tagged(rows + (long long)k * D + c);
     for (int spins = 0;; ++spins) {
         bool all = true;
 #pragma unroll
-        for (int k = 0; k < NH; ++k) all &= (u32)(v[k] >> 32) == tag;
+        for (int k = 0; k < N; ++k) all &= (u32)(v[k] >> 32) == tag;
         if (all) break;
         if (spins >= SPIN_LIMIT || ((spins & 255) == 255 && *(volatile int*)error)) {
             atomicExch(error, 1);
             break;
         }
 #pragma unroll
-        for (int k = 0; k < NH; ++k)
+        for (int k = 0; k < N; ++k)
             if ((u32)(v[k] >> 32) != tag) v[k] = load_tagged(rows + (long long)k * D + c);
     }
     float sum = bias;
 #pragma unroll
-    for (int k = 0; k < NH; ++k) sum += __uint_as_float((u32)v[k]);
+    for (int k = 0; k < N; ++k) sum += __uint_as_float((u32)v[k]);
     return sum;
 }
 
@@ -305,7 +314,7 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     __shared__ __align__(16) float att_all[CS][ATT];  // every chunk's (pushed here)
     __shared__ __align__(16) float head_out[HD];    // the head's attention output
     __shared__ __align__(16) float delta[D];        // what the residual gains (pushed here by the cluster)
-    __shared__ __align__(16) float hidden[FR];      // this CTA's MLP hidden values
+    __shared__ __align__(16) float hidden[FR];      // this CTA's MLP hidden values (rows first .. first + rows)
     __shared__ float red_m[WARPS], red_l[WARPS], red_o[WARPS][HD];
     __shared__ __align__(8) unsigned long long full[3], empty[3], got[5];
     extern __shared__ __align__(128) u16 slots[];
@@ -313,7 +322,9 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     u32 rank;
     asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-    const int head = blockIdx.x / CS;  // one cluster a head
+    const bool has_head = blockIdx.x < HGRID;
+    const int head = has_head ? blockIdx.x / CS : 0;  // one cluster a head (the first NH clusters)
+    const int first = blockIdx.x * FF / GRID, rows = (blockIdx.x + 1) * FF / GRID - first;  // MLP rows
     const int pos = (int)pos_ptr[0];
     const int token = (int)token_ptr[0];
     const float scale = 0.125f;
@@ -343,12 +354,14 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     prefetch_params(gs, bs, ln1_w, ln1_b);
     // this warp's rows of a CTA's block: chunk c's rows warp, warp + WARPS, ...: row (rr / per) * chunk + ...
 #define QROW(rr) ((rr) / (QRC / WARPS) * QRC + warp + (rr) % (QRC / WARPS) * WARPS)
-#define FROW(rr) ((rr) / (FRC / WARPS) * FRC + warp + (rr) % (FRC / WARPS) * WARPS)
+// MLP up: chunk c's rows (of the CTA's) c rows / FC + warp + t WARPS, t < FT, below (c + 1) rows / FC
+#define FROW(c, t) ((c) * rows / FC + warp + (t) * WARPS)
+#define FEND(c) (((c) + 1) * rows / FC)
     float bq[QR / WARPS];  // this warp's q/k/v biases, loaded a layer ahead
 #pragma unroll
     for (int rr = 0; rr < QR / WARPS; ++rr) {
         const int j = rank * QR + QROW(rr);
-        bq[rr] = bf_lo(qkv_b[(j / HD) * D + head * HD + j % HD]);
+        bq[rr] = has_head ? bf_lo(qkv_b[(j / HD) * D + head * HD + j % HD]) : 0.f;
     }
     params_arrived();
     consumer_sync();
@@ -360,20 +373,26 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     for (int l = 0; l < NL; ++l) {
         STAMP(0);
         if (threadIdx.x == 0) {  // this layer's pushes into this CTA
-            expect_bytes(got + 0, 3 * HD * 2);
-            expect_bytes(got + 1, CS * ATT * 4);
+            if (has_head) {
+                expect_bytes(got + 0, 3 * HD * 2);
+                expect_bytes(got + 1, CS * ATT * 4);
+            }
             expect_bytes(got + 2, D * 4);
             expect_bytes(got + 3, D * 4);
             expect_bytes(got + 4, D * 4);
         }
         const u32 tag = (launch << 8) | (l << 1);  // | 1 for the MLP's
-        float bf[FR / WARPS];  // this warp's MLP up biases, for later in the layer
+        float bf[FC][FT];  // this warp's MLP up biases, for later in the layer
 #pragma unroll
-        for (int rr = 0; rr < FR / WARPS; ++rr) bf[rr] = bf_lo(fc_b[(long long)l * FF + blockIdx.x * FR + FROW(rr)]);
+        for (int c = 0; c < FC; ++c)
+#pragma unroll
+            for (int t = 0; t < FT; ++t)
+                bf[c][t] = FROW(c, t) < FEND(c) ? bf_lo(fc_b[(long long)l * FF + first + FROW(c, t)]) : 0.f;
         u16* kcache = cache + ((long long)l * 2 * NH + head) * LC * HD;
         u16* vcache = kcache + (long long)NH * LC * HD;
         const u32 parity = l & 1;
         const int first_key = rank * chunk_keys;
+        if (has_head) {  // ---- the head clusters: q/k/v, attention, projection ----
         // the chunk's earlier keys and values into L2 while the norm and q/k/v run
 #pragma unroll
         for (int p = 0; p < PASSES; ++p) {
@@ -412,7 +431,6 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             const int to = threadIdx.x / (QR / 8), piece = threadIdx.x % (QR / 8);
             push16(head_qkv + rank * QR + piece * 8, qkv_s + piece * 8, got + 0, to);
         }
-        prefetch_params(gs, bs, ln2_w + l * D, ln2_b + l * D);
         wait_pushes(got + 0, parity);
         STAMP(2);
 
@@ -542,11 +560,13 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             }
             give_back(ring, lane);
         }
+        }  // has_head
+        prefetch_params(gs, bs, ln2_w + l * D, ln2_b + l * D);  // ln_1's were read before the q/k/v push
         STAMP(5);
         // ---- residual + every head's partial (this CTA sums a slice and pushes it to the cluster) ----
         if (threadIdx.x < D / CS) {
             const int c = rank * (D / CS) + threadIdx.x;
-            const float value = sum_tagged(head_parts, c, proj_b[l * D + c], tag, error);
+            const float value = sum_tagged<NH>(head_parts, c, proj_b[l * D + c], tag, error);
 #pragma unroll
             for (int to = 0; to < CS; ++to) push4(delta + c, value, got + 3, to);
         }
@@ -562,12 +582,14 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             for (int c = 0; c < FC; ++c) {
                 const u16* chunk = take(ring);
 #pragma unroll
-                for (int r = 0; r < FRC / WARPS; ++r) {
-                    const int rr = c * (FRC / WARPS) + r, i = FROW(rr);
-                    float acc = row_dot(chunk, i - c * FRC, x, lane) + bf[rr];
-                    const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
-                    acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
-                    if (lane == 0) hidden[i] = round_bf(acc);
+                for (int t = 0; t < FT; ++t) {
+                    const int i = FROW(c, t);
+                    if (i < FEND(c)) {
+                        float acc = row_dot(chunk, i - c * rows / FC, x, lane) + bf[c][t];
+                        const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
+                        acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
+                        if (lane == 0) hidden[i] = round_bf(acc);
+                    }
                 }
                 give_back(ring, lane);
             }
@@ -576,18 +598,23 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         STAMP(7);
 
         // ---- this CTA's share of MLP down: every output, over its FR hidden values ----
-        for (int c = 0; c < FC; ++c) {  // chunk c: every output over hidden values c * FRC ..
-            const u16* chunk = take(ring);
-            constexpr int LANES = FRC / 8, PER_PASS = 32 / LANES, OUT_WARP = D / WARPS;
-            const int group = lane / LANES, k8 = lane % LANES;
-#pragma unroll 4
-            for (int p = 0; p < OUT_WARP / PER_PASS; ++p) {
-                const int o = warp * OUT_WARP + p * PER_PASS + group;
-                float acc = dot8(*reinterpret_cast<const uint4*>(chunk + o * FRC + k8 * 8), hidden + c * FRC + k8 * 8);
-                acc = group_sum<LANES>(acc);
-                if (k8 == 0) down[o] = c == 0 ? acc : down[o] + acc;  // the same lane each chunk
+        {  // a lane's outputs warp D / WARPS + lane + 32 j; the hidden values in order, chunk by chunk
+            float acc[OPL];
+#pragma unroll
+            for (int j = 0; j < OPL; ++j) acc[j] = 0.f;
+#pragma unroll
+            for (int c = 0; c < FC; ++c) {
+                const u16* chunk = take(ring);
+                for (int k = c * rows / FC; k < FEND(c); ++k) {
+                    const float h = hidden[k];
+                    const u16* row = chunk + (k - c * rows / FC) * D + warp * (D / WARPS) + lane;
+#pragma unroll
+                    for (int j = 0; j < OPL; ++j) acc[j] += bf_lo(row[32 * j]) * h;
+                }
+                give_back(ring, lane);
             }
-            give_back(ring, lane);
+#pragma unroll
+            for (int j = 0; j < OPL; ++j) down[warp * (D / WARPS) + lane + 32 * j] = acc[j];
         }
         STAMP(8);
         consumer_sync();  // down complete; every warp's norm done with gs, bs
@@ -610,10 +637,10 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             float sum = 0.f;
 #pragma unroll
             for (int r = 0; r < CS; ++r) sum += down_all[r * (D / CS) + threadIdx.x];
-            store_tagged(cluster_parts + (long long)head * D + c, sum, tag | 1);
+            store_tagged(cluster_parts + (long long)(blockIdx.x / CS) * D + c, sum, tag | 1);  // this cluster's row
             STAMP(9);
             // ---- residual + every cluster's partial (a slice, pushed to the cluster) ----
-            const float value = sum_tagged(cluster_parts, c, out_b[l * D + c], tag | 1, error);
+            const float value = sum_tagged<NCL>(cluster_parts, c, out_b[l * D + c], tag | 1, error);
 #pragma unroll
             for (int to = 0; to < CS; ++to) push4(delta + c, value, got + 4, to);
         }

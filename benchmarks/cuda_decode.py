@@ -124,51 +124,36 @@ class CudaDecode:
 
 
 class ClusterDecode:
-    """cuda_cluster_decode.cu for one shape: clusters of 8 or 4 CTAs, one a head, no grid barriers.
+    """cuda_cluster_decode.cu for one shape: clusters of 8 or 4 CTAs, the first NH a head each, no grid barriers.
 
-    The weights are re-arranged once so that a CTA's share of each product is one contiguous block:
-    its rows of its head's q, k and v; its head's columns of the projection for its slice of outputs;
-    its MLP up rows; MLP down's columns for those rows.
+    Every resident cluster takes a share of the MLP (or ``clusters`` of them). The weights are
+    re-arranged once so that a head CTA's share of q/k/v and of the projection is one contiguous
+    block; the MLP's come as rows, MLP down's transposed ([hidden, width]).
     """
 
     def __init__(
-        self, weights: GPT2Weights, cache: torch.Tensor, threads: int, extra: dict[str, str]
+        self,
+        weights: GPT2Weights,
+        cache: torch.Tensor,
+        threads: int,
+        extra: dict[str, str],
+        clusters: int | None = None,
     ) -> None:
         self.weights, self.cache, self.threads = weights, cache, threads
         width, heads, layers = weights.n_embd, weights.n_head, len(weights.layers)
-        # the largest cluster whose NH clusters the GPU keeps resident at once (an H200 holds 15 of 8, 30 of 4)
+        # the largest cluster size of which the GPU keeps NH clusters resident (an H200: 15 of 8, 30 of 4);
+        # then as many clusters as it keeps resident, or ``clusters``
         reasons = []
         for cluster in (8, 4):
-            self.cluster, self.grid = cluster, heads * cluster
-            qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)  # cuda_cluster_decode.cu's QRC
-            up_rows = 4 * width // self.grid
-            up_chunk = min(up_rows, 4 * threads // 32)  # FRC
-            outputs = width // cluster
-            self.shared = 3 * 2 * max(qkv_chunk * width, outputs * HEAD_DIM, up_chunk * width)
-            # hs, gs, bs, down, down_all, delta; red_o; att, att_all; head_qkv, head_out, hidden, the rest
-            static = 4 * 6 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
-            static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 512
-            allowed = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
-            if allowed is not None and self.shared + static > allowed:
-                reasons.append(
-                    f"clusters of {cluster} need {self.shared + static} bytes of shared memory a block"
-                )
+            resident = self.build(cluster, heads, extra)
+            if isinstance(resident, str) or resident < heads:
+                reasons.append(resident if isinstance(resident, str) else f"{resident} clusters of {cluster}")
                 continue
-            defines = {
-                "D": width,
-                "NH": heads,
-                "NL": layers,
-                "LC": cache.size(3),
-                "THREADS": threads,
-                "CS": cluster,
-            }
-            source = "".join(f"#define {k} {v}\n" for k, v in {**defines, **extra}.items())
-            self.kernel = compiled(source + CLUSTER_SOURCE.read_text())
-            set_dynamic_shared_memory(self.kernel, self.shared)
-            resident = max_active_clusters(self.kernel, self.grid, threads + 32, self.shared)
-            if resident is not None and resident < heads:
-                reasons.append(f"the GPU keeps {resident} clusters of {cluster} resident, not {heads}")
+            count = clusters or resident
+            if count > resident or count < heads:
+                reasons.append(f"{count} clusters of {cluster}: {resident} fit, {heads} needed")
                 continue
+            self.build(cluster, count, extra)
             break
         else:
             raise SystemExit("cuda_decode: no cluster size fits: " + "; ".join(reasons))
@@ -179,24 +164,49 @@ class ClusterDecode:
         with torch.no_grad():
             self.wq = weights.qkv_w_all[:, rows, :].contiguous()
             self.wp = (
-                weights.proj_w_all.view(layers, cluster, outputs, heads, HEAD_DIM)
+                weights.proj_w_all.view(layers, cluster, width // cluster, heads, HEAD_DIM)
                 .permute(0, 3, 1, 2, 4)
                 .contiguous()
             )
             self.wf = weights.fc_w_all
-            # MLP down: a CTA's columns, in chunks of up_chunk columns, each chunk [width, up_chunk]
-            self.wd = (
-                weights.out_w_all.view(layers, width, self.grid, up_rows // up_chunk, up_chunk)
-                .permute(0, 2, 3, 1, 4)
-                .contiguous()
-            )
+            self.wd = weights.out_w_all.transpose(1, 2).contiguous()
         self.trace = torch.zeros(self.grid * (layers * TRACE_STAGES + 4), dtype=torch.int64, device=device)
         # tagged partials: a float and its tag (launch, layer) in one 64-bit word
         self.head_parts = torch.zeros(heads * width, dtype=torch.int64, device=device)
-        self.cluster_parts = torch.zeros(heads * width, dtype=torch.int64, device=device)
+        self.cluster_parts = torch.zeros(self.count * width, dtype=torch.int64, device=device)
         self.out = torch.zeros(1, width, dtype=torch.bfloat16, device=device)
         self.sync = torch.zeros(64, dtype=torch.int32, device=device)
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def build(self, cluster: int, count: int, extra: dict[str, str]) -> int | str:
+        """Compile for ``count`` clusters of ``cluster``: how many the GPU keeps resident, or why none fit."""
+        threads, width, heads = self.threads, self.weights.n_embd, self.weights.n_head
+        self.cluster, self.count, self.grid = cluster, count, count * cluster
+        up_rows = -(-4 * width // self.grid)  # cuda_cluster_decode.cu's FR
+        up_chunks = -(-up_rows * width * 2 // 65536)  # FC
+        chunk_rows = -(-up_rows // up_chunks)  # FCR
+        qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)  # QRC
+        self.shared = 3 * 2 * max(qkv_chunk * width, width // cluster * HEAD_DIM, chunk_rows * width)
+        # hs, gs, bs, down, down_all, delta; red_o; att, att_all; head_qkv, head_out, hidden, the rest
+        static = 4 * 6 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
+        static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 512
+        allowed = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
+        if allowed is not None and self.shared + static > allowed:
+            return f"clusters of {cluster} need {self.shared + static} bytes of shared memory"
+        defines = {
+            "D": width,
+            "NH": heads,
+            "NL": len(self.weights.layers),
+            "LC": self.cache.size(3),
+            "THREADS": threads,
+            "CS": cluster,
+            "NCL": count,
+        }
+        source = "".join(f"#define {k} {v}\n" for k, v in {**defines, **extra}.items())
+        self.kernel = compiled(source + CLUSTER_SOURCE.read_text())
+        set_dynamic_shared_memory(self.kernel, self.shared)
+        resident = max_active_clusters(self.kernel, self.grid, threads + 32, self.shared)
+        return count if resident is None else resident
 
     def run(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """``ln_f`` of ``token`` [1] at ``position`` [1] (int64, on the device), ``[1, n_embd]`` bf16."""
@@ -242,8 +252,10 @@ def report_trace(decode: ClusterDecode, layers: int) -> None:
     stages = TRACE_STAGES
     trace = decode.trace.cpu()
     grid = decode.grid
-    stamps = trace[: grid * layers * stages].view(grid, layers, stages).double()
-    ends = trace[grid * layers * stages :].view(grid, 4).double()
+    heads = decode.weights.n_head * decode.cluster  # the head clusters' CTAs: the chain runs through them
+    stamps = trace[: grid * layers * stages].view(grid, layers, stages)[:heads].double()
+    ends = trace[grid * layers * stages :].view(grid, 4)[:heads].double()
+    grid = heads
     per_cycle = (ends[:, 3] - ends[:, 2]) / (ends[:, 1] - ends[:, 0]) / 1000  # µs a cycle, per CTA
     # stage k's time: stamp k - stamp k-1; stage 0's: the next layer's stamp 0 - this layer's stamp 9
     times = torch.empty(grid, layers - 1, stages, dtype=torch.float64)
@@ -254,7 +266,9 @@ def report_trace(decode: ClusterDecode, layers: int) -> None:
              "projection", "heads summed", "ln_2 + up", "down", "meet 2 + in cluster"]  # fmt: skip
     mean = times.mean(dim=(0, 1))
     worst = times.mean(dim=1).max(dim=0).values
-    print(f"trace (µs a layer, mean over layers 1..{layers - 1}; mean over CTAs / the slowest CTA's mean):")
+    print(
+        f"trace (µs a layer, mean over layers 1..{layers - 1}; mean over the head clusters' CTAs / the slowest's mean):"
+    )
     for index in [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]:
         print(f"  {names[index]:>18}: {mean[index]:6.2f} / {worst[index]:6.2f}")
     print(f"  {'layer':>18}: {mean.sum():6.2f}")
@@ -283,7 +297,13 @@ def randomise_small_parameters(model: torch.nn.Module) -> None:
 
 
 def check_and_time(
-    name: str, positions: list[int], threads: int, extra: dict[str, str], bandwidth: float, kernel: str
+    name: str,
+    positions: list[int],
+    threads: int,
+    extra: dict[str, str],
+    bandwidth: float,
+    kernel: str,
+    clusters: int | None,
 ) -> None:
     model = build_model(name)
     randomise_small_parameters(model)
@@ -305,7 +325,7 @@ def check_and_time(
             caches = {k: base.clone() for k in ("reference", "cuda", "triton")}
             reference = weights.decode_one(token, where, caches["reference"], mask).float()
             if kernel == "cluster":
-                cuda = ClusterDecode(weights, caches["cuda"], threads, extra)
+                cuda = ClusterDecode(weights, caches["cuda"], threads, extra, clusters)
             else:
                 cuda = CudaDecode(weights, caches["cuda"], threads, extra)
             triton = PersistentForward(weights, 1, cache=caches["triton"])
@@ -335,7 +355,7 @@ def check_and_time(
                 torch.cuda.synchronize()
                 report_trace(cuda, layers)
             print(
-                f"| {name}{f' (clusters of {cuda.cluster})' if isinstance(cuda, ClusterDecode) else ''} | {position} | {times['cuda']:.1f} ({times['cuda'] / layers:.2f} a layer) "
+                f"| {name}{f' ({cuda.count} clusters of {cuda.cluster})' if isinstance(cuda, ClusterDecode) else ''} | {position} | {times['cuda']:.1f} ({times['cuda'] / layers:.2f} a layer) "
                 f"| {times['triton']:.1f} ({times['triton'] / layers:.2f}) | {times['layered']:.1f} | {floor:.1f} "
                 f"| {cuda_error:.4f} / {triton_error:.4f} of {scale:.2f} | {kv_error:.4f} "
                 f"| {'BARRIER GAVE UP' if failed else 'ok'} |",
@@ -350,6 +370,12 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2-medium,gpt2")
     parser.add_argument("--positions", default="100,511,1000")
     parser.add_argument("--threads", type=int, default=256)
+    parser.add_argument(
+        "--clusters",
+        type=int,
+        default=None,
+        help="cluster kernel: how many clusters (at least one a head; default: as many as the GPU keeps resident)",
+    )
     parser.add_argument(
         "--kernel",
         choices=("five", "cluster"),
@@ -377,7 +403,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |")
     for name in args.models.split(","):
         assert name in SHAPES, f"unknown model {name}"
-        check_and_time(name, positions, args.threads, extra, bandwidth, args.kernel)
+        check_and_time(name, positions, args.threads, extra, bandwidth, args.kernel, args.clusters)
         torch.cuda.empty_cache()
 
 
