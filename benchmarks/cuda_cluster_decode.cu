@@ -53,7 +53,16 @@
 #define CH ((LC / CS + WARPS * 4 - 1) / (WARPS * 4) * (WARPS * 4))  // keys a CTA's attention covers at most
 #define PASSES (CH / WARPS / 4)
 #define QRC (QR < 3 * WARPS ? QR : 3 * WARPS)  // q/k/v rows a weight chunk (3 a warp)
+#ifdef SPREAD_QKV  // q/k/v rows split over every CTA (b: rows b 3D / GRID ..), handed to the heads through L2
+#define QRS ((3 * D + GRID - 1) / GRID)        // q/k/v rows a CTA at most, one chunk
+#define QT ((QRS + WARPS - 1) / WARPS)         // ... a warp
+#define QC 1
+#define QCHUNK (QRS * D)
+#else
 #define QC (QR / QRC)                          // q/k/v chunks
+#define QT (QR / WARPS)
+#define QCHUNK (QRC * D)
+#endif
 #define SPIN_LIMIT (1 << 20)
 #define EPS 1e-5f
 #define NEG_INF __int_as_float(0xff800000)
@@ -63,13 +72,14 @@
 #define QB (QR * D)  // a CTA's block of each product's weights (bf16 values)
 #define PB (PR * HD)
 #define MAX2(a, b) ((a) > (b) ? (a) : (b))
-#define SLOT MAX2(MAX2(QRC * D, PB), FCR * D)  // a chunk of any product
+#define SLOT MAX2(MAX2(QCHUNK, PB), FCR * D)  // a chunk of any product
 
 static_assert(D % 256 == 0, "a lane steps through a row 8 values at a time");
 static_assert(3 * HD % CS == 0 && QR % WARPS == 0, "a head's q/k/v rows split evenly over the cluster's warps");
 static_assert(D % CS == 0 && PR % (WARPS * 4) == 0, "projection outputs split evenly, 4 a warp a pass");
 static_assert(QR % QRC == 0 && QRC % WARPS == 0, "q/k/v rows split evenly into chunks and warps");
 static_assert(NCL >= NH, "a cluster for every head");
+static_assert(SLOT * 2 <= 65536 + 16384, "a chunk fits its slot");
 static_assert(LC <= CS * CH, "the cluster's chunks cover the cache");
 static_assert(CH % (WARPS * 4) == 0, "a chunk's keys split evenly over the warps");
 static_assert(D % 4 == 0 && D / 4 <= THREADS, "a thread sums 4 columns of the partials");
@@ -154,12 +164,20 @@ __device__ __forceinline__ void fill(Ring& ring, const u16* src, u32 values) {
 // [FF][D], a row for each hidden value, so a CTA's share is its rows of both.)
 __device__ void produce(Ring& ring, const u16* wq, const u16* wp, const u16* wf, const u16* wd) {
     const int first = blockIdx.x * FF / GRID, rows = (blockIdx.x + 1) * FF / GRID - first;
+#ifdef SPREAD_QKV
+    const int qfirst = blockIdx.x * 3 * D / GRID, qrows = (blockIdx.x + 1) * 3 * D / GRID - qfirst;
+#endif
     for (int l = 0; l < NL; ++l) {
+#ifdef SPREAD_QKV
+        fill(ring, wq + ((long long)l * 3 * D + qfirst) * D, qrows * D);  // wq: the plain [3D][D] rows
+        if (blockIdx.x < HGRID) fill(ring, wp + ((long long)l * HGRID + blockIdx.x) * PB, PB);
+#else
         if (blockIdx.x < HGRID) {
             const long long block = (long long)l * HGRID + blockIdx.x;
             for (int c = 0; c < QC; ++c) fill(ring, wq + block * QB + c * QRC * D, QRC * D);
             fill(ring, wp + block * PB, PB);
         }
+#endif
         const long long base = ((long long)l * FF + first) * D;
         for (int c = 0; c < FC; ++c) fill(ring, wf + base + c * rows / FC * D, ((c + 1) * rows / FC - c * rows / FC) * D);
         for (int c = 0; c < FC; ++c) fill(ring, wd + base + c * rows / FC * D, ((c + 1) * rows / FC - c * rows / FC) * D);
@@ -219,6 +237,19 @@ __device__ __forceinline__ float sum_tagged(const unsigned long long* rows, int 
 #pragma unroll
     for (int k = 0; k < N; ++k) sum += __uint_as_float((u32)v[k]);
     return sum;
+}
+
+// one tagged value, once it carries `tag`
+__device__ __forceinline__ float wait_tagged(const unsigned long long* p, u32 tag, int* error) {
+    unsigned long long v = load_tagged(p);
+    for (int spins = 0; (u32)(v >> 32) != tag; ++spins) {
+        if (spins >= SPIN_LIMIT || ((spins & 255) == 255 && *(volatile int*)error)) {
+            atomicExch(error, 1);
+            break;
+        }
+        v = load_tagged(p);
+    }
+    return __uint_as_float((u32)v);
 }
 
 // Hand-offs inside the cluster are pushes: a CTA stores its values straight into its peers' shared
@@ -302,7 +333,8 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     const u16* wq, const u16* qkv_b, const u16* wp, const float* proj_b, const u16* wf,
     const u16* fc_b, const u16* wd, const float* out_b, const float* ln1_w, const float* ln1_b,
     const float* ln2_w, const float* ln2_b, u16* cache, unsigned long long* head_parts,
-    unsigned long long* cluster_parts, u16* out, int* sync, int* error, long long* trace) {
+    unsigned long long* cluster_parts, unsigned long long* qkv_parts, u16* out, int* sync, int* error,
+    long long* trace) {
     __shared__ __align__(16) float hs[D];     // the residual row (the same in every CTA)
     __shared__ __align__(16) float gs[D];     // a layer norm's weight ...
     __shared__ __align__(16) float bs[D];     // ... and bias
@@ -357,12 +389,17 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
 // MLP up: chunk c's rows (of the CTA's) c rows / FC + warp + t WARPS, t < FT, below (c + 1) rows / FC
 #define FROW(c, t) ((c) * rows / FC + warp + (t) * WARPS)
 #define FEND(c) (((c) + 1) * rows / FC)
-    float bq[QR / WARPS];  // this warp's q/k/v biases, loaded a layer ahead
+#ifdef SPREAD_QKV
+    const int qfirst = blockIdx.x * 3 * D / GRID, qrows = (blockIdx.x + 1) * 3 * D / GRID - qfirst;
+#define QKV_ROW(rr) (qfirst + warp + (rr) * WARPS)  // row of q/k/v (of 3D) of this warp's rr-th
+#define QKV_HAS(rr) (warp + (rr) * WARPS < qrows)
+#else
+#define QKV_ROW(rr) ((rank * QR + QROW(rr)) / HD * D + head * HD + (rank * QR + QROW(rr)) % HD)
+#define QKV_HAS(rr) has_head
+#endif
+    float bq[QT];  // this warp's q/k/v biases, loaded a layer ahead
 #pragma unroll
-    for (int rr = 0; rr < QR / WARPS; ++rr) {
-        const int j = rank * QR + QROW(rr);
-        bq[rr] = has_head ? bf_lo(qkv_b[(j / HD) * D + head * HD + j % HD]) : 0.f;
-    }
+    for (int rr = 0; rr < QT; ++rr) bq[rr] = QKV_HAS(rr) ? bf_lo(qkv_b[QKV_ROW(rr)]) : 0.f;
     params_arrived();
     consumer_sync();
 
@@ -374,14 +411,16 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         STAMP(0);
         if (threadIdx.x == 0) {  // this layer's pushes into this CTA
             if (has_head) {
+#ifndef SPREAD_QKV
                 expect_bytes(got + 0, 3 * HD * 2);
+#endif
                 expect_bytes(got + 1, CS * ATT * 4);
             }
             expect_bytes(got + 2, D * 4);
             expect_bytes(got + 3, D * 4);
             expect_bytes(got + 4, D * 4);
         }
-        const u32 tag = (launch << 8) | (l << 1);  // | 1 for the MLP's
+        const u32 tag = (launch << 8) | (l << 2);  // the heads' partials; | 1 the clusters', | 2 q/k/v
         float bf[FC][FT];  // this warp's MLP up biases, for later in the layer
 #pragma unroll
         for (int c = 0; c < FC; ++c)
@@ -392,6 +431,29 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         u16* vcache = kcache + (long long)NH * LC * HD;
         const u32 parity = l & 1;
         const int first_key = rank * chunk_keys;
+#ifdef SPREAD_QKV
+        // ---- ln_1 + this CTA's q/k/v rows, every CTA; out as tagged values (and into the cache) ----
+        {
+            float x[KD * 8];
+            norm_lane(hs, gs, bs, x, lane);
+            const u16* chunk = take(ring);
+#pragma unroll
+            for (int rr = 0; rr < QT; ++rr)
+                if (QKV_HAS(rr)) {
+                    const int j = QKV_ROW(rr);
+                    const float acc = row_dot(chunk, warp + rr * WARPS, x, lane);
+                    if (lane == 0) {
+                        const u32 value = to_bf(acc + bq[rr]);
+                        store_tagged(qkv_parts + j, __uint_as_float(value << 16), tag | 2);
+                        if (j >= D)
+                            cache[(((long long)l * 2 + j / D - 1) * NH + (j % D) / HD) * LC * HD + (long long)pos * HD + j % HD] =
+                                (u16)value;
+                    }
+                }
+            give_back(ring, lane);
+        }
+        consumer_sync();  // every warp's norm done with gs, bs
+#endif
         if (has_head) {  // ---- the head clusters: q/k/v, attention, projection ----
         // the chunk's earlier keys and values into L2 while the norm and q/k/v run
 #pragma unroll
@@ -403,6 +465,14 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             }
         }
 
+#ifdef SPREAD_QKV
+        STAMP(1);
+        if (threadIdx.x < 3 * HD) {  // the head's q, and the new token's k and v, from L2
+            const int j = threadIdx.x / HD * D + head * HD + threadIdx.x % HD;
+            head_qkv[threadIdx.x] = (u16)(__float_as_uint(wait_tagged(qkv_parts + j, tag | 2, error)) >> 16);
+        }
+        consumer_sync();
+#else
         // ---- ln_1 + this CTA's q/k/v rows of its head ----
         {
             float x[KD * 8];
@@ -432,6 +502,7 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             push16(head_qkv + rank * QR + piece * 8, qkv_s + piece * 8, got + 0, to);
         }
         wait_pushes(got + 0, parity);
+#endif
         STAMP(2);
 
         // ---- attention over keys first_key .. first_key + CH - 1 (up to pos) ----
@@ -625,10 +696,8 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         prefetch_params(gs, bs, ln1_w + (l + 1) * D, ln1_b + (l + 1) * D);  // ln_f rides as ln_1 of layer NL
         if (l + 1 < NL) {
 #pragma unroll
-            for (int rr = 0; rr < QR / WARPS; ++rr) {
-                const int j = rank * QR + QROW(rr);
-                bq[rr] = bf_lo(qkv_b[(long long)(l + 1) * 3 * D + (j / HD) * D + head * HD + j % HD]);
-            }
+            for (int rr = 0; rr < QT; ++rr)
+                bq[rr] = QKV_HAS(rr) ? bf_lo(qkv_b[(long long)(l + 1) * 3 * D + QKV_ROW(rr)]) : 0.f;
         }
         wait_pushes(got + 2, parity);
         // the cluster's partials summed, this CTA a slice of D / CS columns, in rank order

@@ -143,18 +143,21 @@ class ClusterDecode:
         width, heads, layers = weights.n_embd, weights.n_head, len(weights.layers)
         # the largest cluster size of which the GPU keeps NH clusters resident (an H200: 15 of 8, 30 of 4);
         # then as many clusters as it keeps resident, or ``clusters``
-        reasons = []
+        reasons: list[str] = []
+        processors = torch.cuda.get_device_properties(0).multi_processor_count
         for cluster in (8, 4):
-            resident = self.build(cluster, heads, extra)
-            if isinstance(resident, str) or resident < heads:
-                reasons.append(resident if isinstance(resident, str) else f"{resident} clusters of {cluster}")
-                continue
-            count = clusters or resident
-            if count > resident or count < heads:
-                reasons.append(f"{count} clusters of {cluster}: {resident} fit, {heads} needed")
-                continue
-            self.build(cluster, count, extra)
-            break
+            count = clusters or processors // cluster
+            for _ in range(3):  # ask, then settle on what fits
+                resident = self.build(cluster, count, extra)
+                if isinstance(resident, str) or resident >= count or clusters or resident < heads:
+                    break
+                count = resident
+            if isinstance(resident, str):
+                reasons.append(resident)
+            elif resident < count or count < heads:
+                reasons.append(f"{count} clusters of {cluster} asked, {resident} fit, {heads} needed")
+            else:
+                break
         else:
             raise SystemExit("cuda_decode: no cluster size fits: " + "; ".join(reasons))
         device = weights.wte.device
@@ -162,7 +165,10 @@ class ClusterDecode:
         rows = (index // HEAD_DIM) * width + (index % HEAD_DIM)
         rows = (rows.view(1, -1) + HEAD_DIM * torch.arange(heads, device=device).view(-1, 1)).flatten()
         with torch.no_grad():
-            self.wq = weights.qkv_w_all[:, rows, :].contiguous()
+            # a head CTA's q/k/v rows together; with SPREAD_QKV the plain rows, split over every CTA
+            self.wq = (
+                weights.qkv_w_all if "SPREAD_QKV" in extra else weights.qkv_w_all[:, rows, :].contiguous()
+            )
             self.wp = (
                 weights.proj_w_all.view(layers, cluster, width // cluster, heads, HEAD_DIM)
                 .permute(0, 3, 1, 2, 4)
@@ -174,6 +180,7 @@ class ClusterDecode:
         # tagged partials: a float and its tag (launch, layer) in one 64-bit word
         self.head_parts = torch.zeros(heads * width, dtype=torch.int64, device=device)
         self.cluster_parts = torch.zeros(self.count * width, dtype=torch.int64, device=device)
+        self.qkv_parts = torch.zeros(3 * width, dtype=torch.int64, device=device)
         self.out = torch.zeros(1, width, dtype=torch.bfloat16, device=device)
         self.sync = torch.zeros(64, dtype=torch.int32, device=device)
         self.error = torch.zeros(1, dtype=torch.int32, device=device)
@@ -185,7 +192,10 @@ class ClusterDecode:
         up_rows = -(-4 * width // self.grid)  # cuda_cluster_decode.cu's FR
         up_chunks = -(-up_rows * width * 2 // 65536)  # FC
         chunk_rows = -(-up_rows // up_chunks)  # FCR
-        qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)  # QRC
+        if "SPREAD_QKV" in extra:  # q/k/v rows over every CTA: QRS
+            qkv_chunk = -(-3 * width // self.grid)
+        else:
+            qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)  # QRC
         self.shared = 3 * 2 * max(qkv_chunk * width, width // cluster * HEAD_DIM, chunk_rows * width)
         # hs, gs, bs, down, down_all, delta; red_o; att, att_all; head_qkv, head_out, hidden, the rest
         static = 4 * 6 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
@@ -218,7 +228,7 @@ class ClusterDecode:
             args=[
                 token, position, w.wte, w.wpe, self.wq, w.qkv_b_all, self.wp, w.proj_b_all, self.wf, w.fc_b_all,
                 self.wd, w.out_b_all, w.ln1_w_all, w.ln1_b_all, w.ln2_w_all, w.ln2_b_all, self.cache,
-                self.head_parts, self.cluster_parts, self.out, self.sync, self.error, self.trace,
+                self.head_parts, self.cluster_parts, self.qkv_parts, self.out, self.sync, self.error, self.trace,
             ],
         )  # fmt: skip
         return self.out
