@@ -76,7 +76,7 @@
 
 static_assert(D % 256 == 0, "a lane steps through a row 8 values at a time");
 static_assert(3 * HD % CS == 0 && QR % WARPS == 0, "a head's q/k/v rows split evenly over the cluster's warps");
-static_assert(D % CS == 0 && PR % (WARPS * 4) == 0, "projection outputs split evenly, 4 a warp a pass");
+static_assert(D % CS == 0 && PR <= THREADS, "a thread a projection output");
 static_assert(QR % QRC == 0 && QRC % WARPS == 0, "q/k/v rows split evenly into chunks and warps");
 static_assert(NCL >= NH, "a cluster for every head");
 static_assert(SLOT * 2 <= 65536 + 16384, "a chunk fits its slot");
@@ -93,8 +93,12 @@ static_assert(CS * QR / 8 <= THREADS && CS * ATT / 4 <= THREADS && D / 4 <= THRE
 #ifdef TRACE
 #define STAMP(k) \
     if (threadIdx.x == 0) trace[((long long)blockIdx.x * NL + l) * STAGES + (k)] = clock64()
+// (and STAMPX(k), k < 4: finer stamps inside ln_2 + MLP up, after the stages' stamps)
+#define STAMPX(k) \
+    if (threadIdx.x == 0) trace[(long long)GRID * (NL * STAGES + 4) + ((long long)blockIdx.x * NL + l) * 4 + (k)] = clock64()
 #else
 #define STAMP(k)
+#define STAMPX(k)
 #endif
 
 typedef unsigned int u32;
@@ -310,6 +314,59 @@ __device__ __forceinline__ void norm_lane(const float* hs, const float* gs, cons
             x[i * 8 + j] = round_bf(x[i * 8 + j] * rstd * gs[c] + bs[c]);
         }
 }
+// NORM_ONCE: the CTA's threads norm the row together into xs (a thread D / THREADS columns, two CTA-wide
+// sums), and each warp then reads its lanes' elements: one pass over hs, gs, bs instead of one a warp.
+__device__ __forceinline__ void norm_shared(const float* hs, const float* gs, const float* bs, float* xs, float* red,
+                                            int warp, int lane) {
+    constexpr int PER = (D + THREADS - 1) / THREADS;
+    float v[PER], sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        const int c = threadIdx.x + k * THREADS;
+        v[k] = c < D ? hs[c] : 0.f;
+        sum += v[k];
+    }
+    sum = group_sum<32>(sum);
+    if (lane == 0) red[warp] = sum;
+    consumer_sync();
+    float mean = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) mean += red[w];
+    mean /= D;
+    float sq = 0.f;
+#pragma unroll
+    for (int k = 0; k < PER; ++k)
+        if (threadIdx.x + k * THREADS < D) {
+            v[k] -= mean;
+            sq += v[k] * v[k];
+        }
+    sq = group_sum<32>(sq);
+    if (lane == 0) red[WARPS + warp] = sq;
+    consumer_sync();
+    float var = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) var += red[WARPS + w];
+    const float rstd = rsqrtf(var / D + EPS);
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        const int c = threadIdx.x + k * THREADS;
+        if (c < D) xs[c] = round_bf(v[k] * rstd * gs[c] + bs[c]);
+    }
+    consumer_sync();
+}
+// the normed row for this lane's elements: from xs (NORM_ONCE) or computed by the warp itself
+__device__ __forceinline__ void normed(const float* hs, const float* gs, const float* bs, float* xs, float* red,
+                                       float* x, int warp, int lane) {
+#ifdef NORM_ONCE
+    norm_shared(hs, gs, bs, xs, red, warp, lane);
+#pragma unroll
+    for (int i = 0; i < KD; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) x[i * 8 + j] = xs[i * 256 + lane * 8 + j];
+#else
+    norm_lane(hs, gs, bs, x, lane);
+#endif
+}
 // row `row` (D long) of a chunk times the normed row this lane holds in x, summed across the warp
 __device__ __forceinline__ float row_dot(const u16* chunk, int row, const float* x, int lane) {
     float acc = 0.f;
@@ -347,7 +404,8 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     __shared__ __align__(16) float head_out[HD];    // the head's attention output
     __shared__ __align__(16) float delta[D];        // what the residual gains (pushed here by the cluster)
     __shared__ __align__(16) float hidden[FR];      // this CTA's MLP hidden values (rows first .. first + rows)
-    __shared__ float red_m[WARPS], red_l[WARPS], red_o[WARPS][HD];
+    __shared__ float red_m[WARPS], red_l[WARPS], red_o[WARPS][HD], red_n[2 * WARPS];
+    __shared__ __align__(16) float xs[D];  // the normed row (NORM_ONCE)
     __shared__ __align__(8) unsigned long long full[3], empty[3], got[5];
     extern __shared__ __align__(128) u16 slots[];
 
@@ -435,7 +493,7 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         // ---- ln_1 + this CTA's q/k/v rows, every CTA; out as tagged values (and into the cache) ----
         {
             float x[KD * 8];
-            norm_lane(hs, gs, bs, x, lane);
+            normed(hs, gs, bs, xs, red_n, x, warp, lane);
             const u16* chunk = take(ring);
 #pragma unroll
             for (int rr = 0; rr < QT; ++rr)
@@ -476,7 +534,7 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         // ---- ln_1 + this CTA's q/k/v rows of its head ----
         {
             float x[KD * 8];
-            norm_lane(hs, gs, bs, x, lane);
+            normed(hs, gs, bs, xs, red_n, x, warp, lane);
 #pragma unroll
             for (int c = 0; c < QC; ++c) {
                 const u16* chunk = take(ring);
@@ -619,15 +677,13 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         }
         consumer_sync();
         STAMP(4);
-        {
+        {  // a thread an output of the CTA's share; the weights come as [HD][PR], so a warp reads a row at a time
             const u16* chunk = take(ring);
-            const int group = lane >> 3, k8 = lane & 7;  // 4 outputs a pass, 8 lanes an output
-#pragma unroll
-            for (int p = 0; p < PR / WARPS / 4; ++p) {
-                const int o = (warp * (PR / WARPS / 4) + p) * 4 + group;  // output in the CTA's share
-                float acc = dot8(*reinterpret_cast<const uint4*>(chunk + o * HD + k8 * 8), head_out + k8 * 8);
-                acc = group_sum<8>(acc);
-                if (k8 == 0) store_tagged(head_parts + (long long)head * D + rank * PR + o, acc, tag);
+            if (threadIdx.x < PR) {
+                float acc = 0.f;
+#pragma unroll 16
+                for (int k = 0; k < HD; ++k) acc += bf_lo(chunk[k * PR + threadIdx.x]) * head_out[k];
+                store_tagged(head_parts + (long long)head * D + rank * PR + threadIdx.x, acc, tag);
             }
             give_back(ring, lane);
         }
@@ -648,10 +704,12 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         STAMP(6);
         {
             float x[KD * 8];
-            norm_lane(hs, gs, bs, x, lane);
+            normed(hs, gs, bs, xs, red_n, x, warp, lane);
+            STAMPX(0);
 #pragma unroll
             for (int c = 0; c < FC; ++c) {
                 const u16* chunk = take(ring);
+                if (c == 0) STAMPX(1);
 #pragma unroll
                 for (int t = 0; t < FT; ++t) {
                     const int i = FROW(c, t);
@@ -664,6 +722,7 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
                 }
                 give_back(ring, lane);
             }
+            STAMPX(2);
         }
         consumer_sync();
         STAMP(7);
@@ -678,14 +737,22 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
                 const u16* chunk = take(ring);
                 for (int k = c * rows / FC; k < FEND(c); ++k) {
                     const float h = hidden[k];
+#if OPL == 4  // 4 adjacent outputs a lane, one 8-byte load
+                    const uint2 w = *reinterpret_cast<const uint2*>(chunk + (k - c * rows / FC) * D + warp * (D / WARPS) + lane * 4);
+                    acc[0] += bf_lo(w.x) * h;
+                    acc[1] += bf_hi(w.x) * h;
+                    acc[2] += bf_lo(w.y) * h;
+                    acc[3] += bf_hi(w.y) * h;
+#else
                     const u16* row = chunk + (k - c * rows / FC) * D + warp * (D / WARPS) + lane;
 #pragma unroll
                     for (int j = 0; j < OPL; ++j) acc[j] += bf_lo(row[32 * j]) * h;
+#endif
                 }
                 give_back(ring, lane);
             }
 #pragma unroll
-            for (int j = 0; j < OPL; ++j) down[warp * (D / WARPS) + lane + 32 * j] = acc[j];
+            for (int j = 0; j < OPL; ++j) down[warp * (D / WARPS) + (OPL == 4 ? lane * 4 + j : lane + 32 * j)] = acc[j];
         }
         STAMP(8);
         consumer_sync();  // down complete; every warp's norm done with gs, bs

@@ -171,12 +171,15 @@ class ClusterDecode:
             )
             self.wp = (
                 weights.proj_w_all.view(layers, cluster, width // cluster, heads, HEAD_DIM)
-                .permute(0, 3, 1, 2, 4)
+                .permute(0, 3, 1, 4, 2)  # [layer, head, rank, dim, output]: a row of outputs a dim
                 .contiguous()
             )
             self.wf = weights.fc_w_all
             self.wd = weights.out_w_all.transpose(1, 2).contiguous()
-        self.trace = torch.zeros(self.grid * (layers * TRACE_STAGES + 4), dtype=torch.int64, device=device)
+        # TRACE: stamps [CTA][layer][stage], then clocks and times [CTA][4], then finer stamps [CTA][layer][4]
+        self.trace = torch.zeros(
+            self.grid * (layers * TRACE_STAGES + 4 + layers * 4), dtype=torch.int64, device=device
+        )
         # tagged partials: a float and its tag (launch, layer) in one 64-bit word
         self.head_parts = torch.zeros(heads * width, dtype=torch.int64, device=device)
         self.cluster_parts = torch.zeros(self.count * width, dtype=torch.int64, device=device)
@@ -264,7 +267,8 @@ def report_trace(decode: ClusterDecode, layers: int) -> None:
     grid = decode.grid
     heads = decode.weights.n_head * decode.cluster  # the head clusters' CTAs: the chain runs through them
     stamps = trace[: grid * layers * stages].view(grid, layers, stages)[:heads].double()
-    ends = trace[grid * layers * stages :].view(grid, 4)[:heads].double()
+    ends = trace[grid * layers * stages : grid * (layers * stages + 4)].view(grid, 4)[:heads].double()
+    finer = trace[grid * (layers * stages + 4) :].view(grid, layers, 4)[:heads].double()
     grid = heads
     per_cycle = (ends[:, 3] - ends[:, 2]) / (ends[:, 1] - ends[:, 0]) / 1000  # µs a cycle, per CTA
     # stage k's time: stamp k - stamp k-1; stage 0's: the next layer's stamp 0 - this layer's stamp 9
@@ -282,6 +286,18 @@ def report_trace(decode: ClusterDecode, layers: int) -> None:
     for index in [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]:
         print(f"  {names[index]:>18}: {mean[index]:6.2f} / {worst[index]:6.2f}")
     print(f"  {'layer':>18}: {mean.sum():6.2f}")
+    # inside ln_2 + MLP up (CTA thread 0's warp): the norm, the wait for the first chunk, the rows, the CTA's sync
+    marks = torch.cat([stamps[:, :-1, 6:7], finer[:, :-1, :3], stamps[:, :-1, 7:8]], dim=2)
+    parts = (marks[:, :, 1:] - marks[:, :, :-1]) * per_cycle.view(-1, 1, 1)
+    print(
+        "  ln_2 + up, inside: "
+        + ", ".join(
+            f"{name} {value:.2f}"
+            for name, value in zip(
+                ["norm", "first chunk", "rows", "sync"], parts.mean(dim=(0, 1)), strict=True
+            )
+        )
+    )
 
 
 def set_dynamic_shared_memory(kernel: Any, size: int) -> None:
