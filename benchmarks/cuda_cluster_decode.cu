@@ -111,9 +111,11 @@ __device__ __forceinline__ u32 to_bf(float f) {  // round to nearest even
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 __device__ __forceinline__ float round_bf(float f) { return __uint_as_float(to_bf(f) << 16); }
+// two chains of four, not one of eight: the sums are latency, not throughput
 __device__ __forceinline__ float dot8(uint4 w, const float* x) {
-    return bf_lo(w.x) * x[0] + bf_hi(w.x) * x[1] + bf_lo(w.y) * x[2] + bf_hi(w.y) * x[3] +
-           bf_lo(w.z) * x[4] + bf_hi(w.z) * x[5] + bf_lo(w.w) * x[6] + bf_hi(w.w) * x[7];
+    const float a = bf_lo(w.x) * x[0] + bf_hi(w.x) * x[1] + bf_lo(w.y) * x[2] + bf_hi(w.y) * x[3];
+    const float b = bf_lo(w.z) * x[4] + bf_hi(w.z) * x[5] + bf_lo(w.w) * x[6] + bf_hi(w.w) * x[7];
+    return a + b;
 }
 template <int LANES>  // sum across groups of LANES adjacent lanes
 __device__ __forceinline__ float group_sum(float v) {
@@ -290,22 +292,22 @@ __device__ __forceinline__ void wait_pushes(unsigned long long* bar, u32 parity)
 // ---- the stages' pieces ----
 // the layer norm of hs at this lane's elements of a D-row, rounded to bf16 (every warp for itself)
 __device__ __forceinline__ void norm_lane(const float* hs, const float* gs, const float* bs, float* x, int lane) {
-    float sum = 0.f;
+    float sum[4] = {0.f, 0.f, 0.f, 0.f};  // four chains, not one
 #pragma unroll
     for (int i = 0; i < KD; ++i)
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             x[i * 8 + j] = hs[i * 256 + lane * 8 + j];
-            sum += x[i * 8 + j];
+            sum[j & 3] += x[i * 8 + j];
         }
-    const float mean = group_sum<32>(sum) / D;
-    float sq = 0.f;
+    const float mean = group_sum<32>((sum[0] + sum[1]) + (sum[2] + sum[3])) / D;
+    float sq[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < KD * 8; ++i) {
         x[i] -= mean;
-        sq += x[i] * x[i];
+        sq[i & 3] += x[i] * x[i];
     }
-    const float rstd = rsqrtf(group_sum<32>(sq) / D + EPS);
+    const float rstd = rsqrtf(group_sum<32>((sq[0] + sq[1]) + (sq[2] + sq[3])) / D + EPS);
 #pragma unroll
     for (int i = 0; i < KD; ++i)
 #pragma unroll
@@ -369,11 +371,14 @@ __device__ __forceinline__ void normed(const float* hs, const float* gs, const f
 }
 // row `row` (D long) of a chunk times the normed row this lane holds in x, summed across the warp
 __device__ __forceinline__ float row_dot(const u16* chunk, int row, const float* x, int lane) {
-    float acc = 0.f;
+    float part[KD];  // independent pieces, summed pairwise
 #pragma unroll
-    for (int i = 0; i < KD; ++i)
-        acc += dot8(*reinterpret_cast<const uint4*>(chunk + row * D + i * 256 + lane * 8), x + i * 8);
-    return group_sum<32>(acc);
+    for (int i = 0; i < KD; ++i) part[i] = dot8(*reinterpret_cast<const uint4*>(chunk + row * D + i * 256 + lane * 8), x + i * 8);
+#pragma unroll
+    for (int step = 1; step < KD; step *= 2)
+#pragma unroll
+        for (int i = 0; i + step < KD; i += 2 * step) part[i] += part[i + step];
+    return group_sum<32>(part[0]);
 }
 // a layer norm's parameters into shared memory without waiting (cp.async); params_arrived() waits
 __device__ __forceinline__ void prefetch_params(float* gs, float* bs, const float* g, const float* b) {
@@ -496,10 +501,10 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             normed(hs, gs, bs, xs, red_n, x, warp, lane);
             const u16* chunk = take(ring);
 #pragma unroll
-            for (int rr = 0; rr < QT; ++rr)
+            for (int rr = 0; rr < QT; ++rr) {  // every row computed, as in MLP up; stored if it is this CTA's
+                const int j = QKV_ROW(rr);
+                const float acc = row_dot(chunk, QKV_HAS(rr) ? warp + rr * WARPS : 0, x, lane);
                 if (QKV_HAS(rr)) {
-                    const int j = QKV_ROW(rr);
-                    const float acc = row_dot(chunk, warp + rr * WARPS, x, lane);
                     if (lane == 0) {
                         const u32 value = to_bf(acc + bq[rr]);
                         store_tagged(qkv_parts + j, __uint_as_float(value << 16), tag | 2);
@@ -508,6 +513,7 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
                                 (u16)value;
                     }
                 }
+            }
             give_back(ring, lane);
         }
         consumer_sync();  // every warp's norm done with gs, bs
@@ -711,14 +717,13 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
                 const u16* chunk = take(ring);
                 if (c == 0) STAMPX(1);
 #pragma unroll
-                for (int t = 0; t < FT; ++t) {
-                    const int i = FROW(c, t);
-                    if (i < FEND(c)) {
-                        float acc = row_dot(chunk, i - c * rows / FC, x, lane) + bf[c][t];
-                        const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
-                        acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
-                        if (lane == 0) hidden[i] = round_bf(acc);
-                    }
+                for (int t = 0; t < FT; ++t) {  // every row computed (past the chunk's end: its first again,
+                    const int i = FROW(c, t);   // not stored), so that no branch keeps the rows from overlapping
+                    const int row = i < FEND(c) ? i - c * rows / FC : 0;
+                    float acc = row_dot(chunk, row, x, lane) + bf[c][t];
+                    const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
+                    acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
+                    if (lane == 0 && i < FEND(c)) hidden[i] = round_bf(acc);
                 }
                 give_back(ring, lane);
             }
