@@ -1,29 +1,45 @@
-// One cached GPT-2 token in hand-written CUDA with two grid barriers a layer instead of five.
+// One cached GPT-2 token in hand-written CUDA with no grid barrier at all: thread block clusters.
 //
 // A prototype that benchmarks/cuda_decode.py (--kernel cluster) compiles with NVRTC and times against
-// the Triton decode kernel. The five-barrier CUDA kernel (cuda_decode.cu) showed a layer's time is its
-// chain of grid-wide hand-offs, ~3.5 µs each (RESULTS.md, eighth session). This one takes three of the
-// five off the grid: the CTAs come in clusters of CS (thread block clusters, Hopper), one cluster a head,
-// and hand off inside the cluster through distributed shared memory (DSMEM) and mbarriers, which do not
-// wait for every SM:
+// the Triton decode kernel. The five-barrier CUDA kernel (cuda_decode.cu) showed that a layer's time is
+// its chain of grid-wide hand-offs, ~3.5 µs each (RESULTS.md, eighth session). Here no hand-off waits for
+// the whole grid:
 //
-//   grid barrier | ln_1, this CTA's rows of its head's q, k, v           (every CTA does the norm)
-//   cluster      | attention over the CTA's chunk of CH keys             (q, k, v gathered from the cluster)
-//   cluster      | the chunks combined; the head's share of the projection, a partial of the whole row
-//   grid barrier | residual + every head's partial (a fixed order); ln_2; this CTA's rows of MLP up
-//                | + GELU; their share of MLP down, a partial of the whole row
-//   cluster      | the cluster's partials summed (each CTA a slice) and written out
-//   (grid barrier: the next layer adds the clusters' partials to the residual)
+// - The CTAs come in clusters of CS (Hopper thread block clusters); the first NH clusters hold a head
+//   each, and every cluster takes a share of the MLP. Inside a cluster, CTAs hand off by pushing their
+//   values straight into each other's shared memory (st.async, counted in bytes on the receiver's
+//   mbarrier): no fence, no round trip.
+// - Across clusters, a value travels with its own flag: the value and a tag (launch, layer) in one
+//   64-bit store that a reader polls (NCCL's LL protocol). No barrier, no fence.
+// - The projection and MLP down are linear, so each is split by its input (K): a head's share of the
+//   projection, a CTA's hidden rows' share of MLP down, each a partial of the whole row. Rank r of every
+//   cluster sums slice r of the partials (a fixed order) and pushes it to its cluster, so every CTA holds
+//   the same residual, whatever the timing.
 //
-// The projection and MLP down are linear, so each is split by its input (K) and summed afterwards:
-// every CTA sums the same partials in the same order, so every CTA holds the same residual and the
-// result does not depend on timing. Weights come pre-arranged (cuda_decode.py) so that a CTA's share of
-// each product is one contiguous block, streamed by a producer warp into a ring of three shared-memory
-// slots (as in cuda_decode.cu). Rounding mirrors the Triton kernel: normed rows, q/k/v, the attention
-// output and the MLP's hidden values are bf16; the residual and all sums are fp32.
+// A layer, for a head cluster's CTA (the other clusters skip to "every head's partial"):
 //
-// Macros: D, NH, NL, LC (cache length), THREADS (consumer threads), CS (cluster size), PACE (cycles the
-// producer waits a KiB copied; default 0). For diagnosis: NO_COPY (no weights copied; wrong results).
+//   ln_1 + its q/k/v rows      (its head's share; with SPREAD_QKV every CTA takes 3D / GRID rows of all
+//                               heads, written out tagged, and the head clusters read their 3 x HD)
+//   push / gather              the head's q, the new token's k and v, in every CTA of the cluster
+//   attention                  over the CTA's share of the keys 0..pos (split evenly over the cluster)
+//   push / combine             the chunks' partial softmax combined; its share of the projection, tagged
+//   every head's partial       a slice summed in each cluster, pushed: the residual after attention
+//   ln_2 + its MLP up rows     (rows b FF / GRID .. (b + 1) FF / GRID of CTA b) + GELU
+//   MLP down                   every output over its hidden rows: the CTA's partial
+//   push / in cluster          the cluster's partials of a slice summed, tagged
+//   every cluster's partial    a slice summed, pushed: the residual after the MLP
+//
+// Weights come pre-arranged (cuda_decode.py): a head CTA's q/k/v rows as one block, its projection share
+// as [HD][outputs], MLP up as rows, MLP down transposed ([hidden][width]). A producer warp streams each
+// CTA's chunks (up to 64 KB) into a ring of three shared-memory slots, round robin. Rounding mirrors the
+// Triton kernel: normed rows, q/k/v, the attention output and the hidden values are bf16; the residual
+// and all sums fp32.
+//
+// Macros: D, NH, NL, LC (cache length), THREADS (consumer threads), CS (cluster size), NCL (clusters,
+// at least NH; all of them must be resident at once: cuda_decode.py asks the driver), SPREAD_QKV,
+// NORM_ONCE (the CTA norms the row once into shared memory, instead of every warp for itself), PACE
+// (cycles the producer waits a KiB copied; default 0). For diagnosis: NO_COPY (no weights copied; wrong
+// results), TRACE (clock stamps at each stage's end, cuda_decode.py prints where a layer's time goes).
 
 #define HD 64
 #ifndef PACE

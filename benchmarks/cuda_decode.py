@@ -1,16 +1,20 @@
-"""A cached GPT-2 token in hand-written CUDA (benchmarks/cuda_decode.cu) against the Triton kernel.
+"""A cached GPT-2 token in hand-written CUDA against the engine's Triton kernel.
 
     python benchmarks/cuda_decode.py --models gpt2-medium,gpt2 --positions 100,511,1000
+    python benchmarks/cuda_decode.py --kernel cluster --models gpt2 --clusters 12
+    python benchmarks/cuda_decode.py --kernel cluster --models gpt2-medium --defines SPREAD_QKV
 
-A prototype, not part of the engine: it asks whether a persistent kernel
-written in CUDA, each stage near its own floor (a warp per output row, the
-weights streamed into shared memory stages ahead by a producer warp, the
-layer norms computed by every CTA), makes a layer much shorter than the
-Triton decode kernel's. It did not (benchmarks/RESULTS.md, eighth session:
-23.3 µs a gpt2-medium layer against Triton's 22.6; the chain alone, no
-weights copied, 17.6). Compiled at run time by NVRTC
+Prototypes, not part of the engine. ``--kernel five`` (cuda_decode.cu) asks
+whether a persistent kernel written in CUDA, each stage near its own floor,
+makes a layer much shorter than the Triton decode kernel's: it did not
+(RESULTS.md, eighth session: 23.3 µs a gpt2-medium layer against Triton's
+22.6), since a layer is a chain of five grid-wide hand-offs. ``--kernel
+cluster`` (cuda_cluster_decode.cu) removes the grid barriers: thread block
+clusters that push into each other's shared memory, and partials that carry
+their own tag (RESULTS.md, ninth session: 17.0 µs a gpt2-medium layer, 13.0
+for gpt2, against Triton's 22.4 and 19.3). Compiled at run time by NVRTC
 (``torch.cuda._compile_kernel``), the shape as macros; gpt2 and gpt2-medium
-only, on a GPU with ~222 KB of shared memory a block (Hopper).
+only, on a Hopper GPU (~227 KB of shared memory a block, clusters).
 
 For each model and position it checks the CUDA kernel against the
 layer-by-layer forward (``GPT2Weights.decode_one``, fp32 accumulation over
