@@ -37,7 +37,9 @@
 //
 // Macros: D, NH, NL, LC (cache length), THREADS (consumer threads), CS (cluster size), NCL (clusters,
 // at least NH; all of them must be resident at once: cuda_decode.py asks the driver), SPREAD_QKV,
-// NORM_ONCE (the CTA norms the row once into shared memory, instead of every warp for itself), PACE
+// NORM_ONCE (the CTA norms the row once into shared memory, instead of every warp for itself), MMA_ROWS
+// (with SPREAD_QKV: q/k/v and MLP up on tensor cores, mma.sync with the weights stored as fragments;
+// not yet run on a GPU when written, see RESULTS.md's ninth session), PACE
 // (cycles the producer waits a KiB copied; default 0). For diagnosis: NO_COPY (no weights copied; wrong
 // results), TRACE (clock stamps at each stage's end, cuda_decode.py prints where a layer's time goes).
 
@@ -88,17 +90,45 @@
 #define QB (QR * D)  // a CTA's block of each product's weights (bf16 values)
 #define PB (PR * HD)
 #define MAX2(a, b) ((a) > (b) ? (a) : (b))
+#ifdef MMA_ROWS  // q/k/v and MLP up on tensor cores: weights as mma.m16n8k16 A fragments (benchmarks/mma_layout.py)
+#ifndef SPREAD_QKV
+#error "MMA_ROWS takes the q/k/v rows of SPREAD_QKV"
+#endif
+#ifndef NORM_ONCE
+#define NORM_ONCE  // the B operand is the normed row in shared memory
+#endif
+#define KS (D / 16)                      // k-steps of a row
+#define KSW (KS / WARPS)                 // ... a warp's share
+#define QT16 ((QRS + 15) / 16)           // q/k/v tiles of 16 rows a CTA (its rows padded with zero rows)
+#define FT16 ((FR + 15) / 16)            // MLP up tiles a CTA
+#define FCU ((FT16 + 1) / 2)             // MLP up chunks: two tiles each
+#define UCHUNK ((FT16 < 2 ? FT16 : 2) * 16 * D)
+#undef QCHUNK
+#define QCHUNK (QT16 * 16 * D)
+static_assert(KS % WARPS == 0 && QT16 <= 2, "k-steps split evenly over the warps; q/k/v in one chunk of two tiles");
+#define SLOT MAX2(MAX2(QCHUNK, PB), MAX2(UCHUNK, FCR * D))
+#else
+#define FCU FC
 #define SLOT MAX2(MAX2(QCHUNK, PB), FCR * D)  // a chunk of any product
+#endif
 
 static_assert(D % 256 == 0, "a lane steps through a row 8 values at a time");
 static_assert(3 * HD % CS == 0 && QR % WARPS == 0, "a head's q/k/v rows split evenly over the cluster's warps");
 static_assert(D % CS == 0 && PR <= THREADS, "a thread a projection output");
 static_assert(QR % QRC == 0 && QRC % WARPS == 0, "q/k/v rows split evenly into chunks and warps");
 static_assert(NCL >= NH, "a cluster for every head");
-static_assert(SLOT * 2 <= 65536 + 16384, "a chunk fits its slot");
-static_assert(LC <= CS * CH, "the cluster's chunks cover the cache");
-static_assert(CH % (WARPS * 4) == 0, "a chunk's keys split evenly over the warps");
-static_assert(D % 4 == 0 && D / 4 <= THREADS, "a thread sums 4 columns of the partials");
+// Clusters without a head feed the next layer's heads only through SPREAD_QKV's q/k/v rows. Without it
+// such a cluster could still be reading this layer's `delta` and `cluster_parts` when the head clusters'
+// next-layer values overwrite them; so extra clusters need SPREAD_QKV.
+#if NCL > NH && !defined(SPREAD_QKV)
+#error "clusters beyond the heads (NCL > NH) need SPREAD_QKV"
+#endif
+static_assert(3 * SLOT * 2 <= 227 * 1024, "three slots fit in shared memory (cuda_decode.py checks the rest)");
+static_assert(D % (32 * WARPS) == 0, "MLP down: every output a lane's");
+#ifdef SPREAD_QKV
+static_assert(3 * HD <= THREADS, "a thread a value of the head's q, k and v");
+#endif
+static_assert(NL < 64, "a tag holds the layer in 6 bits");
 static_assert(D / CS <= THREADS, "a thread reduces one column of the cluster's slice");
 static_assert(QR % 8 == 0 && (D / CS) % 4 == 0, "pushes go in 16-byte pieces");
 static_assert(CS * QR / 8 <= THREADS && CS * ATT / 4 <= THREADS && D / 4 <= THREADS, "a thread a piece");
@@ -109,7 +139,7 @@ static_assert(CS * QR / 8 <= THREADS && CS * ATT / 4 <= THREADS && D / 4 <= THRE
 #ifdef TRACE
 #define STAMP(k) \
     if (threadIdx.x == 0) trace[((long long)blockIdx.x * NL + l) * STAGES + (k)] = clock64()
-// (and STAMPX(k), k < 4: finer stamps inside ln_2 + MLP up, after the stages' stamps)
+// (and STAMPX(k), k < 3: finer stamps inside ln_2 + MLP up, after the clocks and times; a fourth slot spare)
 #define STAMPX(k) \
     if (threadIdx.x == 0) trace[(long long)GRID * (NL * STAGES + 4) + ((long long)blockIdx.x * NL + l) * 4 + (k)] = clock64()
 #else
@@ -190,7 +220,10 @@ __device__ void produce(Ring& ring, const u16* wq, const u16* wp, const u16* wf,
     const int qfirst = blockIdx.x * 3 * D / GRID, qrows = (blockIdx.x + 1) * 3 * D / GRID - qfirst;
 #endif
     for (int l = 0; l < NL; ++l) {
-#ifdef SPREAD_QKV
+#if defined(MMA_ROWS)
+        fill(ring, wq + ((long long)l * GRID + blockIdx.x) * QCHUNK, QCHUNK);  // wq: [layer][CTA][tiles] fragments
+        if (blockIdx.x < HGRID) fill(ring, wp + ((long long)l * HGRID + blockIdx.x) * PB, PB);
+#elif defined(SPREAD_QKV)
         fill(ring, wq + ((long long)l * 3 * D + qfirst) * D, qrows * D);  // wq: the plain [3D][D] rows
         if (blockIdx.x < HGRID) fill(ring, wp + ((long long)l * HGRID + blockIdx.x) * PB, PB);
 #else
@@ -201,7 +234,12 @@ __device__ void produce(Ring& ring, const u16* wq, const u16* wp, const u16* wf,
         }
 #endif
         const long long base = ((long long)l * FF + first) * D;
+#ifdef MMA_ROWS  // wf: [layer][CTA][FT16 tiles] fragments, two tiles a chunk
+        for (int c = 0; c < FCU; ++c)
+            fill(ring, wf + (((long long)l * GRID + blockIdx.x) * FT16 + 2 * c) * 16 * D, (FT16 - 2 * c < 2 ? 1 : 2) * 16 * D);
+#else
         for (int c = 0; c < FC; ++c) fill(ring, wf + base + c * rows / FC * D, ((c + 1) * rows / FC - c * rows / FC) * D);
+#endif
         for (int c = 0; c < FC; ++c) fill(ring, wd + base + c * rows / FC * D, ((c + 1) * rows / FC - c * rows / FC) * D);
     }
 }
@@ -332,6 +370,51 @@ __device__ __forceinline__ void norm_lane(const float* hs, const float* gs, cons
             x[i * 8 + j] = round_bf(x[i * 8 + j] * rstd * gs[c] + bs[c]);
         }
 }
+#ifdef MMA_ROWS
+// A chunk's tiles (one or two, of 16 rows) times the normed row in xs, on tensor cores: warp w takes
+// k-steps w KSW .., the row as column 0 of the B operand (lanes 0..3; the other columns zero), and
+// leaves its column-0 sums in red[w][row] (lanes 4 g hold rows g and g + 8 of each tile). The caller
+// syncs and sums red over the warps.
+__device__ __forceinline__ void mma_rows(const u16* chunk, int tiles, const float* xs, float (*red)[32], int warp,
+                                         int lane) {
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int s = 0; s < KSW; ++s) {
+        const int ks = warp * KSW + s;
+        u32 b0 = 0u, b1 = 0u;
+        if (lane < 4) {  // rows k 2 lane, 2 lane + 1 and the same + 8 of column 0 (bf16 already: exact)
+            const float* x = xs + ks * 16 + 2 * lane;
+            b0 = (__float_as_uint(x[0]) >> 16) | (__float_as_uint(x[1]) & 0xffff0000u);
+            b1 = (__float_as_uint(x[8]) >> 16) | (__float_as_uint(x[9]) & 0xffff0000u);
+        }
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+            if (m < tiles) {
+                const uint4 a = *reinterpret_cast<const uint4*>(chunk + ((m * KS + ks) * 32 + lane) * 8);
+                asm volatile(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                    "{%0, %1, %2, %3};"
+                    : "+f"(acc[m][0]), "+f"(acc[m][1]), "+f"(acc[m][2]), "+f"(acc[m][3])
+                    : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+            }
+    }
+    if ((lane & 3) == 0)
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+            if (m < tiles) {
+                red[warp][m * 16 + (lane >> 2)] = acc[m][0];
+                red[warp][m * 16 + (lane >> 2) + 8] = acc[m][2];
+            }
+}
+// row t's sum over the warps (a fixed order)
+__device__ __forceinline__ float warps_sum(float (*red)[32], int t) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) v += red[w][t];
+    return v;
+}
+#endif
+
 // NORM_ONCE: the CTA's threads norm the row together into xs (a thread D / THREADS columns, two CTA-wide
 // sums), and each warp then reads its lanes' elements: one pass over hs, gs, bs instead of one a warp.
 __device__ __forceinline__ void norm_shared(const float* hs, const float* gs, const float* bs, float* xs, float* red,
@@ -427,6 +510,9 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     __shared__ __align__(16) float hidden[FR];      // this CTA's MLP hidden values (rows first .. first + rows)
     __shared__ float red_m[WARPS], red_l[WARPS], red_o[WARPS][HD], red_n[2 * WARPS];
     __shared__ __align__(16) float xs[D];  // the normed row (NORM_ONCE)
+#ifdef MMA_ROWS
+    __shared__ float red_rows[WARPS][32];  // the warps' sums of a chunk's rows
+#endif
     __shared__ __align__(8) unsigned long long full[3], empty[3], got[5];
     extern __shared__ __align__(128) u16 slots[];
 
@@ -479,6 +565,9 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     float bq[QT];  // this warp's q/k/v biases, loaded a layer ahead
 #pragma unroll
     for (int rr = 0; rr < QT; ++rr) bq[rr] = QKV_HAS(rr) ? bf_lo(qkv_b[QKV_ROW(rr)]) : 0.f;
+#ifdef MMA_ROWS
+    float bq_row = threadIdx.x < qrows ? bf_lo(qkv_b[qfirst + threadIdx.x]) : 0.f;  // a thread a row's bias
+#endif
     params_arrived();
     consumer_sync();
 
@@ -500,18 +589,41 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             expect_bytes(got + 4, D * 4);
         }
         const u32 tag = (launch << 8) | (l << 2);  // the heads' partials; | 1 the clusters', | 2 q/k/v
+#ifdef MMA_ROWS
+        float bf[FCU];  // this thread's MLP up bias, row 32 c + thread of each chunk
+#pragma unroll
+        for (int c = 0; c < FCU; ++c)
+            bf[c] = threadIdx.x < 32 && 32 * c + threadIdx.x < rows ? bf_lo(fc_b[(long long)l * FF + first + 32 * c + threadIdx.x]) : 0.f;
+#else
         float bf[FC][FT];  // this warp's MLP up biases, for later in the layer
 #pragma unroll
         for (int c = 0; c < FC; ++c)
 #pragma unroll
             for (int t = 0; t < FT; ++t)
                 bf[c][t] = FROW(c, t) < FEND(c) ? bf_lo(fc_b[(long long)l * FF + first + FROW(c, t)]) : 0.f;
+#endif
         u16* kcache = cache + ((long long)l * 2 * NH + head) * LC * HD;
         u16* vcache = kcache + (long long)NH * LC * HD;
         const u32 parity = l & 1;
         const int first_key = rank * chunk_keys;
 #ifdef SPREAD_QKV
         // ---- ln_1 + this CTA's q/k/v rows, every CTA; out as tagged values (and into the cache) ----
+#ifdef MMA_ROWS
+        {
+            norm_shared(hs, gs, bs, xs, red_n, warp, lane);
+            const u16* chunk = take(ring);
+            mma_rows(chunk, QT16, xs, red_rows, warp, lane);
+            give_back(ring, lane);
+            consumer_sync();
+            if (threadIdx.x < qrows) {  // a thread a row: its sum, bias, out tagged and into the cache
+                const int j = qfirst + threadIdx.x;
+                const u32 value = to_bf(warps_sum(red_rows, threadIdx.x) + bq_row);
+                store_tagged(qkv_parts + j, __uint_as_float(value << 16), tag | 2);
+                if (j >= D)
+                    cache[(((long long)l * 2 + j / D - 1) * NH + (j % D) / HD) * LC * HD + (long long)pos * HD + j % HD] = (u16)value;
+            }
+        }
+#else
         {
             float x[KD * 8];
             normed(hs, gs, bs, xs, red_n, x, warp, lane);
@@ -532,6 +644,7 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             }
             give_back(ring, lane);
         }
+#endif
         consumer_sync();  // every warp's norm done with gs, bs
 #endif
         if (has_head) {  // ---- the head clusters: q/k/v, attention, projection ----
@@ -710,7 +823,9 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             give_back(ring, lane);
         }
         }  // has_head
-        prefetch_params(gs, bs, ln2_w + l * D, ln2_b + l * D);  // ln_1's were read before the q/k/v push
+        // ln_2's parameters over ln_1's: every warp's norm is behind a consumer_sync by now (the q/k/v push's,
+        // or the one after SPREAD_QKV's rows)
+        prefetch_params(gs, bs, ln2_w + l * D, ln2_b + l * D);
         STAMP(5);
         // ---- residual + every head's partial (this CTA sums a slice and pushes it to the cluster) ----
         if (threadIdx.x < D / CS) {
@@ -724,6 +839,30 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         params_arrived();  // ln_2's
         consumer_sync();
         STAMP(6);
+#ifdef MMA_ROWS
+        {
+            norm_shared(hs, gs, bs, xs, red_n, warp, lane);
+            STAMPX(0);
+#pragma unroll
+            for (int c = 0; c < FCU; ++c) {  // chunk c: tiles 2c, 2c + 1, rows 32 c ..
+                const u16* chunk = take(ring);
+                if (c == 0) STAMPX(1);
+                const int tiles = FT16 - 2 * c < 2 ? 1 : 2;
+                mma_rows(chunk, tiles, xs, red_rows, warp, lane);
+                give_back(ring, lane);
+                consumer_sync();
+                const int i = 32 * c + threadIdx.x;  // a thread a row
+                if (threadIdx.x < 16 * tiles && i < rows) {
+                    float acc = warps_sum(red_rows, threadIdx.x) + bf[c];
+                    const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
+                    acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
+                    hidden[i] = round_bf(acc);
+                }
+                consumer_sync();  // red_rows read before the next chunk's sums; hidden complete
+            }
+            STAMPX(2);
+        }
+#else
         {
             float x[KD * 8];
             normed(hs, gs, bs, xs, red_n, x, warp, lane);
@@ -745,11 +884,12 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             }
             STAMPX(2);
         }
+#endif
         consumer_sync();
         STAMP(7);
 
         // ---- this CTA's share of MLP down: every output, over its FR hidden values ----
-        {  // a lane's outputs warp D / WARPS + lane + 32 j; the hidden values in order, chunk by chunk
+        {  // a lane's outputs: warp D / WARPS + 4 lane + j (OPL 4) or + lane + 32 j; hidden values in order
             float acc[OPL];
 #pragma unroll
             for (int j = 0; j < OPL; ++j) acc[j] = 0.f;
@@ -786,6 +926,9 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
 #pragma unroll
             for (int rr = 0; rr < QT; ++rr)
                 bq[rr] = QKV_HAS(rr) ? bf_lo(qkv_b[(long long)(l + 1) * 3 * D + QKV_ROW(rr)]) : 0.f;
+#ifdef MMA_ROWS
+            bq_row = threadIdx.x < qrows ? bf_lo(qkv_b[(long long)(l + 1) * 3 * D + qfirst + threadIdx.x]) : 0.f;
+#endif
         }
         wait_pushes(got + 2, parity);
         // the cluster's partials summed, this CTA a slice of D / CS columns, in rank order

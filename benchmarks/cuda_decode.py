@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_iteration import SHAPES, build_model, copy_bandwidth
+from mma_layout import blocks_of_rows
 from timing import graph_time
 
 from collapse_tui.fast.gpt2 import GPT2Weights
@@ -145,21 +146,28 @@ class ClusterDecode:
     ) -> None:
         self.weights, self.cache, self.threads = weights, cache, threads
         width, heads, layers = weights.n_embd, weights.n_head, len(weights.layers)
-        # the largest cluster size of which the GPU keeps NH clusters resident (an H200: 15 of 8, 30 of 4);
-        # then as many clusters as it keeps resident, or ``clusters``
+        # The largest cluster size of which the GPU keeps NH clusters resident (an H200: 15 of 8, 30 of 4).
+        # Without SPREAD_QKV one cluster a head; with it, as many clusters as fit (or ``clusters``).
+        spread = "SPREAD_QKV" in extra
+        if clusters is not None and (clusters < heads or (clusters > heads and not spread)):
+            raise SystemExit(
+                f"cuda_decode: --clusters {clusters}: {heads} (one a head), or more with SPREAD_QKV"
+            )
         reasons: list[str] = []
         processors = torch.cuda.get_device_properties(0).multi_processor_count
         for cluster in (8, 4):
-            count = clusters or processors // cluster
-            for _ in range(3):  # ask, then settle on what fits
+            count = clusters or (processors // cluster if spread else heads)
+            if count * cluster > processors:
+                reasons.append(f"{count} clusters of {cluster} need more than {processors} SMs")
+                continue
+            resident = self.build(cluster, count, extra)
+            if spread and clusters is None and isinstance(resident, int) and heads <= resident < count:
+                count = resident  # as many as fit
                 resident = self.build(cluster, count, extra)
-                if isinstance(resident, str) or resident >= count or clusters or resident < heads:
-                    break
-                count = resident
             if isinstance(resident, str):
                 reasons.append(resident)
-            elif resident < count or count < heads:
-                reasons.append(f"{count} clusters of {cluster} asked, {resident} fit, {heads} needed")
+            elif resident < count:
+                reasons.append(f"the GPU keeps {resident} clusters of {cluster} resident, {count} needed")
             else:
                 break
         else:
@@ -174,11 +182,14 @@ class ClusterDecode:
                 weights.qkv_w_all if "SPREAD_QKV" in extra else weights.qkv_w_all[:, rows, :].contiguous()
             )
             self.wp = (
-                weights.proj_w_all.view(layers, cluster, width // cluster, heads, HEAD_DIM)
+                weights.proj_w_all.view(layers, self.cluster, width // self.cluster, heads, HEAD_DIM)
                 .permute(0, 3, 1, 4, 2)  # [layer, head, rank, dim, output]: a row of outputs a dim
                 .contiguous()
             )
             self.wf = weights.fc_w_all
+            if "MMA_ROWS" in extra:  # every CTA's rows of q/k/v and of MLP up as tensor-core fragments
+                self.wq = blocks_of_rows(weights.qkv_w_all, self.grid).contiguous()
+                self.wf = blocks_of_rows(weights.fc_w_all, self.grid).contiguous()
             self.wd = weights.out_w_all.transpose(1, 2).contiguous()
         # TRACE: stamps [CTA][layer][stage], then clocks and times [CTA][4], then finer stamps [CTA][layer][4]
         self.trace = torch.zeros(
@@ -203,9 +214,12 @@ class ClusterDecode:
             qkv_chunk = -(-3 * width // self.grid)
         else:
             qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)  # QRC
-        self.shared = 3 * 2 * max(qkv_chunk * width, width // cluster * HEAD_DIM, chunk_rows * width)
-        # hs, gs, bs, down, down_all, delta; red_o; att, att_all; head_qkv, head_out, hidden, the rest
-        static = 4 * 6 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
+        chunks = [qkv_chunk * width, width // cluster * HEAD_DIM, chunk_rows * width]
+        if "MMA_ROWS" in extra:  # whole tiles of 16 rows, MLP up two a chunk
+            chunks += [-(-qkv_chunk // 16) * 16 * width, min(-(-up_rows // 16), 2) * 16 * width]
+        self.shared = 3 * 2 * max(chunks)
+        # hs, gs, bs, down, down_all, delta, xs; red_o; att, att_all; head_qkv, head_out, hidden, the rest
+        static = 4 * 7 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
         static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 512
         allowed = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
         if allowed is not None and self.shared + static > allowed:
@@ -223,7 +237,9 @@ class ClusterDecode:
         self.kernel = compiled(source + CLUSTER_SOURCE.read_text())
         set_dynamic_shared_memory(self.kernel, self.shared)
         resident = max_active_clusters(self.kernel, self.grid, threads + 32, self.shared)
-        return count if resident is None else resident
+        if resident is None:  # without the driver's answer the polls could wait on clusters never started
+            return "the driver cannot say how many clusters fit (cuOccupancyMaxActiveClusters)"
+        return resident
 
     def run(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """``ln_f`` of ``token`` [1] at ``position`` [1] (int64, on the device), ``[1, n_embd]`` bf16."""
@@ -285,7 +301,8 @@ def report_trace(decode: ClusterDecode, layers: int) -> None:
     mean = times.mean(dim=(0, 1))
     worst = times.mean(dim=1).max(dim=0).values
     print(
-        f"trace (µs a layer, mean over layers 1..{layers - 1}; mean over the head clusters' CTAs / the slowest's mean):"
+        f"trace (µs a layer, mean over the {layers - 1} layer-to-layer steps; "
+        "mean over the head clusters' CTAs / the slowest's mean):"
     )
     for index in [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]:
         print(f"  {names[index]:>18}: {mean[index]:6.2f} / {worst[index]:6.2f}")
@@ -388,7 +405,7 @@ def check_and_time(
                 f"| {name}{f' ({cuda.count} clusters of {cuda.cluster})' if isinstance(cuda, ClusterDecode) else ''} | {position} | {times['cuda']:.1f} ({times['cuda'] / layers:.2f} a layer) "
                 f"| {times['triton']:.1f} ({times['triton'] / layers:.2f}) | {times['layered']:.1f} | {floor:.1f} "
                 f"| {cuda_error:.4f} / {triton_error:.4f} of {scale:.2f} | {kv_error:.4f} "
-                f"| {'BARRIER GAVE UP' if failed else 'ok'} |",
+                f"| {'A BARRIER OR POLL GAVE UP' if failed else 'ok'} |",
                 flush=True,
             )
 
@@ -428,7 +445,7 @@ def main() -> None:
     )
     print(
         "| model | position | CUDA µs a token | Triton µs | layer by layer µs | layers' floor µs "
-        "| logits' largest difference from layer by layer, CUDA / Triton | cache row's | barriers |"
+        "| logits' largest difference from layer by layer, CUDA / Triton | cache row's | barriers and polls |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |")
     for name in args.models.split(","):
