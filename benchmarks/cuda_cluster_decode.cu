@@ -43,24 +43,20 @@
 // (cycles the producer waits a KiB copied; default 0). For diagnosis: NO_COPY (no weights copied; wrong
 // results), TRACE (clock stamps at each stage's end, cuda_decode.py prints where a layer's time goes).
 
-#define HD 64
+// (HD, THREADS, WARPS, the bf16 helpers, wait_parity, consumer_sync, group_sum, the layer norm and the
+// attention's softmax partial are in cuda_common.cuh, which cuda_decode.py compiles in front of this file.)
 #ifndef PACE
 #define PACE 0
-#endif
-#ifndef THREADS
-#define THREADS 256
 #endif
 #ifndef CS
 #define CS 8
 #endif
-#define WARPS (THREADS / 32)
 #ifndef NCL
 #define NCL NH  // clusters: the first NH hold a head each; all of them share the MLP
 #endif
 #define GRID (NCL * CS)
 #define HGRID (NH * CS)  // the head clusters' CTAs
 #define FF (4 * D)
-#define KD (D / 256)         // 16-byte steps a lane takes through a row of D values
 #define QR (3 * HD / CS)     // q/k/v rows a CTA: its share of its head's 3 x HD
 #define PR (D / CS)          // projection outputs a CTA (its head's share of them)
 #define FR ((FF + GRID - 1) / GRID)  // MLP up rows a CTA at most (CTA b: rows b FF / GRID .. (b + 1) FF / GRID)
@@ -81,9 +77,6 @@
 #define QT (QR / WARPS)
 #define QCHUNK (QRC * D)
 #endif
-#define SPIN_LIMIT (1 << 20)
-#define EPS 1e-5f
-#define NEG_INF __int_as_float(0xff800000)
 #define ATT (HD + 4)         // an attention chunk's partial: o[HD], max, sum, padded to 16 bytes
 #define PIECE 4096           // bytes a bulk copy (pacing steps by it)
 
@@ -147,30 +140,12 @@ static_assert(CS * QR / 8 <= THREADS && CS * ATT / 4 <= THREADS && D / 4 <= THRE
 #define STAMPX(k)
 #endif
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-
-__device__ __forceinline__ float bf_lo(u32 u) { return __uint_as_float(u << 16); }
-__device__ __forceinline__ float bf_hi(u32 u) { return __uint_as_float(u & 0xffff0000u); }
-__device__ __forceinline__ u32 to_bf(float f) {  // round to nearest even
-    u32 u = __float_as_uint(f);
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
-__device__ __forceinline__ float round_bf(float f) { return __uint_as_float(to_bf(f) << 16); }
 // two chains of four, not one of eight: the sums are latency, not throughput
 __device__ __forceinline__ float dot8(uint4 w, const float* x) {
     const float a = bf_lo(w.x) * x[0] + bf_hi(w.x) * x[1] + bf_lo(w.y) * x[2] + bf_hi(w.y) * x[3];
     const float b = bf_lo(w.z) * x[4] + bf_hi(w.z) * x[5] + bf_lo(w.w) * x[6] + bf_hi(w.w) * x[7];
     return a + b;
 }
-template <int LANES>  // sum across groups of LANES adjacent lanes
-__device__ __forceinline__ float group_sum(float v) {
-#pragma unroll
-    for (int o = LANES / 2; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ uint4 load16_cg(const u16* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
-__device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
 // ---- the weight ring: three slots, filled round robin with each CTA's chunks in the order they are used ----
 struct Ring {
@@ -179,13 +154,6 @@ struct Ring {
     unsigned long long* empty;  // [3]: WARPS arrivals (the consumer warps)
     u32 count;                  // chunks taken (consumer) or filled (producer) so far
 };
-__device__ __forceinline__ void wait_parity(const unsigned long long* bar, u32 parity) {
-    u32 done = 0;
-    while (!done)
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-            : "=r"(done) : "r"(shared_address(bar)), "r"(parity) : "memory");
-}
 // the producer: the next chunk, `values` bf16 values from src, once the consumers let go of its slot
 __device__ __forceinline__ void fill(Ring& ring, const u16* src, u32 values) {
     const int s = ring.count % 3;
@@ -258,7 +226,6 @@ __device__ __forceinline__ void give_back(Ring& ring, int lane) {
 }
 
 // ---- hand-offs ----
-__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory"); }
 
 // Hand-offs across clusters carry their own flag: a partial value and its tag (launch and layer) go
 // out in one 64-bit store, which a reader sees whole or not at all; so a reader polls the data itself,
@@ -344,32 +311,6 @@ __device__ __forceinline__ void wait_pushes(unsigned long long* bar, u32 parity)
 }
 
 // ---- the stages' pieces ----
-// the layer norm of hs at this lane's elements of a D-row, rounded to bf16 (every warp for itself)
-__device__ __forceinline__ void norm_lane(const float* hs, const float* gs, const float* bs, float* x, int lane) {
-    float sum[4] = {0.f, 0.f, 0.f, 0.f};  // four chains, not one
-#pragma unroll
-    for (int i = 0; i < KD; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            x[i * 8 + j] = hs[i * 256 + lane * 8 + j];
-            sum[j & 3] += x[i * 8 + j];
-        }
-    const float mean = group_sum<32>((sum[0] + sum[1]) + (sum[2] + sum[3])) / D;
-    float sq[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int i = 0; i < KD * 8; ++i) {
-        x[i] -= mean;
-        sq[i & 3] += x[i] * x[i];
-    }
-    const float rstd = rsqrtf(group_sum<32>((sq[0] + sq[1]) + (sq[2] + sq[3])) / D + EPS);
-#pragma unroll
-    for (int i = 0; i < KD; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int c = i * 256 + lane * 8 + j;
-            x[i * 8 + j] = round_bf(x[i * 8 + j] * rstd * gs[c] + bs[c]);
-        }
-}
 #ifdef MMA_ROWS
 // A chunk's tiles (one or two, of 16 rows) times the normed row in xs, on tensor cores: warp w takes
 // k-steps w KSW .., the row as column 0 of the B operand (lanes 0..3; the other columns zero), and
@@ -730,49 +671,9 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
                 s[p] = valid ? part * scale : NEG_INF;
                 m = fmaxf(m, s[p]);
             }
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
-            float lsum = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-            for (int p = 0; p < PASSES; ++p) {
-                if (s[p] != NEG_INF) {
-                    const float e = __expf(s[p] - m);
-                    lsum += e;
-                    const u32 v[4] = {vr[p].x, vr[p].y, vr[p].z, vr[p].w};
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        o[2 * j] += e * bf_lo(v[j]);
-                        o[2 * j + 1] += e * bf_hi(v[j]);
-                    }
-                }
-            }
-            lsum += __shfl_xor_sync(0xffffffffu, lsum, 8);
-            lsum += __shfl_xor_sync(0xffffffffu, lsum, 16);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                o[j] += __shfl_xor_sync(0xffffffffu, o[j], 8);
-                o[j] += __shfl_xor_sync(0xffffffffu, o[j], 16);
-            }
-            if (kk == 0) {
-#pragma unroll
-                for (int j = 0; j < 8; ++j) red_o[warp][dg * 8 + j] = o[j];
-                if (dg == 0) {
-                    red_m[warp] = m;
-                    red_l[warp] = lsum;
-                }
-            }
-            consumer_sync();
+            float mm, ll, oo;
+            softmax_partial<PASSES>(s, m, vr, warp, kk, dg, red_m, red_l, red_o, mm, ll, oo);
             if (threadIdx.x < HD) {
-                float mm = NEG_INF;
-                for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, red_m[w]);
-                float ll = 0.f, oo = 0.f;
-                if (mm != NEG_INF)
-                    for (int w = 0; w < WARPS; ++w)
-                        if (red_m[w] != NEG_INF) {
-                            const float f = __expf(red_m[w] - mm);
-                            ll += red_l[w] * f;
-                            oo += red_o[w][threadIdx.x] * f;
-                        }
                 att[threadIdx.x] = oo;
                 if (threadIdx.x == 0) {
                     att[HD] = mm;
@@ -964,19 +865,10 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     if (blockIdx.x == 0 && warp == 0) {
         float x[KD * 8];
         norm_lane(hs, gs, bs, x, lane);
-#pragma unroll
-        for (int i = 0; i < KD; ++i)
-#pragma unroll
-            for (int j = 0; j < 8; ++j) out[i * 256 + lane * 8 + j] = (u16)to_bf(x[i * 8 + j]);
+        store_lane_row(out, x, lane);
     }
-    // the last CTA out counts the launch (the tags' launch count)
-    consumer_sync();
-    if (threadIdx.x == 0) {
-        const int gone = atomicAdd(sync + 32, 1);
-        if (gone == GRID - 1) {
-            sync[32] = 0;
-            sync[40] += 1;
-            __threadfence();
-        }
+    if (last_out(sync + 32)) {  // the launch counted: the tags' launch count
+        sync[40] += 1;
+        __threadfence();
     }
 }

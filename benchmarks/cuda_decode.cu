@@ -28,51 +28,28 @@
 // consumer warps issue the copies themselves (LANE_COPIES, NO_WAIT); the other versions
 // RESULTS.md's eighth session measured (weights in registers, EVICT_FIRST) were not kept.
 
-#define HD 64
+// (HD, THREADS, WARPS, the bf16 helpers, wait_parity, consumer_sync, the layer norm and the attention's
+// softmax partial are in cuda_common.cuh, which cuda_decode.py compiles in front of this file. They came
+// there in the ninth session, shared with cuda_cluster_decode.cu: the norm's sums now run as four
+// chains and the partial skips an item without keys. This kernel was not run again after that.)
 #ifndef PACE
 #define PACE 100  // measured best of 0, 100, 200 for gpt2-medium on an H200
 #endif
-#ifndef THREADS
-#define THREADS 256
-#endif
-#define WARPS (THREADS / 32)
 #define G (GRID * WARPS)  // warps in the grid
 #define RQ ((3 * D + G - 1) / G)  // qkv rows a warp
 #define RF ((FF + G - 1) / G)     // MLP up rows a warp
 #define RD ((D + G - 1) / G)      // projection and MLP down rows a warp
 #define FF (4 * D)
-#define KD (D / 256)   // 16-byte steps a lane takes through a row of D values
 #define KF (FF / 256)  // ... of FF values
 #define CH 128         // keys an attention item covers
 #define PASSES (CH / WARPS / 4)  // a warp takes 4 keys a pass (8 lanes a key)
 #define NCHMAX ((LC + CH - 1) / CH)
 #define PART (HD + 2)  // an attention item's partial: o[HD], max, sum
-#define SPIN_LIMIT (1 << 20)
-#define EPS 1e-5f
-#define NEG_INF __int_as_float(0xff800000)  // NVRTC has no math.h
-
-typedef unsigned int u32;
-typedef unsigned short u16;
-
-__device__ __forceinline__ float bf_lo(u32 u) { return __uint_as_float(u << 16); }
-__device__ __forceinline__ float bf_hi(u32 u) { return __uint_as_float(u & 0xffff0000u); }
-__device__ __forceinline__ u32 to_bf(float f) {  // round to nearest even
-    u32 u = __float_as_uint(f);
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
-__device__ __forceinline__ float round_bf(float f) { return __uint_as_float(to_bf(f) << 16); }
 
 __device__ __forceinline__ float dot8(uint4 w, const float* x) {
     return bf_lo(w.x) * x[0] + bf_hi(w.x) * x[1] + bf_lo(w.y) * x[2] + bf_hi(w.y) * x[3] +
            bf_lo(w.z) * x[4] + bf_hi(w.z) * x[5] + bf_lo(w.w) * x[6] + bf_hi(w.w) * x[7];
 }
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-// data this launch wrote on other SMs: from L2, never a stale L1 line
-__device__ __forceinline__ uint4 load16_cg(const u16* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
 #ifndef NO_PREFETCH  // (diagnosis) the keys' and values' prefetch left out
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 #else
@@ -100,14 +77,6 @@ struct Ring {
     unsigned long long* empty;  // [3], WARPS arrivals (the consumer warps)
     u32 uses;                   // consumer side: bit s = parity of slot s's fills consumed so far
 };
-__device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void wait_parity(const unsigned long long* bar, u32 parity) {
-    u32 done = 0;
-    while (!done)
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-            : "=r"(done) : "r"(shared_address(bar)), "r"(parity) : "memory");
-}
 
 // The producer: fill slot s with the CTA's rows of W [rows, K] (R a warp), after the consumers let go of
 // the slot's previous fill (the `fill`-th of this slot; the first needs no wait).
@@ -184,13 +153,11 @@ __device__ __forceinline__ void add_rows(const Ring& ring, int s, const float* x
             float acc = 0.f;
 #pragma unroll
             for (int i = 0; i < K / 256; ++i) acc += dot8(slot_piece<RD, K>(ring, s, warp, r, i, lane), x + i * 256 + lane * 8);
-            acc = warp_sum(acc);
+            acc = group_sum<32>(acc);
             if (lane == 0) h[row] = hs[row] + acc + bias[r];
         }
     }
 }
-// the consumer threads meet (named barrier 1: the producer warp is not among them)
-__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory"); }
 
 // all CTAs meet: one thread a CTA counts itself in (release) and polls (acquire)
 __device__ __forceinline__ void grid_sync(int* counter, int* error, int& target) {
@@ -211,32 +178,6 @@ __device__ __forceinline__ void grid_sync(int* counter, int* error, int& target)
     consumer_sync();
 }
 
-// the layer norm of the row in hs (params gs, bs) at this lane's elements of a D-row, rounded to bf16
-__device__ __forceinline__ void norm_lane(const float* hs, const float* gs, const float* bs, float* x, int lane) {
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < KD; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            x[i * 8 + j] = hs[i * 256 + lane * 8 + j];
-            sum += x[i * 8 + j];
-        }
-    const float mean = warp_sum(sum) / D;
-    float sq = 0.f;
-#pragma unroll
-    for (int i = 0; i < KD * 8; ++i) {
-        x[i] -= mean;
-        sq += x[i] * x[i];
-    }
-    const float rstd = rsqrtf(warp_sum(sq) / D + EPS);
-#pragma unroll
-    for (int i = 0; i < KD; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int c = i * 256 + lane * 8 + j;
-            x[i * 8 + j] = round_bf(x[i * 8 + j] * rstd * gs[c] + bs[c]);
-        }
-}
 
 // The CTA copies a row of D fp32 values (written this launch) into shared memory. Every load is
 // issued before the first store: a loop that stored each value before loading the next would wait one
@@ -357,7 +298,7 @@ extern "C" __global__ void __launch_bounds__(THREADS + 32, 1) decode_layers(
                     float acc = 0.f;
 #pragma unroll
                     for (int i = 0; i < KD; ++i) acc += dot8(slot_piece<RQ, D>(ring, slot_q, warp, r, i, lane), x + i * 8);
-                    acc = warp_sum(acc);
+                    acc = group_sum<32>(acc);
                     if (lane == 0) {
                         const u32 value = to_bf(acc + bq[r]);
                         qkv[row] = (u16)value;
@@ -400,49 +341,9 @@ extern "C" __global__ void __launch_bounds__(THREADS + 32, 1) decode_layers(
                 s[p] = key <= pos ? part_s * scale : NEG_INF;
                 m = fmaxf(m, s[p]);
             }
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
-            float lsum = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-            for (int p = 0; p < PASSES; ++p) {
-                if (s[p] != NEG_INF) {  // masked keys' registers were never loaded
-                    const float e = __expf(s[p] - m);
-                    lsum += e;
-                    const u32 v[4] = {vr[p].x, vr[p].y, vr[p].z, vr[p].w};
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        o[2 * j] += e * bf_lo(v[j]);
-                        o[2 * j + 1] += e * bf_hi(v[j]);
-                    }
-                }
-            }
-            lsum += __shfl_xor_sync(0xffffffffu, lsum, 8);
-            lsum += __shfl_xor_sync(0xffffffffu, lsum, 16);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                o[j] += __shfl_xor_sync(0xffffffffu, o[j], 8);
-                o[j] += __shfl_xor_sync(0xffffffffu, o[j], 16);
-            }
-            if (kk == 0) {
-#pragma unroll
-                for (int j = 0; j < 8; ++j) red_o[warp][dg * 8 + j] = o[j];
-                if (dg == 0) {
-                    red_m[warp] = m;
-                    red_l[warp] = lsum;
-                }
-            }
-            consumer_sync();
+            float mm, ll, oo;
+            softmax_partial<PASSES>(s, m, vr, warp, kk, dg, red_m, red_l, red_o, mm, ll, oo);
             if (threadIdx.x < HD) {
-                float mm = NEG_INF;
-                for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, red_m[w]);
-                float ll = 0.f, oo = 0.f;
-                for (int w = 0; w < WARPS; ++w) {
-                    if (red_m[w] != NEG_INF) {
-                        const float f = __expf(red_m[w] - mm);
-                        ll += red_l[w] * f;
-                        oo += red_o[w][threadIdx.x] * f;
-                    }
-                }
                 float* dst = part + ((long long)head * NCHMAX + chunk) * PART;
                 dst[threadIdx.x] = oo;
                 if (threadIdx.x == 0) {
@@ -510,7 +411,7 @@ extern "C" __global__ void __launch_bounds__(THREADS + 32, 1) decode_layers(
                     float acc = 0.f;
 #pragma unroll
                     for (int i = 0; i < KD; ++i) acc += dot8(slot_piece<RF, D>(ring, slot_u, warp, r, i, lane), x + i * 8);
-                    acc = warp_sum(acc) + bf[r];
+                    acc = group_sum<32>(acc) + bf[r];
                     const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
                     acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
                     if (lane == 0) ff[row] = (u16)to_bf(acc);
@@ -557,19 +458,10 @@ extern "C" __global__ void __launch_bounds__(THREADS + 32, 1) decode_layers(
     if (blockIdx.x == 0 && warp == 0) {
         float x[KD * 8];
         norm_lane(hs, gs, bs, x, lane);
-#pragma unroll
-        for (int i = 0; i < KD; ++i)
-#pragma unroll
-            for (int j = 0; j < 8; ++j) out[i * 256 + lane * 8 + j] = (u16)to_bf(x[i * 8 + j]);
+        store_lane_row(out, x, lane);
     }
-    // the last CTA out zeroes the barrier counter for the next launch
-    consumer_sync();
-    if (threadIdx.x == 0) {
-        const int gone = atomicAdd(sync + 32, 1);
-        if (gone == gridDim.x - 1) {
-            sync[0] = 0;
-            sync[32] = 0;
-            __threadfence();
-        }
+    if (last_out(sync + 32)) {  // the barrier counter zeroed for the next launch
+        sync[0] = 0;
+        __threadfence();
     }
 }

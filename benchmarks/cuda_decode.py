@@ -44,6 +44,7 @@ from timing import graph_time
 from collapse_tui.fast.gpt2 import GPT2Weights
 from collapse_tui.fast.persistent import PersistentForward
 
+COMMON = Path(__file__).with_name("cuda_common.cuh")  # compiled in front of either kernel
 SOURCE = Path(__file__).with_name("cuda_decode.cu")
 CLUSTER_SOURCE = Path(__file__).with_name("cuda_cluster_decode.cu")
 CACHE_LENGTH = 1024
@@ -82,7 +83,11 @@ class CudaDecode:
             "THREADS": threads,
             **extra,
         }
-        source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + SOURCE.read_text()
+        source = (
+            "".join(f"#define {k} {v}\n" for k, v in defines.items())
+            + COMMON.read_text()
+            + SOURCE.read_text()
+        )
         self.kernel = compiled(source)
         # the ring of three weight slots in dynamic shared memory (cuda_decode.cu's SLOT)
         warps = self.grid * threads // 32
@@ -234,7 +239,7 @@ class ClusterDecode:
             "NCL": count,
         }
         source = "".join(f"#define {k} {v}\n" for k, v in {**defines, **extra}.items())
-        self.kernel = compiled(source + CLUSTER_SOURCE.read_text())
+        self.kernel = compiled(source + COMMON.read_text() + CLUSTER_SOURCE.read_text())
         set_dynamic_shared_memory(self.kernel, self.shared)
         resident = max_active_clusters(self.kernel, self.grid, threads + 32, self.shared)
         if resident is None:  # without the driver's answer the polls could wait on clusters never started
