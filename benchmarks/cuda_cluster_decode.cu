@@ -123,6 +123,7 @@ static_assert(3 * HD <= THREADS, "a thread a value of the head's q, k and v");
 #endif
 static_assert(NL < 64, "a tag holds the layer in 6 bits");
 static_assert(D / CS <= THREADS, "a thread reduces one column of the cluster's slice");
+static_assert(LC <= CS * CH, "the cluster's chunks of keys cover the cache");
 static_assert(QR % 8 == 0 && (D / CS) % 4 == 0, "pushes go in 16-byte pieces");
 static_assert(CS * QR / 8 <= THREADS && CS * ATT / 4 <= THREADS && D / 4 <= THREADS, "a thread a piece");
 

@@ -30,8 +30,9 @@
 
 // (HD, THREADS, WARPS, the bf16 helpers, wait_parity, consumer_sync, the layer norm and the attention's
 // softmax partial are in cuda_common.cuh, which cuda_decode.py compiles in front of this file. They came
-// there in the ninth session, shared with cuda_cluster_decode.cu: the norm's sums now run as four
-// chains and the partial skips an item without keys. This kernel was not run again after that.)
+// there in the ninth session, shared with cuda_cluster_decode.cu. The norm's sums now run as four
+// chains (the same norm, summed in another order); the partial's guard for an item without keys changes
+// no result. This kernel was not run again after that.)
 #ifndef PACE
 #define PACE 100  // measured best of 0, 100, 200 for gpt2-medium on an H200
 #endif

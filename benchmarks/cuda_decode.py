@@ -158,10 +158,21 @@ class ClusterDecode:
             raise SystemExit(
                 f"cuda_decode: --clusters {clusters}: {heads} (one a head), or more with SPREAD_QKV"
             )
+        # what the kernel's static_asserts would refuse, said here in one line
+        if "MMA_ROWS" in extra and not spread:
+            raise SystemExit("cuda_decode: MMA_ROWS takes SPREAD_QKV's q/k/v rows: add SPREAD_QKV")
+        if width % threads or (spread and threads < 3 * HEAD_DIM):
+            raise SystemExit(
+                f"cuda_decode: {threads} threads: the cluster kernel needs a divisor of the width {width}"
+                f"{f', at least {3 * HEAD_DIM} with SPREAD_QKV' if spread else ''}"
+            )
         reasons: list[str] = []
         processors = torch.cuda.get_device_properties(0).multi_processor_count
         for cluster in (8, 4):
             count = clusters or (processors // cluster if spread else heads)
+            if count < heads:
+                reasons.append(f"{processors} SMs hold fewer than {heads} clusters of {cluster}")
+                continue
             if count * cluster > processors:
                 reasons.append(f"{count} clusters of {cluster} need more than {processors} SMs")
                 continue
@@ -224,8 +235,9 @@ class ClusterDecode:
             chunks += [-(-qkv_chunk // 16) * 16 * width, min(-(-up_rows // 16), 2) * 16 * width]
         self.shared = 3 * 2 * max(chunks)
         # hs, gs, bs, down, down_all, delta, xs; red_o; att, att_all; head_qkv, head_out, hidden, the rest
+        # ... red_rows (MMA_ROWS), qkv_s, red_m, red_l, red_n, the mbarriers: a little above ptxas's count
         static = 4 * 7 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
-        static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 512
+        static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 4 * (threads // 32) * 32 + 1024
         allowed = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
         if allowed is not None and self.shared + static > allowed:
             return f"clusters of {cluster} need {self.shared + static} bytes of shared memory"
