@@ -756,8 +756,7 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
                 const int i = 32 * c + threadIdx.x;  // a thread a row
                 if (threadIdx.x < 16 * tiles && i < rows) {
                     float acc = warps_sum(red_rows, threadIdx.x) + bf[c];
-                    const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
-                    acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
+                    acc = gelu_tanh(acc);
                     hidden[i] = round_bf(acc);
                 }
                 consumer_sync();  // red_rows read before the next chunk's sums; hidden complete
@@ -778,8 +777,7 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
                     const int i = FROW(c, t);   // not stored), so that no branch keeps the rows from overlapping
                     const int row = i < FEND(c) ? i - c * rows / FC : 0;
                     float acc = row_dot(chunk, row, x, lane) + bf[c][t];
-                    const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
-                    acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
+                    acc = gelu_tanh(acc);
                     if (lane == 0 && i < FEND(c)) hidden[i] = round_bf(acc);
                 }
                 give_back(ring, lane);

@@ -65,6 +65,11 @@ __device__ __forceinline__ void norm_lane(const float* hs, const float* gs, cons
             x[i * 8 + j] = round_bf(x[i * 8 + j] * rstd * gs[c] + bs[c]);
         }
 }
+// GPT-2's GELU (the tanh form), as x sigmoid(2u): one exponential
+__device__ __forceinline__ float gelu_tanh(float x) {
+    const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return x / (1.f + __expf(-2.f * inner));
+}
 // a row a warp holds, lane by lane (x: the lane's elements 256 i + 8 lane + j), into out as bf16
 __device__ __forceinline__ void store_lane_row(u16* out, const float* x, int lane) {
 #pragma unroll

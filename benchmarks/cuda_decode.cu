@@ -142,6 +142,15 @@ template <int R, int K>
 __device__ __forceinline__ uint4 slot_piece(const Ring& ring, int s, int warp, int r, int i, int lane) {
     return *reinterpret_cast<const uint4*>(ring.slots + s * SLOT + (warp * R + r) * K + i * 256 + lane * 8);
 }
+// this warp's row r (of R, K long, in slot s) times an input whose lane values for step i sit at
+// x + i * step (8 of them), summed across the warp
+template <int R, int K>
+__device__ __forceinline__ float row_times(const Ring& ring, int s, int warp, int r, int lane, const float* x, int step) {
+    float acc = 0.f;
+#pragma unroll
+    for (int i = 0; i < K / 256; ++i) acc += dot8(slot_piece<R, K>(ring, s, warp, r, i, lane), x + i * step);
+    return group_sum<32>(acc);
+}
 // The projection and MLP down: this warp's rows (RD of them, K long, in slot s) times the input row x
 // in shared memory, added to the residual: h[row] = hs[row] + product + bias.
 template <int K>
@@ -151,10 +160,7 @@ __device__ __forceinline__ void add_rows(const Ring& ring, int s, const float* x
     for (int r = 0; r < RD; ++r) {
         const int row = g + r * G;
         if (row < D) {
-            float acc = 0.f;
-#pragma unroll
-            for (int i = 0; i < K / 256; ++i) acc += dot8(slot_piece<RD, K>(ring, s, warp, r, i, lane), x + i * 256 + lane * 8);
-            acc = group_sum<32>(acc);
+            const float acc = row_times<RD, K>(ring, s, warp, r, lane, x + lane * 8, 256);  // x in shared memory
             if (lane == 0) h[row] = hs[row] + acc + bias[r];
         }
     }
@@ -180,42 +186,33 @@ __device__ __forceinline__ void grid_sync(int* counter, int* error, int& target)
 }
 
 
-// The CTA copies a row of D fp32 values (written this launch) into shared memory. Every load is
-// issued before the first store: a loop that stored each value before loading the next would wait one
-// L2 round trip (~0.7 µs) per step.
+// The CTA copies N rows of D fp32 values into shared memory. Every load is issued before the first
+// store: a loop that stored each value before loading the next would wait one L2 round trip (~0.7 µs)
+// per step. FRESH: rows written this launch, read from L2 (never a stale L1 line).
 #define PER_THREAD_UP ((D + THREADS - 1) / THREADS)  // values of a D-row a thread copies
-__device__ __forceinline__ void load_row(float* dst, const float* src) {
-    float v[PER_THREAD_UP];
+template <int N, bool FRESH>
+__device__ __forceinline__ void copy_rows(float* const (&dst)[N], const float* const (&src)[N]) {
+    float v[N][PER_THREAD_UP];
 #pragma unroll
     for (int k = 0; k < PER_THREAD_UP; ++k) {
         const int i = threadIdx.x + k * THREADS;
-        if (i < D) v[k] = __ldcg(src + i);
+        if (i < D)
+#pragma unroll
+            for (int n = 0; n < N; ++n) v[n][k] = FRESH ? __ldcg(src[n] + i) : src[n][i];
     }
 #pragma unroll
     for (int k = 0; k < PER_THREAD_UP; ++k) {
         const int i = threadIdx.x + k * THREADS;
-        if (i < D) dst[i] = v[k];
+        if (i < D)
+#pragma unroll
+            for (int n = 0; n < N; ++n) dst[n][i] = v[n][k];
     }
 }
-// a layer norm's parameters (constant through the launch), the same way
+// the residual row, written this launch
+__device__ __forceinline__ void load_row(float* dst, const float* src) { copy_rows<1, true>({dst}, {src}); }
+// a layer norm's parameters (constant through the launch)
 __device__ __forceinline__ void load_params(float* gs, float* bs, const float* g, const float* b) {
-    float vg[PER_THREAD_UP], vb[PER_THREAD_UP];
-#pragma unroll
-    for (int k = 0; k < PER_THREAD_UP; ++k) {
-        const int i = threadIdx.x + k * THREADS;
-        if (i < D) {
-            vg[k] = g[i];
-            vb[k] = b[i];
-        }
-    }
-#pragma unroll
-    for (int k = 0; k < PER_THREAD_UP; ++k) {
-        const int i = threadIdx.x + k * THREADS;
-        if (i < D) {
-            gs[i] = vg[k];
-            bs[i] = vb[k];
-        }
-    }
+    copy_rows<2, false>({gs, bs}, {g, b});
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS + 32, 1) decode_layers(
@@ -296,10 +293,7 @@ extern "C" __global__ void __launch_bounds__(THREADS + 32, 1) decode_layers(
             for (int r = 0; r < RQ; ++r) {
                 const int row = g + r * G;
                 if (row < 3 * D) {
-                    float acc = 0.f;
-#pragma unroll
-                    for (int i = 0; i < KD; ++i) acc += dot8(slot_piece<RQ, D>(ring, slot_q, warp, r, i, lane), x + i * 8);
-                    acc = group_sum<32>(acc);
+                    const float acc = row_times<RQ, D>(ring, slot_q, warp, r, lane, x, 8);  // x in registers
                     if (lane == 0) {
                         const u32 value = to_bf(acc + bq[r]);
                         qkv[row] = (u16)value;
@@ -409,12 +403,8 @@ extern "C" __global__ void __launch_bounds__(THREADS + 32, 1) decode_layers(
             for (int r = 0; r < RF; ++r) {
                 const int row = g + r * G;
                 if (row < FF) {
-                    float acc = 0.f;
-#pragma unroll
-                    for (int i = 0; i < KD; ++i) acc += dot8(slot_piece<RF, D>(ring, slot_u, warp, r, i, lane), x + i * 8);
-                    acc = group_sum<32>(acc) + bf[r];
-                    const float inner = 0.7978845608028654f * (acc + 0.044715f * acc * acc * acc);
-                    acc = acc / (1.f + __expf(-2.f * inner));  // tanh GELU: x sigmoid(2u)
+                    float acc = row_times<RF, D>(ring, slot_u, warp, r, lane, x, 8) + bf[r];
+                    acc = gelu_tanh(acc);
                     if (lane == 0) ff[row] = (u16)to_bf(acc);
                 }
             }
