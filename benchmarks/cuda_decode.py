@@ -4,17 +4,20 @@
     python benchmarks/cuda_decode.py --kernel cluster --models gpt2 --clusters 12
     python benchmarks/cuda_decode.py --kernel cluster --models gpt2-medium --defines SPREAD_QKV
 
-Prototypes, not part of the engine. ``--kernel five`` (cuda_decode.cu) asks
+``--kernel five`` (cuda_decode.cu, a prototype the engine does not use) asks
 whether a persistent kernel written in CUDA, each stage near its own floor,
 makes a layer much shorter than the Triton decode kernel's: it did not
 (RESULTS.md, eighth session: 23.3 µs a gpt2-medium layer against Triton's
 22.6), since a layer is a chain of five grid-wide hand-offs. ``--kernel
-cluster`` (cuda_cluster_decode.cu) removes the grid barriers: thread block
+cluster`` is the engine's cached step on Hopper GPUs
+(collapse_tui/fast/cluster.py and cuda/cluster_decode.cu): thread block
 clusters that push into each other's shared memory, and partials that carry
-their own tag (RESULTS.md, ninth session: 17.0 µs a gpt2-medium layer, 13.0
-for gpt2, against Triton's 22.4 and 19.3). Compiled at run time by NVRTC
-(``torch.cuda._compile_kernel``), the shape as macros; gpt2 and gpt2-medium
-only, on a Hopper GPU (~227 KB of shared memory a block, clusters).
+their own tag, no grid barrier (RESULTS.md, ninth session: 17.0 µs a
+gpt2-medium layer, 13.0 for gpt2, against Triton's 22.4 and 19.3); here with
+the diagnostic macros (``--defines TRACE``, ``NO_COPY``, ``MMA_ROWS``, ...)
+and cluster counts the engine does not choose. Both are compiled at run
+time by NVRTC (``torch.cuda._compile_kernel``), the shape as macros; gpt2
+and gpt2-medium only, on a Hopper GPU.
 
 For each model and position it checks the CUDA kernel against the
 layer-by-layer forward (``GPT2Weights.decode_one``, fp32 accumulation over
@@ -28,10 +31,8 @@ both kernels and the layer-by-layer forward by CUDA graph replay
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -41,22 +42,17 @@ from bench_iteration import SHAPES, build_model, copy_bandwidth
 from mma_layout import blocks_of_rows
 from timing import graph_time
 
+from collapse_tui.fast import cluster
+from collapse_tui.fast.cluster import ClusterDecode
 from collapse_tui.fast.gpt2 import GPT2Weights
 from collapse_tui.fast.persistent import PersistentForward
 
-COMMON = Path(__file__).with_name("cuda_common.cuh")  # compiled in front of either kernel
+COMMON = cluster.SOURCES / "common.cuh"  # compiled in front of the five-barrier kernel too
 SOURCE = Path(__file__).with_name("cuda_decode.cu")
-CLUSTER_SOURCE = Path(__file__).with_name("cuda_cluster_decode.cu")
 CACHE_LENGTH = 1024
 HEAD_DIM = 64
 CHUNK = 128  # keys an attention item covers (cuda_decode.cu's CH)
-TRACE_STAGES = 10  # cuda_cluster_decode.cu's STAGES
-
-
-@functools.cache
-def compiled(source: str) -> Any:
-    """The kernel built from ``source`` by NVRTC, once per shape and macros (not once per position)."""
-    return torch.cuda._compile_kernel(source, "decode_layers")
+TRACE_STAGES = 10  # cluster_decode.cu's STAGES
 
 
 class CudaDecode:
@@ -88,7 +84,7 @@ class CudaDecode:
             + COMMON.read_text()
             + SOURCE.read_text()
         )
-        self.kernel = compiled(source)
+        self.kernel = cluster.compile_source(source, torch.cuda.current_device())
         # the ring of three weight slots in dynamic shared memory (cuda_decode.cu's SLOT)
         warps = self.grid * threads // 32
         rows = [-(-n // warps) for n in (3 * width, 4 * width, width)]
@@ -106,7 +102,7 @@ class CudaDecode:
                 f"cuda_decode: the weight ring needs {self.shared + static} bytes of shared memory a block, "
                 f"the GPU allows {allowed}"
             )
-        set_dynamic_shared_memory(self.kernel, self.shared)
+        cluster.allow_shared_memory(self.kernel, self.shared)
         device = weights.wte.device
         chunks = -(-cache.size(3) // CHUNK)
         self.h = torch.zeros(width, device=device)
@@ -133,168 +129,32 @@ class CudaDecode:
         return self.out
 
 
-class ClusterDecode:
-    """cuda_cluster_decode.cu for one shape: clusters of 8 or 4 CTAs, the first NH a head each, no grid barriers.
+def cluster_decode(
+    weights: GPT2Weights, cache: torch.Tensor, threads: int, extra: dict[str, str], clusters: int | None
+) -> ClusterDecode:
+    """The engine's cluster kernel (collapse_tui/fast/cluster.py) with this script's macros, fed ``token`` [1].
 
-    Every resident cluster takes a share of the MLP (or ``clusters`` of them). The weights are
-    re-arranged once so that a head CTA's share of q/k/v and of the projection is one contiguous
-    block; the MLP's come as rows, MLP down's transposed ([hidden, width]).
+    What the kernel would refuse is said here in one line. ``MMA_ROWS`` takes
+    q/k/v and MLP up as tensor-core fragments (mma_layout.py), laid out here
+    (the engine never builds it).
     """
-
-    def __init__(
-        self,
-        weights: GPT2Weights,
-        cache: torch.Tensor,
-        threads: int,
-        extra: dict[str, str],
-        clusters: int | None = None,
-    ) -> None:
-        self.weights, self.cache, self.threads = weights, cache, threads
-        width, heads, layers = weights.n_embd, weights.n_head, len(weights.layers)
-        # The largest cluster size of which the GPU keeps NH clusters resident (an H200: 15 of 8, 30 of 4).
-        # Without SPREAD_QKV one cluster a head; with it, as many clusters as fit (or ``clusters``).
-        spread = "SPREAD_QKV" in extra
-        if clusters is not None and (clusters < heads or (clusters > heads and not spread)):
-            raise SystemExit(
-                f"cuda_decode: --clusters {clusters}: {heads} (one a head), or more with SPREAD_QKV"
-            )
-        # what the kernel's static_asserts would refuse, said here in one line
-        if "MMA_ROWS" in extra and not spread:
-            raise SystemExit("cuda_decode: MMA_ROWS takes SPREAD_QKV's q/k/v rows: add SPREAD_QKV")
-        if width % threads or (spread and threads < 3 * HEAD_DIM):
-            raise SystemExit(
-                f"cuda_decode: {threads} threads: the cluster kernel needs a divisor of the width {width}"
-                f"{f', at least {3 * HEAD_DIM} with SPREAD_QKV' if spread else ''}"
-            )
-        reasons: list[str] = []
-        processors = torch.cuda.get_device_properties(0).multi_processor_count
-        for cluster in (8, 4):
-            count = clusters or (processors // cluster if spread else heads)
-            if count < heads:
-                reasons.append(f"{processors} SMs hold fewer than {heads} clusters of {cluster}")
-                continue
-            if count * cluster > processors:
-                reasons.append(f"{count} clusters of {cluster} need more than {processors} SMs")
-                continue
-            resident = self.build(cluster, count, extra)
-            if spread and clusters is None and isinstance(resident, int) and heads <= resident < count:
-                count = resident  # as many as fit
-                resident = self.build(cluster, count, extra)
-            if isinstance(resident, str):
-                reasons.append(resident)
-            elif resident < count:
-                reasons.append(f"the GPU keeps {resident} clusters of {cluster} resident, {count} needed")
-            else:
-                break
-        else:
-            raise SystemExit("cuda_decode: no cluster size fits: " + "; ".join(reasons))
-        device = weights.wte.device
-        index = torch.arange(3 * HEAD_DIM, device=device)
-        rows = (index // HEAD_DIM) * width + (index % HEAD_DIM)
-        rows = (rows.view(1, -1) + HEAD_DIM * torch.arange(heads, device=device).view(-1, 1)).flatten()
+    heads = weights.n_head
+    spread = "SPREAD_QKV" in extra
+    if clusters is not None and (clusters < heads or (clusters > heads and not spread)):
+        raise SystemExit(f"cuda_decode: --clusters {clusters}: {heads} (one a head), or more with SPREAD_QKV")
+    if "MMA_ROWS" in extra and not spread:
+        raise SystemExit("cuda_decode: MMA_ROWS takes SPREAD_QKV's q/k/v rows: add SPREAD_QKV")
+    if threads != cluster.THREADS:
+        raise SystemExit(f"cuda_decode: the cluster kernel runs {cluster.THREADS} consumer threads a CTA")
+    try:
+        decode = ClusterDecode(weights, cache, extra, clusters, from_sequence=False)
+    except RuntimeError as error:
+        raise SystemExit(f"cuda_decode: {error}") from None
+    if "MMA_ROWS" in extra:
         with torch.no_grad():
-            # a head CTA's q/k/v rows together; with SPREAD_QKV the plain rows, split over every CTA
-            self.wq = (
-                weights.qkv_w_all if "SPREAD_QKV" in extra else weights.qkv_w_all[:, rows, :].contiguous()
-            )
-            self.wp = (
-                weights.proj_w_all.view(layers, self.cluster, width // self.cluster, heads, HEAD_DIM)
-                .permute(0, 3, 1, 4, 2)  # [layer, head, rank, dim, output]: a row of outputs a dim
-                .contiguous()
-            )
-            self.wf = weights.fc_w_all
-            if "MMA_ROWS" in extra:  # every CTA's rows of q/k/v and of MLP up as tensor-core fragments
-                self.wq = blocks_of_rows(weights.qkv_w_all, self.grid).contiguous()
-                self.wf = blocks_of_rows(weights.fc_w_all, self.grid).contiguous()
-            self.wd = weights.out_w_all.transpose(1, 2).contiguous()
-        # TRACE: stamps [CTA][layer][stage], then clocks and times [CTA][4], then finer stamps [CTA][layer][4]
-        self.trace = torch.zeros(
-            self.grid * (layers * TRACE_STAGES + 4 + layers * 4), dtype=torch.int64, device=device
-        )
-        # tagged partials: a float and its tag (launch, layer) in one 64-bit word
-        self.head_parts = torch.zeros(heads * width, dtype=torch.int64, device=device)
-        self.cluster_parts = torch.zeros(self.count * width, dtype=torch.int64, device=device)
-        self.qkv_parts = torch.zeros(3 * width, dtype=torch.int64, device=device)
-        self.out = torch.zeros(1, width, dtype=torch.bfloat16, device=device)
-        self.sync = torch.zeros(64, dtype=torch.int32, device=device)
-        self.error = torch.zeros(1, dtype=torch.int32, device=device)
-
-    def build(self, cluster: int, count: int, extra: dict[str, str]) -> int | str:
-        """Compile for ``count`` clusters of ``cluster``: how many the GPU keeps resident, or why none fit."""
-        threads, width, heads = self.threads, self.weights.n_embd, self.weights.n_head
-        self.cluster, self.count, self.grid = cluster, count, count * cluster
-        up_rows = -(-4 * width // self.grid)  # cuda_cluster_decode.cu's FR
-        up_chunks = -(-up_rows * width * 2 // 65536)  # FC
-        chunk_rows = -(-up_rows // up_chunks)  # FCR
-        if "SPREAD_QKV" in extra:  # q/k/v rows over every CTA: QRS
-            qkv_chunk = -(-3 * width // self.grid)
-        else:
-            qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)  # QRC
-        chunks = [qkv_chunk * width, width // cluster * HEAD_DIM, chunk_rows * width]
-        if "MMA_ROWS" in extra:  # whole tiles of 16 rows, MLP up two a chunk
-            chunks += [-(-qkv_chunk // 16) * 16 * width, min(-(-up_rows // 16), 2) * 16 * width]
-        self.shared = 3 * 2 * max(chunks)
-        # hs, gs, bs, down, down_all, delta, xs; red_o; att, att_all; head_qkv, head_out, hidden, the rest
-        # ... red_rows (MMA_ROWS), qkv_s, red_m, red_l, red_n, the mbarriers: a little above ptxas's count
-        static = 4 * 7 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
-        static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 4 * (threads // 32) * 32 + 1024
-        allowed = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
-        if allowed is not None and self.shared + static > allowed:
-            return f"clusters of {cluster} need {self.shared + static} bytes of shared memory"
-        defines = {
-            "D": width,
-            "NH": heads,
-            "NL": len(self.weights.layers),
-            "LC": self.cache.size(3),
-            "THREADS": threads,
-            "CS": cluster,
-            "NCL": count,
-        }
-        source = "".join(f"#define {k} {v}\n" for k, v in {**defines, **extra}.items())
-        self.kernel = compiled(source + COMMON.read_text() + CLUSTER_SOURCE.read_text())
-        set_dynamic_shared_memory(self.kernel, self.shared)
-        resident = max_active_clusters(self.kernel, self.grid, threads + 32, self.shared)
-        if resident is None:  # without the driver's answer the polls could wait on clusters never started
-            return "the driver cannot say how many clusters fit (cuOccupancyMaxActiveClusters)"
-        return resident
-
-    def run(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """``ln_f`` of ``token`` [1] at ``position`` [1] (int64, on the device), ``[1, n_embd]`` bf16."""
-        w = self.weights
-        self.kernel(
-            grid=(self.grid, 1, 1),
-            block=(self.threads + 32, 1, 1),
-            shared_mem=self.shared,
-            args=[
-                token, position, w.wte, w.wpe, self.wq, w.qkv_b_all, self.wp, w.proj_b_all, self.wf, w.fc_b_all,
-                self.wd, w.out_b_all, w.ln1_w_all, w.ln1_b_all, w.ln2_w_all, w.ln2_b_all, self.cache,
-                self.head_parts, self.cluster_parts, self.qkv_parts, self.out, self.sync, self.error, self.trace,
-            ],
-        )  # fmt: skip
-        return self.out
-
-
-def max_active_clusters(kernel: Any, grid: int, block: int, shared: int) -> int | None:
-    """How many of the kernel's clusters the GPU can hold at once (cuOccupancyMaxActiveClusters), or None."""
-    import ctypes
-
-    class LaunchConfig(ctypes.Structure):
-        _fields_ = [
-            *((name, ctypes.c_uint) for name in ("gx", "gy", "gz", "bx", "by", "bz", "shared")),
-            ("stream", ctypes.c_void_p),
-            ("attrs", ctypes.c_void_p),
-            ("count", ctypes.c_uint),
-        ]
-
-    library = torch.cuda._utils._get_gpu_runtime_library()
-    function = getattr(library, "cuOccupancyMaxActiveClusters", None)
-    if function is None:
-        return None
-    clusters = ctypes.c_int(0)
-    config = LaunchConfig(grid, 1, 1, block, 1, 1, shared, None, None, 0)
-    if function(ctypes.byref(clusters), kernel.func, ctypes.byref(config)) != 0:
-        return None
-    return clusters.value
+            decode.wq = blocks_of_rows(weights.qkv_w_all, decode.grid).contiguous()
+            decode.wf = blocks_of_rows(weights.fc_w_all, decode.grid).contiguous()
+    return decode
 
 
 def report_trace(decode: ClusterDecode, layers: int) -> None:
@@ -338,16 +198,6 @@ def report_trace(decode: ClusterDecode, layers: int) -> None:
     )
 
 
-def set_dynamic_shared_memory(kernel: Any, size: int) -> None:
-    """Let ``kernel`` take ``size`` bytes of dynamic shared memory (beyond the default 48 KB)."""
-    if hasattr(kernel, "set_shared_memory_config"):
-        kernel.set_shared_memory_config(size)
-    else:  # older torch: the attribute directly (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
-        library = torch.cuda._utils._get_gpu_runtime_library()
-        if library.cuFuncSetAttribute(kernel.func, 8, size) != 0:
-            raise RuntimeError("cuFuncSetAttribute (dynamic shared memory) failed")
-
-
 def randomise_small_parameters(model: torch.nn.Module) -> None:
     """Biases and layer-norm parameters away from 0 and 1, so a kernel that drops one is caught."""
     generator = torch.Generator(device="cpu").manual_seed(1)
@@ -389,7 +239,7 @@ def check_and_time(
             caches = {k: base.clone() for k in ("reference", "cuda", "triton")}
             reference = weights.decode_one(token, where, caches["reference"], mask).float()
             if kernel == "cluster":
-                cuda = ClusterDecode(weights, caches["cuda"], threads, extra, clusters)
+                cuda = cluster_decode(weights, caches["cuda"], threads, extra, clusters)
             else:
                 cuda = CudaDecode(weights, caches["cuda"], threads, extra)
             triton = PersistentForward(weights, 1, cache=caches["triton"])

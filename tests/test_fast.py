@@ -179,27 +179,30 @@ class _BrokenForward:
     """Stands in for a window's persistent forward that does not build, or whose barrier gave up.
 
     When it runs it computes the right row (as the layer-by-layer forward), so
-    only ``failed`` tells that its sample is not to be trusted.
+    only ``failed`` tells that its sample is not to be trusted. With
+    ``broken=False`` it is a kernel that works.
     """
 
-    def __init__(self, weights, block: int, raises: bool) -> None:
-        self.weights, self.block, self.raises = weights, block, raises
+    def __init__(self, weights, block: int, raises: bool, broken: bool = True) -> None:
+        self.weights, self.block, self.raises, self.broken = weights, block, raises, broken
+        self.runs = 0
 
     def run_sequence(self, seq: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
         if self.raises:
             raise ValueError("no kernel for this GPU")
+        self.runs += 1
         target = int(counter)
         start = max(0, target - self.block)
         window = seq[start : start + self.block].view(1, -1)
         return self.weights.hidden(window)[0, min(target, self.block) - 1].view(1, -1)
 
     def failed(self) -> bool:
-        return True
+        return self.broken
 
 
 @pytest.mark.parametrize(
     ("raises", "logged"),
-    [(True, "ValueError: no kernel for this GPU"), (False, "a grid barrier gave up")],
+    [(True, "ValueError: no kernel for this GPU"), (False, "a grid barrier or poll gave up")],
     ids=["does-not-build", "barrier-gave-up"],
 )
 def test_a_failing_persistent_forward_is_dropped_before_generating(
@@ -211,10 +214,31 @@ def test_a_failing_persistent_forward_is_dropped_before_generating(
     decoder.persistent = _BrokenForward(fast.weights, 16, raises)
     decoder.check_persistent()
     assert decoder.persistent is None
-    assert f"persistent forward not used ({logged})" in caplog.text
+    assert f"_BrokenForward dropped ({logged}): generating with layer by layer" in caplog.text
     ids = fast.generate([1, 2, 3], 40, torch.Generator().manual_seed(0))
     seed = torch.Generator().manual_seed(0)
     assert ids == EagerInference(model, 16, 1.0, 50).generate([1, 2, 3], 40, seed)
+
+
+def test_a_failing_kernel_hands_over_to_the_next_in_line(caplog: pytest.LogCaptureFixture) -> None:
+    """As the CUDA cluster kernel does to the Triton one: checked before generating, and after a sample."""
+    model = tiny_model()
+    fast = fast_cpu(model, block=16)
+    decoder = fast._decoder(False, 64)
+    broken = _BrokenForward(fast.weights, 16, raises=False)
+    first, second = (_BrokenForward(fast.weights, 16, raises=False, broken=False) for _ in range(2))
+    decoder.persistent, decoder.fallbacks = broken, [first, second]
+    decoder.check_persistent()
+    assert decoder.persistent is first and decoder.fallbacks == [second]
+    assert "_BrokenForward dropped (a grid barrier or poll gave up)" in caplog.text
+    ids = fast.generate([1, 2, 3], 40, torch.Generator().manual_seed(0))
+    assert first.runs == 2 + 26 and second.runs == 0  # its warm-up, then the window's steps (14 cached)
+    first.broken = True  # gives up during the next sample: that sample runs again on the second
+    again = fast.generate([1, 2, 3], 40, torch.Generator().manual_seed(0))
+    assert decoder.persistent is second and second.runs == 26
+    seed = torch.Generator().manual_seed(0)
+    assert ids == EagerInference(model, 16, 1.0, 50).generate([1, 2, 3], 40, seed)
+    assert len(again) == 43
 
 
 def test_a_barrier_that_gave_up_during_a_sample_regenerates_its_window_part(
@@ -232,7 +256,7 @@ def test_a_barrier_that_gave_up_during_a_sample_regenerates_its_window_part(
         assert decoder.persistent is None  # dropped for good
         assert samples[-1][:17] == cached_start
         assert len(samples[-1]) == 43
-    assert "the persistent forward failed a grid barrier" in caplog.text
+    assert "a grid barrier or poll gave up during a sample): generating with layer by layer" in caplog.text
     assert samples[0] == samples[1]
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from gpu import teach_to_say
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from collapse_tui.fast import FastGPT2Inference, fast_inference_for, persistent, skinny
+from collapse_tui.fast import FastGPT2Inference, cluster, fast_inference_for, persistent, skinny
 from collapse_tui.fast.steps import StepLoop
 from collapse_tui.fast.topk_race import RaceBuffers, race_winner, sample_token
 from collapse_tui.inference import EagerInference, sequence_windows
@@ -27,6 +27,7 @@ pytestmark = [
 ]
 
 VOCAB = 50257
+SHAPES = {"gpt2": (768, 12), "gpt2-medium": (1024, 16)}
 
 
 def gpt2_model(seed: int = 0, n_layer: int = 4, n_embd: int = 768, n_head: int = 12) -> GPT2LMHeadModel:
@@ -191,11 +192,19 @@ def test_triton_top_k_race_picks_the_torch_race_token(dtype: torch.dtype) -> Non
     assert not buffers.state.any()
 
 
+@pytest.mark.parametrize(
+    ("shape", "block"),
+    [("gpt2", 32), ("gpt2", 1024), ("gpt2-medium", 1024)],
+    ids=["window", "cache", "cache-medium"],
+)
 @pytest.mark.parametrize("notify", [True, False], ids=["weights_changed", "optimizer-hook"])
-def test_the_next_generation_uses_the_updated_weights(notify: bool) -> None:
-    """Captured graphs read the bf16 copies, which the update refreshes in place."""
-    model = gpt2_model()
-    fast = fast_for(model, 32, top_k=1)
+def test_the_next_generation_uses_the_updated_weights(notify: bool, shape: str, block: int) -> None:
+    """Captured graphs read the bf16 copies, which the update refreshes in place (on a Hopper GPU the
+    cached steps read the cluster kernel's layouts of them: gpt2's with one cluster a head, gpt2-medium's
+    with q/k/v spread)."""
+    width, heads = SHAPES[shape]
+    model = gpt2_model(n_embd=width, n_head=heads)
+    fast = fast_for(model, block, top_k=1)
     before = fast.generate([5], 64, cuda_gen(0))  # captures the graph with the old weights
     assert before.count(42) < 10
     teach_to_say(model, 42, VOCAB, fast.weights_changed if notify else lambda: None)
@@ -218,8 +227,6 @@ def test_gen_loss_windows_batch_like_eager() -> None:
 
 
 # -- the persistent forward (one launch a token) ---------------------------------------------
-
-SHAPES = {"gpt2": (768, 12), "gpt2-medium": (1024, 16)}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -283,3 +290,70 @@ def test_a_failed_barrier_falls_back_to_layer_by_layer() -> None:
     ids = fast.generate([50256], 64, cuda_gen(0))
     assert decoder.persistent is None and decoder.graphs
     assert len(ids) == 65
+
+
+# -- the CUDA cluster kernel (a cached token on a Hopper GPU) ------------------------------------
+
+
+def cluster_weights_or_skip(model: torch.nn.Module, block: int) -> FastGPT2Inference:
+    fast = fast_for(model, block)
+    reason = cluster.cluster_unsupported(fast.weights)
+    if reason is not None:
+        pytest.skip(f"the cluster kernel: {reason}")
+    return fast
+
+
+def randomise_small_parameters(model: torch.nn.Module) -> None:
+    """Biases and layer-norm parameters away from 0 and 1 (Hugging Face's init), so a dropped one shows."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.add_(0.02 * torch.randn_like(parameter))
+            elif ".ln_" in name and name.endswith("weight"):
+                parameter.add_(0.1 * torch.randn_like(parameter))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("length", [1, 2, 70, 1024])
+def test_cluster_decode_matches_fp32_eager(shape: str, length: int) -> None:
+    width, heads = SHAPES[shape]
+    model = gpt2_model(n_embd=width, n_head=heads, n_layer=3)
+    randomise_small_parameters(model)
+    fast = cluster_weights_or_skip(model, 1024)
+    cache, reference_cache = fast.weights.new_kv_cache(1024), fast.weights.new_kv_cache(1024)
+    decode = cluster.ClusterDecode(fast.weights, cache)
+    tokens = torch.randint(0, VOCAB, (length,), device="cuda")
+    with torch.no_grad():
+        if length > 1:
+            fast.weights.hidden(tokens[:-1].view(1, -1), cache)
+        out = decode.run_sequence(tokens, torch.tensor([length - 1], device="cuda"))
+        decode.check()
+        reference = model(tokens.view(1, -1)).logits[0, -1]
+        fast.weights.hidden(tokens.view(1, -1), reference_cache)
+    assert 0 < rel_err(fast.weights.logits(out)[0], reference) < 2e-2
+    row = length - 1  # the key and value the kernel wrote, against the layer-by-layer forward's
+    assert rel_err(cache[:, :, :, row], reference_cache[:, :, :, row]) < 1e-2
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_full_context_generation_runs_on_the_cluster_kernel(shape: str) -> None:
+    width, heads = SHAPES[shape]
+    fast = cluster_weights_or_skip(gpt2_model(n_embd=width, n_head=heads), 1024)
+    a = fast.generate([50256], 300, cuda_gen(3))
+    decoder = fast._decoders[True]
+    assert isinstance(decoder.persistent, cluster.ClusterDecode), fast.description
+    assert "CUDA cluster decode" in fast.description
+    assert fast.generate([50256], 300, cuda_gen(3)) == a  # its sums run in a fixed order
+    assert len(set(a)) > 50
+    decoder.persistent.check()
+
+
+def test_a_failed_poll_hands_the_cached_step_to_the_triton_kernel() -> None:
+    fast = cluster_weights_or_skip(gpt2_model(), 1024)
+    fast.generate([50256], 64, cuda_gen(0))
+    decoder = fast._decoders[True]
+    assert isinstance(decoder.persistent, cluster.ClusterDecode)
+    decoder.persistent.error.fill_(1)  # as a poll that gave up would leave it
+    ids = fast.generate([50256], 64, cuda_gen(0))
+    assert isinstance(decoder.persistent, persistent.PersistentForward) and decoder.graphs
+    assert not decoder.persistent.failed() and len(ids) == 65

@@ -25,6 +25,7 @@ and matrix products in the compute dtype, which is what bf16 autocast does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,8 +90,10 @@ class GPT2Weights:
         self._sources: list[torch.Tensor] = []
         self._copies: list[torch.Tensor] = []
         self._matrix_bytes = 0
+        self._layouts: dict[str, torch.Tensor] = {}
         tf = model.transformer
         blocks = list(tf.h)
+        self._blocks = blocks
         self.wte = tf.wte.weight  # fp32 master: embedding lookups read one row a token
         self.wpe = tf.wpe.weight
         self.lnf_w, self.lnf_b = tf.ln_f.weight, tf.ln_f.bias
@@ -147,18 +150,40 @@ class GPT2Weights:
         return self._stack([source], transpose)[0]
 
     def _stack(
-        self, sources: list[torch.Tensor], transpose: bool = False, dtype: torch.dtype | None = None
+        self,
+        sources: list[torch.Tensor],
+        transpose: bool = False,
+        dtype: torch.dtype | None = None,
+        counted: bool = True,
     ) -> torch.Tensor:
-        """One ``[len(sources), ...]`` copy of same-shaped master tensors, each slice refreshed from its own."""
+        """One ``[len(sources), ...]`` copy of same-shaped master tensors, each slice refreshed from its own.
+
+        ``counted``: its bytes are read once a token (``nbytes_per_token``).
+        """
         views = [s.detach().t() if transpose else s.detach() for s in sources]
         stacked = torch.empty(
             (len(views), *views[0].shape), dtype=dtype or self.dtype, device=sources[0].device
         )
         self._sources.extend(views)
         self._copies.extend(stacked.unbind(0))
-        if dtype is None and views[0].dim() == 2:
+        if counted and dtype is None and views[0].dim() == 2:
             self._matrix_bytes += stacked.numel() * stacked.element_size()
         return stacked
+
+    def layout_copy(self, name: str, per_layer: Callable[[torch.nn.Module], torch.Tensor]) -> torch.Tensor:
+        """A stacked copy ``[layers, ...]`` of ``per_layer(block)``, a view of a block's master weight in the
+        layout a kernel reads (cluster.py), refreshed with the rest; made once per ``name``.
+
+        It stands in for a copy the token reads anyway, so its bytes are not
+        counted again.
+        """
+        if name not in self._layouts:
+            first = len(self._copies)
+            self._layouts[name] = self._stack([per_layer(b) for b in self._blocks], counted=False)
+            with torch.no_grad():  # filled now, from the masters as they are
+                torch._foreach_copy_(self._copies[first:], self._sources[first:])
+            self._versions += [t._version for t in self._sources[first:]]
+        return self._layouts[name]
 
     def _padded_rows(self, source: torch.Tensor, multiple: int) -> torch.Tensor:
         """Register a matrix copied into the first rows of a zeroed one whose rows are a multiple of ``multiple``."""

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from collapse_tui.errors import in_one_line
+from collapse_tui.fast.cluster import ClusterDecode, cluster_unsupported
 from collapse_tui.fast.gpt2 import GPT2Weights
 from collapse_tui.fast.persistent import PersistentForward, Plan, check_plan, persistent_unsupported
 from collapse_tui.fast.steps import StepLoop
@@ -65,17 +66,43 @@ class _Decoder(StepLoop):
         else:
             self.window = torch.arange(owner.block, device=device)
         self.append_offset = 1 if kv else 0  # a cached step writes the token after the one it feeds
-        #: the whole forward in one launch a token, where the shape allows (persistent.py)
-        self.persistent: PersistentForward | None = None
+        #: the whole forward in one launch a token, where the shape allows: a cached token on the CUDA
+        #: cluster kernel where it runs (cluster.py), else on the Triton kernel (persistent.py)
+        self.persistent: PersistentForward | ClusterDecode | None = None
+        #: what takes over if the one in use fails, best first; then layer by layer
+        self.fallbacks: list[PersistentForward | ClusterDecode] = []
         if owner.use_persistent:
             rows = 1 if kv else owner.block
             reason = persistent_unsupported(owner.weights, rows)
             if reason is None:
-                self.persistent = PersistentForward(
-                    owner.weights, rows, cache=self.cache if kv else None, plan=owner.persistent_plan
+                self.fallbacks.append(
+                    PersistentForward(
+                        owner.weights, rows, cache=self.cache if kv else None, plan=owner.persistent_plan
+                    )
                 )
+                if kv and owner.persistent_plan is None:
+                    self.fallbacks[:0] = self._cluster_decode()
+                self.persistent = self.fallbacks.pop(0)
             else:
                 log.info("persistent forward not used: %s", reason)
+
+    def _cluster_decode(self) -> list[ClusterDecode]:
+        """The CUDA cluster kernel for the cached step, if it runs here (built now: NVRTC, seconds)."""
+        reason = cluster_unsupported(self.owner.weights)
+        if reason is None:
+            try:
+                return [ClusterDecode(self.owner.weights, self.cache)]
+            except Exception as error:  # an optional kernel: any failure to build it means the Triton one
+                reason = in_one_line(error)
+        log.info("CUDA cluster decode not used: %s", reason)
+        return []
+
+    def _next_kernel(self, problem: str) -> None:
+        """Drop the one-launch forward in use, for ``problem``, for the next in line (or layer by layer)."""
+        failed = type(self.persistent).__name__
+        self.persistent = self.fallbacks.pop(0) if self.fallbacks else None
+        instead = type(self.persistent).__name__ if self.persistent is not None else "layer by layer"
+        log.warning("%s dropped (%s): generating with %s", failed, problem, instead)
 
     def step(self, generator: torch.Generator) -> None:
         weights, block = self.owner.weights, self.owner.block
@@ -115,16 +142,15 @@ class _Decoder(StepLoop):
         all CTAs are resident. Generation then runs layer by layer, from the
         start, instead of finding out after a whole sample.
         """
-        if self.persistent is None:
-            return
-        try:
-            self.warm_up(torch.Generator(device=self.owner.device))
-            problem = "a grid barrier gave up" if self.persistent.failed() else None
-        except Exception as error:  # any failure of the optional kernel means: go without it
-            problem = in_one_line(error)
-        if problem is not None:
-            log.warning("persistent forward not used (%s): generating layer by layer", problem)
-            self.persistent = None
+        while self.persistent is not None:
+            try:
+                self.warm_up(torch.Generator(device=self.owner.device))
+                problem = "a grid barrier or poll gave up" if self.persistent.failed() else None
+            except Exception as error:  # any failure of the optional kernel means: go without it
+                problem = in_one_line(error)
+            if problem is None:
+                return
+            self._next_kernel(problem)
 
     def run(
         self,
@@ -136,12 +162,11 @@ class _Decoder(StepLoop):
     ) -> list[int]:
         sample = super().run(prompt_ids, gen_tokens, generator, should_stop, continue_draws)
         if self.persistent is not None and self.persistent.failed():
-            # a grid barrier gave up (CTAs not all resident?): this sample is not to be
-            # trusted; drop the persistent kernel for good and generate it again (from a
-            # fresh seed drawn from the caller's generator: not the draws a run that
-            # never used the kernel would have made)
-            log.warning("the persistent forward failed a grid barrier: generating layer by layer")
-            self.persistent = None
+            # a grid barrier or poll gave up (CTAs not all resident?): this sample is not to
+            # be trusted; drop the kernel for good and generate it again (from a fresh seed
+            # drawn from the caller's generator: not the draws a run that never used the
+            # kernel would have made) on the next in line
+            self._next_kernel("a grid barrier or poll gave up during a sample")
             if self.graphs:
                 self.graphs = {}
                 self.capture()
@@ -197,6 +222,11 @@ class FastGPT2Inference(Inference):
             parts.append("persistent forward (one launch a token)")
         elif self.weights.use_skinny:
             parts.append("Triton split-K residual products")
+        parts += [
+            d.persistent.description
+            for d in self._decoders.values()
+            if isinstance(d.persistent, ClusterDecode)
+        ]
         graphs = [d.graph is not None for d in self._decoders.values()]
         parts.append(
             f"CUDA graphs of {self.tokens_per_replay} steps" if graphs and all(graphs) else "eager steps"

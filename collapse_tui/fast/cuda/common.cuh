@@ -1,7 +1,8 @@
-// What the two cached-token prototypes share (cuda_decode.cu, cuda_cluster_decode.cu): bf16 bit
-// handling, shared-memory addresses and mbarrier waits, the consumer threads' barrier, sums across lanes,
-// a warp's layer norm and its row stored as bf16, and the attention item's softmax partial. benchmarks/cuda_decode.py compiles it in front of either kernel (after the
-// shape's macros, so THREADS is known).
+// What the two cached-token kernels share (cluster_decode.cu, the engine's; benchmarks/cuda_decode.cu, a
+// prototype): bf16 bit handling, shared-memory addresses and mbarrier waits, the consumer threads'
+// barrier, sums across lanes, a warp's layer norm and its row stored as bf16, and the attention item's
+// softmax partial. collapse_tui/fast/cluster.py and benchmarks/cuda_decode.py compile it in front of
+// either kernel (after the shape's macros, so THREADS is known).
 
 #define HD 64  // GPT-2's head width
 #ifndef THREADS
@@ -10,7 +11,9 @@
 #define WARPS (THREADS / 32)
 #define KD (D / 256)  // 16-byte steps a lane takes through a row of D values (8 values a lane, 32 lanes)
 #define SPIN_LIMIT (1 << 20)
-#define EPS 1e-5f
+#ifndef EPS
+#define EPS 1e-5f  // the layer norms' epsilon (GPT-2's)
+#endif
 #define NEG_INF __int_as_float(0xff800000)  // NVRTC has no math.h
 
 typedef unsigned int u32;

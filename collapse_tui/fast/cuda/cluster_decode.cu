@@ -1,9 +1,11 @@
 // One cached GPT-2 token in hand-written CUDA with no grid barrier at all: thread block clusters.
 //
-// A prototype that benchmarks/cuda_decode.py (--kernel cluster) compiles with NVRTC and times against
-// the Triton decode kernel. The five-barrier CUDA kernel (cuda_decode.cu) showed that a layer's time is
-// its chain of grid-wide hand-offs, ~3.5 µs each (RESULTS.md, eighth session). Here no hand-off waits for
-// the whole grid:
+// The engine's full-context step on Hopper GPUs (collapse_tui/fast/cluster.py compiles it with NVRTC;
+// elsewhere the Triton decode kernel of persistent_kernel.py runs). benchmarks/cuda_decode.py (--kernel
+// cluster) checks it and times it against the Triton kernel, with the diagnostic macros below. The
+// five-barrier CUDA kernel (benchmarks/cuda_decode.cu) showed that a layer's time is its chain of
+// grid-wide hand-offs, ~3.5 µs each (RESULTS.md, eighth session). Here no hand-off waits for the whole
+// grid:
 //
 // - The CTAs come in clusters of CS (Hopper thread block clusters); the first NH clusters hold a head
 //   each, and every cluster takes a share of the MLP. Inside a cluster, CTAs hand off by pushing their
@@ -29,14 +31,15 @@
 //   push / in cluster          the cluster's partials of a slice summed, tagged
 //   every cluster's partial    a slice summed, pushed: the residual after the MLP
 //
-// Weights come pre-arranged (cuda_decode.py): a head CTA's q/k/v rows as one block, its projection share
+// Weights come pre-arranged (cluster.py): a head CTA's q/k/v rows as one block, its projection share
 // as [HD][outputs], MLP up as rows, MLP down transposed ([hidden][width]). A producer warp streams each
 // CTA's chunks (up to 64 KB) into a ring of three shared-memory slots, round robin. Rounding mirrors the
 // Triton kernel: normed rows, q/k/v, the attention output and the hidden values are bf16; the residual
 // and all sums fp32.
 //
 // Macros: D, NH, NL, LC (cache length), THREADS (consumer threads), CS (cluster size), NCL (clusters,
-// at least NH; all of them must be resident at once: cuda_decode.py asks the driver), SPREAD_QKV,
+// at least NH; all of them must be resident at once: cluster.py asks the driver), FROM_SEQ (the token is
+// token_ptr[pos], the sequence being generated, instead of token_ptr[0]), SPREAD_QKV,
 // NORM_ONCE (the CTA norms the row once into shared memory, instead of every warp for itself), MMA_ROWS
 // (with SPREAD_QKV: q/k/v and MLP up on tensor cores, mma.sync with the weights stored as fragments;
 // not yet run on a GPU when written, see RESULTS.md's ninth session), PACE
@@ -44,7 +47,7 @@
 // results), TRACE (clock stamps at each stage's end, cuda_decode.py prints where a layer's time goes).
 
 // (HD, THREADS, WARPS, the bf16 helpers, wait_parity, consumer_sync, group_sum, the layer norm and the
-// attention's softmax partial are in cuda_common.cuh, which cuda_decode.py compiles in front of this file.)
+// attention's softmax partial are in common.cuh, which cluster.py compiles in front of this file.)
 #ifndef PACE
 #define PACE 0
 #endif
@@ -465,7 +468,11 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     const int head = has_head ? blockIdx.x / CS : 0;  // one cluster a head (the first NH clusters)
     const int first = blockIdx.x * FF / GRID, rows = (blockIdx.x + 1) * FF / GRID - first;  // MLP rows
     const int pos = (int)pos_ptr[0];
+#ifdef FROM_SEQ
+    const int token = (int)token_ptr[pos];  // the engine's step: the token at the position it feeds
+#else
     const int token = (int)token_ptr[0];
+#endif
     const float scale = 0.125f;
     const u32 launch = (u32)*(volatile int*)(sync + 40) + 1;  // tags of 0 (zeroed buffers) are never current
     // the attention's keys 0..pos split evenly over the cluster, in multiples of a pass (4 keys a warp)
