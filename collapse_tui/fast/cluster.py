@@ -74,10 +74,11 @@ def kernel_source(macros: dict[str, str | int]) -> str:
 
 
 @functools.cache
-def compile_source(source: str, device: int) -> Any:
-    """The kernel built from ``source`` by NVRTC for ``device`` (a compile takes seconds: once per shape)."""
+def compile_source(source: str, device: int, name: str = "decode_layers") -> Any:
+    """The kernel ``name`` built from ``source`` by NVRTC for ``device`` (a compile takes seconds: once per
+    shape)."""
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(source, "decode_layers")
+        return torch.cuda._compile_kernel(source, name)
 
 
 def _max_active_clusters(kernel: Any, grid: int, block: int, shared: int) -> int | None:
