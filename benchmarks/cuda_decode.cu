@@ -29,8 +29,8 @@
 // RESULTS.md's eighth session measured (weights in registers, EVICT_FIRST) were not kept.
 
 // (HD, THREADS, WARPS, the bf16 helpers, wait_parity, consumer_sync, the layer norm and the attention's
-// softmax partial are in cuda_common.cuh, which cuda_decode.py compiles in front of this file. They came
-// there in the ninth session, shared with cuda_cluster_decode.cu. The norm's sums now run as four
+// softmax partial are in collapse_tui/fast/cuda/common.cuh, which cuda_decode.py compiles in front of this
+// file. They came there in the ninth session, shared with the cluster kernel (cluster_decode.cu beside it). The norm's sums now run as four
 // chains (the same norm, summed in another order); the partial's guard for an item without keys changes
 // no result. This kernel was not run again after that.)
 #ifndef PACE

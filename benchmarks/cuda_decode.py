@@ -15,7 +15,9 @@ clusters that push into each other's shared memory, and partials that carry
 their own tag, no grid barrier (RESULTS.md, ninth session: 17.0 µs a
 gpt2-medium layer, 13.0 for gpt2, against Triton's 22.4 and 19.3); here with
 the diagnostic macros (``--defines TRACE``, ``NO_COPY``, ``MMA_ROWS``, ...)
-and cluster counts the engine does not choose. Both are compiled at run
+and cluster counts the engine does not choose (without ``SPREAD_QKV`` the shape is
+the engine's: one cluster of 8 a head where that many fit, else clusters of
+4 with q/k/v spread, which the printed label says). Both are compiled at run
 time by NVRTC (``torch.cuda._compile_kernel``), the shape as macros; gpt2
 and gpt2-medium only, on a Hopper GPU.
 
@@ -148,7 +150,7 @@ def cluster_decode(
         raise SystemExit(f"cuda_decode: the cluster kernel runs {cluster.THREADS} consumer threads a CTA")
     try:
         decode = ClusterDecode(weights, cache, extra, clusters, from_sequence=False)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:
         raise SystemExit(f"cuda_decode: {error}") from None
     if "MMA_ROWS" in extra:
         with torch.no_grad():
@@ -294,7 +296,7 @@ def main() -> None:
         "--kernel",
         choices=("five", "cluster"),
         default="five",
-        help="five: cuda_decode.cu (five grid barriers a layer); cluster: cuda_cluster_decode.cu (none)",
+        help="five: cuda_decode.cu (five grid barriers a layer); cluster: the engine's cluster kernel (none)",
     )
     parser.add_argument(
         "--defines",

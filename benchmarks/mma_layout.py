@@ -1,4 +1,4 @@
-"""Weights laid out as tensor-core fragments, for cuda_cluster_decode.cu's MMA_ROWS products.
+"""Weights laid out as tensor-core fragments, for the cluster kernel's MMA_ROWS products (collapse_tui/fast/cuda/cluster_decode.cu).
 
 ``mma.sync.m16n8k16`` with bf16 operands takes its 16 x 16 A tile from
 the 32 lanes of a warp, 8 values a lane (PTX ISA, "Matrix Fragments for

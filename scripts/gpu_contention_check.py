@@ -12,8 +12,9 @@ sample again. This script stands in for the other process: a kernel of
     python scripts/gpu_contention_check.py --sms 16 --seconds 4
 
 It prints how long the sample took, which kernel each decoder ended on, and
-whether the sample matches one generated layer by layer on an idle GPU with
-the same seed (it need not: a regenerated sample draws a fresh seed). Exits
+whether the sample matches the one generated on the idle GPU (by the same
+kernels) with the same seed; it need not, since a sample generated again
+draws a fresh seed. Exits
 non-zero if the sample is not complete. Meant for a GPU machine (CI has none).
 """
 

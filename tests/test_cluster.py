@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from collapse_tui.fast.cluster import (
     HEAD_DIM,
+    ClusterDecode,
     cluster_unsupported,
     kernel_source,
     mlp_down_by_hidden_row,
@@ -76,6 +77,12 @@ def test_it_declines_without_a_hopper_gpu(weights: GPT2Weights, monkeypatch: pyt
     assert cluster_unsupported(weights) == "needs an NVIDIA GPU"  # these weights are on the CPU
     monkeypatch.setenv("COLLAPSE_TUI_CLUSTER", "0")
     assert cluster_unsupported(weights) == "turned off by COLLAPSE_TUI_CLUSTER=0"
+
+
+def test_the_shape_is_not_an_option(weights: GPT2Weights) -> None:
+    """The launch follows the shape the class chose, so ``defines`` cannot change it (checked before any CUDA call)."""
+    with pytest.raises(ValueError, match="the shape's"):
+        ClusterDecode(weights, weights.new_kv_cache(16), defines={"CS": "4"})
 
 
 def test_the_source_defines_the_shape_before_the_kernel() -> None:

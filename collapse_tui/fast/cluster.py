@@ -6,14 +6,14 @@ gpt2-medium layer takes ~22 µs, most of it hand-off latency, not bytes. In
 this kernel the CTAs come in Hopper thread block clusters that push their
 values straight into each other's shared memory, and values that cross
 clusters carry their own tag, so no hand-off waits for the whole grid: 17.0
-µs a gpt2-medium layer, 13.0 for gpt2 against 19.3 (benchmarks/RESULTS.md,
-ninth session). It computes what the Triton kernel computes, in the same
+µs a gpt2-medium layer against the Triton kernel's 22.4, 13.0 for gpt2
+against 19.3 (benchmarks/RESULTS.md, ninth session). It computes what the Triton kernel computes, in the same
 precision, with its sums in a fixed order (deterministic).
 
 It runs the full-context step (and a window sample's cached start) where it
 can: a Hopper GPU (sm_90: clusters, ``st.async``), bf16, GPT-2 with heads of
-64 and a width of a multiple of 256 up to gpt2-medium's (the shapes it was
-measured on), torch able to compile CUDA at run time
+64 and a width of a multiple of 256 up to gpt2-medium's (measured and
+GPU-tested on gpt2 and gpt2-medium), torch able to compile CUDA at run time
 (``torch.cuda._compile_kernel``, NVRTC), and every cluster resident at once
 (the driver says how many fit). Elsewhere, or with ``COLLAPSE_TUI_CLUSTER=0``,
 the Triton kernel runs. It is compiled when first needed, the shape as
@@ -23,7 +23,9 @@ Three of its weights come in layouts of its own, kept by ``GPT2Weights`` as
 copies refreshed with the others after every optimizer step (so a CUDA graph
 over this launch sees every update): the projection as ``[layer, head, rank,
 dim, outputs]``, MLP down as ``Conv1D`` stores it (``[hidden, width]``), and,
-with one cluster a head, q/k/v as each head's rows together.
+with one cluster a head, q/k/v as each head's rows together. (If the kernel
+is dropped, its copies stay and are refreshed all the same: ~250 MB for
+gpt2-medium, a rare case not worth the bookkeeping.)
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ import torch
 SOURCES = Path(__file__).with_name("cuda")
 #: Consumer threads a CTA; one more warp streams the weights into shared memory.
 THREADS = 256
-#: Widest model it runs (measured on gpt2 and gpt2-medium only).
+#: Widest model it runs (the kernel's limits; measured and GPU-tested on gpt2's and gpt2-medium's widths).
 MAX_WIDTH = 1024
+#: Macros ``ClusterDecode`` sets from the shape (``defines`` may not).
+SHAPE_MACROS = frozenset({"D", "NH", "NL", "LC", "THREADS", "CS", "NCL", "EPS", "FROM_SEQ"})
+#: Layers a tag can count (cluster_decode.cu: the layer takes 6 bits of a tag).
+MAX_LAYERS = 64
 HEAD_DIM = 64
 
 
@@ -59,11 +65,13 @@ def cluster_unsupported(weights: Any) -> str | None:
         return f"needs a Hopper GPU (sm_90; this one is sm_{major}{minor})"
     if not hasattr(torch.cuda, "_compile_kernel"):
         return f"torch {torch.__version__} cannot compile CUDA at run time (torch.cuda._compile_kernel)"
-    if weights.dtype != torch.bfloat16:
-        return f"needs bf16 weights, not {weights.dtype}"
+    if weights.dtype != torch.bfloat16 or weights.wte.dtype != torch.float32:
+        return f"needs bf16 copies of fp32 weights, not {weights.dtype} of {weights.wte.dtype}"
     width, heads = weights.n_embd, weights.n_head
     if width != heads * HEAD_DIM or width % 256 or width > MAX_WIDTH:
         return f"width {width} with {heads} heads: needs heads of {HEAD_DIM} and a width of 256, 512, 768 or 1024"
+    if len(weights.layers) >= MAX_LAYERS:
+        return f"{len(weights.layers)} layers: the tags hold fewer than {MAX_LAYERS}"
     return None
 
 
@@ -164,6 +172,8 @@ class ClusterDecode:
         self.weights, self.cache = weights, cache
         self.device = cache.device
         extra = dict(defines or {})
+        if set(extra) & SHAPE_MACROS:  # the launch follows the shape this class chose
+            raise ValueError(f"macros {sorted(set(extra) & SHAPE_MACROS)} are the shape's, not options")
         if from_sequence:
             extra["FROM_SEQ"] = "1"
         heads, processors = (
@@ -214,10 +224,14 @@ class ClusterDecode:
 
     @property
     def description(self) -> str:
-        return f"CUDA cluster decode ({self.count} clusters of {self.cluster})"
+        return f"CUDA cluster decode ({self.count} clusters of {self.cluster}{', q/k/v spread' if self.spread else ''})"
 
     def _build(self, cluster: int, count: int, macros: dict[str, str]) -> int | str:
         """Compile for ``count`` clusters of ``cluster``: how many the GPU keeps resident, or why none fit."""
+        with torch.cuda.device(self.device):  # the attributes and the occupancy query: this GPU's context
+            return self._build_here(cluster, count, macros)
+
+    def _build_here(self, cluster: int, count: int, macros: dict[str, str]) -> int | str:
         width, heads = self.weights.n_embd, self.weights.n_head
         self.cluster, self.count, self.grid = cluster, count, count * cluster
         # dynamic shared memory: three slots of the largest weight chunk (cluster_decode.cu's SLOT)

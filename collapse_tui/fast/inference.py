@@ -134,13 +134,14 @@ class _Decoder(StepLoop):
             self.counter.fill_(prompt_len)
 
     def check_persistent(self) -> None:
-        """Run two steps on the persistent forward and drop it if they fail.
+        """Run two steps on the one-launch forward and drop it for the next in line while they fail.
 
         Failing here means a kernel that does not build on this GPU (Triton's
-        compile errors are not ``RuntimeError``s) or a grid barrier that gave
-        up, e.g. when another process's kernels keep some SMs busy so that not
-        all CTAs are resident. Generation then runs layer by layer, from the
-        start, instead of finding out after a whole sample.
+        compile errors are not ``RuntimeError``s) or a grid barrier or poll
+        that gave up, e.g. when another process's kernels keep some SMs busy
+        so that not all CTAs are resident. Generation then runs on the next
+        kernel in line, or layer by layer when none is left, instead of
+        finding out after a whole sample.
         """
         while self.persistent is not None:
             try:
@@ -167,6 +168,7 @@ class _Decoder(StepLoop):
             # drawn from the caller's generator: not the draws a run that never used the
             # kernel would have made) on the next in line
             self._next_kernel("a grid barrier or poll gave up during a sample")
+            self.check_persistent()  # the next in line has not run in this process yet
             if self.graphs:
                 self.graphs = {}
                 self.capture()

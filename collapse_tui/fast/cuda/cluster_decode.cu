@@ -119,7 +119,7 @@ static_assert(NCL >= NH, "a cluster for every head");
 #if NCL > NH && !defined(SPREAD_QKV)
 #error "clusters beyond the heads (NCL > NH) need SPREAD_QKV"
 #endif
-static_assert(3 * SLOT * 2 <= 227 * 1024, "three slots fit in shared memory (cuda_decode.py checks the rest)");
+static_assert(3 * SLOT * 2 <= 227 * 1024, "three slots fit in shared memory (cluster.py checks the rest)");
 static_assert(D % (32 * WARPS) == 0, "MLP down: every output a lane's");
 #ifdef SPREAD_QKV
 static_assert(3 * HD <= THREADS, "a thread a value of the head's q, k and v");
