@@ -41,10 +41,11 @@ import torch
 
 #: The kernel's source, compiled behind the shape's macros and ``common.cuh``.
 SOURCES = Path(__file__).with_name("cuda")
-#: Consumer threads a CTA; one more warp streams the weights into shared memory.
+#: Consumer threads a CTA at least (more where a thread must take a projection output: gpt2-large's
+#: 320); one more warp streams the weights into shared memory.
 THREADS = 256
-#: Widest model it runs (the kernel's limits; measured and GPU-tested on gpt2's and gpt2-medium's widths).
-MAX_WIDTH = 1024
+#: Widest model it runs (gpt2-large; gpt2-xl's 1600 is not a multiple of 256).
+MAX_WIDTH = 1280
 #: Macros ``ClusterDecode`` sets from the shape (``defines`` may not).
 SHAPE_MACROS = frozenset({"D", "NH", "NL", "LC", "THREADS", "CS", "NCL", "EPS", "FROM_SEQ"})
 #: Layers a tag can count (cluster_decode.cu: the layer takes 6 bits of a tag).
@@ -55,8 +56,9 @@ HEAD_DIM = 64
 def cluster_unsupported(weights: Any) -> str | None:
     """Why the cluster kernel cannot run these weights here, or ``None`` when it may (residency is checked
     when it is built)."""
-    if os.environ.get("COLLAPSE_TUI_CLUSTER", "1") == "0":
-        return "turned off by COLLAPSE_TUI_CLUSTER=0"
+    for variable in ("COLLAPSE_TUI_CLUSTER", "COLLAPSE_TUI_PERSISTENT"):
+        if os.environ.get(variable, "1") == "0":
+            return f"turned off by {variable}=0"
     device = weights.wte.device
     if device.type != "cuda" or torch.version.hip:
         return "needs an NVIDIA GPU"
@@ -69,10 +71,19 @@ def cluster_unsupported(weights: Any) -> str | None:
         return f"needs bf16 copies of fp32 weights, not {weights.dtype} of {weights.wte.dtype}"
     width, heads = weights.n_embd, weights.n_head
     if width != heads * HEAD_DIM or width % 256 or width > MAX_WIDTH:
-        return f"width {width} with {heads} heads: needs heads of {HEAD_DIM} and a width of 256, 512, 768 or 1024"
+        return f"width {width} with {heads} heads: needs heads of {HEAD_DIM} and a width of 256, 512, ... or {MAX_WIDTH}"
     if len(weights.layers) >= MAX_LAYERS:
         return f"{len(weights.layers)} layers: the tags hold fewer than {MAX_LAYERS}"
     return None
+
+
+def consumer_threads(width: int, cluster: int) -> int:
+    """The fewest consumer threads, at least ``THREADS``, that split the width evenly (MLP down: an output a
+    lane's) and give every projection output of a head's share (``width / cluster``) a thread."""
+    threads = max(THREADS, width // cluster)
+    while width % threads:
+        threads += 32
+    return threads
 
 
 def kernel_source(macros: dict[str, str | int]) -> str:
@@ -224,7 +235,8 @@ class ClusterDecode:
 
     @property
     def description(self) -> str:
-        return f"CUDA cluster decode ({self.count} clusters of {self.cluster}{', q/k/v spread' if self.spread else ''})"
+        spread = ", q/k/v spread" if self.spread else ""
+        return f"CUDA cluster decode (one launch a token, {self.count} clusters of {self.cluster}{spread})"
 
     def _build(self, cluster: int, count: int, macros: dict[str, str]) -> int | str:
         """Compile for ``count`` clusters of ``cluster``: how many the GPU keeps resident, or why none fit."""
@@ -234,21 +246,23 @@ class ClusterDecode:
     def _build_here(self, cluster: int, count: int, macros: dict[str, str]) -> int | str:
         width, heads = self.weights.n_embd, self.weights.n_head
         self.cluster, self.count, self.grid = cluster, count, count * cluster
+        self.threads = threads = consumer_threads(width, cluster)
         # dynamic shared memory: three slots of the largest weight chunk (cluster_decode.cu's SLOT)
         up_rows = -(-4 * width // self.grid)  # FR
         up_chunks = -(-up_rows * width * 2 // 65536)  # FC
         chunk_rows = -(-up_rows // up_chunks)  # FCR
-        if "SPREAD_QKV" in macros:  # QRS
-            qkv_chunk = -(-3 * width // self.grid)
+        if "SPREAD_QKV" in macros:  # QRS rows in QC chunks of QCR
+            qkv_rows = -(-3 * width // self.grid)
+            qkv_chunk = -(-qkv_rows // -(-qkv_rows * width * 2 // 65536))
         else:  # QRC
-            qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * THREADS // 32)
+            qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)
         chunks = [qkv_chunk * width, width // cluster * HEAD_DIM, chunk_rows * width]
         if "MMA_ROWS" in macros:  # whole tiles of 16 rows, MLP up two a chunk
             chunks += [-(-qkv_chunk // 16) * 16 * width, min(-(-up_rows // 16), 2) * 16 * width]
         self.shared = 3 * 2 * max(chunks)
         # the static arrays (hs ... xs, red_*, att*, head_qkv, hidden, mbarriers): a little above ptxas's count
-        static = 4 * 7 * width + 4 * (THREADS // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
-        static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 4 * (THREADS // 32) * 32 + 1024
+        static = 4 * 7 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
+        static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 4 * (threads // 32) * 32 + 1024
         properties = torch.cuda.get_device_properties(self.device)
         allowed = getattr(properties, "shared_memory_per_block_optin", None)
         if allowed is not None and self.shared + static > allowed:
@@ -258,14 +272,14 @@ class ClusterDecode:
             "NH": heads,
             "NL": len(self.weights.layers),
             "LC": self.cache.size(3),
-            "THREADS": THREADS,
+            "THREADS": threads,
             "CS": cluster,
             "NCL": count,
             "EPS": f"{self.weights.eps!r}f",
         }
         self.kernel = compile_source(kernel_source({**shape, **macros}), self.device.index or 0)
         allow_shared_memory(self.kernel, self.shared)
-        resident = _max_active_clusters(self.kernel, self.grid, THREADS + 32, self.shared)
+        resident = _max_active_clusters(self.kernel, self.grid, threads + 32, self.shared)
         if resident is None:  # without the driver's answer the polls could wait on clusters never started
             return "the driver cannot say how many clusters fit (cuOccupancyMaxActiveClusters)"
         return resident
@@ -287,7 +301,7 @@ class ClusterDecode:
         with torch.cuda.device(self.device):
             self.kernel(
                 grid=(self.grid, 1, 1),
-                block=(THREADS + 32, 1, 1),
+                block=(self.threads + 32, 1, 1),
                 shared_mem=self.shared,
                 args=[
                     tokens, position, w.wte, w.wpe, self.wq, w.qkv_b_all, self.wp, w.proj_b_all, self.wf,

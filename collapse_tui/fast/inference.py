@@ -80,11 +80,11 @@ class _Decoder(StepLoop):
                         owner.weights, rows, cache=self.cache if kv else None, plan=owner.persistent_plan
                     )
                 )
-                if kv and owner.persistent_plan is None:
-                    self.fallbacks[:0] = self._cluster_decode()
-                self.persistent = self.fallbacks.pop(0)
             else:
                 log.info("persistent forward not used: %s", reason)
+            if kv and owner.persistent_plan is None:  # also where the Triton kernel is not (gpt2-large)
+                self.fallbacks[:0] = self._cluster_decode()
+            self._next_kernel()
 
     def _cluster_decode(self) -> list[ClusterDecode]:
         """The CUDA cluster kernel for the cached step, if it runs here (built now: NVRTC, seconds)."""
@@ -97,12 +97,13 @@ class _Decoder(StepLoop):
         log.info("CUDA cluster decode not used: %s", reason)
         return []
 
-    def _next_kernel(self, problem: str) -> None:
-        """Drop the one-launch forward in use, for ``problem``, for the next in line (or layer by layer)."""
+    def _next_kernel(self, problem: str | None = None) -> None:
+        """The next one-launch forward in line (or layer by layer), dropping the one in use for ``problem``."""
         failed = type(self.persistent).__name__
         self.persistent = self.fallbacks.pop(0) if self.fallbacks else None
-        instead = type(self.persistent).__name__ if self.persistent is not None else "layer by layer"
-        log.warning("%s dropped (%s): generating with %s", failed, problem, instead)
+        if problem is not None:
+            instead = type(self.persistent).__name__ if self.persistent is not None else "layer by layer"
+            log.warning("%s dropped (%s): generating with %s", failed, problem, instead)
 
     def step(self, generator: torch.Generator) -> None:
         weights, block = self.owner.weights, self.owner.block
@@ -220,15 +221,12 @@ class FastGPT2Inference(Inference):
         parts = [str(self.weights.dtype).replace("torch.", "")]
         parts.append("triton add+layernorm" if self.weights.use_triton else "torch layernorm")
         parts.append("cuBLASLt gelu" if self.weights.fused_gelu else "torch gelu")
-        if any(d.persistent is not None for d in self._decoders.values()):
+        kernels = [d.persistent for d in self._decoders.values()]
+        if any(isinstance(k, PersistentForward) for k in kernels):
             parts.append("persistent forward (one launch a token)")
-        elif self.weights.use_skinny:
+        parts += [k.description for k in kernels if isinstance(k, ClusterDecode)]
+        if (None in kernels or not kernels) and self.weights.use_skinny:  # a decoder runs layer by layer
             parts.append("Triton split-K residual products")
-        parts += [
-            d.persistent.description
-            for d in self._decoders.values()
-            if isinstance(d.persistent, ClusterDecode)
-        ]
         graphs = [d.graph is not None for d in self._decoders.values()]
         parts.append(
             f"CUDA graphs of {self.tokens_per_replay} steps" if graphs and all(graphs) else "eager steps"

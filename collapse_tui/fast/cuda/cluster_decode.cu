@@ -71,10 +71,11 @@
 #define PASSES (CH / WARPS / 4)
 #define QRC (QR < 3 * WARPS ? QR : 3 * WARPS)  // q/k/v rows a weight chunk (3 a warp)
 #ifdef SPREAD_QKV  // q/k/v rows split over every CTA (b: rows b 3D / GRID ..), handed to the heads through L2
-#define QRS ((3 * D + GRID - 1) / GRID)        // q/k/v rows a CTA at most, one chunk
+#define QRS ((3 * D + GRID - 1) / GRID)        // q/k/v rows a CTA at most
 #define QT ((QRS + WARPS - 1) / WARPS)         // ... a warp
-#define QC 1
-#define QCHUNK (QRS * D)
+#define QC ((QRS * D * 2 + 65535) / 65536)     // chunks of them: up to 64 KB each (gpt2-large: 2)
+#define QCR ((QRS + QC - 1) / QC)              // rows a chunk at most
+#define QCHUNK (QCR * D)
 #else
 #define QC (QR / QRC)                          // q/k/v chunks
 #define QT (QR / WARPS)
@@ -109,9 +110,11 @@ static_assert(KS % WARPS == 0 && QT16 <= 2, "k-steps split evenly over the warps
 #endif
 
 static_assert(D % 256 == 0, "a lane steps through a row 8 values at a time");
+#ifndef SPREAD_QKV  // a head cluster computes its head's q/k/v rows itself
 static_assert(3 * HD % CS == 0 && QR % WARPS == 0, "a head's q/k/v rows split evenly over the cluster's warps");
-static_assert(D % CS == 0 && PR <= THREADS, "a thread a projection output");
 static_assert(QR % QRC == 0 && QRC % WARPS == 0, "q/k/v rows split evenly into chunks and warps");
+#endif
+static_assert(D % CS == 0 && PR <= THREADS, "a thread a projection output");
 static_assert(NCL >= NH, "a cluster for every head");
 // Clusters without a head feed the next layer's heads only through SPREAD_QKV's q/k/v rows. Without it
 // such a cluster could still be reading this layer's `delta` and `cluster_parts` when the head clusters'
@@ -196,7 +199,8 @@ __device__ void produce(Ring& ring, const u16* wq, const u16* wp, const u16* wf,
         fill(ring, wq + ((long long)l * GRID + blockIdx.x) * QCHUNK, QCHUNK);  // wq: [layer][CTA][tiles] fragments
         if (blockIdx.x < HGRID) fill(ring, wp + ((long long)l * HGRID + blockIdx.x) * PB, PB);
 #elif defined(SPREAD_QKV)
-        fill(ring, wq + ((long long)l * 3 * D + qfirst) * D, qrows * D);  // wq: the plain [3D][D] rows
+        for (int c = 0; c < QC; ++c)  // wq: the plain [3D][D] rows; chunk c: rows c QCR .. of the CTA's
+            fill(ring, wq + ((long long)l * 3 * D + qfirst + c * QCR) * D, (min(qrows, (c + 1) * QCR) - c * QCR) * D);
         if (blockIdx.x < HGRID) fill(ring, wp + ((long long)l * HGRID + blockIdx.x) * PB, PB);
 #else
         if (blockIdx.x < HGRID) {
@@ -239,6 +243,14 @@ __device__ __forceinline__ void give_back(Ring& ring, int lane) {
 __device__ __forceinline__ void store_tagged(unsigned long long* p, float value, u32 tag) {
     const unsigned long long v = ((unsigned long long)tag << 32) | __float_as_uint(value);
     asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+// SPREAD_QKV: q/k/v value j (of 3D) out, rounded to bf16: tagged for the head clusters, and a key or value
+// into the cache
+__device__ __forceinline__ void qkv_out(unsigned long long* qkv_parts, u16* cache, int j, float sum, u32 tag, int l,
+                                        int pos) {
+    const u32 value = to_bf(sum);
+    store_tagged(qkv_parts + j, __uint_as_float(value << 16), tag | 2);
+    if (j >= D) cache[(((long long)l * 2 + j / D - 1) * NH + (j % D) / HD) * LC * HD + (long long)pos * HD + j % HD] = (u16)value;
 }
 __device__ __forceinline__ unsigned long long load_tagged(const unsigned long long* p) {
     unsigned long long v;
@@ -564,34 +576,36 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
             mma_rows(chunk, QT16, xs, red_rows, warp, lane);
             give_back(ring, lane);
             consumer_sync();
-            if (threadIdx.x < qrows) {  // a thread a row: its sum, bias, out tagged and into the cache
-                const int j = qfirst + threadIdx.x;
-                const u32 value = to_bf(warps_sum(red_rows, threadIdx.x) + bq_row);
-                store_tagged(qkv_parts + j, __uint_as_float(value << 16), tag | 2);
-                if (j >= D)
-                    cache[(((long long)l * 2 + j / D - 1) * NH + (j % D) / HD) * LC * HD + (long long)pos * HD + j % HD] = (u16)value;
-            }
+            if (threadIdx.x < qrows)  // a thread a row: its sum, bias, out tagged and into the cache
+                qkv_out(qkv_parts, cache, qfirst + threadIdx.x, warps_sum(red_rows, threadIdx.x) + bq_row, tag, l, pos);
         }
 #else
         {
             float x[KD * 8];
             normed(hs, gs, bs, xs, red_n, x, warp, lane);
+#if QC == 1
             const u16* chunk = take(ring);
 #pragma unroll
             for (int rr = 0; rr < QT; ++rr) {  // every row computed, as in MLP up; stored if it is this CTA's
-                const int j = QKV_ROW(rr);
                 const float acc = row_dot(chunk, QKV_HAS(rr) ? warp + rr * WARPS : 0, x, lane);
-                if (QKV_HAS(rr)) {
-                    if (lane == 0) {
-                        const u32 value = to_bf(acc + bq[rr]);
-                        store_tagged(qkv_parts + j, __uint_as_float(value << 16), tag | 2);
-                        if (j >= D)
-                            cache[(((long long)l * 2 + j / D - 1) * NH + (j % D) / HD) * LC * HD + (long long)pos * HD + j % HD] =
-                                (u16)value;
-                    }
-                }
+                if (QKV_HAS(rr) && lane == 0) qkv_out(qkv_parts, cache, QKV_ROW(rr), acc + bq[rr], tag, l, pos);
             }
             give_back(ring, lane);
+#else  // the rows in QC chunks: this warp's rows (warp + rr WARPS) each in its chunk
+#pragma unroll
+            for (int c = 0; c < QC; ++c) {
+                const u16* chunk = take(ring);
+#pragma unroll
+                for (int rr = 0; rr < QT; ++rr) {
+                    const int i = warp + rr * WARPS;  // the row among the CTA's (the same for the whole warp)
+                    if (i / QCR == c && QKV_HAS(rr)) {
+                        const float acc = row_dot(chunk, i - c * QCR, x, lane);
+                        if (lane == 0) qkv_out(qkv_parts, cache, QKV_ROW(rr), acc + bq[rr], tag, l, pos);
+                    }
+                }
+                give_back(ring, lane);
+            }
+#endif
         }
 #endif
         consumer_sync();  // every warp's norm done with gs, bs
