@@ -34,6 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from collapse_tui.capture import capturing
 from collapse_tui.inference import autocast_context
 
 log = logging.getLogger(__name__)
@@ -179,11 +180,11 @@ class GraphedTrainStep(TrainStep):
         self._grads = [p.grad for p in self.params if p.grad is not None]
         grads_graph, step_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of another thread (a TUI) cannot break the capture
-        with torch.cuda.graph(grads_graph, capture_error_mode="thread_local"):
+        with capturing(grads_graph, capture_error_mode="thread_local"):
             self.optimizer.zero_grad(set_to_none=False)
             # detached: holding the autograd graph would keep the capture's nodes alive past it
             self._captured_loss = self._loss_and_grads(self._window).detach()
-        with torch.cuda.graph(step_graph, pool=grads_graph.pool(), capture_error_mode="thread_local"):
+        with capturing(step_graph, pool=grads_graph.pool(), capture_error_mode="thread_local"):
             self.optimizer.step()
         self.grads_graph, self.step_graph = grads_graph, step_graph
         self.captures += 1

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from collapse_tui.capture import capturing
 from collapse_tui.errors import RunInterrupted
 from collapse_tui.fast.topk_race import Append, RaceBuffers, sample_token
 from collapse_tui.inference import STOP_CHECK_EVERY
@@ -100,7 +101,7 @@ class StepLoop(ABC):
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(generator)
         # thread_local: CUDA calls of another thread (a TUI) cannot break the capture
-        with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
+        with capturing(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
             for _ in range(steps):
                 self.step(generator)
         return graph
