@@ -24,11 +24,16 @@ import torch
 
 @contextlib.contextmanager
 def capturing(graph: torch.cuda.CUDAGraph, **kwargs: Any) -> Iterator[None]:
-    """``with torch.cuda.graph(graph, **kwargs)``, with no garbage collection inside it."""
+    """``with torch.cuda.graph(graph, **kwargs)``, with no garbage collection inside it.
+
+    For one capture at a time, from one thread, as the engine's worker makes
+    them (the collector's switch is the process's; a capture inside another
+    would collect inside the outer one).
+    """
     enabled = gc.isenabled()
     gc.collect()
-    gc.disable()
     try:
+        gc.disable()
         with torch.cuda.graph(graph, **kwargs):
             yield
     finally:

@@ -17,6 +17,7 @@ from collapse_tui.fast.cluster import (
     HEAD_DIM,
     ClusterDecode,
     cluster_unsupported,
+    consumer_threads,
     kernel_source,
     mlp_down_by_hidden_row,
     projection_by_rank,
@@ -89,3 +90,14 @@ def test_the_source_defines_the_shape_before_the_kernel() -> None:
     source = kernel_source({"D": 1024, "NH": 16, "FROM_SEQ": 1})
     assert source.startswith("#define D 1024\n#define NH 16\n#define FROM_SEQ 1\n")
     assert source.index("#define HD 64") < source.index("decode_layers(")  # common.cuh, then the kernel
+
+
+@pytest.mark.parametrize(
+    ("width", "cluster", "threads"), [(768, 8, 256), (1024, 4, 256), (1280, 4, 320), (1280, 8, 320)]
+)
+def test_consumer_threads_meet_the_kernels_asserts(width: int, cluster: int, threads: int) -> None:
+    """An MLP-down output a lane's (width a multiple of the threads), a thread for each projection output of
+    a head's share and for each 16-byte piece of a pushed row."""
+    chosen = consumer_threads(width, cluster)
+    assert chosen == threads
+    assert width % chosen == 0 and chosen >= width // cluster and chosen >= width // 4

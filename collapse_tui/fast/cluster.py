@@ -12,11 +12,12 @@ precision, with its sums in a fixed order (deterministic).
 
 It runs the full-context step (and a window sample's cached start) where it
 can: a Hopper GPU (sm_90: clusters, ``st.async``), bf16, GPT-2 with heads of
-64 and a width of a multiple of 256 up to gpt2-medium's (measured and
-GPU-tested on gpt2 and gpt2-medium), torch able to compile CUDA at run time
-(``torch.cuda._compile_kernel``, NVRTC), and every cluster resident at once
-(the driver says how many fit). Elsewhere, or with ``COLLAPSE_TUI_CLUSTER=0``,
-the Triton kernel runs. It is compiled when first needed, the shape as
+64 and a width of a multiple of 256 up to gpt2-large's (measured and
+GPU-tested on gpt2, gpt2-medium and gpt2-large), torch able to compile CUDA
+at run time (``torch.cuda._compile_kernel``, NVRTC), and every cluster
+resident at once (the driver says how many fit). Elsewhere, or with
+``COLLAPSE_TUI_CLUSTER=0``, the Triton kernel runs (up to gpt2-medium's
+width; layer by layer beyond). It is compiled when first needed, the shape as
 macros, once per shape and device in a process.
 
 Three of its weights come in layouts of its own, kept by ``GPT2Weights`` as
@@ -79,8 +80,9 @@ def cluster_unsupported(weights: Any) -> str | None:
 
 def consumer_threads(width: int, cluster: int) -> int:
     """The fewest consumer threads, at least ``THREADS``, that split the width evenly (MLP down: an output a
-    lane's) and give every projection output of a head's share (``width / cluster``) a thread."""
-    threads = max(THREADS, width // cluster)
+    lane's), give every projection output of a head's share (``width / cluster``) a thread, and every
+    16-byte piece of a pushed row (``width / 4``) one."""
+    threads = max(THREADS, width // cluster, width // 4)
     while width % threads:
         threads += 32
     return threads
@@ -255,10 +257,10 @@ class ClusterDecode:
             qkv_rows = -(-3 * width // self.grid)
             qkv_chunk = -(-qkv_rows // -(-qkv_rows * width * 2 // 65536))
         else:  # QRC
-            qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)
+            qkv_rows = qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)
         chunks = [qkv_chunk * width, width // cluster * HEAD_DIM, chunk_rows * width]
         if "MMA_ROWS" in macros:  # whole tiles of 16 rows, MLP up two a chunk
-            chunks += [-(-qkv_chunk // 16) * 16 * width, min(-(-up_rows // 16), 2) * 16 * width]
+            chunks += [-(-qkv_rows // 16) * 16 * width, min(-(-up_rows // 16), 2) * 16 * width]
         self.shared = 3 * 2 * max(chunks)
         # the static arrays (hs ... xs, red_*, att*, head_qkv, hidden, mbarriers): a little above ptxas's count
         static = 4 * 7 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
@@ -277,7 +279,10 @@ class ClusterDecode:
             "NCL": count,
             "EPS": f"{self.weights.eps!r}f",
         }
-        self.kernel = compile_source(kernel_source({**shape, **macros}), self.device.index or 0)
+        try:
+            self.kernel = compile_source(kernel_source({**shape, **macros}), self.device.index or 0)
+        except RuntimeError as error:  # a shape the kernel's asserts refuse: the next shape may do
+            return f"clusters of {cluster} do not compile ({str(error).strip().splitlines()[-1]})"
         allow_shared_memory(self.kernel, self.shared)
         resident = _max_active_clusters(self.kernel, self.grid, threads + 32, self.shared)
         if resident is None:  # without the driver's answer the polls could wait on clusters never started

@@ -126,6 +126,7 @@ static_assert(3 * SLOT * 2 <= 227 * 1024, "three slots fit in shared memory (clu
 static_assert(D % (32 * WARPS) == 0, "MLP down: every output a lane's");
 #ifdef SPREAD_QKV
 static_assert(3 * HD <= THREADS, "a thread a value of the head's q, k and v");
+static_assert((QC - 1) * QCR < 3 * D / GRID, "every CTA's last q/k/v chunk holds a row");
 #endif
 static_assert(NL < 64, "a tag holds the layer in 6 bits");
 static_assert(D / CS <= THREADS, "a thread reduces one column of the cluster's slice");
