@@ -45,16 +45,14 @@ from mma_layout import blocks_of_rows
 from timing import graph_time
 
 from collapse_tui.fast import cluster
-from collapse_tui.fast.cluster import ClusterDecode
+from collapse_tui.fast.cluster import HEAD_DIM, TRACE_STAGES, ClusterDecode
 from collapse_tui.fast.gpt2 import GPT2Weights
 from collapse_tui.fast.persistent import PersistentForward
 
 COMMON = cluster.SOURCES / "common.cuh"  # compiled in front of the five-barrier kernel too
 SOURCE = Path(__file__).with_name("cuda_decode.cu")
 CACHE_LENGTH = 1024
-HEAD_DIM = 64
 CHUNK = 128  # keys an attention item covers (cuda_decode.cu's CH)
-TRACE_STAGES = 10  # cluster_decode.cu's STAGES
 
 
 class CudaDecode:

@@ -52,6 +52,8 @@ SHAPE_MACROS = frozenset({"D", "NH", "NL", "LC", "THREADS", "CS", "NCL", "EPS", 
 #: Layers a tag can count (cluster_decode.cu: the layer takes 6 bits of a tag).
 MAX_LAYERS = 64
 HEAD_DIM = 64
+#: Stages a layer a ``TRACE`` build stamps (cluster_decode.cu's STAGES; benchmarks/cuda_decode.py reads them).
+TRACE_STAGES = 10
 
 
 def cluster_unsupported(weights: Any) -> str | None:
@@ -230,7 +232,7 @@ class ClusterDecode:
         # TRACE: stamps [CTA][layer][stage], clocks and times [CTA][4], finer stamps [CTA][layer][4]
         layers = len(weights.layers)
         self.trace = torch.zeros(
-            self.grid * (layers * 10 + 4 + layers * 4) if "TRACE" in extra else 1,
+            self.grid * (layers * TRACE_STAGES + 4 + layers * 4) if "TRACE" in extra else 1,
             dtype=torch.int64,
             device=device,
         )

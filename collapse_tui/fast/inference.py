@@ -99,11 +99,10 @@ class _Decoder(StepLoop):
 
     def _next_kernel(self, problem: str | None = None) -> None:
         """The next one-launch forward in line (or layer by layer), dropping the one in use for ``problem``."""
-        failed = type(self.persistent).__name__
-        self.persistent = self.fallbacks.pop(0) if self.fallbacks else None
+        dropped, self.persistent = self.persistent, self.fallbacks.pop(0) if self.fallbacks else None
         if problem is not None:  # None: the first in line, at the start
             instead = type(self.persistent).__name__ if self.persistent is not None else "layer by layer"
-            log.warning("%s dropped (%s): generating with %s", failed, problem, instead)
+            log.warning("%s dropped (%s): generating with %s", type(dropped).__name__, problem, instead)
 
     def step(self, generator: torch.Generator) -> None:
         weights, block = self.owner.weights, self.owner.block
