@@ -196,6 +196,53 @@ def report_trace(decode: ClusterDecode, layers: int) -> None:
     )
 
 
+def report_every_cta(decode: ClusterDecode, layers: int) -> None:
+    """What a layer waits for, from every CTA's stamps: each stage's end after the layer's start, per CTA.
+
+    A CTA's clock runs on its own SM, so stamps are compared only within a CTA; a layer's start
+    (stamp 0) follows the tagged sum of every cluster's partial, which all CTAs see within an L2 round
+    trip, so offsets from it line the CTAs up to about that. Clusters without a head skip stages 1-4.
+    """
+    stages, grid, size = TRACE_STAGES, decode.grid, decode.cluster
+    trace = decode.trace.cpu()
+    stamps = trace[: grid * layers * stages].view(grid, layers, stages).double()
+    ends = trace[grid * layers * stages : grid * (layers * stages + 4)].view(grid, 4).double()
+    per_cycle = ((ends[:, 3] - ends[:, 2]) / (ends[:, 1] - ends[:, 0]) / 1000).view(-1, 1, 1)
+    start = stamps[:, :-1, :1]
+    offsets = torch.cat([stamps[:, :-1, 1:], stamps[:, 1:, :1]], dim=2) - start  # stages 1..9, next layer
+    offsets = offsets * per_cycle  # µs after the layer's start: [CTA][layer][stage 1..9, layer end]
+    heads = decode.weights.n_head * size
+    names = ["ln_1 + qkv", "meet 0 + gather", "attention", "meet 1 + combine", "projection",
+             "heads summed", "ln_2 + up", "down", "meet 2 + in cluster", "layer end"]  # fmt: skip
+    print(
+        "every CTA: µs after the layer's start, mean over layers; mean / latest CTA, head clusters | others"
+    )
+    for k, name in enumerate(names):
+        head = offsets[:heads, :, k]
+        line = f"  {name:>20}: {head.mean():6.2f} / {head.max(dim=0).values.mean():6.2f}"
+        if heads < grid and k >= 4:
+            other = offsets[heads:, :, k]
+            line += f" | {other.mean():6.2f} / {other.max(dim=0).values.mean():6.2f}"
+        print(line)
+    # the cluster whose partial is stored last (stage 9) each layer: where the layer waits
+    stored = offsets[:, :, 8].view(grid // size, size, layers - 1).max(dim=1).values  # [cluster][layer]
+    last = stored.argmax(dim=0)
+    counts = torch.bincount(last, minlength=grid // size)
+    order = counts.argsort(descending=True)[:6]
+    print(
+        "  last cluster to store its partial (layers it was last, its mean store time µs, all clusters' mean): "
+        + ", ".join(f"#{int(c)} {int(counts[c])}x {stored[c].mean():.2f}" for c in order)
+        + f"; mean {stored.mean():.2f}, mean latest {stored.max(dim=0).values.mean():.2f}"
+    )
+    down = offsets[:, :, 7]  # MLP down done, per CTA (thread 0's warp)
+    slow = down.mean(dim=1).argsort(descending=True)[:6]
+    print(
+        "  slowest CTAs to finish MLP down (CTA: mean µs): "
+        + ", ".join(f"{int(b)}: {down[b].mean():.2f}" for b in slow)
+        + f"; all CTAs' mean {down.mean():.2f}"
+    )
+
+
 def randomise_small_parameters(model: torch.nn.Module) -> None:
     """Biases and layer-norm parameters away from 0 and 1, so a kernel that drops one is caught."""
     generator = torch.Generator(device="cpu").manual_seed(1)
@@ -266,6 +313,7 @@ def check_and_time(
                 cuda.run(token, where)
                 torch.cuda.synchronize()
                 report_trace(cuda, layers)
+                report_every_cta(cuda, layers)
             label = ""
             if isinstance(cuda, ClusterDecode):  # its shape, as in the engine's description, and threads
                 label = f" ({cuda.count} clusters of {cuda.cluster}, {cuda.threads} threads{', q/k/v spread' if cuda.spread else ''})"

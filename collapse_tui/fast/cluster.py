@@ -251,19 +251,20 @@ class ClusterDecode:
         width, heads = self.weights.n_embd, self.weights.n_head
         self.cluster, self.count, self.grid = cluster, count, count * cluster
         self.threads = threads = consumer_threads(width, cluster)
-        # dynamic shared memory: three slots of the largest weight chunk (cluster_decode.cu's SLOT)
+        # dynamic shared memory: SLOTS slots of the largest weight chunk (cluster_decode.cu's SLOT)
+        slots, limit = int(macros.get("SLOTS", 3)), int(macros.get("CHUNK_BYTES", 65536))
         up_rows = -(-4 * width // self.grid)  # FR
-        up_chunks = -(-up_rows * width * 2 // 65536)  # FC
+        up_chunks = -(-up_rows * width * 2 // limit)  # FC
         chunk_rows = -(-up_rows // up_chunks)  # FCR
         if "SPREAD_QKV" in macros:  # QRS rows in QC chunks of QCR
             qkv_rows = -(-3 * width // self.grid)
-            qkv_chunk = -(-qkv_rows // -(-qkv_rows * width * 2 // 65536))
+            qkv_chunk = -(-qkv_rows // -(-qkv_rows * width * 2 // limit))
         else:  # QRC
             qkv_rows = qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)
         chunks = [qkv_chunk * width, width // cluster * HEAD_DIM, chunk_rows * width]
         if "MMA_ROWS" in macros:  # whole tiles of 16 rows, MLP up two a chunk
             chunks += [-(-qkv_rows // 16) * 16 * width, min(-(-up_rows // 16), 2) * 16 * width]
-        self.shared = 3 * 2 * max(chunks)
+        self.shared = slots * 2 * max(chunks)
         # the static arrays (hs ... xs, red_*, att*, head_qkv, hidden, mbarriers): a little above ptxas's count
         static = 4 * 7 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
         static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 4 * (threads // 32) * 32 + 1024

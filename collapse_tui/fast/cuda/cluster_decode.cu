@@ -33,7 +33,7 @@
 //
 // Weights come pre-arranged (cluster.py): a head CTA's q/k/v rows as one block, its projection share
 // as [HD][outputs], MLP up as rows, MLP down transposed ([hidden][width]). A producer warp streams each
-// CTA's chunks (up to 64 KB) into a ring of three shared-memory slots, round robin. Rounding mirrors the
+// CTA's chunks (up to 64 KB) into a ring of three shared-memory slots (SLOTS, CHUNK_BYTES), round robin. Rounding mirrors the
 // Triton kernel: normed rows, q/k/v, the attention output and the hidden values are bf16; the residual
 // and all sums fp32.
 //
@@ -42,14 +42,21 @@
 // token_ptr[pos], the sequence being generated, instead of token_ptr[0]), SPREAD_QKV,
 // NORM_ONCE (the CTA norms the row once into shared memory, instead of every warp for itself), MMA_ROWS
 // (with SPREAD_QKV: q/k/v and MLP up on tensor cores, mma.sync with the weights stored as fragments;
-// not yet run on a GPU when written, see RESULTS.md's ninth session), PACE
-// (cycles the producer waits a KiB copied; default 0). For diagnosis: NO_COPY (no weights copied; wrong
+// RESULTS.md's ninth and eleventh sessions: no gain the engine would keep), PACE (cycles the producer
+// waits a KiB copied; default 0), SLOTS and CHUNK_BYTES (the weight ring's slots, default 3, and a chunk's
+// largest size, default 64 KB; cluster.py sizes shared memory from both). For diagnosis: NO_COPY (no weights copied; wrong
 // results), TRACE (clock stamps at each stage's end, cuda_decode.py prints where a layer's time goes).
 
 // (HD, THREADS, WARPS, the bf16 helpers, wait_parity, consumer_sync, group_sum, the layer norm and the
 // attention's softmax partial are in common.cuh, which cluster.py compiles in front of this file.)
 #ifndef PACE
 #define PACE 0
+#endif
+#ifndef SLOTS
+#define SLOTS 3  // the weight ring's slots
+#endif
+#ifndef CHUNK_BYTES
+#define CHUNK_BYTES 65536  // a weight chunk's largest size (q/k/v with SPREAD_QKV, MLP up and down)
 #endif
 #ifndef CS
 #define CS 8
@@ -63,7 +70,7 @@
 #define QR (3 * HD / CS)     // q/k/v rows a CTA: its share of its head's 3 x HD
 #define PR (D / CS)          // projection outputs a CTA (its head's share of them)
 #define FR ((FF + GRID - 1) / GRID)  // MLP up rows a CTA at most (CTA b: rows b FF / GRID .. (b + 1) FF / GRID)
-#define FC ((FR * D * 2 + 65535) / 65536)  // chunks of MLP up (and of MLP down): up to 64 KB each
+#define FC ((FR * D * 2 + CHUNK_BYTES - 1) / CHUNK_BYTES)  // chunks of MLP up (and of MLP down): up to CHUNK_BYTES each
 #define FCR ((FR + FC - 1) / FC)            // rows a chunk at most
 #define FT ((FCR + WARPS - 1) / WARPS)      // rows a warp a chunk at most
 #define OPL (D / 32 / WARPS)                // MLP down outputs a lane
@@ -73,7 +80,7 @@
 #ifdef SPREAD_QKV  // q/k/v rows split over every CTA (b: rows b 3D / GRID ..), handed to the heads through L2
 #define QRS ((3 * D + GRID - 1) / GRID)        // q/k/v rows a CTA at most
 #define QT ((QRS + WARPS - 1) / WARPS)         // ... a warp
-#define QC ((QRS * D * 2 + 65535) / 65536)     // chunks of them: up to 64 KB each (gpt2-large: 2)
+#define QC ((QRS * D * 2 + CHUNK_BYTES - 1) / CHUNK_BYTES)  // chunks of them: up to CHUNK_BYTES each (gpt2-large: 2)
 #define QCR ((QRS + QC - 1) / QC)              // rows a chunk at most
 #define QCHUNK (QCR * D)
 #else
@@ -122,7 +129,7 @@ static_assert(NCL >= NH, "a cluster for every head");
 #if NCL > NH && !defined(SPREAD_QKV)
 #error "clusters beyond the heads (NCL > NH) need SPREAD_QKV"
 #endif
-static_assert(3 * SLOT * 2 <= 227 * 1024, "three slots fit in shared memory (cluster.py checks the rest)");
+static_assert(SLOTS * SLOT * 2 <= 227 * 1024, "the slots fit in shared memory (cluster.py checks the rest)");
 static_assert(D % (32 * WARPS) == 0, "MLP down: every output a lane's");
 #ifdef SPREAD_QKV
 static_assert(3 * HD <= THREADS, "a thread a value of the head's q, k and v");
@@ -155,7 +162,7 @@ __device__ __forceinline__ float dot8(uint4 w, const float* x) {
     return a + b;
 }
 
-// ---- the weight ring: three slots, filled round robin with each CTA's chunks in the order they are used ----
+// ---- the weight ring: SLOTS slots, filled round robin with each CTA's chunks in the order they are used ----
 struct Ring {
     u16* slots;
     unsigned long long* full;   // [3]: the producer's arrival plus the chunk's bytes
@@ -164,8 +171,8 @@ struct Ring {
 };
 // the producer: the next chunk, `values` bf16 values from src, once the consumers let go of its slot
 __device__ __forceinline__ void fill(Ring& ring, const u16* src, u32 values) {
-    const int s = ring.count % 3;
-    if (ring.count >= 3) wait_parity(ring.empty + s, (ring.count / 3 - 1) & 1);
+    const int s = ring.count % SLOTS;
+    if (ring.count >= SLOTS) wait_parity(ring.empty + s, (ring.count / SLOTS - 1) & 1);
     ++ring.count;
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     const u32 bytes = values * 2;
@@ -222,15 +229,15 @@ __device__ void produce(Ring& ring, const u16* wq, const u16* wp, const u16* wf,
 }
 // a consumer thread: the next chunk, once it has landed
 __device__ __forceinline__ const u16* take(Ring& ring) {
-    const int s = ring.count % 3;
-    wait_parity(ring.full + s, (ring.count / 3) & 1);
+    const int s = ring.count % SLOTS;
+    wait_parity(ring.full + s, (ring.count / SLOTS) & 1);
     return ring.slots + s * SLOT;
 }
 // ... and, once this warp has read it, its slot back to the producer
 __device__ __forceinline__ void give_back(Ring& ring, int lane) {
     __syncwarp();
     if (lane == 0)
-        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(ring.empty + ring.count % 3)) : "memory");
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(ring.empty + ring.count % SLOTS)) : "memory");
     ++ring.count;
 }
 
@@ -437,6 +444,21 @@ __device__ __forceinline__ float row_dot(const u16* chunk, int row, const float*
         for (int i = 0; i + step < KD; i += 2 * step) part[i] += part[i + step];
     return group_sum<32>(part[0]);
 }
+// this lane's earlier keys and values of the CTA's chunk (keys first_key .. below pos, from the cache) into
+// registers (at the layer's start; RESULTS.md, eleventh session: 18.8 -> 17.9 µs a gpt2-medium layer at
+// position 1000, against loads at the attention's start after an L2 prefetch)
+__device__ __forceinline__ void load_keys(uint4* kr, uint4* vr, const u16* kcache, const u16* vcache, int first_key,
+                                          int passes, int pos, int warp, int lane) {
+    const int kk = lane >> 3, dg = lane & 7;
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) {
+        const int key = first_key + (p * WARPS + warp) * 4 + kk;
+        if (p < passes && key < pos) {
+            kr[p] = load16_cg(kcache + (long long)key * HD + dg * 8);
+            vr[p] = load16_cg(vcache + (long long)key * HD + dg * 8);
+        }
+    }
+}
 // a layer norm's parameters into shared memory without waiting (cp.async); params_arrived() waits
 __device__ __forceinline__ void prefetch_params(float* gs, float* bs, const float* g, const float* b) {
     for (int i = threadIdx.x; i < D / 4; i += THREADS) {
@@ -471,7 +493,7 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
 #ifdef MMA_ROWS
     __shared__ float red_rows[WARPS][32];  // the warps' sums of a chunk's rows
 #endif
-    __shared__ __align__(8) unsigned long long full[3], empty[3], got[5];
+    __shared__ __align__(8) unsigned long long full[SLOTS], empty[SLOTS], got[5];
     extern __shared__ __align__(128) u16 slots[];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -494,7 +516,7 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
 
     Ring ring{slots, full, empty, 0u};
     if (threadIdx.x == 0) {
-        for (int s = 0; s < 3; ++s) {
+        for (int s = 0; s < SLOTS; ++s) {
             asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(full + s)) : "memory");
             asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(empty + s)), "n"(WARPS) : "memory");
         }
@@ -568,6 +590,11 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         u16* vcache = kcache + (long long)NH * LC * HD;
         const u32 parity = l & 1;
         const int first_key = rank * chunk_keys;
+        // this lane's keys and values of the CTA's chunk (8 lanes a key), asked for now: the loads' latency
+        // overlaps the norm and the q/k/v rows instead of opening the attention (the cache's rows below pos
+        // were written by earlier launches)
+        uint4 kr[PASSES], vr[PASSES];
+        if (has_head) load_keys(kr, vr, kcache, vcache, first_key, passes, pos, warp, lane);
 #ifdef SPREAD_QKV
         // ---- ln_1 + this CTA's q/k/v rows, every CTA; out as tagged values (and into the cache) ----
 #ifdef MMA_ROWS
@@ -612,16 +639,6 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         consumer_sync();  // every warp's norm done with gs, bs
 #endif
         if (has_head) {  // ---- the head clusters: q/k/v, attention, projection ----
-        // the chunk's earlier keys and values into L2 while the norm and q/k/v run
-#pragma unroll
-        for (int p = 0; p < PASSES; ++p) {
-            const int key = first_key + (p * WARPS + warp) * 4 + (lane >> 3);
-            if (p < passes && key < pos && (lane & 7) == 0) {
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(kcache + (long long)key * HD));
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(vcache + (long long)key * HD));
-            }
-        }
-
 #ifdef SPREAD_QKV
         STAMP(1);
         if (threadIdx.x < 3 * HD) {  // the head's q, and the new token's k and v, from L2
@@ -671,15 +688,10 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
                 q[0] = bf_lo(q4.x); q[1] = bf_hi(q4.x); q[2] = bf_lo(q4.y); q[3] = bf_hi(q4.y);
                 q[4] = bf_lo(q4.z); q[5] = bf_hi(q4.z); q[6] = bf_lo(q4.w); q[7] = bf_hi(q4.w);
             }
-            uint4 kr[PASSES], vr[PASSES];
 #pragma unroll
             for (int p = 0; p < PASSES; ++p) {
                 const int key = first_key + (p * WARPS + warp) * 4 + kk;
-                if (p >= passes) {
-                } else if (key < pos) {
-                    kr[p] = load16_cg(kcache + (long long)key * HD + dg * 8);
-                    vr[p] = load16_cg(vcache + (long long)key * HD + dg * 8);
-                } else if (key == pos) {  // this token's: from the cluster, not the cache
+                if (p < passes && key == pos) {  // this token's: from the cluster, not the cache
                     kr[p] = *reinterpret_cast<const uint4*>(head_qkv + HD + dg * 8);
                     vr[p] = *reinterpret_cast<const uint4*>(head_qkv + 2 * HD + dg * 8);
                 }
