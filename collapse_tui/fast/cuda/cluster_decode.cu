@@ -40,7 +40,7 @@
 // Macros: D, NH, NL, LC (cache length), THREADS (consumer threads), CS (cluster size), NCL (clusters,
 // at least NH; all of them must be resident at once: cluster.py asks the driver), FROM_SEQ (the token is
 // token_ptr[pos], the sequence being generated, instead of token_ptr[0]), SPREAD_QKV,
-// NORM_ONCE (the CTA norms the row once into shared memory, instead of every warp for itself), MMA_ROWS
+// NORM_ONCE (default 1: the CTA norms the row once into shared memory; 0: every warp for itself), MMA_ROWS
 // (with SPREAD_QKV: q/k/v and MLP up on tensor cores, mma.sync with the weights stored as fragments;
 // RESULTS.md's ninth and eleventh sessions: no gain the engine would keep), PACE (cycles the producer
 // waits a KiB copied; default 0), SLOTS and CHUNK_BYTES (the weight ring's slots, default 3, and a chunk's
@@ -51,6 +51,9 @@
 // attention's softmax partial are in common.cuh, which cluster.py compiles in front of this file.)
 #ifndef PACE
 #define PACE 0
+#endif
+#ifndef NORM_ONCE  // RESULTS.md, eleventh session: 2-4 % shorter layers than every warp norming for itself
+#define NORM_ONCE 1
 #endif
 #ifndef SLOTS
 #define SLOTS 3  // the weight ring's slots
@@ -98,9 +101,8 @@
 #ifndef SPREAD_QKV
 #error "MMA_ROWS takes the q/k/v rows of SPREAD_QKV"
 #endif
-#ifndef NORM_ONCE
-#define NORM_ONCE  // the B operand is the normed row in shared memory
-#endif
+#undef NORM_ONCE
+#define NORM_ONCE 1  // the B operand is the normed row in shared memory
 #define KS (D / 16)                      // k-steps of a row
 #define KSW (KS / WARPS)                 // ... a warp's share
 #define QT16 ((QRS + 15) / 16)           // q/k/v tiles of 16 rows a CTA (its rows padded with zero rows)
@@ -423,7 +425,7 @@ __device__ __forceinline__ void norm_shared(const float* hs, const float* gs, co
 // the normed row for this lane's elements: from xs (NORM_ONCE) or computed by the warp itself
 __device__ __forceinline__ void normed(const float* hs, const float* gs, const float* bs, float* xs, float* red,
                                        float* x, int warp, int lane) {
-#ifdef NORM_ONCE
+#if NORM_ONCE
     norm_shared(hs, gs, bs, xs, red, warp, lane);
 #pragma unroll
     for (int i = 0; i < KD; ++i)
