@@ -22,6 +22,7 @@ from collapse_tui.fast.cluster import (
     mlp_down_by_hidden_row,
     projection_by_rank,
     qkv_by_head,
+    ring_bytes,
 )
 from collapse_tui.fast.gpt2 import GPT2Weights
 
@@ -101,3 +102,22 @@ def test_consumer_threads_meet_the_kernels_asserts(width: int, cluster: int, thr
     chosen = consumer_threads(width, cluster)
     assert chosen == threads
     assert width % chosen == 0 and chosen >= width // cluster and chosen >= width // 4
+
+
+@pytest.mark.parametrize(
+    ("width", "grid", "cluster", "threads", "macros", "expected"),
+    [
+        # gpt2: 12 clusters of 8, a head CTA's 24 q/k/v rows; MLP up 32 rows of 768 in one chunk (the largest)
+        (768, 96, 8, 256, {}, 3 * 2 * 32 * 768),
+        # gpt2-medium: 30 clusters of 4, 26 spread q/k/v rows in one 52 KB chunk (the largest)
+        (1024, 120, 4, 256, {"SPREAD_QKV": "1"}, 3 * 2 * 26 * 1024),
+        # ... in chunks of at most 36 KB: q/k/v 2 x 13 rows, MLP up 2 x 18 rows (the largest), 5 slots
+        (1024, 120, 4, 256, {"SPREAD_QKV": "1", "SLOTS": "5", "CHUNK_BYTES": "36864"}, 5 * 2 * 18 * 1024),
+        # gpt2-large: 32 spread q/k/v rows in 2 chunks of 16; MLP up 43 rows in 2 chunks of up to 22 (the largest)
+        (1280, 120, 4, 320, {"SPREAD_QKV": "1"}, 3 * 2 * 22 * 1280),
+    ],
+)
+def test_ring_bytes_are_the_slots_of_the_largest_chunk(
+    width: int, grid: int, cluster: int, threads: int, macros: dict[str, str], expected: int
+) -> None:
+    assert ring_bytes(width, grid, cluster, threads, macros) == expected

@@ -165,6 +165,29 @@ def mlp_down_by_hidden_row(block: torch.nn.Module) -> torch.Tensor:
     return block.mlp.c_proj.weight
 
 
+def ring_bytes(width: int, grid: int, cluster: int, threads: int, macros: dict[str, str]) -> int:
+    """The weight ring's dynamic shared memory: ``SLOTS`` slots of the largest weight chunk.
+
+    It mirrors cluster_decode.cu's ``SLOT`` (the launch must ask for what the kernel indexes), with the
+    same rounding: q/k/v (``QRC`` rows a head CTA, or with ``SPREAD_QKV`` ``QRS`` rows in chunks of at
+    most ``CHUNK_BYTES``), a head CTA's projection share, and MLP up and down in chunks of at most
+    ``CHUNK_BYTES``.
+    """
+    slots, limit = int(macros.get("SLOTS", 3)), int(macros.get("CHUNK_BYTES", 65536))
+    up_rows = -(-4 * width // grid)  # FR
+    up_chunks = -(-up_rows * width * 2 // limit)  # FC
+    chunk_rows = -(-up_rows // up_chunks)  # FCR
+    if "SPREAD_QKV" in macros:  # QRS rows in QC chunks of QCR
+        qkv_rows = -(-3 * width // grid)
+        qkv_chunk = -(-qkv_rows // -(-qkv_rows * width * 2 // limit))
+    else:  # QRC
+        qkv_rows = qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)
+    chunks = [qkv_chunk * width, width // cluster * HEAD_DIM, chunk_rows * width]
+    if "MMA_ROWS" in macros:  # whole tiles of 16 rows, MLP up two a chunk
+        chunks += [-(-qkv_rows // 16) * 16 * width, min(-(-up_rows // 16), 2) * 16 * width]
+    return slots * 2 * max(chunks)
+
+
 class ClusterDecode:
     """The cluster kernel for one model and KV cache: its launch shape, weight layouts and buffers.
 
@@ -251,20 +274,8 @@ class ClusterDecode:
         width, heads = self.weights.n_embd, self.weights.n_head
         self.cluster, self.count, self.grid = cluster, count, count * cluster
         self.threads = threads = consumer_threads(width, cluster)
-        # dynamic shared memory: SLOTS slots of the largest weight chunk (cluster_decode.cu's SLOT)
-        slots, limit = int(macros.get("SLOTS", 3)), int(macros.get("CHUNK_BYTES", 65536))
+        self.shared = ring_bytes(width, self.grid, cluster, threads, macros)
         up_rows = -(-4 * width // self.grid)  # FR
-        up_chunks = -(-up_rows * width * 2 // limit)  # FC
-        chunk_rows = -(-up_rows // up_chunks)  # FCR
-        if "SPREAD_QKV" in macros:  # QRS rows in QC chunks of QCR
-            qkv_rows = -(-3 * width // self.grid)
-            qkv_chunk = -(-qkv_rows // -(-qkv_rows * width * 2 // limit))
-        else:  # QRC
-            qkv_rows = qkv_chunk = min(3 * HEAD_DIM // cluster, 3 * threads // 32)
-        chunks = [qkv_chunk * width, width // cluster * HEAD_DIM, chunk_rows * width]
-        if "MMA_ROWS" in macros:  # whole tiles of 16 rows, MLP up two a chunk
-            chunks += [-(-qkv_rows // 16) * 16 * width, min(-(-up_rows // 16), 2) * 16 * width]
-        self.shared = slots * 2 * max(chunks)
         # the static arrays (hs ... xs, red_*, att*, head_qkv, hidden, mbarriers): a little above ptxas's count
         static = 4 * 7 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
         static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 4 * (threads // 32) * 32 + 1024
