@@ -201,15 +201,17 @@ def report_every_cta(decode: ClusterDecode, layers: int) -> None:
 
     A CTA's clock runs on its own SM, so stamps are compared only within a CTA; a layer's start
     (stamp 0) follows the tagged sum of every cluster's partial, which all CTAs see within an L2 round
-    trip, so offsets from it line the CTAs up to about that. Clusters without a head skip stages 1-4.
+    trip, so offsets from it line the CTAs up to about that (layer 0, whose start follows the launch,
+    is left out). Clusters without a head skip stages 1-4: their stamp 5 ends their q/k/v rows.
     """
     stages, grid, size = TRACE_STAGES, decode.grid, decode.cluster
     trace = decode.trace.cpu()
     stamps = trace[: grid * layers * stages].view(grid, layers, stages).double()
     ends = trace[grid * layers * stages : grid * (layers * stages + 4)].view(grid, 4).double()
     per_cycle = ((ends[:, 3] - ends[:, 2]) / (ends[:, 1] - ends[:, 0]) / 1000).view(-1, 1, 1)
-    start = stamps[:, :-1, :1]
-    offsets = torch.cat([stamps[:, :-1, 1:], stamps[:, 1:, :1]], dim=2) - start  # stages 1..9, next layer
+    steps = layers - 2  # layers 1 .. NL - 2: each ends at the next one's start
+    start = stamps[:, 1:-1, :1]
+    offsets = torch.cat([stamps[:, 1:-1, 1:], stamps[:, 2:, :1]], dim=2) - start  # stages 1..9, next layer
     offsets = offsets * per_cycle  # µs after the layer's start: [CTA][layer][stage 1..9, layer end]
     heads = decode.weights.n_head * size
     names = ["ln_1 + qkv", "meet 0 + gather", "attention", "meet 1 + combine", "projection",
@@ -220,12 +222,15 @@ def report_every_cta(decode: ClusterDecode, layers: int) -> None:
     for k, name in enumerate(names):
         head = offsets[:heads, :, k]
         line = f"  {name:>20}: {head.mean():6.2f} / {head.max(dim=0).values.mean():6.2f}"
-        if heads < grid and k >= 4:
-            other = offsets[heads:, :, k]
-            line += f" | {other.mean():6.2f} / {other.max(dim=0).values.mean():6.2f}"
+        if heads < grid:  # the others: their rows end at stamp 5 (k = 4); stages 1-4 are not theirs
+            other = offsets[heads:, :, 4 if k == 0 else k]
+            idle = 1 <= k <= 4
+            line += (
+                " |   (idle)" if idle else f" | {other.mean():6.2f} / {other.max(dim=0).values.mean():6.2f}"
+            )
         print(line)
     # the cluster whose partial is stored last (stage 9) each layer: where the layer waits
-    stored = offsets[:, :, 8].view(grid // size, size, layers - 1).max(dim=1).values  # [cluster][layer]
+    stored = offsets[:, :, 8].view(grid // size, size, steps).max(dim=1).values  # [cluster][layer]
     last = stored.argmax(dim=0)
     counts = torch.bincount(last, minlength=grid // size)
     order = counts.argsort(descending=True)[:6]

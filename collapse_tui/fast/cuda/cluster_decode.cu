@@ -33,7 +33,7 @@
 //
 // Weights come pre-arranged (cluster.py): a head CTA's q/k/v rows as one block, its projection share
 // as [HD][outputs], MLP up as rows, MLP down transposed ([hidden][width]). A producer warp streams each
-// CTA's chunks (up to 64 KB) into a ring of three shared-memory slots (SLOTS, CHUNK_BYTES), round robin. Rounding mirrors the
+// CTA's chunks (up to CHUNK_BYTES, 64 KB) into a ring of SLOTS (3) shared-memory slots, round robin. Rounding mirrors the
 // Triton kernel: normed rows, q/k/v, the attention output and the hidden values are bf16; the residual
 // and all sums fp32.
 //
@@ -52,7 +52,7 @@
 #ifndef PACE
 #define PACE 0
 #endif
-#ifndef NORM_ONCE  // RESULTS.md, eleventh session: 2-4 % shorter layers than every warp norming for itself
+#ifndef NORM_ONCE  // RESULTS.md, eleventh session: layers 0.4-4 % shorter than with every warp norming for itself
 #define NORM_ONCE 1
 #endif
 #ifndef SLOTS
@@ -167,8 +167,8 @@ __device__ __forceinline__ float dot8(uint4 w, const float* x) {
 // ---- the weight ring: SLOTS slots, filled round robin with each CTA's chunks in the order they are used ----
 struct Ring {
     u16* slots;
-    unsigned long long* full;   // [3]: the producer's arrival plus the chunk's bytes
-    unsigned long long* empty;  // [3]: WARPS arrivals (the consumer warps)
+    unsigned long long* full;   // [SLOTS]: the producer's arrival plus the chunk's bytes
+    unsigned long long* empty;  // [SLOTS]: WARPS arrivals (the consumer warps)
     u32 count;                  // chunks taken (consumer) or filled (producer) so far
 };
 // the producer: the next chunk, `values` bf16 values from src, once the consumers let go of its slot
