@@ -3,6 +3,7 @@
     python benchmarks/cuda_decode.py --models gpt2-medium,gpt2 --positions 100,511,1000
     python benchmarks/cuda_decode.py --kernel cluster --models gpt2 --clusters 12
     python benchmarks/cuda_decode.py --kernel cluster --models gpt2-medium --defines SPREAD_QKV
+    python benchmarks/cuda_decode.py --models gpt2-medium --variants ";NORM_ONCE=0" --rounds 7
 
 ``--kernel five`` (cuda_decode.cu, a prototype the engine does not use) asks
 whether a persistent kernel written in CUDA, each stage near its own floor,
@@ -17,9 +18,12 @@ gpt2-medium layer, 13.0 for gpt2, against Triton's 22.4 and 19.3); here with
 the diagnostic macros (``--defines TRACE``, ``NO_COPY``, ``MMA_ROWS``, ...)
 and cluster counts the engine does not choose (without ``SPREAD_QKV`` the shape is
 the engine's: one cluster of 8 a head where that many fit, else clusters of
-4 with q/k/v spread, which the printed label says). Both are compiled at run
-time by NVRTC (``torch.cuda._compile_kernel``), the shape as macros; gpt2
-and gpt2-medium only, on a Hopper GPU.
+4 with q/k/v spread, which the printed label says). ``--variants`` builds the
+cluster kernel several ways and times the builds in turns in one process: the
+fairest comparison, since separate calls of one build differ by 1-2 %. Both
+kernels are compiled at run time by NVRTC (``torch.cuda._compile_kernel``), the
+shape as macros; on a Hopper GPU (the five-barrier prototype: gpt2 and
+gpt2-medium only).
 
 For each model and position it checks the CUDA kernel against the
 layer-by-layer forward (``GPT2Weights.decode_one``, fp32 accumulation over
@@ -331,6 +335,58 @@ def check_and_time(
             )
 
 
+def parse_defines(text: str) -> dict[str, str]:
+    """``NAME`` or ``NAME=VALUE`` items, comma-separated, as macros (a bare name is defined as 1)."""
+    return dict([*item.split("="), "1"][:2] for item in filter(None, text.split(",")))
+
+
+def compare_variants(
+    name: str,
+    positions: list[int],
+    extra: dict[str, str],
+    variants: list[dict[str, str]],
+    clusters: int | None,
+    rounds: int,
+) -> None:
+    """The cluster kernel built with each variant's macros (over ``extra``), checked against the
+    layer-by-layer forward, then timed in turns: every variant once a round, ``rounds`` rounds, the
+    median of each variant's rounds printed. Turns in one process keep the machine's drift out of the
+    comparison, which separate calls (1-2 % apart for the same build) do not."""
+    model = build_model(name)
+    randomise_small_parameters(model)
+    weights = GPT2Weights(model, torch.bfloat16)
+    weights.refresh()
+    layers = len(weights.layers)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randint(0, 50257, (max(positions) + 1,), device="cuda", generator=generator)
+    base = weights.new_kv_cache(CACHE_LENGTH)
+    with torch.no_grad():
+        weights.hidden(tokens[: max(positions)].view(1, -1), base)  # the prompt's keys and values
+        for position in positions:
+            token = tokens[position : position + 1]
+            where = torch.tensor([position], device="cuda")
+            mask = torch.zeros(1, 1, 1, CACHE_LENGTH, device="cuda", dtype=torch.bfloat16)
+            mask[..., position + 1 :] = float("-inf")
+            reference = weights.decode_one(token, where, base.clone(), mask).float()
+            builds = [cluster_decode(weights, base.clone(), {**extra, **v}, clusters) for v in variants]
+            errors = [
+                (weights.logits(b.run(token, where)).float() - reference).abs().max().item() for b in builds
+            ]
+            samples: list[list[float]] = [[] for _ in builds]
+            for _ in range(rounds):
+                for build, times in zip(builds, samples, strict=True):
+                    times.append(graph_time([lambda b=build, t=token, p=where: b.run(t, p)]))
+            for variant, build, error, times in zip(variants, builds, errors, samples, strict=True):
+                median = sorted(times)[len(times) // 2]
+                label = ",".join(f"{k}={v}" for k, v in variant.items()) or "(base)"
+                failed = "A BARRIER OR POLL GAVE UP" if build.failed() else "ok"
+                print(
+                    f"| {name} | {position} | {label} | {median:.1f} ({median / layers:.2f} a layer) "
+                    f"| {min(times):.1f}–{max(times):.1f} | {error:.4f} | {failed} |",
+                    flush=True,
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -360,11 +416,34 @@ def main() -> None:
         default="",
         help="more macros, comma-separated, NAME or NAME=VALUE: e.g. PACE=0, or NO_COPY for diagnosis",
     )
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="cluster kernel: builds to compare in turns, separated by ';', each a --defines list "
+        "(empty: the base build), e.g. ';NORM_ONCE=0;SLOTS=5,CHUNK_BYTES=36864'",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="--variants: timing rounds, every build once a round"
+    )
     args = parser.parse_args()
     positions = [int(p) for p in args.positions.split(",")]
     if not all(0 < p < CACHE_LENGTH for p in positions):
         raise SystemExit(f"cuda_decode: positions must lie in 1..{CACHE_LENGTH - 1}")
-    extra = dict([*item.split("="), "1"][:2] for item in filter(None, args.defines.split(",")))
+    extra = parse_defines(args.defines)
+    if args.variants is not None:
+        variants = [parse_defines(text) for text in args.variants.split(";")]
+        print(
+            f"{torch.cuda.get_device_name()}; cluster kernel builds in turns, {args.rounds} rounds; {extra or 'no common macros'}"
+        )
+        print(
+            "| model | position | build | µs a token, median of rounds | rounds' range | logits' largest difference | polls |"
+        )
+        print("| --- | ---: | --- | ---: | --- | ---: | --- |")
+        for name in args.models.split(","):
+            assert name in SHAPES, f"unknown model {name}"
+            compare_variants(name, positions, extra, variants, args.clusters, args.rounds)
+            torch.cuda.empty_cache()
+        return
     bandwidth = copy_bandwidth()
     print(
         f"{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; {args.kernel} kernel; {args.threads} threads a CTA; {extra or 'no extra macros'}"
