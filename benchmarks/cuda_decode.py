@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -264,6 +265,31 @@ def randomise_small_parameters(model: torch.nn.Module) -> None:
                 parameter.add_(0.1 * noise)
 
 
+def prepared_weights(name: str) -> GPT2Weights:
+    """A random-weight model of ``name``'s shape, biases and norms randomised, as bf16 kernel weights."""
+    model = build_model(name)
+    randomise_small_parameters(model)
+    weights = GPT2Weights(model, torch.bfloat16)
+    weights.refresh()
+    return weights
+
+
+def cached_positions(
+    weights: GPT2Weights, positions: list[int]
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each position: it, its token [1], the position [1] on the device, the layer-by-layer
+    forward's mask, and a KV cache holding the keys and values of every earlier token (clone it
+    before a kernel writes its row)."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randint(0, 50257, (max(positions) + 1,), device="cuda", generator=generator)
+    base = weights.new_kv_cache(CACHE_LENGTH)
+    weights.hidden(tokens[: max(positions)].view(1, -1), base)  # the prompt's keys and values
+    for position in positions:
+        mask = torch.zeros(1, 1, 1, CACHE_LENGTH, device="cuda", dtype=torch.bfloat16)
+        mask[..., position + 1 :] = float("-inf")
+        yield position, tokens[position : position + 1], torch.tensor([position], device="cuda"), mask, base
+
+
 def check_and_time(
     name: str,
     positions: list[int],
@@ -273,23 +299,12 @@ def check_and_time(
     kernel: str,
     clusters: int | None,
 ) -> None:
-    model = build_model(name)
-    randomise_small_parameters(model)
-    weights = GPT2Weights(model, torch.bfloat16)
-    weights.refresh()
+    weights = prepared_weights(name)
     layer_bytes = weights.nbytes_per_token - weights.lm_head.numel() * weights.lm_head.element_size()
     floor = layer_bytes / bandwidth * 1e6
     layers = len(weights.layers)
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, 50257, (max(positions) + 1,), device="cuda", generator=generator)
-    base = weights.new_kv_cache(CACHE_LENGTH)
     with torch.no_grad():
-        weights.hidden(tokens[: max(positions)].view(1, -1), base)  # the prompt's keys and values
-        for position in positions:
-            token = tokens[position : position + 1]
-            where = torch.tensor([position], device="cuda")
-            mask = torch.zeros(1, 1, 1, CACHE_LENGTH, device="cuda", dtype=torch.bfloat16)
-            mask[..., position + 1 :] = float("-inf")
+        for position, token, where, mask, base in cached_positions(weights, positions):
             caches = {k: base.clone() for k in ("reference", "cuda", "triton")}
             reference = weights.decode_one(token, where, caches["reference"], mask).float()
             if kernel == "cluster":
@@ -352,21 +367,10 @@ def compare_variants(
     layer-by-layer forward, then timed in turns: every variant once a round, ``rounds`` rounds, the
     median of each variant's rounds printed. Turns in one process keep the machine's drift out of the
     comparison, which separate calls (1-2 % apart for the same build) do not."""
-    model = build_model(name)
-    randomise_small_parameters(model)
-    weights = GPT2Weights(model, torch.bfloat16)
-    weights.refresh()
+    weights = prepared_weights(name)
     layers = len(weights.layers)
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, 50257, (max(positions) + 1,), device="cuda", generator=generator)
-    base = weights.new_kv_cache(CACHE_LENGTH)
     with torch.no_grad():
-        weights.hidden(tokens[: max(positions)].view(1, -1), base)  # the prompt's keys and values
-        for position in positions:
-            token = tokens[position : position + 1]
-            where = torch.tensor([position], device="cuda")
-            mask = torch.zeros(1, 1, 1, CACHE_LENGTH, device="cuda", dtype=torch.bfloat16)
-            mask[..., position + 1 :] = float("-inf")
+        for position, token, where, mask, base in cached_positions(weights, positions):
             reference = weights.decode_one(token, where, base.clone(), mask).float()
             builds = [cluster_decode(weights, base.clone(), {**extra, **v}, clusters) for v in variants]
             errors = [
