@@ -44,7 +44,8 @@
 // (with SPREAD_QKV: q/k/v and MLP up on tensor cores, mma.sync with the weights stored as fragments;
 // RESULTS.md's ninth and eleventh sessions: no gain the engine would keep), PACE (cycles the producer
 // waits a KiB copied; default 0), SLOTS and CHUNK_BYTES (the weight ring's slots, default 3, and a chunk's
-// largest size, default 64 KB; cluster.py sizes shared memory from both). For diagnosis: NO_COPY (no weights copied; wrong
+// largest size, default 64 KB; cluster.py sizes shared memory from both), POLL_STAGGER (cycles between
+// two loads of a polled value kept in flight; default 0, one at a time; not yet run on a GPU). For diagnosis: NO_COPY (no weights copied; wrong
 // results), TRACE (clock stamps at each stage's end, cuda_decode.py prints where a layer's time goes).
 
 // (HD, THREADS, WARPS, the bf16 helpers, wait_parity, consumer_sync, group_sum, the layer norm and the
@@ -267,6 +268,42 @@ __device__ __forceinline__ unsigned long long load_tagged(const unsigned long lo
     asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
     return v;
 }
+// One tagged value's 64 bits, once it carries `tag` (or flagged in error once the spin limit passes or
+// another poll gave up). POLL_STAGGER > 0 keeps two loads of it in flight, the second issued that many
+// cycles after the first, so that a value is seen up to half an L2 round trip sooner after it lands (an
+// experiment for the next session's GPU: RESULTS.md, eleventh session; 0, one load at a time, is the
+// measured build).
+#ifndef POLL_STAGGER
+#define POLL_STAGGER 0
+#endif
+__device__ __forceinline__ unsigned long long poll_tagged(const unsigned long long* p, u32 tag, int* error) {
+    unsigned long long v = load_tagged(p);
+#if POLL_STAGGER > 0
+    const long long start = clock64();
+    while (clock64() - start < POLL_STAGGER) {
+    }
+    unsigned long long w = load_tagged(p);
+    for (int spins = 0;; ++spins) {
+        if ((u32)(v >> 32) == tag) return v;
+        v = load_tagged(p);
+        if ((u32)(w >> 32) == tag) return w;
+        w = load_tagged(p);
+        if (spins >= SPIN_LIMIT / 2 || ((spins & 127) == 127 && *(volatile int*)error)) {
+            atomicExch(error, 1);
+            return v;
+        }
+    }
+#else
+    for (int spins = 0; (u32)(v >> 32) != tag; ++spins) {
+        if (spins >= SPIN_LIMIT || ((spins & 255) == 255 && *(volatile int*)error)) {
+            atomicExch(error, 1);
+            break;
+        }
+        v = load_tagged(p);
+    }
+    return v;
+#endif
+}
 // column c of N tagged rows (D apart) plus a bias, summed in row order once every row carries `tag`
 template <int N>
 __device__ __forceinline__ float sum_tagged(const unsigned long long* rows, int c, float bias, u32 tag, int* error) {
@@ -278,6 +315,14 @@ __device__ __forceinline__ float sum_tagged(const unsigned long long* rows, int 
 #pragma unroll
         for (int k = 0; k < N; ++k) all &= (u32)(v[k] >> 32) == tag;
         if (all) break;
+#if POLL_STAGGER > 0
+        if (spins > 0) {  // the ones still missing after a second look (the last cluster's, commonly): one by
+#pragma unroll            // one, each with two loads in flight
+            for (int k = 0; k < N; ++k)
+                if ((u32)(v[k] >> 32) != tag) v[k] = poll_tagged(rows + (long long)k * D + c, tag, error);
+            break;
+        }
+#endif
         if (spins >= SPIN_LIMIT || ((spins & 255) == 255 && *(volatile int*)error)) {
             atomicExch(error, 1);
             break;
@@ -294,15 +339,7 @@ __device__ __forceinline__ float sum_tagged(const unsigned long long* rows, int 
 
 // one tagged value, once it carries `tag`
 __device__ __forceinline__ float wait_tagged(const unsigned long long* p, u32 tag, int* error) {
-    unsigned long long v = load_tagged(p);
-    for (int spins = 0; (u32)(v >> 32) != tag; ++spins) {
-        if (spins >= SPIN_LIMIT || ((spins & 255) == 255 && *(volatile int*)error)) {
-            atomicExch(error, 1);
-            break;
-        }
-        v = load_tagged(p);
-    }
-    return __uint_as_float((u32)v);
+    return __uint_as_float((u32)poll_tagged(p, tag, error));
 }
 
 // Hand-offs inside the cluster are pushes: a CTA stores its values straight into its peers' shared
