@@ -352,7 +352,11 @@ def check_and_time(
 
 def parse_defines(text: str) -> dict[str, str]:
     """``NAME`` or ``NAME=VALUE`` items, comma-separated, as macros (a bare name is defined as 1)."""
-    return dict([*item.split("="), "1"][:2] for item in filter(None, text.split(",")))
+    macros = dict([*item.split("="), "1"][:2] for item in filter(None, text.split(",")))
+    empty = [name for name, value in macros.items() if not value]
+    if empty:  # "NAME=" would define an empty macro, which the kernel's #if lines cannot read
+        raise SystemExit(f"cuda_decode: give {', '.join(empty)} a value (NAME=VALUE) or none (NAME)")
+    return macros
 
 
 def compare_variants(
@@ -377,9 +381,10 @@ def compare_variants(
                 (weights.logits(b.run(token, where)).float() - reference).abs().max().item() for b in builds
             ]
             samples: list[list[float]] = [[] for _ in builds]
-            for _ in range(rounds):
-                for build, times in zip(builds, samples, strict=True):
-                    times.append(graph_time([lambda b=build, t=token, p=where: b.run(t, p)]))
+            for turn in range(rounds):  # each round starts one build later: no build always goes first
+                for index in [(turn + i) % len(builds) for i in range(len(builds))]:
+                    build = builds[index]
+                    samples[index].append(graph_time([lambda b=build, t=token, p=where: b.run(t, p)]))
             for variant, build, error, times in zip(variants, builds, errors, samples, strict=True):
                 median = sorted(times)[len(times) // 2]
                 label = ",".join(f"{k}={v}" for k, v in variant.items()) or "(base)"
@@ -423,8 +428,8 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default=None,
-        help="cluster kernel: builds to compare in turns, separated by ';', each a --defines list "
-        "(empty: the base build), e.g. ';NORM_ONCE=0;SLOTS=5,CHUNK_BYTES=36864'",
+        help="the cluster kernel (whatever --kernel says) built several ways, compared in turns: builds "
+        "separated by ';', each a --defines list (empty: the base build), e.g. ';NORM_ONCE=0;SLOTS=5,CHUNK_BYTES=36864'",
     )
     parser.add_argument(
         "--rounds", type=int, default=5, help="--variants: timing rounds, every build once a round"

@@ -270,9 +270,11 @@ __device__ __forceinline__ unsigned long long load_tagged(const unsigned long lo
 }
 // One tagged value's 64 bits, once it carries `tag` (or flagged in error once the spin limit passes or
 // another poll gave up). POLL_STAGGER > 0 keeps two loads of it in flight, the second issued that many
-// cycles after the first, so that a value is seen up to half an L2 round trip sooner after it lands (an
+// cycles after the first, so that a value is seen up to half an L2 round trip sooner after it lands. It
+// staggers only while POLL_STAGGER is below the round trip (each load is reissued once the one before is
+// back), and the first check waits max(POLL_STAGGER, round trip): so about half a round trip. (An
 // experiment for the next session's GPU: RESULTS.md, eleventh session; 0, one load at a time, is the
-// measured build).
+// measured build.)
 #ifndef POLL_STAGGER
 #define POLL_STAGGER 0
 #endif
@@ -288,7 +290,7 @@ __device__ __forceinline__ unsigned long long poll_tagged(const unsigned long lo
         v = load_tagged(p);
         if ((u32)(w >> 32) == tag) return w;
         w = load_tagged(p);
-        if (spins >= SPIN_LIMIT / 2 || ((spins & 127) == 127 && *(volatile int*)error)) {
+        if (spins >= SPIN_LIMIT || ((spins & 127) == 127 && *(volatile int*)error)) {
             atomicExch(error, 1);
             return v;
         }
@@ -316,10 +318,18 @@ __device__ __forceinline__ float sum_tagged(const unsigned long long* rows, int 
         for (int k = 0; k < N; ++k) all &= (u32)(v[k] >> 32) == tag;
         if (all) break;
 #if POLL_STAGGER > 0
-        if (spins > 0) {  // the ones still missing after a second look (the last cluster's, commonly): one by
-#pragma unroll            // one, each with two loads in flight
+        int missing = 0, last = 0;
+#pragma unroll
+        for (int k = 0; k < N; ++k)
+            if ((u32)(v[k] >> 32) != tag) {
+                ++missing;
+                last = k;
+            }
+        if (missing == 1) {  // the last one: polled with two loads in flight (the others, in one batch, below)
+            const unsigned long long value = poll_tagged(rows + (long long)last * D + c, tag, error);
+#pragma unroll
             for (int k = 0; k < N; ++k)
-                if ((u32)(v[k] >> 32) != tag) v[k] = poll_tagged(rows + (long long)k * D + c, tag, error);
+                if (k == last) v[k] = value;  // no dynamic index into v: it stays in registers
             break;
         }
 #endif
