@@ -33,9 +33,9 @@
 //
 // Weights come pre-arranged (cluster.py): a head CTA's q/k/v rows as one block, its projection share
 // as [HD][outputs], MLP up as rows, MLP down transposed ([hidden][width]). A producer warp streams each
-// CTA's chunks (up to CHUNK_BYTES, 64 KB) into a ring of SLOTS (3) shared-memory slots, round robin. Rounding mirrors the
-// Triton kernel: normed rows, q/k/v, the attention output and the hidden values are bf16; the residual
-// and all sums fp32.
+// CTA's chunks (up to CHUNK_BYTES, 64 KB) into a ring of SLOTS (3) shared-memory slots, round robin.
+// Rounding mirrors the Triton kernel: normed rows, q/k/v, the attention output and the hidden values are
+// bf16; the residual and all sums fp32.
 //
 // Macros: D, NH, NL, LC (cache length), THREADS (consumer threads), CS (cluster size), NCL (clusters,
 // at least NH; all of them must be resident at once: cluster.py asks the driver), FROM_SEQ (the token is
@@ -45,8 +45,9 @@
 // RESULTS.md's ninth and eleventh sessions: no gain the engine would keep), PACE (cycles the producer
 // waits a KiB copied; default 0), SLOTS and CHUNK_BYTES (the weight ring's slots, default 3, and a chunk's
 // largest size, default 64 KB; cluster.py sizes shared memory from both), POLL_STAGGER (cycles between
-// two loads of a polled value kept in flight; default 0, one at a time; not yet run on a GPU). For diagnosis: NO_COPY (no weights copied; wrong
-// results), TRACE (clock stamps at each stage's end, cuda_decode.py prints where a layer's time goes).
+// two loads of a polled value kept in flight; default 0, one at a time; not yet run on a GPU). For
+// diagnosis: NO_COPY (no weights copied; wrong results), TRACE (clock stamps at each stage's end,
+// cuda_decode.py prints where a layer's time goes).
 
 // (HD, THREADS, WARPS, the bf16 helpers, wait_parity, consumer_sync, group_sum, the layer norm and the
 // attention's softmax partial are in common.cuh, which cluster.py compiles in front of this file.)
