@@ -141,8 +141,11 @@ def cluster_decode(
 
     What the kernel would refuse is said here in one line. ``MMA_ROWS`` takes
     q/k/v and MLP up as tensor-core fragments (mma_layout.py), laid out here
-    (the engine never builds it).
+    (the engine never builds it). ``THREADS=N`` is not passed as a macro (the
+    shape's own): it asks for at least N consumer threads.
     """
+    extra = dict(extra)
+    least_threads = int(extra.pop("THREADS", cluster.THREADS))
     heads = weights.n_head
     spread = "SPREAD_QKV" in extra
     if clusters is not None and (clusters < heads or (clusters > heads and not spread)):
@@ -150,7 +153,9 @@ def cluster_decode(
     if "MMA_ROWS" in extra and not spread:
         raise SystemExit("cuda_decode: MMA_ROWS takes SPREAD_QKV's q/k/v rows: add SPREAD_QKV")
     try:
-        decode = ClusterDecode(weights, cache, extra, clusters, from_sequence=False)
+        decode = ClusterDecode(
+            weights, cache, extra, clusters, from_sequence=False, least_threads=least_threads
+        )
     except (RuntimeError, ValueError) as error:
         raise SystemExit(f"cuda_decode: {error}") from None
     if "MMA_ROWS" in extra:
@@ -359,6 +364,11 @@ def parse_defines(text: str) -> dict[str, str]:
     return macros
 
 
+def variant_label(variant: dict[str, str]) -> str:
+    """A build's macros as the table names it."""
+    return ",".join(f"{k}={v}" for k, v in variant.items()) or "(base)"
+
+
 def compare_variants(
     name: str,
     positions: list[int],
@@ -376,7 +386,15 @@ def compare_variants(
     with torch.no_grad():
         for position, token, where, mask, base in cached_positions(weights, positions):
             reference = weights.decode_one(token, where, base.clone(), mask).float()
-            builds = [cluster_decode(weights, base.clone(), {**extra, **v}, clusters) for v in variants]
+            built: list[tuple[dict[str, str], ClusterDecode]] = []
+            for variant in variants:  # a build the kernel refuses is said in a row, and the others go on
+                try:
+                    built.append(
+                        (variant, cluster_decode(weights, base.clone(), {**extra, **variant}, clusters))
+                    )
+                except SystemExit as refusal:
+                    print(f"| {name} | {position} | {variant_label(variant)} | refused: {refusal} | | | |")
+            kept, builds = [v for v, _ in built], [b for _, b in built]
             errors = [
                 (weights.logits(b.run(token, where)).float() - reference).abs().max().item() for b in builds
             ]
@@ -385,12 +403,12 @@ def compare_variants(
                 for index in [(turn + i) % len(builds) for i in range(len(builds))]:
                     build = builds[index]
                     samples[index].append(graph_time([lambda b=build, t=token, p=where: b.run(t, p)]))
-            for variant, build, error, times in zip(variants, builds, errors, samples, strict=True):
+            for variant, build, error, times in zip(kept, builds, errors, samples, strict=True):
                 median = sorted(times)[len(times) // 2]
-                label = ",".join(f"{k}={v}" for k, v in variant.items()) or "(base)"
                 failed = "A BARRIER OR POLL GAVE UP" if build.failed() else "ok"
                 print(
-                    f"| {name} | {position} | {label} | {median:.1f} ({median / layers:.2f} a layer) "
+                    f"| {name} | {position} | {variant_label(variant)} ({build.threads} threads) "
+                    f"| {median:.1f} ({median / layers:.2f} a layer) "
                     f"| {min(times):.1f}–{max(times):.1f} | {error:.4f} | {failed} |",
                     flush=True,
                 )

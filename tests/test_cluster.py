@@ -105,6 +105,17 @@ def test_consumer_threads_meet_the_kernels_asserts(width: int, cluster: int, thr
 
 
 @pytest.mark.parametrize(
+    ("width", "least", "threads"),
+    [(768, 384, 384), (1024, 384, 512), (1280, 512, 640), (768, 100, 192)],
+)
+def test_consumer_threads_asked_for_more(width: int, least: int, threads: int) -> None:
+    """``least`` (cuda_decode.py's THREADS=N) raises the count to the next that still splits the width
+    evenly: 384 divides 768, not 1024 (512) or 1280 at 512 (640); asked for fewer than the default, the
+    width's own floor holds (768 / 4 pushed pieces: 192)."""
+    assert consumer_threads(width, 4, least) == threads
+
+
+@pytest.mark.parametrize(
     ("width", "grid", "cluster", "threads", "macros", "expected"),
     [
         # gpt2: 12 clusters of 8, a head CTA's 24 q/k/v rows; MLP up 32 rows of 768 in one chunk (the largest)

@@ -80,11 +80,11 @@ def cluster_unsupported(weights: Any) -> str | None:
     return None
 
 
-def consumer_threads(width: int, cluster: int) -> int:
-    """The fewest consumer threads, at least ``THREADS``, that split the width evenly (MLP down: an output a
+def consumer_threads(width: int, cluster: int, least: int = THREADS) -> int:
+    """The fewest consumer threads, at least ``least``, that split the width evenly (MLP down: an output a
     lane's), give every projection output of a head's share (``width / cluster``) a thread, and every
     16-byte piece of a pushed row (``width / 4``) one."""
-    threads = max(THREADS, width // cluster, width // 4)
+    threads = max(least, width // cluster, width // 4)
     while width % threads:
         threads += 32
     return threads
@@ -196,7 +196,8 @@ class ClusterDecode:
     12 of 8), else clusters of 4 with q/k/v spread over every CTA
     (``SPREAD_QKV``), as many as stay resident (gpt2-medium on an H200: 30).
     ``defines`` adds macros (``benchmarks/cuda_decode.py`` passes its
-    diagnostic ones); ``clusters`` asks for a count instead.
+    diagnostic ones); ``clusters`` asks for a count instead, and
+    ``least_threads`` for more consumer threads (an experiment's knob).
     """
 
     def __init__(
@@ -206,8 +207,9 @@ class ClusterDecode:
         defines: dict[str, str] | None = None,
         clusters: int | None = None,
         from_sequence: bool = True,
+        least_threads: int = THREADS,
     ) -> None:
-        self.weights, self.cache = weights, cache
+        self.weights, self.cache, self.least_threads = weights, cache, least_threads
         self.device = cache.device
         extra = dict(defines or {})
         if set(extra) & SHAPE_MACROS:  # the launch follows the shape this class chose
@@ -273,7 +275,7 @@ class ClusterDecode:
     def _build_here(self, cluster: int, count: int, macros: dict[str, str]) -> int | str:
         width, heads = self.weights.n_embd, self.weights.n_head
         self.cluster, self.count, self.grid = cluster, count, count * cluster
-        self.threads = threads = consumer_threads(width, cluster)
+        self.threads = threads = consumer_threads(width, cluster, self.least_threads)
         self.shared = ring_bytes(width, self.grid, cluster, threads, macros)
         up_rows = -(-4 * width // self.grid)  # FR
         # the static arrays (hs ... xs, red_*, att*, head_qkv, hidden, mbarriers): a little above ptxas's count

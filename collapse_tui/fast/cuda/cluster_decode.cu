@@ -44,10 +44,9 @@
 // (with SPREAD_QKV: q/k/v and MLP up on tensor cores, mma.sync with the weights stored as fragments;
 // RESULTS.md's ninth and eleventh sessions: no gain the engine would keep), PACE (cycles the producer
 // waits a KiB copied; default 0), SLOTS and CHUNK_BYTES (the weight ring's slots, default 3, and a chunk's
-// largest size, default 64 KB; cluster.py sizes shared memory from both), POLL_STAGGER (cycles between
-// two loads of a polled value kept in flight; default 0, one at a time; not yet run on a GPU). For
-// diagnosis: NO_COPY (no weights copied; wrong results), TRACE (clock stamps at each stage's end,
-// cuda_decode.py prints where a layer's time goes).
+// largest size, default 64 KB; cluster.py sizes shared memory from both). For diagnosis: NO_COPY (no
+// weights copied; wrong results), TRACE (clock stamps at each stage's end, cuda_decode.py prints where a
+// layer's time goes).
 
 // (HD, THREADS, WARPS, the bf16 helpers, wait_parity, consumer_sync, group_sum, the layer norm and the
 // attention's softmax partial are in common.cuh, which cluster.py compiles in front of this file.)
@@ -270,33 +269,10 @@ __device__ __forceinline__ unsigned long long load_tagged(const unsigned long lo
     return v;
 }
 // One tagged value's 64 bits, once it carries `tag` (or flagged in error once the spin limit passes or
-// another poll gave up). POLL_STAGGER > 0 keeps two loads of it in flight, the second issued that many
-// cycles after the first, so that a value is seen up to half an L2 round trip sooner after it lands. It
-// staggers only while POLL_STAGGER is below the round trip (each load is reissued once the one before is
-// back), and the first check waits max(POLL_STAGGER, round trip): so about half a round trip. (An
-// experiment for the next session's GPU: RESULTS.md, eleventh session; 0, one load at a time, is the
-// measured build.)
-#ifndef POLL_STAGGER
-#define POLL_STAGGER 0
-#endif
+// another poll gave up). (Two loads kept in flight, staggered, measured 17 % slower for gpt2-medium:
+// RESULTS.md, twelfth session.)
 __device__ __forceinline__ unsigned long long poll_tagged(const unsigned long long* p, u32 tag, int* error) {
     unsigned long long v = load_tagged(p);
-#if POLL_STAGGER > 0
-    const long long start = clock64();
-    while (clock64() - start < POLL_STAGGER) {
-    }
-    unsigned long long w = load_tagged(p);
-    for (int spins = 0;; ++spins) {
-        if ((u32)(v >> 32) == tag) return v;
-        v = load_tagged(p);
-        if ((u32)(w >> 32) == tag) return w;
-        w = load_tagged(p);
-        if (spins >= SPIN_LIMIT || ((spins & 127) == 127 && *(volatile int*)error)) {
-            atomicExch(error, 1);
-            return v;
-        }
-    }
-#else
     for (int spins = 0; (u32)(v >> 32) != tag; ++spins) {
         if (spins >= SPIN_LIMIT || ((spins & 255) == 255 && *(volatile int*)error)) {
             atomicExch(error, 1);
@@ -305,7 +281,6 @@ __device__ __forceinline__ unsigned long long poll_tagged(const unsigned long lo
         v = load_tagged(p);
     }
     return v;
-#endif
 }
 // column c of N tagged rows (D apart) plus a bias, summed in row order once every row carries `tag`
 template <int N>
@@ -318,22 +293,6 @@ __device__ __forceinline__ float sum_tagged(const unsigned long long* rows, int 
 #pragma unroll
         for (int k = 0; k < N; ++k) all &= (u32)(v[k] >> 32) == tag;
         if (all) break;
-#if POLL_STAGGER > 0
-        int missing = 0, last = 0;
-#pragma unroll
-        for (int k = 0; k < N; ++k)
-            if ((u32)(v[k] >> 32) != tag) {
-                ++missing;
-                last = k;
-            }
-        if (missing == 1) {  // the last one: polled with two loads in flight (the others, in one batch, below)
-            const unsigned long long value = poll_tagged(rows + (long long)last * D + c, tag, error);
-#pragma unroll
-            for (int k = 0; k < N; ++k)
-                if (k == last) v[k] = value;  // no dynamic index into v: it stays in registers
-            break;
-        }
-#endif
         if (spins >= SPIN_LIMIT || ((spins & 255) == 255 && *(volatile int*)error)) {
             atomicExch(error, 1);
             break;
