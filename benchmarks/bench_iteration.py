@@ -136,8 +136,7 @@ class EngineLoop:
         t_gen, ids = timed(lambda: inference.generate([50256], self.gen_tokens, self.sampler))
 
         def evaluate() -> None:
-            inference.mean_loss(sequence_windows(ids, self.block))  # type: ignore[arg-type]
-            inference.mean_loss([self.val])
+            inference.mean_losses([sequence_windows(ids, self.block), [self.val]])  # as Engine.step
             repetition_metrics(ids[1:], "")  # type: ignore[index]
 
         t_eval, _ = timed(evaluate)

@@ -48,6 +48,9 @@ def main() -> None:
     parts: dict[str, Callable[[], object]] = {
         "evaluate: generated text": lambda: inference.mean_loss(sequence_windows(ids, args.block)),
         "evaluate: validation set": lambda: inference.mean_loss([val]),
+        "evaluate: both in one batch (as the engine)": lambda: inference.mean_losses(
+            [sequence_windows(ids, args.block), [val]]
+        ),
         "evaluate: repetition metrics (CPU)": lambda: repetition_metrics(ids[1:], ""),
         "train step": lambda: Engine._train_step(engine, ids),  # type: ignore[arg-type]
     }

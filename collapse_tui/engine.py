@@ -244,8 +244,10 @@ class Engine:
         )
         t1 = time.perf_counter()
         generated = ids[len(self.prompt_ids) :]
-        gen_loss = self.inference.mean_loss(sequence_windows(ids, config.block))
-        valid = {s.name: self.inference.mean_loss([s.windows]) for s in self.eval_sets}
+        gen_loss, *set_losses = self.inference.mean_losses(
+            [sequence_windows(ids, config.block), *([s.windows] for s in self.eval_sets)]
+        )
+        valid = {s.name: loss for s, loss in zip(self.eval_sets, set_losses, strict=True)}
         text = self.tokenizer.decode(generated)
         repetition = repetition_metrics(generated, text)
         collapsed = self.detector.update(repetition.rep4)

@@ -63,6 +63,10 @@ class Inference(ABC):
     def weights_changed(self) -> None:  # noqa: B027 - optional hook, a no-op for eager forwards
         """Called after every optimizer step: implementations that keep copies refresh them here."""
 
+    def mean_losses(self, sets: list[list[torch.Tensor]]) -> list[float]:
+        """``mean_loss`` of each set; an implementation may evaluate them all in one batch."""
+        return [self.mean_loss(windows) for windows in sets]
+
     def mean_loss(self, windows: list[torch.Tensor]) -> float:
         """Mean token cross-entropy over groups of equal-length windows."""
         total, count = 0.0, 0

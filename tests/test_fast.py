@@ -7,6 +7,7 @@ that sampled sequences agree token for token.
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -14,10 +15,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from collapse_tui.errors import RunInterrupted
-from collapse_tui.fast import FastGPT2Inference, fast_inference_for
+from collapse_tui.fast import FastGPT2Inference, fast_inference_for, kernels
 from collapse_tui.fast.gpt2 import unsupported_reason
-from collapse_tui.fast.inference import _Decoder
-from collapse_tui.fast.kernels import add_layernorm, linear_gelu
+from collapse_tui.fast.inference import PAD, _Decoder
+from collapse_tui.fast.kernels import add_layernorm, linear_gelu, token_losses
 from collapse_tui.inference import EagerInference, sequence_windows
 
 VOCAB = 300
@@ -95,6 +96,56 @@ def test_mean_loss_over_sequence_windows() -> None:
     groups = sequence_windows(ids, 16)
     ours = fast_cpu(model, 16).mean_loss(groups)
     assert ours == pytest.approx(EagerInference(model, 16, 1.0, None).mean_loss(groups), rel=1e-5)
+
+
+def test_mean_losses_of_several_sets_in_one_batch_match_each_alone() -> None:
+    """The engine's evaluation: the generated text (full windows and a short rest) and two held-out sets of
+    other widths, padded into one batch; each set's mean is still over its own tokens only."""
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(11)
+    text = sequence_windows(torch.randint(0, VOCAB, (60,), generator=gen).tolist(), 16)
+    held_out = [torch.randint(0, VOCAB, (5, 17), generator=gen)]
+    short = [torch.randint(0, VOCAB, (3, 9), generator=gen)]
+    eager = EagerInference(model, 16, 1.0, None)
+    means = fast_cpu(model, 16).mean_losses([text, held_out, [], short])
+    assert means[0] == pytest.approx(eager.mean_loss(text), rel=1e-5)
+    assert means[1] == pytest.approx(eager.mean_loss(held_out), rel=1e-5)
+    assert means[2] != means[2]  # an empty set: NaN, as mean_loss gives
+    assert means[3] == pytest.approx(eager.mean_loss(short), rel=1e-5)
+    assert len({round(m, 6) for m in (means[0], means[1], means[3])}) == 3  # three sets, three means
+
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    HAS_TRITON = False
+else:
+    HAS_TRITON = True
+
+
+@pytest.mark.skipif(
+    not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs under Triton's interpreter (machines without a GPU); on GPUs see test_fast_gpu.py",
+)
+@pytest.mark.parametrize(("vocab", "stride"), [(5000, 5008), (300, 300)], ids=["two-blocks", "under-a-block"])
+def test_token_losses_kernel_matches_cross_entropy(vocab: int, stride: int) -> None:
+    """The Triton cross-entropy on bf16 logits (a view of padded rows, as lm_head gives them): a padded
+    target scores 0, a row with a NaN logit scores NaN, the rest match torch's within fp32 rounding."""
+    gen = torch.Generator().manual_seed(12)
+    logits = (torch.randn(5, stride, generator=gen) * 4).to(torch.bfloat16)[:, :vocab]
+    targets = torch.randint(0, vocab, (5,), generator=gen)
+    targets[1] = PAD
+    expected = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none", ignore_index=PAD)
+    kernel = kernels._triton_token_losses()
+    assert kernel is not None
+    ours = kernel(logits, targets, PAD)
+    assert ours[1] == 0.0
+    assert torch.allclose(ours, expected, atol=1e-5)
+    logits[3, 7] = float("nan")
+    assert torch.isnan(kernel(logits, targets, PAD)[3])
+    assert torch.allclose(
+        token_losses(logits, targets, PAD, use_triton=True)[:3], expected[:3]
+    )  # CPU: torch's
 
 
 @pytest.mark.parametrize("notify", [True, False], ids=["weights_changed", "optimizer-hook"])

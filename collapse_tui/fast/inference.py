@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from collapse_tui.errors import in_one_line
 from collapse_tui.fast.cluster import ClusterDecode, cluster_unsupported
 from collapse_tui.fast.gpt2 import GPT2Weights
+from collapse_tui.fast.kernels import token_losses
 from collapse_tui.fast.persistent import PersistentForward, Plan, check_plan, persistent_unsupported
 from collapse_tui.fast.steps import StepLoop
 from collapse_tui.inference import Inference, full_context
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 EVAL_TOKENS_PER_FORWARD = 16384
 #: Generation steps captured in one CUDA graph: one launch per this many tokens (a power of two).
 TOKENS_PER_REPLAY = 32
-#: Positions per cross-entropy chunk: bounds the logits held at once (vocab × this, fp32).
+#: Positions per cross-entropy chunk: bounds the logits held at once (vocab × this; fp32 too off Triton).
 LOGIT_CHUNK = 2048
 #: Token id that pads a short evaluation window to its batch's length: never scored, fed as token 0.
 PAD = -100
@@ -312,35 +313,55 @@ class FastGPT2Inference(Inference):
         rows = max(1, EVAL_TOKENS_PER_FORWARD // max(1, windows.size(1) - 1))
         yield from windows.split(rows)
 
-    def mean_loss(self, windows: list[torch.Tensor]) -> float:
-        """All groups in one batch: shorter windows padded at their end with ``PAD``, which is not scored.
+    def mean_losses(self, sets: list[list[torch.Tensor]]) -> list[float]:
+        """Every set's mean loss from one batch: all groups of all sets, shorter windows padded at their end
+        with ``PAD``, which is not scored.
 
         Causal attention keeps a window's tokens blind to the padding after
-        them, so this is the mean over the groups' tokens as before, in one
-        forward instead of one per group (the generated text is a group of
-        full windows and a shorter rest: half the launches, one host sync).
+        them, so each set's mean is over its own tokens, as one forward per
+        group would give. One batch means one forward's launches and one host
+        sync for the whole evaluation: the generated text's few windows alone
+        were host-bound (gpt2-medium: ~12 ms of launching for ~2 ms of kernels).
         """
-        groups = [group for group in windows if group.numel()]
-        if not groups:
-            return float("nan")
-        width = max(group.size(1) for group in groups)
-        batch = torch.cat([F.pad(group, (0, width - group.size(1)), value=PAD) for group in groups])
-        total, count = self.loss_sum(batch)
-        return total / count
+        kept = [[group for group in groups if group.numel()] for groups in sets]
+        flat = [group for groups in kept for group in groups]
+        if not flat:
+            return [float("nan")] * len(sets)
+        width = max(group.size(1) for group in flat)
+        batch = torch.cat([F.pad(group, (0, width - group.size(1)), value=PAD) for group in flat])
+        sums, counts = self._row_losses(batch)
+        row_sums, row_counts = sums.tolist(), counts.tolist()  # the one host sync
+        means, first = [], 0
+        for groups in kept:
+            last = first + sum(group.size(0) for group in groups)
+            count = sum(row_counts[first:last])
+            means.append(sum(row_sums[first:last]) / count if count else float("nan"))
+            first = last
+        return means
+
+    def mean_loss(self, windows: list[torch.Tensor]) -> float:
+        return self.mean_losses([windows])[0]
 
     def loss_sum(self, windows: torch.Tensor) -> tuple[float, int]:
         """Summed cross-entropy of ``windows`` [n, length + 1] (targets ``PAD`` not scored) and its count."""
+        sums, counts = self._row_losses(windows)
+        return float(sums.sum()), int(counts.sum())
+
+    def _row_losses(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each window's summed cross-entropy (fp64, on the device) and its scored targets (on the host)."""
         if windows.size(1) - 1 > self.max_positions:
             raise ValueError(f"windows of {windows.size(1) - 1} tokens exceed the model's positions")
-        count = int((windows[:, 1:] != PAD).sum())
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        counts = (windows[:, 1:] != PAD).sum(1)
+        losses = torch.empty(windows.size(0) * (windows.size(1) - 1), device=self.device)
         with self._forward_context():
             self._fresh()
             windows = windows.to(self.device, non_blocking=True)
+            done = 0
             for batch in self._row_batches(windows):
                 x = self.weights.hidden(batch[:, :-1].clamp(min=0)).flatten(0, 1)
                 targets = batch[:, 1:].flatten()
                 for xs, ts in zip(x.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK), strict=True):
-                    logits = self.weights.logits(xs).float()
-                    total += F.cross_entropy(logits, ts, reduction="sum", ignore_index=PAD).double()
-        return float(total), count
+                    logits = self.weights.logits(xs)
+                    losses[done : done + ts.numel()] = token_losses(logits, ts, PAD, self.weights.use_triton)
+                    done += ts.numel()
+        return losses.view(windows.size(0), -1).double().sum(1), counts
