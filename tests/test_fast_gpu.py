@@ -16,6 +16,8 @@ from gpu import teach_to_say
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from collapse_tui.fast import FastGPT2Inference, cluster, fast_inference_for, persistent, skinny
+from collapse_tui.fast.inference import PAD
+from collapse_tui.fast.kernels import token_losses
 from collapse_tui.fast.steps import StepLoop
 from collapse_tui.fast.topk_race import RaceBuffers, race_winner, sample_token
 from collapse_tui.inference import EagerInference, sequence_windows
@@ -214,6 +216,34 @@ def test_the_next_generation_uses_the_updated_weights(notify: bool, shape: str, 
     with torch.no_grad():
         reference = model(tokens).logits
         assert rel_err(fast.weights.logits(fast.weights.hidden(tokens)), reference) < 2e-2
+
+
+def test_token_losses_on_lm_head_logits_match_torch_cross_entropy() -> None:
+    """The Triton cross-entropy reads lm_head's bf16 logits where they lie (rows padded to 50,304) and gives
+    torch's fp32 cross-entropy of the same logits; a padded target scores 0."""
+    fast = fast_for(gpt2_model(), 100)
+    x = (torch.randn(300, 768, device="cuda", generator=cuda_gen(3)) * 40).to(torch.bfloat16)  # spread logits
+    logits = fast.weights.logits(x)
+    assert logits.stride(0) != logits.size(1)  # a view of the padded rows
+    targets = torch.randint(0, VOCAB, (300,), device="cuda", generator=cuda_gen(4))
+    targets[::7] = PAD
+    ours = token_losses(logits, targets, PAD, use_triton=True)
+    theirs = F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=PAD)
+    assert bool((ours[::7] == 0).all())
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-5)
+
+
+def test_one_batch_of_several_sets_gives_each_sets_own_mean() -> None:
+    model = gpt2_model()
+    fast = fast_for(model, 100)
+    sets = [
+        sequence_windows(torch.randint(0, VOCAB, (350,)).tolist(), 100),  # full windows and a short rest
+        [torch.randint(0, VOCAB, (20, 101))],
+    ]
+    means = fast.mean_losses(sets)
+    assert means == pytest.approx([fast.mean_loss(windows) for windows in sets], rel=1e-6)
+    eager = EagerInference(model, 100, 1.0, None)
+    assert means == pytest.approx([eager.mean_loss(windows) for windows in sets], rel=5e-3)
 
 
 def test_gen_loss_windows_batch_like_eager() -> None:
