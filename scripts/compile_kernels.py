@@ -203,10 +203,6 @@ def compile_sampling(arch: int) -> None:
                 buffers = topk_race.RaceBuffers(50257, logits.device)
                 plan, _ = topk_race.launches(logits, draws, top_k, 1.0, buffers, append)
                 for kernel, _grid, kernel_args, constants in plan:
-                    if (
-                        "EARLY_LAUNCH" in constants
-                    ):  # as on a GPU of this arch (the logits here are the CPU's)
-                        constants = {**constants, "EARLY_LAUNCH": arch >= 90}
                     seconds, used = compile_launch(
                         topk_race_kernel, kernel, kernel_args, dict(constants), arch
                     )

@@ -104,68 +104,26 @@ def compile_source(source: str, device: int, name: str = "decode_layers") -> Any
         return torch.cuda._compile_kernel(source, name)
 
 
-class _LaunchConfig(ctypes.Structure):
-    """The driver's ``CUlaunchConfig``: grid, block, dynamic shared memory, stream, launch attributes."""
-
-    _fields_ = [
-        *((name, ctypes.c_uint) for name in ("gx", "gy", "gz", "bx", "by", "bz", "shared")),
-        ("stream", ctypes.c_void_p),
-        ("attrs", ctypes.c_void_p),
-        ("count", ctypes.c_uint),
-    ]
-
-
-class _LaunchAttribute(ctypes.Structure):
-    """The driver's ``CUlaunchAttribute``: an id, padding, a 64-byte value."""
-
-    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_uint), ("value", ctypes.c_int * 16)]
-
-
-#: ``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION``
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6
-
-
 def _max_active_clusters(kernel: Any, grid: int, block: int, shared: int) -> int | None:
     """How many of the kernel's clusters the GPU holds at once (``cuOccupancyMaxActiveClusters``), or None."""
+
+    class LaunchConfig(ctypes.Structure):
+        _fields_ = [
+            *((name, ctypes.c_uint) for name in ("gx", "gy", "gz", "bx", "by", "bz", "shared")),
+            ("stream", ctypes.c_void_p),
+            ("attrs", ctypes.c_void_p),
+            ("count", ctypes.c_uint),
+        ]
+
     library = torch.cuda._utils._get_gpu_runtime_library()
     function = getattr(library, "cuOccupancyMaxActiveClusters", None)
     if function is None:
         return None
     clusters = ctypes.c_int(0)
-    config = _LaunchConfig(grid, 1, 1, block, 1, 1, shared, None, None, 0)
+    config = LaunchConfig(grid, 1, 1, block, 1, 1, shared, None, None, 0)
     if function(ctypes.byref(clusters), kernel.func, ctypes.byref(config)) != 0:
         return None
     return clusters.value
-
-
-def early_launcher() -> Callable[..., None] | None:
-    """A launch that lets the kernel start before the one ahead of it in the stream has finished
-    (programmatic dependent launch: ``cuLaunchKernelEx`` with programmatic stream serialization), or
-    ``None`` where the driver has no ``cuLaunchKernelEx`` or ``COLLAPSE_TUI_EARLY_LAUNCH=0``.
-
-    The decode kernel then sets up and streams layer 0's weights while the
-    sampling's race (which lets it, ``topk_race_kernel.race``) still runs; it
-    reads the token only after ``griddepcontrol.wait``. Every argument is a
-    tensor (a pointer).
-    """
-    if os.environ.get("COLLAPSE_TUI_EARLY_LAUNCH", "1") == "0":
-        return None
-    function = getattr(torch.cuda._utils._get_gpu_runtime_library(), "cuLaunchKernelEx", None)
-    if function is None:
-        return None
-
-    def launch(kernel: Any, grid: int, block: int, shared: int, args: list[torch.Tensor]) -> None:
-        attribute = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION, 0)
-        attribute.value[0] = 1  # programmaticStreamSerializationAllowed
-        stream = torch.cuda.current_stream(args[0].device).cuda_stream
-        config = _LaunchConfig(grid, 1, 1, block, 1, 1, shared, stream, ctypes.addressof(attribute), 1)
-        pointers = [ctypes.c_uint64(tensor.data_ptr()) for tensor in args]
-        params = (ctypes.c_void_p * len(pointers))(*(ctypes.addressof(p) for p in pointers))
-        code = function(ctypes.byref(config), kernel.func, params, None)
-        if code != 0:
-            raise RuntimeError(f"cuLaunchKernelEx failed (CUresult {code})")
-
-    return launch
 
 
 def allow_shared_memory(kernel: Any, size: int) -> None:
@@ -287,8 +245,6 @@ class ClusterDecode:
         else:
             raise RuntimeError("no cluster shape fits: " + "; ".join(reasons))
         self._lay_out_weights()
-        #: the launch that may start before the race ahead of it ends (None: the plain one)
-        self.launch_early = early_launcher()
         width, device = weights.n_embd, self.device
         # tagged partials: a float and its tag (launch, layer) in one 64-bit word
         self.head_parts = torch.zeros(heads * width, dtype=torch.int64, device=device)
@@ -363,19 +319,18 @@ class ClusterDecode:
         value go into the cache. The token is ``tokens[position]`` (the sequence, the engine's way) or, built
         with ``from_sequence=False``, ``tokens[0]``."""
         w = self.weights
-        args = [
-            tokens, position, w.wte, w.wpe, self.wq, w.qkv_b_all, self.wp, w.proj_b_all, self.wf,
-            w.fc_b_all, self.wd, w.out_b_all, w.ln1_w_all, w.ln1_b_all, w.ln2_w_all, w.ln2_b_all,
-            self.cache, self.head_parts, self.cluster_parts, self.qkv_parts, self.out, self.sync,
-            self.error, self.trace,
-        ]  # fmt: skip
         with torch.cuda.device(self.device):
-            if self.launch_early is not None:
-                self.launch_early(self.kernel, self.grid, self.threads + 32, self.shared, args)
-            else:
-                self.kernel(
-                    grid=(self.grid, 1, 1), block=(self.threads + 32, 1, 1), shared_mem=self.shared, args=args
-                )
+            self.kernel(
+                grid=(self.grid, 1, 1),
+                block=(self.threads + 32, 1, 1),
+                shared_mem=self.shared,
+                args=[
+                    tokens, position, w.wte, w.wpe, self.wq, w.qkv_b_all, self.wp, w.proj_b_all, self.wf,
+                    w.fc_b_all, self.wd, w.out_b_all, w.ln1_w_all, w.ln1_b_all, w.ln2_w_all, w.ln2_b_all,
+                    self.cache, self.head_parts, self.cluster_parts, self.qkv_parts, self.out, self.sync,
+                    self.error, self.trace,
+                ],
+            )  # fmt: skip
         return self.out
 
     def run_sequence(self, seq: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ into the sequence and advances the loop's counter: two launches fewer).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -115,19 +114,10 @@ def launches(
     blocks_p2 = 1 << (blocks - 1).bit_length()
     constants = {
         "THRESHOLD": threshold, "BLOCKS": blocks_p2, "APPEND": append is not None,
-        "OFFSET": append.offset if append is not None else 0, "EARLY_LAUNCH": early_launch_allowed(device),
-        **common,
+        "OFFSET": append.offset if append is not None else 0, **common,
     }  # fmt: skip
     plan.append(("race", (blocks,), race_args, constants))
     return plan, token
-
-
-def early_launch_allowed(device: torch.device) -> bool:
-    """Whether the race lets the kernel after it start early (programmatic dependent launch: Hopper and
-    newer; ``COLLAPSE_TUI_EARLY_LAUNCH=0`` turns it off, here and in cluster.py)."""
-    if device.type != "cuda" or os.environ.get("COLLAPSE_TUI_EARLY_LAUNCH", "1") == "0":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.cache

@@ -80,7 +80,7 @@ def low_histogram(logit_ptr, state_ptr, n, k, BLOCK: tl.constexpr):
 @triton.jit
 def race(logit_ptr, draw_ptr, kth_ptr, state_ptr, best_ptr, index_ptr, token_ptr, seq_ptr, counter_ptr, n, k,
          inv_temperature, THRESHOLD: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
-         APPEND: tl.constexpr, OFFSET: tl.constexpr, EARLY_LAUNCH: tl.constexpr):  # fmt: skip
+         APPEND: tl.constexpr, OFFSET: tl.constexpr):  # fmt: skip
     """``argmax(x / T - log E)`` over the logits at or above the k-th largest, written to ``token_ptr``.
 
     THRESHOLD 0: no top-k; 1: the k-th largest from the two histograms
@@ -88,20 +88,8 @@ def race(logit_ptr, draw_ptr, kth_ptr, state_ptr, best_ptr, index_ptr, token_ptr
     block zeroes the state for the next race (every block has read it by
     then) and, with ``APPEND``, also writes the token to
     ``seq[counter + OFFSET]`` and adds 1 to ``counter`` (``topk_race.Append``).
-    ``EARLY_LAUNCH`` (Hopper): the next kernel may start now, if it was
-    launched to (cluster.py's decode kernel); it waits for this one to finish
-    before it reads the token.
     """
     pid = tl.program_id(0)
-    if EARLY_LAUNCH:
-        tl.inline_asm_elementwise(
-            "griddepcontrol.launch_dependents;\n\tmov.u32 $0, $1;",
-            "=r,r",
-            [pid],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
     offsets = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < n
     raw = tl.load(logit_ptr + offsets, mask=ok, other=0.0)

@@ -511,6 +511,18 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
     const bool has_head = blockIdx.x < HGRID;
     const int head = has_head ? blockIdx.x / CS : 0;  // one cluster a head (the first NH clusters)
     const int first = blockIdx.x * FF / GRID, rows = (blockIdx.x + 1) * FF / GRID - first;  // MLP rows
+    const int pos = (int)pos_ptr[0];
+#ifdef FROM_SEQ
+    const int token = (int)token_ptr[pos];  // the engine's step: the token at the position it feeds
+#else
+    const int token = (int)token_ptr[0];
+#endif
+    const float scale = 0.125f;
+    const u32 launch = (u32)*(volatile int*)(sync + 40) + 1;  // tags of 0 (zeroed buffers) are never current
+    // the attention's keys 0..pos split evenly over the cluster, in multiples of a pass (4 keys a warp)
+    const int chunk_keys = min(CH, ((pos + CS) / CS + WARPS * 4 - 1) / (WARPS * 4) * (WARPS * 4));
+    const int passes = chunk_keys / (WARPS * 4);
+
     Ring ring{slots, full, empty, 0u};
     if (threadIdx.x == 0) {
         for (int s = 0; s < SLOTS; ++s) {
@@ -527,22 +539,6 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS 
         if (lane == 0) produce(ring, wq, wp, wf, wd);
         return;
     }
-    // Launched early (cluster.py: programmatic dependent launch), the kernel has set up and its producer is
-    // streaming layer 0's weights while the sampling before it still runs; what that sampling writes (the
-    // token, the counter) is read only after it has finished. Launched plainly, this returns at once.
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    const int pos = (int)pos_ptr[0];
-#ifdef FROM_SEQ
-    const int token = (int)token_ptr[pos];  // the engine's step: the token at the position it feeds
-#else
-    const int token = (int)token_ptr[0];
-#endif
-    const float scale = 0.125f;
-    const u32 launch = (u32)*(volatile int*)(sync + 40) + 1;  // tags of 0 (zeroed buffers) are never current
-    // the attention's keys 0..pos split evenly over the cluster, in multiples of a pass (4 keys a warp)
-    const int chunk_keys = min(CH, ((pos + CS) / CS + WARPS * 4 - 1) / (WARPS * 4) * (WARPS * 4));
-    const int passes = chunk_keys / (WARPS * 4);
-
 
     for (int i = threadIdx.x; i < D; i += THREADS) hs[i] = wte[(long long)token * D + i] + wpe[(long long)pos * D + i];
     prefetch_params(gs, bs, ln1_w, ln1_b);
