@@ -229,6 +229,7 @@ class PersistentForward:
         self.grid = grid
         self.last_kernel = "decode_kernel" if self.matvec else "forward_kernel"
         self.last_work = True
+        self.last_from_sequence = False
         #: the kernels count SM cycles per stage into ``trace_cycles`` (benchmarks/trace_persistent.py)
         self.trace = False
         self.trace_cycles = torch.zeros(grid, 16, dtype=torch.int64, device=device)
@@ -273,18 +274,23 @@ class PersistentForward:
         """The flags' values after the last launch: each count times the layers (none without work).
 
         The last flag counts the rows ``forward_kernel``'s layer-norm stages
-        finished (two a layer and the embedding's); ``decode_kernel`` leaves
-        it at 0.
+        finished (two a layer and the embedding's; a window from the sequence
+        has only one row in the last layer's two); ``decode_kernel`` leaves it
+        at 0.
         """
         w, plan = self.weights, self.plan
         counts = self.flag_counts()
         layers = len(w.layers) if self.last_work else 0
-        row_stages = 2 * layers + 1 if self.last_work and self.last_kernel == "forward_kernel" else 0
+        rows = 0
+        if self.last_work and self.last_kernel == "forward_kernel":
+            rows = self.rows * (2 * layers + 1)
+            if self.last_from_sequence and self.cache is None:
+                rows -= 2 * (self.rows - 1)
         return (
             [counts["QKV_COUNT"] * layers] * w.n_head
             + [counts["ATTN_COUNT"] * layers] * plan.proj_splits
             + [counts["UP_COUNT"] * layers] * plan.out_splits
-            + [self.rows * row_stages]
+            + [rows]
         )
 
     def _block_q(self) -> int:
@@ -331,7 +337,7 @@ class PersistentForward:
         module = _build()
         assert module is not None, "Triton is not installed"
         name, args, constants = self.launch(tokens, position, work, from_sequence)
-        self.last_kernel, self.last_work = name, work
+        self.last_kernel, self.last_work, self.last_from_sequence = name, work, from_sequence
         getattr(module, name)[(self.grid,)](*args, **constants)
 
     def launch(

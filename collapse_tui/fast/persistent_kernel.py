@@ -100,10 +100,10 @@ def signal(flag_ptr, first, COLS: tl.constexpr, GROUP: tl.constexpr):
 
 @triton.jit
 def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, wte_ptr, wpe_ptr,
-               rows_ptr, M, pos, eps, pid, nprog, last_ptr, last_row,
+               rows_ptr, row0, M, pos, eps, pid, nprog, last_ptr, last_row,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                SPLITS: tl.constexpr, EMBED: tl.constexpr):  # fmt: skip
-    """Per row: h = embedding, or h += partial sums + bias; then xn = layer_norm(h) in bf16.
+    """Per row ``row0 .. M - 1``: h = embedding, or h += partial sums + bias; then xn = layer_norm(h) in bf16.
 
     Row ``last_row`` (-1: none) also goes to ``last_ptr``: the row lm_head
     reads, so that no gather launch picks it out of ``xn``.
@@ -118,7 +118,7 @@ def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, w
     # the norm's parameters first: their latency hides behind the rows' loads, not after the reductions
     w = tl.load(ln_w_ptr + cols, mask=ok, other=0.0)
     b = tl.load(ln_b_ptr + cols, mask=ok, other=0.0)
-    for r in range(pid, M, nprog):
+    for r in range(row0 + pid, M, nprog):
         if EMBED:
             token = tl.load(tok_ptr + r)
             h = tl.load(wte_ptr + token * D + cols, mask=ok, other=0.0)
@@ -138,20 +138,21 @@ def rows_stage(h_ptr, part_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xn_ptr, tok_ptr, w
         tl.store(xn_ptr + r * D + cols, normed, mask=ok)
         if r == last_row:
             tl.store(last_ptr + cols, normed, mask=ok)
-    if pid < M:  # one count (release) for all of this CTA's rows, once they are all stored
+    if pid < M - row0:  # one count (release) for all of this CTA's rows, once they are all stored
         tl.debug_barrier()
-        tl.atomic_add(rows_ptr, tl.cdiv(M - pid, nprog), sem="release", scope="gpu")
+        tl.atomic_add(rows_ptr, tl.cdiv(M - row0 - pid, nprog), sem="release", scope="gpu")
 
 
 @triton.jit
-def gemm_stage(x_ptr, w_ptr, b_ptr, out_ptr, cache_ptr, M, pos, pid, nprog,
+def gemm_stage(x_ptr, w_ptr, b_ptr, out_ptr, cache_ptr, row0, M, pos, pid, nprog,
                wait_ptr, wait_target, signal_ptr, error_ptr, spin,
                N: tl.constexpr, K: tl.constexpr, SPLITS: tl.constexpr, EPILOGUE: tl.constexpr,
                TO_CACHE: tl.constexpr, D: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
                LC: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                UPCAST: tl.constexpr, WAITS: tl.constexpr, SIGNAL_MOD: tl.constexpr,
                SIGNAL_GROUP: tl.constexpr):  # fmt: skip
-    """``x [M, K] @ w[N, K].T``; EPILOGUE 0: + bias, 1: + bias then tanh GELU, 2: fp32 partials.
+    """``x [M, K] @ w[N, K].T`` for rows ``row0 .. M - 1`` (fewer than ``BLOCK_M``); EPILOGUE 0: + bias,
+    1: + bias then tanh GELU, 2: fp32 partials.
 
     Items are (column tile, K split) pairs. With ``TO_CACHE`` (the qkv
     product of a cached decode) the key and value columns also go to the
@@ -164,7 +165,7 @@ def gemm_stage(x_ptr, w_ptr, b_ptr, out_ptr, cache_ptr, M, pos, pid, nprog,
     N_TILES: tl.constexpr = N // BN
     KS: tl.constexpr = K // SPLITS
     STEPS: tl.constexpr = KS // BK
-    rows = tl.arange(0, BLOCK_M)
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows[:, None] < M
     for item in range(pid, N_TILES * SPLITS, nprog):
         tile = item % N_TILES
@@ -335,7 +336,12 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     grow by ``QKV_COUNT``, ``ATTN_COUNT``, ``UP_COUNT`` and ``2 M`` a
     layer): two barriers a layer. Each product's weight tiles are requested
     from L2 (``PREFETCH``) right after the product before it is done.
-    ``WORK=False`` keeps only the barriers: to time them alone.
+    ``WORK=False`` keeps only the barriers: to time them alone. In the last
+    layer of a window from the sequence (``FROM_SEQ``, not ``CACHED``) the
+    projection, ln_2, the MLP and ln_f take only the row lm_head reads: the
+    other rows' keys and values are all that layer needs of them, and the
+    products read 1 row of activations instead of ``M`` (the row count then
+    grows by 2 instead of ``2 M``).
 
     ``TRACE`` adds up, per CTA, the SM cycles of each step of a layer into
     ``trace_ptr [grid, 16]``: 0 qkv (with its wait for ln_1's rows), 1
@@ -365,15 +371,22 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
     if WORK:
         prefetch_tiles(qkv_w, pid, nprog, 3 * D, D, 1, BN, PREFETCH)
         prefetch_tiles(proj_w, pid, nprog, D, D, PROJ_SPLITS, BN, PREFETCH)
-        rows_stage(h_ptr, part_ptr, proj_b, ln1_w, ln1_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, rows_flag, M, pos, eps,
-                   pid, nprog, last_ptr, -1, D, BLOCK_D, BLOCK_M, 1, True)  # fmt: skip
+        rows_stage(h_ptr, part_ptr, proj_b, ln1_w, ln1_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, rows_flag, 0, M, pos,
+                   eps, pid, nprog, last_ptr, -1, D, BLOCK_D, BLOCK_M, 1, True)  # fmt: skip
     cache = cache_ptr
     if TRACE:
         cycles = tl.zeros([16], dtype=tl.int64)
         cycles, since = tick(cycles, 0, 15)
     for layer in range(n_layer):
+        # rows lo .. hi - 1 go on after the attention: all of them, but in the last layer of a window from
+        # the sequence only the row lm_head reads (of the others that layer needs only the keys and values)
+        lo = 0
+        hi = M
+        if FROM_SEQ and not CACHED:
+            lo = tl.where(layer + 1 == n_layer, last_row, 0)
+            hi = tl.where(layer + 1 == n_layer, last_row + 1, M)
         if WORK:
-            spin = gemm_stage(xn_ptr, qkv_w, qkv_b, qkv_ptr, cache, M, pos, pid, nprog, rows_flag,
+            spin = gemm_stage(xn_ptr, qkv_w, qkv_b, qkv_ptr, cache, 0, M, pos, pid, nprog, rows_flag,
                               M * (2 * layer + 1), head_flags, error_ptr, spin, 3 * D, D, 1, 0, CACHED, D, H, HD,
                               LC, BLOCK_M, BN, BK, UPCAST, True, D, HD)  # fmt: skip
             prefetch_tiles(fc_w, pid, nprog, F, D, 1, BN, PREFETCH)
@@ -384,7 +397,7 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
                                    BLOCK_M, BLOCK_Q, BLOCK_KV, CACHED, UPCAST, D // PROJ_SPLITS)  # fmt: skip
             if TRACE:
                 cycles, since = tick(cycles, since, 1)
-            spin = gemm_stage(attn_ptr, proj_w, proj_b, part_ptr, cache, M, pos, pid, nprog, proj_flags,
+            spin = gemm_stage(attn_ptr, proj_w, proj_b, part_ptr, cache, lo, hi, pos, pid, nprog, proj_flags,
                               ATTN_COUNT * (layer + 1), proj_flags, error_ptr, spin, D, D, PROJ_SPLITS, 2,
                               False, D, H, HD, LC, BLOCK_M, BN, BK, UPCAST, True, D, 0)  # fmt: skip
         if TRACE:
@@ -397,19 +410,20 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         if TRACE:
             cycles, since = tick(cycles, since, 3)
         if WORK:
-            rows_stage(h_ptr, part_ptr, proj_b, ln2_w, ln2_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, rows_flag, M, pos, eps,
-                       pid, nprog, last_ptr, -1, D, BLOCK_D, BLOCK_M, PROJ_SPLITS, False)  # fmt: skip
+            rows_stage(h_ptr, part_ptr, proj_b, ln2_w, ln2_b, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, rows_flag, lo, hi, pos,
+                       eps, pid, nprog, last_ptr, -1, D, BLOCK_D, BLOCK_M, PROJ_SPLITS, False)  # fmt: skip
         if TRACE:
             cycles, since = tick(cycles, since, 4)
         if WORK:
-            spin = gemm_stage(xn_ptr, fc_w, fc_b, ff_ptr, cache, M, pos, pid, nprog, rows_flag, M * (2 * layer + 2),
+            spin = gemm_stage(xn_ptr, fc_w, fc_b, ff_ptr, cache, lo, hi, pos, pid, nprog, rows_flag,
+                              M * (2 * layer + 1) + hi - lo,
                               out_flags, error_ptr, spin, F, D, 1, 1, False, D, H, HD, LC, BLOCK_M, BN, BK, UPCAST,
                               True, F, F // OUT_SPLITS)  # fmt: skip
             if layer + 1 < n_layer:
                 prefetch_tiles(qkv_w + 3 * D * D, pid, nprog, 3 * D, D, 1, BN, PREFETCH)
             if TRACE:
                 cycles, since = tick(cycles, since, 6)
-            spin = gemm_stage(ff_ptr, out_w, out_b, part_ptr, cache, M, pos, pid, nprog, out_flags,
+            spin = gemm_stage(ff_ptr, out_w, out_b, part_ptr, cache, lo, hi, pos, pid, nprog, out_flags,
                               UP_COUNT * (layer + 1), out_flags, error_ptr, spin, D, F, OUT_SPLITS, 2, False,
                               D, H, HD, LC, BLOCK_M, BN, BK, UPCAST, True, D, 0)  # fmt: skip
             if TRACE:
@@ -423,8 +437,8 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
             cycles, since = tick(cycles, since, 8)
         if WORK:
             final_row = tl.where(layer + 1 == n_layer, last_row, -1)  # after the last layer: ln_f
-            rows_stage(h_ptr, part_ptr, out_b, ln1_w + D, ln1_b + D, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, rows_flag, M, pos,
-                       eps, pid, nprog, last_ptr, final_row, D, BLOCK_D, BLOCK_M, OUT_SPLITS, False)  # fmt: skip
+            rows_stage(h_ptr, part_ptr, out_b, ln1_w + D, ln1_b + D, xn_ptr, tok_ptr, wte_ptr, wpe_ptr, rows_flag, lo, hi,
+                       pos, eps, pid, nprog, last_ptr, final_row, D, BLOCK_D, BLOCK_M, OUT_SPLITS, False)  # fmt: skip
         if TRACE:
             cycles, since = tick(cycles, since, 9)
         qkv_w, qkv_b, proj_w, proj_b, fc_w, fc_b, out_w, out_b, ln1_w, ln1_b, ln2_w, ln2_b, cache = next_layer(
