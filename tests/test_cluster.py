@@ -115,6 +115,16 @@ def test_consumer_threads_asked_for_more(width: int, least: int, threads: int) -
     assert consumer_threads(width, 4, least) == threads
 
 
+def test_consumer_threads_refuse_what_no_block_holds() -> None:
+    """600 threads or more do not split 1024 in a block of 1024 with the producer warp: refused, not a
+    search without end (cuda_decode.py's THREADS=600 then gets a refused row)."""
+    with pytest.raises(ValueError, match="1024"):
+        consumer_threads(1024, 4, 600)
+    with pytest.raises(ValueError, match="block of 1024"):
+        consumer_threads(1024, 4, 1024)  # divides the width, but leaves no room for the producer warp
+    assert consumer_threads(1280, 4, 330) == 640  # whole warps (352), then the first that divides 1280
+
+
 @pytest.mark.parametrize(
     ("width", "grid", "cluster", "threads", "macros", "expected"),
     [

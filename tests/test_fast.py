@@ -127,10 +127,12 @@ else:
     not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
     reason="runs under Triton's interpreter (machines without a GPU); on GPUs see test_fast_gpu.py",
 )
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, on purpose
 @pytest.mark.parametrize(("vocab", "stride"), [(5000, 5008), (300, 300)], ids=["two-blocks", "under-a-block"])
 def test_token_losses_kernel_matches_cross_entropy(vocab: int, stride: int) -> None:
     """The Triton cross-entropy on bf16 logits (a view of padded rows, as lm_head gives them): a padded
-    target scores 0, a row with a NaN logit scores NaN, the rest match torch's within fp32 rounding."""
+    target scores 0, a row with a NaN or +inf logit scores NaN and one with -inf does not (as torch's),
+    the rest match torch's within fp32 rounding."""
     gen = torch.Generator().manual_seed(12)
     logits = (torch.randn(5, stride, generator=gen) * 4).to(torch.bfloat16)[:, :vocab]
     targets = torch.randint(0, vocab, (5,), generator=gen)
@@ -141,11 +143,13 @@ def test_token_losses_kernel_matches_cross_entropy(vocab: int, stride: int) -> N
     ours = kernel(logits, targets, PAD)
     assert ours[1] == 0.0
     assert torch.allclose(ours, expected, atol=1e-5)
-    logits[3, 7] = float("nan")
-    assert torch.isnan(kernel(logits, targets, PAD)[3])
-    assert torch.allclose(
-        token_losses(logits, targets, PAD, use_triton=True)[:3], expected[:3]
-    )  # CPU: torch's
+    logits[3, 7], logits[4, 0], logits[0, 5] = float("nan"), float("inf"), float("-inf")
+    expected = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none", ignore_index=PAD)
+    ours = kernel(logits, targets, PAD)
+    assert torch.isnan(expected[3:]).all() and torch.isnan(ours[3:]).all()
+    assert torch.allclose(ours[:3], expected[:3], atol=1e-5)  # a -inf logit adds nothing, as in torch
+    # off CUDA the dispatcher takes torch's, whatever use_triton says
+    assert torch.equal(token_losses(logits, targets, PAD, use_triton=True)[:3], expected[:3])
 
 
 @pytest.mark.parametrize("notify", [True, False], ids=["weights_changed", "optimizer-hook"])

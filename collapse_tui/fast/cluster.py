@@ -45,6 +45,8 @@ SOURCES = Path(__file__).with_name("cuda")
 #: Consumer threads a CTA at least (more where a thread must take a projection output: gpt2-large's
 #: 320); one more warp streams the weights into shared memory.
 THREADS = 256
+#: Threads a block at most (CUDA's limit), the producer warp included.
+MAX_BLOCK = 1024
 #: Widest model it runs (gpt2-large; gpt2-xl's 1600 is not a multiple of 256).
 MAX_WIDTH = 1280
 #: Macros ``ClusterDecode`` sets from the shape (``defines`` may not).
@@ -83,10 +85,15 @@ def cluster_unsupported(weights: Any) -> str | None:
 def consumer_threads(width: int, cluster: int, least: int = THREADS) -> int:
     """The fewest consumer threads, at least ``least``, that split the width evenly (MLP down: an output a
     lane's), give every projection output of a head's share (``width / cluster``) a thread, and every
-    16-byte piece of a pushed row (``width / 4``) one."""
-    threads = max(least, width // cluster, width // 4)
-    while width % threads:
+    16-byte piece of a pushed row (``width / 4``) one; whole warps, and room for the producer warp in a
+    block of 1024. ``ValueError`` when no count does."""
+    threads = -(-max(least, width // cluster, width // 4) // 32) * 32
+    while width % threads and threads + 32 < MAX_BLOCK:
         threads += 32
+    if width % threads or threads + 32 > MAX_BLOCK:
+        raise ValueError(
+            f"no count of at least {least} consumer threads splits a width of {width} evenly in a block of {MAX_BLOCK}"
+        )
     return threads
 
 
@@ -275,7 +282,10 @@ class ClusterDecode:
     def _build_here(self, cluster: int, count: int, macros: dict[str, str]) -> int | str:
         width, heads = self.weights.n_embd, self.weights.n_head
         self.cluster, self.count, self.grid = cluster, count, count * cluster
-        self.threads = threads = consumer_threads(width, cluster, self.least_threads)
+        try:
+            self.threads = threads = consumer_threads(width, cluster, self.least_threads)
+        except ValueError as error:
+            return str(error)
         self.shared = ring_bytes(width, self.grid, cluster, threads, macros)
         up_rows = -(-4 * width // self.grid)  # FR
         # the static arrays (hs ... xs, red_*, att*, head_qkv, hidden, mbarriers): a little above ptxas's count

@@ -351,7 +351,7 @@ class FastGPT2Inference(Inference):
         """Each window's summed cross-entropy (fp64, on the device) and its scored targets (on the host)."""
         if windows.size(1) - 1 > self.max_positions:
             raise ValueError(f"windows of {windows.size(1) - 1} tokens exceed the model's positions")
-        counts = (windows[:, 1:] != PAD).sum(1)
+        counts = (windows[:, 1:] != PAD).sum(1).cpu()  # the engine's windows are on the host: no sync
         losses = torch.empty(windows.size(0) * (windows.size(1) - 1), device=self.device)
         with self._forward_context():
             self._fresh()

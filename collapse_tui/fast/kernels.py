@@ -123,8 +123,9 @@ def add_layernorm(
     return _add_layernorm_torch(h, y, bias, weight, shift, eps, out_dtype)
 
 
-#: Below any bf16 logit: where the running maximum starts and what masked vocabulary columns read.
-_LOWEST = -3.0e38
+#: float32's lowest value, below every finite bf16 logit: where the running maximum starts and what masked
+#: vocabulary columns read (they never enter the sum).
+_LOWEST = -3.4028234663852886e38
 
 
 @functools.cache
@@ -147,9 +148,10 @@ def _triton_token_losses() -> Callable[..., torch.Tensor] | None:
             cols = start + tl.arange(0, BLOCK)
             valid = cols < n_cols
             x = tl.load(base + cols, mask=valid, other=lowest).to(tl.float32)
+            # maximum() drops a NaN logit, but its exp() is NaN, and so is exp(inf - inf): the loss is NaN
+            # then; a -inf logit adds 0, as in torch
             new_max = tl.maximum(running_max, x)
-            # x * 0 keeps a NaN or infinite logit in the sum (maximum() would drop a NaN): the loss is NaN then
-            term = tl.where(valid, tl.exp(x - new_max) + x * 0.0, 0.0)
+            term = tl.where(valid, tl.exp(x - new_max), 0.0)
             running_sum = running_sum * tl.exp(running_max - new_max) + term
             running_max = new_max
         top = tl.max(running_max, axis=0)
@@ -162,7 +164,7 @@ def _triton_token_losses() -> Callable[..., torch.Tensor] | None:
     def token_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
         out = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
         kernel[(logits.size(0),)](
-            logits, targets, out, logits.size(1), logits.stride(0), ignore_index, _LOWEST, BLOCK=4096,
+            logits, targets.contiguous(), out, logits.size(1), logits.stride(0), ignore_index, _LOWEST, BLOCK=4096,
             num_warps=8,
         )  # fmt: skip
         return out
@@ -173,10 +175,13 @@ def _triton_token_losses() -> Callable[..., torch.Tensor] | None:
 def token_losses(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, use_triton: bool
 ) -> torch.Tensor:
-    """Each row's cross-entropy (fp32 ``[n]``; 0 where the target is ``ignore_index``).
+    """Each row's cross-entropy (fp32 ``[n]``; 0 where the target is ``ignore_index``), as torch's.
 
     ``logits`` ``[n, vocab]`` in any float dtype with unit column stride (a
-    view cut from padded rows is fine); the sums run in fp32 either way.
+    view cut from padded rows is fine); the sums run in fp32 either way. A
+    NaN or +inf logit makes its row's loss NaN, a -inf one adds nothing (the
+    engine stops a run on a NaN loss). Targets lie in ``[0, vocab)`` or are
+    ``ignore_index``.
     """
     if use_triton and logits.is_cuda and logits.stride(1) == 1:
         fused = _triton_token_losses()

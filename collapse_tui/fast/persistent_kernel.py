@@ -383,8 +383,8 @@ def forward_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr,
         lo = 0
         hi = M
         if FROM_SEQ and not CACHED:
-            lo = tl.where(layer + 1 == n_layer, last_row, 0)
-            hi = tl.where(layer + 1 == n_layer, last_row + 1, M)
+            lo = tl.where(layer + 1 == n_layer, tl.maximum(last_row, 0), 0)  # (a counter of 0: row 0)
+            hi = tl.where(layer + 1 == n_layer, lo + 1, M)
         if WORK:
             spin = gemm_stage(xn_ptr, qkv_w, qkv_b, qkv_ptr, cache, 0, M, pos, pid, nprog, rows_flag,
                               M * (2 * layer + 1), head_flags, error_ptr, spin, 3 * D, D, 1, 0, CACHED, D, H, HD,
