@@ -86,14 +86,19 @@ def default_plan(n_embd: int, rows: int = MAX_ROWS) -> Plan:
     Four K splits where they divide K into whole K steps, else the nearest
     count that does (gpt2-xl's 1600 takes 5 for the projection, a toy width
     of 128 takes 2). One cached token (``rows`` 1) reads its weights in K
-    steps of 128 where the splits allow.
+    steps of 128 where the splits allow; a window keeps four stages of
+    weight tiles in flight and takes its keys 128 at a time.
     """
     block_k = 64
     candidates = [4, 5, 3, 6, 2, 8, 1]
     proj = next((s for s in candidates if n_embd % (s * block_k) == 0), 1)
-    if rows == 1 and n_embd % (proj * 128) == 0:
-        block_k = 128
-    return Plan(block_k=block_k, proj_splits=proj)
+    if rows == 1:
+        if n_embd % (proj * 128) == 0:
+            block_k = 128
+        return Plan(block_k=block_k, proj_splits=proj)
+    # a window: four stages of weight tiles in flight and a key tile of 128 (RESULTS.md, thirteenth
+    # session: 729 -> 678 µs a gpt2-medium window token, 304 -> 298 for gpt2)
+    return Plan(block_k=block_k, proj_splits=proj, stages=4, block_kv=128)
 
 
 def check_plan(plan: Plan, n_embd: int) -> None:
