@@ -147,6 +147,30 @@ def test_a_weight_change_is_seen_by_the_next_launch() -> None:
     assert not torch.equal(before[:10], after[:10])
 
 
+@pytest.mark.parametrize(
+    ("head_dim", "shared_bytes", "deep"),
+    [
+        (64, None, True),  # off CUDA, or torch does not say: the H100/H200 plan
+        (64, 232_448, True),  # H100, H200 (sm_90)
+        (64, 166_912, True),  # A100 (sm_80)
+        (64, 101_376, False),  # RTX 30xx/40xx (sm_86, sm_89): 99 KB a CTA
+        (128, 232_448, True),
+        (128, 166_912, False),  # heads of 128 take about twice the shared memory
+    ],
+)
+def test_a_window_plan_takes_four_stages_only_where_a_cta_has_the_shared_memory(
+    head_dim: int, shared_bytes: int | None, deep: bool
+) -> None:
+    window = persistent.default_plan(1024, 100, head_dim, shared_bytes)
+    assert (window.stages, window.block_kv) == ((4, 128) if deep else (3, 64))
+    cached = persistent.default_plan(1024, 1, head_dim, shared_bytes)
+    assert (cached.stages, cached.block_kv, cached.block_k) == (
+        3,
+        64,
+        128,
+    )  # the same on every GPU
+
+
 def test_default_plan_splits_k_into_whole_steps() -> None:
     assert persistent.default_plan(1024).proj_splits == 4
     assert persistent.default_plan(1600).proj_splits == 5

@@ -80,14 +80,31 @@ class Plan:
     chunk: int = 128
 
 
-def default_plan(n_embd: int, rows: int = MAX_ROWS) -> Plan:
-    """The plan that measured fastest on an H200 (benchmarks/RESULTS.md), fitted to the width.
+#: Shared memory a CTA of the window kernel takes with four stages of weight tiles and key tiles of 128,
+#: heads of 64 (sm_90 build, 104,448 bytes; heads of 128 take about twice): more than GPUs of compute
+#: capability 8.6 and 8.9 give a CTA (99 KB), which keep three stages and key tiles of 64 (~60 KB).
+DEEP_WINDOW_BYTES = 104_448
+
+
+def shared_memory_per_block(device: torch.device) -> int | None:
+    """Bytes of shared memory a CTA may opt into on ``device``; ``None`` off CUDA or where torch does not say."""
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
+def default_plan(
+    n_embd: int, rows: int = MAX_ROWS, head_dim: int = 64, shared_bytes: int | None = None
+) -> Plan:
+    """The plan that measured fastest on an H200 (benchmarks/RESULTS.md), fitted to the width and the GPU.
 
     Four K splits where they divide K into whole K steps, else the nearest
     count that does (gpt2-xl's 1600 takes 5 for the projection, a toy width
     of 128 takes 2). One cached token (``rows`` 1) reads its weights in K
-    steps of 128 where the splits allow; a window keeps four stages of
-    weight tiles in flight and takes its keys 128 at a time.
+    steps of 128 where the splits allow. A window keeps four stages of
+    weight tiles in flight and takes its keys 128 at a time where the GPU
+    gives a CTA the shared memory for it (``shared_bytes``; ``None``: assume
+    it does, as an H100 or H200 does), else three stages and 64 keys.
     """
     block_k = 64
     candidates = [4, 5, 3, 6, 2, 8, 1]
@@ -96,8 +113,9 @@ def default_plan(n_embd: int, rows: int = MAX_ROWS) -> Plan:
         if n_embd % (proj * 128) == 0:
             block_k = 128
         return Plan(block_k=block_k, proj_splits=proj)
-    # a window: four stages of weight tiles in flight and a key tile of 128 (RESULTS.md, thirteenth
-    # session: 729 -> 678 µs a gpt2-medium window token, 304 -> 298 for gpt2)
+    if shared_bytes is not None and shared_bytes < DEEP_WINDOW_BYTES * max(1, head_dim // 64):
+        return Plan(block_k=block_k, proj_splits=proj)
+    # RESULTS.md, thirteenth session: 729 -> 678 µs a gpt2-medium window token, 304 -> 298 for gpt2
     return Plan(block_k=block_k, proj_splits=proj, stages=4, block_kv=128)
 
 
@@ -192,9 +210,9 @@ class PersistentForward:
         self.rows = rows
         self.cache = cache
         width, heads = weights.n_embd, weights.n_head
-        self.plan = plan or default_plan(width, rows)
-        check_plan(self.plan, width)
         device = weights.wte.device
+        self.plan = plan or default_plan(width, rows, width // heads, shared_memory_per_block(device))
+        check_plan(self.plan, width)
         self.block_m = max(16, _next_pow2(rows))  # tl.dot takes at least 16 rows
         self.block_d = _next_pow2(width)
         dtype = weights.dtype
