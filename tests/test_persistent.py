@@ -163,12 +163,8 @@ def test_a_window_plan_takes_four_stages_only_where_a_cta_has_the_shared_memory(
 ) -> None:
     window = persistent.default_plan(1024, 100, head_dim, shared_bytes)
     assert (window.stages, window.block_kv) == ((4, 128) if deep else (3, 64))
-    cached = persistent.default_plan(1024, 1, head_dim, shared_bytes)
-    assert (cached.stages, cached.block_kv, cached.block_k) == (
-        3,
-        64,
-        128,
-    )  # the same on every GPU
+    cached = persistent.default_plan(1024, 1, head_dim, shared_bytes)  # the same on every GPU
+    assert (cached.stages, cached.block_kv, cached.block_k) == (3, 64, 128)
 
 
 def test_default_plan_splits_k_into_whole_steps() -> None:
