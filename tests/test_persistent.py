@@ -19,6 +19,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,23 @@ def test_a_window_plan_takes_four_stages_only_where_a_cta_has_the_shared_memory(
     assert (window.stages, window.block_kv) == ((4, 128) if deep else (3, 64))
     cached = persistent.default_plan(1024, 1, head_dim, shared_bytes)  # the same on every GPU
     assert (cached.stages, cached.block_kv, cached.block_k) == (3, 64, 128)
+
+
+@pytest.mark.parametrize(
+    ("told", "capability", "expected"),
+    [(200_000, (9, 0), 200_000), (None, (9, 0), 232_448), (None, (8, 9), 101_376), (None, (8, 0), 166_912)],
+    ids=["torch-says", "h100-by-capability", "rtx-4090-by-capability", "a100-by-capability"],
+)
+def test_shared_memory_per_block_comes_from_torch_or_else_from_the_capability(
+    monkeypatch: pytest.MonkeyPatch, told: int | None, capability: tuple[int, int], expected: int
+) -> None:
+    props = (
+        types.SimpleNamespace() if told is None else types.SimpleNamespace(shared_memory_per_block_optin=told)
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    assert persistent.shared_memory_per_block(torch.device("cuda", 0)) == expected
+    assert persistent.shared_memory_per_block(torch.device("cpu")) is None
 
 
 def test_default_plan_splits_k_into_whole_steps() -> None:

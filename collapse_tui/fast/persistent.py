@@ -86,11 +86,20 @@ class Plan:
 DEEP_WINDOW_BYTES = 104_448
 
 
+#: Shared memory a CTA may opt into, by compute capability, for a torch whose device properties do not say:
+#: A100, H100/H200, B200; other GPUs (8.6, 8.9, 12.0: RTX cards) 99 KB.
+OPTIN_BY_CAPABILITY = {(8, 0): 166_912, (9, 0): 232_448, (10, 0): 232_448}
+LEAST_OPTIN = 101_376
+
+
 def shared_memory_per_block(device: torch.device) -> int | None:
-    """Bytes of shared memory a CTA may opt into on ``device``; ``None`` off CUDA or where torch does not say."""
+    """Bytes of shared memory a CTA may opt into on ``device``; ``None`` off CUDA."""
     if device.type != "cuda":
         return None
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    told = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    if told is not None:
+        return int(told)
+    return OPTIN_BY_CAPABILITY.get(torch.cuda.get_device_capability(device), LEAST_OPTIN)
 
 
 def default_plan(
