@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from collapse_tui.fast.persistent import shared_memory_per_block
+
 #: The kernel's source, compiled behind the shape's macros and ``common.cuh``.
 SOURCES = Path(__file__).with_name("cuda")
 #: Consumer threads a CTA at least (more where a thread must take a projection output: gpt2-large's
@@ -291,8 +293,7 @@ class ClusterDecode:
         # the static arrays (hs ... xs, red_*, att*, head_qkv, hidden, mbarriers): a little above ptxas's count
         static = 4 * 7 * width + 4 * (threads // 32) * HEAD_DIM + 4 * (cluster + 1) * (HEAD_DIM + 4)
         static += 2 * 3 * HEAD_DIM + 4 * HEAD_DIM + 4 * up_rows + 4 * (threads // 32) * 32 + 1024
-        properties = torch.cuda.get_device_properties(self.device)
-        allowed = getattr(properties, "shared_memory_per_block_optin", None)
+        allowed = shared_memory_per_block(self.device)
         if allowed is not None and self.shared + static > allowed:
             return f"clusters of {cluster} need {self.shared + static} bytes of shared memory"
         shape = {
