@@ -58,6 +58,11 @@ PAUSE_POLL_SECONDS = 0.2
 class NonFiniteLoss(Exception):
     """A loss came out NaN or inf: the run stops cleanly, its data kept."""
 
+    def __init__(self, iteration: int) -> None:
+        super().__init__(f"non-finite loss at iteration {iteration}; the run stops here")
+        #: The iteration whose record holds the loss (the event names it, not the next one).
+        self.iteration = iteration
+
 
 def make_inference(
     model: torch.nn.Module, config: RunConfig, device: torch.device, autocast_dtype: torch.dtype | None
@@ -126,6 +131,8 @@ class Engine:
         self.collapsed_at: int | None = None
         #: The iteration of the newest snapshot on disk (taken or resumed from): no second one there.
         self.snapshot_iteration: int | None = None
+        #: (iteration, lr) of the last snapshot this process wrote: one asked for again unchanged is not rewritten.
+        self.snapshot_state: tuple[int, float] | None = None
         #: Where this process's iterations began (0, or the snapshot's), once the run has started.
         self.first_iteration: int | None = None
         #: The time of this process's ``start`` event, which the summary before the final snapshot names.
@@ -305,7 +312,7 @@ class Engine:
             self._apply_pending()  # a snapshot asked for just before the quit is still taken
             self._final_snapshot(status, reason)
         except NonFiniteLoss as error:
-            self._emit(Event("error", self.iteration, data={"message": str(error)}))
+            self._emit(Event("error", error.iteration, data={"message": str(error)}))
             status, reason = "stopped", "non-finite loss"  # no final snapshot: its weights give NaN
         except torch.cuda.OutOfMemoryError:
             error = out_of_memory_error(self.config.model, self.device)
@@ -340,7 +347,7 @@ class Engine:
             if not all(
                 math.isfinite(x) for x in [record.gen_loss, *record.valid.values(), record.train_loss]
             ):
-                raise NonFiniteLoss(f"non-finite loss at iteration {record.iteration}; the run stops here")
+                raise NonFiniteLoss(record.iteration)
             if record.collapsed and self.collapsed_at is None:
                 self.collapsed_at = record.iteration
                 self._emit(
@@ -381,6 +388,11 @@ class Engine:
         """A snapshot of the run as it stands, logged; one that fails (a full disk) is logged, the run goes on."""
         assert self.writer is not None
         target = self.writer.snapshot_dir(self.iteration)
+        if self.snapshot_state == (self.iteration, self.lr) and target.is_dir():
+            # saved already at this boundary (--snapshot-every, then s): writing it again would only
+            # replace the folder, and the screen.svg the TUI put into it
+            self._emit(Event("snapshot", self.iteration, data={"path": str(target), "again": True}))
+            return
         self.listener.on_status(f"saving snapshot {target.name}", None)
         try:
             path = self.snapshot()
@@ -390,6 +402,7 @@ class Engine:
             self._emit(Event("snapshot_failed", self.iteration, data={"message": message}))
         else:
             self.snapshot_iteration = self.iteration
+            self.snapshot_state = (self.iteration, self.lr)
             self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
 
     def _final_snapshot(self, status: str, reason: str) -> None:

@@ -101,7 +101,10 @@ class Event:
         """A short human line for event logs."""
         details = {
             "lr": lambda: f"lr {self.data.get('old_lr', 0):.3g} → {self.data.get('lr', 0):.3g}",
-            "snapshot": lambda: f"snapshot → {self.data.get('path', '?')}",
+            "snapshot": lambda: (
+                f"snapshot → {self.data.get('path', '?')}"
+                + (" (saved already)" if self.data.get("again") else "")
+            ),
             "snapshot_failed": lambda: f"snapshot failed: {self.data.get('message', '')}",
             "stop": lambda: f"stopped ({self.data.get('reason', 'requested')})",
             "error": lambda: f"error: {self.data.get('message', '')}",

@@ -263,6 +263,7 @@ def test_a_nan_loss_stops_the_run_cleanly_with_its_data_kept(tiny_config: RunCon
     assert len(run.records) == 1 and math.isnan(run.records[0].gen_loss)
     # no final snapshot: the weights it would hold are the ones that gave the non-finite loss
     assert [e.event for e in run.events][-2:] == ["error", "stop"]
+    assert run.events[-2].iteration == 0  # the iteration whose loss it was, not the next
     assert all(torch.equal(weights[n], p) for n, p in engine.model.named_parameters())
 
 

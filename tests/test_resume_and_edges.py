@@ -198,3 +198,26 @@ def test_a_snapshot_of_iterations_a_later_resume_abandoned_is_refused(tiny_confi
     assert [r.iteration for r in read_run(tmp_path / "run").records] == [0, 1, 2]
     with pytest.raises(UserError, match="iteration 4 is past the run as it now stands"):
         Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-4", "max_iters": 6}))
+
+
+class ScreenWriter(Collector):
+    """Puts a file into a snapshot when it is first reported, as the TUI does with its screen.svg."""
+
+    def on_event(self, event) -> None:
+        super().on_event(event)
+        screen = Path(event.data.get("path", "")) / "screen.svg"
+        if event.event == "snapshot" and not screen.exists():
+            screen.write_text("the screen")
+
+
+def test_a_snapshot_asked_for_where_a_periodic_one_was_just_taken_keeps_that_one(tiny_config):
+    tiny_config.max_iters = 3
+    tiny_config.snapshot_every = 2
+    engine = Engine(tiny_config)
+    listener = ScreenWriter(lambda r: engine.controls.request_snapshot() if r.iteration == 1 else None)
+    engine.run(listener)
+    snapshots = [e for e in listener.events if e.event == "snapshot" and e.iteration == 2]
+    assert [bool(e.data.get("again")) for e in snapshots] == [False, True]
+    assert "saved already" in snapshots[1].describe()
+    # not written again: the file put into it at the first report is still there
+    assert (Path(tiny_config.out) / "snapshots" / "iter-2" / "screen.svg").exists()
