@@ -46,8 +46,10 @@ from collapse_tui.runfolder import (
     EVENTS,
     LOCK,
     METRICS,
+    FolderLock,
     JsonlTail,
     RunFolder,
+    check_new_run_folder,
     dedupe_records,
     drop_abandoned_events,
     is_ending,
@@ -486,27 +488,47 @@ class FolderSource:
 
 
 @contextlib.contextmanager
-def serving_watchers(run_dir: Path, controls: RunControls) -> Iterator[None]:
+def serving_watchers(run_dir: Path, controls: RunControls, *, resuming: bool = False) -> Iterator[None]:
     """While a run goes on in this process: announce it and take watchers' commands.
 
     Both front ends that run an engine (TUI and headless) wrap ``engine.run``
-    in this. If the run never got as far as writing its config (a model that
-    would not load, say), the folder it made is removed again, so a typo
-    leaves no empty run behind.
+    in this. It takes the folder's lock first, so a second start into a
+    folder in use is refused before it touches the first run's
+    ``process.json``, and a new run is refused a folder that holds another
+    run's iterations. If the run never got as far as writing its config (a
+    model that would not load, say), the folder it made is removed again, so
+    a typo leaves no empty run behind.
     """
     run_dir = Path(run_dir)
     existed = run_dir.exists()
-    process = RunProcess(run_dir).start()
-    inbox = CommandInbox(run_dir, controls).start()
+    if not resuming:
+        check_new_run_folder(run_dir)
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create run folder {run_dir}: {error.strerror}") from None
+    try:
+        lock = FolderLock(run_dir).acquire()
+    except UserError:
+        if not existed:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+    process = inbox = None
+    try:
+        process = RunProcess(run_dir).start()
+        inbox = CommandInbox(run_dir, controls).start()
         yield
     finally:
-        inbox.close()
-        process.close()
-        if not (run_dir / CONFIG).exists():
+        if inbox is not None:
+            inbox.close()
+        if process is not None:
+            process.close()
+        if not (run_dir / CONFIG).exists():  # the folder is still ours (we hold its lock)
             for name in (PROCESS, COMMANDS, LOCK):
                 with contextlib.suppress(OSError):
                     (run_dir / name).unlink()
             if not existed:
                 with contextlib.suppress(OSError):
                     run_dir.rmdir()
+        lock.release()

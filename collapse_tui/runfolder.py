@@ -27,7 +27,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 try:
     import fcntl
@@ -104,6 +104,8 @@ def may_take_over(root: Path) -> bool:
 
 def check_new_run_folder(root: Path) -> None:
     """Refuse ``root`` for a new run unless ``may_take_over`` allows it: one message wherever it is asked."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"run folder {root} is a file, not a folder; choose another --out")
     if not may_take_over(root):
         raise UserError(
             f"run folder {root} already holds a run; choose another --out, or --resume a snapshot"
@@ -264,6 +266,68 @@ def parse_events(rows: list[dict[str, Any]]) -> list[Event]:
     return events
 
 
+class FolderLock:
+    """The advisory lock on a run folder's ``.lock``, shared by everything in this process that uses the folder.
+
+    Why shared: the front end announces its run (``process.json``) before
+    the engine opens the folder's files, and both must hold the folder; an
+    ``flock`` taken twice by one process through two open files would refuse
+    the second. Counted: the file is closed (and the lock dropped) when the
+    last holder releases it.
+    """
+
+    #: resolved folder → [open .lock file, or None where the folder cannot be locked; holders]
+    _held: ClassVar[dict[Path, list[Any]]] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.key = self.root.resolve()
+        self.holding = False
+
+    def acquire(self) -> FolderLock:
+        """Take the folder (the folder must exist); a UserError if another process has it."""
+        with self._guard:
+            entry = self._held.get(self.key)
+            if entry is None:
+                entry = self._held[self.key] = [self._lock(), 0]
+            entry[1] += 1
+        self.holding = True
+        return self
+
+    def release(self) -> None:
+        """Give the folder back (idempotent; never raises: it runs on the way out)."""
+        if not self.holding:
+            return
+        self.holding = False
+        with self._guard:
+            entry = self._held.get(self.key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._held[self.key]
+                if entry[0] is not None:
+                    with contextlib.suppress(OSError):
+                        entry[0].close()  # closing the file releases the lock
+
+    def _lock(self) -> IO[bytes] | None:
+        if fcntl is None:
+            return None
+        try:
+            handle = open(self.root / LOCK, "ab")  # noqa: SIM115 (held until the last release)
+        except OSError:
+            return None  # a folder we can write but not lock in: go on unguarded
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            handle.close()
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UserError(f"run folder {self.root} is in use by another collapse-tui run") from None
+            return None  # a filesystem without locks (some network mounts): go on unguarded
+        return handle
+
+
 class RunWriter:
     """Writes a run folder. Thread-safe: the engine and a front end may both log events."""
 
@@ -303,29 +367,13 @@ class RunWriter:
         self._metrics: IO[str] = open(self.root / METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._events: IO[str] = open(self.root / EVENTS, "a", encoding="utf-8")  # noqa: SIM115
 
-    def _lock_folder(self) -> IO[bytes] | None:
+    def _lock_folder(self) -> FolderLock:
         """Hold ``.lock`` for the run's life, so that a second run (or resume) in this folder is refused
         instead of interleaving its lines with this one's; the OS drops the lock if the process dies."""
-        if fcntl is None:
-            return None
-        try:
-            handle = open(self.root / LOCK, "ab")  # noqa: SIM115 (held until close)
-        except OSError:
-            return None  # a folder we can write but not lock in: go on unguarded
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            handle.close()
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(f"run folder {self.root} is in use by another collapse-tui run") from None
-            return None  # a filesystem without locks (some network mounts): go on unguarded
-        return handle
+        return FolderLock(self.root).acquire()
 
     def _release_folder(self) -> None:
-        if self._folder_lock is not None:
-            with contextlib.suppress(OSError):
-                self._folder_lock.close()  # closing the file releases the lock
-            self._folder_lock = None
+        self._folder_lock.release()
 
     @staticmethod
     def _append(handle: IO[str], row: dict[str, Any]) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -114,16 +118,57 @@ def test_a_folder_whose_config_is_not_a_runs_is_left_alone(tmp_path: Path) -> No
     assert (model / "config.json").read_text() == '{"model_type": "gpt2"}'
 
 
+@contextlib.contextmanager
+def held_by_another_process(root: Path) -> Iterator[None]:
+    """The folder's lock taken by a second Python process, as another run would hold it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(root / runfolder.LOCK)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.stdin.close()  # it lets go when its stdin ends
+        holder.wait(timeout=30)
+
+
+HOLD_LOCK = """
+import fcntl, sys
+handle = open(sys.argv[1], "ab")
+fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(runfolder.fcntl is None, reason="no advisory locks on this OS")
 def test_a_folder_that_another_run_writes_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "run"
-    first = run_start(root)
-    with pytest.raises(UserError, match="in use by another collapse-tui run"):
-        RunWriter(root, resuming=True)
-    with pytest.raises(UserError, match="in use by another collapse-tui run"):
-        RunWriter(root)  # a start with no iteration yet is not taken over while it runs
+    run_start(root).close()
+    with held_by_another_process(root):
+        with pytest.raises(UserError, match="in use by another collapse-tui run"):
+            RunWriter(root, resuming=True)
+        with pytest.raises(UserError, match="in use by another collapse-tui run"):
+            RunWriter(root)  # a start with no iteration yet is not taken over while it runs
     assert json.loads((root / "config.json").read_text())["model"] == "tiny"
-    first.close()
     RunWriter(root, resuming=True).close()
+
+
+def test_one_process_shares_the_folder_lock_and_drops_it_with_its_last_holder(tmp_path: Path) -> None:
+    """The front end takes the folder before the engine's writer does; both hold it, then neither."""
+    root = tmp_path / "run"
+    root.mkdir()
+    announcing = runfolder.FolderLock(root).acquire()
+    writer = run_start(root)  # the same process: not refused
+    writer.close()
+    assert root.resolve() in runfolder.FolderLock._held  # the front end still holds it
+    announcing.release()
+    announcing.release()  # idempotent
+    assert root.resolve() not in runfolder.FolderLock._held
 
 
 def test_the_folder_is_looked_at_again_under_its_lock(tmp_path: Path, monkeypatch) -> None:
