@@ -151,6 +151,36 @@ def test_a_run_folder_that_already_holds_a_run(tiny_model_dir: Path, eval_file: 
     (tmp_path / "run" / "config.json").write_text('{"model": "gpt2", "run_dir": "run"}')
     (tmp_path / "run" / "metrics.jsonl").write_text('{"iteration": 0}\n')
     assert_one_line_error(cli(*small_run(tiny_model_dir, eval_file, tmp_path / "run")), "already holds a run")
+    assert not (tmp_path / "run" / "process.json").exists()  # refused before it announced itself there
+
+
+def test_out_naming_a_file_says_so(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = cli(*small_run(tiny_model_dir, eval_file, tmp_path / "notes.txt"))
+    assert_one_line_error(result, "is a file, not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_start_into_a_live_run_folder_leaves_the_first_runs_files_alone(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path
+):
+    out = tmp_path / "run"
+    args = small_run(tiny_model_dir, eval_file, out)
+    args[args.index("--max-iters") + 1] = "100000"
+    first = subprocess.Popen([sys.executable, "-m", "collapse_tui.cli", *args], env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+            assert time.monotonic() < deadline and first.poll() is None, "the first run did no iteration"
+            time.sleep(0.2)
+        assert_one_line_error(cli(*args), "already holds a run")
+        process = json.loads((out / "process.json").read_text())
+        assert process["pid"] == first.pid and process["state"] == "running"
+        assert (out / ".lock").exists()
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=60)
 
 
 def test_a_run_folder_left_before_its_first_iteration_is_used_again(

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from collapse_tui import runfolder
+from collapse_tui.controls import RunControls
 from collapse_tui.errors import UserError
+from collapse_tui.follow import serving_watchers
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import RunWriter, parse_metrics, read_jsonl, read_run
 
@@ -156,6 +158,19 @@ def test_a_folder_that_another_run_writes_is_refused(tmp_path: Path) -> None:
             RunWriter(root)  # a start with no iteration yet is not taken over while it runs
     assert json.loads((root / "config.json").read_text())["model"] == "tiny"
     RunWriter(root, resuming=True).close()
+
+
+@pytest.mark.skipif(runfolder.fcntl is None, reason="no advisory locks on this OS")
+def test_a_start_into_a_folder_another_process_holds_is_refused_before_it_announces_itself(tmp_path):
+    """A second start while the first is still loading: the folder has no iteration yet, only its lock."""
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "process.json").write_text('{"pid": 1, "state": "running"}')  # the first run's
+    refused = pytest.raises(UserError, match="in use by another collapse-tui run")
+    with held_by_another_process(root), refused, serving_watchers(root, RunControls()):
+        pass
+    assert json.loads((root / "process.json").read_text()) == {"pid": 1, "state": "running"}
+    assert (root / runfolder.LOCK).exists()
 
 
 def test_one_process_shares_the_folder_lock_and_drops_it_with_its_last_holder(tmp_path: Path) -> None:
