@@ -318,7 +318,7 @@ def runs_command(
 
 
 def _exit_code(summary: dict[str, Any]) -> int:
-    if summary.get("reason") == "interrupted":
+    if summary.get("reason") == "interrupted" or summary.get("signal"):  # a signal stopped it
         return 130
     failed = summary.get("status") == "crashed" or summary.get("reason") == "non-finite loss"
     return EXIT_RUN_FAILED if failed else 0

@@ -20,6 +20,7 @@ import pytest
 from fakes import FakeSource, make_record, user_error_source
 from rich.console import Console
 from runfolders import make_run
+from textual.app import App, ComposeResult
 from textual.pilot import Pilot
 from textual.renderables.sparkline import Sparkline as SparklineRenderable
 from textual.widgets import Input, Label, Sparkline, Static
@@ -28,7 +29,7 @@ from collapse_tui.errors import UserError
 from collapse_tui.follow import FolderSource
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.source import RunInfo
-from collapse_tui.tui.app import CollapseApp, RecordReport, run_app
+from collapse_tui.tui.app import WAITING_MESSAGE, CollapseApp, RecordReport, run_app
 from collapse_tui.tui.history import SampleHistory
 from collapse_tui.tui.screens import LrScreen, parse_lr
 from collapse_tui.tui.widgets import (
@@ -102,7 +103,7 @@ def test_records_fill_every_pane() -> None:
         assert meter.state == "running"
         assert app.query_one("#sample").border_title == "sample · iteration 9"
         status = str(app.query_one("#status").render())
-        assert "tiny" in status and "it 9/100" in status and "2.00 it/s" in status
+        assert "tiny" in status and "it 10/100" in status and "2.00 it/s" in status  # ten done
         assert not app.query_one("#loading").display
 
     drive(FakeSource(records, info=info), scenario)
@@ -450,6 +451,115 @@ def test_a_crashed_run_shows_error_and_stays() -> None:
     drive(source, scenario)
 
 
+class ErrorThenCrash(FakeSource):
+    """A run that logs its error event, then raises, as the engine does on a crash."""
+
+    def run(self, listener):
+        listener.on_event(Event("error", 0, time=0.0, data={"message": "RuntimeError: CUDA exploded"}))
+        raise RuntimeError("CUDA exploded")
+
+
+def test_a_crash_the_run_has_logged_is_not_logged_twice() -> None:
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the run to fail")
+        await pilot.pause(0.05)
+        assert app.state == "error"
+        assert log_text(app).count("CUDA exploded") == 1
+
+    drive(ErrorThenCrash(), scenario)
+
+
+def test_once_the_last_iteration_is_in_the_steering_keys_go_grey_and_a_late_lr_is_refused() -> None:
+    info = RunInfo(model="fake", device="cpu", max_iters=3, lr=4e-5, eval_names=["wikitext-2"])
+    source = FakeSource([make_record(i, 3) for i in range(3)], info=info)  # then it "saves" until stopped
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await pilot.press("l")  # the dialog is open when the run's last record comes
+        await wait_until(pilot, lambda: app.records_seen == 3, "the last record")
+        await pilot.press("5", "e", "-", "4", "enter")
+        await pilot.pause(0.1)
+        assert source.lr_changes == [] and app.requested_lr is None
+        assert app.state == "finishing"
+        for action in ("pause", "lr_up", "lr_down", "type_lr", "snapshot"):
+            assert app.check_action(action, ()) is None, action
+        status = str(app.query_one("#status").render())
+        assert "lr 4e-05" in status and "→" not in status
+
+    drive(source, scenario)
+
+
+def test_while_paused_the_status_line_shows_no_rate_from_before() -> None:
+    source = FakeSource([make_record(i, 10) for i in range(4)])
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 4, "the records")
+        assert "2.00 it/s" in str(app.query_one("#status").render())
+        await pilot.press("space")
+        await wait_until(pilot, lambda: app.state == "paused", "the pause")
+        status = str(app.query_one("#status").render())
+        assert "– it/s" in status and "– left" in status
+
+    drive(source, scenario)
+
+
+def test_the_event_log_wraps_its_lines_again_when_the_terminal_is_resized() -> None:
+    source = FakeSource()
+    message = "out of GPU memory loading gpt2-xl: it needs about 20 GiB and 12 are free; try --model gpt2"
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await pilot.resize_terminal(200, 50)
+        await pilot.pause(0.1)
+        app._log(message)
+        await pilot.pause(0.1)
+        wide = len(app.query_one("#events").lines)
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.2)
+        assert message in log_text(app)
+        assert len(app.query_one("#events").lines) > wide  # wrapped again, into more lines
+
+    drive(source, scenario)
+
+
+class SlowToStop(FakeSource):
+    """A run that, once asked to stop, takes until ``release`` to end (a large model's final snapshot)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def run(self, listener):
+        listener.on_event(Event("start", 0, time=0.0))
+        listener.on_record(make_record(0, 5))
+        while not self.controls.stop_requested:
+            self.controls.wait(0.01)
+        self.release.wait(30)
+        return {"status": "stopped", "iterations": 1}
+
+
+def test_a_quit_that_outlasts_the_grace_says_below_the_screen_that_the_run_is_stopping() -> None:
+    source = SlowToStop()
+    app = CollapseApp(source)
+    app.QUIT_GRACE_S = 0.1
+    messages: list[object] = []
+    leave = app.exit
+
+    def exit_recording(*args, **kwargs) -> None:
+        messages.append(kwargs.get("message"))
+        leave(*args, **kwargs)
+
+    app.exit = exit_recording  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: app.records_seen == 1, "a record")
+            await pilot.press("q")
+            await wait_until(pilot, lambda: bool(messages), "the app to leave")
+            source.release.set()
+
+    asyncio.run(main())
+    assert [str(m) for m in messages] == [WAITING_MESSAGE]
+
+
 def test_a_read_only_source_hides_the_steering_keys() -> None:
     source = FakeSource([make_record(0, 5)])
     source.controls.read_only = True  # what a read-only watcher's controls say
@@ -616,23 +726,29 @@ def test_run_app_reraises_a_user_error_from_loading() -> None:
         run_app(user_error_source(), headless=True)
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
-def test_hangup_stops_the_run_and_returns_its_summary() -> None:
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGTERM", "SIGINT"])
+def test_a_hangup_kill_or_kill_int_stops_the_run_and_returns_its_summary(name, monkeypatch) -> None:
+    if not hasattr(signal, name):
+        pytest.skip(f"no {name} on this platform")
+    number = getattr(signal, name)
+    silenced: list[bool] = []  # the real one would point this test process's output at /dev/null
+    monkeypatch.setattr("collapse_tui.tui.app.silence_output", lambda: silenced.append(True))
     source = FakeSource([make_record(i, 5) for i in range(2)])
 
-    def hang_up_once_running() -> None:
+    def signal_once_running() -> None:
         # after both records, while the fake idles at a boundary: the count is then certain
         deadline = time.monotonic() + DEADLINE_S
         while source.emitted < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), number)
 
-    previous = signal.getsignal(signal.SIGHUP)
-    threading.Thread(target=hang_up_once_running, daemon=True).start()
+    previous = signal.getsignal(number)
+    threading.Thread(target=signal_once_running, daemon=True).start()
     summary = run_app(source, headless=True)
-    assert summary == {"status": "stopped", "iterations": 2}
+    assert summary == {"status": "stopped", "iterations": 2, "signal": name}
     assert source.events[-1].event == "stop"
-    assert signal.getsignal(signal.SIGHUP) == previous
+    assert signal.getsignal(number) == previous
+    assert silenced == ([True] if name == "SIGHUP" else [])
 
 
 # -- the pieces ----------------------------------------------------------------
@@ -766,17 +882,21 @@ def test_real_engine_on_a_tiny_model_steered_from_the_keys(tiny_config) -> None:
     assert app.records_seen == len(run.records)
 
 
-def test_while_help_is_open_the_footer_offers_none_of_the_keys_it_swallows() -> None:
+def test_while_help_is_open_the_footer_offers_none_of_the_keys_it_swallows_but_q_still_quits() -> None:
     source = FakeSource()
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await started(app, pilot)
         assert app.check_action("pause", ()) is True and app.check_action("quit", ()) is True
         await pilot.press("question_mark")
-        for action in ("pause", "lr_up", "snapshot", "quit", "help"):
+        for action in ("pause", "lr_up", "snapshot", "help"):
             assert app.check_action(action, ()) is False
+        assert app.check_action("quit", ()) is True  # help lists q as "quit": it does
         await pilot.press("escape")
         assert app.check_action("pause", ()) is True
+        await pilot.press("question_mark")
+        await pilot.press("q")
+        await wait_until(pilot, lambda: source.controls.stop_requested, "the stop q asks for")
 
     drive(source, scenario)
 
@@ -791,3 +911,34 @@ def test_a_status_tick_while_the_screen_is_torn_down_does_nothing() -> None:
         app._show_status()  # raised NoMatches before
 
     drive(source, scenario)
+
+
+STATUS_CASES = [
+    # (model, device, iteration, pending lr): what must stay on an 80-column line
+    ("gpt2-medium", "cuda:0", 11, None, ["gpt2-medium", "cuda:0", "it 12/1000", "eta 8:14"]),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "cuda:0", 11, None, ["SmolLM2-135M-Instruct", "eta 8:14"]),
+    ("Qwen/Qwen2.5-0.5B-Instruct", "cuda:0", 4320, 8e-5, ["Qwen2.5-0.5B-In", "it 4321/10000", "eta 8:14"]),
+]
+
+
+@pytest.mark.parametrize(("model", "device", "iteration", "pending", "kept"), STATUS_CASES)
+def test_the_status_line_keeps_the_time_left_at_80_columns(model, device, iteration, pending, kept) -> None:
+    """It gives up labels, zero hours, the device and the model's tail, in that order, never the time left."""
+
+    class StatusOnly(App):
+        def compose(self) -> ComposeResult:
+            yield StatusLine()
+
+    async def main() -> str:
+        app = StatusOnly()
+        async with app.run_test(size=(80, 3)) as pilot:
+            app.query_one(StatusLine).show(
+                model=model, device=device, iteration=iteration, max_iters=10000 if pending else 1000,
+                rate=2.0, lr=4e-5, pending_lr=pending, elapsed=5.0, remaining=494.0,
+            )  # fmt: skip
+            await pilot.pause()
+            return str(app.query_one(StatusLine).render())
+
+    line = asyncio.run(main())
+    assert len(line) <= 80 and line.endswith("eta 8:14")
+    assert all(part in line for part in kept), line

@@ -29,11 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.driver import Driver
 from textual.message import Message
-from textual.widgets import Footer, Label, ProgressBar, RichLog
+from textual.widgets import Footer, Label, ProgressBar
 from textual.worker import Worker, WorkerState
 
 from collapse_tui.errors import UserError
@@ -41,7 +43,8 @@ from collapse_tui.records import Event, IterationRecord
 from collapse_tui.source import RunSource
 from collapse_tui.tui.history import Entry, SampleHistory
 from collapse_tui.tui.screens import MAX_LR, HelpScreen, LrScreen
-from collapse_tui.tui.widgets import LossCharts, RepetitionMeter, SampleView, StatusLine
+from collapse_tui.tui.terminal import hangup_safe, silence_output
+from collapse_tui.tui.widgets import EventLog, LossCharts, RepetitionMeter, SampleView, StatusLine
 
 
 class StatusReport(Message):
@@ -93,6 +96,12 @@ class AppListener:
         self._post(EventReport(event))
 
 
+#: The signals that stop the run cleanly, as q does: a hang-up, ``kill`` and ``kill -INT``.
+STOP_SIGNALS = ("SIGHUP", "SIGTERM", "SIGINT")
+
+#: Printed under the screen when the app has left it and the run is still stopping.
+WAITING_MESSAGE = "collapse-tui: waiting for the run to stop at a safe point (it may be saving a snapshot)…"
+
 #: The keys that steer the run, hidden when the source is read-only.
 STEERING_ACTIONS = frozenset({"pause", "resume", "lr_up", "lr_down", "type_lr", "snapshot"})
 #: The keys that step through past samples; they work on a finished or read-only run too.
@@ -127,6 +136,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         Binding("end", "follow", "Follow", show=False, priority=True),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
+        # Over SSH Ctrl-C is how a terminal program is left; here it quits as q does (twice: at once).
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
 
     def __init__(self, source: RunSource, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -145,6 +156,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.running = False
         self.quitting = False
         self.collapsed = False
+        #: The run has done its last iteration (max_iters, or a collapse that stops it) and is only
+        #: saving and closing now: keys that steer it no longer apply.
+        self.ending = False
         #: Whether the run has reported a pause (its ``pause`` event) and no resume since; the key
         #: only asks for one, which the run takes at the end of the iteration in flight.
         self.run_paused = False
@@ -177,6 +191,10 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     # -- layout --------------------------------------------------------------
 
+    def get_driver_class(self) -> type[Driver]:
+        """Textual's driver for this terminal, made to survive the terminal hanging up."""
+        return hangup_safe(super().get_driver_class())
+
     def compose(self) -> ComposeResult:
         yield StatusLine(id="status")
         with Horizontal(id="main"):
@@ -188,7 +206,7 @@ class CollapseApp(App[dict[str, Any] | None]):
                     yield Label("starting…", id="loading-label")
                     yield ProgressBar(total=None, show_eta=False, id="loading-bar")
                 yield SampleView(id="sample")
-                yield RichLog(max_lines=200, wrap=True, min_width=20, markup=False, id="events")
+                yield EventLog(id="events")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -202,6 +220,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.running = True
         self._worker = self.run_worker(self._run, name="run", thread=True, exit_on_error=False)
         self.set_interval(1.0, self._show_status)
+        self._show_status()
         self._update_state()
 
     @property
@@ -233,7 +252,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         if isinstance(error, UserError):
             self.exit(None)  # run_app re-raises it as one line
             return
-        if error is not None:
+        if error is not None and not self.failed:  # else the run's error event has said it already
             self.failed = True
             self._log(f"run failed: {type(error).__name__}: {error}")
             self.notify(f"{type(error).__name__}: {error}", title="run failed", severity="error", timeout=30)
@@ -265,12 +284,15 @@ class CollapseApp(App[dict[str, Any] | None]):
         if self.requested_lr == record.lr:
             self.requested_lr = None
         self.recent.append((record.iteration, record.time))
+        if record.iteration + 1 >= self.info.max_iters:
+            self.ending = True
         self.query_one(LossCharts).add(record.gen_loss, record.valid)
         self.query_one(RepetitionMeter).update_metrics(
             record.rep4, record.distinct1, record.unique_tokens, record.compression_ratio
         )
         self._show_sample()
         self._show_status()
+        self._update_state()  # the history keys apply once there is a sample; the last one ends the run
 
     def _rewind(self, iteration: int) -> None:
         """Forget the records from ``iteration`` on: a record not past the last one starts the branch of
@@ -297,6 +319,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             self._loaded()
         if kind == "resumed_from":  # what the abandoned iterations showed no longer holds
             self.failed = False
+            self.ending = False
             self.collapsed = event.data.get("collapsed_at") is not None
         elif kind == "pause":
             self.run_paused = True
@@ -319,6 +342,7 @@ class CollapseApp(App[dict[str, Any] | None]):
                 self.notify(str(event.data.get("message", "")), title="snapshot failed", severity="error")
         elif kind == "collapse":
             self.collapsed = True
+            self.ending = self.ending or not self.info.keep_going
             tail = "it goes on (keep-going)" if self.info.keep_going else "the run stops; q quits"
             self.notify(
                 f"rep4 {event.data.get('rep4', 0):.2f}: {tail}", title="collapsed", severity="warning"
@@ -353,11 +377,12 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     @property
     def state(self) -> str:
-        """loading, running, pausing, paused, stopping, collapsed, finished, error or process gone.
+        """loading, running, pausing, paused, stopping, finishing, collapsed, finished, error or process gone.
 
         "pausing" is a pause asked for that the run has not reached yet (it
         finishes the iteration in flight first); a run that goes on after a
-        collapse (``--keep-going``) shows its pause too.
+        collapse (``--keep-going``) shows its pause too. "finishing" is a run
+        past its last iteration that is still saving its final snapshot.
         """
         if self.failed:
             return "error"
@@ -367,6 +392,8 @@ class CollapseApp(App[dict[str, Any] | None]):
             return "stopping"
         if self.loading and self.running:
             return "loading"
+        if self.running and self.ending:
+            return "collapsed" if self.collapsed else "finishing"
         if self.running and self.source.controls.paused:
             return "paused" if self.run_paused else "pausing"
         if self.collapsed:
@@ -396,7 +423,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         lines = self.query(StatusLine)
         if not lines:
             return
-        rate = self._rate()
+        rate = None if self.run_paused else self._rate()  # rates from before a pause say nothing now
         done = 0 if self.iteration is None else self.iteration + 1
         remaining = (self.info.max_iters - done) / rate if rate and self.running else None
         lines.first().show(
@@ -435,14 +462,14 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.refresh_bindings()
 
     def _log(self, line: str) -> None:
-        self.query_one("#events", RichLog).write(line)
+        self.query_one(EventLog).add(line)
 
     # -- keys ----------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Hide the pause/resume key that does not apply; grey out what the run cannot take now."""
-        if self.screen.is_modal:
-            return False  # help or a dialog is open: only its own keys work, and only they are offered
+        if self.screen.is_modal:  # help or a dialog is open: only its own keys work, and quitting
+            return action == "quit"
         if self.read_only and action in STEERING_ACTIONS:
             return False
         if action in HISTORY_ACTIONS:
@@ -450,7 +477,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             if action == "follow" or (isinstance(by, int) and by > 0):
                 return True if self.browsing is not None else None
             return True if len(self.history) else None
-        live = self.running and not self.quitting and not self.loading
+        live = self.live
         paused = self.source.controls.paused
         if action == "pause":
             return False if paused else (True if live else None)
@@ -461,6 +488,11 @@ class CollapseApp(App[dict[str, Any] | None]):
         if action == "snapshot":
             return True if live and not self.snapshot_pending else None
         return True
+
+    @property
+    def live(self) -> bool:
+        """Whether the run can still take a steering command: loaded, not ending and not quitting."""
+        return self.running and not self.quitting and not self.loading and not self.ending
 
     def action_pause(self) -> None:
         self.source.controls.pause()
@@ -484,6 +516,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.push_screen(LrScreen(self.current_lr), apply)
 
     def _request_lr(self, lr: float) -> None:
+        if not self.live:  # the l dialog can outlive the run's last iteration
+            self.notify("the run has ended: the learning rate stays as it was", severity="warning")
+            return
         if lr > MAX_LR and lr > self.current_lr:  # the l dialog's ceiling holds for + too (not for -)
             self.notify(f"lr {lr:.3g}: above {MAX_LR:g} the update only wrecks the model", severity="error")
             return
@@ -524,12 +559,24 @@ class CollapseApp(App[dict[str, Any] | None]):
         """Stop the run at its next safe point, then leave; a second q (or a stuck run) leaves at once."""
         self.source.controls.stop()
         if not self.running or self.quitting:
-            self.exit(self.summary)
+            self._leave()
             return
         self.quitting = True
         self._update_state()
         self._log("stopping…")
-        self.set_timer(self.QUIT_GRACE_S, lambda: self.exit(self.summary))
+        self.set_timer(self.QUIT_GRACE_S, self._leave)
+
+    def _leave(self) -> None:
+        """Leave the screen; if the run is still stopping, say so below it, as the process waits for it.
+
+        The process cannot end before the run's thread does (it may be saving
+        a large model's final snapshot); without a line the terminal would
+        look hung.
+        """
+        if self.run_done.is_set():
+            self.exit(self.summary)
+        else:
+            self.exit(self.summary, message=Text(WAITING_MESSAGE))
 
     def stop_from_signal(self) -> None:
         """For SIGHUP: stop the run and leave, keeping everything the run wrote."""
@@ -545,28 +592,39 @@ def run_app(
     """Run the TUI on ``source`` until the user quits; return the run's summary.
 
     Returns only once the run's thread has finished, so the run folder's
-    summary is written. A hang-up (SSH dropped) stops the run cleanly instead
-    of killing it. A ``UserError`` the run raised (a model that is not there)
-    is re-raised here, after the screen is restored, for the CLI to print.
-    ``headless`` runs without a terminal (for tests).
+    summary is written. A hang-up (SSH dropped), ``kill`` (SIGTERM) or
+    ``kill -INT`` stops the run cleanly instead of killing it, as q does; the
+    summary returned then names the signal (``"signal"``), for the exit code.
+    A ``UserError`` the run raised (a model that is not there) is re-raised
+    here, after the screen is restored, for the CLI to print. ``headless``
+    runs without a terminal (for tests).
     """
     app = CollapseApp(source, clock=clock)
+    stopped_by: list[str] = []
 
-    def on_hangup(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            silence_output()  # the terminal is gone: nothing written to it may block the exit
+        stopped_by.append(signal.Signals(signum).name)
         source.controls.stop()
         if app.loop is not None:
             app.loop.call_soon_threadsafe(app.stop_from_signal)
 
-    previous = signal.signal(signal.SIGHUP, on_hangup) if hasattr(signal, "SIGHUP") else None
+    previous = {}
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            number = getattr(signal, name)
+            previous[number] = signal.signal(number, on_signal)
     try:
         app.run(headless=headless)
     finally:
         source.controls.stop()
         if app.worker_started and not app.run_done.wait(2.0):
-            print("collapse-tui: waiting for the run to stop…", file=sys.stderr)
+            print(WAITING_MESSAGE, file=sys.stderr)
             app.run_done.wait()
-        if previous is not None:
-            signal.signal(signal.SIGHUP, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if app.run_error is not None:
         raise app.run_error
-    return app.summary or {}
+    summary = app.summary or {}
+    return {**summary, "signal": stopped_by[0]} if stopped_by else summary

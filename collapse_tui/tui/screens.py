@@ -32,8 +32,14 @@ class HelpScreen(ModalScreen[None]):
     """What each key does, and what the panes mean."""
 
     BINDINGS: ClassVar[list[Binding]] = [
-        Binding("escape,question_mark", "dismiss", "Close", key_display="esc")
+        Binding("escape,question_mark", "dismiss", "Close", key_display="esc"),
+        Binding("q", "quit_run", "Quit"),
     ]
+
+    async def action_quit_run(self) -> None:
+        """q quits from here too, as the list above says; the run stops as it would from the main screen."""
+        self.dismiss()
+        await self.app.run_action("quit")
 
     def compose(self) -> ComposeResult:
         table = Table.grid(padding=(0, 2))

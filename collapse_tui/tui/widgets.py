@@ -9,14 +9,16 @@ from __future__ import annotations
 import math
 import re
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Iterable
 from fractions import Fraction
 
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widget import Widget
-from textual.widgets import Sparkline, Static
+from textual.widgets import RichLog, Sparkline, Static
 
 from collapse_tui.metrics import CollapseDetector, repeated_ngram_mask
 
@@ -291,6 +293,7 @@ STATE_STYLES = {
     "collapsed": "bold white on red",
     "finished": "bold black on cyan",
     "stopping": "bold black on yellow",
+    "finishing": "bold black on cyan",
     "error": "bold white on red",
     "process gone": "bold white on red",
 }
@@ -444,11 +447,41 @@ class SampleView(VerticalScroll):
                 self.scroll_home(animate=False)  # another iteration's text: read it from its start
 
 
+class EventLog(RichLog):
+    """The run's recent events, one wrapped line each, wrapped again when the pane's width changes.
+
+    Why: ``RichLog`` wraps a line once, as it is written; after a tmux split
+    or an SSH window resize its lines would stay cut at the old width.
+    """
+
+    #: Lines kept (and redrawn on a resize).
+    KEEP = 200
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(max_lines=self.KEEP, wrap=True, min_width=20, markup=False, **kwargs)
+        self.lines_written: deque[str] = deque(maxlen=self.KEEP)
+        self.wrapped_at: int | None = None
+
+    def add(self, line: str) -> None:
+        self.lines_written.append(line)
+        self.write(line)
+
+    def on_resize(self, event: events.Resize) -> None:
+        width = event.size.width
+        if self.wrapped_at is not None and width != self.wrapped_at:
+            self.clear()
+            for line in self.lines_written:
+                self.write(line)
+        self.wrapped_at = width
+
+
 class StatusLine(Widget):
     """One line: model, device, iteration / max, it/s, lr, elapsed, remaining.
 
-    At 80 columns the full line does not fit, so it drops its labels, then
-    the device, rather than cutting off the time left.
+    At 80 columns the full line does not fit, so it drops its labels and
+    the times' zero hours, then the device (on a GPU box nearly always
+    cuda:0), then shortens the model's name (a hub id such as
+    Qwen2.5-0.5B-Instruct), rather than cutting off the time left.
     """
 
     DEFAULT_CSS = "StatusLine { height: 1; }"
@@ -474,7 +507,8 @@ class StatusLine(Widget):
         self.fields = {
             "model": model.rstrip("/").rsplit("/", 1)[-1],
             "device": device,
-            "iteration": f"it {'–' if iteration is None else iteration}/{max_iters}",
+            # iterations done, as the headless lines count them (the sample pane names the last one's index)
+            "iteration": f"it {0 if iteration is None else iteration + 1}/{max_iters}",
             "rate": "– it/s" if rate is None else f"{rate:.2f} it/s",
             "lr": "lr " + (fmt_lr(lr) if pending_lr is None else f"{fmt_lr(lr)}→{fmt_lr(pending_lr)}"),
             "elapsed": fmt_duration(elapsed),
@@ -483,22 +517,47 @@ class StatusLine(Widget):
         self.lr_pending = pending_lr is not None
         self.refresh()
 
+    @staticmethod
+    def _width(parts: list[str]) -> int:
+        """Characters of ``parts`` as rendered: a leading space and " · " between them."""
+        return sum(map(len, parts)) + 3 * (len(parts) - 1) + 1
+
+    def _fit(self) -> list[str]:
+        """The longest form of the line that fits the widget's width."""
+        f = self.fields
+        width = self.size.width
+        full = [f["model"], f["device"], f["iteration"], f["rate"], f["lr"], f"{f['elapsed']} elapsed"]
+        full.append(f"{f['remaining']} left")
+        short = [*full[:5], short_duration(f["elapsed"]), f"eta {short_duration(f['remaining'])}"]
+        no_device = [short[0], *short[2:]]
+        for parts in (full, short, no_device):
+            if self._width(parts) <= width:
+                return parts
+        room = width - self._width(no_device[1:]) - 3  # what the model's name may take
+        return [shorten(no_device[0], max(room, 1)), *no_device[1:]]
+
     def render(self) -> Text:
         if not self.fields:
             return Text("")
-        f = self.fields
-        full = [f["model"], f["device"], f["iteration"], f["rate"], f["lr"], f"{f['elapsed']} elapsed"]
-        full.append(f"{f['remaining']} left")
-        short = [*full[:5], f["elapsed"], f"eta {f['remaining']}"]
-        for parts in (full, short, [short[0], *short[2:]]):
-            if sum(map(len, parts)) + 3 * (len(parts) - 1) + 1 <= self.size.width:
-                break
         line = Text(" ")
-        for index, part in enumerate(parts):
+        for index, part in enumerate(self._fit()):
             if index:
                 line.append(" · ", style="dim")
-            style = "bold" if index in (0, 2) else ""
+            style = "bold" if index == 0 or part.startswith("it ") else ""
             if part.startswith("lr "):
                 style = "bold yellow" if self.lr_pending else "bold"
             line.append(part, style=style)
         return line
+
+
+def short_duration(text: str) -> str:
+    """An h:mm:ss time without its zero hours (0:08:14 → 8:14); "–" and times of an hour or more as they are."""
+    if text.startswith("0:"):
+        text = text[2:]
+        return text[1:] if text.startswith("0") and len(text) == 5 else text
+    return text
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, an ellipsis marking the cut."""
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"

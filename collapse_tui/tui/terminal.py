@@ -1,0 +1,70 @@
+"""The TUI's hold on its terminal, made safe for the terminal going away (an SSH session dropped).
+
+Textual writes the screen from a thread through a bounded queue. When the
+terminal hangs up, its first write fails (EIO), the thread dies, and the next
+writes (the screen restored on exit, say) fill the queue and block forever:
+the process would never end, though its run had stopped and been saved. So
+the driver's output is wrapped to go quiet once a write fails, and on a
+hang-up the process's output is pointed at /dev/null.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import IO, Any
+
+from textual.driver import Driver
+
+
+class QuietOnceGone:
+    """A text stream that forwards to ``stream`` until a write or flush fails, then drops everything."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except (OSError, ValueError):  # EIO from a hung-up terminal; ValueError: the stream was closed
+                self.gone = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.gone = True
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, …
+        return getattr(self.stream, name)
+
+
+def hangup_safe(driver_class: type[Driver]) -> type[Driver]:
+    """``driver_class`` with its output wrapped in ``QuietOnceGone`` (drivers that write to ``_file``)."""
+
+    class HangupSafeDriver(driver_class):  # type: ignore[valid-type, misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            file = getattr(self, "_file", None)
+            if file is not None and not isinstance(file, QuietOnceGone):
+                self._file = QuietOnceGone(file)
+
+    HangupSafeDriver.__name__ = HangupSafeDriver.__qualname__ = f"HangupSafe{driver_class.__name__}"
+    return HangupSafeDriver
+
+
+def silence_output() -> None:
+    """Point stdout and stderr at /dev/null: after a hang-up nothing can reach the user, and a write
+    to the dead terminal would fail (or, through Textual's writer thread, block)."""
+    with contextlib.suppress(OSError, ValueError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(null, stream.fileno())
+        os.close(null)

@@ -1,0 +1,110 @@
+"""The TUI in a real pseudo-terminal, in its own process: what a dropped SSH session or a kill does.
+
+A unit test cannot show these: the hang-up is the terminal itself going away
+under Textual's writer thread (which once left the process hanging after its
+run had stopped), and the signals reach a process that is drawing a screen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import struct
+import sys
+import termios
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pty = pytest.importorskip("pty")
+
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TERM": "xterm-256color",
+    "COLUMNS": "80",
+    "LINES": "24",
+}
+#: Generous: a cold start imports torch and textual on a 2-core CI machine.
+START_S = 180
+STOP_S = 90
+
+
+def start_tui(model: Path, evalfile: Path, out: Path) -> tuple[int, int]:
+    """``collapse-tui`` in a new session on a fresh pty (its controlling terminal); (pid, master fd)."""
+    args = [
+        sys.executable, "-m", "collapse_tui.cli", "--model", str(model), "--eval", str(evalfile),
+        "--max-iters", "100000", "--gen-tokens", "64", "--block", "32", "--out", str(out), "--device", "cpu",
+    ]  # fmt: skip
+    pid, master = pty.fork()
+    if pid == 0:  # the child: pty.fork made the pty its controlling terminal
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        os.execve(sys.executable, args, ENV)
+    return pid, master
+
+
+def drain(master: int) -> None:
+    """Read the screen as it is drawn (a full pty buffer would block the app); end when the pty does."""
+    while True:
+        try:
+            if not os.read(master, 65536):
+                return
+        except OSError:
+            return
+
+
+def wait_for_exit(pid: int, seconds: float) -> int | None:
+    """The exit status, or None if the process is still running after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.1)
+    return None
+
+
+@pytest.mark.parametrize("how", ["hang up", "SIGTERM", "SIGINT"])
+def test_a_dropped_terminal_or_a_kill_stops_the_tui_run_cleanly_and_the_process_ends(
+    how: str, tiny_model_dir: Path, eval_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    pid, master = start_tui(tiny_model_dir, eval_file, out)
+    reader = threading.Thread(target=drain, args=(master,), daemon=True)
+    reader.start()
+    code: int | None = None
+    try:
+        deadline = time.monotonic() + START_S
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert time.monotonic() < deadline, "the TUI run did no iteration"
+            assert not os.waitpid(pid, os.WNOHANG)[0], "the TUI ended before its first iteration"
+            time.sleep(0.2)
+        if how == "hang up":
+            os.close(master)  # what sshd does when the connection drops: the session gets SIGHUP
+            master = -1
+        else:
+            os.kill(pid, getattr(signal, how))
+        code = wait_for_exit(pid, STOP_S)
+        assert code is not None, f"the process did not end after {how}"
+    finally:
+        if code is None:  # it is stuck, or the test failed before it ended
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        if master >= 0:
+            os.close(master)
+    if how != "hang up":
+        assert code == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    assert json.loads((out / "process.json").read_text())["state"] == "ended"
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "stop"
+    assert summary["iterations"] == len(metrics.read_text().splitlines())
