@@ -236,7 +236,9 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
 
     engine = Engine(config, resume_lr=resume_lr(options))
     try:
-        with serving_watchers(engine.run_dir, engine.controls, resuming=bool(config.resume)):
+        with serving_watchers(
+            engine.run_dir, engine.controls, resuming=bool(config.resume), made=engine.made_run_dir
+        ):
             summary = run_app(engine)
     except (UserError, KeyboardInterrupt):
         raise

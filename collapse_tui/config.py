@@ -175,3 +175,23 @@ def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(config.model).name or config.model)
     return root / f"{stamp}-{model}-lr{config.lr:g}"
+
+
+def claim_default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
+    """Create and return a new folder named by ``default_run_dir``, with ``-2``, ``-3``, … if taken.
+
+    Why create it here: runs of a sweep started in the same second with the
+    same model and lr get the same name; making the folder (which fails if it
+    exists) is what lets exactly one of them have it.
+    """
+    base = default_run_dir(config, root)
+    for number in range(1, 1000):
+        candidate = base if number == 1 else base.with_name(f"{base.name}-{number}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise UserError(f"cannot create run folder {candidate}: {error.strerror}") from None
+        return candidate
+    raise UserError(f"no free run folder name beside {base}; give one with --out")

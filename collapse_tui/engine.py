@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from collapse_tui import __version__
-from collapse_tui.config import RunConfig, default_run_dir
+from collapse_tui.config import RunConfig, claim_default_run_dir
 from collapse_tui.controls import RunControls
 from collapse_tui.data import EvalSet, check_eval_specs, eval_set_name, load_eval_set
 from collapse_tui.errors import RunInterrupted, UserError
@@ -97,6 +97,7 @@ class Engine:
         self.autocast_dtype = resolve_autocast(config.dtype, self.device)
         check_eval_specs(config.evals)
         if config.resume:
+            self.made_run_dir = False
             self.resume_dir: Path | None = Path(config.resume)
             self.run_dir = self.resume_dir.parent.parent
             _check_snapshot(self.resume_dir)
@@ -111,7 +112,9 @@ class Engine:
         else:
             self.resume_dir = None
             self.resumed_records = []
-            self.run_dir = Path(config.out) if config.out else default_run_dir(config)
+            #: Whether this process made the run folder (a default name): a start that fails removes it.
+            self.made_run_dir = not config.out
+            self.run_dir = Path(config.out) if config.out else claim_default_run_dir(config)
             check_new_run_folder(self.run_dir)  # before loading; again, under the folder's lock, by RunWriter
         self.info = RunInfo(
             model=config.model,

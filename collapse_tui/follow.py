@@ -488,7 +488,9 @@ class FolderSource:
 
 
 @contextlib.contextmanager
-def serving_watchers(run_dir: Path, controls: RunControls, *, resuming: bool = False) -> Iterator[None]:
+def serving_watchers(
+    run_dir: Path, controls: RunControls, *, resuming: bool = False, made: bool = False
+) -> Iterator[None]:
     """While a run goes on in this process: announce it and take watchers' commands.
 
     Both front ends that run an engine (TUI and headless) wrap ``engine.run``
@@ -497,10 +499,11 @@ def serving_watchers(run_dir: Path, controls: RunControls, *, resuming: bool = F
     ``process.json``, and a new run is refused a folder that holds another
     run's iterations. If the run never got as far as writing its config (a
     model that would not load, say), the folder it made is removed again, so
-    a typo leaves no empty run behind.
+    a typo leaves no empty run behind (``made``: this process created the
+    folder before this, a default-named one).
     """
     run_dir = Path(run_dir)
-    existed = run_dir.exists()
+    existed = run_dir.exists() and not made
     if not resuming:
         check_new_run_folder(run_dir)
     try:

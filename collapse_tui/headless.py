@@ -194,7 +194,9 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
     summary: dict[str, Any] | None = None
     crash: Exception | None = None
     try:
-        with serving_watchers(engine.run_dir, engine.controls, resuming=bool(config.resume)):
+        with serving_watchers(
+            engine.run_dir, engine.controls, resuming=bool(config.resume), made=engine.made_run_dir
+        ):
             summary = engine.run(reporter)
     except KeyboardInterrupt:
         pass  # a second Ctrl-C: leave now (summary stays None)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from collapse_tui.config import PAPER_PRESET, RunConfig, resolve_config
+from collapse_tui.config import PAPER_PRESET, RunConfig, claim_default_run_dir, resolve_config
+from collapse_tui.engine import Engine
 from collapse_tui.errors import UserError
+from collapse_tui.follow import serving_watchers
 
 
 def test_paper_preset_sets_the_papers_values() -> None:
@@ -50,3 +54,29 @@ def test_out_of_range_values_are_refused_with_the_option_named(options: dict, fr
 def test_config_round_trips_and_ignores_unknown_keys() -> None:
     config = RunConfig(lr=2e-5, evals=["a.txt", "ptb"])
     assert RunConfig.from_dict({**config.to_dict(), "from_the_future": 1}) == config
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch) -> None:
+    """A sweep's runs with the same model and lr, no --out: each claims its own folder."""
+    monkeypatch.setattr(time, "strftime", lambda _format: "20261128-120000")
+    config = RunConfig(model="models/gpt2", lr=4e-5)
+    folders = [claim_default_run_dir(config, tmp_path) for _ in range(3)]
+    names = [folder.name for folder in folders]
+    assert names == [
+        "20261128-120000-gpt2-lr4e-05",
+        "20261128-120000-gpt2-lr4e-05-2",
+        "20261128-120000-gpt2-lr4e-05-3",
+    ]
+    assert all(folder.is_dir() for folder in folders)
+
+
+def test_a_failed_default_start_leaves_no_folder_behind(tmp_path, monkeypatch) -> None:
+    """The folder a default-named run claimed goes again if the run never writes its config."""
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig(model="models/gpt2", lr=4e-5, evals=[str(tmp_path / "text.txt")], device="cpu")
+    (tmp_path / "text.txt").write_text("some text")
+    engine = Engine(config)
+    assert engine.run_dir.is_dir() and engine.made_run_dir
+    with serving_watchers(engine.run_dir, engine.controls, made=engine.made_run_dir):
+        pass  # the model did not load, say
+    assert not engine.run_dir.exists()
