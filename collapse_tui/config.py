@@ -152,8 +152,9 @@ def validate(config: RunConfig) -> None:
     )
     need(config.top_k >= 1, f"--top-k must be at least 1, not {config.top_k}")
     need(
-        math.isfinite(config.temperature) and config.temperature > 0,
-        f"--temperature must be a positive number, not {config.temperature}",
+        math.isfinite(config.temperature) and config.temperature >= MIN_TEMPERATURE,
+        f"--temperature must be at least {MIN_TEMPERATURE:g}, not {config.temperature:g} "
+        "(below it the scaled logits overflow; --top-k 1 samples greedily)",
     )
     need(config.eval_tokens is None or config.eval_tokens >= 1, "--eval-tokens must be positive or 'all'")
     need(
@@ -168,6 +169,11 @@ def validate(config: RunConfig) -> None:
     need(config.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, not {config.dtype!r}")
     need(len(config.evals) >= 1, "give at least one --eval set")
     need(len(set(config.evals)) == len(config.evals), "each --eval set may be given only once")
+
+
+#: The lowest temperature accepted: logits of ~100 over 1e-3 are 1e5, far from fp32's limit; over 1e-40
+#: they are inf, the softmax NaN, and every draw token 0 (a "collapse" that is only arithmetic).
+MIN_TEMPERATURE = 1e-3
 
 
 def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:

@@ -97,6 +97,8 @@ def load_model(model_id: str, device: torch.device) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except Exception as error:
         raise UserError(f"cannot load the tokenizer of {model_id!r}: {str(error).splitlines()[0]}") from None
+    if not tokenizer("The tower").input_ids:  # transformers builds an empty one where the files are missing
+        raise UserError(f"model {model_id!r} has no usable tokenizer (are its tokenizer files missing?)")
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +129,14 @@ def test_model_folder_without_config(eval_file: Path, tmp_path: Path):
     assert_one_line_error(
         cli(*small_run(tmp_path / "empty-model", eval_file, tmp_path / "run")), "config.json"
     )
+
+
+def test_a_model_folder_without_tokenizer_files(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
+    (tmp_path / "weights-only").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, tmp_path / "weights-only" / name)
+    result = cli(*small_run(tmp_path / "weights-only", eval_file, tmp_path / "run"))
+    assert_one_line_error(result, "no usable tokenizer")
 
 
 def test_a_model_that_is_not_a_causal_lm(eval_file: Path, tmp_path: Path):

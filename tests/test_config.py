@@ -39,6 +39,7 @@ def test_eval_tokens_all_means_whole_split() -> None:
         ({"block": 100, "gen_tokens": 50}, "--gen-tokens"),
         ({"top_k": 0}, "--top-k"),
         ({"temperature": 0.0}, "--temperature"),
+        ({"temperature": 1e-45}, "--temperature"),  # the logits would overflow to inf
         ({"eval_tokens": "lots"}, "--eval-tokens"),
         ({"max_iters": 0}, "--max-iters"),
         ({"collapse_threshold": 1.5}, "--collapse-threshold"),
