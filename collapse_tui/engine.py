@@ -319,11 +319,11 @@ class Engine:
             status, reason = "stopped", "non-finite loss"  # no final snapshot: its weights give NaN
         except torch.cuda.OutOfMemoryError:
             error = out_of_memory_error(self.config.model, self.device)
-            self._emit(Event("error", self.iteration, data={"message": str(error)}))
+            self._emit(Event("error", self.iteration, data={"message": str(error), "user_error": True}))
             status, reason = "crashed", "out of GPU memory"
             raise error from None
-        except UserError as error:
-            self._emit(Event("error", self.iteration, data={"message": str(error)}))
+        except UserError as error:  # "user_error": the command line prints it as its one line too
+            self._emit(Event("error", self.iteration, data={"message": str(error), "user_error": True}))
             status, reason = "crashed", str(error)
             raise
         except KeyboardInterrupt:

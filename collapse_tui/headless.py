@@ -83,7 +83,8 @@ class PlainReporter:
         )
 
     def on_event(self, event: Event) -> None:
-        if event.event not in ("start",):
+        # a user's mistake is printed once, as the command's one error line, not here as well
+        if event.event != "start" and not event.data.get("user_error"):
             self._print(f"[{event.describe()}]")
 
     def close(self) -> None:
@@ -135,7 +136,7 @@ class ProgressReporter(PlainReporter):
         if event.event == "start":
             self.guarded(lambda: self.progress.update(self.task, completed=event.iteration))
             self.guarded(lambda: self.progress.start_task(self.task))
-        else:  # not markup: messages hold brackets
+        elif not event.data.get("user_error"):  # not markup: messages hold brackets
             self.guarded(lambda: self.console.print(Text(event.describe(), style="dim")))
 
     def _lose(self) -> None:

@@ -96,6 +96,7 @@ def test_headless_does_not_import_textual(tiny_model_dir: Path, eval_file: Path,
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr
+    assert "error:" not in result.stdout, result.stdout  # said once, on stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("collapse-tui: error: ")
