@@ -8,6 +8,7 @@ comparable across iterations and runs (DESIGN section 1).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ class EvalSet:
     windows: torch.Tensor
     #: Tokens in the whole split, for the record.
     split_tokens: int
+    #: SHA-256 of the split's text: a resume checks it is evaluating the very same text.
+    text_sha256: str = ""
 
 
 def load_eval_text(spec: str) -> str:
@@ -100,8 +103,14 @@ def eval_windows(ids: list[int], block: int, eval_tokens: int | None, name: str 
 
 def load_eval_set(spec: str, tokenizer: object, block: int, eval_tokens: int | None) -> EvalSet:
     name = eval_set_name(spec)
-    ids = tokenize(tokenizer, load_eval_text(spec))
-    return EvalSet(name=name, windows=eval_windows(ids, block, eval_tokens, name), split_tokens=len(ids))
+    text = load_eval_text(spec)
+    ids = tokenize(tokenizer, text)
+    return EvalSet(
+        name=name,
+        windows=eval_windows(ids, block, eval_tokens, name),
+        split_tokens=len(ids),
+        text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    )
 
 
 def check_eval_specs(specs: list[str]) -> None:

@@ -228,6 +228,7 @@ class Engine:
             "eval_sets": {
                 s.name: {
                     "split_tokens": s.split_tokens,
+                    "text_sha256": s.text_sha256,
                     "windows": s.windows.size(0),
                     "block": self.config.block,
                 }
@@ -487,11 +488,18 @@ class Engine:
         except (OSError, ValueError):
             return
         for eval_set in self.eval_sets:
-            was = (recorded.get(eval_set.name) or {}).get("split_tokens")
+            record = recorded.get(eval_set.name) or {}
+            was = record.get("split_tokens")
             if isinstance(was, int) and was != eval_set.split_tokens:
                 raise UserError(
                     f"--eval {eval_set.name}: {eval_set.split_tokens} tokens now, {was} when the run "
                     "started; a resume must evaluate on the same text"
+                )
+            digest = record.get("text_sha256")  # runs from before it was recorded have only the count
+            if digest and eval_set.text_sha256 and digest != eval_set.text_sha256:
+                raise UserError(
+                    f"--eval {eval_set.name}: the text differs from the one the run started with "
+                    "(same length, other words); a resume must evaluate on the same text"
                 )
 
     def _rng_states(self) -> dict[str, Any]:

@@ -147,6 +147,12 @@ def test_a_relative_eval_file_is_kept_absolute_and_may_move_before_a_resume(
     other.write_text((workdir / "heldout.txt").read_text() * 2)
     with pytest.raises(UserError, match="a resume must evaluate on the same text"):
         Engine(build_config({"resume": snapshot, "max_iters": 3, "evals": [str(other)]})).load()
+    text = (workdir / "heldout.txt").read_text()
+    assert " the " in text and " of " in text
+    swapped = text.replace(" the ", " \0 ", 1).replace(" of ", " the ", 1).replace(" \0 ", " of ", 1)
+    other.write_text(swapped)  # two words swapped: as many tokens, other text
+    with pytest.raises(UserError, match="the text differs from the one the run started with"):
+        Engine(build_config({"resume": snapshot, "max_iters": 3, "evals": [str(other)]})).load()
 
 
 def test_a_run_cut_mid_iteration_and_resumed_from_its_final_snapshot_equals_one_never_stopped(
