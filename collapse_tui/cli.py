@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -168,6 +169,7 @@ def build_config(options: dict[str, Any]) -> RunConfig:
                 key not in RESUME_MAY_CHANGE
                 and value != getattr(base, key, value)
                 and not _moved(key, value, base)
+                and not _same_path(key, value, base)
             ):
                 flag = "--" + ("eval" if key == "evals" else key.replace("_", "-"))
                 raise UserError(
@@ -195,6 +197,16 @@ def _moved(key: str, value: Any, base: RunConfig) -> bool:
         return False  # a hub set is not a file that can move, nor can a file stand in for one
     # the engine checks, once loaded, that they hold the same text (Engine._check_same_eval_sets)
     return [eval_set_name(spec) for spec in value] == [eval_set_name(spec) for spec in base.evals]
+
+
+def _same_path(key: str, value: Any, base: RunConfig) -> bool:
+    """Whether ``--model`` or ``--out`` names the run's own folder, spelled another way (./tiny for tiny)."""
+    if key not in ("model", "out") or not isinstance(value, str) or not getattr(base, key):
+        return False
+    was = str(getattr(base, key))
+    if os.path.normpath(value) == os.path.normpath(was):
+        return True
+    return Path(value).exists() and Path(was).exists() and Path(value).resolve() == Path(was).resolve()
 
 
 #: What a resumed run may do differently from its start; everything else would change what it computes.
