@@ -520,6 +520,18 @@ def test_the_event_log_wraps_its_lines_again_when_the_terminal_is_resized() -> N
     drive(source, scenario)
 
 
+def test_ctrl_c_quits_as_q_does() -> None:
+    """Over SSH, Ctrl-C is how people leave a terminal program (Textual would only show a hint)."""
+    source = FakeSource([make_record(0, 5)])
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 1, "a record")
+        await pilot.press("ctrl+c")
+        await wait_until(pilot, lambda: source.controls.stop_requested, "the stop Ctrl-C asks for")
+
+    drive(source, scenario)
+
+
 class SlowToStop(FakeSource):
     """A run that, once asked to stop, takes until ``release`` to end (a large model's final snapshot)."""
 
