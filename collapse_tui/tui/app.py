@@ -270,7 +270,14 @@ class CollapseApp(App[dict[str, Any] | None]):
         else:
             bar.update(total=1.0, progress=max(0.0, min(1.0, report.fraction)))
 
+    @property
+    def screen_gone(self) -> bool:
+        """Whether an exit has torn the main screen down: reports still in the queue then draw nothing."""
+        return not self.query(LossCharts)
+
     def on_record_report(self, report: RecordReport) -> None:
+        if self.screen_gone:
+            return
         record = report.record
         self._loaded()
         if self.drawn and record.iteration <= self.drawn[-1][0]:
@@ -292,7 +299,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         )
         self._show_sample()
         self._show_status()
-        self._update_state()  # the history keys apply once there is a sample; the last one ends the run
+        if self.records_seen == 1 or self.ending:  # the history keys now apply; the last record ends the run
+            self._update_state()
 
     def _rewind(self, iteration: int) -> None:
         """Forget the records from ``iteration`` on: a record not past the last one starts the branch of
@@ -308,6 +316,8 @@ class CollapseApp(App[dict[str, Any] | None]):
             self._browse(None)  # an abandoned iteration: its ordinal now belongs to the new branch
 
     def on_event_report(self, report: EventReport) -> None:
+        if self.screen_gone:
+            return
         event = report.event
         self.events.append(event)
         line = event.describe()
@@ -408,6 +418,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         return self.requested_lr if self.requested_lr is not None else self.applied_lr
 
     def _update_state(self) -> None:
+        if self.screen_gone:
+            return
         self.query_one(RepetitionMeter).set_state(self.state)
         self.refresh_bindings()
 
