@@ -169,7 +169,7 @@ def build_config(options: dict[str, Any]) -> RunConfig:
                 key not in RESUME_MAY_CHANGE
                 and value != getattr(base, key, value)
                 and not _moved(key, value, base)
-                and not _same_path(key, value, base)
+                and not _same_path(key, value, base, Path(resume).parent.parent)
             ):
                 flag = "--" + ("eval" if key == "evals" else key.replace("_", "-"))
                 raise UserError(
@@ -199,11 +199,12 @@ def _moved(key: str, value: Any, base: RunConfig) -> bool:
     return [eval_set_name(spec) for spec in value] == [eval_set_name(spec) for spec in base.evals]
 
 
-def _same_path(key: str, value: Any, base: RunConfig) -> bool:
-    """Whether ``--model`` or ``--out`` names the run's own folder, spelled another way (./tiny for tiny)."""
-    if key not in ("model", "out") or not isinstance(value, str) or not getattr(base, key):
+def _same_path(key: str, value: Any, base: RunConfig, run_dir: Path) -> bool:
+    """Whether ``--model`` names the run's model folder, or ``--out`` the folder of the snapshot resumed,
+    spelled another way (./tiny for tiny). A default-named run has no ``out`` of its own."""
+    if key not in ("model", "out") or not isinstance(value, str):
         return False
-    was = str(getattr(base, key))
+    was = str(run_dir if key == "out" else base.model)
     if os.path.normpath(value) == os.path.normpath(was):
         return True
     return Path(value).exists() and Path(was).exists() and Path(value).resolve() == Path(was).resolve()

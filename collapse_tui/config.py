@@ -135,6 +135,12 @@ def resolve_config(options: dict[str, Any]) -> RunConfig:
     return config
 
 
+#: The lowest temperature accepted, a cautious floor: logits of ~100 over 1e-3 are 1e5, far from
+#: fp32's limit; over ~1e-37 they are inf, the softmax NaN, and every draw token 0 (a "collapse"
+#: that is only arithmetic). Lower temperatures sample as greedily as --top-k 1 does anyway.
+MIN_TEMPERATURE = 1e-3
+
+
 def validate(config: RunConfig) -> None:
     """Reject numbers out of range with one line that says which and why."""
 
@@ -154,7 +160,7 @@ def validate(config: RunConfig) -> None:
     need(
         math.isfinite(config.temperature) and config.temperature >= MIN_TEMPERATURE,
         f"--temperature must be at least {MIN_TEMPERATURE:g}, not {config.temperature:g} "
-        "(below it the scaled logits overflow; --top-k 1 samples greedily)",
+        "(far lower ones overflow the scaled logits; --top-k 1 samples greedily)",
     )
     need(config.eval_tokens is None or config.eval_tokens >= 1, "--eval-tokens must be positive or 'all'")
     need(
@@ -169,11 +175,6 @@ def validate(config: RunConfig) -> None:
     need(config.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, not {config.dtype!r}")
     need(len(config.evals) >= 1, "give at least one --eval set")
     need(len(set(config.evals)) == len(config.evals), "each --eval set may be given only once")
-
-
-#: The lowest temperature accepted: logits of ~100 over 1e-3 are 1e5, far from fp32's limit; over 1e-40
-#: they are inf, the softmax NaN, and every draw token 0 (a "collapse" that is only arithmetic).
-MIN_TEMPERATURE = 1e-3
 
 
 def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:

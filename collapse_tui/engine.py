@@ -87,7 +87,12 @@ def make_inference(
 
 
 class Engine:
-    """One self-training run. Construct cheaply, then call ``run`` (blocking) in a worker thread."""
+    """One self-training run. Construct cheaply, then call ``run`` (blocking) in a worker thread.
+
+    Constructing a new run with no ``--out`` makes its (default-named) folder,
+    to claim the name; ``follow.serving_watchers(..., made=engine.made_run_dir)``
+    removes it again if the run never gets as far as its config.
+    """
 
     def __init__(self, config: RunConfig, *, resume_lr: float | None = None) -> None:
         """``resume_lr``: a learning rate given with ``--resume``, applied from the first resumed iteration."""
@@ -132,9 +137,8 @@ class Engine:
         self.lr = config.lr
         self.detector = CollapseDetector(config.collapse_threshold, config.collapse_patience)
         self.collapsed_at: int | None = None
-        #: The iteration of the newest snapshot on disk (taken or resumed from): no second one there.
-        self.snapshot_iteration: int | None = None
-        #: (iteration, lr) of the last snapshot this process wrote: one asked for again unchanged is not rewritten.
+        #: (iteration, lr) of the newest snapshot on disk (taken, or resumed from): one asked for again
+        #: unchanged is not rewritten, and the final snapshot is not taken where it would be the same.
         self.snapshot_state: tuple[int, float] | None = None
         #: Where this process's iterations began (0, or the snapshot's), once the run has started.
         self.first_iteration: int | None = None
@@ -405,7 +409,6 @@ class Engine:
             message = f"{type(error).__name__}: {error}" if not isinstance(error, OSError) else str(error)
             self._emit(Event("snapshot_failed", self.iteration, data={"message": message}))
         else:
-            self.snapshot_iteration = self.iteration
             self.snapshot_state = (self.iteration, self.lr)
             self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
 
@@ -418,7 +421,7 @@ class Engine:
         so the folder says how the run ended either way.
         """
         stepped = self.first_iteration is not None and self.iteration > self.first_iteration
-        if self.config.final_snapshot and stepped and self.snapshot_iteration != self.iteration:
+        if self.config.final_snapshot and stepped and self.snapshot_state != (self.iteration, self.lr):
             assert self.writer is not None
             ending = {"ending": ENDING_SNAPSHOT, "started": self.started_at}
             self.writer.write_summary({**self.summary(status, reason), **ending})
@@ -519,8 +522,8 @@ class Engine:
         """Continue from a snapshot: counters, optimizer and RNG states as they were."""
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         self.iteration = int(state["iteration"])
-        self.snapshot_iteration = self.iteration
         self.lr = float(state["lr"])
+        self.snapshot_state = (self.iteration, self.lr)
         self.detector.streak = int(state.get("collapse_streak", 0))
         self.collapsed_at = state.get("collapsed_at")
         load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device))

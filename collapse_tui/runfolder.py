@@ -287,6 +287,8 @@ class FolderLock:
 
     def acquire(self) -> FolderLock:
         """Take the folder (the folder must exist); a UserError if another process has it."""
+        if self.holding:
+            return self
         with self._guard:
             entry = self._held.get(self.key)
             if entry is None:
@@ -316,6 +318,10 @@ class FolderLock:
             return None
         try:
             handle = open(self.root / LOCK, "ab")  # noqa: SIM115 (held until the last release)
+        except FileNotFoundError:  # a failed start removed the folder just now: never go on unguarded
+            raise UserError(
+                f"run folder {self.root} vanished while the run started; start it again"
+            ) from None
         except OSError:
             return None  # a folder we can write but not lock in: go on unguarded
         try:

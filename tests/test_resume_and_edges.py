@@ -232,3 +232,30 @@ def test_a_snapshot_asked_for_where_a_periodic_one_was_just_taken_keeps_that_one
     assert "saved already" in snapshots[1].describe()
     # not written again: the file put into it at the first report is still there
     assert (Path(tiny_config.out) / "snapshots" / "iter-2" / "screen.svg").exists()
+
+
+def test_an_lr_change_and_a_quit_where_a_periodic_snapshot_was_just_taken_save_the_new_lr(tiny_config):
+    tiny_config.max_iters = 10
+    tiny_config.snapshot_every = 2
+    engine = Engine(tiny_config)
+
+    def change_lr_and_quit(record) -> None:
+        if record.iteration == 1:  # the periodic snapshot of iteration 2 comes next, then this boundary
+            engine.controls.set_lr(5e-3)
+            engine.controls.stop()
+
+    engine.run(Collector(change_lr_and_quit))
+    state = json.loads((Path(tiny_config.out) / "snapshots" / "iter-2" / "state.json").read_text())
+    assert state["lr"] == 5e-3  # the final snapshot was taken again, with the lr a resume must use
+
+
+def test_out_naming_the_folder_of_the_snapshot_is_no_change_even_for_a_default_named_run(
+    tiny_config, tmp_path
+):
+    snapshot = stopped_run_with_snapshot(tiny_config, tmp_path)
+    config_file = tmp_path / "run" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "out": None}))  # no --out given
+    for spelled in (str(tmp_path / "run"), str(tmp_path / "run") + "/", str(tmp_path / "." / "run")):
+        build_config({"resume": snapshot, "out": spelled, "max_iters": 5})
+    with pytest.raises(UserError, match="--out cannot change"):
+        build_config({"resume": snapshot, "out": str(tmp_path / "elsewhere"), "max_iters": 5})

@@ -738,13 +738,18 @@ def test_run_app_reraises_a_user_error_from_loading() -> None:
         run_app(user_error_source(), headless=True)
 
 
-@pytest.mark.parametrize("name", ["SIGHUP", "SIGTERM", "SIGINT"])
-def test_a_hangup_kill_or_kill_int_stops_the_run_and_returns_its_summary(name, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("name", "terminal_gone"), [("SIGHUP", True), ("SIGHUP", False), ("SIGTERM", False), ("SIGINT", False)]
+)
+def test_a_hangup_kill_or_kill_int_stops_the_run_and_returns_its_summary(
+    name, terminal_gone, monkeypatch
+) -> None:
     if not hasattr(signal, name):
         pytest.skip(f"no {name} on this platform")
     number = getattr(signal, name)
     silenced: list[bool] = []  # the real one would point this test process's output at /dev/null
     monkeypatch.setattr("collapse_tui.tui.app.silence_output", lambda: silenced.append(True))
+    monkeypatch.setattr("collapse_tui.tui.app.terminal_gone", lambda: terminal_gone)
     source = FakeSource([make_record(i, 5) for i in range(2)])
 
     def signal_once_running() -> None:
@@ -760,7 +765,7 @@ def test_a_hangup_kill_or_kill_int_stops_the_run_and_returns_its_summary(name, m
     assert summary == {"status": "stopped", "iterations": 2, "signal": name}
     assert source.events[-1].event == "stop"
     assert signal.getsignal(number) == previous
-    assert silenced == ([True] if name == "SIGHUP" else [])
+    assert silenced == ([True] if terminal_gone else [])  # a kill -HUP with the terminal there restores it
 
 
 # -- the pieces ----------------------------------------------------------------
@@ -954,3 +959,21 @@ def test_the_status_line_keeps_the_time_left_at_80_columns(model, device, iterat
     line = asyncio.run(main())
     assert len(line) <= 80 and line.endswith("eta 8:14")
     assert all(part in line for part in kept), line
+
+
+def test_a_kill_after_the_run_has_ended_only_closes_the_screen(monkeypatch) -> None:
+    """The run finished and its screen was left open; a kill (or the SSH session ending) then is no
+    interruption: the summary, and so the exit code, stay the run's own."""
+    monkeypatch.setattr("collapse_tui.tui.app.terminal_gone", lambda: False)
+    source = FakeSource([make_record(i, 5) for i in range(2)], after="return")
+
+    def kill_once_finished() -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while not source.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the app has seen the run end
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=kill_once_finished, daemon=True).start()
+    summary = run_app(source, headless=True)
+    assert summary == {"status": "finished", "iterations": 2}

@@ -43,7 +43,7 @@ from collapse_tui.records import Event, IterationRecord
 from collapse_tui.source import RunSource
 from collapse_tui.tui.history import Entry, SampleHistory
 from collapse_tui.tui.screens import MAX_LR, HelpScreen, LrScreen
-from collapse_tui.tui.terminal import hangup_safe, silence_output
+from collapse_tui.tui.terminal import hangup_safe, silence_output, terminal_gone
 from collapse_tui.tui.widgets import EventLog, LossCharts, RepetitionMeter, SampleView, StatusLine
 
 
@@ -186,6 +186,10 @@ class CollapseApp(App[dict[str, Any] | None]):
         #: When the run's thread ended: elapsed time stops there.
         self.ended_at: float | None = None
         self._worker: Worker | None = None
+        #: The charts, kept to tell cheaply (on every report) whether the screen is still there.
+        self.charts: LossCharts | None = None
+        #: Whether leaving printed ``WAITING_MESSAGE`` below the screen (``run_app`` then does not again).
+        self.said_waiting = False
         #: The app's event loop once running, for signal handlers to reach it.
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -210,6 +214,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.charts = self.query_one(LossCharts)
         self.query_one("#charts").border_title = "loss"
         self.query_one("#meter").border_title = "repetition"
         self.query_one("#sample").border_title = "sample"
@@ -252,7 +257,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         if isinstance(error, UserError):
             self.exit(None)  # run_app re-raises it as one line
             return
-        if error is not None and not self.failed:  # else the run's error event has said it already
+        if error is not None and not self._logged(error):  # the run's error event may have said it already
             self.failed = True
             self._log(f"run failed: {type(error).__name__}: {error}")
             self.notify(f"{type(error).__name__}: {error}", title="run failed", severity="error", timeout=30)
@@ -273,7 +278,7 @@ class CollapseApp(App[dict[str, Any] | None]):
     @property
     def screen_gone(self) -> bool:
         """Whether an exit has torn the main screen down: reports still in the queue then draw nothing."""
-        return not self.query(LossCharts)
+        return self.charts is None or not self.charts.is_attached
 
     def on_record_report(self, report: RecordReport) -> None:
         if self.screen_gone:
@@ -366,6 +371,13 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.notify(message, title="the run's process is gone", severity="error", timeout=30)
         self._update_state()
         self._show_status()
+
+    def _logged(self, error: BaseException) -> bool:
+        """Whether an error event of the run already carries ``error``'s message."""
+        return any(
+            event.event == "error" and str(error) in str(event.data.get("message", ""))
+            for event in self.events
+        )
 
     def _loaded(self) -> None:
         if self.loading:
@@ -588,10 +600,11 @@ class CollapseApp(App[dict[str, Any] | None]):
         if self.run_done.is_set():
             self.exit(self.summary)
         else:
+            self.said_waiting = True
             self.exit(self.summary, message=Text(WAITING_MESSAGE))
 
     def stop_from_signal(self) -> None:
-        """For SIGHUP: stop the run and leave, keeping everything the run wrote."""
+        """For a hang-up, kill or kill -INT: stop the run and leave, keeping everything the run wrote."""
         self.source.controls.stop()
         self.quitting = True
         if not self.running:
@@ -612,17 +625,25 @@ def run_app(
     runs without a terminal (for tests).
     """
     app = CollapseApp(source, clock=clock)
-    stopped_by: list[str] = []
+    signals: list[str] = []  # every stop signal received
+    stopped_by: list[str] = []  # those that stopped a run still going
 
     def on_signal(signum: int, frame: Any) -> None:
-        if signum == getattr(signal, "SIGHUP", None):
-            silence_output()  # the terminal is gone: nothing written to it may block the exit
-        stopped_by.append(signal.Signals(signum).name)
+        if signum == getattr(signal, "SIGHUP", None) and terminal_gone():
+            silence_output()  # nothing written to a dead terminal may fail or block the exit
+        if signals:  # a second one: leave now, as a second q does (snapshots are written atomically)
+            for number, handler in previous.items():
+                signal.signal(number, signal.SIG_DFL if number == signum else handler)
+            os.kill(os.getpid(), signum)
+            return
+        signals.append(signal.Signals(signum).name)
+        if not app.run_done.is_set():
+            stopped_by.append(signals[0])
         source.controls.stop()
         if app.loop is not None:
             app.loop.call_soon_threadsafe(app.stop_from_signal)
 
-    previous = {}
+    previous: dict[int, Any] = {}
     for name in STOP_SIGNALS:
         if hasattr(signal, name):
             number = getattr(signal, name)
@@ -631,8 +652,11 @@ def run_app(
         app.run(headless=headless)
     finally:
         source.controls.stop()
+        # app.run returns once the run's thread has (asyncio.run waits for it), except where
+        # that wait has a limit (Python 3.12+: 5 minutes); then wait on, having said so once
         if app.worker_started and not app.run_done.wait(2.0):
-            print(WAITING_MESSAGE, file=sys.stderr)
+            if not app.said_waiting:
+                print(WAITING_MESSAGE, file=sys.stderr)
             app.run_done.wait()
         for number, handler in previous.items():
             signal.signal(number, handler)

@@ -5,15 +5,21 @@ terminal hangs up, its first write fails (EIO), the thread dies, and the next
 writes (the screen restored on exit, say) fill the queue and block forever:
 the process would never end, though its run had stopped and been saved. So
 the driver's output is wrapped to go quiet once a write fails, and on a
-hang-up the process's output is pointed at /dev/null.
+hang-up that took the terminal the process's output is pointed at /dev/null.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from typing import IO, Any
+
+try:
+    import termios
+except ImportError:  # Windows: no hang-ups to tell apart
+    termios = None  # type: ignore[assignment]
 
 from textual.driver import Driver
 
@@ -56,6 +62,22 @@ def hangup_safe(driver_class: type[Driver]) -> type[Driver]:
 
     HangupSafeDriver.__name__ = HangupSafeDriver.__qualname__ = f"HangupSafe{driver_class.__name__}"
     return HangupSafeDriver
+
+
+def terminal_gone() -> bool:
+    """Whether the terminal has hung up (its attributes give EIO), as opposed to a ``kill -HUP`` of a
+    process whose terminal is still there, which must get its screen restored."""
+    if termios is None:
+        return False
+    for stream in (sys.__stderr__, sys.__stdout__):
+        try:
+            termios.tcgetattr(stream.fileno())
+        except termios.error as error:
+            if error.args and error.args[0] == errno.EIO:
+                return True
+        except (AttributeError, OSError, ValueError):
+            continue
+    return False
 
 
 def silence_output() -> None:
