@@ -117,9 +117,11 @@ async def shoot(args: argparse.Namespace, config: RunConfig) -> list[Path]:
         await wait_for(lambda: app.records_seen >= args.healthy_at, f"{args.healthy_at} iterations")
         await save("healthy")
         await wait_for(lambda: not app.running, "the run to collapse or end")
-        if app.failed:  # a collapse followed by a crash (a final snapshot that failed) is no picture of one
-            events = "; ".join(event.describe() for event in app.events if event.event == "error")
-            raise RuntimeError(f"the run failed, so no screenshot of its end: {events or app.run_error}")
+        failures = [e.describe() for e in app.events if e.event in ("error", "snapshot_failed")]
+        if app.failed or failures:  # a picture of the end of a run, not of an error message
+            raise RuntimeError(
+                f"the run failed, so no screenshot of its end: {'; '.join(failures) or app.run_error}"
+            )
         if app.collapsed:
             await pilot.pause(0.5)  # let the collapse notification draw
             await save("collapsed")
