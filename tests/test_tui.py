@@ -977,3 +977,39 @@ def test_a_kill_after_the_run_has_ended_only_closes_the_screen(monkeypatch) -> N
     threading.Thread(target=kill_once_finished, daemon=True).start()
     summary = run_app(source, headless=True)
     assert summary == {"status": "finished", "iterations": 2}
+
+
+def test_once_the_run_has_ended_s_keeps_the_screen_beside_its_last_snapshot(tmp_path: Path) -> None:
+    snapshot = tmp_path / "snapshots" / "iter-2"
+    snapshot.mkdir(parents=True)
+    info = RunInfo(
+        model="fake", device="cpu", max_iters=2, lr=4e-5, eval_names=["wikitext-2"], run_dir=str(tmp_path)
+    )
+    script = {1: [Event("snapshot", 2, time=0.0, data={"path": str(snapshot)})]}
+    source = FakeSource([make_record(i, 2) for i in range(2)], info=info, script=script, after="return")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the run to end")
+        assert app.check_action("snapshot", ()) is True
+        assert not (snapshot / "screen.svg").exists()
+        await pilot.press("s")
+        await wait_until(pilot, lambda: (snapshot / "screen.svg").exists(), "the screen saved")
+        assert not source.controls.take_pending().snapshot  # no model snapshot asked of a run that has ended
+
+    drive(source, scenario)
+
+
+def test_the_runs_last_events_arriving_as_the_app_shuts_down_with_help_open_do_no_harm() -> None:
+    """Found by rendering the help at 80x24: the stop event came while the screens were being removed."""
+    source = FakeSource()
+
+    async def main() -> None:
+        app = CollapseApp(source)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: app.worker_started and not app.loading, "the start")
+            await pilot.press("question_mark")
+            await pilot.pause(0.1)
+            source.controls.stop()  # the run's stop event now races the shutdown run_test begins
+
+    for _ in range(3):
+        asyncio.run(main())

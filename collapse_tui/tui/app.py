@@ -164,6 +164,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.run_paused = False
         self.failed = False
         self.snapshot_pending = False
+        #: The folder of the newest snapshot the run reported, where ``s`` puts the screen once it has ended.
+        self.last_snapshot: str | None = None
         self.iteration: int | None = None
         #: Records drawn on the charts (a resume that goes back drops the abandoned ones).
         self.records_seen = 0
@@ -278,7 +280,8 @@ class CollapseApp(App[dict[str, Any] | None]):
     @property
     def screen_gone(self) -> bool:
         """Whether an exit has torn the main screen down: reports still in the queue then draw nothing."""
-        return self.charts is None or not self.charts.is_attached
+        # is_running goes False as the shutdown begins, before the widgets are removed one by one
+        return not self.is_running or self.charts is None or not self.charts.is_attached
 
     def on_record_report(self, report: RecordReport) -> None:
         if self.screen_gone:
@@ -346,6 +349,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             if self.requested_lr == self.applied_lr:
                 self.requested_lr = None
         elif kind == "snapshot":
+            self.last_snapshot = event.data.get("path") or self.last_snapshot
             # Only for a snapshot this screen asked for: a watcher replaying a run's history
             # must not write its screen into an old snapshot.
             if self.snapshot_pending:
@@ -384,7 +388,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.loading = False
             self.query_one("#loading").display = False
 
-    def _save_screen(self, path: Any) -> None:
+    def _save_screen(self, path: Any, *, screen_only: bool = False) -> None:
         """The screen as SVG beside the engine's snapshot, so the moment can be seen again later."""
         if not path:
             return
@@ -393,7 +397,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         except OSError as error:
             self.notify(f"could not save the screen: {error}", severity="error")
             return
-        self.notify(f"model, optimizer and screen.svg saved in {path}", title="snapshot")
+        what = "the screen saved as screen.svg" if screen_only else "model, optimizer and screen.svg saved"
+        self.notify(f"{what} in {path}", title="snapshot")
 
     # -- drawing -------------------------------------------------------------
 
@@ -486,7 +491,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.refresh_bindings()
 
     def _log(self, line: str) -> None:
-        self.query_one(EventLog).add(line)
+        if not self.screen_gone:
+            self.query_one(EventLog).add(line)
 
     # -- keys ----------------------------------------------------------------
 
@@ -510,6 +516,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         if action in ("lr_up", "lr_down", "type_lr"):
             return True if live else None
         if action == "snapshot":
+            if self.ended_here:  # the screen alone, beside the run's last snapshot
+                return True
             return True if live and not self.snapshot_pending else None
         return True
 
@@ -555,7 +563,15 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.requested_lr = None if lr == self.applied_lr else lr
         self._show_status()
 
+    @property
+    def ended_here(self) -> bool:
+        """Whether the run has ended while this screen watched it, with a folder to keep a screenshot in."""
+        return not self.running and self.worker_started and bool(self.info.run_dir) and not self.read_only
+
     def action_snapshot(self) -> None:
+        if self.ended_here:  # no model to save any more: keep the screen, as the end of the run looks
+            self._save_screen(self.last_snapshot or self.info.run_dir, screen_only=True)
+            return
         self.source.controls.request_snapshot()
         self.snapshot_pending = True
         self.refresh_bindings()

@@ -17,7 +17,7 @@ HELP_KEYS = [
     ("+", "double the learning rate from the next iteration"),
     ("-", "halve the learning rate from the next iteration"),
     ("l", "type a learning rate"),
-    ("s", "snapshot: model, optimizer, sample, and an SVG of this screen"),
+    ("s", "snapshot: model, optimizer, sample, and an SVG of this screen (once the run has ended: the SVG)"),
     ("[ ]", "previous / next iteration's sample (▲ on the charts)"),
     ("{ }", "10 iterations back / forward"),
     ("home", "the first iteration"),
