@@ -249,9 +249,7 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
 
     engine = Engine(config, resume_lr=resume_lr(options))
     try:
-        with serving_watchers(
-            engine.run_dir, engine.controls, resuming=bool(config.resume), made=engine.made_run_dir
-        ):
+        with serving_watchers(engine.run_dir, engine.controls, made=engine.made_run_dir):
             summary = run_app(engine)
     except (UserError, KeyboardInterrupt):
         raise

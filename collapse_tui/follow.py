@@ -49,7 +49,6 @@ from collapse_tui.runfolder import (
     FolderLock,
     JsonlTail,
     RunFolder,
-    check_new_run_folder,
     dedupe_records,
     drop_abandoned_events,
     is_ending,
@@ -488,24 +487,20 @@ class FolderSource:
 
 
 @contextlib.contextmanager
-def serving_watchers(
-    run_dir: Path, controls: RunControls, *, resuming: bool = False, made: bool = False
-) -> Iterator[None]:
+def serving_watchers(run_dir: Path, controls: RunControls, *, made: bool = False) -> Iterator[None]:
     """While a run goes on in this process: announce it and take watchers' commands.
 
     Both front ends that run an engine (TUI and headless) wrap ``engine.run``
-    in this. It takes the folder's lock first, so a second start into a
-    folder in use is refused before it touches the first run's
-    ``process.json``, and a new run is refused a folder that holds another
-    run's iterations. If the run never got as far as writing its config (a
-    model that would not load, say), the folder it made is removed again, so
-    a typo leaves no empty run behind (``made``: this process created the
-    folder before this, a default-named one).
+    in this, after the ``Engine`` has refused a folder that holds another
+    run. It takes the folder's lock first, so a second start into a folder
+    in use is refused before it touches the first run's ``process.json``.
+    If the run never got as far as writing its config (a model that would
+    not load, say), the folder it made is removed again, so a typo leaves no
+    empty run behind (``made``: this process created the folder before
+    this, a default-named one).
     """
     run_dir = Path(run_dir)
     existed = run_dir.exists() and not made
-    if not resuming:
-        check_new_run_folder(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -195,9 +195,7 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
     summary: dict[str, Any] | None = None
     crash: Exception | None = None
     try:
-        with serving_watchers(
-            engine.run_dir, engine.controls, resuming=bool(config.resume), made=engine.made_run_dir
-        ):
+        with serving_watchers(engine.run_dir, engine.controls, made=engine.made_run_dir):
             summary = engine.run(reporter)
     except KeyboardInterrupt:
         pass  # a second Ctrl-C: leave now (summary stays None)

@@ -345,11 +345,13 @@ class RunWriter:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserError(f"cannot create run folder {self.root}: {error.strerror}") from None
-        self._folder_lock = self._lock_folder()
+        # Held for the run's life, so that a second run (or resume) in this folder is refused instead of
+        # interleaving its lines with this one's; the OS drops the lock if the process dies.
+        self._folder_lock = FolderLock(self.root).acquire()
         try:
             self._open(resuming)
         except BaseException:
-            self._release_folder()
+            self._folder_lock.release()
             raise
         self._lock = threading.Lock()
 
@@ -372,14 +374,6 @@ class RunWriter:
         # Kept open for the run's life (closed in ``close``): one line per iteration, flushed.
         self._metrics: IO[str] = open(self.root / METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._events: IO[str] = open(self.root / EVENTS, "a", encoding="utf-8")  # noqa: SIM115
-
-    def _lock_folder(self) -> FolderLock:
-        """Hold ``.lock`` for the run's life, so that a second run (or resume) in this folder is refused
-        instead of interleaving its lines with this one's; the OS drops the lock if the process dies."""
-        return FolderLock(self.root).acquire()
-
-    def _release_folder(self) -> None:
-        self._folder_lock.release()
 
     @staticmethod
     def _append(handle: IO[str], row: dict[str, Any]) -> None:
@@ -415,7 +409,7 @@ class RunWriter:
         with self._lock:
             self._metrics.close()
             self._events.close()
-            self._release_folder()
+            self._folder_lock.release()
 
 
 @dataclass
