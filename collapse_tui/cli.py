@@ -31,13 +31,17 @@ from collapse_tui.config import (
     validate,
 )
 from collapse_tui.errors import UserError
+from collapse_tui.exits import (
+    EXIT_INTERRUPTED,
+    EXIT_RUN_FAILED,
+    EXIT_USER_ERROR,
+    closing_line,
+    run_exit_code,
+)
 from collapse_tui.runfolder import CONFIG, snapshot_iteration
 
-EXIT_USER_ERROR = 2
 #: click's UsageError as typer raises it (recent typer vendors click, older typer imports it).
 USAGE_ERROR: type[Exception] = typer.BadParameter.__bases__[0]
-#: A run that crashed or stopped on a non-finite loss (as ``headless.EXIT_RUN_FAILED``).
-EXIT_RUN_FAILED = 1
 
 app = typer.Typer(
     add_completion=False,
@@ -260,7 +264,10 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
         raise typer.Exit(EXIT_RUN_FAILED) from None
     if Path(engine.run_dir, CONFIG).is_file():  # the screen is gone: say where the run is
         typer.echo(f"collapse-tui: the run is in {engine.run_dir}")
-    raise typer.Exit(_exit_code(summary))
+    line = closing_line(summary)
+    if line:
+        typer.echo(line, err=True)
+    raise typer.Exit(run_exit_code(summary, signalled=bool(summary.get("signal"))))
 
 
 @app.command("headless")
@@ -279,7 +286,7 @@ def headless_command(ctx: typer.Context, **options: Any) -> None:
 @app.command("watch")
 @user_errors
 def watch_command(
-    run_dir: Annotated[Path, typer.Argument(help="The run folder to show.", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(help="The run folder to show.", show_default=False, metavar="RUN_DIR")],
     read_only: Annotated[bool, typer.Option("--read-only", help="Show the run without steering it.")] = False,
 ) -> None:
     """Attach the TUI to a run folder: follow a live run (and steer it), or replay a finished one."""
@@ -292,7 +299,7 @@ def watch_command(
 @app.command("plot")
 @user_errors
 def plot_command(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to compare.", show_default=False)],
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to compare.", show_default=False, metavar="RUN_DIR")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Figure file (.png, .pdf, .svg).")] = Path(
         "collapse.png"
     ),
@@ -330,13 +337,6 @@ def runs_command(
         console.print(f"[dim]{line}[/dim]")
 
 
-def _exit_code(summary: dict[str, Any]) -> int:
-    if summary.get("reason") == "interrupted" or summary.get("signal"):  # a signal stopped it
-        return 130
-    failed = summary.get("status") == "crashed" or summary.get("reason") == "non-finite loss"
-    return EXIT_RUN_FAILED if failed else 0
-
-
 def main() -> None:
     """Console-script entry point.
 
@@ -351,7 +351,7 @@ def main() -> None:
         typer.echo(f"collapse-tui: error: {error.format_message()}{hint}", err=True)  # type: ignore[attr-defined]
         sys.exit(EXIT_USER_ERROR)
     except (KeyboardInterrupt, typer.Abort):
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(code if isinstance(code, int) else 0)
 
 

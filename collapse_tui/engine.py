@@ -140,6 +140,11 @@ class Engine:
         #: (iteration, lr) of the newest snapshot on disk (taken, or resumed from): one asked for again
         #: unchanged is not rewritten, and the final snapshot is not taken where it would be the same.
         self.snapshot_state: tuple[int, float] | None = None
+        #: The newest snapshot this run has on disk (taken here, or resumed from), for the summary.
+        self.last_snapshot: Path | None = None
+        #: Why the final snapshot could not be written (a full disk), if it could not: the run's end
+        #: is then not saved, which the summary and the exit code say.
+        self.final_snapshot_failed: str | None = None
         #: Where this process's iterations began (0, or the snapshot's), once the run has started.
         self.first_iteration: int | None = None
         #: The time of this process's ``start`` event, which the summary before the final snapshot names.
@@ -392,15 +397,18 @@ class Engine:
         if pending.snapshot:
             self._take_snapshot()
 
-    def _take_snapshot(self) -> None:
-        """A snapshot of the run as it stands, logged; one that fails (a full disk) is logged, the run goes on."""
+    def _take_snapshot(self) -> str | None:
+        """A snapshot of the run as it stands, logged; one that fails (a full disk) is logged, the run goes on.
+
+        Returns why it failed, or None.
+        """
         assert self.writer is not None
         target = self.writer.snapshot_dir(self.iteration)
         if self.snapshot_state == (self.iteration, self.lr) and target.is_dir():
             # saved already at this boundary (--snapshot-every, then s): writing it again would only
             # replace the folder, and the screen.svg the TUI put into it
             self._emit(Event("snapshot", self.iteration, data={"path": str(target), "again": True}))
-            return
+            return None
         self.listener.on_status(f"saving snapshot {target.name}", None)
         try:
             path = self.snapshot()
@@ -408,9 +416,10 @@ class Engine:
             shutil.rmtree(partial_snapshot(target), ignore_errors=True)
             message = f"{type(error).__name__}: {error}" if not isinstance(error, OSError) else str(error)
             self._emit(Event("snapshot_failed", self.iteration, data={"message": message}))
-        else:
-            self.snapshot_state = (self.iteration, self.lr)
-            self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
+            return message
+        self.snapshot_state, self.last_snapshot = (self.iteration, self.lr), path
+        self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
+        return None
 
     def _final_snapshot(self, status: str, reason: str) -> None:
         """The run as it ends, if it took a step here and is not saved yet (``--no-final-snapshot``: never).
@@ -425,7 +434,7 @@ class Engine:
             assert self.writer is not None
             ending = {"ending": ENDING_SNAPSHOT, "started": self.started_at}
             self.writer.write_summary({**self.summary(status, reason), **ending})
-            self._take_snapshot()
+            self.final_snapshot_failed = self._take_snapshot()
 
     def _record(self, record: IterationRecord) -> None:
         """Write the iteration and count it done, then tell: a listener that fails must not cost it."""
@@ -523,7 +532,7 @@ class Engine:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         self.iteration = int(state["iteration"])
         self.lr = float(state["lr"])
-        self.snapshot_state = (self.iteration, self.lr)
+        self.snapshot_state, self.last_snapshot = (self.iteration, self.lr), path
         self.detector.streak = int(state.get("collapse_streak", 0))
         self.collapsed_at = state.get("collapsed_at")
         load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device))
@@ -568,6 +577,8 @@ class Engine:
             model=self.config.model,
             run_dir=self.run_dir,
             elapsed_seconds=time.time() - self.started,
+            last_snapshot=None if self.last_snapshot is None else str(self.last_snapshot),
+            **({"final_snapshot_failed": self.final_snapshot_failed} if self.final_snapshot_failed else {}),
         )
 
 

@@ -29,11 +29,9 @@ from collapse_tui.config import RunConfig
 from collapse_tui.crash import report_crash
 from collapse_tui.engine import Engine
 from collapse_tui.errors import UserError
+from collapse_tui.exits import EXIT_INTERRUPTED, EXIT_RUN_FAILED, closing_line, run_exit_code
 from collapse_tui.follow import serving_watchers
 from collapse_tui.records import Event, IterationRecord
-
-EXIT_INTERRUPTED = 130
-EXIT_RUN_FAILED = 1
 
 
 def format_losses(record: IterationRecord) -> str:
@@ -166,6 +164,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
         for name, value in first["valid"].items():
             table.add_row(f"{name} first → last", f"{fmt(value)} → {fmt(last['valid'].get(name))}")
         table.add_row("rep4 first → last", f"{fmt(first['rep4'])} → {fmt(last['rep4'])}")
+    if summary.get("final_snapshot_failed"):
+        table.add_row("final snapshot", f"failed: {summary['final_snapshot_failed']}")
+    if "last_snapshot" in summary:  # runs written before it was kept have no such key
+        table.add_row("last snapshot", summary["last_snapshot"] or "—")
     table.add_row("run folder", summary["run_dir"])
     return table
 
@@ -215,12 +217,10 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         _say("collapse-tui: interrupted")
         return EXIT_INTERRUPTED
     reporter.guarded(lambda: console.print(summary_table(summary)))
-    if interrupted:
-        return EXIT_INTERRUPTED
-    if summary["reason"] == "non-finite loss":
-        _say("collapse-tui: the run stopped on a non-finite loss; its data is kept")
-        return EXIT_RUN_FAILED
-    return 0
+    line = closing_line(summary)
+    if line:
+        _say(line)
+    return run_exit_code(summary, signalled=interrupted)
 
 
 def _say(line: str) -> None:

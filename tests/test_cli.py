@@ -340,6 +340,8 @@ def test_kill_int_stops_a_background_job_whose_shell_ignored_sigint(tiny_model_d
         (["headless", "--lr", "abc"], "Invalid value for '--lr'"),
         (["--bogus"], "No such option: --bogus"),
         (["headless", "--max-iters"], "'--max-iters' requires an argument"),
+        (["plot"], "Missing argument 'RUN_DIR'"),  # as --help names it, not the Python parameter
+        (["watch"], "Missing argument 'RUN_DIR'"),
     ],
 )
 def test_a_mistyped_option_gets_one_line_not_a_usage_block(args: list[str], fragment: str):
@@ -357,3 +359,86 @@ def test_the_tui_command_says_where_the_run_is_once_the_screen_is_gone(
     result = CliRunner().invoke(app, small_run(tiny_model_dir, eval_file, tmp_path / "run")[1:])
     assert result.exit_code == 0
     assert result.stdout == f"collapse-tui: the run is in {tmp_path / 'run'}\n"
+
+
+def test_a_final_snapshot_that_cannot_be_written_fails_the_command(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("collapse_tui.engine.Engine._write_snapshot", disk_full)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, small_run(tiny_model_dir, eval_file, out))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [
+        "collapse-tui: the final snapshot could not be saved ([Errno 28] No space left on device); "
+        "the run's records are kept, its last weights are not"
+    ]
+    assert "final snapshot" in result.stdout and "failed: [Errno 28]" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["last_snapshot"] is None
+    assert "No space left on device" in summary["final_snapshot_failed"]
+
+
+def test_the_summary_names_the_last_snapshot(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, small_run(tiny_model_dir, eval_file, out))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["last_snapshot"] == str(out / "snapshots" / "iter-5")
+    assert "final_snapshot_failed" not in summary
+    assert "last snapshot" in result.stdout
+
+
+def test_ctrl_c_while_a_finished_run_saves_its_end_keeps_exit_0(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from collapse_tui.engine import Engine
+
+    final_snapshot = Engine._final_snapshot
+
+    def interrupted_while_saving(self, status, reason):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, in the main thread
+        final_snapshot(self, status, reason)
+
+    monkeypatch.setattr(Engine, "_final_snapshot", interrupted_while_saving)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, small_run(tiny_model_dir, eval_file, out))
+    assert result.exit_code == 0, result.output  # every iteration ran and the end was saved
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["iterations"] == 5
+    assert (out / "snapshots" / "iter-5" / "state.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("summary", "code", "stderr"),
+    [
+        ({"status": "finished", "reason": "max_iters", "signal": "SIGTERM"}, 0, ""),
+        ({"status": "stopped", "reason": "requested", "signal": "SIGTERM"}, 130, ""),
+        ({"status": "stopped", "reason": "requested"}, 0, ""),  # q
+        (
+            {"status": "collapsed", "reason": "collapsed", "final_snapshot_failed": "disk full"},
+            1,
+            "collapse-tui: the final snapshot could not be saved (disk full); "
+            "the run's records are kept, its last weights are not\n",
+        ),
+        (
+            {"status": "stopped", "reason": "non-finite loss"},
+            1,
+            "collapse-tui: the run stopped on a non-finite loss; its data is kept\n",
+        ),
+    ],
+)
+def test_the_tui_command_exits_as_headless_does(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    summary: dict, code: int, stderr: str,
+):  # fmt: skip
+    def ended_run(engine):
+        (engine.run_dir / "config.json").write_text("{}")
+        return summary
+
+    monkeypatch.setattr("collapse_tui.tui.app.run_app", ended_run)
+    result = CliRunner().invoke(app, small_run(tiny_model_dir, eval_file, tmp_path / "run")[1:])
+    assert result.exit_code == code
+    assert result.stderr == stderr

@@ -1,0 +1,48 @@
+"""How a run's end becomes the process's exit code and last line: one rule for the TUI and headless.
+
+A script running a sweep reads the exit code, so it must tell apart a run
+that did what was asked (0), one whose result is not whole (1: a crash, a
+non-finite loss, or a final snapshot that could not be written), a stop by a
+signal (130) and a user's mistake (2, raised before or while loading).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+EXIT_OK = 0
+#: A run that crashed, stopped on a non-finite loss, or could not save its end.
+EXIT_RUN_FAILED = 1
+#: A user's mistake: one line on stderr, as ``cli.user_errors`` prints it.
+EXIT_USER_ERROR = 2
+#: Stopped by Ctrl-C, ``kill`` or a hang-up, as shells report a SIGINT.
+EXIT_INTERRUPTED = 130
+
+
+def run_exit_code(summary: dict[str, Any], *, signalled: bool) -> int:
+    """The exit code for a run that ended with ``summary``.
+
+    ``signalled``: a stop signal arrived while the run was going. It makes the
+    exit 130 only where the run really stopped early for it; a signal landing
+    while a finished run writes its final snapshot leaves the run's own outcome.
+    """
+    if summary.get("status") == "crashed" or summary.get("reason") == "non-finite loss":
+        return EXIT_RUN_FAILED
+    if summary.get("reason") == "interrupted" or (signalled and summary.get("reason") == "requested"):
+        return EXIT_INTERRUPTED
+    if summary.get("final_snapshot_failed"):
+        return EXIT_RUN_FAILED
+    return EXIT_OK
+
+
+def closing_line(summary: dict[str, Any]) -> str | None:
+    """The one line on stderr for a run whose result is not whole (a crash has its own), else None."""
+    if summary.get("reason") == "non-finite loss":
+        return "collapse-tui: the run stopped on a non-finite loss; its data is kept"
+    failed = summary.get("final_snapshot_failed")
+    if failed:
+        return (
+            f"collapse-tui: the final snapshot could not be saved ({failed}); "
+            "the run's records are kept, its last weights are not"
+        )
+    return None
