@@ -67,6 +67,20 @@ def settle(app: CollapseApp, clock: FrozenClock, count: int, elapsed: float):
     return run_before
 
 
+def test_loading_80x24(snap_compare) -> None:
+    """The loading pane at 80 columns: the bar leaves room for its percentage."""
+    gate = threading.Event()  # never set: the fake stays loading, half done
+    app = CollapseApp(FakeSource([], info=INFO, load_gate=gate), clock=FrozenClock())
+
+    async def run_before(pilot: Pilot) -> None:
+        await pilot.pause(0.2)
+
+    try:
+        assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
+    finally:
+        gate.set()
+
+
 def test_healthy_run_80x24(snap_compare) -> None:
     app, clock = make_app(24, 60)
     assert snap_compare(app, terminal_size=(80, 24), run_before=settle(app, clock, 24, 754.0))
