@@ -286,7 +286,9 @@ def headless_command(ctx: typer.Context, **options: Any) -> None:
 @app.command("watch")
 @user_errors
 def watch_command(
-    run_dir: Annotated[Path, typer.Argument(help="The run folder to show.", show_default=False, metavar="RUN_DIR")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="The run folder to show.", show_default=False, metavar="RUN_DIR")
+    ],
     read_only: Annotated[bool, typer.Option("--read-only", help="Show the run without steering it.")] = False,
 ) -> None:
     """Attach the TUI to a run folder: follow a live run (and steer it), or replay a finished one."""
@@ -299,7 +301,9 @@ def watch_command(
 @app.command("plot")
 @user_errors
 def plot_command(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to compare.", show_default=False, metavar="RUN_DIR")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run folders to compare.", show_default=False, metavar="RUN_DIR")
+    ],
     out: Annotated[Path, typer.Option("-o", "--out", help="Figure file (.png, .pdf, .svg).")] = Path(
         "collapse.png"
     ),
