@@ -176,9 +176,7 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
     """Run to the end in this thread; return the process exit code."""
     engine = Engine(config, resume_lr=resume_lr)
     console = Console(stderr=False)
-    reporter: PlainReporter = (
-        ProgressReporter(engine, console) if console.is_terminal else PlainReporter(engine)
-    )
+    reporter: PlainReporter | None = None
     interrupted = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -188,16 +186,14 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         interrupted = True
         engine.controls.stop()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        # Even where ignored: a shell script's background job starts with SIGINT ignored, and
-        # ``kill -INT`` must still stop it.
-        signal.signal(signum, stop)
-    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, stop)  # under nohup it is ignored on purpose: the run outlives SSH
     summary: dict[str, Any] | None = None
     crash: Exception | None = None
     try:
+        # entered right after the Engine: whatever fails from here on removes the default-named
+        # folder it made, if no run got as far as using it
         with serving_watchers(engine.run_dir, engine.controls, made=engine.made_run_dir):
+            _catch_stop_signals(stop)
+            reporter = ProgressReporter(engine, console) if console.is_terminal else PlainReporter(engine)
             summary = engine.run(reporter)
     except KeyboardInterrupt:
         pass  # a second Ctrl-C: leave now (summary stays None)
@@ -206,21 +202,33 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
     except Exception as error:  # a crash, not a mistake: one line, the traceback kept in a file
         crash = error
     finally:
-        reporter.close()
-        if reporter.lost:  # nothing more can reach it, not even Python's last flush at exit
-            with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if reporter is not None:
+            reporter.close()
+            if reporter.lost:  # nothing more can reach it, not even Python's last flush at exit
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if crash is not None:
         report_crash(crash, engine.run_dir)
         return EXIT_RUN_FAILED
-    if summary is None:
+    if summary is None or reporter is None:
         _say("collapse-tui: interrupted")
         return EXIT_INTERRUPTED
-    reporter.guarded(lambda: console.print(summary_table(summary)))
+    table = summary_table(summary)
+    reporter.guarded(lambda: console.print(table))
     line = closing_line(summary)
     if line:
         _say(line)
     return run_exit_code(summary, signalled=interrupted)
+
+
+def _catch_stop_signals(stop: Callable[[int, FrameType | None], None]) -> None:
+    """Ctrl-C, SIGTERM and a hang-up call ``stop`` (a hang-up not under nohup: there the run outlives SSH)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # even where ignored: a shell script's background job starts with SIGINT ignored, and
+        # ``kill -INT`` must still stop it
+        signal.signal(signum, stop)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, stop)
 
 
 def _say(line: str) -> None:

@@ -442,3 +442,19 @@ def test_the_tui_command_exits_as_headless_does(
     result = CliRunner().invoke(app, small_run(tiny_model_dir, eval_file, tmp_path / "run")[1:])
     assert result.exit_code == code
     assert result.stderr == stderr
+
+
+def test_a_ctrl_c_as_a_headless_run_starts_leaves_no_empty_default_folder(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    def ctrl_c(self, engine, stream=None):  # the reporter is made right after the Engine claimed a folder
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("collapse_tui.headless.PlainReporter.__init__", ctrl_c)
+    monkeypatch.chdir(tmp_path)
+    args = small_run(tiny_model_dir, eval_file, tmp_path / "unused")
+    out_at = args.index("--out")
+    del args[out_at : out_at + 2]  # a default-named folder under runs/
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
