@@ -41,10 +41,13 @@ from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import (
     CONFIG,
     ENDING_SNAPSHOT,
+    EVENTS,
     RunWriter,
     check_new_run_folder,
     make_summary,
+    parse_events,
     partial_snapshot,
+    read_jsonl,
     read_run,
     snapshot_iteration,
 )
@@ -606,12 +609,28 @@ def _records_on_current_branch(snapshot: Path, run_dir: Path) -> list[IterationR
         raise UserError(f"--resume {snapshot}: its state.json cannot be read")
     records = read_run(run_dir).records
     last = records[-1].iteration if records else -1
+    abandoned = f"--resume {snapshot}: that snapshot belongs to iterations a later resume abandoned"
     if iteration > last + 1:
-        raise UserError(
-            f"--resume {snapshot}: iteration {iteration} is past the run as it now stands (its last "
-            f"iteration is {last}): that snapshot belongs to iterations a later resume abandoned"
-        )
+        raise UserError(f"{abandoned} (it is at iteration {iteration}, the run as it now stands at {last})")
+    if _abandoned_by_a_resume(snapshot, iteration, run_dir):
+        raise UserError(f"{abandoned} (the run was resumed from an earlier iteration after it was saved)")
     return records
+
+
+def _abandoned_by_a_resume(snapshot: Path, iteration: int, run_dir: Path) -> bool:
+    """Whether a resume from before ``iteration`` happened after the snapshot was saved.
+
+    The resumed branch may since have run past ``iteration`` again (so the
+    iteration count alone cannot tell), but unless it saved this iteration
+    anew (replacing the folder, with a later time), the weights in it are the
+    old branch's. Snapshots from versions that kept no time are not judged.
+    """
+    try:
+        saved = float(json.loads((snapshot / "state.json").read_text(encoding="utf-8"))["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    events = parse_events(read_jsonl(run_dir / EVENTS))
+    return any(e.event == "resumed_from" and e.iteration < iteration and e.time > saved for e in events)
 
 
 def _quiet_libraries() -> None:

@@ -153,7 +153,7 @@ class JsonlTail:
             consumed += len(line)
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:  # garbled, or cut inside a multi-byte character (UnicodeDecodeError)
                 continue
             if isinstance(row, dict):
                 rows.append(row)
@@ -508,6 +508,10 @@ def read_run(root: Path) -> RunFolder:
         raise UserError(f"{root} is not a run folder: it has no {CONFIG}") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{root / CONFIG} is not valid JSON: {error.msg}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{root / CONFIG} is not valid JSON: it is not UTF-8 text") from None
+    except OSError as error:
+        raise UserError(f"cannot read {root / CONFIG}: {error.strerror}") from None
     if not isinstance(config, dict):
         raise UserError(f"{root / CONFIG} is not a run configuration (a JSON object)")
     if "model" not in config and ("model_type" in config or "architectures" in config):

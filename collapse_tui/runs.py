@@ -57,6 +57,9 @@ def find_runs(root: Path, *, max_depth: int = MAX_DEPTH, skipped: list[str] | No
         except UserError as error:
             if skipped is not None:
                 skipped.append(str(error))
+        except OSError as error:  # unreadable files in it (permissions): that folder only
+            if skipped is not None:
+                skipped.append(f"{path}: {error.strerror or error}")
     return sorted(runs, key=_started)
 
 

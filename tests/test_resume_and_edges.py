@@ -207,8 +207,25 @@ def test_a_snapshot_of_iterations_a_later_resume_abandoned_is_refused(tiny_confi
     Engine(tiny_config).run(Collector())  # snapshots iter-2 and iter-4
     Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-2", "max_iters": 3})).run()
     assert [r.iteration for r in read_run(tmp_path / "run").records] == [0, 1, 2]
-    with pytest.raises(UserError, match="iteration 4 is past the run as it now stands"):
+    with pytest.raises(UserError, match="it is at iteration 4, the run as it now stands at 2"):
         Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-4", "max_iters": 6}))
+
+
+def test_an_abandoned_snapshot_stays_refused_once_the_resumed_branch_has_run_past_it(tiny_config, tmp_path):
+    tiny_config.out = str(tmp_path / "run")
+    tiny_config.max_iters = 4
+    tiny_config.snapshot_every = 2
+    Engine(tiny_config).run(Collector())  # snapshots iter-2 and iter-4
+    snapshots = tmp_path / "run" / "snapshots"
+    # resumed from iter-2 with a new lr, run past 4 without saving iteration 4 again
+    options = {"resume": snapshots / "iter-2", "max_iters": 6, "lr": 5e-3, "snapshot_every": 0}
+    Engine(build_config(options), resume_lr=5e-3).run()
+    assert [r.iteration for r in read_run(tmp_path / "run").records] == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(UserError, match="resumed from an earlier iteration after it was saved"):
+        Engine(build_config({"resume": snapshots / "iter-4", "max_iters": 8}))
+    # the snapshot the resumed branch saved itself goes on
+    Engine(build_config({"resume": snapshots / "iter-6", "max_iters": 7})).run()
+    assert [r.iteration for r in read_run(tmp_path / "run").records] == [0, 1, 2, 3, 4, 5, 6]
 
 
 class ScreenWriter(Collector):

@@ -43,6 +43,29 @@ def test_reader_skips_a_half_written_last_line(tmp_path: Path) -> None:
     assert read_jsonl(path) == [{"iteration": 0}, {"iteration": 1}]
 
 
+def test_a_line_cut_inside_a_character_and_ended_by_a_resume_is_skipped(tmp_path: Path) -> None:
+    """Samples are written as UTF-8 (not ASCII escapes): a kill mid-line may cut a character in two,
+    and a resume ends that fragment with a newline before writing on."""
+    writer = RunWriter(tmp_path / "run")
+    writer.write_config({"model": "tiny", "lr": 4e-5})
+    writer.write_record(record(0))
+    writer.close()
+    torn = json.dumps({"iteration": 1, "text": "café"}, ensure_ascii=False).encode()[:-3]
+    with open(tmp_path / "run" / "metrics.jsonl", "ab") as handle:
+        handle.write(torn)
+    writer = RunWriter(tmp_path / "run", resuming=True)
+    writer.write_record(record(1))
+    writer.close()
+    assert [r.iteration for r in read_run(tmp_path / "run").records] == [0, 1]
+
+
+def test_a_config_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_bytes(b'{"model": "caf\xc3"}')
+    with pytest.raises(UserError, match="not UTF-8"):
+        read_run(tmp_path / "run")
+
+
 def test_written_folder_reads_back(tmp_path: Path) -> None:
     writer = RunWriter(tmp_path / "run")
     writer.write_config({"model": "tiny", "lr": 4e-5})
