@@ -183,6 +183,22 @@ def is_alive(run_dir: Path) -> bool | None:
     return not (isinstance(recorded, int) and recorded != ticks)  # a reused pid is another process
 
 
+def taken_up_again(folder: RunFolder) -> bool:
+    """Whether a live process has taken the run up again since its last stop: a resume still loading.
+
+    Until the resume's ``resumed_from`` event (written once the model has
+    loaded: seconds, or minutes for a large model) the folder's summary is
+    the run before's; the announcement in ``process.json``, written first,
+    tells that a new process has the folder.
+    """
+    info = read_process(folder.root)
+    stops = [event.time for event in folder.events if event.event == "stop"]
+    if not info or info.get("state") != "running" or not stops:
+        return False
+    started = info.get("started")
+    return isinstance(started, int | float) and started > stops[-1] and is_alive(folder.root) is True
+
+
 # -- steering through the folder ------------------------------------------------------------
 
 
@@ -447,7 +463,7 @@ class FolderSource:
             alive = is_alive(self.run_dir)  # before the last look: a clean end leaves its summary first
             self._forward(listener, metrics, events)
             self.folder.summary = read_summary(self.run_dir)
-            summary = self.folder.current_summary
+            summary = None if taken_up_again(self.folder) else self.folder.current_summary
             # the summary written before the final snapshot is final once the process is gone
             if summary is not None and (not is_ending(summary) or alive is not True):
                 return summary
@@ -467,6 +483,9 @@ class FolderSource:
         self.folder.events.extend(new_events)
         if any(event.event == "resumed_from" for event in new_events):
             self.folder.events = drop_abandoned_events(self.folder.events)
+            # a replay does not show what a later resume abandoned (a collapse, an error...)
+            kept = {id(event) for event in self.folder.events}
+            new_events = [event for event in new_events if id(event) in kept]
         pending = list(new_records)
         for event in new_events:
             while pending and pending[0].iteration < event.iteration:

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.table import Table
 
 from collapse_tui.errors import UserError
-from collapse_tui.follow import is_alive
+from collapse_tui.follow import is_alive, taken_up_again
 from collapse_tui.runfolder import CONFIG, EVENTS, METRICS, RunFolder, is_ending, read_run
 
 #: How deep under DIR run folders are looked for (runs/<sweep>/<run>/ is depth 2).
@@ -100,7 +100,7 @@ def run_status(run: RunFolder) -> str:
     status = run.status
     ending = is_ending(run.current_summary)
     if status != "running" and not ending:
-        return status
+        return "running" if taken_up_again(run) else status
     alive = is_alive(run.root)
     if ending:  # the summary before the final snapshot: final once its process is gone
         return "running" if alive else status

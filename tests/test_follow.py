@@ -218,6 +218,38 @@ def test_a_run_whose_process_is_gone_is_reported_crashed(tmp_path: Path) -> None
     assert "without writing a summary" in gone.describe()
 
 
+def test_a_run_being_resumed_is_followed_though_its_old_summary_is_still_there(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "finished", n=3)
+    write_process(run_dir, os.getpid())  # a resume has announced itself and is loading the model
+    listener = Collect()
+    source = FolderSource(run_dir, read_only=True, poll_s=0.01)
+    thread, result = follow_in_thread(source, listener)
+    wait_for(lambda: len(listener.iterations) == 3, what="the replay")
+    writer = RunWriter(run_dir, resuming=True)
+    writer.write_event(Event("resumed_from", 3, data={"path": str(run_dir / "snapshots" / "iter-3")}))
+    writer.write_record(record(3))
+    wait_for(lambda: 3 in listener.iterations, what="the resumed iteration")
+    writer.write_event(Event("stop", 4, data={"reason": "max_iters"}))
+    writer.write_summary({"status": "finished", "reason": "max_iters", "iterations": 4})
+    writer.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and result["iterations"] == 4
+
+
+def test_a_replay_leaves_out_the_events_of_iterations_a_resume_abandoned(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "collapsed", n=4, collapse_at=2)
+    writer = RunWriter(run_dir, resuming=True)  # went on from iteration 2, and did not collapse
+    writer.write_event(Event("resumed_from", 2, data={"path": str(run_dir / "snapshots" / "iter-2")}))
+    writer.write_record(record(2))
+    writer.write_event(Event("stop", 3, data={"reason": "max_iters", "status": "finished"}))
+    writer.write_summary({"status": "finished", "reason": "max_iters", "iterations": 3})
+    writer.close()
+    listener = Collect()
+    FolderSource(run_dir, read_only=True).run(listener)
+    assert "collapse" not in listener.events
+    assert listener.events == ["start", "stop", "resumed_from", "stop"]
+
+
 def test_stopping_a_watcher_ends_the_follow_not_the_run(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", "running", n=2)
     listener = Collect()

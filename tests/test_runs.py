@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,12 @@ def test_a_run_saving_its_final_snapshot_runs_until_its_process_ends(tmp_path: P
     writer.write_summary(ending_summary(root, "stopped", 2))
     writer.close()
     assert run_status(read_run(root)) == status
+
+
+def test_a_run_whose_resume_is_still_loading_is_running(tmp_path: Path) -> None:
+    root = make_run(tmp_path / "run", "finished", n=2)
+    assert run_status(read_run(root)) == "finished"
+    write_process(root, os.getpid())  # a resume announced itself after the stop; no resumed_from yet
+    assert run_status(read_run(root)) == "running"
+    write_process(root, dead_pid())  # it died while loading: the run is as it was
+    assert run_status(read_run(root)) == "finished"
