@@ -979,6 +979,28 @@ def test_a_kill_after_the_run_has_ended_only_closes_the_screen(monkeypatch) -> N
     assert summary == {"status": "finished", "iterations": 2}
 
 
+def test_s_keeps_the_screen_in_the_folder_shown_not_where_the_event_says(tmp_path: Path) -> None:
+    """A copied run (or one written from another working folder) names its snapshots as its process
+    spelled them: the screen goes into the snapshot of that name in the folder on screen."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    for root in (original, copy):
+        (root / "snapshots" / "iter-2").mkdir(parents=True)
+    info = RunInfo(
+        model="fake", device="cpu", max_iters=2, lr=4e-5, eval_names=["wikitext-2"], run_dir=str(copy)
+    )
+    written_as = str(original / "snapshots" / "iter-2")
+    script = {1: [Event("snapshot", 2, time=0.0, data={"path": written_as})]}
+    source = FakeSource([make_record(i, 2) for i in range(2)], info=info, script=script, after="return")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the run to end")
+        await pilot.press("s")
+        await wait_until(pilot, lambda: (copy / "snapshots" / "iter-2" / "screen.svg").exists(), "the screen")
+
+    drive(source, scenario)
+    assert not (original / "snapshots" / "iter-2" / "screen.svg").exists()
+
+
 def test_once_the_run_has_ended_s_keeps_the_screen_beside_its_last_snapshot(tmp_path: Path) -> None:
     snapshot = tmp_path / "snapshots" / "iter-2"
     snapshot.mkdir(parents=True)

@@ -40,6 +40,7 @@ from textual.worker import Worker, WorkerState
 
 from collapse_tui.errors import UserError
 from collapse_tui.records import Event, IterationRecord
+from collapse_tui.runfolder import SNAPSHOTS
 from collapse_tui.source import RunSource
 from collapse_tui.tui.history import Entry, SampleHistory
 from collapse_tui.tui.screens import MAX_LR, HelpScreen, LrScreen
@@ -349,12 +350,12 @@ class CollapseApp(App[dict[str, Any] | None]):
             if self.requested_lr == self.applied_lr:
                 self.requested_lr = None
         elif kind == "snapshot":
-            self.last_snapshot = event.data.get("path") or self.last_snapshot
+            self.last_snapshot = self._in_run_folder(event.data.get("path")) or self.last_snapshot
             # Only for a snapshot this screen asked for: a watcher replaying a run's history
             # must not write its screen into an old snapshot.
             if self.snapshot_pending:
                 self.snapshot_pending = False
-                self._save_screen(event.data.get("path"))
+                self._save_screen(self._in_run_folder(event.data.get("path")))
         elif kind == "snapshot_failed":
             if self.snapshot_pending:
                 self.snapshot_pending = False
@@ -387,6 +388,19 @@ class CollapseApp(App[dict[str, Any] | None]):
         if self.loading:
             self.loading = False
             self.query_one("#loading").display = False
+
+    def _in_run_folder(self, path: Any) -> str | None:
+        """A snapshot an event names, found in the run folder shown here.
+
+        The event holds the path as the run's process spelled it: relative to
+        that process's working folder, or in the folder a copied or moved run
+        was written to. The snapshot's own name is what holds.
+        """
+        if not path:
+            return None
+        if not self.info.run_dir:
+            return str(path)
+        return str(Path(self.info.run_dir) / SNAPSHOTS / Path(str(path)).name)
 
     def _save_screen(self, path: Any, *, screen_only: bool = False) -> None:
         """The screen as SVG beside the engine's snapshot, so the moment can be seen again later."""
