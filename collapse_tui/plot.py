@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from collapse_tui.errors import UserError
 from collapse_tui.runfolder import RunFolder, read_run
-from collapse_tui.runs import model_label
+from collapse_tui.runs import lr_text, model_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -30,7 +30,7 @@ GEN_PANEL = "loss on generated text"
 
 
 def load_runs(run_dirs: list[Path]) -> list[RunFolder]:
-    """Read the runs to plot; a folder that is not a run, or has no iteration yet, is a ``UserError``."""
+    """Read the runs to plot; a folder that is not a run, or has no loss to draw yet, is a ``UserError``."""
     if not run_dirs:
         raise UserError("give at least one run folder to plot")
     runs = []
@@ -38,22 +38,38 @@ def load_runs(run_dirs: list[Path]) -> list[RunFolder]:
         run = read_run(Path(run_dir))
         if not run.records:
             raise UserError(f"{run_dir} has no iterations yet: nothing to plot")
+        if not any(_series(run, panel)[0] for panel in _panels([run])):
+            raise UserError(f"{run_dir} has no finite loss (every one is NaN or inf): nothing to plot")
         runs.append(run)
     return runs
 
 
 def run_label(run: RunFolder) -> str:
-    lr = run.config.get("lr")
-    lr_text = f"{lr:g}" if isinstance(lr, int | float) else "?"
-    return f"{model_label(run.config)}, lr {lr_text}"
+    """Model and lr (the lr it started with, and the last it ran at where a command changed it)."""
+    return f"{model_label(run.config)}, lr {lr_text(run)}"
+
+
+def run_names(runs: list[RunFolder]) -> list[str]:
+    """Each run's folder name, with as many parent folders as tell it apart from the other runs.
+
+    Sweeps often give runs one name in different folders (``a/lr``, ``b/lr``);
+    ``.`` is named by the folder it stands for.
+    """
+    paths = [run.root.resolve() for run in runs]
+    deepest = max(len(path.parts) for path in paths)
+    for depth in range(1, deepest + 1):
+        names = ["/".join(path.parts[-depth:]) for path in paths]
+        if len(set(names)) == len(names):
+            break
+    return names
 
 
 def _labels(runs: list[RunFolder]) -> list[str]:
     """Model and lr; runs that share them are told apart by their folder names."""
     labels = [run_label(run) for run in runs]
     return [
-        f"{label} ({run.root.name})" if labels.count(label) > 1 else label
-        for label, run in zip(labels, runs, strict=True)
+        f"{label} ({name})" if labels.count(label) > 1 else label
+        for label, name in zip(labels, run_names(runs), strict=True)
     ]
 
 
@@ -171,10 +187,10 @@ def csv_rows(runs: list[RunFolder]) -> tuple[list[str], list[dict[str, Any]]]:
         return value if math.isfinite(value) else ""
 
     rows = []
-    for run in runs:
+    for run, run_name in zip(runs, run_names(runs), strict=True):
         for record in run.records:
             row: dict[str, Any] = {
-                "run": run.root.name,
+                "run": run_name,
                 "model": model_label(run.config),
                 "lr": cell(record.lr),
                 "iteration": record.iteration,

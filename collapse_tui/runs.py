@@ -27,6 +27,7 @@ STATUS_STYLES = {
     "collapsed": "bold red",
     "stopped": "yellow",
     "crashed": "bold magenta",
+    "NaN loss": "bold magenta",
 }
 
 
@@ -89,7 +90,7 @@ def _started(run: RunFolder) -> tuple[float, str]:
 
 
 def run_status(run: RunFolder) -> str:
-    """running, finished, collapsed, stopped or crashed; "running?" where this machine cannot tell.
+    """running, finished, collapsed, stopped, "NaN loss" or crashed; "running?" where this machine cannot tell.
 
     A run with no summary whose process is gone crashed (killed, or the
     machine went down). Liveness is unknown for a run written on another
@@ -98,9 +99,13 @@ def run_status(run: RunFolder) -> str:
     running while its process lives.
     """
     status = run.status
-    ending = is_ending(run.current_summary)
+    summary = run.current_summary
+    ending = is_ending(summary)
     if status != "running" and not ending:
-        return "running" if taken_up_again(run) else status
+        if taken_up_again(run):
+            return "running"
+        # stopped by a non-finite loss: a failure (exit code 1), not a stop the user asked for
+        return "NaN loss" if summary and summary.get("reason") == "non-finite loss" else status
     alive = is_alive(run.root)
     if ending:  # the summary before the final snapshot: final once its process is gone
         return "running" if alive else status
@@ -119,7 +124,7 @@ def _loss(value: float | None) -> str:
     return f"{value:.3f}" if value is not None and math.isfinite(value) else "—"
 
 
-def _lr(run: RunFolder) -> str:
+def lr_text(run: RunFolder) -> str:
     """The configured lr, and the last one used where a command changed it."""
     start = run.config.get("lr")
     text = f"{start:.3g}" if isinstance(start, int | float) else "?"
@@ -154,7 +159,7 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
         table.add_row(
             run.root.name,
             model_label(run.config),
-            _lr(run),
+            lr_text(run),
             str(records[-1].iteration + 1 if records else 0),
             "—" if collapsed is None else str(collapsed),
             _loss(first),

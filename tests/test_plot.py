@@ -117,3 +117,46 @@ def test_a_csv_that_cannot_be_written_leaves_no_figure_behind(two_runs: list[Pat
     with pytest.raises(UserError, match="there is no folder"):
         plot_runs(two_runs, tmp_path / "fig.png", tmp_path / "missing" / "merged.csv")
     assert not (tmp_path / "fig.png").exists()
+
+
+def test_runs_of_one_name_in_different_folders_are_told_apart(tmp_path: Path) -> None:
+    runs = [make_run(tmp_path / sweep / "lr", "finished", n=3) for sweep in ("sweep-a", "sweep-b")]
+    table = tmp_path / "metrics.csv"
+    plot_runs(runs, tmp_path / "fig.png", csv=table)
+    figure = build_figure(load_runs(runs))
+    labels = [line.get_label() for line in run_lines(figure.axes[0])]
+    assert labels == ["gpt2, lr 4e-05 (sweep-a/lr)", "gpt2, lr 4e-05 (sweep-b/lr)"]
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert legend == labels  # two entries, not one for both lines
+    with open(table, newline="", encoding="utf-8") as handle:
+        assert sorted({row["run"] for row in csv.DictReader(handle)}) == ["sweep-a/lr", "sweep-b/lr"]
+
+
+def test_a_run_given_as_dot_is_named_by_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_run(tmp_path / "my-run", "finished", n=2)
+    monkeypatch.chdir(tmp_path / "my-run")
+    table = tmp_path / "metrics.csv"
+    plot_runs([Path(".")], tmp_path / "fig.png", csv=table)
+    with open(table, newline="", encoding="utf-8") as handle:
+        assert {row["run"] for row in csv.DictReader(handle)} == {"my-run"}
+
+
+def test_a_label_shows_an_lr_changed_during_the_run(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path / "run")
+    writer.write_config({"model": "gpt2", "lr": 4e-5})
+    for i in range(3):
+        writer.write_record(record(i, lr=4e-5 if i == 0 else 1e-2))
+    writer.close()
+    figure = build_figure(load_runs([tmp_path / "run"]))
+    assert run_lines(figure.axes[0])[0].get_label() == "gpt2, lr 4e-05 → 0.01"
+
+
+def test_a_run_with_no_finite_loss_is_nothing_to_plot(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path / "run")
+    writer.write_config({"model": "gpt2", "lr": 4e-5})
+    nan_record = record(0, gen_loss=math.nan)
+    nan_record.valid = {"wikitext-2": math.nan}
+    writer.write_record(nan_record)
+    writer.close()
+    with pytest.raises(UserError, match="no finite loss"):
+        load_runs([tmp_path / "run"])

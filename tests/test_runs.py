@@ -151,3 +151,12 @@ def test_a_run_whose_resume_is_still_loading_is_running(tmp_path: Path) -> None:
     assert run_status(read_run(root)) == "running"
     write_process(root, dead_pid())  # it died while loading: the run is as it was
     assert run_status(read_run(root)) == "finished"
+
+
+def test_a_run_stopped_by_a_non_finite_loss_is_not_shown_as_a_plain_stop(tmp_path: Path) -> None:
+    root = make_run(tmp_path / "run", "stopped", n=2)
+    writer = RunWriter(root, resuming=True)
+    writer.write_summary({"status": "stopped", "reason": "non-finite loss", "iterations": 2})
+    writer.close()
+    assert run_status(read_run(root)) == "NaN loss"
+    assert "NaN loss" in render(runs_table([read_run(root)]))
