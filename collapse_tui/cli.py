@@ -295,7 +295,14 @@ def watch_command(
     from collapse_tui.follow import FolderSource
     from collapse_tui.tui.app import run_app
 
-    run_app(FolderSource(run_dir, read_only=read_only))
+    source = FolderSource(run_dir, read_only=read_only)
+    summary = run_app(source)
+    if summary.get("reason") == "watcher detached" and source.controls.paused:
+        # quitting a watcher leaves the run as it is: say so where that means it waits for good
+        typer.echo(
+            f"collapse-tui: the run in {run_dir} is paused and waits; "
+            f"to go on: collapse-tui watch {run_dir}, then space"
+        )
 
 
 @app.command("plot")

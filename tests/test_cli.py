@@ -458,3 +458,23 @@ def test_a_ctrl_c_as_a_headless_run_starts_leaves_no_empty_default_folder(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 130
     assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+
+
+@pytest.mark.parametrize("pause", [True, False])
+def test_quitting_a_watcher_that_leaves_the_run_paused_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pause: bool
+):
+    from runfolders import make_run
+
+    run_dir = make_run(tmp_path / "run", "running", n=2)
+
+    def watched_then_quit(source):
+        if pause:
+            source.controls.pause()  # space, then q
+        return {"status": "running", "reason": "watcher detached"}
+
+    monkeypatch.setattr("collapse_tui.tui.app.run_app", watched_then_quit)
+    result = CliRunner().invoke(app, ["watch", str(run_dir)])
+    assert result.exit_code == 0
+    said = f"collapse-tui: the run in {run_dir} is paused and waits; to go on: collapse-tui watch {run_dir}, then space\n"
+    assert result.stdout == (said if pause else "")
