@@ -25,6 +25,7 @@ from collapse_tui.config import (
     HUB_SETS,
     RunConfig,
     absolute_eval,
+    absolute_paths,
     eval_set_name,
     parse_eval_tokens,
     resolve_config,
@@ -181,7 +182,9 @@ def build_config(options: dict[str, Any]) -> RunConfig:
                     "start a new run instead"
                 )
         # lr is applied by the engine after the snapshot's own lr is restored (see resume_lr).
-        config = RunConfig.from_dict({**base.to_dict(), **given, "lr": base.lr, "resume": resume})
+        config = RunConfig.from_dict(
+            absolute_paths({**base.to_dict(), **given, "lr": base.lr, "resume": resume})
+        )
         validate(config)
         if "lr" in given:
             validate(dataclasses.replace(config, lr=given["lr"]))

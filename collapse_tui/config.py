@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,34 @@ def absolute_eval(spec: str) -> str:
     from wherever the researcher is then.
     """
     return spec if spec in HUB_SETS or not Path(spec).is_file() else str(Path(spec).resolve())
+
+
+def absolute(path: str | Path) -> Path:
+    """``path`` from the root, ``..`` folded, symbolic links kept as given."""
+    return Path(os.path.abspath(path))
+
+
+def model_name(model: str) -> str:
+    """The model as a person names it: a hub id as is, a local folder by its name (for screens and tables)."""
+    return Path(model).name if model.startswith(("/", ".", "~")) else model
+
+
+def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the run folder, a snapshot and a local model folder as absolute paths.
+
+    Why: config.json, events and the summary write them down, and a path
+    relative to where the run was started means nothing read from elsewhere
+    (``--resume`` of a relative ``--model ./tiny`` from another folder could
+    not find the model). Hub ids stay as they are.
+    """
+    values = dict(values)
+    for key in ("out", "resume"):
+        if values.get(key):
+            values[key] = str(absolute(values[key]))
+    model = values.get("model")
+    if model and Path(model).is_dir():
+        values["model"] = str(absolute(model))
+    return values
 
 
 @dataclass
@@ -130,7 +159,7 @@ def resolve_config(options: dict[str, Any]) -> RunConfig:
         values["eval_tokens"] = parse_eval_tokens(values["eval_tokens"])
     if "evals" in values:
         values["evals"] = [absolute_eval(str(spec)) for spec in values["evals"]]
-    config = RunConfig(**values)
+    config = RunConfig(**absolute_paths(values))
     validate(config)
     return config
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from collapse_tui import __version__
-from collapse_tui.config import RunConfig, claim_default_run_dir
+from collapse_tui.config import RunConfig, absolute, claim_default_run_dir, model_name
 from collapse_tui.controls import RunControls
 from collapse_tui.data import EvalSet, check_eval_specs, eval_set_name, load_eval_set
 from collapse_tui.errors import RunInterrupted, UserError
@@ -106,7 +106,9 @@ class Engine:
         check_eval_specs(config.evals)
         if config.resume:
             self.made_run_dir = False
-            self.resume_dir: Path | None = Path(config.resume)
+            # absolute, as every path the run writes down: a summary's or event's path must still
+            # name the same folder when read (or passed to --resume) from another working folder
+            self.resume_dir: Path | None = absolute(config.resume)
             self.run_dir = self.resume_dir.parent.parent
             _check_snapshot(self.resume_dir)
             #: the run as it now stands, read once: checked here, its earlier records kept by ``_restore``
@@ -122,10 +124,10 @@ class Engine:
             self.resumed_records = []
             #: Whether this process made the run folder (a default name): a start that fails removes it.
             self.made_run_dir = not config.out
-            self.run_dir = Path(config.out) if config.out else claim_default_run_dir(config)
+            self.run_dir = absolute(config.out) if config.out else absolute(claim_default_run_dir(config))
             check_new_run_folder(self.run_dir)  # before loading; again, under the folder's lock, by RunWriter
         self.info = RunInfo(
-            model=config.model,
+            model=model_name(config.model),
             device=str(self.device),
             max_iters=config.max_iters,
             lr=config.lr,

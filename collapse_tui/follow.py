@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from collapse_tui.config import model_name
 from collapse_tui.controls import RunControls
 from collapse_tui.errors import UserError
 from collapse_tui.records import Event
@@ -390,7 +391,7 @@ def run_info(folder: RunFolder, *, read_only: bool = False) -> RunInfo:
             return default
 
     return RunInfo(
-        model=str(config.get("model", "?")),
+        model=model_name(str(config.get("model", "?"))),
         device=str(config.get("resolved_device") or config.get("device") or "?"),
         max_iters=int(number("max_iters", 0)),
         lr=number("lr", float("nan")),

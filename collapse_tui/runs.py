@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from collapse_tui.config import model_name
 from collapse_tui.errors import UserError
 from collapse_tui.follow import is_alive, taken_up_again
 from collapse_tui.runfolder import CONFIG, EVENTS, METRICS, RunFolder, is_ending, read_run
@@ -115,9 +116,8 @@ def run_status(run: RunFolder) -> str:
 
 
 def model_label(config: dict) -> str:
-    """The model as a person names it: a hub id as is, a local folder by its name."""
-    model = str(config.get("model", "?"))
-    return Path(model).name if model.startswith(("/", ".", "~")) else model
+    """The run's model as a person names it (``config.model_name``)."""
+    return model_name(str(config.get("model", "?")))
 
 
 def _loss(value: float | None) -> str:

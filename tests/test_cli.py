@@ -478,3 +478,23 @@ def test_quitting_a_watcher_that_leaves_the_run_paused_says_so(
     assert result.exit_code == 0
     said = f"collapse-tui: the run in {run_dir} is paused and waits; to go on: collapse-tui watch {run_dir}, then space\n"
     assert result.stdout == (said if pause else "")
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    start = tmp_path / "start"
+    start.mkdir()
+    shutil.copytree(tiny_model_dir, start / "tiny")
+    monkeypatch.chdir(start)
+    args = small_run(Path("tiny"), eval_file, Path("run"))
+    assert CliRunner().invoke(app, args).exit_code == 0
+    summary = json.loads((start / "run" / "summary.json").read_text())
+    assert summary["run_dir"] == str(start / "run")
+    assert summary["last_snapshot"] == str(start / "run" / "snapshots" / "iter-5")
+    assert json.loads((start / "run" / "config.json").read_text())["model"] == str(start / "tiny")
+
+    monkeypatch.chdir(tmp_path)  # elsewhere: the paths the run wrote down still lead to it
+    result = CliRunner().invoke(app, ["headless", "--resume", summary["last_snapshot"], "--max-iters", "6"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((start / "run" / "summary.json").read_text())["iterations"] == 6
