@@ -25,6 +25,7 @@ from textual.pilot import Pilot
 from textual.renderables.sparkline import Sparkline as SparklineRenderable
 from textual.widgets import Input, Label, Sparkline, Static
 
+import collapse_tui.tui.app as app_module
 from collapse_tui.errors import UserError
 from collapse_tui.follow import FolderSource
 from collapse_tui.records import Event, IterationRecord
@@ -530,6 +531,36 @@ def test_ctrl_c_quits_as_q_does() -> None:
         await wait_until(pilot, lambda: source.controls.stop_requested, "the stop Ctrl-C asks for")
 
     drive(source, scenario)
+
+
+@pytest.mark.parametrize("run_ended_first", [False, True])
+def test_ctrl_c_that_stops_a_run_early_reads_as_an_interrupt(monkeypatch, run_ended_first: bool) -> None:
+    """Ctrl-C gives exit code 130 as kill -INT does, if it cut the run short; q does not."""
+    records = [make_record(i, 5) for i in range(2)]
+    source = FakeSource(records, after="return" if run_ended_first else "wait")
+
+    class PressesCtrlC(CollapseApp):
+        CSS_PATH = str(Path(app_module.__file__).with_name("app.tcss"))
+
+        def on_record_report(self, report) -> None:
+            super().on_record_report(report)
+            if report.record.iteration == 1:
+                self.set_timer(0.2, lambda: self.run_action("interrupt"))
+
+    monkeypatch.setattr("collapse_tui.tui.app.CollapseApp", PressesCtrlC)
+    monkeypatch.setattr("collapse_tui.tui.app.terminal_gone", lambda: False)
+    done = threading.Event()
+
+    def kill_if_still_there() -> None:  # a Ctrl-C that did nothing must fail the test, not hang it
+        if not done.wait(DEADLINE_S):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=kill_if_still_there, daemon=True).start()
+    summary = run_app(source, headless=True)
+    done.set()
+    assert ("signal" in summary) is not run_ended_first
+    if not run_ended_first:
+        assert summary["signal"] == "SIGINT"
 
 
 class SlowToStop(FakeSource):

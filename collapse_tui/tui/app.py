@@ -137,8 +137,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         Binding("end", "follow", "Follow", show=False, priority=True),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
-        # Over SSH Ctrl-C is how a terminal program is left; here it quits as q does (twice: at once).
-        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        # Over SSH Ctrl-C is how a terminal program is left; here it quits as q does (twice: at once),
+        # and the exit code says interrupted (130), as for kill -INT, if the run was still going.
+        Binding("ctrl+c", "interrupt", "Quit", show=False, priority=True),
     ]
 
     def __init__(self, source: RunSource, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -193,6 +194,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.charts: LossCharts | None = None
         #: Whether leaving printed ``WAITING_MESSAGE`` below the screen (``run_app`` then does not again).
         self.said_waiting = False
+        #: Ctrl-C was pressed while the run went on (for the exit code, as a SIGINT would).
+        self.interrupted = False
         #: The app's event loop once running, for signal handlers to reach it.
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -513,7 +516,7 @@ class CollapseApp(App[dict[str, Any] | None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Hide the pause/resume key that does not apply; grey out what the run cannot take now."""
         if self.screen.is_modal:  # help or a dialog is open: only its own keys work, and quitting
-            return action == "quit"
+            return action in ("quit", "interrupt")
         if self.read_only and action in STEERING_ACTIONS:
             return False
         if action in HISTORY_ACTIONS:
@@ -620,6 +623,12 @@ class CollapseApp(App[dict[str, Any] | None]):
         self._log("stopping…")
         self.set_timer(self.QUIT_GRACE_S, self._leave)
 
+    async def action_interrupt(self) -> None:
+        """Ctrl-C: quit as q does; a run it stops early ends the process with exit code 130."""
+        if not self.run_done.is_set():
+            self.interrupted = True
+        await self.action_quit()
+
     def _leave(self) -> None:
         """Leave the screen; if the run is still stopping, say so below it, as the process waits for it.
 
@@ -693,4 +702,6 @@ def run_app(
     if app.run_error is not None:
         raise app.run_error
     summary = app.summary or {}
+    if not stopped_by and app.interrupted:  # the interrupt key, which the screen's raw mode keeps a key
+        stopped_by.append("SIGINT")
     return {**summary, "signal": stopped_by[0]} if stopped_by else summary
