@@ -99,7 +99,12 @@ RUN_OPTIONS: list[inspect.Parameter] = [
         "dtype", str | None, "auto (bf16 autocast on CUDA), float32 or bfloat16 [default: auto].", "--dtype"
     ),
     _option("out", Path | None, "Run folder [default: runs/<time>-<model>-lr<lr>/].", "--out"),
-    _option("preset", str | None, "Start from a preset: 'paper' (the paper's exact setting).", "--preset"),
+    _option(
+        "preset",
+        str | None,
+        "Start from a preset: 'paper' (the paper's released configuration; options given win).",
+        "--preset",
+    ),
     _option(
         "collapse_threshold",
         float | None,
@@ -115,7 +120,7 @@ RUN_OPTIONS: list[inspect.Parameter] = [
     _option(
         "keep_going",
         bool | None,
-        "Keep iterating after the output has collapsed.",
+        "Keep iterating after the output has collapsed [default: stop at collapse].",
         "--keep-going/--stop-at-collapse",
     ),
     _option(
@@ -165,6 +170,10 @@ def build_config(options: dict[str, Any]) -> RunConfig:
     if resume:
         base = _run_config_of_snapshot(Path(resume))
         given = {k: v for k, v in options.items() if v is not None and v != [] and k != "resume"}
+        if "preset" in given:
+            raise UserError(
+                "--preset cannot be given with --resume: a resumed run keeps its own configuration"
+            )
         if "eval_tokens" in given:
             given["eval_tokens"] = parse_eval_tokens(given["eval_tokens"])
         if "evals" in given:
@@ -176,7 +185,7 @@ def build_config(options: dict[str, Any]) -> RunConfig:
                 and not _moved(key, value, base)
                 and not _same_path(key, value, base, Path(resume).parent.parent)
             ):
-                flag = "--" + ("eval" if key == "evals" else key.replace("_", "-"))
+                flag = _flag(key)
                 raise UserError(
                     f"{flag} cannot change when resuming (the run used {getattr(base, key)!r}); "
                     "start a new run instead"
@@ -196,6 +205,11 @@ def build_config(options: dict[str, Any]) -> RunConfig:
             )
         return config
     return resolve_config(options)
+
+
+def _flag(key: str) -> str:
+    """The option's flag as typed, for messages."""
+    return "--" + ("eval" if key == "evals" else key.replace("_", "-"))
 
 
 def _moved(key: str, value: Any, base: RunConfig) -> bool:
@@ -248,6 +262,12 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
     """Run the self-training loop in the live terminal UI."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = {k: v for k, v in options.items() if v is not None and v != []}
+        if ctx.obj and ctx.invoked_subcommand != "headless":  # they would be dropped without a word
+            flags = ", ".join(_flag(key) for key in ctx.obj)
+            raise UserError(
+                f"{flags}: run options go with collapse-tui or collapse-tui headless, "
+                f"not with {ctx.invoked_subcommand}"
+            )
         return
     config = build_config(options)
     from collapse_tui.engine import Engine
@@ -331,7 +351,7 @@ def plot_command(
 @app.command("runs")
 @user_errors
 def runs_command(
-    root: Annotated[Path, typer.Argument(help="Folder holding run folders.")] = Path("runs"),
+    root: Annotated[Path, typer.Argument(help="Folder holding run folders.", metavar="ROOT")] = Path("runs"),
 ) -> None:
     """List the runs under a folder: model, lr, iterations, collapse, losses, status."""
     from rich.console import Console

@@ -48,6 +48,8 @@ def test_resume_keeps_the_runs_own_settings_and_refuses_to_change_what_it_comput
         build_config({"resume": snapshot, "block": 8})
     with pytest.raises(UserError, match="--seed cannot change"):
         build_config({"resume": snapshot, "seed": 99})
+    with pytest.raises(UserError, match="--preset cannot be given with --resume"):
+        build_config({"resume": snapshot, "preset": "paper"})
     # the same model folder spelled another way is the same model; another folder is not
     spelled = str(Path(tiny_config.model) / ".." / Path(tiny_config.model).name) + "/"
     resumed = build_config({"resume": snapshot, "model": spelled, "max_iters": 5})
