@@ -344,7 +344,8 @@ def plot_command(
     """Plot validation loss and loss on generated text against iteration, one line per run."""
     from collapse_tui.plot import plot_runs
 
-    plot_runs(run_dirs, out, csv)
+    for reason in plot_runs(run_dirs, out, csv):
+        typer.echo(f"collapse-tui: left out: {reason}", err=True)
     typer.echo(f"wrote {out}" + (f" and {csv}" if csv else ""))
 
 

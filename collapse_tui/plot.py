@@ -29,18 +29,29 @@ COLLAPSE_GID = "collapse:{}"
 GEN_PANEL = "loss on generated text"
 
 
-def load_runs(run_dirs: list[Path]) -> list[RunFolder]:
-    """Read the runs to plot; a folder that is not a run, or has no loss to draw yet, is a ``UserError``."""
+def load_runs(run_dirs: list[Path], skipped: list[str] | None = None) -> list[RunFolder]:
+    """Read the runs to plot; a folder that is not a run is a ``UserError``.
+
+    A run with nothing to draw yet (no iteration, or no finite loss) is left
+    out, its reason appended to ``skipped``, so that one empty or NaN run
+    does not cost the figure of the others; if no run is left, that is the
+    ``UserError``.
+    """
     if not run_dirs:
         raise UserError("give at least one run folder to plot")
-    runs = []
+    runs, empty = [], []
     for run_dir in run_dirs:
         run = read_run(Path(run_dir))
         if not run.records:
-            raise UserError(f"{run_dir} has no iterations yet: nothing to plot")
-        if not any(_series(run, panel)[0] for panel in _panels([run])):
-            raise UserError(f"{run_dir} has no finite loss (every one is NaN or inf): nothing to plot")
-        runs.append(run)
+            empty.append(f"{run_dir} has no iterations yet: nothing to plot")
+        elif not any(_series(run, panel)[0] for panel in _panels([run])):
+            empty.append(f"{run_dir} has no finite loss (every one is NaN or inf): nothing to plot")
+        else:
+            runs.append(run)
+    if not runs:
+        raise UserError(empty[0])
+    if skipped is not None:
+        skipped.extend(empty)
     return runs
 
 
@@ -154,10 +165,14 @@ def _check_image_path(out: Path) -> None:
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
 
 
-def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> None:
-    """Draw the runs into ``out`` (format from its extension); with ``csv``, write their merged metrics."""
+def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> list[str]:
+    """Draw the runs into ``out`` (format from its extension); with ``csv``, write their merged metrics.
+
+    Returns why runs were left out (``load_runs``), for the caller to say.
+    """
     out = Path(out)
-    runs = load_runs(run_dirs)
+    skipped: list[str] = []
+    runs = load_runs(run_dirs, skipped)
     _check_image_path(out)
     if csv is not None and not Path(csv).parent.is_dir():  # before the figure: all or nothing
         raise UserError(f"cannot write {csv}: there is no folder {Path(csv).parent}")
@@ -168,6 +183,7 @@ def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> None:
         raise UserError(f"cannot write {out}: {error.strerror or error}") from None
     if csv is not None:
         write_csv(runs, Path(csv))
+    return skipped
 
 
 CSV_FIELDS = ("run", "model", "lr", "iteration", "gen_loss")

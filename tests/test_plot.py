@@ -160,3 +160,8 @@ def test_a_run_with_no_finite_loss_is_nothing_to_plot(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(UserError, match="no finite loss"):
         load_runs([tmp_path / "run"])
+    # beside a run that has losses, it is left out (and said so), not the whole figure
+    other = make_run(tmp_path / "other", "finished", n=3)
+    skipped = plot_runs([tmp_path / "run", other], tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").is_file()
+    assert len(skipped) == 1 and "no finite loss" in skipped[0]
