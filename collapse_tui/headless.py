@@ -110,6 +110,8 @@ class ProgressReporter(PlainReporter):
         )
         self.progress.start()
         self.times: list[float] = []
+        #: What the bar shows beside the count once a status message (a snapshot saving) has passed.
+        self.losses = ""
 
     def on_status(self, message: str, fraction: float | None = None) -> None:
         self.guarded(lambda: self.progress.update(self.task, losses=message))
@@ -123,11 +125,12 @@ class ProgressReporter(PlainReporter):
         rate = (len(self.times) - 1) / (self.times[-1] - self.times[0]) if len(self.times) > 1 else 0.0
         if not self.progress.tasks[0].started:
             self.progress.start_task(self.task)
+        self.losses = format_losses(record)
         self.progress.update(
             self.task,
             completed=record.iteration + 1,
             rate=f"{rate:.2f} it/s" if rate else "",
-            losses=format_losses(record),
+            losses=self.losses,
         )
 
     def on_event(self, event: Event) -> None:
@@ -136,6 +139,9 @@ class ProgressReporter(PlainReporter):
             self.guarded(lambda: self.progress.start_task(self.task))
         elif not event.data.get("user_error"):  # not markup: messages hold brackets
             self.guarded(lambda: self.console.print(Text(event.describe(), style="dim")))
+            if event.event in ("snapshot", "snapshot_failed") and self.losses:
+                # the "saving snapshot" status is over: the bar's last frame shows the losses again
+                self.guarded(lambda: self.progress.update(self.task, losses=self.losses))
 
     def _lose(self) -> None:
         with contextlib.suppress(Exception):

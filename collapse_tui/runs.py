@@ -141,7 +141,10 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
         if len(names) == 1
         else "first, last = validation loss on each run's first evaluation set"
     )
-    caption = f"{valid}; running? = its process is not on this machine, or not recorded"
+    statuses = [run_status(run) for run in runs]
+    caption = valid
+    if "running?" in statuses:
+        caption += "; running? = its process is not on this machine, or not recorded"
     table = Table(title=title, caption=caption)
     table.add_column("run", overflow="fold", min_width=8)
     table.add_column("model", overflow="fold", min_width=6)
@@ -149,13 +152,12 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
     for header in ("iters", "collapse", "first", "last"):
         table.add_column(header, justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    for run in runs:
+    for run, status in zip(runs, statuses, strict=True):
         records = run.records
         first_set = run.eval_names[0] if run.eval_names else None
         first = records[0].valid.get(first_set) if records and first_set else None
         last = records[-1].valid.get(first_set) if records and first_set else None
         collapsed = run.collapsed_at
-        status = run_status(run)
         table.add_row(
             run.root.name,
             model_label(run.config),

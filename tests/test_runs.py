@@ -58,6 +58,11 @@ def test_the_table_shows_each_run(tmp_path: Path) -> None:
     ]
     assert "tiny-gpt" in lines[1] and "running" in lines[1] and "—" in lines[1]
     assert "first, last = validation loss on wikitext-2" in " ".join(text.split())
+    assert "running? =" not in text  # no such row: no footnote for it
+    make_run(tmp_path / "c", "unknown", n=1, created=3.0)
+    assert "running? = its process is not on this machine" in " ".join(
+        render(runs_table(find_runs(tmp_path))).split()
+    )
 
 
 def test_a_changed_lr_shows_where_it_ended(tmp_path: Path) -> None:

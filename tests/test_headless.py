@@ -1,0 +1,29 @@
+"""The headless runner's reporters, fed records and events by hand (no model)."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+from rich.console import Console
+from runfolders import record
+
+from collapse_tui.headless import ProgressReporter, format_losses
+from collapse_tui.records import Event
+
+
+def test_the_progress_bar_shows_the_losses_again_once_a_snapshot_is_saved() -> None:
+    """Its last frame stays on the terminal: it must not read "saving snapshot iter-2" for good."""
+    engine = SimpleNamespace(config=SimpleNamespace(max_iters=2))
+    console = Console(file=io.StringIO(), force_terminal=True, width=200)
+    reporter = ProgressReporter(engine, console)  # type: ignore[arg-type]
+    try:
+        reporter.on_event(Event("start", 0))
+        for i in range(2):
+            reporter.on_record(record(i))
+        reporter.on_status("saving snapshot iter-2")
+        assert reporter.progress.tasks[0].fields["losses"] == "saving snapshot iter-2"
+        reporter.on_event(Event("snapshot", 2, data={"path": "run/snapshots/iter-2"}))
+        assert reporter.progress.tasks[0].fields["losses"] == format_losses(record(1))
+    finally:
+        reporter.close()
