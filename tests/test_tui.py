@@ -1066,3 +1066,31 @@ def test_the_runs_last_events_arriving_as_the_app_shuts_down_with_help_open_do_n
 
     for _ in range(3):
         asyncio.run(main())
+
+
+def test_the_rate_after_a_resume_leaves_out_the_time_the_run_was_not_running() -> None:
+    records = [make_record(i, 6) for i in range(4)]  # two records a second
+    for later in records[2:]:
+        later.time += 3600.0  # resumed an hour after it stopped
+    script = {2: [Event("resumed_from", 2, time=0.0, data={"path": "run/snapshots/iter-2"})]}
+    source = FakeSource(records, script=script)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 4, "four records")
+        assert app._rate() == pytest.approx(2.0)
+
+    drive(source, scenario)
+
+
+def test_a_watcher_given_a_relative_folder_shows_snapshot_paths_short(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the run wrote absolute paths; the watcher was given "run"
+    info = RunInfo(model="m", device="cpu", max_iters=9, lr=1e-3, eval_names=["ptb"], run_dir="run")
+    path = str(tmp_path / "run" / "snapshots" / "iter-1")
+    script = {1: [Event("snapshot", 1, time=0.0, data={"path": path})]}
+    source = FakeSource([make_record(i, 5) for i in range(2)], info=info, script=script)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 2, "two records")
+        assert "it 1: snapshot → snapshots/iter-1" in log_text(app)
+
+    drive(source, scenario)

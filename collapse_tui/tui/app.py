@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -334,12 +335,16 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.events.append(event)
         line = event.describe()
         if self.info.run_dir:  # snapshot paths inside the run folder, short enough for a narrow pane
-            line = line.replace(str(Path(self.info.run_dir)) + os.sep, "")
+            # (runs write absolute paths; a watcher may have been given the folder relative); only a
+            # path that starts with the folder, not one that holds its name ("run/" in ".../myrun/")
+            for folder in (os.path.abspath(self.info.run_dir), str(Path(self.info.run_dir))):
+                line = re.sub(rf"(?<!\S){re.escape(folder + os.sep)}", "", line)
         self._log(line)
         kind = event.event
         if kind in ("start", "resumed_from"):
             self._loaded()
         if kind == "resumed_from":  # what the abandoned iterations showed no longer holds
+            self.recent.clear()  # nor does a rate across the time the run was not running
             self.failed = False
             self.ending = False
             self.collapsed = event.data.get("collapsed_at") is not None
