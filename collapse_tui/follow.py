@@ -390,6 +390,8 @@ def run_info(folder: RunFolder, *, read_only: bool = False) -> RunInfo:
         except (TypeError, ValueError):
             return default
 
+    process = read_process(folder.root) or {}
+
     return RunInfo(
         model=model_name(str(config.get("model", "?"))),
         device=str(config.get("resolved_device") or config.get("device") or "?"),
@@ -400,6 +402,8 @@ def run_info(folder: RunFolder, *, read_only: bool = False) -> RunInfo:
         collapse_patience=int(number("collapse_patience", 3)),
         keep_going=bool(config.get("keep_going", False)),
         run_dir=str(folder.root),
+        process_started=_wall_time(process.get("started")),
+        process_ended=_wall_time(process.get("ended")) if process.get("state") == "ended" else None,
         extra={
             "dtype": config.get("autocast_dtype"),
             "inference": config.get("inference"),
@@ -407,6 +411,10 @@ def run_info(folder: RunFolder, *, read_only: bool = False) -> RunInfo:
             "read_only": read_only,
         },
     )
+
+
+def _wall_time(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def summary_of(folder: RunFolder, status: str, reason: str) -> dict[str, Any]:

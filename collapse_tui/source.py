@@ -29,6 +29,10 @@ class RunInfo:
     collapse_patience: int = 3
     keep_going: bool = False
     run_dir: str = ""
+    #: For a watcher: when the run's process started and (if it has) ended, by the wall clock, so
+    #: that elapsed is the run's time, not the watcher's. None for the engine in this process.
+    process_started: float | None = None
+    process_ended: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -7,6 +7,7 @@ way the engine does, so these tests need no model and run in about a second.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import signal
@@ -726,6 +727,22 @@ def test_the_history_keys_leave_a_dialogs_input_alone() -> None:
         assert field.cursor_position == 0 and app.browsing is None
         await pilot.press("end")
         assert field.cursor_position == len(field.value)
+
+    drive(source, scenario)
+
+
+def test_watching_a_finished_run_shows_how_long_it_ran(tmp_path: Path) -> None:
+    """Not how long the watcher has watched (0:00:00 on a replay)."""
+    run_dir = make_run(tmp_path / "run", "finished", n=3)
+    process = {"pid": 1, "hostname": "elsewhere", "started": 1_000.0, "ended": 4_725.0, "state": "ended"}
+    (run_dir / "process.json").write_text(json.dumps(process))
+    source = FolderSource(run_dir, read_only=True, poll_s=0.05)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the replay to end")
+        app._show_status()
+        await pilot.pause()
+        assert "1:02:05" in str(app.query_one(StatusLine).render())
 
     drive(source, scenario)
 

@@ -190,6 +190,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.started_at = clock()
         #: When the run's thread ended: elapsed time stops there.
         self.ended_at: float | None = None
+        #: The same by the wall clock, for a watcher's elapsed (``_elapsed``).
+        self.ended_wall: float | None = None
         self._worker: Worker | None = None
         #: The charts, kept to tell cheaply (on every report) whether the screen is still there.
         self.charts: LossCharts | None = None
@@ -260,6 +262,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             return
         self.running = False
         self.ended_at = self.clock()
+        self.ended_wall = time.time()
         error = self.run_error
         if isinstance(error, UserError):
             self.exit(None)  # run_app re-raises it as one line
@@ -485,9 +488,18 @@ class CollapseApp(App[dict[str, Any] | None]):
             rate=rate,
             lr=self.applied_lr,
             pending_lr=self.requested_lr,
-            elapsed=(self.ended_at if self.ended_at is not None else self.clock()) - self.started_at,
+            elapsed=self._elapsed(),
             remaining=remaining,
         )
+
+    def _elapsed(self) -> float:
+        """Seconds the run has run: since this screen started it, or for a watcher since the run's
+        process started (to its end, for a finished run), by the times in its ``process.json``."""
+        started = self.info.process_started
+        if started is None:
+            return (self.ended_at if self.ended_at is not None else self.clock()) - self.started_at
+        ended = self.info.process_ended or self.ended_wall or time.time()
+        return max(0.0, ended - started)
 
     def _show_sample(self) -> None:
         """The sample pane and the charts' marker: the latest record, or the one being browsed."""
