@@ -138,6 +138,13 @@ RUN_OPTIONS: list[inspect.Parameter] = [
     _option(
         "resume", Path | None, "Continue a run from one of its snapshots (snapshots/iter-N).", "--resume"
     ),
+    _option(
+        "train_on",
+        str | None,
+        "What gen_loss and the training step read: 'text' (the sample decoded and tokenized again, "
+        "as the paper's code does) or 'ids' (the sampled ids) [default: text].",
+        "--train-on",
+    ),
 ]
 
 

@@ -36,6 +36,10 @@ PAPER_PRESET: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER_PRESET}
 
 DTYPES = ("auto", "float32", "bfloat16")
+#: What gen_loss and the training step read (``--train-on``): ``text``, the sample decoded to text and
+#: tokenized again, as the paper's code does (it saves the sample as text and encodes that); ``ids``,
+#: the sampled token ids themselves (what runs of earlier versions did).
+TRAIN_ON = ("text", "ids")
 
 #: --eval name → (hub dataset, config, text column, joiner between rows).
 HUB_SETS: dict[str, tuple[str, str | None, str, str]] = {
@@ -115,6 +119,8 @@ class RunConfig:
     preset: str | None = None
     #: A snapshot folder to continue from (``--resume``), if any.
     resume: str | None = None
+    #: ``TRAIN_ON``: the sample as text (the paper) or as the sampled ids.
+    train_on: str = "text"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,7 +129,8 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         """Rebuild a config from ``config.json``, ignoring keys this version lacks."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        # a run from before --train-on trained on its sampled ids: resumed, it goes on doing so
+        return cls(**{"train_on": "ids", **{k: v for k, v in data.items() if k in known}})
 
 
 def parse_eval_tokens(value: str | int | None) -> int | None:
@@ -202,6 +209,10 @@ def validate(config: RunConfig) -> None:
     )
     need(config.snapshot_every >= 0, f"--snapshot-every must be 0 or more, not {config.snapshot_every}")
     need(config.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, not {config.dtype!r}")
+    need(
+        config.train_on in TRAIN_ON,
+        f"--train-on must be one of {', '.join(TRAIN_ON)}, not {config.train_on!r}",
+    )
     need(len(config.evals) >= 1, "give at least one --eval set")
     need(len(set(config.evals)) == len(config.evals), "each --eval set may be given only once")
 

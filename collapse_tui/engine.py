@@ -34,7 +34,7 @@ from collapse_tui.controls import RunControls
 from collapse_tui.data import EvalSet, check_eval_specs, eval_set_name, load_eval_set
 from collapse_tui.errors import RunInterrupted, UserError
 from collapse_tui.follow import is_alive
-from collapse_tui.inference import EagerInference, Inference, sequence_windows
+from collapse_tui.inference import EagerInference, Inference, as_text_reads, sequence_windows
 from collapse_tui.metrics import CollapseDetector, repetition_metrics
 from collapse_tui.modeling import load_model, out_of_memory_error, resolve_autocast, resolve_device
 from collapse_tui.records import Event, IterationRecord
@@ -269,8 +269,9 @@ class Engine:
         )
         t1 = time.perf_counter()
         generated = ids[len(self.prompt_ids) :]
+        trained_on = as_text_reads(self.tokenizer, ids) if config.train_on == "text" else ids
         gen_loss, *set_losses = self.inference.mean_losses(
-            [sequence_windows(ids, config.block), *([s.windows] for s in self.eval_sets)]
+            [sequence_windows(trained_on, config.block), *([s.windows] for s in self.eval_sets)]
         )
         valid = {s.name: loss for s, loss in zip(self.eval_sets, set_losses, strict=True)}
         text = self.tokenizer.decode(generated)
@@ -278,7 +279,7 @@ class Engine:
         collapsed = self.detector.update(repetition.rep4)
         t2 = time.perf_counter()
         losses = [gen_loss, *valid.values()]
-        train_loss = self._train_step(ids) if all(math.isfinite(x) for x in losses) else float("nan")
+        train_loss = self._train_step(trained_on) if all(math.isfinite(x) for x in losses) else float("nan")
         t3 = time.perf_counter()
         return IterationRecord(
             iteration=self.iteration,

@@ -16,6 +16,7 @@ import contextlib
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,22 @@ def full_context(total: int, block: int) -> bool:
     (ordinary full-context decoding, DESIGN section 1).
     """
     return total - 1 <= block
+
+
+def as_text_reads(tokenizer: Any, ids: list[int]) -> list[int]:
+    """The sample as its text reads to the tokenizer: decoded, then tokenized again (``--train-on text``).
+
+    Why: the paper's code saves the sample as text and trains (and measures
+    its "train" loss) on that text encoded again, not on the ids it drew.
+    The two differ where the model drew a token sequence the tokenizer would
+    not make ("\n" then "\n" reads back as "\n\n"), and at an end-of-text
+    token, which reads back as the literal string (the paper's
+    ``encode_ordinary``): ``split_special_tokens``. A text that reads back
+    as fewer than two tokens (nothing to predict) keeps the ids.
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    again = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return list(again) if len(again) >= 2 else list(ids)
 
 
 def sequence_windows(ids: list[int], block: int) -> list[torch.Tensor]:

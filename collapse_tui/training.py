@@ -123,6 +123,14 @@ class GraphedTrainStep(TrainStep):
     def step(self, window: torch.Tensor) -> float:
         if self.failed or not self.optimizer.state:  # the first step creates the state: eagerly
             return super().step(window)
+        if (
+            self._window is not None
+            and self._window.shape != window.shape
+            and self._captured_for(self._window)
+        ):
+            # a window of another length (a sample whose text reads back shorter than a block): eagerly,
+            # keeping the graphs for the usual length instead of capturing anew for each odd one
+            return super().step(window)
         if not self._captured_for(window):
             try:
                 self._capture(window)

@@ -81,3 +81,16 @@ def test_a_failed_default_start_leaves_no_folder_behind(tmp_path, monkeypatch) -
     with serving_watchers(engine.run_dir, engine.controls, made=engine.made_run_dir):
         pass  # the model did not load, say
     assert not engine.run_dir.exists()
+
+
+def test_train_on_defaults_to_the_text_and_runs_from_before_it_keep_their_ids() -> None:
+    from collapse_tui.config import RunConfig, resolve_config
+
+    assert resolve_config({}).train_on == "text"
+    assert resolve_config({"train_on": "ids"}).train_on == "ids"
+    old = RunConfig().to_dict()
+    del old["train_on"]  # a config.json written before the option existed
+    assert RunConfig.from_dict(old).train_on == "ids"
+    assert RunConfig.from_dict(RunConfig().to_dict()).train_on == "text"
+    with pytest.raises(UserError, match="--train-on must be one of text, ids"):
+        resolve_config({"train_on": "tokens"})

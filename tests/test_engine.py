@@ -148,7 +148,11 @@ def test_a_snapshot_loads_back_with_the_same_logits(tiny_config: RunConfig) -> N
         assert torch.allclose(loaded(probe).logits, rerun.model(probe).logits, atol=1e-6)
 
 
-def test_gen_loss_and_validation_loss_equal_a_direct_computation(tiny_config: RunConfig) -> None:
+@pytest.mark.parametrize("train_on", ["text", "ids"])
+def test_gen_loss_and_validation_loss_equal_a_direct_computation(
+    tiny_config: RunConfig, train_on: str
+) -> None:
+    tiny_config.train_on = train_on
     engine = Engine(tiny_config)
     engine.load()
     theta0 = copy.deepcopy(engine.model)
@@ -172,6 +176,11 @@ def test_gen_loss_and_validation_loss_equal_a_direct_computation(tiny_config: Ru
         return total / count
 
     block = tiny_config.block
+    if train_on == "text":  # the paper's "train" loss: on the sample's text, tokenized again
+        text = engine.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        reads = engine.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert reads != ids  # this sample reads back otherwise, so the two cases differ here
+        ids = reads
     gen_windows = [ids[i : i + block + 1] for i in range(0, len(ids) - 1, block)]
     assert record.gen_loss == pytest.approx(direct_loss(gen_windows), rel=1e-5)
     windows = engine.eval_sets[0].windows.tolist()
@@ -430,3 +439,40 @@ def test_eager_inference_has_nothing_to_prepare(tiny_config: RunConfig) -> None:
     engine, listener = Engine(tiny_config), Collector()
     engine.load(listener)
     assert listener.statuses[-2:] == ["preparing generation", "ready"]
+
+
+def test_the_text_reads_back_canonically_and_an_end_of_text_as_its_literal(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from collapse_tui.inference import as_text_reads
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    canonical = tokenizer("The river city .\nThe king", add_special_tokens=False)["input_ids"]
+    assert as_text_reads(tokenizer, canonical) == canonical  # text the tokenizer made reads the same
+    # drawn one byte at a time, a word reads back as the tokenizer's own pieces
+    spelled = [token for piece in tokenizer.convert_ids_to_tokens(canonical) for token in
+               tokenizer.convert_tokens_to_ids(list(piece))]  # fmt: skip
+    assert len(spelled) > len(canonical) and as_text_reads(tokenizer, spelled) == canonical
+    # an end-of-text token drawn mid-sample reads back as the characters "<|endoftext|>" (encode_ordinary)
+    eos = tokenizer.eos_token_id
+    reads = as_text_reads(tokenizer, [*canonical, eos, *canonical])
+    assert eos not in reads and len(reads) > 2 * len(canonical) + 1
+    assert tokenizer.decode(reads) == tokenizer.decode([*canonical, eos, *canonical])
+
+
+def test_the_training_step_reads_the_sample_as_text(tiny_config: RunConfig) -> None:
+    from collapse_tui.inference import as_text_reads
+
+    engine = Engine(tiny_config)
+    engine.load()
+    windows: list[list[int]] = []
+    step = engine.trainer.step
+    engine.trainer.step = lambda window: windows.append(window.tolist()) or step(window)
+    samples: list[list[int]] = []
+    generate = engine.inference.generate
+    engine.inference.generate = lambda *a, **k: samples.append(generate(*a, **k)) or samples[-1]
+    engine.step()
+    reads = as_text_reads(engine.tokenizer, samples[0])
+    window = windows[0]
+    assert len(window) == tiny_config.block + 1
+    assert any(reads[i : i + len(window)] == window for i in range(len(reads)))

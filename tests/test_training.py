@@ -87,6 +87,17 @@ def test_the_graphed_step_takes_the_eager_step_with_a_new_learning_rate_from_the
 
 @pytest.mark.gpu
 @needs_cuda
+def test_a_window_of_another_length_runs_eagerly_and_keeps_the_graphs() -> None:
+    eager, graphed = twins(1e-3)
+    usual, odd = windows(4, 32, "cuda"), windows(1, 20, "cuda")
+    for window in [usual[0], usual[1], odd[0], usual[2], usual[3]]:
+        assert graphed.step(window) == pytest.approx(eager.step(window), rel=1e-5)
+        assert_same_weights(eager, graphed)
+    assert graphed.captures == 1 and not graphed.failed
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_a_nan_loss_takes_no_graphed_step() -> None:
     _, graphed = twins(1e-3)
     first, second = windows(2, 32, "cuda")
