@@ -561,8 +561,9 @@ class Engine:
 
     def _finish(self, status: str, reason: str) -> dict[str, Any]:
         """Complete the run folder, then tell the listener (which may be a dead terminal by now)."""
-        summary = self.summary(status, reason)
         stop = Event("stop", self.iteration, data={"reason": reason, "status": status})
+        # names its stop event: until this summary replaces a resumed run's old one, readers can tell
+        summary = {**self.summary(status, reason), "stopped": stop.time}
         if self.writer is not None:
             self._emit(stop, notify=False)
             self.writer.write_summary(summary)

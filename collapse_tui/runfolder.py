@@ -443,7 +443,10 @@ class RunFolder:
 
         A resume keeps the old ``summary.json`` until it ends, so a summary
         counts only if no ``start`` or ``resumed_from`` event follows the last
-        ``stop`` event (runs without stop events are taken at their word).
+        ``stop`` event (runs without stop events are taken at their word); one
+        that names its stop event's time (``stopped``) counts only if that is
+        the last stop, so the old summary of a resumed run that has just
+        stopped does not pass for its new one.
         The summary written before the final snapshot (marked ``ending``)
         comes before its process's stop event: it counts if it names the
         last ``start`` event's time, i.e. no later process has started.
@@ -453,6 +456,9 @@ class RunFolder:
         if is_ending(self.summary):
             starts = [e.time for e in self.events if e.event == "start"]
             return self.summary if starts and starts[-1] == self.summary.get("started") else None
+        stops = [e.time for e in self.events if e.event == "stop"]
+        if "stopped" in self.summary and stops and stops[-1] != self.summary["stopped"]:
+            return None  # a resumed run has stopped since, and is writing its own summary
         kinds = [e.event for e in self.events]
         if "stop" not in kinds:
             return self.summary

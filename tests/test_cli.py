@@ -389,6 +389,8 @@ def test_the_summary_names_the_last_snapshot(tiny_model_dir: Path, eval_file: Pa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["last_snapshot"] == str(out / "snapshots" / "iter-5")
     assert "final_snapshot_failed" not in summary
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "stop" and summary["stopped"] == events[-1]["time"]
     assert "last snapshot" in result.stdout
 
 

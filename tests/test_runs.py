@@ -165,3 +165,33 @@ def test_a_run_stopped_by_a_non_finite_loss_is_not_shown_as_a_plain_stop(tmp_pat
     writer.close()
     assert run_status(read_run(root)) == "NaN loss"
     assert "NaN loss" in render(runs_table([read_run(root)]))
+
+
+def test_a_resumed_run_that_has_stopped_is_not_shown_with_its_old_summary(tmp_path: Path) -> None:
+    """Its stop event lands a moment before its summary: in between, the old summary is not its own."""
+    root = tmp_path / "run"
+    writer = RunWriter(root)
+    writer.write_config({"model": "gpt2", "lr": 4e-5})
+    writer.write_event(Event("start", 0))
+    for i in range(3):
+        writer.write_record(record(i))
+    first_stop = Event("stop", 3, data={"reason": "max_iters", "status": "finished"})
+    writer.write_event(first_stop)
+    writer.write_summary(
+        {"status": "finished", "reason": "max_iters", "iterations": 3, "stopped": first_stop.time}
+    )
+    writer.close()
+    assert read_run(root).current_summary is not None
+    writer = RunWriter(root, resuming=True)  # resumed, one more iteration, stopped; no summary yet
+    writer.write_event(Event("resumed_from", 3, data={"path": str(root / "snapshots" / "iter-3")}))
+    writer.write_event(Event("start", 3))
+    writer.write_record(record(3))
+    writer.write_event(Event("stop", 4, data={"reason": "max_iters", "status": "finished"}))
+    assert read_run(root).current_summary is None
+    second_stop = read_run(root).events[-1]
+    writer.write_summary(
+        {"status": "finished", "reason": "max_iters", "iterations": 4, "stopped": second_stop.time}
+    )
+    writer.close()
+    summary = read_run(root).current_summary
+    assert summary is not None and summary["iterations"] == 4
