@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ import pytest
 from fakes import FakeSource, make_record, user_error_source
 from rich.console import Console
 from runfolders import make_run
+from runfolders import record as folder_record
 from textual.app import App, ComposeResult
 from textual.pilot import Pilot
 from textual.renderables.sparkline import Sparkline as SparklineRenderable
@@ -30,6 +32,7 @@ import collapse_tui.tui.app as app_module
 from collapse_tui.errors import UserError
 from collapse_tui.follow import FolderSource
 from collapse_tui.records import Event, IterationRecord
+from collapse_tui.runfolder import RunWriter
 from collapse_tui.source import RunInfo
 from collapse_tui.tui.app import WAITING_MESSAGE, CollapseApp, RecordReport, run_app
 from collapse_tui.tui.history import SampleHistory
@@ -743,6 +746,31 @@ def test_watching_a_finished_run_shows_how_long_it_ran(tmp_path: Path) -> None:
         app._show_status()
         await pilot.pause()
         assert "1:02:05" in str(app.query_one(StatusLine).render())
+
+    drive(source, scenario)
+
+
+def test_a_watched_run_killed_without_a_word_ran_until_its_last_line(tmp_path: Path) -> None:
+    """Not until the watcher noticed (a replay of a run killed a week ago would read 168 hours)."""
+    from runfolders import dead_pid
+
+    run_dir = tmp_path / "run"
+    writer = RunWriter(run_dir)
+    writer.write_config({"model": "gpt2", "lr": 4e-5, "max_iters": 10})
+    writer.write_event(Event("start", 0, time=1_000.0))
+    for i in range(3):
+        writer.write_record(folder_record(i))  # at 1000, 1001, 1002
+    writer.close()
+    process = {"pid": dead_pid(), "hostname": socket.gethostname(), "started": 995.0, "state": "running"}
+    (run_dir / "process.json").write_text(json.dumps(process))
+    source = FolderSource(run_dir, read_only=True, poll_s=0.05)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the replay to end")
+        assert app.state == "process gone"
+        app._show_status()
+        await pilot.pause()
+        assert "0:00:07" in str(app.query_one(StatusLine).render())
 
     drive(source, scenario)
 

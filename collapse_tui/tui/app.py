@@ -190,8 +190,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.started_at = clock()
         #: When the run's thread ended: elapsed time stops there.
         self.ended_at: float | None = None
-        #: The same by the wall clock, for a watcher's elapsed (``_elapsed``).
-        self.ended_wall: float | None = None
+        #: The wall-clock time of the newest record or event, where a watched run's time ends if its
+        #: process did not say (killed, or its machine went down): ``_elapsed``.
+        self.last_seen_wall: float | None = None
         self._worker: Worker | None = None
         #: The charts, kept to tell cheaply (on every report) whether the screen is still there.
         self.charts: LossCharts | None = None
@@ -262,7 +263,6 @@ class CollapseApp(App[dict[str, Any] | None]):
             return
         self.running = False
         self.ended_at = self.clock()
-        self.ended_wall = time.time()
         error = self.run_error
         if isinstance(error, UserError):
             self.exit(None)  # run_app re-raises it as one line
@@ -307,6 +307,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         if self.requested_lr == record.lr:
             self.requested_lr = None
         self.recent.append((record.iteration, record.time))
+        self.last_seen_wall = max(self.last_seen_wall or 0.0, record.time)
         if record.iteration + 1 >= self.info.max_iters:
             self.ending = True
         self.query_one(LossCharts).add(record.gen_loss, record.valid)
@@ -336,6 +337,8 @@ class CollapseApp(App[dict[str, Any] | None]):
             return
         event = report.event
         self.events.append(event)
+        if event.event != "process_gone":  # a watcher's own note, made when it noticed
+            self.last_seen_wall = max(self.last_seen_wall or 0.0, event.time)
         line = event.describe()
         if self.info.run_dir:  # snapshot paths inside the run folder, short enough for a narrow pane
             # (runs write absolute paths; a watcher may have been given the folder relative); only a
@@ -498,7 +501,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         started = self.info.process_started
         if started is None:
             return (self.ended_at if self.ended_at is not None else self.clock()) - self.started_at
-        ended = self.info.process_ended or self.ended_wall or time.time()
+        ended = self.info.process_ended
+        if ended is None:  # still going, or gone without a word: then its last line is its end
+            ended = time.time() if self.running or self.last_seen_wall is None else self.last_seen_wall
         return max(0.0, ended - started)
 
     def _show_sample(self) -> None:
