@@ -214,8 +214,14 @@ def build_config(options: dict[str, Any]) -> RunConfig:
     return resolve_config(options)
 
 
-def _flag(key: str) -> str:
-    """The option's flag as typed, for messages."""
+#: The switches' "off" spellings, for messages about a switch given off.
+NEGATIVE_FLAGS = {"keep_going": "--stop-at-collapse", "final_snapshot": "--no-final-snapshot"}
+
+
+def _flag(key: str, value: Any = None) -> str:
+    """The option's flag as typed, for messages (a switch given off by its "off" spelling)."""
+    if value is False and key in NEGATIVE_FLAGS:
+        return NEGATIVE_FLAGS[key]
     return "--" + ("eval" if key == "evals" else key.replace("_", "-"))
 
 
@@ -270,7 +276,7 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
     if ctx.invoked_subcommand is not None:
         ctx.obj = {k: v for k, v in options.items() if v is not None and v != []}
         if ctx.obj and ctx.invoked_subcommand != "headless":  # they would be dropped without a word
-            flags = ", ".join(_flag(key) for key in ctx.obj)
+            flags = ", ".join(_flag(key, value) for key, value in ctx.obj.items())
             raise UserError(
                 f"{flags}: run options go with collapse-tui or collapse-tui headless, "
                 f"not with {ctx.invoked_subcommand}"

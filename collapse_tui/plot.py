@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import csv as csv_module
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from collapse_tui.errors import UserError
 from collapse_tui.runfolder import RunFolder, read_run
-from collapse_tui.runs import lr_text, model_label
+from collapse_tui.runs import lr_text, model_label, run_names
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -39,13 +40,18 @@ def load_runs(run_dirs: list[Path], skipped: list[str] | None = None) -> list[Ru
     """
     if not run_dirs:
         raise UserError("give at least one run folder to plot")
-    runs, empty = [], []
+    runs, empty, seen = [], [], set()
     for run_dir in run_dirs:
+        if os.path.abspath(run_dir) in seen:  # one folder named twice (or spelled two ways): once
+            continue
+        seen.add(os.path.abspath(run_dir))
         run = read_run(Path(run_dir))
         if not run.records:
             empty.append(f"{run_dir} has no iterations yet: nothing to plot")
         elif not any(_series(run, panel)[0] for panel in _panels([run])):
-            empty.append(f"{run_dir} has no finite loss (every one is NaN or inf): nothing to plot")
+            empty.append(
+                f"{run_dir} has no finite loss (every one is NaN or inf): nothing to plot (nor in the CSV)"
+            )
         else:
             runs.append(run)
     if not runs:
@@ -58,21 +64,6 @@ def load_runs(run_dirs: list[Path], skipped: list[str] | None = None) -> list[Ru
 def run_label(run: RunFolder) -> str:
     """Model and lr (the lr it started with, and the last it ran at where a command changed it)."""
     return f"{model_label(run.config)}, lr {lr_text(run)}"
-
-
-def run_names(runs: list[RunFolder]) -> list[str]:
-    """Each run's folder name, with as many parent folders as tell it apart from the other runs.
-
-    Sweeps often give runs one name in different folders (``a/lr``, ``b/lr``);
-    ``.`` is named by the folder it stands for.
-    """
-    paths = [run.root.resolve() for run in runs]
-    deepest = max(len(path.parts) for path in paths)
-    for depth in range(1, deepest + 1):
-        names = ["/".join(path.parts[-depth:]) for path in paths]
-        if len(set(names)) == len(names):
-            break
-    return names
 
 
 def _labels(runs: list[RunFolder]) -> list[str]:

@@ -115,6 +115,22 @@ def run_status(run: RunFolder) -> str:
     return "running" if alive else "running?"
 
 
+def run_names(runs: list[RunFolder]) -> list[str]:
+    """Each run's folder name, with as many parent folders as tell it apart from the other runs.
+
+    Sweeps often give runs one name in different folders (``a/lr``, ``b/lr``);
+    ``.`` is named by the folder it stands for. Paths are taken as given
+    (symbolic links kept, ``..`` folded), without the root.
+    """
+    paths = [Path(os.path.abspath(run.root)).parts[1:] for run in runs]
+    names = ["/".join(parts[-1:]) for parts in paths]
+    for depth in range(2, max((len(parts) for parts in paths), default=1) + 1):
+        if len(set(names)) == len(names):
+            break
+        names = ["/".join(parts[-depth:]) for parts in paths]
+    return names
+
+
 def model_label(config: dict) -> str:
     """The run's model as a person names it (``config.model_name``)."""
     return model_name(str(config.get("model", "?")))
@@ -152,14 +168,14 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
     for header in ("iters", "collapse", "first", "last"):
         table.add_column(header, justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    for run, status in zip(runs, statuses, strict=True):
+    for run, name, status in zip(runs, run_names(runs), statuses, strict=True):
         records = run.records
         first_set = run.eval_names[0] if run.eval_names else None
         first = records[0].valid.get(first_set) if records and first_set else None
         last = records[-1].valid.get(first_set) if records and first_set else None
         collapsed = run.collapsed_at
         table.add_row(
-            run.root.name,
+            name,
             model_label(run.config),
             lr_text(run),
             str(records[-1].iteration + 1 if records else 0),

@@ -165,3 +165,9 @@ def test_a_run_with_no_finite_loss_is_nothing_to_plot(tmp_path: Path) -> None:
     skipped = plot_runs([tmp_path / "run", other], tmp_path / "fig.png")
     assert (tmp_path / "fig.png").is_file()
     assert len(skipped) == 1 and "no finite loss" in skipped[0]
+
+
+def test_a_run_given_twice_is_drawn_once(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", "finished", n=3)
+    figure = build_figure(load_runs([run, tmp_path / "." / "run"]))
+    assert len(run_lines(figure.axes[0])) == 1

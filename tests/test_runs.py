@@ -195,3 +195,10 @@ def test_a_resumed_run_that_has_stopped_is_not_shown_with_its_old_summary(tmp_pa
     writer.close()
     summary = read_run(root).current_summary
     assert summary is not None and summary["iterations"] == 4
+
+
+def test_runs_of_one_name_in_different_folders_are_told_apart_in_the_table(tmp_path: Path) -> None:
+    for sweep in ("sweep-a", "sweep-b"):
+        make_run(tmp_path / sweep / "lr", "finished", n=2)
+    text = render(runs_table(find_runs(tmp_path)))
+    assert "sweep-a/lr" in text and "sweep-b/lr" in text
