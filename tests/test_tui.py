@@ -544,12 +544,20 @@ def test_ctrl_c_that_stops_a_run_early_reads_as_an_interrupt(monkeypatch, run_en
     source = FakeSource(records, after="return" if run_ended_first else "wait")
 
     class PressesCtrlC(CollapseApp):
-        CSS_PATH = str(Path(app_module.__file__).with_name("app.tcss"))
+        """Presses ctrl+c once both records are in (and, for a run that ends first, once it has)."""
 
-        def on_record_report(self, report) -> None:
-            super().on_record_report(report)
-            if report.record.iteration == 1:
-                self.set_timer(0.2, lambda: self.run_action("interrupt"))
+        CSS_PATH = str(Path(app_module.__file__).with_name("app.tcss"))
+        pressed = False
+
+        def on_mount(self) -> None:
+            super().on_mount()
+            self.set_interval(0.02, self._press_when_ready)
+
+        async def _press_when_ready(self) -> None:
+            ready = self.records_seen == 2 and (self.run_done.is_set() or not run_ended_first)
+            if ready and not self.pressed:
+                self.pressed = True
+                await self.run_action("interrupt")
 
     monkeypatch.setattr("collapse_tui.tui.app.CollapseApp", PressesCtrlC)
     monkeypatch.setattr("collapse_tui.tui.app.terminal_gone", lambda: False)
