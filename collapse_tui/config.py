@@ -41,11 +41,12 @@ DTYPES = ("auto", "float32", "bfloat16")
 #: the sampled token ids themselves (what runs of earlier versions did).
 TRAIN_ON = ("text", "ids")
 
-#: --eval name → (hub dataset, config, text column, joiner between rows).
+#: ``--eval`` names of hub sets: (dataset, config, column, layout of the original file, for
+#: ``data.file_text``: the hub keeps its lines in another form).
 HUB_SETS: dict[str, tuple[str, str | None, str, str]] = {
-    "wikitext-2": ("wikitext", "wikitext-2-raw-v1", "text", ""),
-    "wikitext-2-v1": ("wikitext", "wikitext-2-v1", "text", ""),
-    "ptb": ("ptb_text_only", None, "sentence", "\n"),
+    "wikitext-2": ("wikitext", "wikitext-2-raw-v1", "text", "wikitext"),
+    "wikitext-2-v1": ("wikitext", "wikitext-2-v1", "text", "wikitext"),
+    "ptb": ("ptb_text_only", None, "sentence", "ptb"),
 }
 
 

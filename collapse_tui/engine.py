@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from collapse_tui import __version__
-from collapse_tui.config import RunConfig, absolute, claim_default_run_dir, model_name
+from collapse_tui.config import HUB_SETS, RunConfig, absolute, claim_default_run_dir, model_name
 from collapse_tui.controls import RunControls
 from collapse_tui.data import EvalSet, check_eval_specs, eval_set_name, load_eval_set
 from collapse_tui.errors import RunInterrupted, UserError
@@ -509,9 +509,11 @@ class Engine:
             record = recorded.get(eval_set.name) or {}
             was = record.get("split_tokens")
             if isinstance(was, int) and was != eval_set.split_tokens:
+                # a hub set read by an earlier version, before it was rebuilt to its original file
+                why = " (hub sets are now read as their original files)" if eval_set.name in HUB_SETS else ""
                 raise UserError(
                     f"--eval {eval_set.name}: {eval_set.split_tokens} tokens now, {was} when the run "
-                    "started; a resume must evaluate on the same text"
+                    f"started{why}; a resume must evaluate on the same text"
                 )
             digest = record.get("text_sha256")  # runs from before it was recorded have only the count
             if digest and eval_set.text_sha256 and digest != eval_set.text_sha256:
