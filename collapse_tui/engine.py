@@ -41,13 +41,10 @@ from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import (
     CONFIG,
     ENDING_SNAPSHOT,
-    EVENTS,
     RunWriter,
     check_new_run_folder,
     make_summary,
-    parse_events,
     partial_snapshot,
-    read_jsonl,
     read_run,
     snapshot_iteration,
 )
@@ -145,8 +142,6 @@ class Engine:
         #: (iteration, lr) of the newest snapshot on disk (taken, or resumed from): one asked for again
         #: unchanged is not rewritten, and the final snapshot is not taken where it would be the same.
         self.snapshot_state: tuple[int, float] | None = None
-        #: The newest snapshot this run has on disk (taken here, or resumed from), for the summary.
-        self.last_snapshot: Path | None = None
         #: Why the final snapshot could not be written (a full disk), if it could not: the run's end
         #: is then not saved, which the summary and the exit code say.
         self.final_snapshot_failed: str | None = None
@@ -423,7 +418,7 @@ class Engine:
             message = f"{type(error).__name__}: {error}" if not isinstance(error, OSError) else str(error)
             self._emit(Event("snapshot_failed", self.iteration, data={"message": message}))
             return message
-        self.snapshot_state, self.last_snapshot = (self.iteration, self.lr), path
+        self.snapshot_state = (self.iteration, self.lr)
         self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
         return None
 
@@ -540,7 +535,7 @@ class Engine:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         self.iteration = int(state["iteration"])
         self.lr = float(state["lr"])
-        self.snapshot_state, self.last_snapshot = (self.iteration, self.lr), path
+        self.snapshot_state = (self.iteration, self.lr)
         self.detector.streak = int(state.get("collapse_streak", 0))
         self.collapsed_at = state.get("collapsed_at")
         load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device))
@@ -573,6 +568,13 @@ class Engine:
             with contextlib.suppress(Exception):  # the files are complete; nothing more to lose
                 self.listener.on_event(stop)
         return summary
+
+    @property
+    def last_snapshot(self) -> Path | None:
+        """The newest snapshot this run has on disk (taken here, or resumed from), for the summary."""
+        if self.snapshot_state is None or self.writer is None:
+            return None
+        return self.writer.snapshot_dir(self.snapshot_state[0])
 
     def summary(self, status: str, reason: str) -> dict[str, Any]:
         return make_summary(
@@ -613,29 +615,30 @@ def _records_on_current_branch(snapshot: Path, run_dir: Path) -> list[IterationR
     iteration = snapshot_iteration(snapshot)
     if iteration is None:
         raise UserError(f"--resume {snapshot}: its state.json cannot be read")
-    records = read_run(run_dir).records
+    run = read_run(run_dir)
+    records = run.records
     last = records[-1].iteration if records else -1
     abandoned = f"--resume {snapshot}: that snapshot belongs to iterations a later resume abandoned"
     if iteration > last + 1:
         raise UserError(f"{abandoned} (it is at iteration {iteration}, the run as it now stands at {last})")
-    if _abandoned_by_a_resume(snapshot, iteration, run_dir):
+    if _abandoned_by_a_resume(snapshot, iteration, run.events):
         raise UserError(f"{abandoned} (the run was resumed from an earlier iteration after it was saved)")
     return records
 
 
-def _abandoned_by_a_resume(snapshot: Path, iteration: int, run_dir: Path) -> bool:
+def _abandoned_by_a_resume(snapshot: Path, iteration: int, events: list[Event]) -> bool:
     """Whether a resume from before ``iteration`` happened after the snapshot was saved.
 
     The resumed branch may since have run past ``iteration`` again (so the
     iteration count alone cannot tell), but unless it saved this iteration
     anew (replacing the folder, with a later time), the weights in it are the
     old branch's. Snapshots from versions that kept no time are not judged.
+    (``events`` as ``read_run`` gives them: it keeps every ``resumed_from``.)
     """
     try:
         saved = float(json.loads((snapshot / "state.json").read_text(encoding="utf-8"))["time"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    events = parse_events(read_jsonl(run_dir / EVENTS))
     return any(e.event == "resumed_from" and e.iteration < iteration and e.time > saved for e in events)
 
 

@@ -184,20 +184,23 @@ def is_alive(run_dir: Path) -> bool | None:
     return not (isinstance(recorded, int) and recorded != ticks)  # a reused pid is another process
 
 
-def taken_up_again(folder: RunFolder) -> bool:
+def taken_up_again(folder: RunFolder, alive: bool | None = None) -> bool:
     """Whether a live process has taken the run up again since its last stop: a resume still loading.
 
     Until the resume's ``resumed_from`` event (written once the model has
     loaded: seconds, or minutes for a large model) the folder's summary is
     the run before's; the announcement in ``process.json``, written first,
-    tells that a new process has the folder.
+    tells that a new process has the folder. ``alive``: ``is_alive`` of the
+    folder, where the caller has just asked it.
     """
     info = read_process(folder.root)
     stops = [event.time for event in folder.events if event.event == "stop"]
     if not info or info.get("state") != "running" or not stops:
         return False
     started = info.get("started")
-    return isinstance(started, int | float) and started > stops[-1] and is_alive(folder.root) is True
+    if not isinstance(started, int | float) or started <= stops[-1]:
+        return False
+    return (is_alive(folder.root) if alive is None else alive) is True
 
 
 # -- steering through the folder ------------------------------------------------------------
@@ -472,7 +475,9 @@ class FolderSource:
             alive = is_alive(self.run_dir)  # before the last look: a clean end leaves its summary first
             self._forward(listener, metrics, events)
             self.folder.summary = read_summary(self.run_dir)
-            summary = None if taken_up_again(self.folder) else self.folder.current_summary
+            summary = self.folder.current_summary
+            if summary is not None and taken_up_again(self.folder, alive):
+                summary = None
             # the summary written before the final snapshot is final once the process is gone
             if summary is not None and (not is_ending(summary) or alive is not True):
                 return summary

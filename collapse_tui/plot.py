@@ -42,9 +42,10 @@ def load_runs(run_dirs: list[Path], skipped: list[str] | None = None) -> list[Ru
         raise UserError("give at least one run folder to plot")
     runs, empty, seen = [], [], set()
     for run_dir in run_dirs:
-        if os.path.abspath(run_dir) in seen:  # one folder named twice (or spelled two ways): once
+        where = os.path.abspath(run_dir)
+        if where in seen:  # one folder named twice (or spelled two ways): once
             continue
-        seen.add(os.path.abspath(run_dir))
+        seen.add(where)
         run = read_run(Path(run_dir))
         if not run.records:
             empty.append(f"{run_dir} has no iterations yet: nothing to plot")
