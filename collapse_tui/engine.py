@@ -17,6 +17,7 @@ recorded as an event.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import platform
@@ -525,10 +526,26 @@ class Engine:
             "sampler": self.sampler.get_state(),
         }
 
-    def _restore_rngs(self, states: dict[str, Any]) -> None:
+    def _restore_rngs(self, states: dict[str, Any]) -> bool:
+        """Restore the random states; False when the sampler's could not be (saved on another device).
+
+        A generator's state is the device's own format (5,056 bytes on the
+        CPU, 16 on CUDA), so a run resumed with another ``--device`` cannot
+        go on with the saved sampling stream. It then samples from a stream
+        seeded from the saved state: the same on every resume of that
+        snapshot on that device, but not the samples the first device would
+        have drawn.
+        """
         self.rng.setstate(states["python"])
         torch.set_rng_state(states["torch"])
-        self.sampler.set_state(states["sampler"])
+        saved = states["sampler"]
+        try:
+            self.sampler.set_state(saved)
+        except RuntimeError:
+            digest = hashlib.sha256(saved.cpu().numpy().tobytes()).digest()
+            self.sampler.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            return False
+        return True
 
     def _restore(self, path: Path) -> None:
         """Continue from a snapshot: counters, optimizer and RNG states as they were."""
@@ -541,7 +558,7 @@ class Engine:
         load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        self._restore_rngs(torch.load(path / "rng.pt", weights_only=False))
+        same_stream = self._restore_rngs(torch.load(path / "rng.pt", weights_only=False))
         earlier = [r for r in self.resumed_records if r.iteration < self.iteration]
         self.first_record = earlier[0] if earlier else None
         self.last_record = earlier[-1] if earlier else None
@@ -552,6 +569,8 @@ class Engine:
             "max_iters": self.config.max_iters,
             "collapsed_at": self.collapsed_at,
         }
+        if not same_stream:
+            data["new_sampling_stream"] = True
         self._emit(Event("resumed_from", self.iteration, data=data))  # config.json keeps the first start's
 
     # -- the end -------------------------------------------------------------------------

@@ -109,7 +109,10 @@ class Event:
             "stop": lambda: f"stopped ({self.data.get('reason', 'requested')})",
             "error": lambda: f"error: {self.data.get('message', '')}",
             "collapse": lambda: f"collapsed (rep4 {self.data.get('rep4', 0):.2f})",
-            "resumed_from": lambda: f"resumed from {self.data.get('path', '?')}",
+            "resumed_from": lambda: (
+                f"resumed from {self.data.get('path', '?')}"
+                + (" (on another device: a new sampling stream)" if self.data.get("new_sampling_stream") else "")
+            ),
             "process_gone": lambda: f"the run's process is gone ({self.data.get('message', 'no summary')})",
         }
         text = details[self.event]() if self.event in details else self.event

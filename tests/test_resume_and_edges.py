@@ -279,3 +279,25 @@ def test_out_naming_the_folder_of_the_snapshot_is_no_change_even_for_a_default_n
         build_config({"resume": snapshot, "out": spelled, "max_iters": 5})
     with pytest.raises(UserError, match="--out cannot change"):
         build_config({"resume": snapshot, "out": str(tmp_path / "elsewhere"), "max_iters": 5})
+
+
+def test_a_snapshot_whose_sampler_was_saved_on_another_device_resumes_with_a_stream_seeded_from_it(
+    tiny_config, tmp_path
+):
+    # A CUDA generator's state is 16 bytes; the CPU's cannot take it. Such a
+    # resume used to crash (and mark the finished run crashed).
+    snapshot = stopped_run_with_snapshot(tiny_config, tmp_path)
+    states = torch.load(snapshot / "rng.pt", weights_only=False)
+    states["sampler"] = torch.arange(16, dtype=torch.uint8)
+    torch.save(states, snapshot / "rng.pt")
+    texts = []
+    for _ in range(2):  # the same snapshot resumed twice draws the same samples
+        listener = Collector()
+        Engine(build_config({"resume": snapshot, "max_iters": 3})).run(listener)
+        resumed = [e for e in listener.events if e.event == "resumed_from"]
+        assert resumed[0].data["new_sampling_stream"] is True
+        assert "another device" in resumed[0].describe()
+        assert [r.iteration for r in listener.records] == [2]
+        texts.append(listener.records[0].text)
+    assert texts[0] == texts[1]
+    assert read_run(tmp_path / "run").summary["status"] == "finished"
