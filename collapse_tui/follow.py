@@ -235,6 +235,8 @@ def send_command(run_dir: Path, command: str, **data: Any) -> None:
         written = os.write(fd, line)
         while written < len(line):  # only on a signal mid-write; the reader waits for the newline
             written += os.write(fd, line[written:])
+    except OSError as error:  # a full disk, a quota: the run never sees the command
+        raise UserError(f"cannot send {command!r} to {run_dir}: {error.strerror}") from None
     finally:
         os.close(fd)
 
@@ -354,10 +356,9 @@ class FolderControls(RunControls):
         return self.paused
 
     def set_lr(self, lr: float) -> None:
-        if self.read_only:
-            return
-        super().set_lr(lr)  # validates, and shows it as pending until the run's lr event
-        self._send("lr", lr=float(lr))
+        # validated by send_command, then shown as pending until the run's lr event
+        if self._send("lr", lr=lr):
+            super().set_lr(lr)
 
     def request_snapshot(self) -> None:
         self._send("snapshot")

@@ -111,7 +111,11 @@ class Event:
             "collapse": lambda: f"collapsed (rep4 {self.data.get('rep4', 0):.2f})",
             "resumed_from": lambda: (
                 f"resumed from {self.data.get('path', '?')}"
-                + (" (on another device: a new sampling stream)" if self.data.get("new_sampling_stream") else "")
+                + (
+                    " (on another device: a new sampling stream)"
+                    if self.data.get("new_sampling_stream")
+                    else ""
+                )
             ),
             "process_gone": lambda: f"the run's process is gone ({self.data.get('message', 'no summary')})",
         }

@@ -15,6 +15,7 @@ from collapse_tui.errors import UserError
 from collapse_tui.follow import (
     COMMANDS,
     CommandInbox,
+    FolderControls,
     FolderSource,
     RunProcess,
     is_alive,
@@ -118,6 +119,17 @@ def test_send_command_refuses_what_a_run_would_not_take(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot send"):
         send_command(tmp_path / "missing", "pause")
     assert not (tmp_path / COMMANDS).exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_command_that_cannot_be_written_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / COMMANDS).symlink_to("/dev/full")  # every write: no space left on device
+    with pytest.raises(UserError, match=r"cannot send 'pause'.*No space left"):
+        send_command(tmp_path, "pause")
+    controls = FolderControls(tmp_path)
+    with pytest.raises(UserError):
+        controls.set_lr(1e-4)
+    assert controls.pending_lr is None  # not shown as pending: the run never heard of it
 
 
 def test_watchers_sending_at_once_never_interleave_lines(tmp_path: Path) -> None:

@@ -630,6 +630,30 @@ def test_a_read_only_source_hides_the_steering_keys() -> None:
     drive(source, scenario)
 
 
+def test_a_steering_command_that_cannot_be_written_is_a_notice_not_a_crash() -> None:
+    # A watcher's commands go to commands.jsonl; on a full disk the write fails.
+    source = FakeSource([make_record(0, 5)])
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise UserError("cannot send 'pause' to run: No space left on device")
+
+    source.controls.pause = full_disk  # type: ignore[method-assign]
+    source.controls.set_lr = full_disk  # type: ignore[method-assign]
+    source.controls.request_snapshot = full_disk  # type: ignore[method-assign]
+    notices: list[str] = []
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        app.notify = lambda message, **kw: notices.append(str(message))  # type: ignore[method-assign]
+        await wait_until(pilot, lambda: app.records_seen == 1, "a record")
+        await pilot.press("space", "plus", "s")
+        await pilot.pause()
+        assert len(notices) == 3 and all("No space left" in n for n in notices), notices
+        assert not app.snapshot_pending and app.requested_lr is None
+        assert app.is_running
+
+    drive(source, scenario)
+
+
 # -- stepping through history ---------------------------------------------------
 
 

@@ -565,12 +565,21 @@ class CollapseApp(App[dict[str, Any] | None]):
         """Whether the run can still take a steering command: loaded, not ending and not quitting."""
         return self.running and not self.quitting and not self.loading and not self.ending
 
+    def _steer(self, command: Callable[[], None]) -> bool:
+        """Send a steering command; a watcher's that cannot be written (a full disk) is a notice, not a crash."""
+        try:
+            command()
+        except UserError as error:
+            self.notify(str(error), severity="error")
+            return False
+        return True
+
     def action_pause(self) -> None:
-        self.source.controls.pause()
+        self._steer(self.source.controls.pause)
         self._update_state()
 
     def action_resume(self) -> None:
-        self.source.controls.resume()
+        self._steer(self.source.controls.resume)
         self._update_state()
 
     def action_lr_up(self) -> None:
@@ -594,7 +603,8 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.notify(f"lr {lr:.3g}: above {MAX_LR:g} the update only wrecks the model", severity="error")
             return
         try:
-            self.source.controls.set_lr(lr)
+            if not self._steer(lambda: self.source.controls.set_lr(lr)):
+                return
         except ValueError as error:
             self.notify(str(error), severity="error")
             return
@@ -611,7 +621,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         if self.ended_here:  # no model to save any more: keep the screen, as the end of the run looks
             self._save_screen(self.last_snapshot or self.info.run_dir, screen_only=True)
             return
-        self.source.controls.request_snapshot()
+        if not self._steer(self.source.controls.request_snapshot):
+            return
         self.snapshot_pending = True
         self.refresh_bindings()
         self.notify("saved after the iteration in flight", title="snapshot requested")
