@@ -87,29 +87,54 @@ def holds_iterations(root: Path) -> bool:
     return snapshots.is_dir() and any(not path.name.startswith(".") for path in snapshots.iterdir())
 
 
-def may_take_over(root: Path) -> bool:
-    """Whether a new run may write into ``root``: it is new, or a start left it before its first
-    iteration ended (a run's config.json, no records, no snapshot). A config.json that is not a run's
-    (``--out`` pointed at a model folder, say) keeps the folder untouched."""
-    if holds_iterations(root):
-        return False
+def _is_run_config(path: Path) -> bool | None:
+    """Whether ``path`` is a run's config.json: None when there is none, False for another's (a model's)."""
     try:
-        config = json.loads((root / CONFIG).read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return True
+        return None
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and "run_dir" in config and "model" in config
 
 
+def why_not_take_over(root: Path) -> str | None:
+    """Why a new run may not write into ``root``, or None when it may.
+
+    It may when the folder is new, holds nothing a run writes, or holds what
+    a start left before its first iteration ended (a run's config.json, no
+    records, no snapshot), which the new start replaces. Files named like a
+    run's that no run of ours left (no run config beside them) are the
+    user's and stay untouched, and a folder of run folders is a sweep's root,
+    where a run of its own would hide them from ``runs``.
+    """
+    if holds_iterations(root):
+        return "already holds a run; choose another --out, or --resume a snapshot"
+    is_run = _is_run_config(root / CONFIG)
+    if is_run is not None:
+        return None if is_run else "holds a config.json that is not a run's; choose another --out"
+    theirs = [name for name in (*START_FILES, SNAPSHOTS) if (root / name).exists()]
+    if theirs:
+        return f"holds {', '.join(theirs)} of no run of this tool; choose another --out"
+    try:
+        runs = sorted(
+            child.name for child in root.iterdir() if child.is_dir() and _is_run_config(child / CONFIG)
+        )
+    except OSError:
+        runs = []  # missing, or unreadable: creating or writing it says what is wrong
+    if runs:
+        shown = ", ".join(runs[:3]) + (", …" if len(runs) > 3 else "")
+        return f"holds run folders ({shown}); give a new folder inside it, e.g. --out {root / 'new-run'}"
+    return None
+
+
 def check_new_run_folder(root: Path) -> None:
-    """Refuse ``root`` for a new run unless ``may_take_over`` allows it: one message wherever it is asked."""
+    """Refuse ``root`` for a new run unless it may be taken over: one message wherever it is asked."""
     if root.exists() and not root.is_dir():
         raise UserError(f"run folder {root} is a file, not a folder; choose another --out")
-    if not may_take_over(root):
-        raise UserError(
-            f"run folder {root} already holds a run; choose another --out, or --resume a snapshot"
-        )
+    why = why_not_take_over(root)
+    if why:
+        raise UserError(f"run folder {root} {why}")
 
 
 def partial_snapshot(final: Path) -> Path:

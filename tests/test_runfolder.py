@@ -138,9 +138,40 @@ def test_a_folder_whose_config_is_not_a_runs_is_left_alone(tmp_path: Path) -> No
     model = tmp_path / "gpt2-tiny"
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(UserError, match="already holds a run"):
+    with pytest.raises(UserError, match=r"holds a config\.json that is not a run's"):
         RunWriter(model)
     assert (model / "config.json").read_text() == '{"model_type": "gpt2"}'
+
+
+def test_files_named_like_a_runs_that_no_run_left_are_left_alone(tmp_path: Path) -> None:
+    # A new start deletes what an unfinished start left: only where a run's config says it was one.
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "summary.json").write_text('{"my": "notes"}')
+    (mine / "traceback.txt").write_text("a log of mine")
+    with pytest.raises(UserError, match=r"holds summary.json, traceback.txt of no run of this tool"):
+        RunWriter(mine)
+    assert (mine / "summary.json").read_text() == '{"my": "notes"}'
+    assert (mine / "traceback.txt").read_text() == "a log of mine"
+
+
+def test_a_folder_of_run_folders_is_refused_and_a_folder_of_other_files_is_not(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    for name in ("lr-1e-4", "lr-1e-3"):
+        run_start(sweep / name).close()
+    with pytest.raises(
+        UserError, match=r"holds run folders \(lr-1e-3, lr-1e-4\); give a new folder inside it"
+    ):
+        RunWriter(sweep)  # a run of its own there would hide these from `runs`
+    assert not (sweep / "config.json").exists()
+
+    notes = tmp_path / "notes"
+    (notes / "figures").mkdir(parents=True)
+    (notes / "plan.txt").write_text("try lr 1e-3")
+    writer = RunWriter(notes)
+    writer.write_config({"model": "tiny", "lr": 4e-5, "run_dir": str(notes)})
+    writer.close()
+    assert (notes / "plan.txt").read_text() == "try lr 1e-3"
 
 
 @contextlib.contextmanager
@@ -213,8 +244,8 @@ def test_the_folder_is_looked_at_again_under_its_lock(tmp_path: Path, monkeypatc
     """Between the first look and the lock, another run may have written an iteration there."""
     root = tmp_path / "run"
     run_start(root).close()
-    looks = iter([True, False])  # empty at the first look, an iteration under the lock
-    monkeypatch.setattr(runfolder, "may_take_over", lambda _root: next(looks))
+    looks = iter([None, "already holds a run"])  # empty at the first look, an iteration under the lock
+    monkeypatch.setattr(runfolder, "why_not_take_over", lambda _root: next(looks))
     with pytest.raises(UserError, match="already holds a run"):
         RunWriter(root)
     assert (root / "config.json").exists()
