@@ -43,6 +43,8 @@ def load_eval_text(spec: str) -> str:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"evaluation file {spec} is not UTF-8 text") from None
+    except OSError as error:  # no permission, an I/O error, a stale network mount
+        raise UserError(f"cannot read evaluation file {spec}: {error.strerror or error}") from None
     if not text.strip():
         raise UserError(f"evaluation file {spec} is empty")
     return text

@@ -1,10 +1,14 @@
-"""Evaluation text from the hub: rebuilt to the original files the paper evaluated on."""
+"""Evaluation text: from the hub, rebuilt to the original files the paper evaluated on; or from a file."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from collapse_tui import data
+from collapse_tui.data import load_eval_text
+from collapse_tui.errors import UserError
 
 #: The start of each original validation file, in its own layout.
 WIKITEXT = " \n = Homarus gammarus = \n \n Homarus gammarus , known as the European lobster . \n \n = = Description = = \n"
@@ -36,3 +40,16 @@ def test_a_hub_set_is_evaluated_on_its_original_text(monkeypatch, spec, rows, or
     column = data.HUB_SETS[spec][2]
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: {column: rows})
     assert data._load_hub_text(spec) == original
+
+
+def test_an_evaluation_file_that_cannot_be_read_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    # as root a chmod 000 file stays readable: make the read itself fail, as it does for another user
+    text_file = tmp_path / "valid.txt"
+    text_file.write_text("some text\n")
+
+    def denied(self: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(UserError, match=r"^cannot read evaluation file .*valid\.txt: Permission denied$"):
+        load_eval_text(str(text_file))
