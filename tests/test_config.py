@@ -38,6 +38,8 @@ def test_eval_tokens_all_means_whole_split() -> None:
         ({"block": 1}, "--block"),
         ({"block": 100, "gen_tokens": 50}, "--gen-tokens"),
         ({"top_k": 0}, "--top-k"),
+        ({"seed": -1}, "--seed"),
+        ({"seed": 2**63}, "--seed"),  # torch's generators overflowed: "the run crashed"
         ({"temperature": 0.0}, "--temperature"),
         ({"temperature": 1e-45}, "--temperature"),  # the logits would overflow to inf
         ({"eval_tokens": "lots"}, "--eval-tokens"),
