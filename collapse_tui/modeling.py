@@ -131,15 +131,20 @@ BYTES_PER_PARAMETER = 4 + 4 + 8 + 2 + 4
 
 
 def out_of_memory_error(model_id: str, device: torch.device) -> UserError:
-    """Say that the GPU is too small and which GPT-2 size would fit."""
-    if device.type == "cuda":
+    """Say that the GPU is too small and, for a GPT-2 size, which smaller one would fit.
+
+    Only a GPT-2 size by name (``gpt2-xl``, ``openai-community/gpt2-xl``)
+    gets a suggestion: for any other model a GPT-2 that fits might be no
+    smaller than the model that did not.
+    """
+    hint = ""
+    sizes = [name for name, _ in GPT2_SIZES]
+    name = model_id.rstrip("/").rsplit("/", 1)[-1]
+    if device.type == "cuda" and name in sizes:
         total = torch.cuda.get_device_properties(device).total_memory
-        sizes = [name for name, _ in GPT2_SIZES]
-        smaller = sizes[: sizes.index(model_id)] if model_id in sizes else sizes
         fitting = [
-            name for name, params in GPT2_SIZES if name in smaller and params * BYTES_PER_PARAMETER < total
+            size for size, params in GPT2_SIZES[: sizes.index(name)] if params * BYTES_PER_PARAMETER < total
         ]
-        hint = f"; on this {total / 2**30:.0f} GiB GPU try --model {fitting[-1]}" if fitting else ""
-    else:
-        hint = ""
+        if fitting:
+            hint = f"; on this {total / 2**30:.0f} GiB GPU try --model {fitting[-1]}"
     return UserError(f"out of GPU memory running {model_id!r}{hint} (or free the GPU, or use --device cpu)")

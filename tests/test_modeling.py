@@ -1,0 +1,40 @@
+"""The out-of-memory message: a smaller GPT-2 size that fits, never the same or a bigger one."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from collapse_tui.modeling import out_of_memory_error
+
+
+@pytest.fixture
+def gpu_of_40_gib(monkeypatch: pytest.MonkeyPatch) -> None:
+    card = SimpleNamespace(total_memory=40 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+
+
+@pytest.mark.parametrize(
+    ("model", "hint"),
+    [
+        # 40 GiB holds gpt2-xl's ~34 GiB by the rule of thumb, so gpt2-xl itself needs a smaller one
+        ("gpt2-xl", "try --model gpt2-large"),
+        ("openai-community/gpt2-xl", "try --model gpt2-large"),  # named with its hub owner
+        ("openai-community/gpt2-medium", "try --model gpt2"),
+        ("gpt2", None),  # nothing smaller
+        ("HuggingFaceTB/SmolLM2-135M", None),  # another family: a GPT-2 that fits may be no smaller
+    ],
+)
+def test_the_hint_names_a_smaller_gpt2_that_fits(gpu_of_40_gib, model: str, hint: str | None) -> None:
+    message = str(out_of_memory_error(model, torch.device("cuda", 0)))
+    assert message.startswith(f"out of GPU memory running {model!r}")
+    if hint:
+        assert f"; on this 40 GiB GPU {hint} (or free the GPU" in message
+    else:
+        assert "try --model" not in message
+
+
+def test_on_the_cpu_there_is_no_gpu_to_size(gpu_of_40_gib) -> None:
+    assert "try --model" not in str(out_of_memory_error("gpt2-xl", torch.device("cpu")))
