@@ -89,7 +89,12 @@ RUN_OPTIONS: list[inspect.Parameter] = [
     _option("block", int | None, "Context window in tokens [default: 100].", "--block"),
     _option("top_k", int | None, "Sample from the k most likely tokens [default: 200].", "--top-k"),
     _option("temperature", float | None, "Sampling temperature [default: 1.0].", "--temperature"),
-    _option("prompt", str | None, 'Text generation starts from [default: "\\n"].', "--prompt"),
+    _option(
+        "prompt",
+        str | None,
+        "Text generation starts from [default: a newline, which bash types as $'\\n'].",
+        "--prompt",
+    ),
     _option(
         "eval_tokens", str | None, "Validation tokens per set, or 'all' [default: 12800].", "--eval-tokens"
     ),

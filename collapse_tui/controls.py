@@ -23,6 +23,9 @@ class PendingCommands:
 
 
 class RunControls:
+    #: Whether ``stop`` ends the run; a watcher's controls (``follow.FolderControls``) only stop following.
+    stops_the_run: bool = True
+
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._paused = False

@@ -329,6 +329,8 @@ class FolderControls(RunControls):
     send nothing; a TUI should check ``read_only`` and hide those keys.
     """
 
+    stops_the_run = False
+
     def __init__(self, run_dir: Path, *, read_only: bool = False) -> None:
         super().__init__()
         self.run_dir = Path(run_dir)

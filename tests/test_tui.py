@@ -1026,6 +1026,32 @@ def test_while_help_is_open_the_footer_offers_none_of_the_keys_it_swallows_but_q
     drive(source, scenario)
 
 
+def help_text(app: CollapseApp) -> str:
+    """The key list the open help screen shows, as lines of key and meaning."""
+    return "\n".join(f"{key}  {what}" for key, what in app.screen.keys)
+
+
+def test_a_watchers_help_says_q_leaves_the_run_going_and_a_read_only_one_lists_no_steering_keys() -> None:
+    own = FakeSource([make_record(0, 5)])
+    watched = FakeSource([make_record(0, 5)])
+    watched.controls.stops_the_run = False  # what a watcher's controls say
+    watched.controls.read_only = True
+    texts: list[str] = []
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 1, "a record")
+        await pilot.press("question_mark")
+        await pilot.pause()
+        texts.append(help_text(app))
+
+    drive(own, scenario)
+    drive(watched, scenario)
+    assert "stop the run (its folder is completed) and quit" in texts[0] and "double the learning" in texts[0]
+    assert "stop watching and quit (the run goes on)" in texts[1]
+    assert "stop the run" not in texts[1] and "double the learning" not in texts[1]
+    assert "previous / next iteration's sample" in texts[1]
+
+
 def test_a_status_tick_while_the_screen_is_torn_down_does_nothing() -> None:
     """The once-a-second status update can fire after an exit has removed the status line (seen once in CI)."""
     source = FakeSource([make_record(0, 5)])

@@ -44,7 +44,7 @@ from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import SNAPSHOTS
 from collapse_tui.source import RunSource
 from collapse_tui.tui.history import Entry, SampleHistory
-from collapse_tui.tui.screens import MAX_LR, HelpScreen, LrScreen
+from collapse_tui.tui.screens import MAX_LR, HelpScreen, LrScreen, help_keys
 from collapse_tui.tui.terminal import hangup_safe, silence_output, terminal_gone
 from collapse_tui.tui.widgets import EventLog, LossCharts, RepetitionMeter, SampleView, StatusLine
 
@@ -643,7 +643,9 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
+            controls = self.source.controls
+            keys = help_keys(stops_the_run=getattr(controls, "stops_the_run", True), read_only=self.read_only)
+            self.push_screen(HelpScreen(keys))
 
     async def action_quit(self) -> None:
         """Stop the run at its next safe point, then leave; a second q (or a stuck run) leaves at once."""

@@ -12,20 +12,31 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Label, Static
 
-HELP_KEYS = [
+#: The keys that steer the run: a read-only watcher's help leaves them out.
+STEERING_KEYS = [
     ("space, p", "pause / resume (at the end of the iteration in flight)"),
     ("+", "double the learning rate from the next iteration"),
     ("-", "halve the learning rate from the next iteration"),
     ("l", "type a learning rate"),
     ("s", "snapshot: model, optimizer, sample, and an SVG of this screen (once the run has ended: the SVG)"),
+]
+HISTORY_KEYS = [
     ("[ ]", "previous / next iteration's sample (▲ on the charts)"),
     ("{ }", "10 iterations back / forward"),
     ("home", "the first iteration"),
     ("end", "back to following the latest iteration"),
     ("↑ ↓ pgup pgdn", "scroll the sample (tab moves focus)"),
-    ("q", "stop the run (its folder is completed) and quit"),
-    ("?", "this help"),
 ]
+
+
+def help_keys(*, stops_the_run: bool = True, read_only: bool = False) -> list[tuple[str, str]]:
+    """The help's key list for this screen: a watcher's q leaves the run going, a read-only one cannot steer."""
+    quit_row = (
+        ("q", "stop the run (its folder is completed) and quit")
+        if stops_the_run
+        else ("q", "stop watching and quit (the run goes on)")
+    )
+    return [*([] if read_only else STEERING_KEYS), *HISTORY_KEYS, quit_row, ("?", "this help")]
 
 
 class HelpScreen(ModalScreen[None]):
@@ -36,6 +47,10 @@ class HelpScreen(ModalScreen[None]):
         Binding("q", "quit_run", "Quit"),
     ]
 
+    def __init__(self, keys: list[tuple[str, str]] | None = None) -> None:
+        super().__init__()
+        self.keys = keys or help_keys()
+
     async def action_quit_run(self) -> None:
         """q quits from here too, as the list above says; the run stops as it would from the main screen."""
         self.dismiss()
@@ -45,7 +60,7 @@ class HelpScreen(ModalScreen[None]):
         table = Table.grid(padding=(0, 2))
         table.add_column(style="bold")
         table.add_column()
-        for key, what in HELP_KEYS:
+        for key, what in self.keys:
             table.add_row(key, what)
         with Vertical(id="help-box") as box:
             box.border_title = "collapse-tui · keys"
