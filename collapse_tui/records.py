@@ -77,7 +77,8 @@ class Event:
     """One line of events.jsonl: something that happened between iterations."""
 
     event: str
-    #: The iteration the event applies before (the next one to run).
+    #: The iteration the event applies before (the next one to run); for a collapse and for a
+    #: non-finite loss's error, the iteration where it happened.
     iteration: int
     time: float = field(default_factory=time.time)
     #: Details that depend on the kind: ``lr`` for a learning-rate change,
