@@ -77,8 +77,8 @@ class Event:
     """One line of events.jsonl: something that happened between iterations."""
 
     event: str
-    #: The iteration the event applies before (the next one to run); for a collapse and for a
-    #: non-finite loss's error, the iteration where it happened.
+    #: The iteration the event applies before (the next one to run); for a non-finite loss's error,
+    #: the iteration whose loss it was (a collapse keeps the collapsed iteration in ``at``).
     iteration: int
     time: float = field(default_factory=time.time)
     #: Details that depend on the kind: ``lr`` for a learning-rate change,
