@@ -824,6 +824,22 @@ def test_watching_a_finished_run_steps_through_its_history(tmp_path: Path) -> No
     drive(source, scenario)
 
 
+@pytest.mark.parametrize(("status", "state"), [("stopped", "stopped"), ("crashed", "error")])
+def test_watching_a_run_that_ended_early_does_not_call_it_finished(
+    tmp_path: Path, status: str, state: str
+) -> None:
+    run_dir = make_run(tmp_path / "run", status, n=3)
+    source = FolderSource(run_dir, read_only=True, poll_s=0.05)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the replay to end")
+        assert app.state == state
+        await pilot.pause()
+        assert app.query_one(RepetitionMeter).state == state
+
+    drive(source, scenario)
+
+
 def test_a_watched_run_whose_process_is_gone_says_so(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", "killed", n=3)
     source = FolderSource(run_dir, read_only=True, poll_s=0.05)

@@ -432,7 +432,7 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     @property
     def state(self) -> str:
-        """loading, running, pausing, paused, stopping, finishing, collapsed, finished, error or process gone.
+        """loading, running, pausing, paused, stopping, finishing, collapsed, finished, stopped, error or process gone.
 
         "pausing" is a pause asked for that the run has not reached yet (it
         finishes the iteration in flight first); a run that goes on after a
@@ -454,7 +454,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         if self.collapsed:
             return "collapsed"
         if not self.running:
-            return "finished"
+            # stopped early (q, a signal, a non-finite loss) is not finished; a watcher learns it from the summary
+            ended = {"stopped": "stopped", "crashed": "error"}
+            return ended.get(str((self.summary or {}).get("status")), "finished")
         return "running"
 
     @property

@@ -292,6 +292,7 @@ STATE_STYLES = {
     "paused": "bold black on yellow",
     "collapsed": "bold white on red",
     "finished": "bold black on cyan",
+    "stopped": "bold black on cyan",
     "stopping": "bold black on yellow",
     "finishing": "bold black on cyan",
     "error": "bold white on red",
