@@ -1167,6 +1167,11 @@ def test_once_the_run_has_ended_s_keeps_the_screen_beside_its_last_snapshot(tmp_
         await pilot.press("s")
         await wait_until(pilot, lambda: (snapshot / "screen.svg").exists(), "the screen saved")
         assert not source.controls.take_pending().snapshot  # no model snapshot asked of a run that has ended
+        first = (snapshot / "screen.svg").read_bytes()
+        app.query_one("#sample-text", Static).update("the screen has changed since")
+        await pilot.press("s")  # again, or a watcher later: a new file, never over the one saved before
+        await wait_until(pilot, lambda: (snapshot / "screen-2.svg").exists(), "the second screen")
+        assert (snapshot / "screen.svg").read_bytes() == first
 
     drive(source, scenario)
 

@@ -110,6 +110,19 @@ STEERING_ACTIONS = frozenset({"pause", "resume", "lr_up", "lr_down", "type_lr", 
 HISTORY_ACTIONS = frozenset({"step", "first", "follow"})
 
 
+def free_screen_name(folder: Path) -> str:
+    """``screen.svg``, or ``screen-2.svg``, ``screen-3.svg``, … beside one already there.
+
+    A screen saved later (``s`` on a run that has ended, from its own screen
+    or a watcher's) must not replace one a researcher saved at the moment.
+    """
+    name, n = "screen.svg", 1
+    while (folder / name).exists():
+        n += 1
+        name = f"screen-{n}.svg"
+    return name
+
+
 class CollapseApp(App[dict[str, Any] | None]):
     """Watch and steer one self-training run."""
 
@@ -420,12 +433,13 @@ class CollapseApp(App[dict[str, Any] | None]):
         """The screen as SVG beside the engine's snapshot, so the moment can be seen again later."""
         if not path:
             return
+        name = free_screen_name(Path(path))
         try:
-            self.save_screenshot(filename="screen.svg", path=str(path))
+            self.save_screenshot(filename=name, path=str(path))
         except OSError as error:
             self.notify(f"could not save the screen: {error}", severity="error")
             return
-        what = "the screen saved as screen.svg" if screen_only else "model, optimizer and screen.svg saved"
+        what = f"the screen saved as {name}" if screen_only else f"model, optimizer and {name} saved"
         self.notify(f"{what} in {path}", title="snapshot")
 
     # -- drawing -------------------------------------------------------------
