@@ -988,6 +988,23 @@ def test_highlight_marks_only_repeated_word_runs() -> None:
     assert highlight_repeats("no loops in this short line").spans == []
 
 
+@pytest.mark.parametrize(
+    ("sample", "looping"),
+    [
+        ("Then: reenreenreenreenreenreenreenreenreen", "reenreenreenreenreenreenreenreenreen"),
+        ("It was great!!!!!!!!!", "!!!!!!!!!"),
+        ("a line\n----------------", "----------------"),
+        ("x, y, z, x, y, z, x, y, z", "x, y, z, x, y, z, x, y, z"),
+    ],
+)
+def test_highlight_marks_loops_without_spaces(sample: str, looping: str) -> None:
+    # A collapsed sample is often one run with no spaces in it: it must not look unrepeated.
+    text = highlight_repeats(sample)
+    marked = [text.plain[span.start : span.end] for span in text.spans]
+    assert marked == [looping]
+    assert highlight_repeats("hahaha, committee bookkeeper").spans == []
+
+
 # -- the real engine inside the app ------------------------------------------------
 
 

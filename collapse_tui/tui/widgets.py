@@ -373,7 +373,23 @@ class RepetitionMeter(Widget):
         return bar
 
 
-_WORD = re.compile(r"\S+")
+#: The pieces a sample is compared in: a word, a punctuation mark, or a letter run that repeats a
+#: short unit four or more times ("reenreenreenreen"), which counts as its units: a loop with no
+#: spaces ("!!!!", "----", "abcabcabcabc") is a loop of pieces too.
+_PIECE = re.compile(r"(\w{1,16}?)\1{3,}|\w+|[^\w\s]")
+
+
+def _piece_spans(text: str) -> list[tuple[int, int]]:
+    spans = []
+    for match in _PIECE.finditer(text):
+        unit = match.group(1)
+        if unit:
+            spans.extend((a, a + len(unit)) for a in range(match.start(), match.end(), len(unit)))
+        else:
+            spans.append(match.span())
+    return spans
+
+
 #: Readable even when the whole sample loops (a collapsed run), in 256 colours too.
 REPEAT_STYLE = "bold yellow underline"
 
@@ -395,14 +411,15 @@ def visible_controls(text: str) -> str:
 
 
 def highlight_repeats(text: str, n: int = 4) -> Text:
-    """The sample with every word inside a repeated word n-gram highlighted, its controls made visible.
+    """The sample with every piece inside a repeated n-gram of pieces highlighted, its controls made visible.
 
-    Records carry the text, not the token ids, so words stand in for tokens:
-    a loop of tokens is a loop of words too.
+    Records carry the text, not the token ids, so pieces (words, punctuation
+    marks, the units of a letter loop: ``_PIECE``) stand in for tokens: a
+    loop of tokens is a loop of pieces too.
     """
     text = visible_controls(text)
     result = Text(text)
-    spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    spans = _piece_spans(text)
     ids: dict[str, int] = {}
     words = [ids.setdefault(text[a:b], len(ids)) for a, b in spans]
     mask = repeated_ngram_mask(words, n)
