@@ -67,7 +67,8 @@ class HelpScreen(ModalScreen[None]):
             yield Static(table)
             yield Static(
                 "rep4: share of repeated 4-grams in the latest sample (the │ marks the collapse "
-                "threshold). Highlighted words in the sample lie inside a repeated 4-word run. "
+                "threshold). Highlighted text in the sample lies inside a repeated run of 4 words "
+                "(or marks, or units of a letter loop). "
                 "Changes apply at the next iteration and show in the event log.",
                 id="help-notes",
             )
