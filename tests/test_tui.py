@@ -1008,6 +1008,28 @@ def test_highlight_marks_loops_without_spaces(sample: str, looping: str) -> None
 # -- the real engine inside the app ------------------------------------------------
 
 
+def test_a_run_resumed_on_this_screen_shows_what_it_did_before_the_resume(tiny_config, tmp_path) -> None:
+    from collapse_tui.cli import build_config
+    from collapse_tui.engine import Engine
+    from collapse_tui.runfolder import read_run
+
+    tiny_config.out = str(tmp_path / "run")
+    tiny_config.max_iters = 3
+    Engine(tiny_config).run()  # its final snapshot is snapshots/iter-3
+    before = read_run(tmp_path / "run").records
+    engine = Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-3", "max_iters": 5}))
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the resumed run to end")
+        assert [row[0] for row in app.drawn] == [0, 1, 2, 3, 4]
+        assert app.drawn[0][2][0] == before[0].gen_loss  # the first point is the first iteration's
+        assert app.history.iterations == [0, 1, 2, 3, 4]  # home steps back to iteration 0
+        log = log_text(app)
+        assert log.index("it 3: stopped (max_iters)") < log.index("it 3: resumed from snapshots/iter-3")
+
+    drive(engine, scenario)
+
+
 def test_real_engine_on_a_tiny_model_steered_from_the_keys(tiny_config) -> None:
     from collapse_tui.engine import Engine
     from collapse_tui.runfolder import read_run

@@ -41,7 +41,7 @@ from textual.worker import Worker, WorkerState
 
 from collapse_tui.errors import UserError
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import SNAPSHOTS
+from collapse_tui.runfolder import SNAPSHOTS, read_run
 from collapse_tui.source import RunSource
 from collapse_tui.tui.history import Entry, SampleHistory
 from collapse_tui.tui.screens import MAX_LR, HelpScreen, LrScreen, help_keys
@@ -349,17 +349,13 @@ class CollapseApp(App[dict[str, Any] | None]):
         if self.screen_gone:
             return
         event = report.event
+        kind = event.event
+        if kind == "resumed_from" and not self.drawn and self.runs_here:
+            self._show_earlier(event)
         self.events.append(event)
         if event.event != "process_gone":  # a watcher's own note, made when it noticed
             self.last_seen_wall = max(self.last_seen_wall or 0.0, event.time)
-        line = event.describe()
-        if self.info.run_dir:  # snapshot paths inside the run folder, short enough for a narrow pane
-            # (runs write absolute paths; a watcher may have been given the folder relative); only a
-            # path that starts with the folder, not one that holds its name ("run/" in ".../myrun/")
-            for folder in (os.path.abspath(self.info.run_dir), str(Path(self.info.run_dir))):
-                line = re.sub(rf"(?<!\S){re.escape(folder + os.sep)}", "", line)
-        self._log(line)
-        kind = event.event
+        self._log(self._short_paths(event.describe()))
         if kind in ("start", "resumed_from"):
             self._loaded()
         if kind == "resumed_from":  # what the abandoned iterations showed no longer holds
@@ -403,6 +399,56 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.notify(message, title="the run's process is gone", severity="error", timeout=30)
         self._update_state()
         self._show_status()
+
+    def _short_paths(self, line: str) -> str:
+        """Snapshot paths inside the run folder, short enough for a narrow pane.
+
+        Runs write absolute paths; a watcher may have been given the folder
+        relative. Only a path that starts with the folder is shortened, not
+        one that holds its name ("run/" in ".../myrun/").
+        """
+        if self.info.run_dir:
+            for folder in (os.path.abspath(self.info.run_dir), str(Path(self.info.run_dir))):
+                line = re.sub(rf"(?<!\S){re.escape(folder + os.sep)}", "", line)
+        return line
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether the run is this process's own (a watcher's source replays its folder by itself)."""
+        return getattr(self.source.controls, "stops_the_run", True)
+
+    def _show_earlier(self, resumed: Event) -> None:
+        """Draw what the run did before this resume, from its folder, as a watcher of it would see it.
+
+        The engine in this process reports only the iterations it runs; the
+        curves a researcher resumes a run to see go on come from metrics.jsonl
+        and events.jsonl, read once here.
+        """
+        if not self.info.run_dir or resumed.iteration <= 0:
+            return
+        try:
+            run = read_run(Path(self.info.run_dir))
+        except UserError:
+            return
+        for event in run.events:
+            if event.time < resumed.time:
+                self.events.append(event)
+                self._log(self._short_paths(event.describe()))
+        earlier = [record for record in run.records if record.iteration < resumed.iteration]
+        for record in earlier:
+            self.history.add(self.records_seen, record)
+            self.records_seen += 1
+            losses = tuple(record.valid.get(name, math.nan) for name in self.info.eval_names)
+            self.drawn.append((record.iteration, record.rep4, (record.gen_loss, *losses)))
+        if earlier:
+            last = earlier[-1]
+            self.iteration = last.iteration
+            self.query_one(LossCharts).replace(values for *_, values in self.drawn)
+            self.query_one(RepetitionMeter).replay(rep4 for _, rep4, _ in self.drawn)
+            self.query_one(RepetitionMeter).update_metrics(
+                last.rep4, last.distinct1, last.unique_tokens, last.compression_ratio
+            )
+            self._show_sample()
 
     def _logged(self, error: BaseException) -> bool:
         """Whether an error event of the run already carries ``error``'s message."""
@@ -659,8 +705,7 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            controls = self.source.controls
-            keys = help_keys(stops_the_run=getattr(controls, "stops_the_run", True), read_only=self.read_only)
+            keys = help_keys(stops_the_run=self.runs_here, read_only=self.read_only)
             self.push_screen(HelpScreen(keys))
 
     async def action_quit(self) -> None:
