@@ -114,22 +114,41 @@ def test_records_fill_every_pane() -> None:
     drive(FakeSource(records, info=info), scenario)
 
 
-def test_loading_shows_progress_and_greys_out_run_keys() -> None:
+def test_loading_shows_progress_and_greys_out_the_keys_it_cannot_take_yet() -> None:
     gate = threading.Event()
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         label = app.query_one("#loading-label", Label)
         await wait_until(pilot, lambda: "fake model" in str(label.render()), "the loading message")
         assert app.state == "loading"
-        assert app.check_action("pause", ()) is None  # shown, greyed
-        assert app.check_action("snapshot", ()) is None
-        await pilot.press("space", "plus")
-        assert not app.source.controls.paused and app.source.controls.pending_lr is None
+        assert app.check_action("snapshot", ()) is None  # shown, greyed
+        assert app.check_action("lr_up", ()) is None
+        await pilot.press("plus", "s")
+        assert app.source.controls.pending_lr is None and not app.snapshot_pending
         gate.set()
         await started(app, pilot)
         assert app.state == "running" and app.check_action("pause", ()) is True
 
     drive(FakeSource(load_gate=gate), scenario)
+
+
+def test_a_pause_pressed_while_the_run_loads_holds_it_before_its_first_iteration() -> None:
+    # A large model can take minutes to load and compile: a researcher may want it to wait at the start.
+    gate = threading.Event()
+    source = FakeSource([make_record(0, 5)], load_gate=gate)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.state == "loading", "loading")
+        assert app.check_action("pause", ()) is True
+        await pilot.press("space")
+        assert source.controls.paused
+        gate.set()
+        await wait_until(pilot, lambda: app.state == "paused", "the pause at the first boundary")
+        assert app.records_seen == 0 and [e.event for e in source.events] == ["start", "pause"]
+        await pilot.press("space")
+        await wait_until(pilot, lambda: app.records_seen == 1, "the first iteration")
+
+    drive(source, scenario)
 
 
 # -- the keys ------------------------------------------------------------------

@@ -610,10 +610,12 @@ class CollapseApp(App[dict[str, Any] | None]):
             return True if len(self.history) else None
         live = self.live
         paused = self.source.controls.paused
+        # a run of this process may be paused while it loads: it then waits before its first iteration
+        pausable = live or (self.loading and self.running and not self.quitting and self.runs_here)
         if action == "pause":
-            return False if paused else (True if live else None)
+            return False if paused else (True if pausable else None)
         if action == "resume":
-            return (True if live else None) if paused else False
+            return (True if pausable else None) if paused else False
         if action in ("lr_up", "lr_down", "type_lr"):
             return True if live else None
         if action == "snapshot":
@@ -637,7 +639,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         return True
 
     def action_pause(self) -> None:
-        self._steer(self.source.controls.pause)
+        if self._steer(self.source.controls.pause) and self.loading:
+            self.notify("the run will wait before its first iteration", title="pause")
         self._update_state()
 
     def action_resume(self) -> None:
