@@ -199,10 +199,31 @@ def test_plus_stops_at_the_same_ceiling_as_the_typed_lr() -> None:
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await started(app, pilot)
-        await pilot.press("plus")
+        await pilot.press("plus")  # 1.5 would be above the ceiling: it stops at 1
+        await wait_until(pilot, lambda: source.lr_changes == [1.0], "lr 1 applied")
+        assert any("lr stops at 1" in n.message for n in app._notifications)
+        await pilot.press("plus")  # at the ceiling: no further
         await pilot.pause(0.05)
-        assert source.controls.pending_lr is None and app.current_lr == 0.75
+        assert source.controls.pending_lr is None and app.current_lr == 1.0
         assert any("above 1 the update only wrecks the model" in n.message for n in app._notifications)
+
+    drive(source, scenario)
+
+
+def test_the_lr_dialog_takes_back_a_run_lr_above_the_ceiling_but_no_other() -> None:
+    source = source_at_lr(5.0)  # --lr 5 on the command line
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await started(app, pilot)
+        await pilot.press("l")
+        await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
+        await pilot.press("enter")  # its own value, as shown: taken, no change
+        assert not isinstance(app.screen, LrScreen)
+        await pilot.press("l")
+        await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
+        app.screen.query_one(Input).value = ""
+        await pilot.press(*"6", "enter")
+        assert "above 1" in str(app.screen.query_one("#lr-error", Label).render())
 
     drive(source, scenario)
 
@@ -265,6 +286,7 @@ def test_parse_lr(text: str, ok: bool) -> None:
     else:
         with pytest.raises(ValueError):
             parse_lr(text)
+    assert parse_lr("2", current=2.0) == 2.0  # a run's own lr above the ceiling
 
 
 def test_snapshot_saves_a_screenshot_in_the_snapshot_folder(tmp_path: Path) -> None:

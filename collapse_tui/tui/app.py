@@ -648,7 +648,13 @@ class CollapseApp(App[dict[str, Any] | None]):
         self._update_state()
 
     def action_lr_up(self) -> None:
-        self._request_lr(self.current_lr * 2)
+        doubled = self.current_lr * 2
+        if doubled > MAX_LR and self.current_lr < MAX_LR:  # + stops at the ceiling, as l does
+            doubled = MAX_LR
+            self.notify(
+                f"lr stops at {MAX_LR:g}: above it the update only wrecks the model", severity="warning"
+            )
+        self._request_lr(doubled)
 
     def action_lr_down(self) -> None:
         self._request_lr(self.current_lr / 2)

@@ -79,15 +79,19 @@ class HelpScreen(ModalScreen[None]):
 MAX_LR = 1.0
 
 
-def parse_lr(text: str) -> float:
-    """A learning rate typed by a user; ValueError says what is wrong with it."""
+def parse_lr(text: str, current: float = 0.0) -> float:
+    """A learning rate typed by a user; ValueError says what is wrong with it.
+
+    Above ``MAX_LR`` only the ``current`` rate is taken (a run started with
+    a higher ``--lr`` keeps it when its own value is submitted again).
+    """
     try:
         value = float(text.strip())
     except ValueError:
         raise ValueError(f"not a number: {text.strip()!r} (try 4e-5)") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError("the learning rate must be a positive number")
-    if value > MAX_LR:
+    if value > max(MAX_LR, current):
         raise ValueError(f"above {MAX_LR:g} the update only wrecks the model; type at most {MAX_LR:g}")
     return value
 
@@ -111,7 +115,7 @@ class LrScreen(ModalScreen[float | None]):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         try:
-            value = parse_lr(event.value)
+            value = parse_lr(event.value, self.current)
         except ValueError as error:
             self.query_one("#lr-error", Label).update(str(error))
             self.query_one("#lr-input", Input).add_class("-invalid")
