@@ -470,7 +470,7 @@ def test_browsing_an_abandoned_iteration_follows_again_when_the_resumed_branch_a
 
 def test_collapse_keeps_the_screen_until_q() -> None:
     records = [make_record(i, 6) for i in range(6)]
-    script = {5: [Event("collapse", 5, time=0.0, data={"rep4": 0.95})]}
+    script = {5: [Event("collapse", 5, data={"rep4": 0.95})]}  # happening now: a notice
     source = FakeSource(records, script=script, after="return")
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
@@ -877,6 +877,26 @@ def test_watching_a_run_that_ended_early_does_not_call_it_finished(
         assert app.state == state
         await pilot.pause()
         assert app.query_one(RepetitionMeter).state == state
+
+    drive(source, scenario)
+
+
+def test_a_replayed_collapse_is_in_the_log_and_the_state_but_not_a_notice(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", "collapsed", n=4, created=time.time() - 3600)
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    for event in events:  # the run ended an hour ago
+        event["time"] = time.time() - 3600
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
+    source = FolderSource(run_dir, read_only=True, poll_s=0.05)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the replay to end")
+        assert app.state == "collapsed" and "collapsed (rep4" in log_text(app)
+        assert not [n for n in app._notifications if "collapsed" in (n.title or "")]
+        app._show_status()
+        await pilot.pause()
+        status = str(app.query_one(StatusLine).render())
+        assert "– it/s" in status  # no rate for a run that has ended
 
     drive(source, scenario)
 

@@ -201,6 +201,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         #: (iteration, time) of recent records, for it/s.
         self.recent: deque[tuple[int, float]] = deque(maxlen=20)
         self.started_at = clock()
+        #: When this screen opened, by the wall clock: events older than that are replayed history.
+        self.opened_wall = time.time()
         #: When the run's thread ended: elapsed time stops there.
         self.ended_at: float | None = None
         #: The wall-clock time of the newest record or event, where a watched run's time ends if its
@@ -387,18 +389,26 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.collapsed = True
             self.ending = self.ending or not self.info.keep_going
             tail = "it goes on (keep-going)" if self.info.keep_going else "the run stops; q quits"
-            self.notify(
-                f"rep4 {event.data.get('rep4', 0):.2f}: {tail}", title="collapsed", severity="warning"
-            )
+            if self._news(event):
+                self.notify(
+                    f"rep4 {event.data.get('rep4', 0):.2f}: {tail}", title="collapsed", severity="warning"
+                )
         elif kind == "error":
             self.failed = True
-            self.notify(str(event.data.get("message", "")), title="run error", severity="error", timeout=30)
+            if self._news(event):
+                message = str(event.data.get("message", ""))
+                self.notify(message, title="run error", severity="error", timeout=30)
         elif kind == "process_gone":
             self.process_gone = True
             message = str(event.data.get("message", "it ended without writing a summary"))
             self.notify(message, title="the run's process is gone", severity="error", timeout=30)
         self._update_state()
         self._show_status()
+
+    def _news(self, event: Event) -> bool:
+        """Whether ``event`` happened while this screen was open: what a watcher replays (a collapse
+        hours ago) goes into the log and the state, not into a notice as if it were happening now."""
+        return event.time >= self.opened_wall - 1.0
 
     def _short_paths(self, line: str) -> str:
         """Snapshot paths inside the run folder, short enough for a narrow pane.
@@ -542,7 +552,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         lines = self.query(StatusLine)
         if not lines:
             return
-        rate = None if self.run_paused else self._rate()  # rates from before a pause say nothing now
+        # rates from before a pause say nothing now, nor once the run has ended
+        rate = None if self.run_paused or not self.running else self._rate()
         done = 0 if self.iteration is None else self.iteration + 1
         remaining = (self.info.max_iters - done) / rate if rate and self.running else None
         lines.first().show(
