@@ -99,7 +99,7 @@ def test_browsing_a_past_iteration_80x24(snap_compare) -> None:
 
 
 def test_collapsed_run_120x40(snap_compare) -> None:
-    script = {59: [Event("collapse", 59, time=0.0, data={"rep4": 0.97})]}
+    script = {59: [Event("collapse", 59, data={"rep4": 0.97})]}
     app, clock = make_app(60, 60, script=script, after="return", load_gate=threading.Event())
     assert snap_compare(app, terminal_size=(120, 40), run_before=settle(app, clock, 60, 3723.0))
 
