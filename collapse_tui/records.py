@@ -63,6 +63,7 @@ EVENT_KINDS = (
     "resume",
     "lr",
     "snapshot",
+    "snapshot_failed",
     "collapse",
     "stop",
     "error",

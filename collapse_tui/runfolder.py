@@ -4,9 +4,14 @@ Layout (DESIGN section 4)::
 
     config.json        resolved configuration, versions, device
     metrics.jsonl      one IterationRecord per line, flushed every iteration
-    events.jsonl       pause, resume, lr, snapshot, collapse, stop, error
-    snapshots/iter-N/  model + tokenizer, optimizer and RNG state, the sample
+    events.jsonl       start, pause, resume, lr, snapshot, snapshot_failed, collapse, stop, error,
+                       resumed_from (``records.EVENT_KINDS``)
+    snapshots/iter-N/  model + tokenizer, optimizer and RNG state, the sample (``.partial-iter-N``
+                       while it is written)
     summary.json       written at the end (and rewritten on resume)
+    process.json       the process writing the run: pid, host, start, state (``follow``)
+    commands.jsonl     what watchers asked of the live run (``follow``)
+    traceback.txt      only after a crash
     .lock              held by the run that writes the folder (where the OS has ``fcntl``)
 
 Files are append-only and flushed (and fsynced) line by line, so killing the
@@ -24,7 +29,6 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar
@@ -521,11 +525,6 @@ class RunFolder:
         if isinstance(self.config.get("eval_sets"), dict):
             return [str(name) for name in self.config["eval_sets"]]
         return [eval_set_name(str(spec)) for spec in self.config.get("evals") or []]
-
-    def snapshots(self) -> Iterator[Path]:
-        base = self.root / SNAPSHOTS
-        if base.is_dir():
-            yield from sorted(base.glob("iter-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
 def read_run(root: Path) -> RunFolder:
