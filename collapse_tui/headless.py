@@ -187,6 +187,12 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal interrupted
+        if signum == getattr(signal, "SIGHUP", None):
+            # A hang-up comes twice (the shell passes one on, then the kernel's): later ones are
+            # neither a second Ctrl-C nor allowed to end the process before its folder is complete.
+            signal.signal(signum, signal.SIG_IGN)
+            if interrupted:
+                return
         if interrupted or engine.writer is None:
             raise KeyboardInterrupt  # a second Ctrl-C, or still loading: leave now
         interrupted = True

@@ -315,6 +315,31 @@ def test_a_closed_output_pipe_stops_the_reporting_not_the_run(tiny_model_dir, ev
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
 
 
+def test_a_hang_up_that_comes_twice_still_stops_the_run_cleanly(tiny_model_dir, eval_file, tmp_path):
+    # A dropped SSH session: the shell passes a SIGHUP on to its job, then the kernel sends its own.
+    # The second is not a user's second Ctrl-C ("leave now"): the run still ends with its snapshot.
+    out = tmp_path / "run"
+    args = small_run(tiny_model_dir, eval_file, out)
+    args[args.index("--max-iters") + 1] = "100000"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "collapse_tui.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("it 1/"):
+            break
+    process.send_signal(signal.SIGHUP)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["status"], summary["reason"]) == ("stopped", "requested")
+    assert summary["last_snapshot"] and Path(summary["last_snapshot"], "state.json").exists()
+    assert json.loads((out / "process.json").read_text())["state"] == "ended"
+
+
 def test_kill_int_stops_a_background_job_whose_shell_ignored_sigint(tiny_model_dir, eval_file, tmp_path):
     out = tmp_path / "run"
     args = small_run(tiny_model_dir, eval_file, out)

@@ -783,9 +783,14 @@ def run_app(
     signals: list[str] = []  # every stop signal received
     stopped_by: list[str] = []  # those that stopped a run still going
 
+    hangup = getattr(signal, "SIGHUP", None)
+
     def on_signal(signum: int, frame: Any) -> None:
-        if signum == getattr(signal, "SIGHUP", None) and terminal_gone():
-            silence_output()  # nothing written to a dead terminal may fail or block the exit
+        if signum == hangup:
+            if terminal_gone():
+                silence_output()  # nothing written to a dead terminal may fail or block the exit
+            if signals:  # a hang-up comes twice (the shell passes one on, then the kernel's): not "leave now"
+                return
         if signals:  # a second one: leave now, as a second q does (snapshots are written atomically)
             for number, handler in previous.items():
                 signal.signal(number, signal.SIG_DFL if number == signum else handler)
@@ -814,7 +819,12 @@ def run_app(
                 print(WAITING_MESSAGE, file=sys.stderr)
             app.run_done.wait()
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            # after a hang-up the kernel's may still be on its way: it must not end the process
+            # before the CLI has marked the run folder's process ended
+            hung_up = number == hangup and "SIGHUP" in signals
+            signal.signal(number, signal.SIG_IGN if hung_up else handler)
+        if terminal_gone():  # the lines the CLI prints after the screen would fail (EIO)
+            silence_output()
     if app.run_error is not None:
         raise app.run_error
     summary = app.summary or {}
