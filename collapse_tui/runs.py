@@ -16,7 +16,10 @@ from rich.table import Table
 from collapse_tui.config import model_name
 from collapse_tui.errors import UserError
 from collapse_tui.follow import is_alive, taken_up_again
-from collapse_tui.runfolder import CONFIG, EVENTS, METRICS, RunFolder, is_ending, read_run
+from collapse_tui.runfolder import CONFIG, EVENTS, METRICS, SNAPSHOTS, RunFolder, is_ending, read_run
+
+#: Marks the status of a run killed while saving its final snapshot (the table's caption says so).
+UNSAVED_END = "*"
 
 #: How deep under DIR run folders are looked for (runs/<sweep>/<run>/ is depth 2).
 MAX_DEPTH = 4
@@ -93,6 +96,9 @@ def _started(run: RunFolder) -> tuple[float, str]:
 def run_status(run: RunFolder) -> str:
     """running, finished, collapsed, stopped, "NaN loss" or crashed; "running?" where this machine cannot tell.
 
+    A status ending in ``UNSAVED_END`` is a run killed while it saved its
+    final snapshot: it ended that way, but its end cannot be resumed.
+
     A run with no summary whose process is gone crashed (killed, or the
     machine went down). Liveness is unknown for a run written on another
     host, or by a front end that does not announce its process. A run
@@ -109,7 +115,10 @@ def run_status(run: RunFolder) -> str:
         return "NaN loss" if summary and summary.get("reason") == "non-finite loss" else status
     alive = is_alive(run.root)
     if ending:  # the summary before the final snapshot: final once its process is gone
-        return "running" if alive else status
+        if alive:
+            return "running"
+        final = run.root / SNAPSHOTS / f"iter-{summary.get('iterations') if summary else '?'}"
+        return status if final.is_dir() else f"{status}{UNSAVED_END}"  # killed while saving it
     if alive is False:
         return "crashed"
     return "running" if alive else "running?"
@@ -161,6 +170,8 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
     caption = valid
     if "running?" in statuses:
         caption += "; running? = its process is not on this machine, or not recorded"
+    if any(status.endswith(UNSAVED_END) for status in statuses):
+        caption += f"; {UNSAVED_END} = killed while saving its final snapshot: its end has none"
     table = Table(title=title, caption=caption)
     table.add_column("run", overflow="fold", min_width=8)
     table.add_column("model", overflow="fold", min_width=6)
@@ -182,6 +193,8 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
             "—" if collapsed is None else str(collapsed),
             _loss(first),
             _loss(last),
-            f"[{STATUS_STYLES.get(status, '')}]{status}[/]" if STATUS_STYLES.get(status) else status,
+            f"[{STATUS_STYLES[status.rstrip(UNSAVED_END)]}]{status}[/]"
+            if STATUS_STYLES.get(status.rstrip(UNSAVED_END))
+            else status,
         )
     return table

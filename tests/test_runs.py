@@ -138,15 +138,24 @@ def test_a_resume_from_an_older_snapshot_drops_the_abandoned_iterations_and_thei
     assert run.collapsed_at is None  # the old branch collapsed at 6; this one has not
 
 
-@pytest.mark.parametrize(("pid", "status"), [(None, "running"), ("dead", "stopped")])
-def test_a_run_saving_its_final_snapshot_runs_until_its_process_ends(tmp_path: Path, pid, status) -> None:
+@pytest.mark.parametrize(
+    ("pid", "saved", "status"),
+    [(None, False, "running"), ("dead", True, "stopped"), ("dead", False, "stopped*")],
+)
+def test_a_run_saving_its_final_snapshot_runs_until_its_process_ends(
+    tmp_path: Path, pid, saved, status
+) -> None:
     root = make_run(tmp_path / "run", "running", n=2)
-    if pid == "dead":  # killed during the snapshot: the summary written before it stands
+    if pid == "dead":  # killed during the snapshot (or just after it): the summary written before it stands
         write_process(root, dead_pid())
+    if saved:
+        (root / "snapshots" / "iter-2").mkdir(parents=True)
     writer = RunWriter(root, resuming=True)
     writer.write_summary(ending_summary(root, "stopped", 2))
     writer.close()
     assert run_status(read_run(root)) == status
+    table = render(runs_table([read_run(root)]))
+    assert ("killed while saving its final snapshot" in " ".join(table.split())) == status.endswith("*")
 
 
 def test_a_run_whose_resume_is_still_loading_is_running(tmp_path: Path) -> None:
