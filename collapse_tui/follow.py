@@ -58,6 +58,7 @@ from collapse_tui.runfolder import (
     parse_metrics,
     read_run,
     read_summary,
+    write_atomic,
 )
 from collapse_tui.source import EngineListener, RunInfo
 
@@ -87,9 +88,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 class RunProcess:

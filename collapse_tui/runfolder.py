@@ -141,6 +141,18 @@ def check_new_run_folder(root: Path) -> None:
         raise UserError(f"run folder {root} {why}")
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a reader never sees half of it, and a write that fails
+    (a full disk) leaves no temporary file behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def partial_snapshot(final: Path) -> Path:
     """Where snapshot ``final`` (``snapshots/iter-N``) is written before it is complete."""
     return final.with_name(PARTIAL + final.name)
@@ -429,10 +441,7 @@ class RunWriter:
 
     def _write_json(self, name: str, data: dict[str, Any]) -> None:
         """Write atomically, so a reader never sees half a config or summary."""
-        path = self.root / name
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_json_safe(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(self.root / name, json.dumps(_json_safe(data), indent=2, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
         with self._lock:
