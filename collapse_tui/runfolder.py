@@ -102,6 +102,14 @@ def _is_run_config(path: Path) -> bool | None:
     return isinstance(config, dict) and "run_dir" in config and "model" in config
 
 
+def _size(path: Path) -> int:
+    """The size of file ``path``; 0 when there is none."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def why_not_take_over(root: Path) -> str | None:
     """Why a new run may not write into ``root``, or None when it may.
 
@@ -117,7 +125,8 @@ def why_not_take_over(root: Path) -> str | None:
     is_run = _is_run_config(root / CONFIG)
     if is_run is not None:
         return None if is_run else "holds a config.json that is not a run's; choose another --out"
-    theirs = [name for name in (*START_FILES, SNAPSHOTS) if (root / name).exists()]
+    # empty ones are what a start killed before its config was written leaves: nothing to lose
+    theirs = [name for name in START_FILES if _size(root / name)]
     if theirs:
         return f"holds {', '.join(theirs)} of no run of this tool; choose another --out"
     try:

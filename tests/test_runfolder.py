@@ -154,6 +154,13 @@ def test_files_named_like_a_runs_that_no_run_left_are_left_alone(tmp_path: Path)
     assert (mine / "summary.json").read_text() == '{"my": "notes"}'
     assert (mine / "traceback.txt").read_text() == "a log of mine"
 
+    # empty line files and no config: a start killed before it wrote its config; taken over
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "metrics.jsonl").touch()
+    (cut / "events.jsonl").touch()
+    RunWriter(cut).close()
+
 
 def test_a_folder_of_run_folders_is_refused_and_a_folder_of_other_files_is_not(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
