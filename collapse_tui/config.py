@@ -194,8 +194,8 @@ def validate(config: RunConfig) -> None:
         "so that the sample fills one training window",
     )
     need(config.top_k >= 1, f"--top-k must be at least 1, not {config.top_k}")
-    # torch's generators take a 64-bit seed
-    need(0 <= config.seed < 2**63, f"--seed must be in 0 … 2**63 - 1, not {config.seed}")
+    # torch's generators take a 64-bit seed, signed or not
+    need(-(2**63) <= config.seed < 2**64, f"--seed must be a 64-bit number, not {config.seed}")
     need(
         math.isfinite(config.temperature) and config.temperature >= MIN_TEMPERATURE,
         f"--temperature must be at least {MIN_TEMPERATURE:g}, not {config.temperature:g} "

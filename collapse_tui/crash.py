@@ -19,8 +19,13 @@ from collapse_tui.errors import in_one_line
 
 
 def report_crash(error: BaseException, run_dir: Path | None) -> Path | None:
-    """Print one line about ``error`` on stderr and save its traceback; return where it went."""
-    has_folder = run_dir is not None and Path(run_dir).is_dir()
+    """Print one line about ``error`` on stderr and save its traceback; return where it went.
+
+    Only a folder a run has begun to write (its config.json is there) gets the
+    traceback: in a folder the run never got as far as using, a traceback.txt
+    would be a file of no run, and the same ``--out`` would be refused next time.
+    """
+    has_folder = run_dir is not None and (Path(run_dir) / "config.json").is_file()
     saved = _save_traceback("".join(traceback.format_exception(error)), Path(run_dir) if has_folder else None)
     line = f"collapse-tui: the run crashed: {in_one_line(error)}"
     if has_folder:

@@ -8,6 +8,7 @@ signal (130) and a user's mistake (2, raised before or while loading).
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 EXIT_OK = 0
@@ -46,3 +47,18 @@ def closing_line(summary: dict[str, Any]) -> str | None:
             "the run's records are kept, its last weights are not"
         )
     return None
+
+
+def ignore_later_hangups(signum: int) -> bool:
+    """For a front end's stop-signal handler: whether ``signum`` is a hang-up, after which SIGHUP is ignored.
+
+    A dropped SSH session sends SIGHUP twice (the shell passes one on to its
+    job, then the kernel sends its own). The second is not a user's second
+    Ctrl-C ("leave now"), and no hang-up may end the process before it has
+    completed its run folder, so from the first one on they are ignored.
+    """
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is None or signum != hangup:
+        return False
+    signal.signal(hangup, signal.SIG_IGN)
+    return True

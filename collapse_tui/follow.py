@@ -87,10 +87,6 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         return None
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
 class RunProcess:
     """The announcement in ``process.json`` that this process writes the run.
 
@@ -118,7 +114,7 @@ class RunProcess:
         }
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(self.path, self.info)
+            self._write()
         except OSError as error:
             raise UserError(f"cannot write {self.path}: {error.strerror}") from None
         return self
@@ -129,7 +125,10 @@ class RunProcess:
             return
         self.info = {**self.info, "state": "ended", "ended": time.time()}
         with contextlib.suppress(OSError):
-            _write_json_atomic(self.path, self.info)
+            self._write()
+
+    def _write(self) -> None:
+        write_atomic(self.path, json.dumps(self.info, indent=2) + "\n")
 
     def __enter__(self) -> RunProcess:
         return self.start()

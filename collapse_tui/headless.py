@@ -29,7 +29,13 @@ from collapse_tui.config import RunConfig
 from collapse_tui.crash import report_crash
 from collapse_tui.engine import Engine
 from collapse_tui.errors import UserError
-from collapse_tui.exits import EXIT_INTERRUPTED, EXIT_RUN_FAILED, closing_line, run_exit_code
+from collapse_tui.exits import (
+    EXIT_INTERRUPTED,
+    EXIT_RUN_FAILED,
+    closing_line,
+    ignore_later_hangups,
+    run_exit_code,
+)
 from collapse_tui.follow import serving_watchers
 from collapse_tui.records import Event, IterationRecord
 
@@ -187,12 +193,8 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal interrupted
-        if signum == getattr(signal, "SIGHUP", None):
-            # A hang-up comes twice (the shell passes one on, then the kernel's): later ones are
-            # neither a second Ctrl-C nor allowed to end the process before its folder is complete.
-            signal.signal(signum, signal.SIG_IGN)
-            if interrupted:
-                return
+        if ignore_later_hangups(signum) and interrupted:
+            return  # a hang-up after a Ctrl-C or a kill: the stop is under way
         if interrupted or engine.writer is None:
             raise KeyboardInterrupt  # a second Ctrl-C, or still loading: leave now
         interrupted = True

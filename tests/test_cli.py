@@ -252,6 +252,21 @@ def test_a_crash_gets_one_line_naming_the_run_folder_and_its_traceback_file(
     assert json.loads((out / "summary.json").read_text())["status"] == "crashed"
 
 
+def test_a_crash_before_the_run_used_its_folder_leaves_no_traceback_there(tmp_path: Path, capsys) -> None:
+    # --out an existing folder, and a crash while loading: the folder stays as it was, usable again
+    from collapse_tui.crash import report_crash
+    from collapse_tui.runfolder import check_new_run_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    saved = report_crash(RuntimeError("boom while loading"), out)
+    assert saved is not None and saved.parent != out and "boom while loading" in saved.read_text()
+    assert list(out.iterdir()) == []
+    check_new_run_folder(out)
+    assert f"traceback in {saved}" in capsys.readouterr().err
+    saved.unlink()
+
+
 def test_the_tui_command_reports_a_crash_in_one_line(
     tiny_model_dir: Path, eval_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

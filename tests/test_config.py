@@ -38,8 +38,8 @@ def test_eval_tokens_all_means_whole_split() -> None:
         ({"block": 1}, "--block"),
         ({"block": 100, "gen_tokens": 50}, "--gen-tokens"),
         ({"top_k": 0}, "--top-k"),
-        ({"seed": -1}, "--seed"),
-        ({"seed": 2**63}, "--seed"),  # torch's generators overflowed: "the run crashed"
+        ({"seed": -(2**63) - 1}, "--seed"),
+        ({"seed": 2**64}, "--seed"),  # torch's generators overflowed: "the run crashed"
         ({"temperature": 0.0}, "--temperature"),
         ({"temperature": 1e-45}, "--temperature"),  # the logits would overflow to inf
         ({"eval_tokens": "lots"}, "--eval-tokens"),
@@ -52,6 +52,14 @@ def test_eval_tokens_all_means_whole_split() -> None:
 def test_out_of_range_values_are_refused_with_the_option_named(options: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=fragment):
         resolve_config(options)
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**64 - 1])
+def test_every_seed_torch_takes_is_accepted(seed: int) -> None:
+    import torch
+
+    assert resolve_config({"seed": seed}).seed == seed
+    torch.Generator().manual_seed(seed)
 
 
 def test_config_round_trips_and_ignores_unknown_keys() -> None:

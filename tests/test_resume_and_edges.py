@@ -288,10 +288,10 @@ def test_a_snapshot_whose_sampler_was_saved_on_another_device_resumes_with_a_str
     # resume used to crash (and mark the finished run crashed).
     snapshot = stopped_run_with_snapshot(tiny_config, tmp_path)
     states = torch.load(snapshot / "rng.pt", weights_only=False)
-    states["sampler"] = torch.arange(16, dtype=torch.uint8)
-    torch.save(states, snapshot / "rng.pt")
     texts = []
-    for _ in range(2):  # the same snapshot resumed twice draws the same samples
+    for saved in (0, 0, 1):  # the same saved state twice, then another
+        states["sampler"] = torch.arange(saved, saved + 16, dtype=torch.uint8)
+        torch.save(states, snapshot / "rng.pt")
         listener = Collector()
         Engine(build_config({"resume": snapshot, "max_iters": 3})).run(listener)
         resumed = [e for e in listener.events if e.event == "resumed_from"]
@@ -299,5 +299,6 @@ def test_a_snapshot_whose_sampler_was_saved_on_another_device_resumes_with_a_str
         assert "another device" in resumed[0].describe()
         assert [r.iteration for r in listener.records] == [2]
         texts.append(listener.records[0].text)
-    assert texts[0] == texts[1]
+    assert texts[0] == texts[1]  # seeded from the saved state: a resume of it samples the same
+    assert texts[2] != texts[0]  # and not from the run's --seed alone
     assert read_run(tmp_path / "run").summary["status"] == "finished"

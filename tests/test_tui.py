@@ -36,7 +36,7 @@ from collapse_tui.runfolder import RunWriter
 from collapse_tui.source import RunInfo
 from collapse_tui.tui.app import WAITING_MESSAGE, CollapseApp, RecordReport, run_app
 from collapse_tui.tui.history import SampleHistory
-from collapse_tui.tui.screens import LrScreen, parse_lr
+from collapse_tui.tui.screens import LrScreen, lr_text, parse_lr
 from collapse_tui.tui.widgets import (
     ChartMarker,
     Downsampled,
@@ -210,20 +210,24 @@ def test_plus_stops_at_the_same_ceiling_as_the_typed_lr() -> None:
     drive(source, scenario)
 
 
-def test_the_lr_dialog_takes_back_a_run_lr_above_the_ceiling_but_no_other() -> None:
-    source = source_at_lr(5.0)  # --lr 5 on the command line
+def test_the_lr_dialog_takes_back_a_run_lr_above_the_ceiling_but_nothing_higher() -> None:
+    source = source_at_lr(1.23456789)  # --lr 1.23456789 on the command line
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await started(app, pilot)
         await pilot.press("l")
         await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
+        assert app.screen.query_one(Input).value == "1.23456789"  # not rounded up to 1.23457
         await pilot.press("enter")  # its own value, as shown: taken, no change
         assert not isinstance(app.screen, LrScreen)
         await pilot.press("l")
         await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
-        app.screen.query_one(Input).value = ""
-        await pilot.press(*"6", "enter")
-        assert "above 1" in str(app.screen.query_one("#lr-error", Label).render())
+        app.screen.query_one(Input).value = "1.3"
+        await pilot.press("enter")
+        assert "type at most 1.23457" in str(app.screen.query_one("#lr-error", Label).render())
+        app.screen.query_one(Input).value = "1.1"
+        await pilot.press("enter")  # lower, though still above 1: taken
+        await wait_until(pilot, lambda: source.lr_changes[-1:] == [1.1], "lr 1.1 applied")
 
     drive(source, scenario)
 
@@ -287,6 +291,8 @@ def test_parse_lr(text: str, ok: bool) -> None:
         with pytest.raises(ValueError):
             parse_lr(text)
     assert parse_lr("2", current=2.0) == 2.0  # a run's own lr above the ceiling
+    assert parse_lr("1.5", current=2.0) == 1.5
+    assert lr_text(4e-5) == "4e-05" and lr_text(1.23456789) == "1.23456789"
 
 
 def test_snapshot_saves_a_screenshot_in_the_snapshot_folder(tmp_path: Path) -> None:
@@ -870,6 +876,8 @@ def test_watching_a_run_that_ended_early_does_not_call_it_finished(
     tmp_path: Path, status: str, state: str
 ) -> None:
     run_dir = make_run(tmp_path / "run", status, n=3)
+    events = (run_dir / "events.jsonl").read_text().splitlines()  # the summary alone must say it
+    (run_dir / "events.jsonl").write_text("".join(e + "\n" for e in events if '"error"' not in e))
     source = FolderSource(run_dir, read_only=True, poll_s=0.05)
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
@@ -956,6 +964,32 @@ def test_a_hangup_kill_or_kill_int_stops_the_run_and_returns_its_summary(
     # after a hang-up the kernel's may still come: it is ignored until the process ends
     assert after == (signal.SIG_IGN if name == "SIGHUP" else previous)
     assert bool(silenced) == terminal_gone  # a kill -HUP with the terminal there restores it
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_a_hang_up_after_a_kill_stays_ignored_until_the_process_ends(monkeypatch) -> None:
+    # kill, then the session drops: the hang-up is no second signal, and the kernel's may follow
+    monkeypatch.setattr("collapse_tui.tui.app.silence_output", lambda: None)
+    monkeypatch.setattr("collapse_tui.tui.app.terminal_gone", lambda: False)
+    source = FakeSource([make_record(i, 5) for i in range(2)])
+
+    def kill_then_hang_up() -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while source.emitted < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    previous = signal.getsignal(signal.SIGHUP)
+    threading.Thread(target=kill_then_hang_up, daemon=True).start()
+    try:
+        summary = run_app(source, headless=True)
+        after = signal.getsignal(signal.SIGHUP)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert summary == {"status": "stopped", "iterations": 2, "signal": "SIGTERM"}
+    assert after == signal.SIG_IGN
 
 
 # -- the pieces ----------------------------------------------------------------

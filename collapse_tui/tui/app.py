@@ -40,6 +40,7 @@ from textual.widgets import Footer, Label, ProgressBar
 from textual.worker import Worker, WorkerState
 
 from collapse_tui.errors import UserError
+from collapse_tui.exits import ignore_later_hangups
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import SNAPSHOTS, read_run
 from collapse_tui.source import RunSource
@@ -313,11 +314,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         self._loaded()
         if self.drawn and record.iteration <= self.drawn[-1][0]:
             self._rewind(record.iteration)
-        self.history.add(self.records_seen, record)
-        self.records_seen += 1
-        losses = tuple(record.valid.get(name, math.nan) for name in self.info.eval_names)
-        self.drawn.append((record.iteration, record.rep4, (record.gen_loss, *losses)))
-        self.iteration = record.iteration
+        self._remember(record)
         self.applied_lr = record.lr
         if self.requested_lr == record.lr:
             self.requested_lr = None
@@ -334,6 +331,19 @@ class CollapseApp(App[dict[str, Any] | None]):
         if self.records_seen == 1 or self.ending:  # the history keys now apply; the last record ends the run
             self._update_state()
 
+    def _remember(self, record: IterationRecord) -> None:
+        """Keep ``record`` for stepping back to and for redrawing the charts."""
+        self.history.add(self.records_seen, record)
+        self.records_seen += 1
+        losses = tuple(record.valid.get(name, math.nan) for name in self.info.eval_names)
+        self.drawn.append((record.iteration, record.rep4, (record.gen_loss, *losses)))
+        self.iteration = record.iteration
+
+    def _redraw(self) -> None:
+        """The charts and the meter's history drawn again from ``drawn``."""
+        self.query_one(LossCharts).replace(values for *_, values in self.drawn)
+        self.query_one(RepetitionMeter).replay(rep4 for _, rep4, _ in self.drawn)
+
     def _rewind(self, iteration: int) -> None:
         """Forget the records from ``iteration`` on: a record not past the last one starts the branch of
         a run resumed from an earlier snapshot (the rule of ``runfolder.dedupe_records``), which a
@@ -342,8 +352,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         del self.drawn[keep:]
         self.records_seen = keep
         self.recent.clear()
-        self.query_one(LossCharts).replace(values for *_, values in self.drawn)
-        self.query_one(RepetitionMeter).replay(rep4 for _, rep4, _ in self.drawn)
+        self._redraw()
         if self.browsing is not None and self.browsing.record.iteration >= iteration:
             self._browse(None)  # an abandoned iteration: its ordinal now belongs to the new branch
 
@@ -440,21 +449,18 @@ class CollapseApp(App[dict[str, Any] | None]):
             run = read_run(Path(self.info.run_dir))
         except UserError:
             return
-        for event in run.events:
-            if event.time < resumed.time:
-                self.events.append(event)
-                self._log(self._short_paths(event.describe()))
+        # the events in the file's order up to this resume's own (the last one): clocks of the hosts
+        # a run was resumed on need not agree
+        resumes = [i for i, event in enumerate(run.events) if event.event == "resumed_from"]
+        for event in run.events[: resumes[-1]] if resumes else run.events:
+            self.events.append(event)
+            self._log(self._short_paths(event.describe()))
         earlier = [record for record in run.records if record.iteration < resumed.iteration]
         for record in earlier:
-            self.history.add(self.records_seen, record)
-            self.records_seen += 1
-            losses = tuple(record.valid.get(name, math.nan) for name in self.info.eval_names)
-            self.drawn.append((record.iteration, record.rep4, (record.gen_loss, *losses)))
+            self._remember(record)
         if earlier:
             last = earlier[-1]
-            self.iteration = last.iteration
-            self.query_one(LossCharts).replace(values for *_, values in self.drawn)
-            self.query_one(RepetitionMeter).replay(rep4 for _, rep4, _ in self.drawn)
+            self._redraw()
             self.query_one(RepetitionMeter).update_metrics(
                 last.rep4, last.distinct1, last.unique_tokens, last.compression_ratio
             )
@@ -489,8 +495,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         """The screen as SVG beside the engine's snapshot, so the moment can be seen again later."""
         if not path:
             return
-        name = free_screen_name(Path(path))
         try:
+            name = free_screen_name(Path(path))
             self.save_screenshot(filename=name, path=str(path))
         except OSError as error:
             self.notify(f"could not save the screen: {error}", severity="error")
@@ -524,7 +530,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         if self.collapsed:
             return "collapsed"
         if not self.running:
-            # stopped early (q, a signal, a non-finite loss) is not finished; a watcher learns it from the summary
+            # stopped early (q, a signal) is not finished; a watcher learns it from the summary
+            # (a non-finite loss has its error event: "error" above)
             ended = {"stopped": "stopped", "crashed": "error"}
             return ended.get(str((self.summary or {}).get("status")), "finished")
         return "running"
@@ -784,12 +791,14 @@ def run_app(
     stopped_by: list[str] = []  # those that stopped a run still going
 
     hangup = getattr(signal, "SIGHUP", None)
+    hung_up: list[bool] = []
 
     def on_signal(signum: int, frame: Any) -> None:
-        if signum == hangup:
+        if ignore_later_hangups(signum):
+            hung_up.append(True)
             if terminal_gone():
                 silence_output()  # nothing written to a dead terminal may fail or block the exit
-            if signals:  # a hang-up comes twice (the shell passes one on, then the kernel's): not "leave now"
+            if signals:  # a hang-up after a q-like signal: the stop is under way
                 return
         if signals:  # a second one: leave now, as a second q does (snapshots are written atomically)
             for number, handler in previous.items():
@@ -819,10 +828,10 @@ def run_app(
                 print(WAITING_MESSAGE, file=sys.stderr)
             app.run_done.wait()
         for number, handler in previous.items():
-            # after a hang-up the kernel's may still be on its way: it must not end the process
-            # before the CLI has marked the run folder's process ended
-            hung_up = number == hangup and "SIGHUP" in signals
-            signal.signal(number, signal.SIG_IGN if hung_up else handler)
+            # after a hang-up the kernel's may still be on its way: it stays ignored, so that it cannot
+            # end the process before the CLI has marked the run folder's process ended
+            if not (number == hangup and hung_up):
+                signal.signal(number, handler)
         if terminal_gone():  # the lines the CLI prints after the screen would fail (EIO)
             silence_output()
     if app.run_error is not None:

@@ -82,8 +82,8 @@ MAX_LR = 1.0
 def parse_lr(text: str, current: float = 0.0) -> float:
     """A learning rate typed by a user; ValueError says what is wrong with it.
 
-    Above ``MAX_LR`` only the ``current`` rate is taken (a run started with
-    a higher ``--lr`` keeps it when its own value is submitted again).
+    The ceiling is ``MAX_LR``, or the ``current`` rate where a run was started
+    above it with ``--lr``: its own value, or a lower one, is taken then.
     """
     try:
         value = float(text.strip())
@@ -91,9 +91,16 @@ def parse_lr(text: str, current: float = 0.0) -> float:
         raise ValueError(f"not a number: {text.strip()!r} (try 4e-5)") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError("the learning rate must be a positive number")
-    if value > max(MAX_LR, current):
-        raise ValueError(f"above {MAX_LR:g} the update only wrecks the model; type at most {MAX_LR:g}")
+    ceiling = max(MAX_LR, current)
+    if value > ceiling:
+        raise ValueError(f"above {MAX_LR:g} the update only wrecks the model; type at most {ceiling:g}")
     return value
+
+
+def lr_text(lr: float) -> str:
+    """``lr`` as short as it reads back exactly (``4e-05``, not ``4.0000000000000003e-05``)."""
+    short = f"{lr:g}"
+    return short if float(short) == lr else repr(lr)
 
 
 class LrScreen(ModalScreen[float | None]):
@@ -109,7 +116,8 @@ class LrScreen(ModalScreen[float | None]):
         with Vertical(id="lr-box") as box:
             box.border_title = "learning rate"
             yield Label(f"now {self.current:.3g}; applies from the next iteration")
-            yield Input(value=f"{self.current:g}", id="lr-input", select_on_focus=True)
+            # exact, so that enter on it gives back this very rate (a rounded 1.23457 could be above it)
+            yield Input(value=lr_text(self.current), id="lr-input", select_on_focus=True)
             yield Label("", id="lr-error")
             yield Label("enter applies · esc cancels", classes="hint")
 
