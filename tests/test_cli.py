@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -284,22 +285,25 @@ def test_the_tui_command_reports_a_crash_in_one_line(
     assert "CUDA exploded" in (tmp_path / "run" / "traceback.txt").read_text()
 
 
-def test_ctrl_c_stops_after_the_iteration_in_flight_and_exits_130(tiny_model_dir, eval_file, tmp_path):
-    out = tmp_path / "run"
-    args = small_run(tiny_model_dir, eval_file, out)
+def start_endless_headless(model: Path, eval_file: Path, out: Path, **popen: Any) -> subprocess.Popen:
+    """A headless run with no end in sight, in its own process, once its first iteration is reported."""
+    args = small_run(model, eval_file, out)
     args[args.index("--max-iters") + 1] = "100000"
     process = subprocess.Popen(
         [sys.executable, "-m", "collapse_tui.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, **popen,
+    )  # fmt: skip
     assert process.stdout is not None
     deadline = time.monotonic() + 120
     for line in process.stdout:  # wait for the first iteration's line
         if line.startswith("it 1/") or time.monotonic() > deadline:
             break
+    return process
+
+
+def test_ctrl_c_stops_after_the_iteration_in_flight_and_exits_130(tiny_model_dir, eval_file, tmp_path):
+    out = tmp_path / "run"
+    process = start_endless_headless(tiny_model_dir, eval_file, out)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
@@ -334,16 +338,7 @@ def test_a_hang_up_that_comes_twice_still_stops_the_run_cleanly(tiny_model_dir, 
     # A dropped SSH session: the shell passes a SIGHUP on to its job, then the kernel sends its own.
     # The second is not a user's second Ctrl-C ("leave now"): the run still ends with its snapshot.
     out = tmp_path / "run"
-    args = small_run(tiny_model_dir, eval_file, out)
-    args[args.index("--max-iters") + 1] = "100000"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "collapse_tui.cli", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("it 1/"):
-            break
+    process = start_endless_headless(tiny_model_dir, eval_file, out)
     process.send_signal(signal.SIGHUP)
     time.sleep(0.05)
     process.send_signal(signal.SIGHUP)
@@ -357,17 +352,9 @@ def test_a_hang_up_that_comes_twice_still_stops_the_run_cleanly(tiny_model_dir, 
 
 def test_kill_int_stops_a_background_job_whose_shell_ignored_sigint(tiny_model_dir, eval_file, tmp_path):
     out = tmp_path / "run"
-    args = small_run(tiny_model_dir, eval_file, out)
-    args[args.index("--max-iters") + 1] = "100000"
-    process = subprocess.Popen(  # `collapse-tui headless … &` in a script: SIGINT starts ignored
-        [sys.executable, "-m", "collapse_tui.cli", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )  # fmt: skip
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("it 1/"):
-            break
+    process = start_endless_headless(  # `collapse-tui headless … &` in a script: SIGINT starts ignored
+        tiny_model_dir, eval_file, out, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
+    )
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
