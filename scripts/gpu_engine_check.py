@@ -98,6 +98,11 @@ def main() -> int:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--eval", action="append", required=True)
     parser.add_argument("--iters", type=int, default=6)
+    parser.add_argument(
+        "--cpu-resume",
+        action="store_true",
+        help="also resume the CUDA snapshot on the CPU for one iteration (another device: a new sampling stream)",
+    )
     args = parser.parse_args()
     failures: list[str] = []
     work = Path(tempfile.mkdtemp())
@@ -145,7 +150,26 @@ def main() -> int:
         "run folder reads back",
         failures,
     )
-    print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    if args.cpu_resume:
+        print("resume the same snapshot on the CPU for one iteration", flush=True)
+        on_cpu = Engine(
+            RunConfig(**{**config.to_dict(), "resume": str(snapshot), "max_iters": 4, "device": "cpu"})
+        )
+        listener3 = Printer(on_cpu, {})
+        run_in_thread(on_cpu, listener3)
+        resumes = [e for e in listener3.events if e.event == "resumed_from"]
+        check(
+            bool(resumes) and resumes[0].data.get("new_sampling_stream") is True,
+            "a CUDA sampler state resumed on the CPU: a new sampling stream, said in resumed_from",
+            failures,
+        )
+        check(
+            [r.iteration for r in listener3.records] == [3] and math.isfinite(listener3.records[0].gen_loss),
+            "the CPU resume ran iteration 3",
+            failures,
+        )
+    print(f"peak GPU memory {peak:.1f} GiB")
     return 1 if failures else 0
 
 
