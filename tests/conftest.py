@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,15 @@ def tiny_config(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
         device="cpu",
         out=str(tmp_path / "run"),
     )
+
+
+@pytest.fixture(autouse=True)
+def stop_signal_handlers_restored() -> Iterator[None]:
+    """Each test starts with the handlers it found: a run in this process (headless, the TUI) installs
+    its own for Ctrl-C, kill and a hang-up, which the real process keeps to its end."""
+    names = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    saved = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    yield
+    for name, handler in saved.items():
+        if handler is not None:
+            signal.signal(getattr(signal, name), handler)

@@ -972,6 +972,15 @@ def test_a_hang_up_after_a_kill_stays_ignored_until_the_process_ends(monkeypatch
     monkeypatch.setattr("collapse_tui.tui.app.silence_output", lambda: None)
     monkeypatch.setattr("collapse_tui.tui.app.terminal_gone", lambda: False)
     source = FakeSource([make_record(i, 5) for i in range(2)])
+    both_handled = threading.Event()
+    stop_run = source.run
+
+    def run_until_both_signals_are_in(listener):  # the run (and so run_app) outlives both signals
+        summary = stop_run(listener)
+        both_handled.wait(DEADLINE_S)
+        return summary
+
+    source.run = run_until_both_signals_are_in
 
     def kill_then_hang_up() -> None:
         deadline = time.monotonic() + DEADLINE_S
@@ -980,6 +989,8 @@ def test_a_hang_up_after_a_kill_stays_ignored_until_the_process_ends(monkeypatch
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)
         os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.2)  # the main thread's handler has run by now
+        both_handled.set()
 
     previous = signal.getsignal(signal.SIGHUP)
     threading.Thread(target=kill_then_hang_up, daemon=True).start()
