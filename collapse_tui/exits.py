@@ -4,6 +4,9 @@ A script running a sweep reads the exit code, so it must tell apart a run
 that did what was asked (0), one whose result is not whole (1: a crash, a
 non-finite loss, or a final snapshot that could not be written), a stop by a
 signal (130) and a user's mistake (2, raised before or while loading).
+Which signals end a run at all is decided here too, for both front ends: a
+hang-up stops it as ``q`` does, and never ends the process early
+(``ignore_later_hangups``).
 """
 
 from __future__ import annotations
