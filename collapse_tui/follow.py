@@ -195,8 +195,8 @@ def taken_up_again(folder: RunFolder, alive: bool | None = None) -> bool:
     stops = [event.time for event in folder.events if event.event == "stop"]
     if not info or info.get("state") != "running" or not stops:
         return False
-    started = info.get("started")
-    if not isinstance(started, int | float) or started <= stops[-1]:
+    started = _wall_time(info.get("started"))
+    if started is None or started <= stops[-1]:
         return False
     return (is_alive(folder.root) if alive is None else alive) is True
 
@@ -225,18 +225,16 @@ def send_command(run_dir: Path, command: str, **data: Any) -> None:
     run_dir = Path(run_dir)
     row = {"command": command, **data, "time": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
     line = (json.dumps(row) + "\n").encode("utf-8")
-    try:
+    try:  # a missing folder, no permission, a full disk: the run never sees the command
         fd = os.open(run_dir / COMMANDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
+        try:
+            written = os.write(fd, line)
+            while written < len(line):  # only on a signal mid-write; the reader waits for the newline
+                written += os.write(fd, line[written:])
+        finally:
+            os.close(fd)
     except OSError as error:
         raise UserError(f"cannot send {command!r} to {run_dir}: {error.strerror}") from None
-    try:
-        written = os.write(fd, line)
-        while written < len(line):  # only on a signal mid-write; the reader waits for the newline
-            written += os.write(fd, line[written:])
-    except OSError as error:  # a full disk, a quota: the run never sees the command
-        raise UserError(f"cannot send {command!r} to {run_dir}: {error.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 class CommandInbox:

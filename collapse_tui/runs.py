@@ -117,7 +117,7 @@ def run_status(run: RunFolder) -> str:
     if ending:  # the summary before the final snapshot: final once its process is gone
         if alive:
             return "running"
-        final = run.root / SNAPSHOTS / f"iter-{summary.get('iterations') if summary else '?'}"
+        final = run.root / SNAPSHOTS / f"iter-{summary['iterations']}"  # an ending summary names its end
         return status if final.is_dir() else f"{status}{UNSAVED_END}"  # killed while saving it
     if alive is False:
         return "crashed"
@@ -180,6 +180,7 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
         table.add_column(header, justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
     for run, name, status in zip(runs, run_names(runs), statuses, strict=True):
+        style = STATUS_STYLES.get(status.rstrip(UNSAVED_END))
         records = run.records
         first_set = run.eval_names[0] if run.eval_names else None
         first = records[0].valid.get(first_set) if records and first_set else None
@@ -193,8 +194,6 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
             "—" if collapsed is None else str(collapsed),
             _loss(first),
             _loss(last),
-            f"[{STATUS_STYLES[status.rstrip(UNSAVED_END)]}]{status}[/]"
-            if STATUS_STYLES.get(status.rstrip(UNSAVED_END))
-            else status,
+            f"[{style}]{status}[/]" if style else status,
         )
     return table
