@@ -1103,6 +1103,8 @@ def test_highlight_marks_only_repeated_word_runs() -> None:
     ("sample", "looping"),
     [
         ("Then: reenreenreenreenreenreenreenreenreen", "reenreenreenreenreenreenreenreenreen"),
+        ("Then: Treenreenreenreenreenreenreenreenreen", "reenreenreenreenreenreenreenreenreen"),
+        ("It was greatttttttttt", "tttttttttt"),
         ("It was great!!!!!!!!!", "!!!!!!!!!"),
         ("a line\n----------------", "----------------"),
         ("x, y, z, x, y, z, x, y, z", "x, y, z, x, y, z, x, y, z"),
