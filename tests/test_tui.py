@@ -776,7 +776,7 @@ def test_stepping_forward_past_the_latest_follows_again() -> None:
 
 
 def test_new_records_while_browsing_do_not_move_the_view() -> None:
-    source = FakeSource(numbered(5, 50), after="live", iteration_s=0.01)
+    source = FakeSource(numbered(5, 50), after="live", iteration_s=0.1)
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await wait_until(pilot, lambda: app.records_seen >= 5, "five records")
