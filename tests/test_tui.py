@@ -34,7 +34,7 @@ from collapse_tui.follow import FolderSource
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import RunWriter
 from collapse_tui.source import RunInfo
-from collapse_tui.tui.app import WAITING_MESSAGE, CollapseApp, RecordReport, run_app
+from collapse_tui.tui.app import TOAST_RACK_ID, WAITING_MESSAGE, CollapseApp, RecordReport, run_app
 from collapse_tui.tui.history import SampleHistory
 from collapse_tui.tui.screens import LrScreen, lr_text, parse_lr
 from collapse_tui.tui.widgets import (
@@ -67,12 +67,17 @@ def drive(
     source: FakeSource,
     scenario: Callable[[CollapseApp, Pilot], Awaitable[None]],
     clock: Callable[[], float] = lambda: 0.0,
+    notifications: bool = False,
 ) -> CollapseApp:
-    """Run the app on ``source`` at 80x24 through ``scenario``; return the app once it has closed."""
+    """Run the app on ``source`` at 80x24 through ``scenario``; return the app once it has closed.
+
+    ``notifications`` draws the notices on the screen, as a terminal shows them (Textual's tests
+    keep them out of the screen unless asked).
+    """
     app = CollapseApp(source, clock=clock)
 
     async def main() -> None:
-        async with app.run_test(size=(80, 24)) as pilot:
+        async with app.run_test(size=(80, 24), notifications=notifications) as pilot:
             await scenario(app, pilot)
 
     asyncio.run(main())
@@ -297,18 +302,32 @@ def test_parse_lr(text: str, ok: bool) -> None:
 
 def test_snapshot_saves_a_screenshot_in_the_snapshot_folder(tmp_path: Path) -> None:
     info = RunInfo(model="m", device="cpu", max_iters=9, lr=1e-3, eval_names=["ptb"], run_dir=str(tmp_path))
-    source = FakeSource([make_record(i, 5) for i in range(3)], info=info, snapshot_root=tmp_path)
+    # the snapshot is taken after the iteration in flight, as the engine takes it
+    source = FakeSource(
+        [make_record(i, 5) for i in range(3)],
+        info=info,
+        snapshot_root=tmp_path,
+        after="live",
+        iteration_s=0.5,
+    )
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
-        await wait_until(pilot, lambda: app.records_seen == 3, "three records")
+        await wait_until(pilot, lambda: app.records_seen >= 3, "three records")
         await pilot.press("s")
         await wait_until(pilot, lambda: bool(source.snapshots), "the snapshot")
         svg = source.snapshots[0] / "screen.svg"
         await wait_until(pilot, svg.exists, "screen.svg")
-        assert svg.read_text(encoding="utf-8").lstrip().startswith("<svg")
+        drawn = svg.read_text(encoding="utf-8")
+        assert drawn.lstrip().startswith("<svg")
         assert "snapshot → snapshots/iter-" in log_text(app)  # shown inside the run folder
+        # the moment as it was, without the notice that asked for it over the charts
+        assert "iteration&#160;in&#160;flight" not in drawn and "snapshot&#160;requested" not in drawn
+        assert "rep4" in drawn
+        # and the notices are back on the screen once it is saved
+        rack = app.screen.query_one(f"#{TOAST_RACK_ID}")
+        await wait_until(pilot, lambda: rack.display, "the notices shown again")
 
-    drive(source, scenario)
+    drive(source, scenario, notifications=True)
 
 
 def test_a_snapshot_this_screen_did_not_ask_for_gets_no_screenshot(tmp_path: Path) -> None:

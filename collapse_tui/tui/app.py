@@ -36,6 +36,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.driver import Driver
 from textual.message import Message
+from textual.widget import Widget
 from textual.widgets import Footer, Label, ProgressBar
 from textual.worker import Worker, WorkerState
 
@@ -101,6 +102,10 @@ class AppListener:
 
 #: The signals that stop the run cleanly, as q does: a hang-up, ``kill`` and ``kill -INT``.
 STOP_SIGNALS = ("SIGHUP", "SIGTERM", "SIGINT")
+
+#: The id Textual gives every screen's container of notices (textual/screen.py); a screen saved
+#: as SVG leaves it out. Should a Textual release rename it, the notices are simply drawn.
+TOAST_RACK_ID = "textual-toastrack"
 
 #: Printed under the screen when the app has left it and the run is still stopping.
 WAITING_MESSAGE = "collapse-tui: waiting for the run to stop at a safe point (it may be saving a snapshot)…"
@@ -492,17 +497,31 @@ class CollapseApp(App[dict[str, Any] | None]):
         return str(Path(self.info.run_dir) / SNAPSHOTS / Path(str(path)).name)
 
     def _save_screen(self, path: Any, *, screen_only: bool = False) -> None:
-        """The screen as SVG beside the engine's snapshot, so the moment can be seen again later."""
+        """The screen as SVG beside the engine's snapshot, so the moment can be seen again later.
+
+        The notices are left out of it: they sit over the charts, and the one that said the
+        snapshot was requested is stale by now. They are hidden for the one frame the SVG is
+        drawn from, and shown again after.
+        """
         if not path:
             return
+        racks = [rack for rack in self.screen.query(f"#{TOAST_RACK_ID}") if rack.display]
+        for rack in racks:
+            rack.display = False
+        self.call_after_refresh(self._write_screen, Path(path), racks, screen_only)
+
+    def _write_screen(self, folder: Path, racks: list[Widget], screen_only: bool) -> None:
         try:
-            name = free_screen_name(Path(path))
-            self.save_screenshot(filename=name, path=str(path))
+            name = free_screen_name(folder)
+            self.save_screenshot(filename=name, path=str(folder))
         except OSError as error:
             self.notify(f"could not save the screen: {error}", severity="error")
             return
+        finally:
+            for rack in racks:
+                rack.display = True
         what = f"the screen saved as {name}" if screen_only else f"model, optimizer and {name} saved"
-        self.notify(f"{what} in {path}", title="snapshot")
+        self.notify(f"{what} in {folder}", title="snapshot")
 
     # -- drawing -------------------------------------------------------------
 
