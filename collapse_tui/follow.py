@@ -406,6 +406,7 @@ def run_info(folder: RunFolder, *, read_only: bool = False) -> RunInfo:
         run_dir=str(folder.root),
         process_started=_wall_time(process.get("started")),
         process_ended=_wall_time(process.get("ended")) if process.get("state") == "ended" else None,
+        history_until=max((event.time for event in folder.events), default=None),
         extra={
             "dtype": config.get("autocast_dtype"),
             "inference": config.get("inference"),

@@ -33,6 +33,10 @@ class RunInfo:
     #: that elapsed is the run's time, not the watcher's. None for the engine in this process.
     process_started: float | None = None
     process_ended: float | None = None
+    #: For a watcher: the time of the last event already in the folder when it was opened, by the
+    #: clock of the run's host. Events up to it are history, replayed; only later ones are news.
+    #: None for the engine in this process, whose events are all news.
+    history_until: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -928,6 +928,31 @@ def test_a_replayed_collapse_is_in_the_log_and_the_state_but_not_a_notice(tmp_pa
     drive(source, scenario)
 
 
+@pytest.mark.parametrize("skew_s", [7200.0, -7200.0])
+def test_a_watcher_tells_history_from_news_by_the_runs_own_clock(tmp_path: Path, skew_s: float) -> None:
+    # The run's host keeps a clock two hours ahead of the watcher's, or behind it (a shared folder,
+    # two hosts): its old collapse is still history, and what it writes next is still news.
+    run_dir = make_run(tmp_path / "run", "running", n=4, collapse_at=1)
+    ahead = time.time() + skew_s
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    for event in events:
+        event["time"] = ahead
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
+    source = FolderSource(run_dir, read_only=True, poll_s=0.05)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: "collapsed (rep4" in log_text(app), "the replayed collapse")
+        await pilot.pause(0.1)
+        assert not [n for n in app._notifications if "collapsed" in (n.title or "")]
+        with (run_dir / "events.jsonl").open("a") as log:  # a new error, a second later by the run's clock
+            log.write(
+                json.dumps({"event": "error", "iteration": 4, "time": ahead + 1, "message": "boom"}) + "\n"
+            )
+        await wait_until(pilot, lambda: any(n.title == "run error" for n in app._notifications), "the notice")
+
+    drive(source, scenario)
+
+
 def test_a_watched_run_whose_process_is_gone_says_so(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", "killed", n=3)
     source = FolderSource(run_dir, read_only=True, poll_s=0.05)

@@ -207,8 +207,6 @@ class CollapseApp(App[dict[str, Any] | None]):
         #: (iteration, time) of recent records, for it/s.
         self.recent: deque[tuple[int, float]] = deque(maxlen=20)
         self.started_at = clock()
-        #: When this screen opened, by the wall clock: events older than that are replayed history.
-        self.opened_wall = time.time()
         #: When the run's thread ended: elapsed time stops there.
         self.ended_at: float | None = None
         #: The wall-clock time of the newest record or event, where a watched run's time ends if its
@@ -421,8 +419,13 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     def _news(self, event: Event) -> bool:
         """Whether ``event`` happened while this screen was open: what a watcher replays (a collapse
-        hours ago) goes into the log and the state, not into a notice as if it were happening now."""
-        return event.time >= self.opened_wall - 1.0
+        hours ago) goes into the log and the state, not into a notice as if it were happening now.
+
+        Told by the run's own clock (``RunInfo.history_until``), never this host's against the
+        run's: a watcher over a shared folder may run on a host whose clock is hours apart.
+        """
+        history_until = self.info.history_until
+        return history_until is None or event.time > history_until
 
     def _short_paths(self, line: str) -> str:
         """Snapshot paths inside the run folder, short enough for a narrow pane.
