@@ -588,3 +588,15 @@ def snapshot_iteration(snapshot: Path) -> int | None:
         return int(json.loads((Path(snapshot) / "state.json").read_text(encoding="utf-8"))["iteration"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def snapshot_saved_at(snapshot: Path) -> float | None:
+    """When a snapshot was written (wall clock), from its ``state.json``; None if that cannot be read.
+
+    Why: a run resumed from an earlier snapshot may reach an iteration that an
+    abandoned branch saved too; only the time tells whose ``iter-N`` it is.
+    """
+    try:
+        return float(json.loads((Path(snapshot) / "state.json").read_text(encoding="utf-8"))["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

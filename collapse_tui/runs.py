@@ -16,7 +16,16 @@ from rich.table import Table
 from collapse_tui.config import model_name
 from collapse_tui.errors import UserError
 from collapse_tui.follow import is_alive, taken_up_again
-from collapse_tui.runfolder import CONFIG, EVENTS, METRICS, SNAPSHOTS, RunFolder, is_ending, read_run
+from collapse_tui.runfolder import (
+    CONFIG,
+    EVENTS,
+    METRICS,
+    SNAPSHOTS,
+    RunFolder,
+    is_ending,
+    read_run,
+    snapshot_saved_at,
+)
 
 #: Marks the status of a run killed while saving its final snapshot (the table's caption says so).
 UNSAVED_END = "*"
@@ -118,7 +127,11 @@ def run_status(run: RunFolder) -> str:
         if alive:
             return "running"
         final = run.root / SNAPSHOTS / f"iter-{summary['iterations']}"  # an ending summary names its end
-        return status if final.is_dir() else f"{status}{UNSAVED_END}"  # killed while saving it
+        saved_at = snapshot_saved_at(final)
+        # an iter-N saved before this branch started is an abandoned branch's, not this end
+        started = summary.get("started")
+        saved = saved_at is not None and saved_at >= (started if isinstance(started, int | float) else 0.0)
+        return status if saved else f"{status}{UNSAVED_END}"  # killed while saving it
     if alive is False:
         return "crashed"
     return "running" if alive else "running?"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -140,7 +141,13 @@ def test_a_resume_from_an_older_snapshot_drops_the_abandoned_iterations_and_thei
 
 @pytest.mark.parametrize(
     ("pid", "saved", "status"),
-    [(None, False, "running"), ("dead", True, "stopped"), ("dead", False, "stopped*")],
+    [
+        (None, None, "running"),
+        ("dead", "after the start", "stopped"),
+        ("dead", None, "stopped*"),
+        # an iter-2 of a branch a resume abandoned: this end was not saved
+        ("dead", "before the start", "stopped*"),
+    ],
 )
 def test_a_run_saving_its_final_snapshot_runs_until_its_process_ends(
     tmp_path: Path, pid, saved, status
@@ -148,10 +155,14 @@ def test_a_run_saving_its_final_snapshot_runs_until_its_process_ends(
     root = make_run(tmp_path / "run", "running", n=2)
     if pid == "dead":  # killed during the snapshot (or just after it): the summary written before it stands
         write_process(root, dead_pid())
+    summary = ending_summary(root, "stopped", 2)
     if saved:
-        (root / "snapshots" / "iter-2").mkdir(parents=True)
+        snapshot = root / "snapshots" / "iter-2"
+        snapshot.mkdir(parents=True)
+        saved_at = summary["started"] + (5.0 if saved == "after the start" else -5.0)
+        (snapshot / "state.json").write_text(json.dumps({"iteration": 2, "time": saved_at}))
     writer = RunWriter(root, resuming=True)
-    writer.write_summary(ending_summary(root, "stopped", 2))
+    writer.write_summary(summary)
     writer.close()
     assert run_status(read_run(root)) == status
     table = render(runs_table([read_run(root)]))
