@@ -161,7 +161,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     """The table printed when a run ends: how far it got and how the losses moved."""
     table = Table(title="collapse-tui run", show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # a path a resume takes is kept whole, over lines if need be
     first, last = summary.get("first") or {}, summary.get("last") or {}
 
     def fmt(value: Any) -> str:
@@ -228,6 +228,9 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         _say("collapse-tui: interrupted")
         return EXIT_INTERRUPTED
     table = summary_table(summary)
+    if not console.is_terminal:  # a pipe or a file has no width: as wide as the paths in it, one line each
+        unbounded = console.options.update_width(10_000)
+        console.width = max(console.width, console.measure(table, options=unbounded).maximum)
     reporter.guarded(lambda: console.print(table))
     line = closing_line(summary)
     if line:

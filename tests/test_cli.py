@@ -58,7 +58,12 @@ def test_headless_runs_and_leaves_a_complete_run_folder(
     events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
     assert events == ["start", "snapshot", "stop"]  # the final snapshot: the run can go on from it
     assert json.loads((out / "snapshots" / "iter-5" / "state.json").read_text())["iteration"] == 5
-    assert json.loads((out / "summary.json").read_text())["iterations"] == 5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 5
+    # the paths a resume takes are printed whole, even where the output has no width (a pipe, a file)
+    table = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
+             if line.count("│") == 3}  # fmt: skip
+    assert table["last snapshot"] == summary["last_snapshot"] and table["run folder"] == summary["run_dir"]
 
 
 def test_snapshot_every_and_no_final_snapshot(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
