@@ -376,16 +376,18 @@ def runs_command(
     from rich.console import Console
 
     from collapse_tui.runs import find_runs, runs_table
+    from collapse_tui.tables import print_table
 
     if not root.is_dir():
-        raise UserError(f"{root} is not a folder")
+        where = " (runs are listed from ./runs unless given a folder: collapse-tui runs FOLDER)"
+        raise UserError(f"{root} is not a folder" + (where if root == Path("runs") else ""))
     skipped: list[str] = []
     runs = find_runs(root, skipped=skipped)
     console = Console()
     if not runs:
         console.print(f"no runs under {root}")
     else:
-        console.print(runs_table(runs, title=str(root)))
+        print_table(console, runs_table(runs, title=str(root)))
     for line in skipped:
         console.print(f"[dim]{line}[/dim]")
 

@@ -38,6 +38,7 @@ from collapse_tui.exits import (
 )
 from collapse_tui.follow import serving_watchers
 from collapse_tui.records import Event, IterationRecord
+from collapse_tui.tables import print_table
 
 
 def format_losses(record: IterationRecord) -> str:
@@ -228,10 +229,7 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         _say("collapse-tui: interrupted")
         return EXIT_INTERRUPTED
     table = summary_table(summary)
-    if not console.is_terminal:  # a pipe or a file has no width: as wide as the paths in it, one line each
-        unbounded = console.options.update_width(10_000)
-        console.width = max(console.width, console.measure(table, options=unbounded).maximum)
-    reporter.guarded(lambda: console.print(table))
+    reporter.guarded(lambda: print_table(console, table))
     line = closing_line(summary)
     if line:
         _say(line)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 from runfolders import dead_pid, ending_summary, make_run, record, write_process
+from typer.testing import CliRunner
 
+from collapse_tui.cli import app
 from collapse_tui.errors import UserError
 from collapse_tui.records import Event
 from collapse_tui.runfolder import RunWriter, read_run
@@ -222,3 +224,24 @@ def test_runs_of_one_name_in_different_folders_are_told_apart_in_the_table(tmp_p
         make_run(tmp_path / sweep / "lr", "finished", n=2)
     text = render(runs_table(find_runs(tmp_path)))
     assert "sweep-a/lr" in text and "sweep-b/lr" in text
+
+
+def test_the_runs_command_into_a_pipe_keeps_each_run_on_one_line(tmp_path: Path, monkeypatch) -> None:
+    # `collapse-tui runs | grep lr0.0003` must find whole names: a pipe has no width to fold them to
+    names = [f"20261128-22350{i}-gpt2-medium-lr0.0003" for i in range(3)]
+    for name in names:
+        make_run(tmp_path / "runs" / name, "finished", n=2, model="gpt2-medium")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["runs"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "finished" in line]
+    assert [next(name for name in names if name in row) for row in rows] == names
+
+
+def test_the_runs_command_without_a_runs_folder_says_where_it_looked(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["runs"])
+    assert result.exit_code == 2
+    assert "runs is not a folder" in result.output and "collapse-tui runs FOLDER" in result.output
+    result = CliRunner().invoke(app, ["runs", "elsewhere"])
+    assert result.exit_code == 2 and "FOLDER" not in result.output
