@@ -333,9 +333,13 @@ def watch_command(
     read_only: Annotated[bool, typer.Option("--read-only", help="Show the run without steering it.")] = False,
 ) -> None:
     """Attach the TUI to a run folder: follow a live run (and steer it), or replay a finished one."""
-    from collapse_tui.follow import FolderSource
+    from collapse_tui.follow import FolderSource, wait_until_started
     from collapse_tui.tui.app import run_app
 
+    def waiting() -> None:
+        typer.echo(f"collapse-tui: waiting for the run in {run_dir} to start (it is loading)…", err=True)
+
+    wait_until_started(run_dir, waiting=waiting)
     source = FolderSource(run_dir, read_only=read_only)
     summary = run_app(source)
     if summary.get("reason") == "watcher detached" and source.controls.paused:

@@ -34,7 +34,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -434,6 +434,25 @@ def summary_of(folder: RunFolder, status: str, reason: str) -> dict[str, Any]:
         model=folder.config.get("model", "?"),
         run_dir=folder.root,
     )
+
+
+def wait_until_started(
+    run_dir: Path, *, poll_s: float = 0.5, waiting: Callable[[], None] = lambda: None
+) -> None:
+    """Return once a run starting in ``run_dir`` has written its config; at once if none is starting.
+
+    Why: "start it, then watch it" is how a run is watched, and a model takes
+    a while to load (a download, minutes). ``waiting`` is called once if this
+    has to wait. A start that dies before its config leaves no run: the
+    caller's ``FolderSource`` then says the folder is not one.
+    """
+    run_dir = Path(run_dir)
+    said = False
+    while not (run_dir / CONFIG).exists() and is_alive(run_dir) is True:
+        if not said:
+            waiting()
+            said = True
+        time.sleep(poll_s)
 
 
 class FolderSource:

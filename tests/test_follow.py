@@ -22,6 +22,7 @@ from collapse_tui.follow import (
     read_process,
     run_info,
     send_command,
+    wait_until_started,
 )
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import ENDING_SNAPSHOT, RunWriter, read_jsonl, read_run
@@ -305,6 +306,32 @@ def test_a_read_only_watcher_cannot_send(tmp_path: Path) -> None:
     assert not controls.toggle_pause()
     assert not (run_dir / COMMANDS).exists()
     assert not controls.paused and controls.pending_lr is None
+
+
+def test_watch_waits_for_a_run_that_is_still_loading(tmp_path: Path) -> None:
+    # "start it, then watch it": the watcher waits for the config a loading run writes
+    run_dir = tmp_path / "starting"
+    calls: list[str] = []
+    with RunProcess(run_dir):
+        timer = threading.Timer(0.3, lambda: make_run(run_dir, "running", n=1))
+        timer.start()
+        wait_until_started(run_dir, poll_s=0.02, waiting=lambda: calls.append("waiting"))
+        timer.join()
+        assert (run_dir / "config.json").exists() and calls == ["waiting"]
+        FolderSource(run_dir)  # a run now
+    wait_until_started(run_dir, poll_s=0.02, waiting=lambda: calls.append("again"))
+    assert calls == ["waiting"]  # a run that has started: no wait
+
+
+def test_watch_does_not_wait_for_a_start_that_died(tmp_path: Path) -> None:
+    run_dir = tmp_path / "died"
+    run_dir.mkdir()
+    write_process(run_dir, dead_pid())
+    calls: list[str] = []
+    wait_until_started(run_dir, poll_s=0.02, waiting=lambda: calls.append("waiting"))
+    assert calls == []
+    with pytest.raises(UserError, match="not a run folder"):
+        FolderSource(run_dir)
 
 
 def test_watching_a_folder_that_is_not_a_run_says_so(tmp_path: Path) -> None:
