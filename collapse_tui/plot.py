@@ -94,6 +94,15 @@ def _series(run: RunFolder, panel: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
+#: Line styles for runs past matplotlib's ten colours (a sweep); a dotted line marks a collapse.
+_DASHES: tuple[Any, ...] = ("-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)))
+
+
+def _look(index: int) -> tuple[str, Any]:
+    """The colour and dashes of the ``index``-th run: ten colours, then the same ten dashed, …"""
+    return f"C{index % 10}", _DASHES[(index // 10) % len(_DASHES)]
+
+
 def build_figure(runs: list[RunFolder]) -> Figure:
     """The figure itself (no file): one Axes per panel, one line per run that has the panel's data."""
     from matplotlib.figure import Figure
@@ -112,18 +121,20 @@ def build_figure(runs: list[RunFolder]) -> Figure:
                 continue
             collapsed_at = run.collapsed_at
             mark = [xs.index(collapsed_at)] if collapsed_at in xs else []
+            colour, dashes = _look(index)
             (line,) = ax.plot(
                 xs,
                 ys,
                 label=label,
-                color=f"C{index}",
+                color=colour,
+                linestyle=dashes,
                 linewidth=1.4,
                 # the marker only where (and if) the run collapsed, so the legend shows which did
                 **({"marker": "X", "markevery": mark, "markersize": 9} if mark else {}),
             )
             line.set_gid(LINE_GID.format(index))
             if collapsed_at is not None:
-                mark_line = ax.axvline(collapsed_at, color=f"C{index}", linestyle=":", linewidth=1.2)
+                mark_line = ax.axvline(collapsed_at, color=colour, linestyle=":", linewidth=1.2)
                 mark_line.set_gid(COLLAPSE_GID.format(index))
         ax.set_title(panel if panel == GEN_PANEL else f"validation loss: {panel}")
         ax.set_xlabel("iteration")
@@ -137,9 +148,10 @@ def build_figure(runs: list[RunFolder]) -> Figure:
     for ax in axes[: len(panels)]:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
+    any_collapse = any(run.collapsed_at is not None for run in runs)
     figure.legend(
         list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4),
-        fontsize="small", title="× marks the collapse", title_fontsize="small",
+        fontsize="small", title="× marks the collapse" if any_collapse else None, title_fontsize="small",
     )  # fmt: skip
     return figure
 

@@ -171,3 +171,19 @@ def test_a_run_given_twice_is_drawn_once(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", "finished", n=3)
     figure = build_figure(load_runs([run, tmp_path / "." / "run"]))
     assert len(run_lines(figure.axes[0])) == 1
+
+
+def test_a_sweep_of_more_than_ten_runs_gets_a_look_for_each(tmp_path: Path) -> None:
+    # matplotlib has ten colours: past them, the dashes tell runs apart
+    runs = [make_run(tmp_path / f"lr{k}", "finished", n=3, lr=1e-5 * (k + 1)) for k in range(23)]
+    figure = build_figure(load_runs(runs))
+    from matplotlib.colors import to_hex
+
+    looks = {(to_hex(line.get_color()), str(line.get_linestyle())) for line in run_lines(figure.axes[0])}
+    assert len(looks) == 23
+    assert figure.legends[0].get_title().get_text() == ""  # no run collapsed: no word of a mark
+
+
+def test_the_legend_explains_the_mark_only_when_a_run_collapsed(two_runs: list[Path]) -> None:
+    figure = build_figure(load_runs(two_runs))
+    assert figure.legends[0].get_title().get_text() == "× marks the collapse"
