@@ -202,6 +202,8 @@ def build_config(options: dict[str, Any]) -> RunConfig:
                     f"{flag} cannot change when resuming (the run used {getattr(base, key)!r}); "
                     "start a new run instead"
                 )
+        if "evals" not in given:
+            _check_eval_files_still_there(base.evals)
         # lr is applied by the engine after the snapshot's own lr is restored (see resume_lr).
         config = RunConfig.from_dict(
             absolute_paths({**base.to_dict(), **given, "lr": base.lr, "resume": resume})
@@ -217,6 +219,17 @@ def build_config(options: dict[str, Any]) -> RunConfig:
             )
         return config
     return resolve_config(options)
+
+
+def _check_eval_files_still_there(evals: list[str]) -> None:
+    """A resumed run's evaluation files, moved since it started, are given anew with ``--eval``: say so."""
+    gone = [spec for spec in evals if spec not in HUB_SETS and not Path(spec).exists()]
+    if gone:
+        given_anew = " ".join(f"--eval {'NEW_PATH' if spec in gone else spec}" for spec in evals)
+        raise UserError(
+            f"--resume: the run's evaluation file {gone[0]} is not there any more; "
+            f"if it moved, give its new path, the sets in the run's order: {given_anew}"
+        )
 
 
 #: The switches' "off" spellings, for messages about a switch given off.

@@ -148,14 +148,18 @@ def test_a_relative_eval_file_is_kept_absolute_and_may_move_before_a_resume(
     moved.parent.mkdir()
     moved.write_text((workdir / "heldout.txt").read_text())
     assert build_config({"resume": snapshot, "max_iters": 3, "evals": [str(moved)]}).evals == [str(moved)]
+    (workdir / "heldout.txt").unlink()  # gone from where the run found it: the error says what to give
+    with pytest.raises(UserError, match=r"heldout.txt is not there any more; .*: --eval NEW_PATH$"):
+        build_config({"resume": snapshot, "max_iters": 3})
+    assert build_config({"resume": snapshot, "max_iters": 3, "evals": [str(moved)]}).evals == [str(moved)]
     with pytest.raises(UserError, match="--eval cannot change"):
         build_config({"resume": snapshot, "max_iters": 3, "evals": ["wikitext-2"]})
     other = tmp_path / "other" / "heldout.txt"  # the same name, other text: refused once loaded
     other.parent.mkdir()
-    other.write_text((workdir / "heldout.txt").read_text() * 2)
+    other.write_text(moved.read_text() * 2)
     with pytest.raises(UserError, match="a resume must evaluate on the same text"):
         Engine(build_config({"resume": snapshot, "max_iters": 3, "evals": [str(other)]})).load()
-    text = (workdir / "heldout.txt").read_text()
+    text = moved.read_text()
     assert " the " in text and " of " in text
     swapped = text.replace(" the ", " \0 ", 1).replace(" of ", " the ", 1).replace(" \0 ", " of ", 1)
     other.write_text(swapped)  # two words swapped: as many tokens, other text
