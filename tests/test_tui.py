@@ -230,6 +230,8 @@ def test_the_lr_dialog_takes_back_a_run_lr_above_the_ceiling_but_nothing_higher(
         app.screen.query_one(Input).value = "1.3"
         await pilot.press("enter")
         assert "type at most 1.23457" in str(app.screen.query_one("#lr-error", Label).render())
+        await pilot.pause()
+        assert "at&#160;most&#160;1.23457" in app.export_screenshot()  # on the screen, not cut at its edge
         app.screen.query_one(Input).value = "1.1"
         await pilot.press("enter")  # lower, though still above 1: taken
         await wait_until(pilot, lambda: source.lr_changes[-1:] == [1.1], "lr 1.1 applied")
