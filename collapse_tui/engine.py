@@ -638,8 +638,13 @@ def _records_on_current_branch(snapshot: Path, run_dir: Path) -> list[IterationR
     records = run.records
     last = records[-1].iteration if records else -1
     abandoned = f"--resume {snapshot}: that snapshot belongs to iterations a later resume abandoned"
-    if iteration > last + 1:
-        raise UserError(f"{abandoned} (it is at iteration {iteration}, the run as it now stands at {last})")
+    if iteration > last + 1:  # counted as iter-N counts: iterations done
+        latest = (run.current_summary or {}).get("last_snapshot")
+        go_on = f"; go on from {latest}" if latest else ""
+        raise UserError(
+            f"{abandoned} (it was saved after {iteration} iterations; the run as it now stands "
+            f"has {last + 1}{go_on})"
+        )
     if _abandoned_by_a_resume(snapshot, iteration, run.events):
         raise UserError(f"{abandoned} (the run was resumed from an earlier iteration after it was saved)")
     return records

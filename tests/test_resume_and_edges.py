@@ -214,7 +214,10 @@ def test_a_snapshot_of_iterations_a_later_resume_abandoned_is_refused(tiny_confi
     Engine(tiny_config).run(Collector())  # snapshots iter-2 and iter-4
     Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-2", "max_iters": 3})).run()
     assert [r.iteration for r in read_run(tmp_path / "run").records] == [0, 1, 2]
-    with pytest.raises(UserError, match="it is at iteration 4, the run as it now stands at 2"):
+    newest = tmp_path / "run" / "snapshots" / "iter-3"
+    with pytest.raises(
+        UserError, match=f"after 4 iterations; the run as it now stands has 3; go on from {newest}"
+    ):
         Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-4", "max_iters": 6}))
 
 
