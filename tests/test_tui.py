@@ -757,7 +757,7 @@ def test_history_keys_show_past_samples_and_mark_the_charts() -> None:
 
         await pilot.press("left_square_bracket")
         assert app.shown_iteration == 28 and sample_text(app).startswith("sample of iteration 28.")
-        assert sample.border_title == "iteration 28 of 29 · browsing"
+        assert sample.border_title == "iteration 28 (latest 29)"
         assert "end follows" in str(sample.border_subtitle)
         near_end = marker_columns(app)
         assert near_end[0] and near_end[0] == near_end[1]  # every chart marks the same iteration
@@ -809,7 +809,9 @@ def test_new_records_while_browsing_do_not_move_the_view() -> None:
         assert app.shown_iteration == 1 and sample_text(app).startswith("sample of iteration 1.")
         latest = app.history.last
         assert latest is not None and latest >= seen + 4
-        await wait_until(pilot, lambda: f"of {app.history.last} ·" in str(sample.border_title), "the retitle")
+        await wait_until(
+            pilot, lambda: f"(latest {app.history.last})" in str(sample.border_title), "the retitle"
+        )
         assert marker_columns(app)[0]  # still marked
         await pilot.press("end")
         assert app.browsing is None and str(sample.border_title).startswith("sample · iteration ")

@@ -456,8 +456,9 @@ class SampleView(VerticalScroll):
             self.border_title = f"sample · iteration {iteration}"
             self.border_subtitle = ""
         else:
-            # "sample ·" gives way to "browsing": at 80 columns the pane's border holds ~34 characters.
-            self.border_title = f"iteration {iteration} of {latest} · browsing"
+            # at 80 columns the pane's border holds ~34 characters, and runs go to 1000 iterations;
+            # "latest", not "of": iterations are numbered from 0, and "3 of 5" read as a count of 5
+            self.border_title = f"iteration {iteration} (latest {latest})"
             self.border_subtitle = f"rep4 {fmt_num(rep4, 2)} · end follows"
         if self.shown != (iteration, text):
             self.shown = (iteration, text)
