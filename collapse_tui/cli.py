@@ -354,7 +354,15 @@ def watch_command(
 
     wait_until_started(run_dir, waiting=waiting)
     source = FolderSource(run_dir, read_only=read_only)
-    summary = run_app(source)
+    try:
+        summary = run_app(source)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # a crash of the watcher: one line; the traceback not in the run's folder
+        from collapse_tui.crash import report_crash
+
+        report_crash(error, None)
+        raise typer.Exit(EXIT_RUN_FAILED) from None
     if summary.get("reason") == "watcher detached" and source.controls.paused:
         # quitting a watcher leaves the run as it is: say so where that means it waits for good
         typer.echo(

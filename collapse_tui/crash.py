@@ -15,7 +15,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from collapse_tui.errors import in_one_line
+from collapse_tui.errors import ScreenCrashed, in_one_line
 
 
 def report_crash(error: BaseException, run_dir: Path | None) -> Path | None:
@@ -27,7 +27,10 @@ def report_crash(error: BaseException, run_dir: Path | None) -> Path | None:
     """
     has_folder = run_dir is not None and (Path(run_dir) / "config.json").is_file()
     saved = _save_traceback("".join(traceback.format_exception(error)), Path(run_dir) if has_folder else None)
-    line = f"collapse-tui: the run crashed: {in_one_line(error)}"
+    if isinstance(error, ScreenCrashed):  # the run itself was stopped as q stops it
+        line = f"collapse-tui: the screen crashed ({error}); the run was stopped"
+    else:
+        line = f"collapse-tui: the run crashed: {in_one_line(error)}"
     if has_folder:
         line += f"; its data is kept in {run_dir}"
     if saved is not None:

@@ -20,6 +20,16 @@ class RunInterrupted(Exception):
     """
 
 
+class ScreenCrashed(Exception):
+    """The live screen failed (a bug in the TUI, not in the run): the run was stopped as q stops it.
+
+    Raised from the screen's own error, so its traceback is kept; ``str`` is that error in one line.
+    """
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(in_one_line(error))
+
+
 def in_one_line(error: BaseException) -> str:
     """``Type: first line of the message`` (just ``Type`` without one): an error fit for a status or log line.
 

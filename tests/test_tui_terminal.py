@@ -37,10 +37,22 @@ START_S = 180
 STOP_S = 90
 
 
-def start_tui(model: Path, evalfile: Path, out: Path) -> tuple[int, int]:
+#: The command line's entry point with a widget that fails at its first update: a bug in the screen.
+SCREEN_BUG = (
+    "from collapse_tui.tui.widgets import RepetitionMeter\n"
+    "def broken(self, *args, **kwargs):\n"
+    "    raise RuntimeError('a bug in a widget')\n"
+    "RepetitionMeter.update_metrics = broken\n"
+    "from collapse_tui.cli import main\n"
+    "main()\n"
+)
+
+
+def start_tui(model: Path, evalfile: Path, out: Path, *, screen_bug: bool = False) -> tuple[int, int]:
     """``collapse-tui`` in a new session on a fresh pty (its controlling terminal); (pid, master fd)."""
+    entry = ["-c", SCREEN_BUG] if screen_bug else ["-m", "collapse_tui.cli"]
     args = [
-        sys.executable, "-m", "collapse_tui.cli", "--model", str(model), "--eval", str(evalfile),
+        sys.executable, *entry, "--model", str(model), "--eval", str(evalfile),
         "--max-iters", "100000", "--gen-tokens", "64", "--block", "32", "--out", str(out), "--device", "cpu",
     ]  # fmt: skip
     pid, master = pty.fork()
@@ -50,20 +62,24 @@ def start_tui(model: Path, evalfile: Path, out: Path) -> tuple[int, int]:
     return pid, master
 
 
-def drain(master: int, done: threading.Event) -> None:
+def drain(master: int, done: threading.Event, seen: bytearray | None = None) -> None:
     """Read the screen as it is drawn (a full pty buffer would block the app), until ``done`` or the pty ends.
 
     It polls, so that it has let go of ``master`` before the test closes it (a read still blocked on a
-    closed descriptor, or on its reused number, would confuse the hang-up).
+    closed descriptor, or on its reused number, would confuse the hang-up). What it reads is kept
+    in ``seen``, if given.
     """
     while not done.is_set():
         if not select.select([master], [], [], 0.05)[0]:
             continue
         try:
-            if not os.read(master, 65536):
-                return
+            chunk = os.read(master, 65536)
         except OSError:
             return
+        if not chunk:
+            return
+        if seen is not None:
+            seen.extend(chunk)
 
 
 def wait_for_exit(pid: int, seconds: float) -> int | None:
@@ -122,3 +138,28 @@ def test_a_dropped_terminal_or_a_kill_stops_the_tui_run_cleanly_and_the_process_
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "stop"
     assert summary["iterations"] == len(metrics.read_text().splitlines())
+
+
+def test_a_bug_in_the_screen_stops_the_run_and_says_so_in_one_line(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    pid, master = start_tui(tiny_model_dir, eval_file, out, screen_bug=True)
+    done, seen = threading.Event(), bytearray()
+    reader = threading.Thread(target=drain, args=(master, done, seen), daemon=True)
+    reader.start()
+    try:
+        code = wait_for_exit(pid, START_S + STOP_S)
+        if code is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    finally:
+        done.set()
+        reader.join(timeout=10)
+        os.close(master)
+    assert code == 1  # a crash, not a stop the user asked for
+    printed = seen.decode("utf-8", "replace")
+    assert "the screen crashed (RuntimeError: a bug in a widget); the run was stopped" in printed
+    assert "Traceback" not in printed and "a bug in a widget" in (out / "traceback.txt").read_text()
+    assert json.loads((out / "summary.json").read_text())["status"] == "stopped"  # the run folder completed
+    assert json.loads((out / "process.json").read_text())["state"] == "ended"

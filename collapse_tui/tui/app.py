@@ -40,7 +40,7 @@ from textual.widget import Widget
 from textual.widgets import Footer, Label, ProgressBar
 from textual.worker import Worker, WorkerState
 
-from collapse_tui.errors import UserError
+from collapse_tui.errors import ScreenCrashed, UserError
 from collapse_tui.exits import ignore_later_hangups
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import SNAPSHOTS, read_run
@@ -172,6 +172,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.summary: dict[str, Any] | None = None
         #: What the run raised, if anything; ``run_app`` re-raises it.
         self.run_error: BaseException | None = None
+        #: What the screen itself raised (a bug in a widget or a handler), if anything: Textual
+        #: ends the app on it, the run is stopped as on q, and ``run_app`` re-raises it.
+        self.screen_error: Exception | None = None
         #: Set by the worker thread once ``source.run`` has returned or raised.
         self.run_done = threading.Event()
         self.loading = True
@@ -264,6 +267,23 @@ class CollapseApp(App[dict[str, Any] | None]):
     def on_unmount(self) -> None:
         # However the app ends (quit, SIGHUP, a crash), the run must stop so the process can exit.
         self.source.controls.stop()
+
+    def _handle_exception(self, error: Exception) -> None:
+        """Textual's hook for an exception the screen did not handle: kept for ``run_app``."""
+        if self.screen_error is None:
+            self.screen_error = error
+        super()._handle_exception(error)
+
+    def _print_error_renderables(self) -> None:
+        """Where Textual prints a crash's traceback on leaving; the CLI says it in one line instead.
+
+        (Both hooks are Textual's own, private, methods: should a release rename
+        them, a crash of the screen prints its traceback again, and still exits 1.)
+        """
+        if self.screen_error is None:
+            super()._print_error_renderables()
+        else:
+            self._exit_renderables.clear()
 
     # -- the run's thread ----------------------------------------------------
 
@@ -858,6 +878,8 @@ def run_app(
             silence_output()
     if app.run_error is not None:
         raise app.run_error
+    if app.screen_error is not None:  # the run is stopped and its folder complete; the screen crashed
+        raise ScreenCrashed(app.screen_error) from app.screen_error
     summary = app.summary or {}
     if not stopped_by and app.interrupted:  # the interrupt key, which the screen's raw mode keeps a key
         stopped_by.append("SIGINT")
