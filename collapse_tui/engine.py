@@ -47,6 +47,8 @@ from collapse_tui.runfolder import (
     make_summary,
     partial_snapshot,
     read_run,
+    replaced_snapshot,
+    restore_replaced_snapshots,
     snapshot_iteration,
 )
 from collapse_tui.source import EngineListener, NullListener, RunInfo
@@ -461,7 +463,10 @@ class Engine:
 
         Written into a hidden ``.partial-iter-N`` folder and renamed into place
         once complete, so a snapshot is either whole or not there: a full disk,
-        a second Ctrl-C or a kill mid-write never leaves a torn ``iter-N``.
+        a second Ctrl-C or a kill mid-write never leaves a torn ``iter-N``. One
+        that replaces an ``iter-N`` (the same iteration, saved again) moves the
+        old one aside first; a kill between the two renames leaves it there, and
+        the next resume puts it back (``restore_replaced_snapshots``).
         """
         assert self.writer is not None
         final = self.writer.snapshot_dir(self.iteration)
@@ -470,7 +475,7 @@ class Engine:
         path.mkdir(parents=True)
         self._write_snapshot(path)
         if final.exists():  # the same iteration saved before (the snapshot resumed from, say): replace it
-            replaced = final.with_name(f".replaced-{final.name}")
+            replaced = replaced_snapshot(final)  # put back by the next resume if killed before the swap ends
             shutil.rmtree(replaced, ignore_errors=True)
             final.rename(replaced)
             path.rename(final)
@@ -614,6 +619,8 @@ class Engine:
 
 def _check_snapshot(path: Path) -> None:
     needed = ["state.json", "optimizer.pt", "rng.pt", "config.json"]
+    if not path.is_dir() and replaced_snapshot(path).is_dir() and not is_alive(path.parent.parent):
+        restore_replaced_snapshots(path.parent)  # its run was killed while replacing it
     if not path.is_dir():
         raise UserError(f"--resume {path}: no such snapshot folder")
     missing = [name for name in needed if not (path / name).exists()]

@@ -50,6 +50,8 @@ SNAPSHOTS = "snapshots"
 LOCK = ".lock"
 #: A snapshot is written into ``snapshots/.partial-iter-N`` and renamed to ``iter-N`` once complete.
 PARTIAL = ".partial-"
+#: A snapshot being replaced by a new one of its iteration is moved to ``snapshots/.replaced-iter-N`` first.
+REPLACED = ".replaced-"
 #: The mark on the summary written before the final snapshot (``Engine._final_snapshot``): until its
 #: process ends, the run is still going.
 ENDING_SNAPSHOT = "saving the final snapshot"
@@ -165,6 +167,27 @@ def write_atomic(path: Path, text: str) -> None:
 def partial_snapshot(final: Path) -> Path:
     """Where snapshot ``final`` (``snapshots/iter-N``) is written before it is complete."""
     return final.with_name(PARTIAL + final.name)
+
+
+def replaced_snapshot(final: Path) -> Path:
+    """Where snapshot ``final`` is moved aside while a new one of its iteration takes its place."""
+    return final.with_name(REPLACED + final.name)
+
+
+def restore_replaced_snapshots(snapshots: Path) -> None:
+    """Put back a snapshot moved aside whose replacement never took its place; drop the others.
+
+    Why: replacing ``iter-N`` takes two renames, and a process killed between
+    them leaves no ``iter-N`` at all. Only a process that may write the run
+    calls this (its writer, or a resume once the run's process is gone).
+    """
+    for moved in snapshots.glob(REPLACED + "*"):
+        final = snapshots / moved.name.removeprefix(REPLACED)
+        if final.exists():
+            shutil.rmtree(moved, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                moved.rename(final)
 
 
 def is_ending(summary: dict[str, Any] | None) -> bool:
@@ -412,6 +435,7 @@ class RunWriter:
             for name in START_FILES:  # what a start that never finished an iteration left
                 (self.root / name).unlink(missing_ok=True)
         if resuming:
+            restore_replaced_snapshots(self.root / SNAPSHOTS)
             # a process killed while writing a snapshot left it unfinished: never loadable, maybe GBs
             for partial in (self.root / SNAPSHOTS).glob(PARTIAL + "*"):
                 shutil.rmtree(partial, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -309,3 +310,17 @@ def test_a_snapshot_whose_sampler_was_saved_on_another_device_resumes_with_a_str
     assert texts[0] == texts[1]  # seeded from the saved state: a resume of it samples the same
     assert texts[2] != texts[0]  # and not from the run's --seed alone
     assert read_run(tmp_path / "run").summary["status"] == "finished"
+
+
+def test_a_snapshot_moved_aside_for_a_replacement_that_never_came_is_put_back(tiny_config, tmp_path):
+    # killed between the two renames that replace iter-N by a new one of its iteration
+    tiny_config.out = str(tmp_path / "run")
+    tiny_config.max_iters = 2
+    Engine(tiny_config).run(Collector())  # its final snapshot: iter-2
+    snapshots = tmp_path / "run" / "snapshots"
+    (snapshots / "iter-2").rename(snapshots / ".replaced-iter-2")
+    shutil.copytree(snapshots / ".replaced-iter-2", snapshots / ".partial-iter-2")
+    engine = Engine(build_config({"resume": snapshots / "iter-2", "max_iters": 3}))
+    engine.run(Collector())
+    assert sorted(path.name for path in snapshots.iterdir()) == ["iter-2", "iter-3"]
+    assert json.loads((snapshots / "iter-2" / "state.json").read_text())["iteration"] == 2
