@@ -7,6 +7,7 @@ way the engine does, so these tests need no model and run in about a second.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -1164,6 +1165,29 @@ def test_highlight_marks_loops_without_spaces(sample: str, looping: str) -> None
     marked = [text.plain[span.start : span.end] for span in text.spans]
     assert marked == [looping]
     assert highlight_repeats("hahaha, committee bookkeeper").spans == []
+
+
+def test_a_resumed_run_counts_its_streak_above_the_threshold_once(tmp_path: Path) -> None:
+    # before the resume: rep4 0.1, 0.2, 0.95; the first resumed iteration 0.95 again: two in a row
+    writer = RunWriter(tmp_path / "run")
+    writer.write_config({"model": "m", "lr": 4e-5, "evals": ["ptb"], "max_iters": 9})
+    for i, rep4 in enumerate((0.1, 0.2, 0.95)):
+        writer.write_record(dataclasses.replace(folder_record(i, evals=("ptb",)), rep4=rep4))
+    writer.close()
+    info = RunInfo(
+        model="m", device="cpu", max_iters=9, lr=4e-5, eval_names=["ptb"], run_dir=str(tmp_path / "run")
+    )
+    resumed = Event("resumed_from", 3, data={"path": str(tmp_path / "run" / "snapshots" / "iter-3")})
+    first = dataclasses.replace(folder_record(3, evals=("ptb",)), rep4=0.95)
+    source = FakeSource([first], info=info, script={0: [resumed]})
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: len(app.drawn) == 4, "the resumed iteration after the earlier three")
+        assert [row[0] for row in app.drawn] == [0, 1, 2, 3]
+        await pilot.pause()
+        assert app.query_one(RepetitionMeter).detector.streak == 2
+
+    drive(source, scenario)
 
 
 # -- the real engine inside the app ------------------------------------------------

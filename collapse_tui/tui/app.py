@@ -489,7 +489,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         if earlier:
             last = earlier[-1]
             self._redraw()
-            self.query_one(RepetitionMeter).update_metrics(
+            self.query_one(RepetitionMeter).show_metrics(  # counted by _redraw's replay already
                 last.rep4, last.distinct1, last.unique_tokens, last.compression_ratio
             )
             self._show_sample()

@@ -329,9 +329,14 @@ class RepetitionMeter(Widget):
         self.refresh()
 
     def update_metrics(self, rep4: float, distinct1: float, unique_tokens: int, compression: float) -> None:
+        """A new iteration's numbers, counted towards the streak."""
+        self.show_metrics(rep4, distinct1, unique_tokens, compression)
+        self.detector.update(rep4)
+
+    def show_metrics(self, rep4: float, distinct1: float, unique_tokens: int, compression: float) -> None:
+        """Numbers already counted (``replay``): shown, not counted again."""
         self.rep4, self.distinct1 = rep4, distinct1
         self.unique_tokens, self.compression = unique_tokens, compression
-        self.detector.update(rep4)
         self.refresh()
 
     def render(self) -> Text:
