@@ -26,6 +26,7 @@ from collapse_tui.config import (
     RunConfig,
     absolute_eval,
     absolute_paths,
+    check_config_types,
     eval_set_name,
     parse_eval_tokens,
     resolve_config,
@@ -281,9 +282,13 @@ def _run_config_of_snapshot(snapshot: Path) -> RunConfig:
             f"--resume {snapshot}: not a snapshot folder of a run (expected RUN/snapshots/iter-N)"
         )
     try:
-        return RunConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError) as error:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+        check_config_types(data)
+        return RunConfig.from_dict(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
         raise UserError(f"{config_path} is not a valid run config: {error}") from None
+    except OSError as error:
+        raise UserError(f"{config_path} cannot be read: {error.strerror}") from None
 
 
 @app.callback(invoke_without_command=True)

@@ -134,6 +134,38 @@ class RunConfig:
         return cls(**{"train_on": "ids", **{k: v for k, v in data.items() if k in known}})
 
 
+#: What each kind of field in ``RunConfig`` may hold when read back from a ``config.json``.
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "float": (int, float),
+    "int": (int,),
+    "bool": (bool,),
+    "list[str]": (list,),
+}
+
+
+def check_config_types(data: Any) -> None:
+    """Raise TypeError if ``data`` (a run's ``config.json``) is not an object of the fields' types.
+
+    Why: the file may have been edited or damaged by hand, and a model name of
+    5 or an lr of "x" would otherwise fail deep inside a run, as a traceback.
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"a JSON object was expected, not {type(data).__name__}")
+    for item in dataclasses.fields(RunConfig):
+        if item.name not in data:
+            continue
+        value, kind = data[item.name], str(item.type)
+        optional = kind.endswith(" | None")
+        allowed = _JSON_TYPES.get(kind.removesuffix(" | None"))
+        if allowed is None or (optional and value is None):
+            continue
+        if not isinstance(value, allowed) or (
+            kind == "list[str]" and not all(isinstance(v, str) for v in value)
+        ):
+            raise TypeError(f"{item.name} should be {kind}, not {value!r}")
+
+
 def parse_eval_tokens(value: str | int | None) -> int | None:
     """``--eval-tokens`` takes a positive count or ``all``."""
     if value is None or value == "all":

@@ -324,3 +324,15 @@ def test_a_snapshot_moved_aside_for_a_replacement_that_never_came_is_put_back(ti
     engine.run(Collector())
     assert sorted(path.name for path in snapshots.iterdir()) == ["iter-2", "iter-3"]
     assert json.loads((snapshots / "iter-2" / "state.json").read_text())["iteration"] == 2
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[]", b"\xff\xfe{", b'{"model": 5}', b'{"lr": "fast"}', b'{"evals": [1]}', b'{"eval_tokens": "all"}'],
+)
+def test_a_damaged_run_config_is_one_line_when_resuming(tmp_path, content: bytes) -> None:
+    run = tmp_path / "run"
+    (run / "snapshots" / "iter-1").mkdir(parents=True)
+    (run / "config.json").write_bytes(content)
+    with pytest.raises(UserError, match=r"config.json is not a valid run config"):
+        build_config({"resume": run / "snapshots" / "iter-1", "max_iters": 3})
