@@ -97,7 +97,7 @@ def _is_run_config(path: Path) -> bool | None:
     """Whether ``path`` is a run's config.json: None when there is none, False for another's (a model's)."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # none there (or its folder is a file: --out a/file/x)
         return None
     except (OSError, ValueError):
         return False
@@ -601,7 +601,7 @@ def read_summary(root: Path) -> dict[str, Any] | None:
     """``summary.json``, or None while there is none (it is written atomically, so never half)."""
     try:
         summary = json.loads((Path(root) / SUMMARY).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):  # none yet, or none to read (a folder)
         return None
     return summary if isinstance(summary, dict) else None
 

@@ -18,7 +18,14 @@ from collapse_tui.controls import RunControls
 from collapse_tui.errors import UserError
 from collapse_tui.follow import serving_watchers
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import RunWriter, parse_metrics, read_jsonl, read_run
+from collapse_tui.runfolder import (
+    RunWriter,
+    parse_metrics,
+    read_jsonl,
+    read_run,
+    read_summary,
+    why_not_take_over,
+)
 
 
 def record(iteration: int, gen_loss: float = 2.0) -> IterationRecord:
@@ -141,6 +148,16 @@ def test_a_folder_whose_config_is_not_a_runs_is_left_alone(tmp_path: Path) -> No
     with pytest.raises(UserError, match=r"holds a config\.json that is not a run's"):
         RunWriter(model)
     assert (model / "config.json").read_text() == '{"model_type": "gpt2"}'
+
+
+def test_an_out_inside_a_file_is_not_taken_for_a_foreign_config(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    assert why_not_take_over(tmp_path / "notes.txt" / "run") is None  # mkdir then says "Not a directory"
+
+
+def test_a_summary_that_cannot_be_read_is_no_summary(tmp_path: Path) -> None:
+    (tmp_path / "summary.json").mkdir()  # a folder of that name: watch and plot must not fail on it
+    assert read_summary(tmp_path) is None
 
 
 def test_files_named_like_a_runs_that_no_run_left_are_left_alone(tmp_path: Path) -> None:
