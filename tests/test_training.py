@@ -55,6 +55,45 @@ def test_an_eager_step_changes_the_weights_and_a_nan_loss_changes_nothing() -> N
     assert all(torch.equal(a, b) or a.isnan().any() for a, b in zip(before, after, strict=True))
 
 
+def design_steps(model: torch.nn.Module, batch: list[torch.Tensor], lr: float, *, clip: bool) -> None:
+    """DESIGN section 1's training step written out: AdamW, betas (0.9, 0.95), weight decay 0.1 on
+    parameters of 2 or more dimensions only, gradients clipped to norm 1.0 (or not, to show it matters)."""
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+    for window in batch:
+        logits = model(window[None, :-1]).logits
+        torch.nn.functional.cross_entropy(logits[0], window[1:]).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_the_training_steps_are_designs_adamw_with_its_decay_betas_and_clipping() -> None:
+    model = small_model("cpu")
+    expected, unclipped = copy.deepcopy(model), copy.deepcopy(model)
+    batch = windows(3, 16, "cpu")
+    batch[0] = batch[0].flip(0)  # another gradient norm for the first step than for the others
+    trainer = TrainStep(model, build_optimizer(model, 1e-2, torch.device("cpu")), None)
+    for window in batch:
+        trainer.step(window)
+    design_steps(expected, batch, 1e-2, clip=True)
+    design_steps(unclipped, batch, 1e-2, clip=False)
+    for mine, theirs in zip(model.parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    # the clipping is seen in the weights: without it they would have come out elsewhere
+    assert any(
+        not torch.allclose(a, b) for a, b in zip(expected.parameters(), unclipped.parameters(), strict=True)
+    )
+
+
 def twins(lr: float) -> tuple[TrainStep, GraphedTrainStep]:
     """An eager and a graphed step over two copies of one model, in bf16 autocast as the engine runs."""
     device = torch.device("cuda")
