@@ -62,3 +62,5 @@ def test_collapse_needs_patience_iterations_in_a_row_at_or_above_threshold() -> 
     detector = CollapseDetector(threshold=0.9, patience=3)
     verdicts = [detector.update(r) for r in [0.95, 0.9, 0.5, 0.95, 0.91, 0.92, 0.99]]
     assert verdicts == [False, False, False, False, False, True, True]
+    exactly = CollapseDetector(threshold=0.75, patience=2)  # 0.75 is exact in binary: "at" means at
+    assert [exactly.update(r) for r in [0.75, 0.75]] == [False, True]
