@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from collapse_tui import data
-from collapse_tui.data import load_eval_text
+from collapse_tui.data import eval_windows, load_eval_text
 from collapse_tui.errors import UserError
 
 #: The start of each original validation file, in its own layout.
@@ -53,3 +53,16 @@ def test_an_evaluation_file_that_cannot_be_read_is_one_clear_error(tmp_path: Pat
     monkeypatch.setattr(Path, "read_text", denied)
     with pytest.raises(UserError, match=r"^cannot read evaluation file .*valid\.txt: Permission denied$"):
         load_eval_text(str(text_file))
+
+
+def test_evaluation_windows_are_worked_out_by_hand() -> None:
+    ids = list(range(101))  # 101 tokens: 10 consecutive windows of block 10 (+1 target each)
+    windows = eval_windows(ids, 10, eval_tokens=25, name="held")
+    # 25 target tokens round up to 3 whole windows, spread evenly: starts 0, 45, 90
+    assert [row[0] for row in windows.tolist()] == [0, 45, 90]
+    assert windows.tolist()[-1] == list(range(90, 101))
+    everything = eval_windows(ids, 10, eval_tokens=None)
+    assert [row[0] for row in everything.tolist()] == list(range(0, 100, 10))
+    assert eval_windows(ids, 10, eval_tokens=10_000).tolist() == everything.tolist()  # at most the split
+    with pytest.raises(UserError, match="evaluation set held has 10 tokens; it needs at least 11"):
+        eval_windows(ids[:10], 10, eval_tokens=None, name="held")
