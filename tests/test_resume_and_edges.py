@@ -336,3 +336,23 @@ def test_a_damaged_run_config_is_one_line_when_resuming(tmp_path, content: bytes
     (run / "config.json").write_bytes(content)
     with pytest.raises(UserError, match=r"config.json is not a valid run config"):
         build_config({"resume": run / "snapshots" / "iter-1", "max_iters": 3})
+
+
+def test_a_resume_goes_on_counting_the_streak_towards_a_collapse(tiny_config, tmp_path):
+    # two looping iterations before the snapshot, patience 3: the first resumed one is the third
+    tiny_config.out = str(tmp_path / "run")
+    tiny_config.max_iters = 2
+    tiny_config.gen_tokens = 100
+    engine = Engine(tiny_config)
+    engine.load()
+    engine.inference = RepeatingInference(engine.model, tiny_config.block, 1.0, 50)
+    engine.run(Collector())
+    assert (
+        json.loads((tmp_path / "run" / "snapshots" / "iter-2" / "state.json").read_text())["collapse_streak"]
+        == 2
+    )
+    resumed = Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-2", "max_iters": 6}))
+    resumed.load()
+    resumed.inference = RepeatingInference(resumed.model, tiny_config.block, 1.0, 50)
+    summary = resumed.run(Collector())
+    assert summary["collapsed_at"] == 2 and summary["iterations"] == 3
