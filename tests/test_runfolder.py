@@ -20,6 +20,7 @@ from collapse_tui.follow import serving_watchers
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import (
     RunWriter,
+    drop_abandoned_events,
     parse_metrics,
     read_jsonl,
     read_run,
@@ -343,3 +344,23 @@ def test_an_atomic_write_that_fails_leaves_no_temporary_file(tmp_path: Path, mon
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
     assert (tmp_path / "summary.json").read_text() == '{"status": "finished"}\n'
+
+
+def test_a_resume_drops_what_the_iterations_it_abandoned_logged() -> None:
+    # resumed from the snapshot of iteration 3 (three iterations done, 0..2)
+    events = [
+        Event("start", 0),
+        Event("lr", 3, data={"lr": 1e-4}),  # at the boundary the snapshot was taken: kept
+        Event("collapse", 3, data={"at": 2}),  # iteration 2's sample: before the snapshot, kept
+        Event("error", 2),  # in iteration 2: before it, kept
+        Event("error", 3),  # in iteration 3, which the resume runs again: dropped
+        Event("collapse", 5, data={"at": 4}),  # dropped
+        Event("pause", 4),  # dropped
+        Event("stop", 5),
+        Event("resumed_from", 3),
+        Event("start", 3),
+    ]
+    kept = drop_abandoned_events(events)
+    assert [(e.event, e.iteration) for e in kept] == [
+        ("start", 0), ("lr", 3), ("collapse", 3), ("error", 2), ("stop", 5), ("resumed_from", 3), ("start", 3)
+    ]  # fmt: skip
