@@ -44,13 +44,6 @@ class RunControls:
             self._paused = False
             self._condition.notify_all()
 
-    def toggle_pause(self) -> bool:
-        """Pause if running, resume if paused; return whether it is now paused."""
-        with self._condition:
-            self._paused = not self._paused
-            self._condition.notify_all()
-            return self._paused
-
     def set_lr(self, lr: float) -> None:
         """Ask for a new learning rate from the next iteration on."""
         if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):

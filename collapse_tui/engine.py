@@ -306,6 +306,11 @@ class Engine:
 
     # -- the loop ----------------------------------------------------------------------
 
+    @property
+    def loaded(self) -> bool:
+        """Whether loading is over and the run has its folder open: a stop from here on ends it cleanly."""
+        return self.writer is not None
+
     def run(self, listener: EngineListener | None = None) -> dict[str, Any]:
         """Load, then iterate until max_iters, collapse, a stop or an error. Returns the summary."""
         self.listener = listener or self.listener

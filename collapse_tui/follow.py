@@ -346,13 +346,6 @@ class FolderControls(RunControls):
         if self._send("resume"):
             super().resume()
 
-    def toggle_pause(self) -> bool:
-        if self.paused:
-            self.resume()
-        else:
-            self.pause()
-        return self.paused
-
     def set_lr(self, lr: float) -> None:
         # validated by send_command, then shown as pending until the run's lr event
         if self._send("lr", lr=lr):

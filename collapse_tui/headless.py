@@ -196,7 +196,7 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         nonlocal interrupted
         if ignore_later_hangups(signum) and interrupted:
             return  # a hang-up after a Ctrl-C or a kill: the stop is under way
-        if interrupted or engine.writer is None:
+        if interrupted or not engine.loaded:
             raise KeyboardInterrupt  # a second Ctrl-C, or still loading: leave now
         interrupted = True
         engine.controls.stop()

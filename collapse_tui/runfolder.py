@@ -14,10 +14,11 @@ Layout (DESIGN section 4)::
     traceback.txt      only after a crash
     .lock              held by the run that writes the folder (where the OS has ``fcntl``)
 
-Files are append-only and flushed (and fsynced) line by line, so killing the
-process loses at most the iteration in flight, and another process may read
-the folder while it is written. Every reader goes through ``read_jsonl``,
-which skips a half-written last line.
+The line files are append-only and flushed (and fsynced) line by line, so
+killing the process loses at most the iteration in flight, and another
+process may read the folder while it is written. Every reader goes through
+``read_jsonl``, which skips a half-written last line. The JSON files are
+replaced whole (``write_atomic``), snapshots by a rename once complete.
 """
 
 from __future__ import annotations
@@ -153,11 +154,15 @@ def check_new_run_folder(root: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a reader never sees half of it, and a write that fails
-    (a full disk) leaves no temporary file behind."""
+    """Write ``path`` whole or not at all: a reader never sees half of it, a write that fails
+    (a full disk) leaves no temporary file behind, and a power cut after it cannot leave it empty
+    (the text is on disk before the rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

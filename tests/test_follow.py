@@ -303,7 +303,7 @@ def test_a_read_only_watcher_cannot_send(tmp_path: Path) -> None:
     controls.pause()
     controls.set_lr(1e-4)
     controls.request_snapshot()
-    assert not controls.toggle_pause()
+    controls.resume()
     assert not (run_dir / COMMANDS).exists()
     assert not controls.paused and controls.pending_lr is None
 

@@ -332,13 +332,11 @@ def test_a_model_folder_is_not_taken_for_a_run(tmp_path) -> None:
 def test_an_atomic_write_that_fails_leaves_no_temporary_file(tmp_path: Path, monkeypatch) -> None:
     # a full disk: the write fails, the file it was to replace stays whole, nothing is left beside it
     (tmp_path / "summary.json").write_text('{"status": "finished"}\n')
-    real_write_text = Path.write_text
 
-    def full_disk(self: Path, *args, **kwargs):
-        real_write_text(self, "half", encoding="utf-8")
+    def full_disk(fd: int) -> None:  # the written text is flushed to the disk, which has no room left
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full_disk)
+    monkeypatch.setattr(runfolder.os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space left"):
         runfolder.write_atomic(tmp_path / "summary.json", '{"status": "stopped"}\n')
     monkeypatch.undo()
