@@ -168,7 +168,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     def fmt(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
-    table.add_row("status", f"{summary['status']} ({summary['reason']})")
+    status, reason = summary["status"], summary["reason"]
+    table.add_row("status", status if reason == status else f"{status} ({reason})")
     table.add_row("iterations run", str(summary["iterations"]))
     collapsed = summary.get("collapsed_at")
     table.add_row("collapsed at", "—" if collapsed is None else f"iteration {collapsed}")

@@ -27,3 +27,17 @@ def test_the_progress_bar_shows_the_losses_again_once_a_snapshot_is_saved() -> N
         assert reporter.progress.tasks[0].fields["losses"] == format_losses(record(1))
     finally:
         reporter.close()
+
+
+def test_the_summary_gives_the_reason_only_where_it_adds_to_the_status() -> None:
+    from rich.console import Console
+
+    from collapse_tui.headless import summary_table
+
+    def status_row(status: str, reason: str) -> str:
+        console = Console(width=100, record=True, color_system=None)
+        console.print(summary_table({"status": status, "reason": reason, "iterations": 3, "run_dir": "/r"}))
+        return next(line for line in console.export_text().splitlines() if "status" in line)
+
+    assert "collapsed (collapsed)" not in status_row("collapsed", "collapsed")
+    assert "finished (max_iters)" in status_row("finished", "max_iters")

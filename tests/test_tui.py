@@ -171,6 +171,8 @@ def test_space_pauses_and_p_resumes() -> None:
         assert app.state == "paused"
         # the footer now offers resume instead of pause
         assert app.check_action("pause", ()) is False and app.check_action("resume", ()) is True
+        await pilot.press("s")  # a paused run saves it at once: no iteration is in flight to wait for
+        assert any(n.message == "saved now (the run is paused)" for n in app._notifications)
         await pilot.press("p")
         await wait_until(pilot, lambda: "resume" in [e.event for e in source.events], "the resume event")
         assert not source.controls.paused and app.state == "running"

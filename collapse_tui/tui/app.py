@@ -756,7 +756,9 @@ class CollapseApp(App[dict[str, Any] | None]):
             return
         self.snapshot_pending = True
         self.refresh_bindings()
-        self.notify("saved after the iteration in flight", title="snapshot requested")
+        # a paused engine takes it at once, at the boundary it waits on
+        when = "now (the run is paused)" if self.run_paused else "after the iteration in flight"
+        self.notify(f"saved {when}", title="snapshot requested")
 
     def action_step(self, by: int) -> None:
         """Move ``by`` iterations back (negative) or forward through the samples; past the latest, follow."""
