@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from rich.console import Console
 from runfolders import record
 
-from collapse_tui.headless import ProgressReporter, format_losses
+from collapse_tui.headless import ProgressReporter, format_losses, summary_table
 from collapse_tui.records import Event
 
 
@@ -30,10 +30,6 @@ def test_the_progress_bar_shows_the_losses_again_once_a_snapshot_is_saved() -> N
 
 
 def test_the_summary_gives_the_reason_only_where_it_adds_to_the_status() -> None:
-    from rich.console import Console
-
-    from collapse_tui.headless import summary_table
-
     def status_row(status: str, reason: str) -> str:
         console = Console(width=100, record=True, color_system=None)
         console.print(summary_table({"status": status, "reason": reason, "iterations": 3, "run_dir": "/r"}))
