@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -227,7 +228,7 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         report_crash(crash, engine.run_dir)
         return EXIT_RUN_FAILED
     if summary is None or reporter is None:
-        _say("collapse-tui: interrupted")
+        _say(interrupted_line(engine.run_dir if engine.loaded else None, engine.last_snapshot))
         return EXIT_INTERRUPTED
     table = summary_table(summary)
     reporter.guarded(lambda: print_table(console, table))
@@ -235,6 +236,19 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
     if line:
         _say(line)
     return run_exit_code(summary, signalled=interrupted)
+
+
+def interrupted_line(run_dir: Path | None, last_snapshot: Path | None) -> str:
+    """The one line for a run left at once (a second Ctrl-C): what is kept, and what it may go on from.
+
+    ``run_dir`` is None when the run was still loading (it wrote nothing).
+    """
+    if run_dir is None:
+        return "collapse-tui: interrupted while loading"
+    go_on = (
+        f"the newest snapshot is {last_snapshot}" if last_snapshot else "there is no snapshot to resume from"
+    )
+    return f"collapse-tui: interrupted: no final snapshot was saved; the records are in {run_dir}, {go_on}"
 
 
 def _catch_stop_signals(stop: Callable[[int, FrameType | None], None]) -> None:

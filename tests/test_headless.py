@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from rich.console import Console
 from runfolders import record
 
-from collapse_tui.headless import ProgressReporter, format_losses, summary_table
+from collapse_tui.headless import ProgressReporter, format_losses, interrupted_line, summary_table
 from collapse_tui.records import Event
 
 
@@ -37,3 +37,12 @@ def test_the_summary_gives_the_reason_only_where_it_adds_to_the_status() -> None
 
     assert "collapsed (collapsed)" not in status_row("collapsed", "collapsed")
     assert "finished (max_iters)" in status_row("finished", "max_iters")
+
+
+def test_a_run_left_at_once_says_what_is_kept_and_what_it_can_go_on_from(tmp_path) -> None:
+    assert interrupted_line(None, None) == "collapse-tui: interrupted while loading"
+    snapshot = tmp_path / "snapshots" / "iter-4"
+    assert interrupted_line(tmp_path, snapshot).endswith(
+        f"records are in {tmp_path}, the newest snapshot is {snapshot}"
+    )
+    assert interrupted_line(tmp_path, None).endswith("there is no snapshot to resume from")
