@@ -277,6 +277,13 @@ def resume_lr(options: dict[str, Any]) -> float | None:
 
 def _run_config_of_snapshot(snapshot: Path) -> RunConfig:
     config_path = snapshot.parent.parent / CONFIG
+    if (snapshot / CONFIG).is_file() and (snapshot / "snapshots").is_dir():  # a run folder, not a snapshot
+        saved = [p for p in (snapshot / "snapshots").glob("iter-*") if p.name.removeprefix("iter-").isdigit()]
+        newest = max(saved, key=lambda p: int(p.name.removeprefix("iter-")), default=None)
+        hint = f"; its newest is {newest}" if newest else "; it has none"
+        raise UserError(
+            f"--resume takes a snapshot of a run (RUN/snapshots/iter-N), not the run {snapshot}{hint}"
+        )
     if not config_path.exists():
         raise UserError(
             f"--resume {snapshot}: not a snapshot folder of a run (expected RUN/snapshots/iter-N)"

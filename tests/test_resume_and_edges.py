@@ -356,3 +356,14 @@ def test_a_resume_goes_on_counting_the_streak_towards_a_collapse(tiny_config, tm
     resumed.inference = RepeatingInference(resumed.model, tiny_config.block, 1.0, 50)
     summary = resumed.run(Collector())
     assert summary["collapsed_at"] == 2 and summary["iterations"] == 3
+
+
+def test_resume_given_the_run_folder_names_its_newest_snapshot(tiny_config, tmp_path):
+    tiny_config.out = str(tmp_path / "run")
+    tiny_config.max_iters = 4
+    tiny_config.snapshot_every = 2
+    Engine(tiny_config).run(Collector())  # iter-2 and iter-4 (iter-10 would sort before iter-4 as text)
+    (tmp_path / "run" / "snapshots" / "iter-10").mkdir()
+    newest = tmp_path / "run" / "snapshots" / "iter-10"
+    with pytest.raises(UserError, match=f"not the run {tmp_path / 'run'}; its newest is {newest}"):
+        build_config({"resume": tmp_path / "run", "max_iters": 6})
