@@ -387,7 +387,12 @@ def watch_command(
 @user_errors
 def plot_command(
     run_dirs: Annotated[
-        list[Path], typer.Argument(help="Run folders to compare.", show_default=False, metavar="RUN_DIR")
+        list[Path],
+        typer.Argument(
+            help="Run folders to compare; a folder of runs (a sweep) stands for every run in it.",
+            show_default=False,
+            metavar="RUN_DIR",
+        ),
     ],
     out: Annotated[Path, typer.Option("-o", "--out", help="Figure file (.png, .pdf, .svg).")] = Path(
         "collapse.png"

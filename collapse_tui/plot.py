@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from collapse_tui.errors import UserError
-from collapse_tui.runfolder import RunFolder, read_run
-from collapse_tui.runs import lr_text, model_label, run_names
+from collapse_tui.runfolder import CONFIG, RunFolder, read_run
+from collapse_tui.runs import find_runs, lr_text, model_label, run_names
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -28,6 +28,15 @@ if TYPE_CHECKING:
 LINE_GID = "run:{}"
 COLLAPSE_GID = "collapse:{}"
 GEN_PANEL = "loss on generated text"
+
+
+def _runs_in(paths: list[Path]) -> list[Path]:
+    """``paths``, a folder of runs (a sweep, or ``runs``) standing for the runs under it, as ``runs`` lists them."""
+    expanded: list[Path] = []
+    for path in map(Path, paths):
+        found = find_runs(path) if path.is_dir() and not (path / CONFIG).exists() else []
+        expanded.extend(run.root for run in found) if found else expanded.append(path)
+    return expanded
 
 
 def load_runs(run_dirs: list[Path], skipped: list[str] | None = None) -> list[RunFolder]:
@@ -41,7 +50,7 @@ def load_runs(run_dirs: list[Path], skipped: list[str] | None = None) -> list[Ru
     if not run_dirs:
         raise UserError("give at least one run folder to plot")
     runs, empty, seen = [], [], set()
-    for run_dir in run_dirs:
+    for run_dir in _runs_in(run_dirs):
         where = os.path.abspath(run_dir)
         if where in seen:  # one folder named twice (or spelled two ways): once
             continue

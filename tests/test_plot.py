@@ -97,8 +97,9 @@ def test_other_formats_come_from_the_extension(two_runs: list[Path], tmp_path: P
 
 
 def test_mistakes_give_one_clear_line(two_runs: list[Path], tmp_path: Path) -> None:
+    (tmp_path / "no-runs").mkdir()
     with pytest.raises(UserError, match="not a run folder"):
-        plot_runs([tmp_path], tmp_path / "f.png")
+        plot_runs([tmp_path / "no-runs"], tmp_path / "f.png")
     empty = tmp_path / "empty"
     RunWriter(empty).write_config({"model": "gpt2", "lr": 4e-5})
     with pytest.raises(UserError, match="has no iterations yet"):
@@ -187,3 +188,15 @@ def test_a_sweep_of_more_than_ten_runs_gets_a_look_for_each(tmp_path: Path) -> N
 def test_the_legend_explains_the_mark_only_when_a_run_collapsed(two_runs: list[Path]) -> None:
     figure = build_figure(load_runs(two_runs))
     assert figure.legends[0].get_title().get_text() == "× marks the collapse"
+
+
+def test_a_folder_of_runs_stands_for_the_runs_under_it(tmp_path: Path) -> None:
+    # `collapse-tui plot runs` as `collapse-tui runs` lists them, oldest first
+    for k, name in enumerate(("b-new", "a-old")):
+        make_run(tmp_path / "runs" / name, "finished", n=3, lr=1e-5 * (k + 1), created=2_000.0 - k)
+    runs = load_runs([tmp_path / "runs"])
+    assert [run.root.name for run in runs] == ["a-old", "b-new"]
+    assert [run.root.name for run in load_runs([tmp_path])] == ["a-old", "b-new"]  # found further down too
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a run folder"):
+        load_runs([tmp_path / "empty"])
