@@ -30,6 +30,7 @@ class RunControls:
         self._condition = threading.Condition()
         self._paused = False
         self._stop = threading.Event()
+        self._stop_reason = "requested"
         self._pending = PendingCommands()
 
     # -- called by front ends, from any thread --------------------------------
@@ -57,8 +58,12 @@ class RunControls:
             self._pending.snapshot = True
             self._condition.notify_all()
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "requested") -> None:
+        """Ask the run to stop at its next safe point; ``reason`` (the first given) is what its stop
+        event and summary say: "requested" for q, a signal's name (``SIGTERM``) for a kill."""
         with self._condition:
+            if not self._stop.is_set():
+                self._stop_reason = reason
             self._stop.set()
             self._condition.notify_all()
 
@@ -71,6 +76,11 @@ class RunControls:
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def stop_reason(self) -> str:
+        """Why the run was asked to stop (see ``stop``)."""
+        return self._stop_reason
 
     @property
     def pending_lr(self) -> float | None:

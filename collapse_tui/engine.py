@@ -327,7 +327,7 @@ class Engine:
             status, reason = self._loop()
             self._final_snapshot(status, reason)
         except RunInterrupted:
-            status, reason = "stopped", "requested"
+            status, reason = "stopped", self.controls.stop_reason
             # snapshots from here on save the random states as the cut iteration began, as if it never had
             # (the live generators are left alone: CUDA graphs may hold them)
             self.saved_rngs = self.rngs_before_iteration
@@ -363,7 +363,7 @@ class Engine:
         while self.iteration < self.config.max_iters:
             self._apply_commands()
             if self.controls.stop_requested:
-                return "stopped", "requested"
+                return "stopped", self.controls.stop_reason
             record = self.step()
             self._record(record)
             if not all(

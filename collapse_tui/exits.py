@@ -21,6 +21,8 @@ EXIT_RUN_FAILED = 1
 EXIT_USER_ERROR = 2
 #: Stopped by Ctrl-C, ``kill`` or a hang-up, as shells report a SIGINT.
 EXIT_INTERRUPTED = 130
+#: The signals that stop a run as q does; a run they stop gives the signal's name as its reason.
+STOP_SIGNAL_NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
 def run_exit_code(summary: dict[str, Any], *, signalled: bool) -> int:
@@ -32,7 +34,8 @@ def run_exit_code(summary: dict[str, Any], *, signalled: bool) -> int:
     """
     if summary.get("status") == "crashed" or summary.get("reason") == "non-finite loss":
         return EXIT_RUN_FAILED
-    if summary.get("reason") == "interrupted" or (signalled and summary.get("reason") == "requested"):
+    reason = summary.get("reason")
+    if reason in ("interrupted", *STOP_SIGNAL_NAMES) or (signalled and reason == "requested"):
         return EXIT_INTERRUPTED
     if summary.get("final_snapshot_failed"):
         return EXIT_RUN_FAILED

@@ -354,9 +354,9 @@ class FolderControls(RunControls):
     def request_snapshot(self) -> None:
         self._send("snapshot")
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "requested") -> None:
         """End the follow loop only; the watched run goes on."""
-        super().stop()
+        super().stop(reason)
 
     def observe(self, event: Event) -> None:
         """Keep ``paused`` and ``pending_lr`` as the run's events say (called by ``FolderSource``)."""

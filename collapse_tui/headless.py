@@ -201,7 +201,7 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         if interrupted or not engine.loaded:
             raise KeyboardInterrupt  # a second Ctrl-C, or still loading: leave now
         interrupted = True
-        engine.controls.stop()
+        engine.controls.stop(signal.Signals(signum).name)
 
     summary: dict[str, Any] | None = None
     crash: Exception | None = None

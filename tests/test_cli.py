@@ -314,9 +314,9 @@ def test_ctrl_c_stops_after_the_iteration_in_flight_and_exits_130(tiny_model_dir
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "stopped"
+    assert (summary["status"], summary["reason"]) == ("stopped", "SIGINT")
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    assert events[-1]["event"] == "stop"
+    assert events[-1]["event"] == "stop" and events[-1]["reason"] == "SIGINT"
     assert summary["iterations"] == len((out / "metrics.jsonl").read_text().splitlines())
 
 
@@ -350,7 +350,7 @@ def test_a_hang_up_that_comes_twice_still_stops_the_run_cleanly(tiny_model_dir, 
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["status"], summary["reason"]) == ("stopped", "requested")
+    assert (summary["status"], summary["reason"]) == ("stopped", "SIGHUP")  # the run says what stopped it
     assert summary["last_snapshot"] and Path(summary["last_snapshot"], "state.json").exists()
     assert json.loads((out / "process.json").read_text())["state"] == "ended"
 
@@ -453,6 +453,7 @@ def test_ctrl_c_while_a_finished_run_saves_its_end_keeps_exit_0(
         ({"status": "finished", "reason": "max_iters", "signal": "SIGTERM"}, 0, ""),
         ({"status": "stopped", "reason": "requested", "signal": "SIGTERM"}, 130, ""),
         ({"status": "stopped", "reason": "requested"}, 0, ""),  # q
+        ({"status": "stopped", "reason": "SIGTERM"}, 130, ""),  # the run says the signal stopped it
         (
             {"status": "collapsed", "reason": "collapsed", "final_snapshot_failed": "disk full"},
             1,

@@ -133,7 +133,10 @@ def test_a_dropped_terminal_or_a_kill_stops_the_tui_run_cleanly_and_the_process_
             os.close(master)
     assert code == 130  # stopped by a signal (a hang-up is one too)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "stopped"
+    assert (summary["status"], summary["reason"]) == (
+        "stopped",
+        "SIGHUP" if how.startswith("hang up") else how,
+    )
     assert json.loads((out / "process.json").read_text())["state"] == "ended"
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "stop"

@@ -41,7 +41,7 @@ from textual.widgets import Footer, Label, ProgressBar
 from textual.worker import Worker, WorkerState
 
 from collapse_tui.errors import ScreenCrashed, UserError
-from collapse_tui.exits import ignore_later_hangups
+from collapse_tui.exits import STOP_SIGNAL_NAMES, ignore_later_hangups
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import SNAPSHOTS, read_run
 from collapse_tui.source import RunSource
@@ -99,9 +99,6 @@ class AppListener:
     def on_event(self, event: Event) -> None:
         self._post(EventReport(event))
 
-
-#: The signals that stop the run cleanly, as q does: a hang-up, ``kill`` and ``kill -INT``.
-STOP_SIGNALS = ("SIGHUP", "SIGTERM", "SIGINT")
 
 #: The id Textual gives every screen's container of notices (textual/screen.py); a screen saved
 #: as SVG leaves it out. Should a Textual release rename it, the notices are simply drawn.
@@ -794,6 +791,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         """Ctrl-C: quit as q does; a run it stops early ends the process with exit code 130."""
         if not self.run_done.is_set():
             self.interrupted = True
+        self.source.controls.stop("SIGINT")  # as kill -INT: the key is the signal in the screen's raw mode
         await self.action_quit()
 
     def _leave(self) -> None:
@@ -852,12 +850,12 @@ def run_app(
         signals.append(signal.Signals(signum).name)
         if not app.run_done.is_set():
             stopped_by.append(signals[0])
-        source.controls.stop()
+        source.controls.stop(signals[0])
         if app.loop is not None:
             app.loop.call_soon_threadsafe(app.stop_from_signal)
 
     previous: dict[int, Any] = {}
-    for name in STOP_SIGNALS:
+    for name in STOP_SIGNAL_NAMES:
         if hasattr(signal, name):
             number = getattr(signal, name)
             previous[number] = signal.signal(number, on_signal)
