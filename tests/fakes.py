@@ -158,7 +158,9 @@ class FakeSource:
             self._emit(listener, Event("lr", iteration, time=0.0, data={"lr": pending.lr, "old_lr": self.lr}))
             self.lr = pending.lr
         if pending.snapshot:
-            path = (self.snapshot_root or Path(".")) / "snapshots" / f"iter-{iteration}"
+            # a test that takes a snapshot gives its own folder: none is written where pytest runs
+            assert self.snapshot_root is not None, "a FakeSource that takes snapshots needs snapshot_root"
+            path = self.snapshot_root / "snapshots" / f"iter-{iteration}"
             path.mkdir(parents=True, exist_ok=True)
             self.snapshots.append(path)
             self._emit(listener, Event("snapshot", iteration, time=0.0, data={"path": str(path)}))

@@ -160,8 +160,8 @@ def test_a_pause_pressed_while_the_run_loads_holds_it_before_its_first_iteration
 # -- the keys ------------------------------------------------------------------
 
 
-def test_space_pauses_and_p_resumes() -> None:
-    source = FakeSource()
+def test_space_pauses_and_p_resumes(tmp_path: Path) -> None:
+    source = FakeSource(snapshot_root=tmp_path)
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await started(app, pilot)
