@@ -35,6 +35,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.driver import Driver
+from textual.errors import NoWidget
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Footer, Label, ProgressBar
@@ -530,7 +531,16 @@ class CollapseApp(App[dict[str, Any] | None]):
             rack.display = False
         self.call_after_refresh(self._write_screen, Path(path), racks, screen_only)
 
-    def _write_screen(self, folder: Path, racks: list[Widget], screen_only: bool) -> None:
+    #: Refreshes to wait at most for hidden notices to leave the screen's layout before saving it anyway.
+    SAVE_WAITS = 20
+
+    def _write_screen(
+        self, folder: Path, racks: list[Widget], screen_only: bool, waits: int = SAVE_WAITS
+    ) -> None:
+        # a refresh may come before the layout that drops the hidden notices: then wait for another
+        if waits and any(self._laid_out(widget) for rack in racks for widget in (rack, *rack.query("*"))):
+            self.call_after_refresh(self._write_screen, folder, racks, screen_only, waits - 1)
+            return
         try:
             name = free_screen_name(folder)
             self.save_screenshot(filename=name, path=str(folder))
@@ -542,6 +552,14 @@ class CollapseApp(App[dict[str, Any] | None]):
                 rack.display = True
         what = f"the screen saved as {name}" if screen_only else f"model, optimizer and {name} saved"
         self.notify(f"{what} in {folder}", title="snapshot")
+
+    def _laid_out(self, widget: Widget) -> bool:
+        """Whether ``widget`` is still in the screen's layout (and so in a screenshot of it)."""
+        try:
+            self.screen.find_widget(widget)
+        except NoWidget:
+            return False
+        return True
 
     # -- drawing -------------------------------------------------------------
 
