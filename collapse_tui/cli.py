@@ -373,7 +373,7 @@ def watch_command(
     except Exception as error:  # a crash of the watcher: one line; the traceback not in the run's folder
         from collapse_tui.crash import report_crash
 
-        report_crash(error, None)
+        report_crash(error, None, watching=True)
         raise typer.Exit(EXIT_RUN_FAILED) from None
     if summary.get("reason") == "watcher detached" and source.controls.paused:
         # quitting a watcher leaves the run as it is: say so where that means it waits for good

@@ -18,19 +18,23 @@ from pathlib import Path
 from collapse_tui.errors import ScreenCrashed, in_one_line
 
 
-def report_crash(error: BaseException, run_dir: Path | None) -> Path | None:
+def report_crash(error: BaseException, run_dir: Path | None, *, watching: bool = False) -> Path | None:
     """Print one line about ``error`` on stderr and save its traceback; return where it went.
 
     Only a folder a run has begun to write (its config.json is there) gets the
     traceback: in a folder the run never got as far as using, a traceback.txt
     would be a file of no run, and the same ``--out`` would be refused next time.
+    ``watching``: the crash is a watcher's (``collapse-tui watch``), whose run goes on.
     """
     has_folder = run_dir is not None and (Path(run_dir) / "config.json").is_file()
     saved = _save_traceback("".join(traceback.format_exception(error)), Path(run_dir) if has_folder else None)
-    if isinstance(error, ScreenCrashed):  # the run itself was stopped as q stops it
-        line = f"collapse-tui: the screen crashed ({error}); the run was stopped"
+    what = str(error) if isinstance(error, ScreenCrashed) else in_one_line(error)
+    if watching:
+        line = f"collapse-tui: the watcher crashed ({what}); the run goes on"
+    elif isinstance(error, ScreenCrashed):  # the run itself was stopped as q stops it
+        line = f"collapse-tui: the screen crashed ({what}); the run was stopped"
     else:
-        line = f"collapse-tui: the run crashed: {in_one_line(error)}"
+        line = f"collapse-tui: the run crashed: {what}"
     if has_folder:
         line += f"; its data is kept in {run_dir}"
     if saved is not None:

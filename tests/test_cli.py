@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,28 @@ def test_a_crash_before_the_run_used_its_folder_leaves_no_traceback_there(tmp_pa
     check_new_run_folder(out)
     assert f"traceback in {saved}" in capsys.readouterr().err
     saved.unlink()
+
+
+def test_a_watcher_that_crashes_says_the_run_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runfolders import make_run
+
+    import collapse_tui.tui.app as tui_app
+    from collapse_tui.errors import ScreenCrashed
+
+    run_dir = make_run(tmp_path / "run", "running", n=2)
+
+    def crashed_screen(source):
+        raise ScreenCrashed(RuntimeError("a bug in a widget"))
+
+    monkeypatch.setattr(tui_app, "run_app", crashed_screen)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its traceback goes
+    result = CliRunner().invoke(app, ["watch", str(run_dir)])
+    assert result.exit_code == 1
+    assert (
+        "collapse-tui: the watcher crashed (RuntimeError: a bug in a widget); the run goes on"
+        in result.output
+    )
+    assert "Traceback" not in result.output and not (run_dir / "traceback.txt").exists()  # not the run's
 
 
 def test_the_tui_command_reports_a_crash_in_one_line(

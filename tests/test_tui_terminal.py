@@ -164,5 +164,8 @@ def test_a_bug_in_the_screen_stops_the_run_and_says_so_in_one_line(
     printed = seen.decode("utf-8", "replace")
     assert "the screen crashed (RuntimeError: a bug in a widget); the run was stopped" in printed
     assert "Traceback" not in printed and "a bug in a widget" in (out / "traceback.txt").read_text()
-    assert json.loads((out / "summary.json").read_text())["status"] == "stopped"  # the run folder completed
+    summary = json.loads(
+        (out / "summary.json").read_text()
+    )  # the run folder completed, saying why it stopped
+    assert (summary["status"], summary["reason"]) == ("stopped", "screen crashed")
     assert json.loads((out / "process.json").read_text())["state"] == "ended"

@@ -270,6 +270,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         """Textual's hook for an exception the screen did not handle: kept for ``run_app``."""
         if self.screen_error is None:
             self.screen_error = error
+            self.source.controls.stop("screen crashed")  # what the run's summary then gives as its reason
         super()._handle_exception(error)
 
     def _print_error_renderables(self) -> None:
