@@ -624,8 +624,9 @@ class Engine:
 
 def _check_snapshot(path: Path) -> None:
     needed = ["state.json", "optimizer.pt", "rng.pt", "config.json"]
-    if not path.is_dir() and replaced_snapshot(path).is_dir() and not is_alive(path.parent.parent):
-        restore_replaced_snapshots(path.parent)  # its run was killed while replacing it
+    if not path.is_dir() and replaced_snapshot(path).is_dir() and is_alive(path.parent.parent) is False:
+        # its run was killed while replacing it (known dead: a run on another host may be mid-swap)
+        restore_replaced_snapshots(path.parent)
     if not path.is_dir():
         raise UserError(f"--resume {path}: no such snapshot folder")
     missing = [name for name in needed if not (path / name).exists()]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runfolders import dead_pid, write_process
 from test_engine import Collector, RepeatingInference
 
 from collapse_tui.cli import build_config, resume_lr
@@ -320,6 +321,7 @@ def test_a_snapshot_moved_aside_for_a_replacement_that_never_came_is_put_back(ti
     snapshots = tmp_path / "run" / "snapshots"
     (snapshots / "iter-2").rename(snapshots / ".replaced-iter-2")
     shutil.copytree(snapshots / ".replaced-iter-2", snapshots / ".partial-iter-2")
+    write_process(tmp_path / "run", dead_pid())  # as the killed front end left it
     engine = Engine(build_config({"resume": snapshots / "iter-2", "max_iters": 3}))
     engine.run(Collector())
     assert sorted(path.name for path in snapshots.iterdir()) == ["iter-2", "iter-3"]
