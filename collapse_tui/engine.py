@@ -33,7 +33,7 @@ from collapse_tui import __version__
 from collapse_tui.config import HUB_SETS, RunConfig, absolute, claim_default_run_dir, model_name
 from collapse_tui.controls import RunControls
 from collapse_tui.data import EvalSet, check_eval_specs, eval_set_name, load_eval_set
-from collapse_tui.errors import RunInterrupted, UserError
+from collapse_tui.errors import RunInterrupted, UserError, in_one_line
 from collapse_tui.follow import is_alive
 from collapse_tui.inference import EagerInference, Inference, as_text_reads, sequence_windows
 from collapse_tui.metrics import CollapseDetector, repetition_metrics
@@ -197,6 +197,8 @@ class Engine:
         self.inference = make_inference(self.model, config, self.device, self.autocast_dtype)
         self.info.extra["dtype"] = str(self.autocast_dtype or torch.float32).replace("torch.", "")
         self.info.extra["inference"] = type(self.inference).__name__
+        # read before the folder is opened: a damaged file is then one line, and the run stays as it was
+        saved_rngs = self._load_saved_states(self.resume_dir) if self.resume_dir is not None else None
         self.writer = RunWriter(self.run_dir, resuming=self.resume_dir is not None)
         if self.resume_dir is None:
             self.writer.write_config(self._config_record())
@@ -204,8 +206,8 @@ class Engine:
             # before the random states of a resumed snapshot are restored: whatever building draws, they replace
             status(self.inference.preparing, None)
             self.inference.prepare(len(self.prompt_ids), config.gen_tokens)
-        if self.resume_dir is not None:
-            self._restore(self.resume_dir)
+        if self.resume_dir is not None and saved_rngs is not None:
+            self._restore(self.resume_dir, saved_rngs)
         status("ready", 1.0)
 
     def _encode_prompt(self, prompt: str) -> list[int]:
@@ -557,18 +559,36 @@ class Engine:
             return False
         return True
 
-    def _restore(self, path: Path) -> None:
-        """Continue from a snapshot: counters, optimizer and RNG states as they were."""
+    def _load_saved_states(self, path: Path) -> dict[str, Any]:
+        """Load the optimizer's state from snapshot ``path`` and read its random states (returned).
+
+        A file that is damaged (cut short by a full disk, say) is a ``UserError``.
+        """
+        try:
+            load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device))
+        except Exception as error:
+            raise UserError(
+                f"--resume {path}: its optimizer.pt cannot be read ({in_one_line(error)})"
+            ) from None
+        try:
+            rngs = torch.load(path / "rng.pt", weights_only=False)
+            if not isinstance(rngs, dict) or not {"python", "torch", "sampler"} <= rngs.keys():
+                raise ValueError("not the random states a snapshot saves")
+        except Exception as error:
+            raise UserError(f"--resume {path}: its rng.pt cannot be read ({in_one_line(error)})") from None
+        return rngs
+
+    def _restore(self, path: Path, saved_rngs: dict[str, Any]) -> None:
+        """Continue from a snapshot: counters, the lr and RNG states as they were (the optimizer's: loaded)."""
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         self.iteration = int(state["iteration"])
         self.lr = float(state["lr"])
         self.snapshot_state = (self.iteration, self.lr)
         self.detector.streak = int(state.get("collapse_streak", 0))
         self.collapsed_at = state.get("collapsed_at")
-        load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        same_stream = self._restore_rngs(torch.load(path / "rng.pt", weights_only=False))
+        same_stream = self._restore_rngs(saved_rngs)
         earlier = [r for r in self.resumed_records if r.iteration < self.iteration]
         self.first_record = earlier[0] if earlier else None
         self.last_record = earlier[-1] if earlier else None

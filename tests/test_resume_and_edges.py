@@ -369,3 +369,20 @@ def test_resume_given_the_run_folder_names_its_newest_snapshot(tiny_config, tmp_
     newest = tmp_path / "run" / "snapshots" / "iter-10"
     with pytest.raises(UserError, match=f"not the run {tmp_path / 'run'}; its newest is {newest}"):
         build_config({"resume": tmp_path / "run", "max_iters": 6})
+
+
+@pytest.mark.parametrize("damaged", ["optimizer.pt", "rng.pt"])
+def test_a_snapshot_with_a_damaged_state_file_is_one_line_and_leaves_the_run_as_it_was(
+    tiny_config, tmp_path, damaged: str
+):
+    tiny_config.out = str(tmp_path / "run")
+    tiny_config.max_iters = 2
+    Engine(tiny_config).run(Collector())
+    run = tmp_path / "run"
+    state_file = run / "snapshots" / "iter-2" / damaged
+    state_file.write_bytes(state_file.read_bytes()[:100])  # cut short, as by a full disk
+    before = {name: (run / name).read_bytes() for name in ("summary.json", "metrics.jsonl", "events.jsonl")}
+    engine = Engine(build_config({"resume": run / "snapshots" / "iter-2", "max_iters": 4}))
+    with pytest.raises(UserError, match=f"iter-2: its {damaged} cannot be read"):
+        engine.run(Collector())
+    assert {name: (run / name).read_bytes() for name in before} == before  # still the finished run
