@@ -224,6 +224,7 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
             if reporter.lost:  # nothing more can reach it, not even Python's last flush at exit
                 with contextlib.suppress(OSError, ValueError):
                     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _let_later_signals_end_the_process()
     if crash is not None:
         report_crash(crash, engine.run_dir)
         return EXIT_RUN_FAILED
@@ -249,6 +250,16 @@ def interrupted_line(run_dir: Path | None, last_snapshot: Path | None) -> str:
         f"the newest snapshot is {last_snapshot}" if last_snapshot else "there is no snapshot to resume from"
     )
     return f"collapse-tui: interrupted: no final snapshot was saved; the records are in {run_dir}, {go_on}"
+
+
+def _let_later_signals_end_the_process() -> None:
+    """Once the run is over, Ctrl-C and SIGTERM end the process as the system does, without a word.
+
+    Why: ``stop`` raises KeyboardInterrupt for a second Ctrl-C; one landing
+    while the interpreter shuts down (its exit callbacks) printed a traceback.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _catch_stop_signals(stop: Callable[[int, FrameType | None], None]) -> None:

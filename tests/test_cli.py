@@ -61,6 +61,11 @@ def test_headless_runs_and_leaves_a_complete_run_folder(
     assert json.loads((out / "snapshots" / "iter-5" / "state.json").read_text())["iteration"] == 5
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 5
+    # the run is over: a late Ctrl-C ends the process as the system does, no traceback at its exit
+    assert (
+        signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    )
     # the paths a resume takes are printed whole, even where the output has no width (a pipe, a file)
     table = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
              if line.count("│") == 3}  # fmt: skip
