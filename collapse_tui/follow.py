@@ -162,7 +162,7 @@ def is_alive(run_dir: Path) -> bool | None:
         return None
     try:
         pid = int(info["pid"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         return None
     try:
         os.kill(pid, 0)

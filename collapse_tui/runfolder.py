@@ -284,7 +284,7 @@ def parse_metrics(rows: list[dict[str, Any]]) -> list[IterationRecord]:
     for row in rows:
         try:
             records.append(IterationRecord.from_dict(_restore_nan(row)))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: an int of Infinity
             continue
     return records
 
@@ -339,7 +339,7 @@ def parse_events(rows: list[dict[str, Any]]) -> list[Event]:
     for row in rows:
         try:
             events.append(Event.from_dict(row))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             continue
     return events
 
@@ -509,7 +509,9 @@ class RunFolder:
             if event.event == "collapse":
                 at = event.data.get("at")
                 return (
-                    int(at) if isinstance(at, int | float) and not isinstance(at, bool) else event.iteration
+                    int(at)
+                    if isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at)
+                    else event.iteration
                 )
         return None
 
@@ -615,7 +617,7 @@ def snapshot_iteration(snapshot: Path) -> int | None:
     """The iteration a snapshot was taken at, from its ``state.json``; None if that cannot be read."""
     try:
         return int(json.loads((Path(snapshot) / "state.json").read_text(encoding="utf-8"))["iteration"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
         return None
 
 

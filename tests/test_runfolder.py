@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import math
 import subprocess
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+from runfolders import make_run
 
 from collapse_tui import runfolder
 from collapse_tui.controls import RunControls
@@ -27,6 +30,7 @@ from collapse_tui.runfolder import (
     read_summary,
     why_not_take_over,
 )
+from collapse_tui.runs import runs_table
 
 
 def record(iteration: int, gen_loss: float = 2.0) -> IterationRecord:
@@ -362,3 +366,17 @@ def test_a_resume_drops_what_the_iterations_it_abandoned_logged() -> None:
     assert [(e.event, e.iteration) for e in kept] == [
         ("start", 0), ("lr", 3), ("collapse", 3), ("error", 2), ("stop", 5), ("resumed_from", 3), ("start", 3)
     ]  # fmt: skip
+
+
+def test_infinite_numbers_in_a_hand_edited_folder_are_skipped_not_a_traceback(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", "collapsed", n=3)
+    with (run / "metrics.jsonl").open("a") as lines:
+        lines.write('{"iteration": 1e400}\n')
+        lines.write(json.dumps(record(3).to_dict() | {"unique_tokens": float("-inf")}) + "\n")
+    with (run / "events.jsonl").open("a") as lines:
+        lines.write('{"event": "pause", "iteration": Infinity, "time": 1.0}\n')
+        lines.write('{"event": "collapse", "iteration": 4, "time": 1.0, "at": Infinity}\n')
+    folder = read_run(run)
+    assert [r.iteration for r in folder.records] == [0, 1, 2]
+    assert folder.collapsed_at == 2  # the run's own collapse event comes first
+    Console(width=200, file=io.StringIO()).print(runs_table([folder]))
