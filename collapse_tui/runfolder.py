@@ -439,6 +439,10 @@ class RunWriter:
             check_new_run_folder(self.root)  # again: another run may have written it since the first look
             for name in START_FILES:  # what a start that never finished an iteration left
                 (self.root / name).unlink(missing_ok=True)
+        # a process killed inside write_atomic left its temporary file (this one's own are renamed by now)
+        for leftover in self.root.glob(".*.tmp"):
+            if not leftover.name.endswith(f".{os.getpid()}.tmp"):
+                leftover.unlink(missing_ok=True)
         if resuming:
             restore_replaced_snapshots(self.root / SNAPSHOTS)
             # a process killed while writing a snapshot left it unfinished: never loadable, maybe GBs

@@ -380,3 +380,12 @@ def test_infinite_numbers_in_a_hand_edited_folder_are_skipped_not_a_traceback(tm
     assert [r.iteration for r in folder.records] == [0, 1, 2]
     assert folder.collapsed_at == 2  # the run's own collapse event comes first
     Console(width=200, file=io.StringIO()).print(runs_table([folder]))
+
+
+def test_temporary_files_of_a_killed_write_are_cleared_when_the_run_goes_on(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path)
+    writer.write_config({"model": "gpt2", "lr": 4e-5})
+    writer.close()
+    (tmp_path / ".summary.json.99999999.tmp").write_text("{half")  # killed between write and rename
+    RunWriter(tmp_path, resuming=True).close()
+    assert not list(tmp_path.glob(".*.tmp"))
