@@ -160,9 +160,8 @@ def check_config_types(data: Any) -> None:
         allowed = _JSON_TYPES.get(kind.removesuffix(" | None"))
         if allowed is None or (optional and value is None):
             continue
-        if not isinstance(value, allowed) or (
-            kind == "list[str]" and not all(isinstance(v, str) for v in value)
-        ):
+        wrong = not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)
+        if wrong or (kind == "list[str]" and not all(isinstance(v, str) for v in value)):
             raise TypeError(f"{item.name} should be {kind}, not {value!r}")
 
 

@@ -330,7 +330,15 @@ def test_a_snapshot_moved_aside_for_a_replacement_that_never_came_is_put_back(ti
 
 @pytest.mark.parametrize(
     "content",
-    [b"[]", b"\xff\xfe{", b'{"model": 5}', b'{"lr": "fast"}', b'{"evals": [1]}', b'{"eval_tokens": "all"}'],
+    [
+        b"[]",
+        b"\xff\xfe{",
+        b'{"model": 5}',
+        b'{"lr": "fast"}',
+        b'{"evals": [1]}',
+        b'{"eval_tokens": "all"}',
+        b'{"max_iters": true}',
+    ],
 )
 def test_a_damaged_run_config_is_one_line_when_resuming(tmp_path, content: bytes) -> None:
     run = tmp_path / "run"

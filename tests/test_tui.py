@@ -1165,6 +1165,7 @@ def test_highlight_marks_loops_without_spaces(sample: str, looping: str) -> None
     marked = [text.plain[span.start : span.end] for span in text.spans]
     assert marked == [looping]
     assert highlight_repeats("hahaha, committee bookkeeper").spans == []
+    assert highlight_repeats("It cost 1000000 dollars, 1000000 more").spans == []  # numbers are not loops
 
 
 def test_a_resumed_run_counts_its_streak_above_the_threshold_once(tmp_path: Path) -> None:
