@@ -40,7 +40,7 @@ from collapse_tui.exits import (
     closing_line,
     run_exit_code,
 )
-from collapse_tui.runfolder import CONFIG, snapshot_iteration
+from collapse_tui.runfolder import CONFIG, read_summary, snapshot_iteration
 
 #: click's UsageError as typer raises it (recent typer vendors click, older typer imports it).
 USAGE_ERROR: type[Exception] = typer.BadParameter.__bases__[0]
@@ -278,9 +278,10 @@ def resume_lr(options: dict[str, Any]) -> float | None:
 def _run_config_of_snapshot(snapshot: Path) -> RunConfig:
     config_path = snapshot.parent.parent / CONFIG
     if (snapshot / CONFIG).is_file() and (snapshot / "snapshots").is_dir():  # a run folder, not a snapshot
-        saved = [p for p in (snapshot / "snapshots").glob("iter-*") if p.name.removeprefix("iter-").isdigit()]
-        newest = max(saved, key=lambda p: int(p.name.removeprefix("iter-")), default=None)
-        hint = f"; its newest is {newest}" if newest else "; it has none"
+        newest = (
+            read_summary(snapshot) or {}
+        )  # the run's own word: the highest iter-N may be of an abandoned branch
+        hint = f"; its newest is {newest['last_snapshot']}" if newest.get("last_snapshot") else ""
         raise UserError(
             f"--resume takes a snapshot of a run (RUN/snapshots/iter-N), not the run {snapshot}{hint}"
         )

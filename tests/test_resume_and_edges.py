@@ -372,10 +372,10 @@ def test_resume_given_the_run_folder_names_its_newest_snapshot(tiny_config, tmp_
     tiny_config.out = str(tmp_path / "run")
     tiny_config.max_iters = 4
     tiny_config.snapshot_every = 2
-    Engine(tiny_config).run(Collector())  # iter-2 and iter-4 (iter-10 would sort before iter-4 as text)
-    (tmp_path / "run" / "snapshots" / "iter-10").mkdir()
-    newest = tmp_path / "run" / "snapshots" / "iter-10"
-    with pytest.raises(UserError, match=f"not the run {tmp_path / 'run'}; its newest is {newest}"):
+    Engine(tiny_config).run(Collector())  # iter-2 and iter-4
+    Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-2", "max_iters": 3})).run()
+    newest = tmp_path / "run" / "snapshots" / "iter-3"  # not iter-4: that one a resume abandoned
+    with pytest.raises(UserError, match=f"not the run {tmp_path / 'run'}; its newest is {newest}$"):
         build_config({"resume": tmp_path / "run", "max_iters": 6})
 
 
