@@ -33,6 +33,7 @@ from collapse_tui.errors import UserError
 from collapse_tui.exits import (
     EXIT_INTERRUPTED,
     EXIT_RUN_FAILED,
+    STOP_SIGNAL_NAMES,
     closing_line,
     ignore_later_hangups,
     run_exit_code,
@@ -263,13 +264,15 @@ def _let_later_signals_end_the_process() -> None:
 
 
 def _catch_stop_signals(stop: Callable[[int, FrameType | None], None]) -> None:
-    """Ctrl-C, SIGTERM and a hang-up call ``stop`` (a hang-up not under nohup: there the run outlives SSH)."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        # even where ignored: a shell script's background job starts with SIGINT ignored, and
+    """The stop signals call ``stop``: a hang-up only when not under nohup (there the run outlives SSH)."""
+    for name in STOP_SIGNAL_NAMES:
+        signum = getattr(signal, name, None)
+        if signum is None:  # no SIGHUP on Windows
+            continue
+        # SIGINT even where ignored: a shell script's background job starts with SIGINT ignored, and
         # ``kill -INT`` must still stop it
-        signal.signal(signum, stop)
-    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, stop)
+        if signum != getattr(signal, "SIGHUP", None) or signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, stop)
 
 
 def _say(line: str) -> None:
