@@ -30,11 +30,14 @@ COLLAPSE_GID = "collapse:{}"
 GEN_PANEL = "loss on generated text"
 
 
-def _runs_in(paths: list[Path]) -> list[Path]:
-    """``paths``, a folder of runs (a sweep, or ``runs``) standing for the runs under it, as ``runs`` lists them."""
+def _runs_in(paths: list[Path], skipped: list[str]) -> list[Path]:
+    """``paths``, a folder of runs (a sweep, or ``runs``) standing for the runs under it, as ``runs`` lists them.
+
+    A folder under it that cannot be read as a run is named in ``skipped``, as ``runs`` names it.
+    """
     expanded: list[Path] = []
     for path in map(Path, paths):
-        found = find_runs(path) if path.is_dir() and not (path / CONFIG).exists() else []
+        found = find_runs(path, skipped=skipped) if path.is_dir() and not (path / CONFIG).exists() else []
         expanded.extend(run.root for run in found) if found else expanded.append(path)
     return expanded
 
@@ -50,7 +53,7 @@ def load_runs(run_dirs: list[Path], skipped: list[str] | None = None) -> list[Ru
     if not run_dirs:
         raise UserError("give at least one run folder to plot")
     runs, empty, seen = [], [], set()
-    for run_dir in _runs_in(run_dirs):
+    for run_dir in _runs_in(run_dirs, empty):
         where = os.path.abspath(run_dir)
         if where in seen:  # one folder named twice (or spelled two ways): once
             continue

@@ -200,3 +200,10 @@ def test_a_folder_of_runs_stands_for_the_runs_under_it(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a run folder"):
         load_runs([tmp_path / "empty"])
+    broken = tmp_path / "runs" / "c-broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")  # a run's files, its config garbled
+    (broken / "metrics.jsonl").write_text("")
+    skipped: list[str] = []
+    assert len(load_runs([tmp_path / "runs"], skipped)) == 2
+    assert len(skipped) == 1 and "c-broken" in skipped[0]  # said, as plot says what it left out
