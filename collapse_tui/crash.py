@@ -47,10 +47,13 @@ def report_crash(error: BaseException, run_dir: Path | None, *, watching: bool =
 def _save_traceback(text: str, run_dir: Path | None) -> Path | None:
     """``traceback.txt`` in the run folder, else a temporary file; None if neither can be written."""
     if run_dir is not None:
-        with contextlib.suppress(OSError):
-            path = run_dir / "traceback.txt"
+        path = run_dir / "traceback.txt"
+        try:
             path.write_text(text, encoding="utf-8")
             return path
+        except OSError:  # a full disk: no empty traceback.txt left in the run folder
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         with tempfile.NamedTemporaryFile(
             "w", prefix="collapse-tui-traceback-", suffix=".txt", delete=False, encoding="utf-8"

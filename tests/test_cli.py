@@ -301,6 +301,39 @@ def test_a_watcher_that_crashes_says_the_run_goes_on(tmp_path: Path, monkeypatch
     assert "Traceback" not in result.output and not (run_dir / "traceback.txt").exists()  # not the run's
 
 
+def test_watching_a_start_that_died_while_loading_says_so(tmp_path: Path) -> None:
+    from runfolders import dead_pid, write_process
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_process(run_dir, dead_pid())  # announced, then killed before its config
+    result = CliRunner().invoke(app, ["watch", str(run_dir)])
+    assert result.exit_code == 2
+    assert f"the run in {run_dir} ended before it started (its process is gone" in result.output
+
+
+def test_a_traceback_that_cannot_be_written_into_the_run_folder_leaves_no_empty_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collapse_tui.crash import report_crash
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    real_write_text = Path.write_text
+
+    def full_disk(self: Path, text: str, *args, **kwargs):
+        if self.name == "traceback.txt":
+            real_write_text(self, "", encoding="utf-8")
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    saved = report_crash(RuntimeError("boom"), tmp_path / "run")
+    assert saved is not None and saved.parent == tmp_path  # in a temporary file instead
+    assert not (tmp_path / "run" / "traceback.txt").exists()
+
+
 def test_the_tui_command_reports_a_crash_in_one_line(
     tiny_model_dir: Path, eval_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
