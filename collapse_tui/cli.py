@@ -214,6 +214,10 @@ def build_config(options: dict[str, Any]) -> RunConfig:
             validate(dataclasses.replace(config, lr=given["lr"]))
         reached = snapshot_iteration(Path(resume))
         if reached is not None and config.max_iters <= reached:
+            from collapse_tui.engine import records_on_current_branch
+
+            # a snapshot of an abandoned branch is refused for that first: a larger --max-iters would not do
+            records_on_current_branch(Path(resume), Path(resume).parent.parent)
             raise UserError(
                 f"--max-iters {config.max_iters}: the snapshot is at iteration {reached} already; "
                 "give a larger --max-iters to go on"

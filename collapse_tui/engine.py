@@ -112,7 +112,7 @@ class Engine:
             self.run_dir = self.resume_dir.parent.parent
             _check_snapshot(self.resume_dir)
             #: the run as it now stands, read once: checked here, its earlier records kept by ``_restore``
-            self.resumed_records: list[IterationRecord] = _records_on_current_branch(
+            self.resumed_records: list[IterationRecord] = records_on_current_branch(
                 self.resume_dir, self.run_dir
             )
             if is_alive(self.run_dir):
@@ -658,7 +658,7 @@ def _check_snapshot(path: Path) -> None:
         )
 
 
-def _records_on_current_branch(snapshot: Path, run_dir: Path) -> list[IterationRecord]:
+def records_on_current_branch(snapshot: Path, run_dir: Path) -> list[IterationRecord]:
     """The run's records; refuse a snapshot of iterations that a resume from an older snapshot abandoned.
 
     Its folder stays on disk, but going on from it would splice two histories

@@ -394,3 +394,13 @@ def test_a_snapshot_with_a_damaged_state_file_is_one_line_and_leaves_the_run_as_
     with pytest.raises(UserError, match=f"iter-2: its {damaged} cannot be read"):
         engine.run(Collector())
     assert {name: (run / name).read_bytes() for name in before} == before  # still the finished run
+
+
+def test_an_abandoned_snapshot_is_refused_as_such_whatever_max_iters_says(tiny_config, tmp_path):
+    tiny_config.out = str(tmp_path / "run")
+    tiny_config.max_iters = 4
+    tiny_config.snapshot_every = 2
+    Engine(tiny_config).run(Collector())  # iter-2 and iter-4
+    Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-2", "max_iters": 3})).run()
+    with pytest.raises(UserError, match="a later resume abandoned"):  # not "give a larger --max-iters"
+        build_config({"resume": tmp_path / "run" / "snapshots" / "iter-4", "max_iters": 4})
