@@ -282,9 +282,8 @@ def resume_lr(options: dict[str, Any]) -> float | None:
 def _run_config_of_snapshot(snapshot: Path) -> RunConfig:
     config_path = snapshot.parent.parent / CONFIG
     if (snapshot / CONFIG).is_file() and (snapshot / "snapshots").is_dir():  # a run folder, not a snapshot
-        newest = (
-            read_summary(snapshot) or {}
-        )  # the run's own word: the highest iter-N may be of an abandoned branch
+        # the run's own word: the highest iter-N may be of a branch a resume abandoned
+        newest = read_summary(snapshot) or {}
         hint = f"; its newest is {newest['last_snapshot']}" if newest.get("last_snapshot") else ""
         raise UserError(
             f"--resume takes a snapshot of a run (RUN/snapshots/iter-N), not the run {snapshot}{hint}"

@@ -40,6 +40,7 @@ from collapse_tui.exits import (
 )
 from collapse_tui.follow import serving_watchers
 from collapse_tui.records import Event, IterationRecord
+from collapse_tui.runfolder import snapshot_iteration
 from collapse_tui.tables import print_table
 
 
@@ -230,7 +231,9 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         report_crash(crash, engine.run_dir)
         return EXIT_RUN_FAILED
     if summary is None or reporter is None:
-        _say(interrupted_line(engine.run_dir if engine.loaded else None, engine.last_snapshot))
+        saved = engine.last_snapshot
+        at_the_end = saved is not None and snapshot_iteration(saved) == engine.iteration
+        _say(interrupted_line(engine.run_dir if engine.loaded else None, saved, at_the_end=at_the_end))
         return EXIT_INTERRUPTED
     table = summary_table(summary)
     reporter.guarded(lambda: print_table(console, table))
@@ -240,17 +243,18 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
     return run_exit_code(summary, signalled=interrupted)
 
 
-def interrupted_line(run_dir: Path | None, last_snapshot: Path | None) -> str:
+def interrupted_line(run_dir: Path | None, last_snapshot: Path | None, *, at_the_end: bool = False) -> str:
     """The one line for a run left at once (a second Ctrl-C): what is kept, and what it may go on from.
 
-    ``run_dir`` is None when the run was still loading (it wrote nothing).
+    ``run_dir`` is None when the run was still loading (it wrote nothing); ``at_the_end``: the last
+    snapshot holds the run's last iteration (the final one was saved before the second Ctrl-C).
     """
     if run_dir is None:
         return "collapse-tui: interrupted while loading"
-    go_on = (
-        f"the newest snapshot is {last_snapshot}" if last_snapshot else "there is no snapshot to resume from"
-    )
-    return f"collapse-tui: interrupted: no final snapshot was saved; the records are in {run_dir}, {go_on}"
+    if last_snapshot is None:
+        return f"collapse-tui: interrupted: the records are in {run_dir}; there is no snapshot to resume from"
+    end = "its final snapshot" if at_the_end else "no final snapshot was saved; the newest"
+    return f"collapse-tui: interrupted: the records are in {run_dir}; {end} is {last_snapshot}"
 
 
 def _let_later_signals_end_the_process() -> None:

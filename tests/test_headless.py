@@ -43,6 +43,7 @@ def test_a_run_left_at_once_says_what_is_kept_and_what_it_can_go_on_from(tmp_pat
     assert interrupted_line(None, None) == "collapse-tui: interrupted while loading"
     snapshot = tmp_path / "snapshots" / "iter-4"
     assert interrupted_line(tmp_path, snapshot).endswith(
-        f"records are in {tmp_path}, the newest snapshot is {snapshot}"
+        f"records are in {tmp_path}; no final snapshot was saved; the newest is {snapshot}"
     )
+    assert interrupted_line(tmp_path, snapshot, at_the_end=True).endswith(f"its final snapshot is {snapshot}")
     assert interrupted_line(tmp_path, None).endswith("there is no snapshot to resume from")
