@@ -277,7 +277,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         """Where Textual prints a crash's traceback on leaving; the CLI says it in one line instead.
 
         (Both hooks are Textual's own, private, methods: should a release rename
-        them, a crash of the screen prints its traceback again, and still exits 1.)
+        them, a crash of the screen prints Textual's traceback again, and ``run_app``
+        still ends it as a crash, by the app's return code.)
         """
         if self.screen_error is None:
             super()._print_error_renderables()
@@ -899,6 +900,8 @@ def run_app(
         raise app.run_error
     if app.screen_error is not None:  # the run is stopped and its folder complete; the screen crashed
         raise ScreenCrashed(app.screen_error) from app.screen_error
+    if app.return_code:  # a failure Textual reported only by its code (had its hooks been renamed)
+        raise ScreenCrashed(RuntimeError(f"the screen ended with code {app.return_code}"))
     summary = app.summary or {}
     if not stopped_by and app.interrupted:  # the interrupt key, which the screen's raw mode keeps a key
         stopped_by.append("SIGINT")
