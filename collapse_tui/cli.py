@@ -362,14 +362,14 @@ def watch_command(
     read_only: Annotated[bool, typer.Option("--read-only", help="Show the run without steering it.")] = False,
 ) -> None:
     """Attach the TUI to a run folder: follow a live run (and steer it), or replay a finished one."""
-    from collapse_tui.follow import FolderSource, read_process, wait_until_started
+    from collapse_tui.follow import FolderSource, is_alive, wait_until_started
     from collapse_tui.tui.app import run_app
 
     def waiting() -> None:
         typer.echo(f"collapse-tui: waiting for the run in {run_dir} to start (it is loading)…", err=True)
 
     wait_until_started(run_dir, waiting=waiting)
-    if not (run_dir / CONFIG).exists() and read_process(run_dir) is not None:
+    if not (run_dir / CONFIG).exists() and is_alive(run_dir) is False:
         raise UserError(
             f"the run in {run_dir} ended before it started (its process is gone; see its own output)"
         )

@@ -560,19 +560,35 @@ class Engine:
         return True
 
     def _load_saved_states(self, path: Path) -> dict[str, Any]:
-        """Load the optimizer's state from snapshot ``path`` and read its random states (returned).
+        """Load the optimizer's state from snapshot ``path``, and read and check its counters and
+        random states (returned, for ``_restore``).
 
         A file that is damaged (cut short by a full disk, say) is a ``UserError``.
         """
         try:
+            state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+            counters = (int(state["iteration"]), float(state["lr"]), int(state.get("collapse_streak", 0)))
+            collapsed_at = state.get("collapsed_at")
+            if not math.isfinite(counters[1]) or not (collapsed_at is None or isinstance(collapsed_at, int)):
+                raise ValueError("a value out of its range")
+        except (OSError, ValueError, KeyError, TypeError, OverflowError, AttributeError) as error:
+            raise UserError(
+                f"--resume {path}: its state.json cannot be read ({in_one_line(error)})"
+            ) from None
+        try:
             load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device))
+        except torch.OutOfMemoryError:
+            raise
         except Exception as error:
             raise UserError(
                 f"--resume {path}: its optimizer.pt cannot be read ({in_one_line(error)})"
             ) from None
         try:
             rngs = torch.load(path / "rng.pt", weights_only=False)
-            if not isinstance(rngs, dict) or not {"python", "torch", "sampler"} <= rngs.keys():
+            byte_states = [rngs["torch"], rngs["sampler"]]
+            if not isinstance(rngs["python"], tuple) or not all(
+                isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in byte_states
+            ):
                 raise ValueError("not the random states a snapshot saves")
         except Exception as error:
             raise UserError(f"--resume {path}: its rng.pt cannot be read ({in_one_line(error)})") from None
@@ -644,9 +660,13 @@ class Engine:
 
 def _check_snapshot(path: Path) -> None:
     needed = ["state.json", "optimizer.pt", "rng.pt", "config.json"]
-    if not path.is_dir() and replaced_snapshot(path).is_dir() and is_alive(path.parent.parent) is False:
-        # its run was killed while replacing it (known dead: a run on another host may be mid-swap)
-        restore_replaced_snapshots(path.parent)
+    if not path.is_dir() and replaced_snapshot(path).is_dir():
+        if is_alive(path.parent.parent) is not False:  # a run on another host may be mid-swap
+            raise UserError(
+                f"--resume {path}: it was moved aside to {replaced_snapshot(path).name} while being "
+                "replaced; if no run is writing the folder, rename it back"
+            )
+        restore_replaced_snapshots(path.parent)  # its run was killed while replacing it
     if not path.is_dir():
         raise UserError(f"--resume {path}: no such snapshot folder")
     missing = [name for name in needed if not (path / name).exists()]

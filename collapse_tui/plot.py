@@ -37,7 +37,11 @@ def _runs_in(paths: list[Path], skipped: list[str]) -> list[Path]:
     """
     expanded: list[Path] = []
     for path in map(Path, paths):
-        found = find_runs(path, skipped=skipped) if path.is_dir() and not (path / CONFIG).exists() else []
+        reasons: list[str] = []
+        found = find_runs(path, skipped=reasons) if path.is_dir() and not (path / CONFIG).exists() else []
+        if reasons and not found:  # runs, none of them readable: say why, not "not a run folder"
+            raise UserError(reasons[0])
+        skipped.extend(reason for reason in reasons if reason not in skipped)  # a folder given twice: once
         expanded.extend(run.root for run in found) if found else expanded.append(path)
     return expanded
 

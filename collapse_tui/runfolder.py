@@ -375,6 +375,12 @@ class FolderLock:
         self.holding = True
         return self
 
+    @property
+    def locked(self) -> bool:
+        """Whether this process holds the folder's lock for real (a filesystem may have no locks)."""
+        entry = self._held.get(self.key)
+        return self.holding and entry is not None and entry[0] is not None
+
     def release(self) -> None:
         """Give the folder back (idempotent; never raises: it runs on the way out)."""
         if not self.holding:
@@ -439,8 +445,9 @@ class RunWriter:
             check_new_run_folder(self.root)  # again: another run may have written it since the first look
             for name in START_FILES:  # what a start that never finished an iteration left
                 (self.root / name).unlink(missing_ok=True)
-        # a process killed inside write_atomic left its temporary file (this one's own are renamed by now)
-        for leftover in self.root.glob(".*.tmp"):
+        # a process killed inside write_atomic left its temporary file (this one's own are renamed by
+        # now); only under a real lock: without one, another process may be writing its own
+        for leftover in self.root.glob(".*.tmp") if self._folder_lock.locked else []:
             if not leftover.name.endswith(f".{os.getpid()}.tmp"):
                 leftover.unlink(missing_ok=True)
         if resuming:

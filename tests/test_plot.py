@@ -207,3 +207,17 @@ def test_a_folder_of_runs_stands_for_the_runs_under_it(tmp_path: Path) -> None:
     skipped: list[str] = []
     assert len(load_runs([tmp_path / "runs"], skipped)) == 2
     assert len(skipped) == 1 and "c-broken" in skipped[0]  # said, as plot says what it left out
+    skipped.clear()
+    assert len(load_runs([tmp_path / "runs", tmp_path / "runs"], skipped)) == 2 and len(skipped) == 1
+    with pytest.raises(
+        UserError, match="c-broken"
+    ):  # the only run there cannot be read: why, not "not a run"
+        load_runs([_only(broken)])
+
+
+def _only(run: Path) -> Path:
+    """A folder holding ``run`` alone (moved there)."""
+    alone = run.parent.parent / "alone"
+    alone.mkdir()
+    run.rename(alone / run.name)
+    return alone

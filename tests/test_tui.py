@@ -1153,6 +1153,7 @@ def test_highlight_marks_only_repeated_word_runs() -> None:
     [
         ("Then: reenreenreenreenreenreenreenreenreen", "reenreenreenreenreenreenreenreenreen"),
         ("Then: Treenreenreenreenreenreenreenreenreen", "reenreenreenreenreenreenreenreenreen"),
+        ("Then: 2reenreenreenreenreenreenreenreenreen", "reenreenreenreenreenreenreenreenreen"),
         ("It was greatttttttttt", "tttttttttt"),
         ("It was great!!!!!!!!!", "!!!!!!!!!"),
         ("a line\n----------------", "----------------"),

@@ -381,9 +381,9 @@ class RepetitionMeter(Widget):
 #: The pieces a sample is compared in: a word, a punctuation mark, or a letter run that repeats a
 #: short unit four or more times ("reenreenreenreen"), which counts as its units: a loop with no
 #: spaces ("!!!!", "----", "abcabcabcabc") is a loop of pieces too. Letters before such a run in
-#: the same word ("T" of "Treenreen…") are a piece of their own, so the run is still found; digits
-#: are not, so that a number ("1000000") stays one piece.
-_PIECE = re.compile(r"(\w{1,16}?)\1{3,}|[^\W\d_]+?(?=(\w{1,16}?)\2{3,})|\w+|[^\w\s]")
+#: the same word ("T" of "Treenreen…", "2" of "2reenreen…") are a piece of their own, so the run is
+#: still found; a number is not split between two digits, so that "1000000" stays one piece.
+_PIECE = re.compile(r"(\w{1,16}?)\1{3,}|\w+?(?!(?<=\d)\d)(?=(\w{1,16}?)\2{3,})|\w+|[^\w\s]")
 
 
 def _piece_spans(text: str) -> list[tuple[int, int]]:
