@@ -372,11 +372,7 @@ def test_a_resume_goes_on_counting_the_streak_towards_a_collapse(tiny_config, tm
 
 
 def test_resume_given_the_run_folder_names_its_newest_snapshot(tiny_config, tmp_path):
-    tiny_config.out = str(tmp_path / "run")
-    tiny_config.max_iters = 4
-    tiny_config.snapshot_every = 2
-    Engine(tiny_config).run(Collector())  # iter-2 and iter-4
-    Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-2", "max_iters": 3})).run()
+    abandon_a_branch(tiny_config, tmp_path)
     newest = tmp_path / "run" / "snapshots" / "iter-3"  # not iter-4: that one a resume abandoned
     with pytest.raises(UserError, match=f"not the run {tmp_path / 'run'}; its newest is {newest}$"):
         build_config({"resume": tmp_path / "run", "max_iters": 6})
@@ -416,10 +412,15 @@ def test_a_snapshot_with_a_damaged_state_file_is_one_line_and_leaves_the_run_as_
 
 
 def test_an_abandoned_snapshot_is_refused_as_such_whatever_max_iters_says(tiny_config, tmp_path):
+    abandon_a_branch(tiny_config, tmp_path)
+    with pytest.raises(UserError, match="a later resume abandoned"):  # not "give a larger --max-iters"
+        build_config({"resume": tmp_path / "run" / "snapshots" / "iter-4", "max_iters": 4})
+
+
+def abandon_a_branch(tiny_config, tmp_path) -> None:
+    """A run to iteration 4 with snapshots iter-2 and iter-4, resumed from iter-2 to 3: iter-4 abandoned."""
     tiny_config.out = str(tmp_path / "run")
     tiny_config.max_iters = 4
     tiny_config.snapshot_every = 2
-    Engine(tiny_config).run(Collector())  # iter-2 and iter-4
+    Engine(tiny_config).run(Collector())
     Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-2", "max_iters": 3})).run()
-    with pytest.raises(UserError, match="a later resume abandoned"):  # not "give a larger --max-iters"
-        build_config({"resume": tmp_path / "run" / "snapshots" / "iter-4", "max_iters": 4})
