@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -56,6 +56,16 @@ from collapse_tui.training import build_optimizer, load_optimizer_state, make_tr
 
 #: How long a paused engine sleeps between looks at its controls.
 PAUSE_POLL_SECONDS = 0.2
+
+
+class SavedStates(NamedTuple):
+    """What a snapshot's state.json and rng.pt hold, read and checked before a resume opens its folder."""
+
+    iteration: int
+    lr: float
+    collapse_streak: int
+    collapsed_at: int | None
+    rngs: dict[str, Any]
 
 
 class NonFiniteLoss(Exception):
@@ -198,7 +208,7 @@ class Engine:
         self.info.extra["dtype"] = str(self.autocast_dtype or torch.float32).replace("torch.", "")
         self.info.extra["inference"] = type(self.inference).__name__
         # read before the folder is opened: a damaged file is then one line, and the run stays as it was
-        saved_rngs = self._load_saved_states(self.resume_dir) if self.resume_dir is not None else None
+        saved = self._load_saved_states(self.resume_dir) if self.resume_dir is not None else None
         self.writer = RunWriter(self.run_dir, resuming=self.resume_dir is not None)
         if self.resume_dir is None:
             self.writer.write_config(self._config_record())
@@ -206,8 +216,8 @@ class Engine:
             # before the random states of a resumed snapshot are restored: whatever building draws, they replace
             status(self.inference.preparing, None)
             self.inference.prepare(len(self.prompt_ids), config.gen_tokens)
-        if self.resume_dir is not None and saved_rngs is not None:
-            self._restore(self.resume_dir, saved_rngs)
+        if self.resume_dir is not None and saved is not None:
+            self._restore(self.resume_dir, saved)
         status("ready", 1.0)
 
     def _encode_prompt(self, prompt: str) -> list[int]:
@@ -559,7 +569,7 @@ class Engine:
             return False
         return True
 
-    def _load_saved_states(self, path: Path) -> dict[str, Any]:
+    def _load_saved_states(self, path: Path) -> SavedStates:
         """Load the optimizer's state from snapshot ``path``, and read and check its counters and
         random states (returned, for ``_restore``).
 
@@ -567,10 +577,10 @@ class Engine:
         """
         try:
             state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-            counters = (int(state["iteration"]), float(state["lr"]), int(state.get("collapse_streak", 0)))
-            collapsed_at = state.get("collapsed_at")
-            if not math.isfinite(counters[1]) or not (collapsed_at is None or isinstance(collapsed_at, int)):
+            lr, collapsed_at = float(state["lr"]), state.get("collapsed_at")
+            if not math.isfinite(lr) or not (collapsed_at is None or isinstance(collapsed_at, int)):
                 raise ValueError("a value out of its range")
+            iteration, streak = int(state["iteration"]), int(state.get("collapse_streak", 0))
         except (OSError, ValueError, KeyError, TypeError, OverflowError, AttributeError) as error:
             raise UserError(
                 f"--resume {path}: its state.json cannot be read ({in_one_line(error)})"
@@ -592,19 +602,17 @@ class Engine:
                 raise ValueError("not the random states a snapshot saves")
         except Exception as error:
             raise UserError(f"--resume {path}: its rng.pt cannot be read ({in_one_line(error)})") from None
-        return rngs
+        return SavedStates(iteration, lr, streak, collapsed_at, rngs)
 
-    def _restore(self, path: Path, saved_rngs: dict[str, Any]) -> None:
+    def _restore(self, path: Path, saved: SavedStates) -> None:
         """Continue from a snapshot: counters, the lr and RNG states as they were (the optimizer's: loaded)."""
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        self.iteration = int(state["iteration"])
-        self.lr = float(state["lr"])
+        self.iteration, self.lr = saved.iteration, saved.lr
         self.snapshot_state = (self.iteration, self.lr)
-        self.detector.streak = int(state.get("collapse_streak", 0))
-        self.collapsed_at = state.get("collapsed_at")
+        self.detector.streak = saved.collapse_streak
+        self.collapsed_at = saved.collapsed_at
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        same_stream = self._restore_rngs(saved_rngs)
+        same_stream = self._restore_rngs(saved.rngs)
         earlier = [r for r in self.resumed_records if r.iteration < self.iteration]
         self.first_record = earlier[0] if earlier else None
         self.last_record = earlier[-1] if earlier else None
@@ -633,6 +641,11 @@ class Engine:
             with contextlib.suppress(Exception):  # the files are complete; nothing more to lose
                 self.listener.on_event(stop)
         return summary
+
+    @property
+    def end_saved(self) -> bool:
+        """Whether the newest snapshot holds the run as it stands (its final one, once it has ended)."""
+        return self.snapshot_state is not None and self.snapshot_state[0] == self.iteration
 
     @property
     def last_snapshot(self) -> Path | None:

@@ -40,7 +40,6 @@ from collapse_tui.exits import (
 )
 from collapse_tui.follow import serving_watchers
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import snapshot_iteration
 from collapse_tui.tables import print_table
 
 
@@ -231,9 +230,8 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         report_crash(crash, engine.run_dir)
         return EXIT_RUN_FAILED
     if summary is None or reporter is None:
-        saved = engine.last_snapshot
-        at_the_end = saved is not None and snapshot_iteration(saved) == engine.iteration
-        _say(interrupted_line(engine.run_dir if engine.loaded else None, saved, at_the_end=at_the_end))
+        run_dir = engine.run_dir if engine.loaded else None
+        _say(interrupted_line(run_dir, engine.last_snapshot, at_the_end=engine.end_saved))
         return EXIT_INTERRUPTED
     table = summary_table(summary)
     reporter.guarded(lambda: print_table(console, table))

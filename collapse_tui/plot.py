@@ -42,7 +42,10 @@ def _runs_in(paths: list[Path], skipped: list[str]) -> list[Path]:
         if reasons and not found:  # runs, none of them readable: say why, not "not a run folder"
             raise UserError(reasons[0])
         skipped.extend(reason for reason in reasons if reason not in skipped)  # a folder given twice: once
-        expanded.extend(run.root for run in found) if found else expanded.append(path)
+        if found:
+            expanded.extend(run.root for run in found)
+        else:
+            expanded.append(path)
     return expanded
 
 

@@ -624,12 +624,17 @@ def read_summary(root: Path) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
-def snapshot_iteration(snapshot: Path) -> int | None:
-    """The iteration a snapshot was taken at, from its ``state.json``; None if that cannot be read."""
+def _snapshot_value(snapshot: Path, key: str, kind: type[int] | type[float]) -> Any:
+    """``key`` of a snapshot's ``state.json`` as ``kind``; None if that cannot be read."""
     try:
-        return int(json.loads((Path(snapshot) / "state.json").read_text(encoding="utf-8"))["iteration"])
+        return kind(json.loads((Path(snapshot) / "state.json").read_text(encoding="utf-8"))[key])
     except (OSError, ValueError, KeyError, TypeError, OverflowError):
         return None
+
+
+def snapshot_iteration(snapshot: Path) -> int | None:
+    """The iteration a snapshot was taken at, from its ``state.json``; None if that cannot be read."""
+    return _snapshot_value(snapshot, "iteration", int)
 
 
 def snapshot_saved_at(snapshot: Path) -> float | None:
@@ -638,7 +643,4 @@ def snapshot_saved_at(snapshot: Path) -> float | None:
     Why: a run resumed from an earlier snapshot may reach an iteration that an
     abandoned branch saved too; only the time tells whose ``iter-N`` it is.
     """
-    try:
-        return float(json.loads((Path(snapshot) / "state.json").read_text(encoding="utf-8"))["time"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return _snapshot_value(snapshot, "time", float)

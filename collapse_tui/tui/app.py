@@ -386,10 +386,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         kind = event.event
         if kind == "resumed_from" and not self.drawn and self.runs_here:
             self._show_earlier(event)
-        self.events.append(event)
         if event.event != "process_gone":  # a watcher's own note, made when it noticed
             self.last_seen_wall = max(self.last_seen_wall or 0.0, event.time)
-        self._log(self._short_paths(event.describe()))
+        self._log_event(event)
         if kind in ("start", "resumed_from"):
             self._loaded()
         if kind == "resumed_from":  # what the abandoned iterations showed no longer holds
@@ -447,6 +446,11 @@ class CollapseApp(App[dict[str, Any] | None]):
         history_until = self.info.history_until
         return history_until is None or event.time > history_until
 
+    def _log_event(self, event: Event) -> None:
+        """Keep ``event`` and put its line in the event pane."""
+        self.events.append(event)
+        self._log(self._short_paths(event.describe()))
+
     def _short_paths(self, line: str) -> str:
         """Snapshot paths inside the run folder, short enough for a narrow pane.
 
@@ -462,7 +466,7 @@ class CollapseApp(App[dict[str, Any] | None]):
     @property
     def runs_here(self) -> bool:
         """Whether the run is this process's own (a watcher's source replays its folder by itself)."""
-        return getattr(self.source.controls, "stops_the_run", True)
+        return self.source.controls.stops_the_run
 
     def _show_earlier(self, resumed: Event) -> None:
         """Draw what the run did before this resume, from its folder, as a watcher of it would see it.
@@ -481,8 +485,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         # a run was resumed on need not agree
         resumes = [i for i, event in enumerate(run.events) if event.event == "resumed_from"]
         for event in run.events[: resumes[-1]] if resumes else run.events:
-            self.events.append(event)
-            self._log(self._short_paths(event.describe()))
+            self._log_event(event)
         earlier = [record for record in run.records if record.iteration < resumed.iteration]
         for record in earlier:
             self._remember(record)
@@ -707,10 +710,11 @@ class CollapseApp(App[dict[str, Any] | None]):
         return self.running and not self.quitting and not self.loading and not self.ending
 
     def _steer(self, command: Callable[[], None]) -> bool:
-        """Send a steering command; a watcher's that cannot be written (a full disk) is a notice, not a crash."""
+        """Send a steering command; one refused (a bad value, or a watcher's that cannot be written to a
+        full disk) is a notice, not a crash."""
         try:
             command()
-        except UserError as error:
+        except (UserError, ValueError) as error:
             self.notify(str(error), severity="error")
             return False
         return True
@@ -750,11 +754,7 @@ class CollapseApp(App[dict[str, Any] | None]):
         if lr > MAX_LR and lr > self.current_lr:  # the l dialog's ceiling holds for + too (not for -)
             self.notify(f"lr {lr:.3g}: above {MAX_LR:g} the update only wrecks the model", severity="error")
             return
-        try:
-            if not self._steer(lambda: self.source.controls.set_lr(lr)):
-                return
-        except ValueError as error:
-            self.notify(str(error), severity="error")
+        if not self._steer(lambda: self.source.controls.set_lr(lr)):
             return
         # The engine logs no event for a "change" to the lr it already has: nothing to wait for then.
         self.requested_lr = None if lr == self.applied_lr else lr
