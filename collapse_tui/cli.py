@@ -23,11 +23,14 @@ import typer
 
 from collapse_tui.config import (
     HUB_SETS,
+    RESUME_MAY_CHANGE,
     RunConfig,
     absolute_eval,
     absolute_paths,
     check_config_types,
     eval_set_name,
+    option_flag,
+    option_words,
     parse_eval_tokens,
     resolve_config,
     validate,
@@ -154,12 +157,33 @@ RUN_OPTIONS: list[inspect.Parameter] = [
 ]
 
 
-def with_run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+def _swept(option: inspect.Parameter) -> inspect.Parameter:
+    """A run option as ``sweep`` takes it: the swept ones repeatable, ``--out`` the sweep's folder."""
+    from collapse_tui.sweep import SWEPT
+
+    annotation, info = option.annotation.__origin__, option.annotation.__metadata__[0]
+    if option.name in SWEPT:
+        help = info.help.replace(" [default", "; repeatable, one run for each value [default")
+        one = annotation.__args__[0]
+        return _option(option.name, list[one] | None, help, *info.param_decls, metavar=_METAVARS[one])
+    if option.name == "out":
+        return _option("out", Path | None, "The sweep's folder [default: runs/sweep-<time>/].", "--out")
+    return option
+
+
+def with_run_options(
+    command: Callable[..., Any], options: list[inspect.Parameter] = RUN_OPTIONS
+) -> Callable[..., Any]:
     """Give a command every run option; the options reach it as keyword arguments."""
     signature = inspect.signature(command)
     own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    command.__signature__ = signature.replace(parameters=own + RUN_OPTIONS)  # type: ignore[attr-defined]
+    command.__signature__ = signature.replace(parameters=own + options)  # type: ignore[attr-defined]
     return command
+
+
+def with_sweep_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command the run options as ``sweep`` takes them (no ``--resume``: it resumes by itself)."""
+    return with_run_options(command, [_swept(option) for option in RUN_OPTIONS if option.name != "resume"])
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -198,7 +222,7 @@ def build_config(options: dict[str, Any]) -> RunConfig:
                 and not _moved(key, value, base)
                 and not _same_path(key, value, base, Path(resume).parent.parent)
             ):
-                flag = _flag(key)
+                flag = option_flag(key)
                 raise UserError(
                     f"{flag} cannot change when resuming (the run used {getattr(base, key)!r}); "
                     "start a new run instead"
@@ -237,17 +261,6 @@ def _check_eval_files_still_there(evals: list[str]) -> None:
         )
 
 
-#: The switches' "off" spellings, for messages about a switch given off.
-NEGATIVE_FLAGS = {"keep_going": "--stop-at-collapse", "final_snapshot": "--no-final-snapshot"}
-
-
-def _flag(key: str, value: Any = None) -> str:
-    """The option's flag as typed, for messages (a switch given off by its "off" spelling)."""
-    if value is False and key in NEGATIVE_FLAGS:
-        return NEGATIVE_FLAGS[key]
-    return "--" + ("eval" if key == "evals" else key.replace("_", "-"))
-
-
 def _moved(key: str, value: Any, base: RunConfig) -> bool:
     """Whether ``--eval`` names the run's own evaluation files at another path (the same sets, moved)."""
     if key != "evals" or any(spec in HUB_SETS for spec in [*value, *base.evals]):
@@ -265,13 +278,6 @@ def _same_path(key: str, value: Any, base: RunConfig, run_dir: Path) -> bool:
     if os.path.normpath(value) == os.path.normpath(was):
         return True
     return Path(value).exists() and Path(was).exists() and Path(value).resolve() == Path(was).resolve()
-
-
-#: What a resumed run may do differently from its start; everything else would change what it computes.
-RESUME_MAY_CHANGE = {
-    "max_iters", "lr", "device", "dtype", "keep_going", "collapse_threshold", "collapse_patience",
-    "snapshot_every", "final_snapshot",
-}  # fmt: skip
 
 
 def resume_lr(options: dict[str, Any]) -> float | None:
@@ -309,10 +315,13 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
     """Run the self-training loop in the live terminal UI."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = {k: v for k, v in options.items() if v is not None and v != []}
-        if ctx.obj and ctx.invoked_subcommand != "headless":  # they would be dropped without a word
-            flags = ", ".join(_flag(key, value) for key, value in ctx.obj.items())
+        if ctx.obj and ctx.invoked_subcommand not in (
+            "headless",
+            "sweep",
+        ):  # they would be dropped without a word
+            flags = ", ".join(option_flag(key, value) for key, value in ctx.obj.items())
             raise UserError(
-                f"{flags}: run options go with collapse-tui or collapse-tui headless, "
+                f"{flags}: run options go with collapse-tui, collapse-tui headless or collapse-tui sweep, "
                 f"not with {ctx.invoked_subcommand}"
             )
         return
@@ -351,6 +360,21 @@ def headless_command(ctx: typer.Context, **options: Any) -> None:
     from collapse_tui.headless import run_headless
 
     raise typer.Exit(run_headless(config, resume_lr=resume_lr(merged)))
+
+
+@app.command("sweep")
+@user_errors
+@with_sweep_options
+def sweep_command(ctx: typer.Context, **options: Any) -> None:
+    """Run one headless run for each --model, --lr and --seed given, one after another."""
+    from collapse_tui.sweep import SWEPT, run_sweep
+
+    given_before = {  # run options before "sweep" are one value each
+        k: [v] if k in SWEPT else v for k, v in (ctx.obj or {}).items() if options.get(k) in (None, [])
+    }
+    merged = {**options, **given_before}
+    out = merged.pop("out")
+    raise typer.Exit(run_sweep(merged, out, ["sweep", *option_words(merged)]))
 
 
 @app.command("watch")

@@ -178,6 +178,37 @@ def parse_eval_tokens(value: str | int | None) -> int | None:
     return count
 
 
+#: What a resumed run may do differently from its start; everything else would change what it computes.
+RESUME_MAY_CHANGE = {
+    "max_iters", "lr", "device", "dtype", "keep_going", "collapse_threshold", "collapse_patience",
+    "snapshot_every", "final_snapshot",
+}  # fmt: skip
+
+
+#: The switches' "off" spellings, for messages about a switch given off.
+NEGATIVE_FLAGS = {"keep_going": "--stop-at-collapse", "final_snapshot": "--no-final-snapshot"}
+
+
+def option_flag(key: str, value: Any = None) -> str:
+    """The option's flag as typed, for messages (a switch given off by its "off" spelling)."""
+    if value is False and key in NEGATIVE_FLAGS:
+        return NEGATIVE_FLAGS[key]
+    return "--" + ("eval" if key == "evals" else key.replace("_", "-"))
+
+
+def option_words(options: dict[str, Any]) -> list[str]:
+    """``options`` as command-line words again (a list as a repeated option; None left out).
+
+    Why: ``sweep`` starts each run as a ``headless`` process, and says how to go on with itself.
+    """
+    words: list[str] = []
+    for key, value in options.items():
+        for one in value if isinstance(value, list) else [value]:
+            if one is not None:
+                words += [option_flag(key, one)] if isinstance(one, bool) else [option_flag(key), str(one)]
+    return words
+
+
 def resolve_config(options: dict[str, Any]) -> RunConfig:
     """Merge command-line options over a preset over the defaults, then validate.
 

@@ -434,7 +434,7 @@ def test_kill_int_stops_a_background_job_whose_shell_ignored_sigint(tiny_model_d
         (["--bogus"], "No such option: --bogus"),
         (["headless", "--max-iters"], "'--max-iters' requires an argument"),
         (["plot"], "Missing argument 'RUN_DIR'"),  # as --help names it, not the Python parameter
-        (["--lr", "1e-3", "runs", "."], "--lr: run options go with collapse-tui or collapse-tui headless"),
+        (["--lr", "1e-3", "runs", "."], "--lr: run options go with collapse-tui, collapse-tui headless"),
         (["--stop-at-collapse", "plot", "x"], "--stop-at-collapse: run options go with"),
         (["watch"], "Missing argument 'RUN_DIR'"),
     ],
