@@ -17,6 +17,7 @@ recorded as an event.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -434,8 +435,8 @@ class Engine:
         try:
             path = self.snapshot()
         except Exception as error:  # torch and safetensors raise their own types on ENOSPC and EFBIG
+            message = snapshot_failure(error, target.parent)  # before the partial files free the disk
             shutil.rmtree(partial_snapshot(target), ignore_errors=True)
-            message = f"{type(error).__name__}: {error}" if not isinstance(error, OSError) else str(error)
             self._emit(Event("snapshot_failed", self.iteration, data={"message": message}))
             return message
         self.snapshot_state = (self.iteration, self.lr)
@@ -669,6 +670,29 @@ class Engine:
             last_snapshot=None if self.last_snapshot is None else str(self.last_snapshot),
             **({"final_snapshot_failed": self.final_snapshot_failed} if self.final_snapshot_failed else {}),
         )
+
+
+#: Free space below which a failed snapshot write is put down to a full disk.
+LOW_DISK_BYTES = 64 * 2**20
+
+
+def snapshot_failure(error: Exception, folder: Path) -> str:
+    """Why a snapshot could not be written, in one line that names a full disk as such.
+
+    Why: torch.save reports a full disk as "unexpected pos 576 vs 534" (its
+    writer's short write, with no errno), and the optimizer's state, twice
+    the model's size, is the file most likely to meet it.
+    """
+    message = str(error) if isinstance(error, OSError) else f"{type(error).__name__}: {error}"
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return message  # the system's own words say it already
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return message
+    if free >= LOW_DISK_BYTES:
+        return message
+    return f"no space left on device ({free / 2**20:.0f} MiB free in {folder}; {message})"
 
 
 def _check_snapshot(path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -361,6 +362,22 @@ def test_a_snapshot_that_fails_on_a_full_disk_is_reported_and_the_run_goes_on(
     assert not (Path(tiny_config.out) / "snapshots").exists() or not any(
         (Path(tiny_config.out) / "snapshots").iterdir()
     )
+
+
+def test_a_snapshot_write_cut_short_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch) -> None:
+    from collapse_tui.engine import snapshot_failure
+
+    short_write = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=3 * 2**20))
+    assert snapshot_failure(short_write, tmp_path) == (
+        f"no space left on device (3 MiB free in {tmp_path}; RuntimeError: [enforce fail at "
+        "inline_container.cc:672] . unexpected pos 576 vs 534)"
+    )
+    enospc = OSError(28, "No space left on device")
+    assert snapshot_failure(enospc, tmp_path) == "[Errno 28] No space left on device"  # said already
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**30))
+    assert snapshot_failure(short_write, tmp_path).startswith("RuntimeError: [enforce fail")  # another cause
 
 
 def test_a_stopped_and_resumed_run_equals_one_never_stopped(tiny_config: RunConfig, tmp_path: Path) -> None:
