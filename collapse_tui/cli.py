@@ -448,6 +448,7 @@ def runs_command(
 ) -> None:
     """List the runs under a folder: model, lr, iterations, collapse, losses, status."""
     from rich.console import Console
+    from rich.text import Text
 
     from collapse_tui.runs import find_runs, runs_table
     from collapse_tui.tables import print_table
@@ -459,11 +460,11 @@ def runs_command(
     runs = find_runs(root, skipped=skipped)
     console = Console()
     if not runs:
-        console.print(f"no runs under {root}")
+        console.print(Text(f"no runs under {root}"))
     else:
         print_table(console, runs_table(runs, title=str(root)))
     for line in skipped:
-        console.print(f"[dim]{line}[/dim]")
+        console.print(Text(line, style="dim"))
 
 
 def main() -> None:

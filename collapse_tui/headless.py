@@ -108,9 +108,9 @@ class ProgressReporter(PlainReporter):
             TextColumn("[bold]it"),
             MofNCompleteColumn(),
             BarColumn(),
-            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[rate]}", markup=False),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[losses]}"),
+            TextColumn("{task.fields[losses]}", markup=False),  # set names and paths may hold brackets
             console=console,
             transient=False,
         )
@@ -167,24 +167,27 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column(overflow="fold")  # a path a resume takes is kept whole, over lines if need be
     first, last = summary.get("first") or {}, summary.get("last") or {}
 
+    def add_row(name: str, value: str) -> None:  # as text, not markup: paths and messages hold brackets
+        table.add_row(Text(name), Text(value))
+
     def fmt(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
     status, reason = summary["status"], summary["reason"]
-    table.add_row("status", status if reason == status else f"{status} ({reason})")
-    table.add_row("iterations run", str(summary["iterations"]))
+    add_row("status", status if reason == status else f"{status} ({reason})")
+    add_row("iterations run", str(summary["iterations"]))
     collapsed = summary.get("collapsed_at")
-    table.add_row("collapsed at", "—" if collapsed is None else f"iteration {collapsed}")
+    add_row("collapsed at", "—" if collapsed is None else f"iteration {collapsed}")
     if first:
-        table.add_row("gen_loss first → last", f"{fmt(first['gen_loss'])} → {fmt(last['gen_loss'])}")
+        add_row("gen_loss first → last", f"{fmt(first['gen_loss'])} → {fmt(last['gen_loss'])}")
         for name, value in first["valid"].items():
-            table.add_row(f"{name} first → last", f"{fmt(value)} → {fmt(last['valid'].get(name))}")
-        table.add_row("rep4 first → last", f"{fmt(first['rep4'])} → {fmt(last['rep4'])}")
+            add_row(f"{name} first → last", f"{fmt(value)} → {fmt(last['valid'].get(name))}")
+        add_row("rep4 first → last", f"{fmt(first['rep4'])} → {fmt(last['rep4'])}")
     if summary.get("final_snapshot_failed"):
-        table.add_row("final snapshot", f"failed: {summary['final_snapshot_failed']}")
+        add_row("final snapshot", f"failed: {summary['final_snapshot_failed']}")
     if "last_snapshot" in summary:  # runs written before it was kept have no such key
-        table.add_row("last snapshot", summary["last_snapshot"] or "—")
-    table.add_row("run folder", summary["run_dir"])
+        add_row("last snapshot", summary["last_snapshot"] or "—")
+    add_row("run folder", summary["run_dir"])
     return table
 
 

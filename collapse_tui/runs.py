@@ -11,7 +11,9 @@ import math
 import os
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from collapse_tui.config import model_name
 from collapse_tui.errors import UserError
@@ -185,7 +187,7 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
         caption += "; running? = its process is not on this machine, or not recorded"
     if any(status.endswith(UNSAVED_END) for status in statuses):
         caption += f"; {UNSAVED_END} = killed while saving its final snapshot: its end has none"
-    table = Table(title=title, caption=caption)
+    table = Table(title=None if title is None else escape(title), caption=caption)
     table.add_column("run", overflow="fold", min_width=8)
     table.add_column("model", overflow="fold", min_width=6)
     table.add_column("lr", justify="right", overflow="fold")
@@ -199,14 +201,14 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
         first = records[0].valid.get(first_set) if records and first_set else None
         last = records[-1].valid.get(first_set) if records and first_set else None
         collapsed = run.collapsed_at
-        table.add_row(
-            name,
-            model_label(run.config),
+        table.add_row(  # as text, not markup: folder and model names may hold brackets
+            Text(name),
+            Text(model_label(run.config)),
             lr_text(run),
             str(records[-1].iteration + 1 if records else 0),
             "—" if collapsed is None else str(collapsed),
             _loss(first),
             _loss(last),
-            f"[{style}]{status}[/]" if style else status,
+            Text(status, style=style or ""),
         )
     return table

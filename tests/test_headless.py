@@ -39,6 +39,29 @@ def test_the_summary_gives_the_reason_only_where_it_adds_to_the_status() -> None
     assert "finished (max_iters)" in status_row("finished", "max_iters")
 
 
+def test_the_summary_shows_messages_and_paths_with_brackets_as_they_are() -> None:
+    failed = "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"
+    summary = {"status": "finished", "reason": "max_iters", "iterations": 3, "run_dir": "/r/[b]x",
+               "final_snapshot_failed": failed}  # fmt: skip
+    console = Console(width=300, record=True, color_system=None)
+    console.print(summary_table(summary))
+    text = console.export_text()
+    assert f"failed: {failed}" in text and "/r/[b]x" in text
+
+
+def test_the_progress_bar_shows_a_status_with_brackets_as_it_is() -> None:
+    engine = SimpleNamespace(config=SimpleNamespace(max_iters=2))
+    console = Console(file=io.StringIO(), force_terminal=True, width=200, color_system=None)
+    reporter = ProgressReporter(engine, console)  # type: ignore[arg-type]
+    try:
+        reporter.on_status("loading model /models/[b]tiny")
+        rendered = Console(width=200, record=True, color_system=None)
+        rendered.print(reporter.progress.get_renderable())
+        assert "loading model /models/[b]tiny" in rendered.export_text()
+    finally:
+        reporter.close()
+
+
 def test_a_run_left_at_once_says_what_is_kept_and_what_it_can_go_on_from(tmp_path) -> None:
     assert interrupted_line(None, None) == "collapse-tui: interrupted while loading"
     snapshot = tmp_path / "snapshots" / "iter-4"

@@ -245,3 +245,10 @@ def test_the_runs_command_without_a_runs_folder_says_where_it_looked(tmp_path: P
     assert "runs is not a folder" in result.output and "collapse-tui runs FOLDER" in result.output
     result = CliRunner().invoke(app, ["runs", "elsewhere"])
     assert result.exit_code == 2 and "FOLDER" not in result.output
+
+
+def test_names_with_brackets_are_shown_as_they_are_not_taken_for_markup(tmp_path: Path) -> None:
+    root = tmp_path / "[bold]sweep"
+    make_run(root / "lr[red]1e-4", "stopped", model="/models/[b]tiny")
+    text = render(runs_table(find_runs(root), title=str(root)))
+    assert "lr[red]1e-4" in text and "[b]tiny" in text and "[bold]sweep" in text
