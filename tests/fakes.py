@@ -99,9 +99,11 @@ class FakeSource:
         self.finished = False
         #: records emitted so far
         self.emitted = 0
+        #: what the run says while it loads
+        self.status_text = "loading the fake model"
 
     def run(self, listener: EngineListener) -> dict[str, Any]:
-        listener.on_status("loading the fake model", 0.5)
+        listener.on_status(self.status_text, 0.5)
         if self.load_gate is not None:
             while not self.load_gate.wait(0.01):
                 if self.controls.stop_requested:

@@ -282,6 +282,9 @@ def test_bad_typed_lr_is_refused_with_the_error_shown() -> None:
         app.screen.query_one(Input).value = ""
         await pilot.press(*"-1", "enter")
         assert "positive" in str(app.screen.query_one("#lr-error", Label).render())
+        app.screen.query_one(Input).value = "[/]"  # quoted back as typed: not markup, which would raise
+        await pilot.press("enter")
+        assert "not a number: '[/]'" in str(app.screen.query_one("#lr-error", Label).render())
         await pilot.press("escape")
         assert not isinstance(app.screen, LrScreen)
         await pilot.pause(0.05)
@@ -511,6 +514,26 @@ def test_collapse_keeps_the_screen_until_q() -> None:
 
     app = drive(source, scenario)
     assert app.return_value == {"status": "finished", "iterations": 6}
+
+
+def test_paths_and_messages_with_brackets_are_shown_as_they_are() -> None:
+    failed = "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0 in /r/[/]x"
+    source = FakeSource(
+        [make_record(i, 5) for i in range(3)],
+        script={1: [Event("error", 1, time=0.0, data={"message": failed})]},
+    )
+    source.status_text = "loading model /models/[b]tiny"
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        label = app.query_one("#loading-label", Label)
+        await wait_until(pilot, lambda: "[b]tiny" in str(label.render()), "the loading message")
+        await wait_until(pilot, lambda: app.records_seen == 3, "three records")
+        notices = [n for n in app._notifications if n.title == "run error"]
+        assert [n.message for n in notices] == [failed] and not notices[0].markup
+        await pilot.pause(0.1)  # drawn without raising on its "[/]"
+        assert app.is_running and app.state == "error"
+
+    drive(source, scenario, notifications=True)
 
 
 def test_a_crashed_run_shows_error_and_stays() -> None:

@@ -225,6 +225,11 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     # -- layout --------------------------------------------------------------
 
+    def notify(self, message: str, *, markup: bool = False, **options: Any) -> None:
+        """A notice, as plain text: its paths and error messages may hold brackets ("[enforce fail at …]",
+        "[/]"), which Textual's markup would drop or raise on, taking the screen down."""
+        super().notify(message, markup=markup, **options)
+
     def get_driver_class(self) -> type[Driver]:
         """Textual's driver for this terminal, made to survive the terminal hanging up."""
         return hangup_safe(super().get_driver_class())
@@ -317,7 +322,7 @@ class CollapseApp(App[dict[str, Any] | None]):
     # -- reports from the run ------------------------------------------------
 
     def on_status_report(self, report: StatusReport) -> None:
-        self.query_one("#loading-label", Label).update(report.text)
+        self.query_one("#loading-label", Label).update(Text(report.text))  # a path may hold brackets
         bar = self.query_one("#loading-bar", ProgressBar)
         if report.fraction is None:
             bar.update(total=None)

@@ -6,6 +6,7 @@ import math
 from typing import ClassVar
 
 from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -125,7 +126,7 @@ class LrScreen(ModalScreen[float | None]):
         try:
             value = parse_lr(event.value, self.current)
         except ValueError as error:
-            self.query_one("#lr-error", Label).update(str(error))
+            self.query_one("#lr-error", Label).update(Text(str(error)))  # it quotes what was typed
             self.query_one("#lr-input", Input).add_class("-invalid")
             return
         self.dismiss(value)
