@@ -123,7 +123,18 @@ def _look(index: int) -> tuple[str, Any]:
 
 
 def build_figure(runs: list[RunFolder]) -> Figure:
-    """The figure itself (no file): one Axes per panel, one line per run that has the panel's data."""
+    """The figure itself (no file): one Axes per panel, one line per run that has the panel's data.
+
+    Its texts are never mathtext: a folder or model name with two ``$`` in it
+    would be typeset, or fail to parse when the figure is drawn.
+    """
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _draw_figure(runs)
+
+
+def _draw_figure(runs: list[RunFolder]) -> Figure:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 

@@ -13,7 +13,7 @@ from runfolders import make_run, record
 
 from collapse_tui.errors import UserError
 from collapse_tui.plot import COLLAPSE_GID, GEN_PANEL, build_figure, load_runs, plot_runs
-from collapse_tui.runfolder import RunWriter
+from collapse_tui.runfolder import RunWriter, read_run
 
 EVALS = ("wikitext-2", "ptb")
 
@@ -221,3 +221,14 @@ def _only(run: Path) -> Path:
     alone.mkdir()
     run.rename(alone / run.name)
     return alone
+
+
+def test_names_with_dollars_are_drawn_as_they_are_not_as_mathtext(tmp_path: Path) -> None:
+    make_run(tmp_path / "lr$\\foo$", "finished", model="/m/x$\\bar$")
+    make_run(tmp_path / "b", "finished", lr=1e-4)
+    out = tmp_path / "f.png"
+    assert plot_runs([tmp_path / "lr$\\foo$", tmp_path / "b"], out) == []  # no ValueError from mathtext
+    figure = build_figure([read_run(tmp_path / "lr$\\foo$"), read_run(tmp_path / "b")])
+    texts = figure.legends[0].get_texts()
+    assert any("x$\\bar$" in text.get_text() for text in texts)
+    assert not any(text.get_parse_math() for text in texts)
