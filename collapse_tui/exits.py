@@ -11,7 +11,9 @@ hang-up stops it as ``q`` does, and never ends the process early
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Any
 
 EXIT_OK = 0
@@ -23,6 +25,11 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 #: The signals that stop a run as q does; a run they stop gives the signal's name as its reason.
 STOP_SIGNAL_NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+#: Set by ``sweep`` for each run it starts: the sweep's pid, whose death stops the run as a SIGTERM does.
+STOP_WITH = "COLLAPSE_TUI_STOP_WITH"
+#: A second SIGTERM this soon after the first is the same one: a scheduler (SLURM, systemd) signals
+#: every process of a job at once, a sweep's run among them, and the sweep passes its own on too.
+SAME_SIGTERM_SECONDS = 1.0
 
 
 def run_exit_code(summary: dict[str, Any], *, signalled: bool) -> int:
@@ -53,6 +60,24 @@ def closing_line(summary: dict[str, Any]) -> str | None:
             "the run's records are kept, its last weights are not"
         )
     return None
+
+
+def stop_with_parent() -> None:
+    """Have the system send SIGTERM to this process when the sweep that started it dies (Linux).
+
+    Why: a sweep's run has a session of its own (so that the terminal's
+    signals reach the sweep alone, which passes them on once); a sweep killed
+    without a word (``kill -9``) would otherwise leave it running, holding the GPU.
+    """
+    parent = os.environ.pop(STOP_WITH, None)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if str(os.getppid()) != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def ignore_later_hangups(signum: int) -> bool:

@@ -416,6 +416,21 @@ def test_a_hang_up_that_comes_twice_still_stops_the_run_cleanly(tiny_model_dir, 
     assert json.loads((out / "process.json").read_text())["state"] == "ended"
 
 
+def test_two_sigterms_at_once_stop_the_run_cleanly_as_one_does(tiny_model_dir, eval_file, tmp_path):
+    # A scheduler (SLURM, systemd) signals every process of a job, a sweep's run among them, and the
+    # sweep passes its own on too: the run gets two SIGTERMs at once, and must still save its end.
+    out = tmp_path / "run"
+    process = start_endless_headless(tiny_model_dir, eval_file, out)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)  # two deliveries, not one pending signal (pending ones merge)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["status"], summary["reason"]) == ("stopped", "SIGTERM")
+    assert summary["last_snapshot"] and Path(summary["last_snapshot"], "state.json").exists()
+
+
 def test_kill_int_stops_a_background_job_whose_shell_ignored_sigint(tiny_model_dir, eval_file, tmp_path):
     out = tmp_path / "run"
     process = start_endless_headless(  # `collapse-tui headless … &` in a script: SIGINT starts ignored
