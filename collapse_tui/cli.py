@@ -30,7 +30,6 @@ from collapse_tui.config import (
     check_config_types,
     eval_set_name,
     option_flag,
-    option_words,
     parse_eval_tokens,
     resolve_config,
     validate,
@@ -369,12 +368,17 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
     """Run one headless run for each --model, --lr and --seed given, one after another."""
     from collapse_tui.sweep import SWEPT, run_sweep
 
+    if (ctx.obj or {}).get("resume"):
+        raise UserError(
+            "--resume goes with collapse-tui or collapse-tui headless; a sweep goes on by itself "
+            "when given the same command (and --out) again"
+        )
     given_before = {  # run options before "sweep" are one value each
         k: [v] if k in SWEPT else v for k, v in (ctx.obj or {}).items() if options.get(k) in (None, [])
     }
     merged = {**options, **given_before}
     out = merged.pop("out")
-    raise typer.Exit(run_sweep(merged, out, ["sweep", *option_words(merged)]))
+    raise typer.Exit(run_sweep(merged, out))
 
 
 @app.command("watch")

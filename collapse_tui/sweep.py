@@ -2,19 +2,21 @@
 
 The paper's findings are comparisons: a higher learning rate collapses
 faster, a larger model sooner. A sweep runs the grid into one folder
-(``SWEEP/<model>-lr<lr>[-seed<seed>]/``, ordinary run folders), then prints
-the ``runs`` table of it and draws ``SWEEP/sweep.png`` with ``plot``.
+(``SWEEP/<model>-lr<lr>-seed<seed>/``, ordinary run folders), then draws
+``SWEEP/sweep.png`` with ``plot`` and prints the ``runs`` table of it.
 
 Each run is its own ``collapse-tui headless`` process, so a run that crashes
 or runs out of memory costs only itself, and each model's GPU memory is
 given back before the next loads. The children run in their own session:
 a Ctrl-C, a ``kill`` or a hang-up reaches the sweep only, which passes it on
-once (a second Ctrl-C, passed on too, leaves the run at once, as in
-``headless``) and starts no further run.
+(a second Ctrl-C leaves the run at once, as in ``headless``) and starts no
+further run; a sweep that dies without a word takes its run with it.
 
 The same command given again goes on where the sweep stopped: a run that
 reached its end is left as it is, one that was stopped, killed or crashed
-goes on from its newest snapshot, a larger ``--max-iters`` extends them all.
+goes on from its newest snapshot, a larger ``--max-iters`` extends them all,
+more values add runs. ``sweep.json`` keeps the settings every run shares
+(a command with others is refused), the runs and the commands given.
 Everything is checked before the first run starts, so a mistake costs one
 line and no half-made sweep. This module never imports textual.
 """
@@ -25,6 +27,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import re
 import shlex
 import signal
@@ -39,14 +42,24 @@ from typing import Any
 from collapse_tui.config import (
     RESUME_MAY_CHANGE,
     RunConfig,
+    absolute_eval,
     model_name,
     option_flag,
     option_words,
     resolve_config,
 )
 from collapse_tui.errors import UserError
-from collapse_tui.exits import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, STOP_SIGNAL_NAMES
-from collapse_tui.runfolder import CONFIG, SNAPSHOTS, RunFolder, read_run, snapshot_iteration
+from collapse_tui.exits import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, STOP_SIGNAL_NAMES, STOP_WITH
+from collapse_tui.follow import is_alive
+from collapse_tui.runfolder import (
+    CONFIG,
+    SNAPSHOTS,
+    RunFolder,
+    read_run,
+    snapshot_iteration,
+    why_not_take_over,
+    write_atomic,
+)
 from collapse_tui.runs import is_run_folder, run_status, runs_table
 
 #: The options a sweep takes several values of; every other run option is one value for all runs.
@@ -85,10 +98,10 @@ def default_sweep_dir(root: Path = Path("runs")) -> Path:
     return root / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_name(model: str, lr: float, seed: int | None) -> str:
-    """``<model>-lr<lr>``, with ``-seed<seed>`` when the sweep has several seeds: a folder name."""
-    name = f"{model_name(model)}-lr{lr:g}" + ("" if seed is None else f"-seed{seed}")
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)
+def run_name(model: str, lr: float, seed: int) -> str:
+    """``<model>-lr<lr>-seed<seed>``, a folder name: the seed always, so that adding seeds to a sweep
+    later leaves the names of the runs it has (and so the runs themselves) as they are."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{model_name(model)}-lr{lr:g}-seed{seed}")
 
 
 def plan_sweep(options: dict[str, Any], sweep_dir: Path) -> list[PlannedRun]:
@@ -96,26 +109,50 @@ def plan_sweep(options: dict[str, Any], sweep_dir: Path) -> list[PlannedRun]:
 
     ``options`` are the run options as the command line gives them, the swept
     ones as lists (empty: the default, or the preset's value). A value out of
-    range or two runs that would share a folder are refused before anything runs.
+    range, an evaluation file or model folder that is not there, or two runs
+    that would share a folder are refused before anything runs; a value given
+    twice (``./m`` and ``m``) is one run.
     """
-    values = {key: list(dict.fromkeys(options.get(key) or [None])) for key in SWEPT}
-    several_seeds = len(values["seed"]) > 1
+    values = {key: options.get(key) or [None] for key in SWEPT}
     plan: list[PlannedRun] = []
     for model, lr, seed in itertools.product(*(values[key] for key in SWEPT)):
         run_options = {**options, "model": model, "lr": lr, "seed": seed}
         config = resolve_config({**run_options, "out": None})
-        name = run_name(config.model, config.lr, config.seed if several_seeds else None)
-        run_dir = sweep_dir / name
+        if any(_swept_values(run.config) == _swept_values(config) for run in plan):
+            continue
+        name = run_name(config.model, config.lr, config.seed)
         clash = next((run for run in plan if run.name == name), None)
         if clash is not None:
-            raise UserError(
-                f"two runs of the sweep would share the folder {run_dir} "
-                f"({model_name(clash.config.model)} and {model_name(config.model)}); give the models "
-                "folders of different names"
-            )
-        run_options["out"] = run_dir
-        plan.append(PlannedRun(name, run_dir, run_options, dataclasses.replace(config, out=str(run_dir))))
+            raise UserError(f"{_differing(clash.config, config)} would share the folder {sweep_dir / name}")
+        run_options["out"] = sweep_dir / name
+        config = dataclasses.replace(config, out=str(sweep_dir / name))
+        plan.append(PlannedRun(name, sweep_dir / name, run_options, config))
+    _check_inputs_there(plan)
     return plan
+
+
+def _swept_values(config: RunConfig) -> tuple[Any, ...]:
+    return tuple(getattr(config, key) for key in SWEPT)
+
+
+def _differing(one: RunConfig, other: RunConfig) -> str:
+    """The two values of the swept option that two runs differ in, as typed: what makes their names clash."""
+    key = next(key for key in SWEPT if getattr(one, key) != getattr(other, key))
+    flag = option_flag(key)
+    why = " (a folder name keeps 6 digits of the lr)" if key == "lr" else ""
+    return f"{flag} {getattr(one, key)} and {flag} {getattr(other, key)}{why}"
+
+
+def _check_inputs_there(plan: list[PlannedRun]) -> None:
+    """A missing evaluation file or model folder would fail its run only when that run starts, maybe hours
+    in: look now. (A hub id can only be looked up by loading it.)"""
+    from collapse_tui.data import check_eval_specs  # torch: only once the plan is made
+
+    check_eval_specs(plan[0].config.evals)
+    for run in plan:
+        model = run.config.model
+        if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+            raise UserError(f"--model {model}: there is no such model folder")
 
 
 def check_sweep_dir(sweep_dir: Path) -> None:
@@ -130,16 +167,19 @@ def check_sweep_dir(sweep_dir: Path) -> None:
 
 def decide(run: PlannedRun) -> Step:
     """What to do with a planned run, from what its folder holds; refuse what would mix two runs."""
+    if is_alive(run.run_dir):  # loading or iterating: a start or a resume would find it locked
+        raise UserError(
+            f"{run.run_dir}: its process is running; wait for it to end, or stop it, "
+            "before going on with the sweep"
+        )
+    if why_not_take_over(run.run_dir) is None:
+        # nothing there, or a start that ended before its first iteration: headless starts it (again)
+        return Step("start")
     if not is_run_folder(run.run_dir):
-        return Step("start")  # check_new_run_folder (in the child) refuses a folder of other things
+        return Step("start")  # the child refuses a folder of other things with its own one line
     folder = read_run(run.run_dir)
     _check_same_run(run, folder)
     status = run_status(folder)
-    if status in ("running", "running?"):
-        where = "its process is running" if status == "running" else "it may be running on another machine"
-        raise UserError(
-            f"{run.run_dir}: {where}; wait for it to end, or stop it, before going on with the sweep"
-        )
     done = folder.records[-1].iteration + 1 if folder.records else 0
     if status == "NaN loss":
         return Step("skip", f"stopped on a non-finite loss after {done} iterations", failed=True)
@@ -147,6 +187,8 @@ def decide(run: PlannedRun) -> Step:
         return Step("skip", f"done already ({status}, {done} iterations)")
     if status == "collapsed" and not run.config.keep_going:
         return Step("skip", f"done already (collapsed at iteration {folder.collapsed_at})")
+    if status == "running?":  # as --resume takes it: this machine cannot tell, and the folder is locked
+        status = "not running here (its process is on another machine, or not recorded)"
     snapshot = newest_snapshot(folder)
     if snapshot is None:
         return Step(
@@ -213,7 +255,8 @@ class SweepStop:
 
     Each one is passed on as it came: a second Ctrl-C leaves the run at once,
     as in ``headless``, which also ignores the second hang-up of a dropped
-    SSH session (the shell's, then the kernel's).
+    SSH session (the shell's, then the kernel's) and takes two SIGTERMs
+    within a second for one (a scheduler's reaches the run too).
     """
 
     def __init__(self) -> None:
@@ -252,70 +295,85 @@ class SweepStop:
                 child.send_signal(pending)
 
 
-def say(line: str) -> None:
-    """One line of the sweep's own, if a terminal is still there to take it (SSH may be gone)."""
-    with contextlib.suppress(OSError, ValueError):
-        print(line, flush=True)
-
-
-def run_sweep(options: dict[str, Any], sweep_dir: Path | None, command: list[str]) -> int:
-    """Plan, check, run every run in turn, then show the table and the figure; return the exit code.
-
-    ``command`` is the sweep's own command line without ``--out``, to say how to go on.
-    """
+def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
+    """Plan, check, run every run in turn, then show the table and the figure; return the exit code."""
     given_out = sweep_dir is not None
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir()
     check_sweep_dir(sweep_dir)
     plan = plan_sweep(options, sweep_dir)
+    earlier = _earlier_runs(sweep_dir, plan)
     steps = [decide(run) for run in plan]  # before anything runs: a mistake costs nothing
-    again = shlex.join(["collapse-tui", *command, "--out", str(sweep_dir)])
+    again = command_again(options, sweep_dir)
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        _write_sweep_file(sweep_dir, plan, again)
+        _write_sweep_file(sweep_dir, plan, earlier, again)
     except OSError as error:
         raise UserError(f"cannot create the sweep folder {sweep_dir}: {error.strerror or error}") from None
     say(
         f"sweep: {len(plan)} runs in {sweep_dir}" + ("" if given_out else f"; to go on after a stop: {again}")
     )
     stop = SweepStop()
-    stop.install()
-    failed = False
+    stop.install()  # until the end: a signal during the table and figure stops nothing half-way
     try:
-        for number, (run, step) in enumerate(zip(plan, steps, strict=True), start=1):
-            if stop.reason:
-                break
-            head = f"sweep: [{number}/{len(plan)}] {run.name}"
-            if step.action == "skip":
-                say(f"{head}: {step.why}")
-                failed = failed or step.failed
-                continue
-            say(
-                f"{head}: "
-                + ("start" if step.action == "start" else f"{step.why}; going on from {step.snapshot}")
-            )
-            code = _run_child(headless_argv(run, step), stop)
-            if code == EXIT_INTERRUPTED and not stop.reason:
-                stop.reason = f"{run.name} was stopped"  # by a signal to its own process
-            elif code not in (EXIT_OK, EXIT_INTERRUPTED):
-                failed = True
-                how = (
-                    f"was killed ({signal.Signals(-code).name})"
-                    if code < 0
-                    else f"ended with exit code {code}"
-                )
-                say(f"{head}: {how}; the sweep goes on")
+        failed = _run_plan(plan, steps, stop)
+        _show_results([*earlier, *(run.name for run in plan if run.name not in earlier)], sweep_dir)
     finally:
         stop.uninstall()
-    _show_results(plan, sweep_dir)
     if stop.reason:
         say(f"sweep: stopped ({stop.reason}); to go on: {again}")
         return EXIT_INTERRUPTED
     return EXIT_RUN_FAILED if failed else EXIT_OK
 
 
+def _run_plan(plan: list[PlannedRun], steps: list[Step], stop: SweepStop) -> bool:
+    """Each step in turn, until a stop; whether some run failed or could not go on."""
+    failed = False
+    for number, (run, step) in enumerate(zip(plan, steps, strict=True), start=1):
+        if stop.reason:
+            break
+        head = f"sweep: [{number}/{len(plan)}] {run.name}"
+        if step.action == "skip":
+            say(f"{head}: {step.why}")
+            failed = failed or step.failed
+            continue
+        say(
+            f"{head}: "
+            + ("start" if step.action == "start" else f"{step.why}; going on from {step.snapshot}")
+        )
+        code = _run_child(headless_argv(run, step), stop)
+        if code == EXIT_OK or (code == EXIT_INTERRUPTED and stop.reason):
+            continue
+        if stop.reason:  # stopped before its own handlers were in place (still importing)
+            say(f"{head}: stopped while starting ({stop.reason})")
+        elif code == EXIT_INTERRUPTED:
+            stop.reason = f"{run.name} was stopped"  # by a signal to its own process
+        else:
+            failed = True
+            how = f"was killed ({signal.Signals(-code).name})" if code < 0 else f"ended with exit code {code}"
+            say(f"{head}: {how}; the sweep goes on")
+    return failed
+
+
+def command_again(options: dict[str, Any], sweep_dir: Path) -> str:
+    """The command that goes on with this sweep, from any folder: its paths made absolute."""
+    absolute = dict(options)
+    absolute["evals"] = [absolute_eval(str(spec)) for spec in options.get("evals") or []]
+    absolute["model"] = [
+        os.path.abspath(os.path.expanduser(model)) if model.startswith(("/", ".", "~")) else model
+        for model in options.get("model") or []
+    ]
+    return shlex.join(["collapse-tui", "sweep", *option_words(absolute), "--out", os.path.abspath(sweep_dir)])
+
+
 def _run_child(argv: list[str], stop: SweepStop) -> int:
-    """One run as its own process, in its own session (signals reach it through ``stop`` only)."""
-    child = subprocess.Popen([sys.executable, "-m", "collapse_tui.cli", *argv], start_new_session=True)
+    """One run as its own process, in its own session: signals reach it through ``stop`` only, and it
+    stops (as on a SIGTERM) if the sweep dies without a word (``kill -9``; see ``headless``'s
+    ``STOP_WITH``)."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "collapse_tui.cli", *argv],
+        start_new_session=True,
+        env={**os.environ, STOP_WITH: str(os.getpid())},
+    )
     stop.adopt(child)
     try:
         return child.wait()  # a signal handled meanwhile does not cut the wait short (PEP 475)
@@ -323,36 +381,91 @@ def _run_child(argv: list[str], stop: SweepStop) -> int:
         stop.child = None
 
 
-def _write_sweep_file(sweep_dir: Path, plan: list[PlannedRun], again: str) -> None:
-    """``sweep.json``: the command that makes (and goes on with) the sweep, and its runs in order."""
-    from collapse_tui.runfolder import write_atomic
+def _earlier_runs(sweep_dir: Path, plan: list[PlannedRun]) -> list[str]:
+    """The runs ``sweep.json`` names; a sweep of other settings (another --block, say) is refused."""
+    try:
+        data = json.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"{sweep_dir / SWEEP_FILE} cannot be read ({error}); give the sweep another --out"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{sweep_dir / SWEEP_FILE} is not a sweep's; give the sweep another --out")
+    fixed = data.get("settings") or {}
+    for key, value in _settings(plan).items():
+        if key in fixed and fixed[key] != value:
+            raise UserError(
+                f"the sweep in {sweep_dir} has {option_flag(key, fixed[key])} {_shown(fixed[key])}, not "
+                f"{_shown(value)}; a sweep's runs share every setting but --model, --lr and --seed: "
+                "give this one another --out"
+            )
+    return [str(name) for name in data.get("runs") or [] if isinstance(name, str)]
 
-    data = {"command": again, "runs": [run.name for run in plan], "written": time.time()}
+
+def _settings(plan: list[PlannedRun]) -> dict[str, Any]:
+    """What every run of the sweep computes alike: its configuration but the swept values (and what a
+    resume may change)."""
+    return {k: v for k, v in plan[0].config.to_dict().items() if k not in SWEPT and k not in NOT_COMPARED}
+
+
+def _write_sweep_file(sweep_dir: Path, plan: list[PlannedRun], earlier: list[str], again: str) -> None:
+    """``sweep.json``: the settings all runs share, every run given so far, and each command that gave them."""
+    try:
+        commands = json.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8")).get("commands") or []
+    except (OSError, ValueError, AttributeError):
+        commands = []
+    data = {
+        "settings": _settings(plan),
+        "runs": [*earlier, *(run.name for run in plan if run.name not in earlier)],
+        "commands": [*(c for c in commands if c != again), again],
+        "written": time.time(),
+    }
     write_atomic(sweep_dir / SWEEP_FILE, json.dumps(data, indent=2) + "\n")
 
 
-def _show_results(plan: list[PlannedRun], sweep_dir: Path) -> None:
-    """The ``runs`` table of the sweep's runs, in its order, and ``sweep.png`` of those with records."""
+def _show_results(names: list[str], sweep_dir: Path) -> None:
+    """The figure of the sweep's runs (every run it was given, in order), then their ``runs`` table.
+
+    The figure first: a table that cannot be printed (a pipe closed by ``| head``, a terminal gone)
+    must not cost it.
+    """
     from rich.console import Console
 
     from collapse_tui.plot import plot_runs
     from collapse_tui.tables import print_table
 
     runs = []
-    for run in plan:
+    for name in names:
         with contextlib.suppress(UserError, OSError):
-            if is_run_folder(run.run_dir):
-                runs.append(read_run(run.run_dir))
-    if not runs:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        print_table(Console(), runs_table(runs, title=str(sweep_dir)))
+            if is_run_folder(sweep_dir / name):
+                runs.append(read_run(sweep_dir / name))
     drawn = [run.root for run in runs if run.records]
-    if not drawn:
-        return
+    if drawn:
+        try:
+            plot_runs(drawn, sweep_dir / FIGURE)
+        except UserError as error:
+            say(f"sweep: no figure: {error}")
+        else:
+            say(f"sweep: wrote {sweep_dir / FIGURE}")
+    if runs:
+        try:
+            print_table(Console(), runs_table(runs, title=str(sweep_dir)))
+        except (OSError, ValueError, SystemExit):  # rich exits on a broken pipe
+            _drop_output()
+
+
+def say(line: str) -> None:
+    """One line of the sweep's own, if something still reads it (a closed pipe, a terminal gone: never mind)."""
     try:
-        plot_runs(drawn, sweep_dir / FIGURE)
-    except UserError as error:
-        say(f"sweep: no figure: {error}")
-    else:
-        say(f"sweep: wrote {sweep_dir / FIGURE}")
+        print(line, flush=True)
+    except (OSError, ValueError):
+        _drop_output()
+
+
+def _drop_output() -> None:
+    """Nothing reads the output any more: send the rest nowhere, so that even Python's last flush at exit
+    does not fail (which would make the exit code 120 and print a complaint)."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runfolders import make_run, write_process
+from runfolders import make_run, wait_for, write_process
 from test_cli import ENV, cli
 from typer.testing import CliRunner
 
 from collapse_tui.cli import app
 from collapse_tui.errors import UserError
-from collapse_tui.sweep import Step, decide, headless_argv, plan_sweep
+from collapse_tui.sweep import Step, _settings, command_again, decide, headless_argv, plan_sweep
 
 
 def options(**given: Any) -> dict[str, Any]:
@@ -35,19 +36,38 @@ def test_the_grid_runs_models_then_lrs_then_seeds_in_the_order_given(tmp_path: P
     assert (plan[3].config.seed, plan[3].config.lr, plan[3].run_dir) == (2, 4e-5, tmp_path / plan[3].name)
 
 
-def test_one_seed_gives_no_seed_in_the_names_and_the_defaults_fill_what_is_not_swept(tmp_path) -> None:
+def test_the_defaults_fill_what_is_not_swept_and_every_name_has_its_seed(tmp_path) -> None:
     plan = plan_sweep(options(lr=[1e-3]), tmp_path)
-    assert [run.name for run in plan] == ["gpt2-lr0.001"]
+    assert [run.name for run in plan] == ["gpt2-lr0.001-seed1337"]  # seeds added later leave it as it is
     assert (plan[0].config.model, plan[0].config.seed, plan[0].config.max_iters) == ("gpt2", 1337, 1000)
     paper = plan_sweep(options(preset="paper", lr=[1e-4], evals=[]), tmp_path)[0].config
     assert (paper.lr, paper.evals, paper.seed) == (1e-4, ["wikitext-2-v1"], 1337)  # the preset, lr given wins
 
 
-def test_runs_that_would_share_a_folder_are_refused(tmp_path: Path) -> None:
+def test_runs_that_would_share_a_folder_are_refused_naming_what_differs(tmp_path: Path) -> None:
     (tmp_path / "a" / "m").mkdir(parents=True)
     (tmp_path / "b" / "m").mkdir(parents=True)
-    with pytest.raises(UserError, match="would share the folder"):
-        plan_sweep(options(model=[str(tmp_path / "a" / "m"), str(tmp_path / "b" / "m")]), tmp_path / "sweep")
+    models = [str(tmp_path / "a" / "m"), str(tmp_path / "b" / "m")]
+    with pytest.raises(
+        UserError, match=f"--model {models[0]} and --model {models[1]} would share the folder"
+    ):
+        plan_sweep(options(model=models), tmp_path / "sweep")
+    with pytest.raises(UserError, match=r"--lr 0.0001 and --lr 0.00010000001 \(a folder name keeps 6 digits"):
+        plan_sweep(options(lr=[1e-4, 1.0000001e-4]), tmp_path / "sweep")
+
+
+def test_one_model_given_twice_under_two_spellings_is_one_run(tmp_path, monkeypatch) -> None:
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    plan = plan_sweep(options(model=["./m", str(tmp_path / "m"), "./m/."]), tmp_path / "sweep")
+    assert [run.name for run in plan] == ["m-lr4e-05-seed1337"]
+
+
+def test_a_missing_model_folder_or_evaluation_file_is_refused_before_anything_runs(tmp_path) -> None:
+    with pytest.raises(UserError, match=f"--model {tmp_path / 'nope'}: there is no such model folder"):
+        plan_sweep(options(model=["gpt2", str(tmp_path / "nope")]), tmp_path / "sweep")
+    with pytest.raises(UserError, match=r"no-such\.txt"):
+        plan_sweep(options(evals=[str(tmp_path / "no-such.txt")]), tmp_path / "sweep")
 
 
 def test_a_run_starts_with_all_its_options_and_goes_on_with_only_what_a_resume_may_change(tmp_path) -> None:
@@ -167,8 +187,8 @@ def test_a_sweep_folder_inside_a_run_is_refused(tmp_path: Path) -> None:
 def test_run_options_before_the_command_name_are_one_value_each(monkeypatch, tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
-    def fake_sweep(given: dict[str, Any], out: Path | None, command: list[str]) -> int:
-        seen.update(given, out=out, command=command)
+    def fake_sweep(given: dict[str, Any], out: Path | None) -> int:
+        seen.update(given, out=out)
         return 0
 
     monkeypatch.setattr("collapse_tui.sweep.run_sweep", fake_sweep)
@@ -177,7 +197,55 @@ def test_run_options_before_the_command_name_are_one_value_each(monkeypatch, tmp
     )
     assert result.exit_code == 0, result.output
     assert (seen["lr"], seen["block"], seen["model"], seen["out"]) == ([1e-3], 50, ["gpt2", "m"], None)
-    assert seen["command"][:5] == ["sweep", "--model", "gpt2", "--model", "m"]
+
+
+def test_resume_given_before_the_command_name_is_refused(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["--resume", str(tmp_path), "sweep", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert "a sweep goes on by itself when given the same command (and --out) again" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_command_that_goes_on_works_from_any_folder(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "held.txt").write_text("some words")
+    monkeypatch.chdir(tmp_path)
+    again = command_again(options(model=["./m", "gpt2"], evals=["held.txt", "ptb"], prompt="-x\n"), Path("s"))
+    assert shlex.split(again) == [
+        "collapse-tui", "sweep", "--model", str(tmp_path / "m"), "--model", "gpt2", "--eval",
+        str(tmp_path / "held.txt"), "--eval", "ptb", "--prompt", "-x\n", "--out", str(tmp_path / "s"),
+    ]  # fmt: skip
+
+
+def test_a_sweep_of_other_settings_into_the_same_folder_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    out.mkdir()
+    plan = plan_sweep(options(block=16), out)
+    (out / "sweep.json").write_text(
+        json.dumps({"settings": _settings(plan), "runs": ["a"], "commands": ["c"]})
+    )
+    result = CliRunner().invoke(app, ["sweep", "--block", "32", "--lr", "1e-3", "--out", str(out)])
+    assert result.exit_code == 2
+    assert f"the sweep in {out} has --block 16, not 32" in result.stderr
+    assert json.loads((out / "sweep.json").read_text())["commands"] == ["c"]  # left as it was
+
+
+def test_a_run_that_ended_before_its_first_iteration_is_started_again(tmp_path: Path) -> None:
+    run = planned(tmp_path, max_iters=10)
+    make_run(run.run_dir, "stopped", n=0)
+    (run.run_dir / "config.json").write_text(json.dumps({**json.loads((run.run_dir / "config.json").read_text()),
+                                                         "run_dir": str(run.run_dir)}))  # fmt: skip
+    assert decide(run).action == "start"  # as headless --out takes such a folder over
+
+
+def test_a_run_of_another_machine_goes_on_as_resume_would_take_it(tmp_path: Path) -> None:
+    run = planned(tmp_path, max_iters=10)
+    make_run(run.run_dir, "killed", n=3)
+    write_process(run.run_dir, os.getpid(), hostname="elsewhere")
+    snapshot = save_snapshot(run.run_dir, 3)
+    step = decide(run)
+    assert (step.action, step.snapshot) == ("resume", snapshot)
+    assert "its process is on another machine, or not recorded" in step.why
 
 
 def tiny_sweep(model: Path, eval_file: Path, out: Path, *extra: str) -> list[str]:
@@ -191,34 +259,57 @@ def iterations(run_dir: Path) -> list[int]:
     return [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def start_sweep(args: list[str], until: str) -> subprocess.Popen[str]:
+    """A sweep in its own process, once a line starting with ``until`` has come."""
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "collapse_tui.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    assert sweep.stdout is not None
+    for line in sweep.stdout:
+        if line.startswith(until):
+            break
+    return sweep
+
+
 def test_a_sweep_runs_every_run_then_goes_on_where_it_was_asked_to(tiny_model_dir, eval_file, tmp_path):
     out = tmp_path / "sweep"
     args = tiny_sweep(tiny_model_dir, eval_file, out, "--lr", "1e-3", "--lr", "3e-3")
     first = cli(*args, "--max-iters", "2")
     assert first.returncode == 0, first.stderr
-    names = ["tiny-model0-lr0.001", "tiny-model0-lr0.003"]
+    names = ["tiny-model0-lr0.001-seed1337", "tiny-model0-lr0.003-seed1337"]
     assert json.loads((out / "sweep.json").read_text())["runs"] == names
     for name, lr in zip(names, (1e-3, 3e-3), strict=True):
         assert iterations(out / name) == [0, 1]
         assert json.loads((out / name / "config.json").read_text())["lr"] == lr
     assert (out / "sweep.png").stat().st_size > 0
-    assert "tiny-model0-lr0.003" in first.stdout.split("sweep: [2/2]")[1]  # the table, after the last run
+    table = first.stdout.split(f"wrote {out / 'sweep.png'}")[1]  # after the last run and the figure
+    assert [line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│")] == names
 
-    again = cli(*args, "--max-iters", "3")
+    again = cli(*args, "--max-iters", "3", "--lr", "1e-2")
     assert again.returncode == 0, again.stderr
-    assert "going on from" in again.stdout
+    assert (
+        again.stdout.count("going on from") == 2
+        and "[3/3] tiny-model0-lr0.01-seed1337: start" in again.stdout
+    )
     for name in names:
         assert iterations(out / name) == [0, 1, 2]
         assert json.loads((out / name / "summary.json").read_text())["status"] == "finished"
+    assert json.loads((out / "sweep.json").read_text())["runs"] == [*names, "tiny-model0-lr0.01-seed1337"]
+    assert len(json.loads((out / "sweep.json").read_text())["commands"]) == 2
 
 
 def test_a_run_that_fails_costs_only_itself(tiny_model_dir, eval_file, tmp_path):
     out = tmp_path / "sweep"
-    missing = tmp_path / "no-such-model"
-    result = cli(*tiny_sweep(tiny_model_dir, eval_file, out, "--model", str(missing), "--max-iters", "1"))
+    args = tiny_sweep(
+        tiny_model_dir, eval_file, out, "--model", "no-such-org/no-such-model", "--max-iters", "1"
+    )
+    result = cli(*args)
     assert result.returncode == 1
-    assert "[2/2] no-such-model-lr4e-05: ended with exit code 2; the sweep goes on" in result.stdout
-    assert iterations(out / "tiny-model0-lr4e-05") == [0]
+    assert "[2/2] no-such-org_no-such-model-lr4e-05-seed1337: ended with exit code 2; the sweep goes on" in (
+        result.stdout
+    )
+    assert iterations(out / "tiny-model0-lr4e-05-seed1337") == [0]
     assert "Traceback" not in result.stderr
 
 
@@ -227,26 +318,41 @@ def test_ctrl_c_stops_the_run_going_with_its_snapshot_and_starts_no_other(
 ):
     out = tmp_path / "sweep"
     args = tiny_sweep(tiny_model_dir, eval_file, out, "--lr", "1e-3", "--lr", "3e-3", "--max-iters", "100000")
-    sweep = subprocess.Popen(
-        [sys.executable, "-m", "collapse_tui.cli", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
-    assert sweep.stdout is not None
-    lines = []
-    for line in sweep.stdout:
-        lines.append(line)
-        if line.startswith("it 2/"):
-            sweep.send_signal(signal.SIGINT)  # to the sweep alone: it passes it on to its run
-            break
+    sweep = start_sweep(args, until="it 2/")
+    sweep.send_signal(signal.SIGINT)  # to the sweep alone (its run has a session of its own): passed on
     rest, stderr = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, stderr
-    first = out / "tiny-model0-lr0.001"
-    summary = json.loads((first / "summary.json").read_text())
+    summary = json.loads((out / "tiny-model0-lr0.001-seed1337" / "summary.json").read_text())
     assert (summary["status"], summary["reason"]) == ("stopped", "SIGINT")
     assert Path(summary["last_snapshot"], "state.json").exists()  # one Ctrl-C: the run saved its end
-    assert not (out / "tiny-model0-lr0.003").exists()
+    assert not (out / "tiny-model0-lr0.003-seed1337").exists()
     assert f"sweep: stopped (SIGINT); to go on: collapse-tui sweep --model {tiny_model_dir}" in rest
     assert rest.rstrip().endswith(f"--out {out}")
+
+
+def test_a_sweep_killed_without_a_word_stops_its_run_as_a_kill_does(tiny_model_dir, eval_file, tmp_path):
+    out = tmp_path / "sweep"
+    args = tiny_sweep(tiny_model_dir, eval_file, out, "--max-iters", "100000")
+    sweep = start_sweep(args, until="it 2/")
+    sweep.kill()
+    sweep.communicate(timeout=60)
+    run = out / "tiny-model0-lr4e-05-seed1337"
+    wait_for(lambda: (run / "summary.json").exists() and "ending" not in json.loads((run / "summary.json").read_text()),
+             timeout=120, what="the orphaned run to stop")  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["reason"]) == ("stopped", "SIGTERM")
+    assert Path(summary["last_snapshot"], "state.json").exists()
+
+
+def test_a_closed_output_costs_neither_the_runs_nor_the_figure(tiny_model_dir, eval_file, tmp_path):
+    out = tmp_path / "sweep"
+    sweep = start_sweep(tiny_sweep(tiny_model_dir, eval_file, out, "--max-iters", "1"), until="sweep: 1 runs")
+    assert sweep.stdout is not None
+    sweep.stdout.close()  # like `| head -1`
+    _, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 0, stderr
+    assert (out / "sweep.png").stat().st_size > 0
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
 
 
 def test_a_sweep_does_not_import_textual(tiny_model_dir, eval_file, tmp_path):
