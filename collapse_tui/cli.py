@@ -158,11 +158,16 @@ RUN_OPTIONS: list[inspect.Parameter] = [
 
 def _swept(option: inspect.Parameter) -> inspect.Parameter:
     """A run option as ``sweep`` takes it: the swept ones repeatable, ``--out`` the sweep's folder."""
-    from collapse_tui.sweep import SWEPT
+    from collapse_tui.sweep import REPEATABLE, SWEPT
 
     annotation, info = option.annotation.__origin__, option.annotation.__metadata__[0]
-    if option.name in SWEPT:
-        help = info.help.replace(" [default", "; repeatable, one run for each value [default")
+    if option.name in REPEATABLE:
+        each = (
+            "one run for each value"
+            if option.name in SWEPT
+            else "as many runs at once, each on one device given (their output in SWEEP/logs/)"
+        )
+        help = info.help.replace(" [default", f"; repeatable, {each} [default")
         one = annotation.__args__[0]
         return _option(option.name, list[one] | None, help, *info.param_decls, metavar=_METAVARS[one])
     if option.name == "out":
@@ -366,7 +371,7 @@ def headless_command(ctx: typer.Context, **options: Any) -> None:
 @with_sweep_options
 def sweep_command(ctx: typer.Context, **options: Any) -> None:
     """Run one headless run for each --model, --lr and --seed given, one after another."""
-    from collapse_tui.sweep import SWEPT, run_sweep
+    from collapse_tui.sweep import REPEATABLE, run_sweep
 
     if (ctx.obj or {}).get("resume"):
         raise UserError(
@@ -374,7 +379,7 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
             "when given the same command (and --out) again"
         )
     given_before = {  # run options before "sweep" are one value each
-        k: [v] if k in SWEPT else v for k, v in (ctx.obj or {}).items() if options.get(k) in (None, [])
+        k: [v] if k in REPEATABLE else v for k, v in (ctx.obj or {}).items() if options.get(k) in (None, [])
     }
     merged = {**options, **given_before}
     out = merged.pop("out")

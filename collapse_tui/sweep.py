@@ -1,4 +1,4 @@
-"""``collapse-tui sweep``: one headless run for every model × learning rate × seed, one after another.
+"""``collapse-tui sweep``: one headless run for every model × learning rate × seed, in turn.
 
 The paper's findings are comparisons: a higher learning rate collapses
 faster, a larger model sooner. A sweep runs the grid into one folder
@@ -7,7 +7,9 @@ faster, a larger model sooner. A sweep runs the grid into one folder
 
 Each run is its own ``collapse-tui headless`` process, so a run that crashes
 or runs out of memory costs only itself, and each model's GPU memory is
-given back before the next loads. The children run in their own session:
+given back before the next loads. Given several ``--device``, as many go on
+at once, one on each, their output in ``SWEEP/logs/``. The children run in
+their own session:
 a Ctrl-C, a ``kill`` or a hang-up reaches the sweep only, which passes it on
 (a second Ctrl-C leaves the run at once, as in ``headless``) and starts no
 further run; a sweep that dies without a word takes its run with it.
@@ -64,9 +66,13 @@ from collapse_tui.runs import is_run_folder, run_status, runs_table
 
 #: The options a sweep takes several values of; every other run option is one value for all runs.
 SWEPT = ("model", "lr", "seed")
+#: ``sweep`` takes these more than once: the swept ones, and the devices its runs go on at once on.
+REPEATABLE = (*SWEPT, "device")
 #: What the sweep writes into its folder beside the runs: its plan, and the figure of its runs.
 SWEEP_FILE = "sweep.json"
 FIGURE = "sweep.png"
+#: Where the runs' output goes when several go on at once (``--device`` given more than once).
+LOGS = "logs"
 #: Keys of a run's config that may differ from the plan without making it another run (the lr it
 #: started with names its folder; a key may have changed it since, which the snapshot keeps).
 NOT_COMPARED = (RESUME_MAY_CHANGE - {"lr"}) | {"out", "resume", "preset"}
@@ -235,8 +241,9 @@ def newest_snapshot(folder: RunFolder) -> Path | None:
     return None
 
 
-def headless_argv(run: PlannedRun, step: Step) -> list[str]:
-    """The ``collapse-tui headless`` arguments for ``step``: the run's options, or a resume of it.
+def headless_argv(run: PlannedRun, step: Step, device: str | None = None) -> list[str]:
+    """The ``collapse-tui headless`` arguments for ``step``: the run's options, or a resume of it,
+    on ``device`` (None: as the options say).
 
     A resume passes only what a resume may change, and never the lr: the
     snapshot keeps the lr a key may have set during the run.
@@ -246,7 +253,9 @@ def headless_argv(run: PlannedRun, step: Step) -> list[str]:
         kept = {k: v for k, v in run.options.items() if k in RESUME_MAY_CHANGE and k != "lr"}
         options = {**kept, "resume": step.snapshot, "max_iters": run.config.max_iters}
     else:
-        options = run.options
+        options = dict(run.options)
+    if device is not None:
+        options["device"] = device
     return ["headless", *option_words(options)]
 
 
@@ -262,7 +271,7 @@ class SweepStop:
     def __init__(self) -> None:
         #: Why the sweep stops early (a signal's name, or the run that was stopped), once it does.
         self.reason: str | None = None
-        self.child: subprocess.Popen[bytes] | None = None
+        self.children: list[subprocess.Popen[bytes]] = []
         self._before: dict[int, Any] = {}
         self._pending: int | None = None  # a signal that came while no run was going
 
@@ -279,20 +288,23 @@ class SweepStop:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.reason = self.reason or signal.Signals(signum).name
-        child = self.child
-        if child is not None and child.poll() is None:
+        going = [child for child in self.children if child.poll() is None]
+        for child in going:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)
-        else:
+        if not going:
             self._pending = signum
 
     def adopt(self, child: subprocess.Popen[bytes]) -> None:
         """Pass signals on to ``child`` from now on, and one that came while it was being started."""
-        self.child = child
+        self.children.append(child)
         pending, self._pending = self._pending, None
         if pending is not None:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(pending)
+
+    def release(self, child: subprocess.Popen[bytes]) -> None:
+        self.children.remove(child)
 
 
 def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
@@ -300,7 +312,8 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
     given_out = sweep_dir is not None
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir()
     check_sweep_dir(sweep_dir)
-    plan = plan_sweep(options, sweep_dir)
+    devices = list(options.get("device") or [None])
+    plan = plan_sweep({**options, "device": None}, sweep_dir)
     earlier = _earlier_runs(sweep_dir, plan)
     steps = [decide(run) for run in plan]  # before anything runs: a mistake costs nothing
     again = command_again(options, sweep_dir)
@@ -309,13 +322,15 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
         _write_sweep_file(sweep_dir, plan, earlier, again)
     except OSError as error:
         raise UserError(f"cannot create the sweep folder {sweep_dir}: {error.strerror or error}") from None
+    at_once = f", {len(devices)} at once ({', '.join(map(str, devices))})" if len(devices) > 1 else ""
     say(
-        f"sweep: {len(plan)} runs in {sweep_dir}" + ("" if given_out else f"; to go on after a stop: {again}")
+        f"sweep: {len(plan)} runs in {sweep_dir}{at_once}"
+        + ("" if given_out else f"; to go on after a stop: {again}")
     )
     stop = SweepStop()
     stop.install()  # until the end: a signal during the table and figure stops nothing half-way
     try:
-        failed = _run_plan(plan, steps, stop)
+        failed = _run_plan(plan, steps, stop, devices, sweep_dir / LOGS)
         _show_results([*earlier, *(run.name for run in plan if run.name not in earlier)], sweep_dir)
     finally:
         stop.uninstall()
@@ -325,33 +340,91 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
     return EXIT_RUN_FAILED if failed else EXIT_OK
 
 
-def _run_plan(plan: list[PlannedRun], steps: list[Step], stop: SweepStop) -> bool:
-    """Each step in turn, until a stop; whether some run failed or could not go on."""
+@dataclass
+class _Going:
+    """A run of the sweep under way: its process, the device it has, and how the sweep names it."""
+
+    run: PlannedRun
+    child: subprocess.Popen[bytes]
+    device: str | None
+    head: str
+
+
+def _run_plan(
+    plan: list[PlannedRun], steps: list[Step], stop: SweepStop, devices: list[str | None], logs: Path
+) -> bool:
+    """The steps in order, as many at once as there are devices, until a stop; whether some run failed
+    or could not go on.
+
+    With one device a run writes to the sweep's own terminal (its progress bar); with several,
+    each run's output goes to ``logs/<run>.log``, and the sweep says when each starts and ends.
+    """
     failed = False
-    for number, (run, step) in enumerate(zip(plan, steps, strict=True), start=1):
-        if stop.reason:
+    free = list(devices)
+    going: list[_Going] = []
+    todo = list(enumerate(zip(plan, steps, strict=True), start=1))
+    while todo or going:
+        while todo and free and not stop.reason:
+            number, (run, step) = todo.pop(0)
+            head = f"sweep: [{number}/{len(plan)}] {run.name}"
+            if step.action == "skip":
+                say(f"{head}: {step.why}")
+                failed = failed or step.failed
+                continue
+            device = free.pop(0)
+            log = logs / f"{run.name}.log" if len(devices) > 1 else None
+            what = "start" if step.action == "start" else f"{step.why}; going on from {step.snapshot}"
+            where = f" on {device}" if len(devices) > 1 else ""
+            say(f"{head}: {what}{where}" + (f" (output: {log})" if log else ""))
+            going.append(_Going(run, _start_child(headless_argv(run, step, device), stop, log), device, head))
+        if not going:
             break
-        head = f"sweep: [{number}/{len(plan)}] {run.name}"
-        if step.action == "skip":
-            say(f"{head}: {step.why}")
-            failed = failed or step.failed
-            continue
-        say(
-            f"{head}: "
-            + ("start" if step.action == "start" else f"{step.why}; going on from {step.snapshot}")
-        )
-        code = _run_child(headless_argv(run, step), stop)
-        if code == EXIT_OK or (code == EXIT_INTERRUPTED and stop.reason):
-            continue
-        if stop.reason:  # stopped before its own handlers were in place (still importing)
-            say(f"{head}: stopped while starting ({stop.reason})")
-        elif code == EXIT_INTERRUPTED:
-            stop.reason = f"{run.name} was stopped"  # by a signal to its own process
-        else:
-            failed = True
-            how = f"was killed ({signal.Signals(-code).name})" if code < 0 else f"ended with exit code {code}"
-            say(f"{head}: {how}; the sweep goes on")
+        ended = _wait_for_one(going)
+        going.remove(ended)
+        stop.release(ended.child)
+        free.append(ended.device)
+        failed = _report_end(ended, stop, several=len(devices) > 1) or failed
     return failed
+
+
+def _wait_for_one(going: list[_Going]) -> _Going:
+    """The first run to end (a signal handled meanwhile does not cut the wait short)."""
+    if len(going) == 1:
+        going[0].child.wait()
+        return going[0]
+    while True:
+        for one in going:
+            if one.child.poll() is not None:
+                return one
+        time.sleep(0.2)
+
+
+def _report_end(ended: _Going, stop: SweepStop, *, several: bool) -> bool:
+    """Say how a run's process ended (with several at once, how its run stands too); whether it failed."""
+    code = ended.child.returncode
+    if code == EXIT_OK or (code == EXIT_INTERRUPTED and stop.reason):
+        if several:
+            say(f"{ended.head}: {_how_it_stands(ended.run.run_dir)}")
+        return False
+    if stop.reason:  # stopped before its own handlers were in place (still importing)
+        say(f"{ended.head}: stopped while starting ({stop.reason})")
+        return False
+    if code == EXIT_INTERRUPTED:
+        stop.reason = f"{ended.run.name} was stopped"  # by a signal to its own process
+        return False
+    how = f"was killed ({signal.Signals(-code).name})" if code < 0 else f"ended with exit code {code}"
+    say(f"{ended.head}: {how}; the sweep goes on")
+    return True
+
+
+def _how_it_stands(run_dir: Path) -> str:
+    """A run's status and iterations, as ``runs`` gives them."""
+    try:
+        folder = read_run(run_dir)
+    except (UserError, OSError):
+        return "ended"
+    done = folder.records[-1].iteration + 1 if folder.records else 0
+    return f"{run_status(folder)} after {done} iterations"
 
 
 def command_again(options: dict[str, Any], sweep_dir: Path) -> str:
@@ -365,20 +438,27 @@ def command_again(options: dict[str, Any], sweep_dir: Path) -> str:
     return shlex.join(["collapse-tui", "sweep", *option_words(absolute), "--out", os.path.abspath(sweep_dir)])
 
 
-def _run_child(argv: list[str], stop: SweepStop) -> int:
+def _start_child(argv: list[str], stop: SweepStop, log: Path | None) -> subprocess.Popen[bytes]:
     """One run as its own process, in its own session: signals reach it through ``stop`` only, and it
-    stops (as on a SIGTERM) if the sweep dies without a word (``kill -9``; see ``headless``'s
-    ``STOP_WITH``)."""
-    child = subprocess.Popen(
-        [sys.executable, "-m", "collapse_tui.cli", *argv],
-        start_new_session=True,
-        env={**os.environ, STOP_WITH: str(os.getpid())},
-    )
-    stop.adopt(child)
+    stops (as on a SIGTERM) if the sweep dies without a word (``kill -9``; see ``exits.STOP_WITH``).
+    Its output goes to ``log`` if given (appended: a run gone on with adds to its log)."""
+    output = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        output = open(log, "ab")  # noqa: SIM115 (the child has its own copy; ours is closed below)
     try:
-        return child.wait()  # a signal handled meanwhile does not cut the wait short (PEP 475)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "collapse_tui.cli", *argv],
+            start_new_session=True,
+            env={**os.environ, STOP_WITH: str(os.getpid())},
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
+        )
     finally:
-        stop.child = None
+        if output is not None:
+            output.close()
+    stop.adopt(child)
+    return child
 
 
 def _earlier_runs(sweep_dir: Path, plan: list[PlannedRun]) -> list[str]:

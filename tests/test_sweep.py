@@ -81,6 +81,7 @@ def test_a_run_starts_with_all_its_options_and_goes_on_with_only_what_a_resume_m
     for fragment in ("--eval wikitext-2 --eval ptb", "--lr 0.001", "--max-iters 7",
                      "--keep-going", "--no-final-snapshot", "--block 50", f"--out {run.run_dir}"):  # fmt: skip
         assert fragment in words
+    assert " ".join(headless_argv(run, Step("start"), "cuda:1")).count("--device cuda:1") == 1  # its slot's
     snapshot = run.run_dir / "snapshots" / "iter-3"
     resumed = headless_argv(run, Step("resume", snapshot=snapshot))
     # the lr is left to the snapshot (a key may have changed it); what decides the computation is the run's
@@ -250,9 +251,23 @@ def test_a_run_of_another_machine_goes_on_as_resume_would_take_it(tmp_path: Path
 
 def tiny_sweep(model: Path, eval_file: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "sweep", "--model", str(model), "--eval", str(eval_file), "--gen-tokens", "40", "--block", "16",
-        "--eval-tokens", "160", "--device", "cpu", "--out", str(out), *extra,
-    ]  # fmt: skip
+        "sweep",
+        "--model",
+        str(model),
+        "--eval",
+        str(eval_file),
+        "--gen-tokens",
+        "40",
+        "--block",
+        "16",
+        "--eval-tokens",
+        "160",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]  # fmt: skip (a second --device cpu in extra: two runs at once)
 
 
 def iterations(run_dir: Path) -> list[int]:
@@ -353,6 +368,32 @@ def test_a_closed_output_costs_neither_the_runs_nor_the_figure(tiny_model_dir, e
     assert sweep.returncode == 0, stderr
     assert (out / "sweep.png").stat().st_size > 0
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
+
+
+def test_with_two_devices_two_runs_go_on_at_once_and_a_ctrl_c_stops_both(tiny_model_dir, eval_file, tmp_path):
+    out = tmp_path / "sweep"
+    args = tiny_sweep(tiny_model_dir, eval_file, out, "--lr", "1e-3", "--lr", "3e-3", "--lr", "1e-2",
+                      "--max-iters", "100000", "--device", "cpu")  # fmt: skip
+    sweep = start_sweep(args, until="sweep: [2/3]")
+    names = ["tiny-model0-lr0.001-seed1337", "tiny-model0-lr0.003-seed1337", "tiny-model0-lr0.01-seed1337"]
+    wait_for(lambda: all(len(iterations_so_far(out / name)) >= 2 for name in names[:2]), timeout=120,
+             what="both runs to be going")  # fmt: skip
+    sweep.send_signal(signal.SIGINT)
+    rest, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, stderr
+    for name in names[:2]:
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert (summary["status"], summary["reason"]) == ("stopped", "SIGINT")
+        assert "it 1/100000" in (out / "logs" / f"{name}.log").read_text()  # its output, not the sweep's
+    assert not (out / names[2]).exists()
+    assert f"{names[0]}: stopped after" in rest and f"{names[1]}: stopped after" in rest
+
+
+def iterations_so_far(run_dir: Path) -> list[str]:
+    try:
+        return (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
 
 
 def test_a_sweep_does_not_import_textual(tiny_model_dir, eval_file, tmp_path):
