@@ -1,0 +1,154 @@
+"""End-to-end check of ``collapse-tui sweep`` on a CUDA device, through the real command line.
+
+Builds a random-weight model folder of a GPT-2 shape (random weights time
+exactly like the real ones), then runs three sweeps as a researcher would,
+each a real ``python -m collapse_tui.cli sweep`` process:
+
+1. two learning rates, one after the other on one GPU;
+2. the same two, both at once on that GPU (``--device cuda --device cuda``);
+3. the first sweep again with a larger ``--max-iters``: both runs go on from
+   their final snapshots.
+
+It checks each sweep's exit code, the runs' statuses and iteration counts,
+the figure and the logs, and prints the seconds an iteration took (the
+median of the runs' own ``seconds``) alone and two at once::
+
+    python scripts/gpu_sweep_check.py --tokenizer path/to/gpt2-tokenizer --eval wikitext.txt
+
+Meant for a GPU machine (CI has none); exits non-zero when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gpu_engine_check import SHAPES, make_model  # noqa: E402
+
+from collapse_tui.runfolder import read_jsonl  # noqa: E402
+
+FAILURES: list[str] = []
+
+
+def check(ok: bool, what: str) -> None:
+    print(f"  {'ok ' if ok else 'FAIL'} {what}", flush=True)
+    if not ok:
+        FAILURES.append(what)
+
+
+def sweep(args: list[str], label: str) -> tuple[int, float, str]:
+    """Run one sweep; its exit code, wall seconds and output."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "collapse_tui.cli", "sweep", *args], capture_output=True, text=True, env=env
+    )
+    wall = time.perf_counter() - start
+    print(f"\n== {label}: exit {result.returncode}, {wall:.1f} s wall", flush=True)
+    print("\n".join(line for line in result.stdout.splitlines() if line.startswith("sweep:")), flush=True)
+    if result.returncode != 0:
+        print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
+    return result.returncode, wall, result.stdout
+
+
+def runs_of(out: Path) -> dict[str, list[dict]]:
+    """Each run folder's records, by folder name (read as the tool reads them: a sample may hold
+    characters that str.splitlines takes for line ends, such as U+2028)."""
+    return {
+        run.name: read_jsonl(run / "metrics.jsonl")
+        for run in sorted(out.iterdir())
+        if (run / "metrics.jsonl").exists()
+    }
+
+
+def seconds_per_iteration(records: list[dict]) -> float:
+    """The median of an iteration's phases, after the first two (graph captures)."""
+    totals = [sum(r["seconds"].values()) for r in records[2:]]
+    return statistics.median(totals) if totals else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="gpt2", choices=sorted(SHAPES))
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--eval", required=True)
+    parser.add_argument("--iters", type=int, default=12)
+    parser.add_argument("--device", default="cuda", help="where the runs go (cpu: to try the script out)")
+    parser.add_argument("--model", type=Path, help="an existing model folder instead of a random --shape")
+    parser.add_argument("--keep", type=Path, help="copy the second sweep's figure and a log here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or make_model(args.shape, args.tokenizer, Path(tmp) / args.shape)
+        common = [
+            "--model",
+            str(model),
+            "--eval",
+            args.eval,
+            "--lr",
+            "1e-4",
+            "--lr",
+            "4e-4",
+            "--device",
+            args.device,
+        ]
+        names = [f"{model.name}-lr0.0001-seed1337", f"{model.name}-lr0.0004-seed1337"]
+
+        one = Path(tmp) / "one"
+        code, wall_one, _ = sweep(
+            [*common, "--max-iters", str(args.iters), "--out", str(one)], "one at a time"
+        )
+        check(code == 0, "one at a time: exit 0")
+        runs = runs_of(one)
+        check(sorted(runs) == names, f"one at a time: runs {sorted(runs)}")
+        check(
+            all(len(r) == args.iters for r in runs.values()), f"one at a time: {args.iters} iterations each"
+        )
+        check((one / "sweep.png").stat().st_size > 0, "one at a time: sweep.png")
+        alone = {name: seconds_per_iteration(r) for name, r in runs.items()}
+
+        two = Path(tmp) / "two"
+        code, wall_two, out = sweep(
+            [*common, "--max-iters", str(args.iters), "--device", args.device, "--out", str(two)],
+            "two at once on one GPU",
+        )
+        check(code == 0, "two at once: exit 0")
+        runs = runs_of(two)
+        check(all(len(r) == args.iters for r in runs.values()) and len(runs) == 2, "two at once: both whole")
+        check(all((two / "logs" / f"{name}.log").stat().st_size > 0 for name in names), "two at once: logs")
+        check(out.count("finished after") == 2, "two at once: each end said")
+        together = {name: seconds_per_iteration(r) for name, r in runs.items()}
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            (args.keep / "sweep.png").write_bytes((two / "sweep.png").read_bytes())
+            (args.keep / "run.log").write_text((two / "logs" / f"{names[0]}.log").read_text())
+
+        code, _, out = sweep([*common, "--max-iters", str(args.iters + 3), "--out", str(one)], "going on")
+        check(code == 0, "going on: exit 0")
+        check(out.count("going on from") == 2, "going on: both resumed from their snapshots")
+        runs = runs_of(one)
+        check(all([r["iteration"] for r in recs] == list(range(args.iters + 3)) for recs in runs.values()),
+              f"going on: iterations 0..{args.iters + 2} each")  # fmt: skip
+
+    print(f"\n{model.name}: s/iteration (median of the runs' own phases, after two warm-up iterations)")
+    for name in names:
+        print(f"  {name}: alone {alone[name]:.3f}, two at once {together[name]:.3f}")
+    print(f"  wall: one at a time {wall_one:.1f} s, two at once {wall_two:.1f} s")
+    if FAILURES:
+        print(f"\n{len(FAILURES)} checks failed")
+        sys.exit(1)
+    print("\nevery check ok")
+
+
+if __name__ == "__main__":
+    main()
