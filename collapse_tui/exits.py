@@ -27,9 +27,6 @@ EXIT_INTERRUPTED = 130
 STOP_SIGNAL_NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
 #: Set by ``sweep`` for each run it starts: the sweep's pid, whose death stops the run as a SIGTERM does.
 STOP_WITH = "COLLAPSE_TUI_STOP_WITH"
-#: A second SIGTERM this soon after the first is the same one: a scheduler (SLURM, systemd) signals
-#: every process of a job at once, a sweep's run among them, and the sweep passes its own on too.
-SAME_SIGTERM_SECONDS = 1.0
 
 
 def run_exit_code(summary: dict[str, Any], *, signalled: bool) -> int:

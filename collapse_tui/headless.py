@@ -33,7 +33,6 @@ from collapse_tui.errors import UserError
 from collapse_tui.exits import (
     EXIT_INTERRUPTED,
     EXIT_RUN_FAILED,
-    SAME_SIGTERM_SECONDS,
     STOP_SIGNAL_NAMES,
     closing_line,
     ignore_later_hangups,
@@ -201,17 +200,12 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
     reporter: PlainReporter | None = None
     interrupted = False
 
-    first_sigterm: float | None = None
-
     def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal interrupted, first_sigterm
+        nonlocal interrupted
         if ignore_later_hangups(signum) and interrupted:
             return  # a hang-up after a Ctrl-C or a kill: the stop is under way
-        if signum == signal.SIGTERM:
-            now = time.monotonic()
-            if first_sigterm is not None and now - first_sigterm < SAME_SIGTERM_SECONDS:
-                return  # the scheduler's and the sweep's copies of one SIGTERM
-            first_sigterm = first_sigterm if first_sigterm is not None else now
+        if signum == signal.SIGTERM and interrupted:
+            return  # a scheduler's SIGTERM reaches a sweep's run and the sweep, which passes it on too
         if interrupted or not engine.loaded:
             raise KeyboardInterrupt  # a second Ctrl-C, or still loading: leave now
         interrupted = True
@@ -238,7 +232,7 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
             if reporter.lost:  # nothing more can reach it, not even Python's last flush at exit
                 with contextlib.suppress(OSError, ValueError):
                     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        _let_later_signals_end_the_process(stopped_by_sigterm=first_sigterm is not None)
+        _let_later_signals_end_the_process(stopping=interrupted)
     if crash is not None:
         report_crash(crash, engine.run_dir)
         return EXIT_RUN_FAILED
@@ -268,17 +262,16 @@ def interrupted_line(run_dir: Path | None, last_snapshot: Path | None, *, at_the
     return f"collapse-tui: interrupted: the records are in {run_dir}; {end} is {last_snapshot}"
 
 
-def _let_later_signals_end_the_process(*, stopped_by_sigterm: bool) -> None:
+def _let_later_signals_end_the_process(*, stopping: bool) -> None:
     """Once the run is over, Ctrl-C and SIGTERM end the process as the system does, without a word.
 
     Why: ``stop`` raises KeyboardInterrupt for a second Ctrl-C; one landing
     while the interpreter shuts down (its exit callbacks) printed a traceback.
-    After a SIGTERM stopped the run, a later one is ignored (the folder is
-    complete, the process ends in a moment): it may be the copy a scheduler
-    and a sweep both send, which must not turn a clean stop into a kill.
+    Once a signal stopped the run, a SIGTERM stays ignored, as in ``stop``:
+    the folder is complete and the process ends in a moment.
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN if stopped_by_sigterm else signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if stopping else signal.SIG_DFL)
 
 
 def _catch_stop_signals(stop: Callable[[int, FrameType | None], None]) -> None:
