@@ -57,6 +57,7 @@ from collapse_tui.runfolder import (
     CONFIG,
     SNAPSHOTS,
     RunFolder,
+    holds_iterations,
     read_run,
     snapshot_iteration,
     why_not_take_over,
@@ -260,20 +261,20 @@ def headless_argv(run: PlannedRun, step: Step, device: str | None = None) -> lis
 
 
 class SweepStop:
-    """The stop signals of the sweep: each is passed on to the running child, and no run starts after one.
+    """The sweep's stop signals: each is passed on to every run going, and no run starts after one.
 
-    Each one is passed on as it came: a second Ctrl-C leaves the run at once,
-    as in ``headless``, which also ignores the second hang-up of a dropped
-    SSH session (the shell's, then the kernel's) and takes two SIGTERMs
-    within a second for one (a scheduler's reaches the run too).
+    Each one is passed on as it came: a second Ctrl-C leaves the runs at
+    once, as in ``headless``, which ignores a SIGTERM or a hang-up once it
+    is stopping (a scheduler's SIGTERM reaches the runs too, and a dropped
+    SSH session sends two hang-ups).
     """
 
     def __init__(self) -> None:
-        #: Why the sweep stops early (a signal's name, or the run that was stopped), once it does.
+        #: The first stop signal's name, once one came: the sweep starts no further run.
         self.reason: str | None = None
         self.children: list[subprocess.Popen[bytes]] = []
         self._before: dict[int, Any] = {}
-        self._pending: int | None = None  # a signal that came while no run was going
+        self._signum: int | None = None
 
     def install(self) -> None:
         for name in STOP_SIGNAL_NAMES:
@@ -288,20 +289,19 @@ class SweepStop:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.reason = self.reason or signal.Signals(signum).name
-        going = [child for child in self.children if child.poll() is None]
-        for child in going:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signum)
-        if not going:
-            self._pending = signum
+        self._signum = self._signum or signum
+        for child in self.children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signum)
 
     def adopt(self, child: subprocess.Popen[bytes]) -> None:
-        """Pass signals on to ``child`` from now on, and one that came while it was being started."""
+        """Pass signals on to ``child`` from now on; if one came while it was being started, pass
+        that on now (the sweep started it after deciding to, before the signal's handler ran)."""
         self.children.append(child)
-        pending, self._pending = self._pending, None
-        if pending is not None:
+        if self._signum is not None:
             with contextlib.suppress(ProcessLookupError):
-                child.send_signal(pending)
+                child.send_signal(self._signum)
 
     def release(self, child: subprocess.Popen[bytes]) -> None:
         self.children.remove(child)
@@ -313,6 +313,7 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir()
     check_sweep_dir(sweep_dir)
     devices = list(options.get("device") or [None])
+    _check_devices(devices)
     plan = plan_sweep({**options, "device": None}, sweep_dir)
     earlier = _earlier_runs(sweep_dir, plan)
     steps = [decide(run) for run in plan]  # before anything runs: a mistake costs nothing
@@ -330,14 +331,38 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
     stop = SweepStop()
     stop.install()  # until the end: a signal during the table and figure stops nothing half-way
     try:
-        failed = _run_plan(plan, steps, stop, devices, sweep_dir / LOGS)
+        outcome = _run_plan(plan, steps, stop, devices, sweep_dir / LOGS)
         _show_results([*earlier, *(run.name for run in plan if run.name not in earlier)], sweep_dir)
     finally:
         stop.uninstall()
     if stop.reason:
         say(f"sweep: stopped ({stop.reason}); to go on: {again}")
         return EXIT_INTERRUPTED
-    return EXIT_RUN_FAILED if failed else EXIT_OK
+    if outcome.failed:
+        return EXIT_RUN_FAILED
+    if outcome.stopped:
+        say(f"sweep: {', '.join(outcome.stopped)} stopped on its own; to go on with it: {again}")
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _check_devices(devices: list[str | None]) -> None:
+    """A device that is not there would fail every run given to it, hours apart: look now."""
+    if any(device is not None for device in devices):
+        from collapse_tui.modeling import resolve_device  # torch: only where devices were given
+
+        for device in devices:
+            if device is not None:
+                resolve_device(device)
+
+
+@dataclass
+class Outcome:
+    """How the runs of a sweep went: those that failed or could not go on, those stopped on their own
+    (a signal to a run's own process, not to the sweep)."""
+
+    failed: bool = False
+    stopped: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -348,18 +373,18 @@ class _Going:
     child: subprocess.Popen[bytes]
     device: str | None
     head: str
+    log: Path | None
 
 
 def _run_plan(
     plan: list[PlannedRun], steps: list[Step], stop: SweepStop, devices: list[str | None], logs: Path
-) -> bool:
-    """The steps in order, as many at once as there are devices, until a stop; whether some run failed
-    or could not go on.
+) -> Outcome:
+    """The steps in order, as many at once as there are devices, until a stop.
 
     With one device a run writes to the sweep's own terminal (its progress bar); with several,
     each run's output goes to ``logs/<run>.log``, and the sweep says when each starts and ends.
     """
-    failed = False
+    outcome = Outcome()
     free = list(devices)
     going: list[_Going] = []
     todo = list(enumerate(zip(plan, steps, strict=True), start=1))
@@ -369,22 +394,23 @@ def _run_plan(
             head = f"sweep: [{number}/{len(plan)}] {run.name}"
             if step.action == "skip":
                 say(f"{head}: {step.why}")
-                failed = failed or step.failed
+                outcome.failed = outcome.failed or step.failed
                 continue
             device = free.pop(0)
             log = logs / f"{run.name}.log" if len(devices) > 1 else None
             what = "start" if step.action == "start" else f"{step.why}; going on from {step.snapshot}"
             where = f" on {device}" if len(devices) > 1 else ""
             say(f"{head}: {what}{where}" + (f" (output: {log})" if log else ""))
-            going.append(_Going(run, _start_child(headless_argv(run, step, device), stop, log), device, head))
+            child = _start_child(headless_argv(run, step, device), stop, log)
+            going.append(_Going(run, child, device, head, log))
         if not going:
             break
         ended = _wait_for_one(going)
         going.remove(ended)
         stop.release(ended.child)
         free.append(ended.device)
-        failed = _report_end(ended, stop, several=len(devices) > 1) or failed
-    return failed
+        _report_end(ended, stop, outcome)
+    return outcome
 
 
 def _wait_for_one(going: list[_Going]) -> _Going:
@@ -399,32 +425,60 @@ def _wait_for_one(going: list[_Going]) -> _Going:
         time.sleep(0.2)
 
 
-def _report_end(ended: _Going, stop: SweepStop, *, several: bool) -> bool:
-    """Say how a run's process ended (with several at once, how its run stands too); whether it failed."""
+def _report_end(ended: _Going, stop: SweepStop, outcome: Outcome) -> None:
+    """Say how a run's process ended, from what its folder holds as much as from its exit code.
+
+    With one run at a time its own output has said most of it already; a
+    failure is always said (with several at once, with its log's last line).
+    """
     code = ended.child.returncode
-    if code == EXIT_OK or (code == EXIT_INTERRUPTED and stop.reason):
+    several = ended.log is not None
+    if code == EXIT_OK:
         if several:
             say(f"{ended.head}: {_how_it_stands(ended.run.run_dir)}")
-        return False
-    if stop.reason:  # stopped before its own handlers were in place (still importing)
+        return
+    signalled = code == EXIT_INTERRUPTED or (code < 0 and signal.Signals(-code).name in STOP_SIGNAL_NAMES)
+    if stop.reason and not holds_iterations(ended.run.run_dir):
         say(f"{ended.head}: stopped while starting ({stop.reason})")
-        return False
-    if code == EXIT_INTERRUPTED:
-        stop.reason = f"{ended.run.name} was stopped"  # by a signal to its own process
-        return False
+        return
+    if signalled:
+        say(f"{ended.head}: {_how_it_stands(ended.run.run_dir)}")
+        if not stop.reason:  # a signal to the run's own process: the sweep goes on with the others
+            outcome.stopped.append(ended.run.name)
+        return
+    outcome.failed = True
     how = f"was killed ({signal.Signals(-code).name})" if code < 0 else f"ended with exit code {code}"
-    say(f"{ended.head}: {how}; the sweep goes on")
-    return True
+    last = _last_line(ended.log) if ended.log else ""
+    say(
+        f"{ended.head}: {how}"
+        + (f": {last}" if last else "")
+        + ("" if stop.reason else "; the sweep goes on")
+    )
+
+
+def _last_line(log: Path) -> str:
+    """The last line a run wrote: its error, where it failed."""
+    try:
+        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError:
+        return ""
+    return next((line for line in reversed(lines) if line), "")
 
 
 def _how_it_stands(run_dir: Path) -> str:
-    """A run's status and iterations, as ``runs`` gives them."""
+    """A run's status and iterations as ``runs`` gives them, and what a sweep could go on from."""
     try:
         folder = read_run(run_dir)
     except (UserError, OSError):
         return "ended"
     done = folder.records[-1].iteration + 1 if folder.records else 0
-    return f"{run_status(folder)} after {done} iterations"
+    status = run_status(folder)
+    if status in ("finished", "collapsed"):
+        return f"{status} after {done} iterations"
+    snapshot = newest_snapshot(folder)
+    if snapshot is None:
+        return f"{status} after {done} iterations, with no snapshot to go on from"
+    return f"{status} after {done} iterations; its newest snapshot is {snapshot.name}"
 
 
 def command_again(options: dict[str, Any], sweep_dir: Path) -> str:

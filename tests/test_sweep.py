@@ -370,10 +370,33 @@ def test_a_closed_output_costs_neither_the_runs_nor_the_figure(tiny_model_dir, e
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
 
 
-def test_with_two_devices_two_runs_go_on_at_once_and_a_ctrl_c_stops_both(tiny_model_dir, eval_file, tmp_path):
+def test_with_two_devices_two_runs_go_on_at_once_and_the_third_takes_the_first_freed(
+    tiny_model_dir, eval_file, tmp_path
+):
     out = tmp_path / "sweep"
     args = tiny_sweep(tiny_model_dir, eval_file, out, "--lr", "1e-3", "--lr", "3e-3", "--lr", "1e-2",
-                      "--max-iters", "100000", "--device", "cpu")  # fmt: skip
+                      "--max-iters", "2", "--device", "cpu:0")  # fmt: skip
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
+    names = ["tiny-model0-lr0.001-seed1337", "tiny-model0-lr0.003-seed1337", "tiny-model0-lr0.01-seed1337"]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("sweep: [")]
+    started = {line.split("] ")[1].split(":")[0]: line.split(" on ")[1].split(" ")[0] for line in lines
+               if ": start on " in line}  # fmt: skip
+    assert (started[names[0]], started[names[1]]) == ("cpu", "cpu:0")  # one on each device given
+    first_done = next(line.split("] ")[1].split(":")[0] for line in lines if "finished after 2" in line)
+    assert started[names[2]] == started[first_done]  # the device the first run to end gave back
+    assert lines.index(next(line for line in lines if names[2] in line)) > lines.index(
+        next(line for line in lines if first_done in line and "finished" in line)
+    )
+    for name in names:
+        assert json.loads((out / name / "config.json").read_text())["device"] == started[name]
+        assert "it 2/2" in (out / "logs" / f"{name}.log").read_text()  # its output, not the sweep's
+
+
+def test_with_two_devices_a_ctrl_c_stops_both_runs_and_starts_no_other(tiny_model_dir, eval_file, tmp_path):
+    out = tmp_path / "sweep"
+    args = tiny_sweep(tiny_model_dir, eval_file, out, "--lr", "1e-3", "--lr", "3e-3", "--lr", "1e-2",
+                      "--max-iters", "100000", "--device", "cpu:0")  # fmt: skip
     sweep = start_sweep(args, until="sweep: [2/3]")
     names = ["tiny-model0-lr0.001-seed1337", "tiny-model0-lr0.003-seed1337", "tiny-model0-lr0.01-seed1337"]
     wait_for(lambda: all(len(iterations_so_far(out / name)) >= 2 for name in names[:2]), timeout=120,
@@ -384,9 +407,34 @@ def test_with_two_devices_two_runs_go_on_at_once_and_a_ctrl_c_stops_both(tiny_mo
     for name in names[:2]:
         summary = json.loads((out / name / "summary.json").read_text())
         assert (summary["status"], summary["reason"]) == ("stopped", "SIGINT")
-        assert "it 1/100000" in (out / "logs" / f"{name}.log").read_text()  # its output, not the sweep's
+        assert f"{name}: stopped after" in rest and "its newest snapshot is iter-" in rest
     assert not (out / names[2]).exists()
-    assert f"{names[0]}: stopped after" in rest and f"{names[1]}: stopped after" in rest
+
+
+def test_a_run_stopped_on_its_own_leaves_the_sweep_going_and_is_named_at_the_end(
+    tiny_model_dir, eval_file, tmp_path
+):
+    out = tmp_path / "sweep"
+    args = tiny_sweep(
+        tiny_model_dir, eval_file, out, "--lr", "1e-3", "--lr", "3e-3", "--max-iters", "200", "--keep-going"
+    )
+    sweep = start_sweep(args, until="it 1/")
+    names = ["tiny-model0-lr0.001-seed1337", "tiny-model0-lr0.003-seed1337"]
+    os.kill(json.loads((out / names[0] / "process.json").read_text())["pid"], signal.SIGTERM)  # the run's own
+    rest, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 130, stderr
+    assert json.loads((out / names[0] / "summary.json").read_text())["reason"] == "SIGTERM"
+    assert len(iterations(out / names[1])) == 200  # the sweep went on
+    assert f"sweep: {names[0]} stopped on its own; to go on with it: collapse-tui sweep" in rest
+
+
+def test_a_device_that_is_not_there_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["sweep", "--device", "cpu", "--device", "tpu", "--out", str(tmp_path / "s")]
+    )
+    assert result.exit_code == 2
+    assert "--device 'tpu' is not a device" in result.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def iterations_so_far(run_dir: Path) -> list[str]:
