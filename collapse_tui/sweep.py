@@ -401,7 +401,7 @@ def _run_plan(
             what = "start" if step.action == "start" else f"{step.why}; going on from {step.snapshot}"
             where = f" on {device}" if len(devices) > 1 else ""
             say(f"{head}: {what}{where}" + (f" (output: {log})" if log else ""))
-            child = _start_child(headless_argv(run, step, device), stop, log)
+            child = _start_child(headless_argv(run, step, device), stop, log, _threads(device, devices))
             going.append(_Going(run, child, device, head, log))
         if not going:
             break
@@ -492,7 +492,22 @@ def command_again(options: dict[str, Any], sweep_dir: Path) -> str:
     return shlex.join(["collapse-tui", "sweep", *option_words(absolute), "--out", os.path.abspath(sweep_dir)])
 
 
-def _start_child(argv: list[str], stop: SweepStop, log: Path | None) -> subprocess.Popen[bytes]:
+def _threads(device: str | None, devices: list[str | None]) -> dict[str, str]:
+    """For a run on the CPU beside others on the CPU: its share of the cores (``OMP_NUM_THREADS``).
+
+    Why: each torch process takes every core, and two of them spinning for
+    the same cores ran a tiny sweep 19 times slower than one after the other.
+    A value the user set is kept.
+    """
+    on_cpu = [d for d in devices if d is not None and d.startswith("cpu")]
+    if device is None or not device.startswith("cpu") or len(on_cpu) < 2 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(on_cpu)))}
+
+
+def _start_child(
+    argv: list[str], stop: SweepStop, log: Path | None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """One run as its own process, in its own session: signals reach it through ``stop`` only, and it
     stops (as on a SIGTERM) if the sweep dies without a word (``kill -9``; see ``exits.STOP_WITH``).
     Its output goes to ``log`` if given (appended: a run gone on with adds to its log)."""
@@ -504,7 +519,7 @@ def _start_child(argv: list[str], stop: SweepStop, log: Path | None) -> subproce
         child = subprocess.Popen(
             [sys.executable, "-m", "collapse_tui.cli", *argv],
             start_new_session=True,
-            env={**os.environ, STOP_WITH: str(os.getpid())},
+            env={**os.environ, **(env or {}), STOP_WITH: str(os.getpid())},
             stdout=output,
             stderr=subprocess.STDOUT if output else None,
         )

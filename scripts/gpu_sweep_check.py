@@ -7,7 +7,9 @@ each a real ``python -m collapse_tui.cli sweep`` process:
 1. two learning rates, one after the other on one GPU;
 2. the same two, both at once on that GPU (``--device cuda --device cuda``);
 3. the first sweep again with a larger ``--max-iters``: both runs go on from
-   their final snapshots.
+   their final snapshots;
+4. three learning rates, two at once, and a Ctrl-C once both are going: both
+   stop with their final snapshots, the third never starts.
 
 It checks each sweep's exit code, the runs' statuses and iteration counts,
 the figure and the logs, and prints the seconds an iteration took (the
@@ -21,7 +23,9 @@ Meant for a GPU machine (CI has none); exits non-zero when a check fails.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -59,6 +63,27 @@ def sweep(args: list[str], label: str) -> tuple[int, float, str]:
     if result.returncode != 0:
         print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
     return result.returncode, wall, result.stdout
+
+
+def sweep_stopped(args: list[str]) -> tuple[int, float, str]:
+    """A sweep of two at once, sent SIGINT once both runs have done three iterations."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    out = Path(args[args.index("--out") + 1])
+    start = time.perf_counter()
+    sweep = subprocess.Popen([sys.executable, "-m", "collapse_tui.cli", "sweep", *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    while sweep.poll() is None and time.perf_counter() - start < 240:
+        runs = runs_of(out) if out.is_dir() else {}
+        if len(runs) == 2 and all(len(r) >= 3 for r in runs.values()):
+            sweep.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.5)
+    text, _ = sweep.communicate(timeout=300)
+    wall = time.perf_counter() - start
+    print(f"\n== Ctrl-C with two going: exit {sweep.returncode}, {wall:.1f} s wall", flush=True)
+    print("\n".join(line for line in text.splitlines() if line.startswith("sweep:")), flush=True)
+    return sweep.returncode, wall, text
 
 
 def runs_of(out: Path) -> dict[str, list[dict]]:
@@ -139,6 +164,18 @@ def main() -> None:
         runs = runs_of(one)
         check(all([r["iteration"] for r in recs] == list(range(args.iters + 3)) for recs in runs.values()),
               f"going on: iterations 0..{args.iters + 2} each")  # fmt: skip
+
+        stopped = Path(tmp) / "stopped"
+        code, _, out = sweep_stopped(
+            [*common, "--lr", "1e-3", "--max-iters", "1000", "--device", args.device, "--out", str(stopped)]
+        )
+        check(code == 130, "Ctrl-C with two going: exit 130")
+        runs = runs_of(stopped)
+        check(len(runs) == 2, f"Ctrl-C with two going: the third never started ({sorted(runs)})")
+        for name in runs:
+            summary = json.loads((stopped / name / "summary.json").read_text())
+            check(summary["reason"] == "SIGINT" and Path(summary["last_snapshot"], "state.json").exists(),
+                  f"Ctrl-C: {name} stopped with its final snapshot")  # fmt: skip
 
     print(f"\n{model.name}: s/iteration (median of the runs' own phases, after two warm-up iterations)")
     for name in names:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from collapse_tui.cli import app
 from collapse_tui.errors import UserError
-from collapse_tui.sweep import Step, _settings, command_again, decide, headless_argv, plan_sweep
+from collapse_tui.sweep import Step, _settings, _threads, command_again, decide, headless_argv, plan_sweep
 
 
 def options(**given: Any) -> dict[str, Any]:
@@ -90,6 +90,16 @@ def test_a_run_starts_with_all_its_options_and_goes_on_with_only_what_a_resume_m
     assert words.count("--") == 5
     for fragment in ("--max-iters 7", "--device cpu", "--keep-going", "--no-final-snapshot", "--resume"):
         assert fragment in words
+
+
+def test_runs_on_the_cpu_side_by_side_share_its_cores(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert _threads("cpu", ["cpu", "cpu:0", "cuda"]) == {"OMP_NUM_THREADS": "8"}
+    assert _threads("cuda", ["cpu", "cpu:0", "cuda"]) == {}  # a GPU run keeps what it has
+    assert _threads("cpu", ["cpu", "cuda"]) == {}  # alone on the CPU
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _threads("cpu", ["cpu", "cpu"]) == {}  # the user's own choice stands
 
 
 def save_snapshot(run_dir: Path, iteration: int) -> Path:
