@@ -115,18 +115,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_model(args.shape, args.tokenizer, Path(tmp) / args.shape)
-        common = [
-            "--model",
-            str(model),
-            "--eval",
-            args.eval,
-            "--lr",
-            "1e-4",
-            "--lr",
-            "4e-4",
-            "--device",
-            args.device,
-        ]
+        # random weights collapse within a few iterations: --keep-going, so that every run goes to --max-iters
+        common = ["--model", str(model), "--eval", args.eval, "--lr", "1e-4", "--lr", "4e-4", "--device", args.device,
+                  "--keep-going"]  # fmt: skip
         names = [f"{model.name}-lr0.0001-seed1337", f"{model.name}-lr0.0004-seed1337"]
 
         one = Path(tmp) / "one"
