@@ -93,15 +93,18 @@ def test_options_before_the_subcommand_reach_it(tiny_model_dir: Path, eval_file:
     assert json.loads((out / "config.json").read_text())["lr"] == 0.002
 
 
-def test_headless_does_not_import_textual(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
+def run_checking_textual_is_not_imported(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run the command line with ``args`` in a fresh interpreter that then fails if textual was imported."""
     code = (
         "import sys; from collapse_tui.cli import app; "
-        f"app({small_run(tiny_model_dir, eval_file, tmp_path / 'run')!r}, standalone_mode=False); "
+        f"app({args!r}, standalone_mode=False); "
         "assert 'textual' not in sys.modules, 'textual was imported'"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300
-    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def test_headless_does_not_import_textual(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
+    result = run_checking_textual_is_not_imported(small_run(tiny_model_dir, eval_file, tmp_path / "run"))
     assert result.returncode == 0, result.stderr
 
 

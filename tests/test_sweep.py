@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from runfolders import make_run, wait_for, write_process
-from test_cli import ENV, cli
+from test_cli import ENV, cli, run_checking_textual_is_not_imported
 from typer.testing import CliRunner
 
 from collapse_tui.cli import app
@@ -456,12 +456,5 @@ def iterations_so_far(run_dir: Path) -> list[str]:
 
 def test_a_sweep_does_not_import_textual(tiny_model_dir, eval_file, tmp_path):
     args = tiny_sweep(tiny_model_dir, eval_file, tmp_path / "sweep", "--max-iters", "1")
-    code = (
-        "import sys; from collapse_tui.cli import app; "
-        f"app({args!r}, standalone_mode=False); "
-        "assert 'textual' not in sys.modules, 'textual was imported'"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300
-    )
+    result = run_checking_textual_is_not_imported(args)
     assert result.returncode == 0, result.stderr
