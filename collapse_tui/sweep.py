@@ -8,11 +8,12 @@ faster, a larger model sooner. A sweep runs the grid into one folder
 Each run is its own ``collapse-tui headless`` process, so a run that crashes
 or runs out of memory costs only itself, and each model's GPU memory is
 given back before the next loads. Given several ``--device``, as many go on
-at once, one on each, their output in ``SWEEP/logs/``. The children run in
-their own session:
-a Ctrl-C, a ``kill`` or a hang-up reaches the sweep only, which passes it on
-(a second Ctrl-C leaves the run at once, as in ``headless``) and starts no
-further run; a sweep that dies without a word takes its run with it.
+at once, one on each, their output in ``SWEEP/logs/``. The runs have a
+session of their own: a Ctrl-C, a ``kill`` or a hang-up reaches the sweep
+only, which passes it on to every run going (a second Ctrl-C leaves them at
+once, as in ``headless``) and starts no further run; a run stopped by a
+signal to its own process leaves the sweep going; a sweep that dies without
+a word takes its runs with it.
 
 The same command given again goes on where the sweep stopped: a run that
 reached its end is left as it is, one that was stopped, killed or crashed
@@ -118,7 +119,7 @@ def plan_sweep(options: dict[str, Any], sweep_dir: Path) -> list[PlannedRun]:
     ones as lists (empty: the default, or the preset's value). A value out of
     range, an evaluation file or model folder that is not there, or two runs
     that would share a folder are refused before anything runs; a value given
-    twice (``./m`` and ``m``) is one run.
+    twice (``./m`` and ``/home/me/m``, ``1e-4`` and ``0.0001``) is one run.
     """
     values = {key: options.get(key) or [None] for key in SWEPT}
     plan: list[PlannedRun] = []
@@ -308,7 +309,7 @@ class SweepStop:
 
 
 def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
-    """Plan, check, run every run in turn, then show the table and the figure; return the exit code."""
+    """Plan and check everything, run the runs, then draw the figure and print the table; the exit code."""
     given_out = sweep_dir is not None
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir()
     check_sweep_dir(sweep_dir)
