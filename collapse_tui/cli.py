@@ -370,7 +370,7 @@ def headless_command(ctx: typer.Context, **options: Any) -> None:
 @user_errors
 @with_sweep_options
 def sweep_command(ctx: typer.Context, **options: Any) -> None:
-    """Run one headless run for each --model, --lr and --seed given, one after another."""
+    """Run one headless run for each --model, --lr and --seed given: in turn, or several at once with --device given more than once."""
     from collapse_tui.sweep import REPEATABLE, run_sweep
 
     if (ctx.obj or {}).get("resume"):

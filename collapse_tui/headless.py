@@ -232,7 +232,7 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
             if reporter.lost:  # nothing more can reach it, not even Python's last flush at exit
                 with contextlib.suppress(OSError, ValueError):
                     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        _let_later_signals_end_the_process(stopping=interrupted)
+        _reset_stop_signals(stopping=interrupted)
     if crash is not None:
         report_crash(crash, engine.run_dir)
         return EXIT_RUN_FAILED
@@ -262,8 +262,9 @@ def interrupted_line(run_dir: Path | None, last_snapshot: Path | None, *, at_the
     return f"collapse-tui: interrupted: the records are in {run_dir}; {end} is {last_snapshot}"
 
 
-def _let_later_signals_end_the_process(*, stopping: bool) -> None:
-    """Once the run is over, Ctrl-C and SIGTERM end the process as the system does, without a word.
+def _reset_stop_signals(*, stopping: bool) -> None:
+    """Once the run is over, Ctrl-C ends the process as the system does, without a word, and so does
+    SIGTERM unless a signal stopped the run.
 
     Why: ``stop`` raises KeyboardInterrupt for a second Ctrl-C; one landing
     while the interpreter shuts down (its exit callbacks) printed a traceback.

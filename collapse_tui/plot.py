@@ -174,10 +174,12 @@ def _draw_figure(runs: list[RunFolder]) -> Figure:
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     # One legend for the figure: a run missing from the first panel (other evaluation sets) still appears.
+    # The lines are gathered here, not asked back from the axes, which leave out labels starting with "_".
     handles: dict[str, Any] = {}
     for ax in axes[: len(panels)]:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, handle)
+        for line in ax.get_lines():
+            if str(line.get_gid()).startswith(LINE_GID.format("")):
+                handles.setdefault(str(line.get_label()), line)
     any_collapse = any(run.collapsed_at is not None for run in runs)
     figure.legend(
         list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4),

@@ -11,7 +11,6 @@ import math
 import os
 from pathlib import Path
 
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -187,7 +186,8 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
         caption += "; running? = its process is not on this machine, or not recorded"
     if any(status.endswith(UNSAVED_END) for status in statuses):
         caption += f"; {UNSAVED_END} = killed while saving its final snapshot: its end has none"
-    table = Table(title=None if title is None else escape(title), caption=caption)
+    # as text, not markup (nor emoji codes): set names and folders are the user's
+    table = Table(title=None if title is None else Text(title), caption=Text(caption))
     table.add_column("run", overflow="fold", min_width=8)
     table.add_column("model", overflow="fold", min_width=6)
     table.add_column("lr", justify="right", overflow="fold")

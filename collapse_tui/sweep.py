@@ -1,4 +1,4 @@
-"""``collapse-tui sweep``: one headless run for every model × learning rate × seed, in turn.
+"""``collapse-tui sweep``: one headless run for every model × learning rate × seed, in turn or side by side.
 
 The paper's findings are comparisons: a higher learning rate collapses
 faster, a larger model sooner. A sweep runs the grid into one folder
@@ -101,9 +101,9 @@ class Step:
     failed: bool = False
 
 
-def default_sweep_dir(root: Path = Path("runs")) -> Path:
+def default_sweep_dir() -> Path:
     """``runs/sweep-<time>/``: sortable by time, like a run folder's default name."""
-    return root / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_name(model: str, lr: float, seed: int) -> str:
@@ -245,7 +245,7 @@ def newest_snapshot(folder: RunFolder) -> Path | None:
 
 def headless_argv(run: PlannedRun, step: Step, device: str | None = None) -> list[str]:
     """The ``collapse-tui headless`` arguments for ``step``: the run's options, or a resume of it,
-    on ``device`` (None: as the options say).
+    on ``device`` (None: the default device, or the one a resume keeps).
 
     A resume passes only what a resume may change, and never the lr: the
     snapshot keeps the lr a key may have set during the run.
@@ -486,8 +486,8 @@ def command_again(options: dict[str, Any], sweep_dir: Path) -> str:
     """The command that goes on with this sweep, from any folder: its paths made absolute."""
     absolute = dict(options)
     absolute["evals"] = [absolute_eval(str(spec)) for spec in options.get("evals") or []]
-    absolute["model"] = [
-        os.path.abspath(os.path.expanduser(model)) if model.startswith(("/", ".", "~")) else model
+    absolute["model"] = [  # a model that is a folder here, as the run takes it (config.absolute_paths)
+        os.path.abspath(os.path.expanduser(model)) if Path(os.path.expanduser(model)).is_dir() else model
         for model in options.get("model") or []
     ]
     return shlex.join(["collapse-tui", "sweep", *option_words(absolute), "--out", os.path.abspath(sweep_dir)])
@@ -507,7 +507,7 @@ def _threads(device: str | None, devices: list[str | None]) -> dict[str, str]:
 
 
 def _start_child(
-    argv: list[str], stop: SweepStop, log: Path | None, env: dict[str, str] | None = None
+    argv: list[str], stop: SweepStop, log: Path | None, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
     """One run as its own process, in its own session: signals reach it through ``stop`` only, and it
     stops (as on a SIGTERM) if the sweep dies without a word (``kill -9``; see ``exits.STOP_WITH``).
@@ -520,7 +520,7 @@ def _start_child(
         child = subprocess.Popen(
             [sys.executable, "-m", "collapse_tui.cli", *argv],
             start_new_session=True,
-            env={**os.environ, **(env or {}), STOP_WITH: str(os.getpid())},
+            env={**os.environ, **env, STOP_WITH: str(os.getpid())},
             stdout=output,
             stderr=subprocess.STDOUT if output else None,
         )

@@ -1,7 +1,7 @@
 """End-to-end check of ``collapse-tui sweep`` on a CUDA device, through the real command line.
 
 Builds a random-weight model folder of a GPT-2 shape (random weights time
-exactly like the real ones), then runs three sweeps as a researcher would,
+exactly like the real ones), then runs four sweeps as a researcher would,
 each a real ``python -m collapse_tui.cli sweep`` process:
 
 1. two learning rates, one after the other on one GPU;
@@ -41,6 +41,10 @@ from gpu_engine_check import SHAPES, make_model  # noqa: E402
 from collapse_tui.runfolder import read_jsonl  # noqa: E402
 
 FAILURES: list[str] = []
+
+
+def non_empty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
 
 
 def check(ok: bool, what: str) -> None:
@@ -130,7 +134,7 @@ def main() -> None:
         check(
             all(len(r) == args.iters for r in runs.values()), f"one at a time: {args.iters} iterations each"
         )
-        check((one / "sweep.png").stat().st_size > 0, "one at a time: sweep.png")
+        check(non_empty(one / "sweep.png"), "one at a time: sweep.png")
         alone = {name: seconds_per_iteration(r) for name, r in runs.items()}
 
         two = Path(tmp) / "two"
@@ -141,7 +145,7 @@ def main() -> None:
         check(code == 0, "two at once: exit 0")
         runs = runs_of(two)
         check(all(len(r) == args.iters for r in runs.values()) and len(runs) == 2, "two at once: both whole")
-        check(all((two / "logs" / f"{name}.log").stat().st_size > 0 for name in names), "two at once: logs")
+        check(all(non_empty(two / "logs" / f"{name}.log") for name in names), "two at once: logs")
         # a run going on after its collapse (--keep-going) ends as "collapsed after N iterations"
         check(out.count(f"after {args.iters} iterations") == 2, "two at once: each end said")
         together = {name: seconds_per_iteration(r) for name, r in runs.items()}

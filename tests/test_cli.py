@@ -97,8 +97,9 @@ def run_checking_textual_is_not_imported(args: list[str]) -> subprocess.Complete
     """Run the command line with ``args`` in a fresh interpreter that then fails if textual was imported."""
     code = (
         "import sys; from collapse_tui.cli import app; "
-        f"app({args!r}, standalone_mode=False); "
-        "assert 'textual' not in sys.modules, 'textual was imported'"
+        f"code = app({args!r}, standalone_mode=False); "
+        "assert 'textual' not in sys.modules, 'textual was imported'; "
+        "sys.exit(code or 0)"  # a command that stopped at once did not show it
     )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
 
@@ -426,7 +427,10 @@ def test_a_sigterm_while_the_run_stops_changes_nothing(tiny_model_dir, eval_file
     out = tmp_path / "run"
     process = start_endless_headless(tiny_model_dir, eval_file, out)
     process.send_signal(first)
-    time.sleep(0.05)  # two deliveries, not one pending signal (pending ones merge)
+    assert process.stdout is not None
+    for line in process.stdout:  # the stop has begun: the final snapshot is being saved
+        if line.startswith("[saving snapshot"):
+            break
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr

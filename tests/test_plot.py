@@ -232,3 +232,13 @@ def test_names_with_dollars_are_drawn_as_they_are_not_as_mathtext(tmp_path: Path
     texts = figure.legends[0].get_texts()
     assert any("x$\\bar$" in text.get_text() for text in texts)
     assert not any(text.get_parse_math() for text in texts)
+
+
+def test_a_name_starting_with_an_underscore_is_in_the_legend(tmp_path: Path) -> None:
+    make_run(tmp_path / "a", "finished", model="/m/_ckpt")
+    make_run(tmp_path / "b", "finished", lr=1e-4)
+    figure = build_figure([read_run(tmp_path / "a"), read_run(tmp_path / "b")])
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == [
+        "_ckpt, lr 4e-05",
+        "gpt2, lr 0.0001",
+    ]

@@ -248,7 +248,9 @@ def test_the_runs_command_without_a_runs_folder_says_where_it_looked(tmp_path: P
 
 
 def test_names_with_brackets_are_shown_as_they_are_not_taken_for_markup(tmp_path: Path) -> None:
-    root = tmp_path / "[bold]sweep"
-    make_run(root / "lr[red]1e-4", "stopped", model="/models/[b]tiny")
+    root = tmp_path / "[bold]sweep:fire:"
+    make_run(root / "lr[red]1e-4", "stopped", model="/models/[b]tiny", evals=("notes[/]",))
     text = render(runs_table(find_runs(root), title=str(root)))
-    assert "lr[red]1e-4" in text and "[b]tiny" in text and "[bold]sweep" in text
+    assert "lr[red]1e-4" in text and "[b]tiny" in text
+    assert "[bold]sweep:fi" in text and "\N{FIRE}" not in text  # the title: no markup, no emoji codes
+    assert "validation loss on notes[/]" in text  # the caption: no MarkupError

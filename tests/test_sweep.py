@@ -219,11 +219,14 @@ def test_resume_given_before_the_command_name_is_refused(tmp_path: Path) -> None
 
 def test_the_command_that_goes_on_works_from_any_folder(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "m").mkdir()
+    (tmp_path / "sub" / "n").mkdir(parents=True)
     (tmp_path / "held.txt").write_text("some words")
     monkeypatch.chdir(tmp_path)
-    again = command_again(options(model=["./m", "gpt2"], evals=["held.txt", "ptb"], prompt="-x\n"), Path("s"))
+    given = options(model=["./m", "sub/n", "gpt2"], evals=["held.txt", "ptb"], prompt="-x\n")
+    again = command_again(given, Path("s"))
     assert shlex.split(again) == [
-        "collapse-tui", "sweep", "--model", str(tmp_path / "m"), "--model", "gpt2", "--eval",
+        "collapse-tui", "sweep", "--model", str(tmp_path / "m"), "--model", str(tmp_path / "sub" / "n"),
+        "--model", "gpt2", "--eval",
         str(tmp_path / "held.txt"), "--eval", "ptb", "--prompt", "-x\n", "--out", str(tmp_path / "s"),
     ]  # fmt: skip
 
