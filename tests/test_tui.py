@@ -1075,6 +1075,45 @@ def test_a_hang_up_after_a_kill_stays_ignored_until_the_process_ends(monkeypatch
     assert after == signal.SIG_IGN
 
 
+def test_a_second_sigterm_changes_nothing_while_the_run_stops(monkeypatch) -> None:
+    # a scheduler (SLURM, systemd) signals every process of a job: a second SIGTERM is no "leave now"
+    left_at_once: list[int] = []
+    real_kill = os.kill
+
+    def kill(pid: int, signum: int) -> None:  # the app's "leave now" kills itself: record it instead
+        if pid == os.getpid() and signum == signal.SIGTERM and signal.getsignal(signum) == signal.SIG_DFL:
+            left_at_once.append(signum)
+            return
+        real_kill(pid, signum)
+
+    monkeypatch.setattr(os, "kill", kill)
+    source = FakeSource([make_record(i, 5) for i in range(2)])
+    both_handled = threading.Event()
+    stop_run = source.run
+
+    def run_until_both_signals_are_in(listener):
+        summary = stop_run(listener)
+        both_handled.wait(DEADLINE_S)
+        return summary
+
+    source.run = run_until_both_signals_are_in
+
+    def kill_twice() -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while source.emitted < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        time.sleep(0.1)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        time.sleep(0.2)  # the main thread's handler has run by now
+        both_handled.set()
+
+    threading.Thread(target=kill_twice, daemon=True).start()
+    summary = run_app(source, headless=True)
+    assert summary == {"status": "stopped", "iterations": 2, "signal": "SIGTERM"}
+    assert left_at_once == []
+
+
 # -- the pieces ----------------------------------------------------------------
 
 

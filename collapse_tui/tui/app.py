@@ -867,6 +867,8 @@ def run_app(
                 silence_output()  # nothing written to a dead terminal may fail or block the exit
             if signals:  # a hang-up after a q-like signal: the stop is under way
                 return
+        if signals and signum == getattr(signal, "SIGTERM", None):
+            return  # a scheduler signals every process of a job: only a second Ctrl-C means "leave now"
         if signals:  # a second one: leave now, as a second q does (snapshots are written atomically)
             for number, handler in previous.items():
                 signal.signal(number, signal.SIG_DFL if number == signum else handler)
