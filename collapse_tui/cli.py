@@ -312,6 +312,10 @@ def _run_config_of_snapshot(snapshot: Path) -> RunConfig:
         raise UserError(f"{config_path} cannot be read: {error.strerror}") from None
 
 
+#: The commands that take run options given before their name (``collapse-tui --lr 1e-4 headless``).
+TAKE_RUN_OPTIONS = ("headless", "sweep")
+
+
 @app.callback(invoke_without_command=True)
 @user_errors
 @with_run_options
@@ -319,10 +323,7 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
     """Run the self-training loop in the live terminal UI."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = {k: v for k, v in options.items() if v is not None and v != []}
-        if ctx.obj and ctx.invoked_subcommand not in (
-            "headless",
-            "sweep",
-        ):  # they would be dropped without a word
+        if ctx.obj and ctx.invoked_subcommand not in TAKE_RUN_OPTIONS:  # else dropped without a word
             flags = ", ".join(option_flag(key, value) for key, value in ctx.obj.items())
             raise UserError(
                 f"{flags}: run options go with collapse-tui, collapse-tui headless or collapse-tui sweep, "

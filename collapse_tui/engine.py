@@ -43,6 +43,7 @@ from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import (
     CONFIG,
     ENDING_SNAPSHOT,
+    RunFolder,
     RunWriter,
     check_new_run_folder,
     make_summary,
@@ -695,8 +696,12 @@ def snapshot_failure(error: Exception, folder: Path) -> str:
     return f"no space left on device ({free / 2**20:.0f} MiB free in {folder}; {message})"
 
 
+#: What a snapshot folder must hold to be resumed from (the model's weights beside its config.json).
+SNAPSHOT_FILES = ("state.json", "optimizer.pt", "rng.pt", CONFIG)
+
+
 def _check_snapshot(path: Path) -> None:
-    needed = ["state.json", "optimizer.pt", "rng.pt", "config.json"]
+    needed = SNAPSHOT_FILES
     if not path.is_dir() and replaced_snapshot(path).is_dir():
         if is_alive(path.parent.parent) is not False:  # a run on another host may be mid-swap
             raise UserError(
@@ -721,10 +726,16 @@ def records_on_current_branch(snapshot: Path, run_dir: Path) -> list[IterationRe
     Its folder stays on disk, but going on from it would splice two histories
     into one run (the readers no longer count those iterations).
     """
+    run = read_run(run_dir)
+    check_on_current_branch(snapshot, run)
+    return run.records
+
+
+def check_on_current_branch(snapshot: Path, run: RunFolder) -> None:
+    """``records_on_current_branch`` for a run already read (a sweep weighs each of its snapshots)."""
     iteration = snapshot_iteration(snapshot)
     if iteration is None:
         raise UserError(f"--resume {snapshot}: its state.json cannot be read")
-    run = read_run(run_dir)
     records = run.records
     last = records[-1].iteration if records else -1
     abandoned = f"--resume {snapshot}: that snapshot belongs to iterations a later resume abandoned"
@@ -737,7 +748,6 @@ def records_on_current_branch(snapshot: Path, run_dir: Path) -> list[IterationRe
         )
     if _abandoned_by_a_resume(snapshot, iteration, run.events):
         raise UserError(f"{abandoned} (the run was resumed from an earlier iteration after it was saved)")
-    return records
 
 
 def _abandoned_by_a_resume(snapshot: Path, iteration: int, events: list[Event]) -> bool:

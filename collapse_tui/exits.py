@@ -77,6 +77,17 @@ def stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def changes_nothing_once_stopping(signum: int) -> bool:
+    """For a front end's stop-signal handler, once a stop is under way: whether ``signum`` is to be ignored.
+
+    Every stop signal but SIGINT is: a dropped SSH session sends two hang-ups,
+    and a scheduler (SLURM, systemd) signals every process of a job, a sweep's
+    run and the sweep that passes its own on. Only a second Ctrl-C (or
+    ``kill -INT``) means "leave now".
+    """
+    return signum != signal.SIGINT
+
+
 def ignore_later_hangups(signum: int) -> bool:
     """For a front end's stop-signal handler: whether ``signum`` is a hang-up, after which SIGHUP is ignored.
 

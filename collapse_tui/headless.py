@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import time
@@ -34,6 +33,7 @@ from collapse_tui.exits import (
     EXIT_INTERRUPTED,
     EXIT_RUN_FAILED,
     STOP_SIGNAL_NAMES,
+    changes_nothing_once_stopping,
     closing_line,
     ignore_later_hangups,
     run_exit_code,
@@ -41,7 +41,7 @@ from collapse_tui.exits import (
 )
 from collapse_tui.follow import serving_watchers
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.tables import print_table
+from collapse_tui.tables import print_table, stop_writing_stdout
 
 
 def format_losses(record: IterationRecord) -> str:
@@ -202,10 +202,9 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal interrupted
-        if ignore_later_hangups(signum) and interrupted:
-            return  # a hang-up after a Ctrl-C or a kill: the stop is under way
-        if signum == signal.SIGTERM and interrupted:
-            return  # a scheduler's SIGTERM reaches a sweep's run and the sweep, which passes it on too
+        ignore_later_hangups(signum)
+        if interrupted and changes_nothing_once_stopping(signum):
+            return  # a hang-up or a SIGTERM after the stop began
         if interrupted or not engine.loaded:
             raise KeyboardInterrupt  # a second Ctrl-C, or still loading: leave now
         interrupted = True
@@ -230,8 +229,7 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         if reporter is not None:
             reporter.close()
             if reporter.lost:  # nothing more can reach it, not even Python's last flush at exit
-                with contextlib.suppress(OSError, ValueError):
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                stop_writing_stdout()
         _reset_stop_signals(stopping=interrupted)
     if crash is not None:
         report_crash(crash, engine.run_dir)

@@ -514,6 +514,11 @@ class RunFolder:
     summary: dict[str, Any] | None = None
 
     @property
+    def iterations_done(self) -> int:
+        """How many iterations the run has done (on its current branch), as ``iter-N`` counts them."""
+        return self.records[-1].iteration + 1 if self.records else 0
+
+    @property
     def collapsed_at(self) -> int | None:
         """The iteration whose sample collapsed (the event's ``at``; it is logged before the next one)."""
         for event in self.events:

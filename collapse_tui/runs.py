@@ -205,7 +205,7 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
             Text(name),
             Text(model_label(run.config)),
             lr_text(run),
-            str(records[-1].iteration + 1 if records else 0),
+            str(run.iterations_done),
             "—" if collapsed is None else str(collapsed),
             _loss(first),
             _loss(last),

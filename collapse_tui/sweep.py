@@ -55,7 +55,6 @@ from collapse_tui.errors import UserError
 from collapse_tui.exits import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, STOP_SIGNAL_NAMES, STOP_WITH
 from collapse_tui.follow import is_alive
 from collapse_tui.runfolder import (
-    CONFIG,
     SNAPSHOTS,
     RunFolder,
     holds_iterations,
@@ -65,6 +64,7 @@ from collapse_tui.runfolder import (
     write_atomic,
 )
 from collapse_tui.runs import is_run_folder, run_status, runs_table
+from collapse_tui.tables import print_table, stop_writing_stdout
 
 #: The options a sweep takes several values of; every other run option is one value for all runs.
 SWEPT = ("model", "lr", "seed")
@@ -188,7 +188,7 @@ def decide(run: PlannedRun) -> Step:
     folder = read_run(run.run_dir)
     _check_same_run(run, folder)
     status = run_status(folder)
-    done = folder.records[-1].iteration + 1 if folder.records else 0
+    done = folder.iterations_done
     if status == "NaN loss":
         return Step("skip", f"stopped on a non-finite loss after {done} iterations", failed=True)
     if done >= run.config.max_iters:
@@ -210,14 +210,18 @@ def decide(run: PlannedRun) -> Step:
 
 def _check_same_run(run: PlannedRun, folder: RunFolder) -> None:
     """A folder of the sweep holds the run the plan describes, or the sweep is not the same sweep."""
-    for key, planned in run.config.to_dict().items():
-        if key in NOT_COMPARED or key not in folder.config:
-            continue
-        if folder.config[key] != planned:
-            raise UserError(
-                f"{run.run_dir} holds a run with {option_flag(key, folder.config[key])} "
-                f"{_shown(folder.config[key])}, not {_shown(planned)}; give the sweep another --out"
-            )
+    planned = {k: v for k, v in run.config.to_dict().items() if k not in NOT_COMPARED}
+    difference = _first_difference(folder.config, planned)
+    if difference:
+        raise UserError(f"{run.run_dir} holds a run with {difference}; give the sweep another --out")
+
+
+def _first_difference(recorded: dict[str, Any], planned: dict[str, Any]) -> str | None:
+    """``--flag RECORDED, not PLANNED`` for the first setting both name and set differently, if any."""
+    for key, value in planned.items():
+        if key in recorded and recorded[key] != value:
+            return f"{option_flag(key, recorded[key])} {_shown(recorded[key])}, not {_shown(value)}"
+    return None
 
 
 def _shown(value: Any) -> str:
@@ -226,17 +230,20 @@ def _shown(value: Any) -> str:
 
 def newest_snapshot(folder: RunFolder) -> Path | None:
     """The run's newest complete snapshot on its current branch: what a resume may go on from."""
-    from collapse_tui.engine import records_on_current_branch  # torch: only where there are runs
+    from collapse_tui.engine import (  # torch: only where there are runs
+        SNAPSHOT_FILES,
+        check_on_current_branch,
+    )
 
     snapshots = [
         (iteration, path)
         for path in (folder.root / SNAPSHOTS).glob("iter-*")
         if (iteration := snapshot_iteration(path)) is not None
-        and all((path / name).exists() for name in ("optimizer.pt", "rng.pt", CONFIG))
+        and all((path / name).exists() for name in SNAPSHOT_FILES)
     ]
     for _, path in sorted(snapshots, reverse=True):
         try:
-            records_on_current_branch(path, folder.root)
+            check_on_current_branch(path, folder)
         except UserError:
             continue  # saved on a branch a resume abandoned
         return path
@@ -472,7 +479,7 @@ def _how_it_stands(run_dir: Path) -> str:
         folder = read_run(run_dir)
     except (UserError, OSError):
         return "ended"
-    done = folder.records[-1].iteration + 1 if folder.records else 0
+    done = folder.iterations_done
     status = run_status(folder)
     if status in ("finished", "collapsed"):
         return f"{status} after {done} iterations"
@@ -543,14 +550,12 @@ def _earlier_runs(sweep_dir: Path, plan: list[PlannedRun]) -> list[str]:
         ) from None
     if not isinstance(data, dict):
         raise UserError(f"{sweep_dir / SWEEP_FILE} is not a sweep's; give the sweep another --out")
-    fixed = data.get("settings") or {}
-    for key, value in _settings(plan).items():
-        if key in fixed and fixed[key] != value:
-            raise UserError(
-                f"the sweep in {sweep_dir} has {option_flag(key, fixed[key])} {_shown(fixed[key])}, not "
-                f"{_shown(value)}; a sweep's runs share every setting but --model, --lr and --seed: "
-                "give this one another --out"
-            )
+    difference = _first_difference(data.get("settings") or {}, _settings(plan))
+    if difference:
+        raise UserError(
+            f"the sweep in {sweep_dir} has {difference}; a sweep's runs share every setting but --model, "
+            "--lr and --seed: give this one another --out"
+        )
     return [str(name) for name in data.get("runs") or [] if isinstance(name, str)]
 
 
@@ -584,7 +589,6 @@ def _show_results(names: list[str], sweep_dir: Path) -> None:
     from rich.console import Console
 
     from collapse_tui.plot import plot_runs
-    from collapse_tui.tables import print_table
 
     runs = []
     for name in names:
@@ -603,7 +607,7 @@ def _show_results(names: list[str], sweep_dir: Path) -> None:
         try:
             print_table(Console(), runs_table(runs, title=str(sweep_dir)))
         except (OSError, ValueError, SystemExit):  # rich exits on a broken pipe
-            _drop_output()
+            stop_writing_stdout()
 
 
 def say(line: str) -> None:
@@ -611,11 +615,4 @@ def say(line: str) -> None:
     try:
         print(line, flush=True)
     except (OSError, ValueError):
-        _drop_output()
-
-
-def _drop_output() -> None:
-    """Nothing reads the output any more: send the rest nowhere, so that even Python's last flush at exit
-    does not fail (which would make the exit code 120 and print a complaint)."""
-    with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stop_writing_stdout()

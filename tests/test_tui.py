@@ -1038,36 +1038,42 @@ def test_a_hangup_kill_or_kill_int_stops_the_run_and_returns_its_summary(
     assert bool(silenced) == terminal_gone  # a kill -HUP with the terminal there restores it
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
-def test_a_hang_up_after_a_kill_stays_ignored_until_the_process_ends(monkeypatch) -> None:
-    # kill, then the session drops: the hang-up is no second signal, and the kernel's may follow
-    monkeypatch.setattr("collapse_tui.tui.app.silence_output", lambda: None)
-    monkeypatch.setattr("collapse_tui.tui.app.terminal_gone", lambda: False)
+def run_app_signalled_twice(first: int, second: int) -> dict:
+    """``run_app`` on a run of two records that gets ``first`` once both are in, then ``second``; the run
+    (and so ``run_app``) outlives both signals."""
     source = FakeSource([make_record(i, 5) for i in range(2)])
     both_handled = threading.Event()
     stop_run = source.run
 
-    def run_until_both_signals_are_in(listener):  # the run (and so run_app) outlives both signals
+    def run_until_both_signals_are_in(listener):
         summary = stop_run(listener)
         both_handled.wait(DEADLINE_S)
         return summary
 
     source.run = run_until_both_signals_are_in
 
-    def kill_then_hang_up() -> None:
+    def signal_twice() -> None:
         deadline = time.monotonic() + DEADLINE_S
         while source.emitted < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pthread_kill(threading.main_thread().ident, first)
         time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGHUP)
+        signal.pthread_kill(threading.main_thread().ident, second)
         time.sleep(0.2)  # the main thread's handler has run by now
         both_handled.set()
 
+    threading.Thread(target=signal_twice, daemon=True).start()
+    return run_app(source, headless=True)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_a_hang_up_after_a_kill_stays_ignored_until_the_process_ends(monkeypatch) -> None:
+    # kill, then the session drops: the hang-up is no second signal, and the kernel's may follow
+    monkeypatch.setattr("collapse_tui.tui.app.silence_output", lambda: None)
+    monkeypatch.setattr("collapse_tui.tui.app.terminal_gone", lambda: False)
     previous = signal.getsignal(signal.SIGHUP)
-    threading.Thread(target=kill_then_hang_up, daemon=True).start()
     try:
-        summary = run_app(source, headless=True)
+        summary = run_app_signalled_twice(signal.SIGTERM, signal.SIGHUP)
         after = signal.getsignal(signal.SIGHUP)
     finally:
         signal.signal(signal.SIGHUP, previous)
@@ -1087,29 +1093,7 @@ def test_a_second_sigterm_changes_nothing_while_the_run_stops(monkeypatch) -> No
         real_kill(pid, signum)
 
     monkeypatch.setattr(os, "kill", kill)
-    source = FakeSource([make_record(i, 5) for i in range(2)])
-    both_handled = threading.Event()
-    stop_run = source.run
-
-    def run_until_both_signals_are_in(listener):
-        summary = stop_run(listener)
-        both_handled.wait(DEADLINE_S)
-        return summary
-
-    source.run = run_until_both_signals_are_in
-
-    def kill_twice() -> None:
-        deadline = time.monotonic() + DEADLINE_S
-        while source.emitted < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
-        time.sleep(0.1)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
-        time.sleep(0.2)  # the main thread's handler has run by now
-        both_handled.set()
-
-    threading.Thread(target=kill_twice, daemon=True).start()
-    summary = run_app(source, headless=True)
+    summary = run_app_signalled_twice(signal.SIGTERM, signal.SIGTERM)
     assert summary == {"status": "stopped", "iterations": 2, "signal": "SIGTERM"}
     assert left_at_once == []
 

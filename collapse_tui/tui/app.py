@@ -42,7 +42,7 @@ from textual.widgets import Footer, Label, ProgressBar
 from textual.worker import Worker, WorkerState
 
 from collapse_tui.errors import ScreenCrashed, UserError
-from collapse_tui.exits import STOP_SIGNAL_NAMES, ignore_later_hangups
+from collapse_tui.exits import STOP_SIGNAL_NAMES, changes_nothing_once_stopping, ignore_later_hangups
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import SNAPSHOTS, read_run
 from collapse_tui.source import RunSource
@@ -865,10 +865,8 @@ def run_app(
             hung_up.append(True)
             if terminal_gone():
                 silence_output()  # nothing written to a dead terminal may fail or block the exit
-            if signals:  # a hang-up after a q-like signal: the stop is under way
-                return
-        if signals and signum == getattr(signal, "SIGTERM", None):
-            return  # a scheduler signals every process of a job: only a second Ctrl-C means "leave now"
+        if signals and changes_nothing_once_stopping(signum):
+            return  # a hang-up or a SIGTERM after a q-like signal: the stop is under way
         if signals:  # a second one: leave now, as a second q does (snapshots are written atomically)
             for number, handler in previous.items():
                 signal.signal(number, signal.SIG_DFL if number == signum else handler)
