@@ -81,9 +81,14 @@ def _explain_load_error(model_id: str, error: Exception) -> UserError:
     )
 
 
-def load_model(model_id: str, device: torch.device) -> LoadedModel:
-    """Load a causal LM in fp32 on ``device``, with its tokenizer, dropout off."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_causal_lm_config(model_id: str) -> object:
+    """The model's config, if it names a causal LM: the cheap part of loading, which finds most
+    mistakes (a mistyped hub id, a model not cached while offline, a folder of something else).
+
+    ``load_model`` starts with it; a sweep calls it for every model before its first run, so that a
+    mistyped id in a grid of models costs one line at once, not a failed run hours in.
+    """
+    from transformers import AutoConfig
 
     if Path(model_id).exists() and not (Path(model_id) / "config.json").exists():
         raise UserError(f"{model_id} is not a model folder: it has no config.json")
@@ -93,6 +98,14 @@ def load_model(model_id: str, device: torch.device) -> LoadedModel:
         raise _explain_load_error(model_id, error) from None
     if not _is_causal_lm(config):
         raise UserError(f"model {model_id!r} is not a causal language model (a {type(config).__name__})")
+    return config
+
+
+def load_model(model_id: str, device: torch.device) -> LoadedModel:
+    """Load a causal LM in fp32 on ``device``, with its tokenizer, dropout off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_causal_lm_config(model_id)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except Exception as error:

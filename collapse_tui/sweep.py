@@ -153,7 +153,7 @@ def _differing(one: RunConfig, other: RunConfig) -> str:
 
 def _check_inputs_there(plan: list[PlannedRun]) -> None:
     """A missing evaluation file or model folder would fail its run only when that run starts, maybe hours
-    in: look now. (A hub id can only be looked up by loading it.)"""
+    in: look now (a hub id: ``check_models``)."""
     from collapse_tui.data import check_eval_specs  # torch: only once the plan is made
 
     check_eval_specs(plan[0].config.evals)
@@ -161,6 +161,16 @@ def _check_inputs_there(plan: list[PlannedRun]) -> None:
         model = run.config.model
         if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
             raise UserError(f"--model {model}: there is no such model folder")
+
+
+def check_models(plan: list[PlannedRun]) -> None:
+    """Every model of the sweep is one its runs can load: its config read (from the hub, a small
+    file), so that a mistyped id, a model not cached while offline or a folder of something else costs
+    one line now, not a failed run hours in."""
+    from collapse_tui.modeling import load_causal_lm_config  # transformers: only once the plan is made
+
+    for model in dict.fromkeys(run.config.model for run in plan):
+        load_causal_lm_config(model)
 
 
 def check_sweep_dir(sweep_dir: Path) -> None:
@@ -323,6 +333,7 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
     devices = list(options.get("device") or [None])
     _check_devices(devices)
     plan = plan_sweep({**options, "device": None}, sweep_dir)
+    check_models(plan)
     earlier = _earlier_runs(sweep_dir, plan)
     steps = [decide(run) for run in plan]  # before anything runs: a mistake costs nothing
     again = command_again(options, sweep_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -328,17 +329,28 @@ def test_a_sweep_runs_every_run_then_goes_on_where_it_was_asked_to(tiny_model_di
 
 
 def test_a_run_that_fails_costs_only_itself(tiny_model_dir, eval_file, tmp_path):
+    broken = tmp_path / "broken"  # its config reads, so the sweep takes it; its weights do not load
+    shutil.copytree(tiny_model_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a tensor file")
     out = tmp_path / "sweep"
-    args = tiny_sweep(
-        tiny_model_dir, eval_file, out, "--model", "no-such-org/no-such-model", "--max-iters", "1"
-    )
-    result = cli(*args)
+    result = cli(*tiny_sweep(tiny_model_dir, eval_file, out, "--model", str(broken), "--max-iters", "1"))
     assert result.returncode == 1
-    assert "[2/2] no-such-org_no-such-model-lr4e-05-seed1337: ended with exit code 2; the sweep goes on" in (
-        result.stdout
-    )
+    assert "[2/2] broken-lr4e-05-seed1337: ended with exit code 2; the sweep goes on" in result.stdout
     assert iterations(out / "tiny-model0-lr4e-05-seed1337") == [0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_model_that_cannot_be_loaded_is_refused_before_anything_runs(tiny_model_dir, eval_file, tmp_path):
+    out = tmp_path / "sweep"
+    for model, why in (
+        ("no-such-org/no-such-model", "is not in the Hugging Face cache, and the hub cannot be reached"),
+        (str(eval_file.parent), "is not a model folder: it has no config.json"),
+    ):
+        result = cli(*tiny_sweep(tiny_model_dir, eval_file, out, "--model", model, "--max-iters", "1"))
+        assert result.returncode == 2
+        assert why in result.stderr and "Traceback" not in result.stderr
+        assert not out.exists()  # the tiny model's run, first in the grid, did not start
 
 
 def test_ctrl_c_stops_the_run_going_with_its_snapshot_and_starts_no_other(
