@@ -280,6 +280,7 @@ def headless_argv(run: PlannedRun, step: Step, device: str | None = None) -> lis
 
 class SweepStop:
     """The sweep's stop signals: each is passed on to every run going, and no run starts after one.
+    A Ctrl-Z suspends the runs going with the sweep.
 
     Each one is passed on as it came: a second Ctrl-C leaves the runs at
     once, as in ``headless``, which ignores a SIGTERM or a hang-up once it
@@ -300,6 +301,9 @@ class SweepStop:
             # under nohup the hang-up stays ignored, for the sweep and (inherited) for its runs
             if signum is not None and (name != "SIGHUP" or signal.getsignal(signum) is not signal.SIG_IGN):
                 self._before[signum] = signal.signal(signum, self._handle)
+        suspend = getattr(signal, "SIGTSTP", None)
+        if suspend is not None and signal.getsignal(suspend) is signal.SIG_DFL:  # not where job control is off
+            self._before[suspend] = signal.signal(suspend, self._suspend)
 
     def uninstall(self) -> None:
         for signum, handler in self._before.items():
@@ -312,6 +316,24 @@ class SweepStop:
             if child.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.send_signal(signum)
+
+    def _suspend(self, signum: int, frame: FrameType | None) -> None:
+        """Ctrl-Z: the runs going stop with the sweep, and go on when it does (``fg``, ``bg``).
+
+        Why by hand: the terminal's Ctrl-Z reaches the sweep only (its runs
+        have sessions of their own), and a SIGTSTP sent on would be dropped
+        (a run's process group has no parent in its session), so they get
+        SIGSTOP, which cannot be dropped, and SIGCONT once the sweep is
+        continued.
+        """
+        held = [child for child in self.children if child.poll() is None]
+        for child in held:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)  # stops here, as a Ctrl-Z would have; returns once continued
+        for child in held:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGCONT)
 
     def adopt(self, child: subprocess.Popen[bytes]) -> None:
         """Pass signals on to ``child`` from now on; if one came while it was being started, pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -473,3 +474,33 @@ def test_a_sweep_does_not_import_textual(tiny_model_dir, eval_file, tmp_path):
     args = tiny_sweep(tiny_model_dir, eval_file, tmp_path / "sweep", "--max-iters", "1")
     result = run_checking_textual_is_not_imported(args)
     assert result.returncode == 0, result.stderr
+
+
+def process_state(pid: int) -> str:
+    """The state letter of ``/proc/PID/stat``: ``T`` for stopped."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_ctrl_z_suspends_the_run_going_with_the_sweep_and_fg_continues_both(
+    tiny_model_dir, eval_file, tmp_path
+):
+    out = tmp_path / "sweep"
+    sweep = start_sweep(tiny_sweep(tiny_model_dir, eval_file, out, "--max-iters", "100000"), until="it 2/")
+    run = out / "tiny-model0-lr4e-05-seed1337"
+    child = json.loads((run / "process.json").read_text())["pid"]
+    try:
+        sweep.send_signal(signal.SIGTSTP)
+        wait_for(lambda: process_state(sweep.pid) == "T" and process_state(child) == "T", timeout=30,
+                 what="the sweep and its run to stop")  # fmt: skip
+        stopped_at = len(iterations_so_far(run))
+        sweep.send_signal(signal.SIGCONT)  # what fg or bg sends
+        wait_for(lambda: len(iterations_so_far(run)) > stopped_at + 1, timeout=60, what="the run to go on")
+        sweep.send_signal(signal.SIGINT)
+        _, stderr = sweep.communicate(timeout=120)
+    finally:  # on a failure: its run follows the sweep (a SIGTERM from the system), once continued
+        sweep.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGCONT)
+    assert sweep.returncode == 130, stderr
+    assert json.loads((run / "summary.json").read_text())["reason"] == "SIGINT"
