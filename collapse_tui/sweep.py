@@ -8,7 +8,8 @@ faster, a larger model sooner. A sweep runs the grid into one folder
 Each run is its own ``collapse-tui headless`` process, so a run that crashes
 or runs out of memory costs only itself, and each model's GPU memory is
 given back before the next loads. Given several ``--device``, as many go on
-at once, one on each, their output in ``SWEEP/logs/``. The runs have a
+at once, one on each, their output in ``SWEEP/logs/`` (a device where runs
+keep failing before they do anything takes no more of them). The runs have a
 session of their own: a Ctrl-C, a ``kill`` or a hang-up reaches the sweep
 only, which passes it on to every run going (a second Ctrl-C leaves them at
 once, as in ``headless``) and starts no further run; a run stopped by a
@@ -55,6 +56,7 @@ from collapse_tui.errors import UserError
 from collapse_tui.exits import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, STOP_SIGNAL_NAMES, STOP_WITH
 from collapse_tui.follow import is_alive
 from collapse_tui.runfolder import (
+    METRICS,
     SNAPSHOTS,
     RunFolder,
     holds_iterations,
@@ -302,7 +304,9 @@ class SweepStop:
             if signum is not None and (name != "SIGHUP" or signal.getsignal(signum) is not signal.SIG_IGN):
                 self._before[signum] = signal.signal(signum, self._handle)
         suspend = getattr(signal, "SIGTSTP", None)
-        if suspend is not None and signal.getsignal(suspend) is signal.SIG_DFL:  # not where job control is off
+        if (
+            suspend is not None and signal.getsignal(suspend) is signal.SIG_DFL
+        ):  # not where job control is off
             self._before[suspend] = signal.signal(suspend, self._suspend)
 
     def uninstall(self) -> None:
@@ -415,6 +419,8 @@ class _Going:
     device: str | None
     head: str
     log: Path | None
+    #: How many iterations its folder held when it started: a failure with no more did none.
+    iterations_before: int
 
 
 def _run_plan(
@@ -427,6 +433,7 @@ def _run_plan(
     """
     outcome = Outcome()
     free = list(devices)
+    retiring = DeviceRetirement(devices)
     going: list[_Going] = []
     todo = list(enumerate(zip(plan, steps, strict=True), start=1))
     while todo or going:
@@ -442,16 +449,61 @@ def _run_plan(
             what = "start" if step.action == "start" else f"{step.why}; going on from {step.snapshot}"
             where = f" on {device}" if len(devices) > 1 else ""
             say(f"{head}: {what}{where}" + (f" (output: {log})" if log else ""))
+            before = _iterations_in(run.run_dir)
             child = _start_child(headless_argv(run, step, device), stop, log, _threads(device, devices))
-            going.append(_Going(run, child, device, head, log))
+            going.append(_Going(run, child, device, head, log, before))
         if not going:
             break
         ended = _wait_for_one(going)
         going.remove(ended)
         stop.release(ended.child)
-        free.append(ended.device)
-        _report_end(ended, stop, outcome)
+        failed = _report_end(ended, stop, outcome)
+        if retiring.keeps(
+            ended.device, failed and _iterations_in(ended.run.run_dir) <= ended.iterations_before
+        ):
+            free.append(ended.device)
     return outcome
+
+
+class DeviceRetirement:
+    """With several devices: one on which runs keep failing before they do anything takes no more runs.
+
+    Why: a GPU that someone else's job has filled fails every run given to
+    it within seconds, and would take one queued run after another while the
+    others take hours over theirs. Two such failures in a row retire a
+    device; the last device is never retired (when every run fails, for a
+    reason of its own, the queue is worked through and each failure said).
+    """
+
+    IN_A_ROW = 2
+
+    def __init__(self, devices: list[str | None]) -> None:
+        #: The devices still taking runs (one given twice is one device, with two slots).
+        self.working = list(dict.fromkeys(devices))
+        self._in_a_row: dict[str | None, int] = {}
+
+    def keeps(self, device: str | None, failed_before_any_iteration: bool) -> bool:
+        """Whether ``device`` takes another run, after one ended there (and say if it is retired)."""
+        if device not in self.working:
+            return False  # retired while this run went on in its other slot
+        self._in_a_row[device] = self._in_a_row.get(device, 0) + 1 if failed_before_any_iteration else 0
+        if self._in_a_row[device] < self.IN_A_ROW or len(self.working) < 2:
+            return True
+        self.working.remove(device)
+        say(
+            f"sweep: {self.IN_A_ROW} runs in a row failed on {device} before their first iteration; "
+            f"it takes no more runs (the others go on {', '.join(map(str, self.working))})"
+        )
+        return False
+
+
+def _iterations_in(run_dir: Path) -> int:
+    """The iteration lines a run folder holds (0 for none yet)."""
+    try:
+        with open(run_dir / METRICS, "rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    except OSError:
+        return 0
 
 
 def _wait_for_one(going: list[_Going]) -> _Going:
@@ -466,8 +518,9 @@ def _wait_for_one(going: list[_Going]) -> _Going:
         time.sleep(0.2)
 
 
-def _report_end(ended: _Going, stop: SweepStop, outcome: Outcome) -> None:
-    """Say how a run's process ended, from what its folder holds as much as from its exit code.
+def _report_end(ended: _Going, stop: SweepStop, outcome: Outcome) -> bool:
+    """Say how a run's process ended, from what its folder holds as much as from its exit code;
+    whether it failed.
 
     With one run at a time its own output has said most of it already; a
     failure is always said (with several at once, with its log's last line).
@@ -477,16 +530,16 @@ def _report_end(ended: _Going, stop: SweepStop, outcome: Outcome) -> None:
     if code == EXIT_OK:
         if several:
             say(f"{ended.head}: {_how_it_stands(ended.run.run_dir)}")
-        return
+        return False
     signalled = code == EXIT_INTERRUPTED or (code < 0 and signal.Signals(-code).name in STOP_SIGNAL_NAMES)
     if stop.reason and not holds_iterations(ended.run.run_dir):
         say(f"{ended.head}: stopped while starting ({stop.reason})")
-        return
+        return False
     if signalled:
         say(f"{ended.head}: {_how_it_stands(ended.run.run_dir)}")
         if not stop.reason:  # a signal to the run's own process: the sweep goes on with the others
             outcome.stopped.append(ended.run.name)
-        return
+        return False
     outcome.failed = True
     how = f"was killed ({signal.Signals(-code).name})" if code < 0 else f"ended with exit code {code}"
     last = _last_line(ended.log) if ended.log else ""
@@ -495,6 +548,7 @@ def _report_end(ended: _Going, stop: SweepStop, outcome: Outcome) -> None:
         + (f": {last}" if last else "")
         + ("" if stop.reason else "; the sweep goes on")
     )
+    return True
 
 
 def _last_line(log: Path) -> str:

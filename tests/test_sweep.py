@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shlex
@@ -18,9 +19,20 @@ from runfolders import make_run, wait_for, write_process
 from test_cli import ENV, cli, run_checking_textual_is_not_imported
 from typer.testing import CliRunner
 
+import collapse_tui.sweep as sweep_module
 from collapse_tui.cli import app
 from collapse_tui.errors import UserError
-from collapse_tui.sweep import Step, _settings, _threads, command_again, decide, headless_argv, plan_sweep
+from collapse_tui.sweep import (
+    Step,
+    SweepStop,
+    _run_plan,
+    _settings,
+    _threads,
+    command_again,
+    decide,
+    headless_argv,
+    plan_sweep,
+)
 
 
 def options(**given: Any) -> dict[str, Any]:
@@ -504,3 +516,54 @@ def test_ctrl_z_suspends_the_run_going_with_the_sweep_and_fg_continues_both(
             os.kill(child, signal.SIGCONT)
     assert sweep.returncode == 130, stderr
     assert json.loads((run / "summary.json").read_text())["reason"] == "SIGINT"
+
+
+class FinishedChild:
+    """A run's process that has already ended with ``returncode``: what ``_run_plan`` waits on."""
+
+    def __init__(self, returncode: int) -> None:
+        self.returncode = returncode
+
+    def poll(self) -> int:
+        return self.returncode
+
+    def wait(self) -> int:
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        raise AssertionError("no signal was sent")
+
+
+def devices_given(tmp_path: Path, monkeypatch, failing: set[str], runs: int = 6) -> tuple[list[str], str]:
+    """The device each of ``runs`` runs went to, on cuda:0 and cuda:1, where every run on a device of
+    ``failing`` fails before its first iteration; and what the sweep said."""
+    given: list[str] = []
+
+    def start_child(argv: list[str], stop: SweepStop, log: Path | None, env: dict[str, str]) -> FinishedChild:
+        device = argv[argv.index("--device") + 1]
+        given.append(device)
+        child = FinishedChild(2 if device in failing else 0)
+        stop.adopt(child)  # type: ignore[arg-type]
+        return child
+
+    monkeypatch.setattr(sweep_module, "_start_child", start_child)
+    plan = plan_sweep(options(lr=[10.0**-k for k in range(1, runs + 1)]), tmp_path / "sweep")
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        outcome = _run_plan(
+            plan, [Step("start")] * runs, SweepStop(), ["cuda:0", "cuda:1"], tmp_path / "logs"
+        )
+    assert outcome.failed
+    return given, said.getvalue()
+
+
+def test_a_device_on_which_runs_keep_failing_at_once_takes_no_more_of_them(tmp_path, monkeypatch) -> None:
+    given, said = devices_given(tmp_path, monkeypatch, failing={"cuda:1"})
+    assert given == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0", "cuda:0"]
+    assert "2 runs in a row failed on cuda:1 before their first iteration; it takes no more runs" in said
+
+
+def test_the_last_device_taking_runs_is_never_retired(tmp_path, monkeypatch) -> None:
+    given, said = devices_given(tmp_path, monkeypatch, failing={"cuda:0", "cuda:1"})
+    assert given == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:1", "cuda:1"]  # every run was tried
+    assert said.count("takes no more runs") == 1 and said.count("ended with exit code 2") == 6
