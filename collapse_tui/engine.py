@@ -101,6 +101,19 @@ def make_inference(
     return EagerInference(model, config.block, config.temperature, config.top_k, autocast_dtype)
 
 
+def _saved_lr(snapshot: Path | None) -> float | None:
+    """The lr a snapshot saved (a key may have changed it since the run's config.json), read ahead of
+    loading so that the screen shows it, and ``+`` and ``-`` start from it, from the first frame; None
+    where it cannot be read (``_load_saved_states`` then says why, once loading gets there)."""
+    if snapshot is None:
+        return None
+    try:
+        lr = float(json.loads((snapshot / "state.json").read_text(encoding="utf-8"))["lr"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return lr if math.isfinite(lr) and lr > 0 else None
+
+
 class Engine:
     """One self-training run. Construct cheaply, then call ``run`` (blocking) in a worker thread.
 
@@ -142,7 +155,7 @@ class Engine:
             model=model_name(config.model),
             device=str(self.device),
             max_iters=config.max_iters,
-            lr=config.lr,
+            lr=_saved_lr(self.resume_dir) or config.lr,
             eval_names=[eval_set_name(spec) for spec in config.evals],
             collapse_threshold=config.collapse_threshold,
             collapse_patience=config.collapse_patience,

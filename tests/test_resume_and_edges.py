@@ -40,6 +40,22 @@ def test_an_lr_given_with_resume_applies_from_the_first_resumed_iteration(tiny_c
     assert [(e.iteration, e.data["old_lr"], e.data["lr"]) for e in lr_events] == [(2, 1e-3, 5e-3)]
 
 
+def test_a_resumed_run_shows_the_lr_its_snapshot_saved_before_it_has_loaded(tiny_config, tmp_path):
+    tiny_config.out = str(tmp_path / "run")
+    tiny_config.max_iters = 10
+    engine = Engine(tiny_config)
+
+    def change_lr_and_quit(record) -> None:
+        if record.iteration == 1:
+            engine.controls.set_lr(5e-3)  # a key: config.json keeps the lr the run started with
+            engine.controls.stop()
+
+    engine.run(Collector(change_lr_and_quit))
+    resumed = Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-2", "max_iters": 4}))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == tiny_config.lr
+    assert resumed.info.lr == 5e-3  # what the screen shows and + and - work from, while it loads
+
+
 def test_resume_keeps_the_runs_own_settings_and_refuses_to_change_what_it_computes(tiny_config, tmp_path):
     tiny_config.eval_tokens = None  # --eval-tokens all
     snapshot = stopped_run_with_snapshot(tiny_config, tmp_path)

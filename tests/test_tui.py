@@ -455,6 +455,27 @@ def test_a_resume_clears_what_the_abandoned_iterations_showed() -> None:
     drive(source, scenario)
 
 
+def test_a_watcher_following_a_run_across_its_resume_takes_the_resumes_max_iters_and_lr() -> None:
+    """Opened on a run of 4 iterations at lr 1e-3 that a resume takes on to 9, from a snapshot saved
+    at lr 2e-3: the run goes on (not FINISHING, its keys live) and + doubles 2e-3."""
+    info = RunInfo(model="fake-model", device="cpu", max_iters=4, lr=1e-3, eval_names=["wikitext-2"])
+    records = [make_record(i, 9, lr=1e-3 if i < 4 else 2e-3) for i in range(6)]
+    resumed = Event(
+        "resumed_from", 4, time=0.0, data={"path": "snapshots/iter-4", "lr": 2e-3, "max_iters": 9}
+    )
+    source = FakeSource(records, info=info, script={4: [resumed]}, after="wait")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 6, "the resumed iterations")
+        assert (app.state, app.ending, app.info.max_iters) == ("running", False, 9)
+        assert app.check_action("lr_up", ()) is True
+        await pilot.press("+")
+        await wait_until(pilot, lambda: source.lr_changes, "the lr change")
+        assert source.lr_changes == [4e-3]
+
+    drive(source, scenario)
+
+
 def test_a_watcher_draws_a_resumed_run_from_its_resume_point() -> None:
     """Records 0-3, then a resume from the snapshot before 2: the charts hold 0, 1 and the new 2, 3,
     and the streak above the collapse threshold counts 0, 1, 2, 3 of the new branch (all above)."""

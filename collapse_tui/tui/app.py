@@ -401,6 +401,14 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.failed = False
             self.ending = False
             self.collapsed = event.data.get("collapsed_at") is not None
+            # the resume's own: a watcher opened before it read the run before's, and the snapshot's lr
+            # is what + and - work from (a key may have changed it since the run's config.json)
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                self.info.max_iters = int(event.data["max_iters"])
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                self.applied_lr = float(event.data["lr"])
+                if self.requested_lr == self.applied_lr:
+                    self.requested_lr = None
         elif kind == "pause":
             self.run_paused = True
         elif kind == "resume":
