@@ -37,7 +37,7 @@ from collapse_tui.runfolder import RunWriter
 from collapse_tui.source import RunInfo
 from collapse_tui.tui.app import TOAST_RACK_ID, WAITING_MESSAGE, CollapseApp, RecordReport, run_app
 from collapse_tui.tui.history import SampleHistory
-from collapse_tui.tui.screens import LrScreen, lr_text, parse_lr
+from collapse_tui.tui.screens import HelpScreen, LrScreen, lr_text, parse_lr
 from collapse_tui.tui.widgets import (
     ChartMarker,
     Downsampled,
@@ -266,6 +266,37 @@ def test_typed_lr_is_applied() -> None:
         assert not isinstance(app.screen, LrScreen)
 
     drive(source, scenario)
+
+
+def test_in_the_lr_dialog_q_is_typed_and_the_footer_does_not_offer_it_as_quit() -> None:
+    source = FakeSource()
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await started(app, pilot)
+        await pilot.press("l")
+        await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
+        assert app.check_action("quit", ()) is False and app.check_action("interrupt", ()) is True
+        app.screen.query_one(Input).value = ""
+        await pilot.press("q")
+        assert app.screen.query_one(Input).value == "q" and not source.controls.stop_requested
+
+    drive(source, scenario)
+
+
+def test_help_scrolls_where_the_terminal_is_too_short_for_it() -> None:
+    async def main() -> None:
+        app = CollapseApp(FakeSource())
+        async with app.run_test(size=(80, 18)) as pilot:
+            await started(app, pilot)
+            await pilot.press("question_mark")
+            box = app.screen.query_one("#help-box")
+            await wait_until(pilot, lambda: box.max_scroll_y > 0, "the help laid out, taller than the screen")
+            await pilot.press("end")
+            await wait_until(pilot, lambda: box.scroll_y == box.max_scroll_y, "the help's end in view")
+            await pilot.press("escape")  # its last line says so, now in view
+            assert not isinstance(app.screen, HelpScreen)
+
+    asyncio.run(main())
 
 
 def test_bad_typed_lr_is_refused_with_the_error_shown() -> None:

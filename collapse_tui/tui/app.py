@@ -693,7 +693,8 @@ class CollapseApp(App[dict[str, Any] | None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Hide the pause/resume key that does not apply; grey out what the run cannot take now."""
         if self.screen.is_modal:  # help or a dialog is open: only its own keys work, and quitting
-            return action in ("quit", "interrupt")
+            # but not q where it is typed into the lr dialog's field: the footer must not offer it
+            return action == "interrupt" or (action == "quit" and not isinstance(self.screen, LrScreen))
         if self.read_only and action in STEERING_ACTIONS:
             return False
         if action in HISTORY_ACTIONS:

@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Input, Label, Static
 
@@ -63,7 +63,8 @@ class HelpScreen(ModalScreen[None]):
         table.add_column()
         for key, what in self.keys:
             table.add_row(key, what)
-        with Vertical(id="help-box") as box:
+        # scrolls where the terminal is too short for it (a tmux status bar takes a row)
+        with VerticalScroll(id="help-box") as box:
             box.border_title = "collapse-tui · keys"
             yield Static(table)
             yield Static(
