@@ -1008,6 +1008,18 @@ def test_a_replayed_collapse_is_in_the_log_and_the_state_but_not_a_notice(tmp_pa
     drive(source, scenario)
 
 
+def test_the_rate_leaves_the_status_line_as_the_run_ends_not_at_the_next_tick() -> None:
+    records = [replace(make_record(i, 5), time=float(i)) for i in range(5)]
+    source = FakeSource(records, after="return")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the run to end")
+        await pilot.pause()
+        assert "– it/s" in str(app.query_one(StatusLine).render())
+
+    drive(source, scenario, clock=lambda: 0.0)
+
+
 @pytest.mark.parametrize("skew_s", [7200.0, -7200.0])
 def test_a_watcher_tells_history_from_news_by_the_runs_own_clock(tmp_path: Path, skew_s: float) -> None:
     # The run's host keeps a clock two hours ahead of the watcher's, or behind it (a shared folder,

@@ -316,6 +316,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             self._log(f"run failed: {type(error).__name__}: {error}")
             self.notify(f"{type(error).__name__}: {error}", title="run failed", severity="error", timeout=30)
         self._update_state()
+        self._show_status()  # the rate and time left go now, not at the next tick
         if self.quitting:
             self.exit(self.summary)
 
