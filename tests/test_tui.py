@@ -42,6 +42,7 @@ from collapse_tui.tui.widgets import (
     ChartMarker,
     Downsampled,
     LossCharts,
+    MarkedSparkline,
     RepetitionMeter,
     SampleView,
     SeriesChart,
@@ -820,6 +821,42 @@ def marker_columns(app: CollapseApp) -> list[list[int]]:
         text = str(marker.render()) if marker.display else ""
         rows.append([column for column, char in enumerate(text) if char == "▲"])
     return rows
+
+
+def reversed_columns(chart: SeriesChart) -> list[int]:
+    """The columns of a chart's sparkline drawn in reverse video: the browsed iteration, where the
+    chart has no row for its ▲."""
+    line = chart.query_one(MarkedSparkline).render_line(0)
+    columns, column = [], 0
+    for segment in line:
+        width = segment.cell_length
+        if segment.style is not None and segment.style.reverse:
+            columns.extend(range(column, column + width))
+        column += width
+    return columns
+
+
+def test_a_chart_without_a_row_for_its_marker_marks_the_browsed_column_in_its_sparkline() -> None:
+    evals = ("wikitext-2", "wikitext-2-v1", "ptb", "held")  # five charts in 80x24's rows: some get two
+    info = RunInfo(model="fake-model", device="cpu", max_iters=100, lr=4e-5, eval_names=list(evals))
+    source = FakeSource([make_record(i, 20, eval_names=evals) for i in range(20)], info=info)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 20, "twenty records")
+        charts = list(app.query(SeriesChart))
+        assert not any(reversed_columns(chart) for chart in charts)  # following: nothing marked
+        await pilot.press("left_curly_bracket")
+        await pilot.pause()
+        markers = dict(zip(charts, marker_columns(app), strict=True))
+        cramped = [chart for chart in charts if chart.size.height < 3]
+        roomy = [chart for chart in charts if chart.size.height >= 3]
+        assert cramped and roomy
+        marked = markers[roomy[0]]
+        assert marked  # where the ▲ row fits, the sparkline is left as it is
+        assert all(not reversed_columns(chart) and markers[chart] == marked for chart in roomy)
+        assert all(reversed_columns(chart) == marked for chart in cramped)
+
+    drive(source, scenario)
 
 
 def test_history_keys_show_past_samples_and_mark_the_charts() -> None:

@@ -13,10 +13,12 @@ from collections import deque
 from collections.abc import Iterable
 from fractions import Fraction
 
+from rich.style import Style
 from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
+from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import RichLog, Sparkline, Static
 
@@ -212,6 +214,34 @@ class SeriesTitle(Widget):
         return series_caption(self.title, self.series, self.size.width or 80)
 
 
+class MarkedSparkline(Sparkline):
+    """A sparkline that shows the browsed iteration's columns in reverse video where its chart has no
+    row for the ``▲`` marker under it (five charts or more share 80×24's rows: two each)."""
+
+    def __init__(self, series: Downsampled, **kwargs) -> None:
+        super().__init__([], summary_function=max, **kwargs)
+        self.series = series
+        #: The ordinal of the record shown, or None while following the latest.
+        self.ordinal: int | None = None
+
+    def render_line(self, y: int) -> Strip:
+        line = super().render_line(y)
+        chart = self.parent
+        if self.ordinal is None or not isinstance(chart, Widget) or chart.size.height >= MARKED_CHART_ROWS:
+            return line
+        point = self.series.point_of(self.ordinal)
+        columns = [] if point is None else sparkline_columns(point, len(self.series.data()), line.cell_length)
+        if not columns:
+            return line
+        start, end = columns[0], columns[-1] + 1
+        marked = line.crop(start, end).apply_style(Style(reverse=True))
+        return Strip.join([line.crop(0, start), marked, line.crop(end, line.cell_length)])
+
+
+#: Rows a chart needs to show its marker row while browsing: its title, its sparkline and the marker.
+MARKED_CHART_ROWS = 3
+
+
 class SeriesChart(Vertical):
     """One loss series: a title line (name, last, min, max) over its sparkline."""
 
@@ -227,7 +257,7 @@ class SeriesChart(Vertical):
 
     def compose(self) -> ComposeResult:
         yield SeriesTitle(self.title, self.series, classes="series-title")
-        yield Sparkline([], summary_function=max)
+        yield MarkedSparkline(self.series)
         marker = ChartMarker(self.series)
         marker.display = False  # only while browsing: following, the shown iteration is the last column
         yield marker
@@ -239,7 +269,7 @@ class SeriesChart(Vertical):
     def add_done(self) -> None:
         """Redraw after values were added to ``series``."""
         self.query_one(SeriesTitle).refresh()
-        self.query_one(Sparkline).data = self.series.data()
+        self.query_one(MarkedSparkline).data = self.series.data()
         self.query_one(ChartMarker).refresh()  # a merge of points may move the marked column
 
     def mark(self, ordinal: int | None) -> None:
@@ -248,6 +278,9 @@ class SeriesChart(Vertical):
         marker.ordinal = ordinal
         marker.display = ordinal is not None
         marker.refresh()
+        sparkline = self.query_one(MarkedSparkline)
+        sparkline.ordinal = ordinal
+        sparkline.refresh()
 
 
 class LossCharts(VerticalScroll):
