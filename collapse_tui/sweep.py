@@ -65,7 +65,7 @@ from collapse_tui.runfolder import (
     why_not_take_over,
     write_atomic,
 )
-from collapse_tui.runs import is_run_folder, run_status, runs_table
+from collapse_tui.runs import UNSAVED_END, is_run_folder, run_status, runs_table
 from collapse_tui.tables import print_table, stop_writing_stdout
 
 #: The options a sweep takes several values of; every other run option is one value for all runs.
@@ -205,8 +205,10 @@ def decide(run: PlannedRun) -> Step:
         return Step("skip", f"stopped on a non-finite loss after {done} iterations", failed=True)
     if done >= run.config.max_iters:
         return Step("skip", f"done already ({status}, {done} iterations)")
-    if status == "collapsed" and not run.config.keep_going:
-        return Step("skip", f"done already (collapsed at iteration {folder.collapsed_at})")
+    if status.removesuffix(UNSAVED_END) == "collapsed" and not run.config.keep_going:
+        # killed while saving its final snapshot (collapsed*), it collapsed all the same
+        unsaved = "; its final snapshot was not saved" if status.endswith(UNSAVED_END) else ""
+        return Step("skip", f"done already (collapsed at iteration {folder.collapsed_at}{unsaved})")
     if status == "running?":  # as --resume takes it: this machine cannot tell, and the folder is locked
         status = "not running here (its process is on another machine, or not recorded)"
     snapshot = newest_snapshot(folder)
@@ -568,7 +570,7 @@ def _how_it_stands(run_dir: Path) -> str:
         return "ended"
     done = folder.iterations_done
     status = run_status(folder)
-    if status in ("finished", "collapsed"):
+    if status.removesuffix(UNSAVED_END) in ("finished", "collapsed"):
         return f"{status} after {done} iterations"
     snapshot = newest_snapshot(folder)
     if snapshot is None:

@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runfolders import make_run, wait_for, write_process
+from runfolders import dead_pid, ending_summary, make_run, wait_for, write_process
 from test_cli import ENV, cli, run_checking_textual_is_not_imported
 from typer.testing import CliRunner
 
 import collapse_tui.sweep as sweep_module
 from collapse_tui.cli import app
 from collapse_tui.errors import UserError
+from collapse_tui.records import Event
+from collapse_tui.runfolder import RunWriter, read_run
+from collapse_tui.runs import run_status
 from collapse_tui.sweep import (
     Step,
     SweepStop,
@@ -146,6 +149,21 @@ def test_a_collapsed_run_goes_on_only_with_keep_going(tmp_path: Path) -> None:
     save_snapshot(run.run_dir, 5)
     assert decide(run).action == "skip" and "collapsed at iteration 3" in decide(run).why
     assert decide(planned(tmp_path, max_iters=10, keep_going=True)).action == "resume"
+
+
+def test_a_run_killed_while_saving_the_final_snapshot_of_its_collapse_is_done_all_the_same(tmp_path):
+    run = planned(tmp_path, max_iters=10)
+    root = make_run(run.run_dir, "running", n=3)
+    write_process(root, dead_pid())  # a time limit or the OOM killer, during the final snapshot
+    save_snapshot(root, 2)  # a periodic one, from before the collapse
+    writer = RunWriter(root, resuming=True)
+    writer.write_event(Event("collapse", 3, data={"at": 2, "rep4": 0.95}))
+    writer.write_summary({**ending_summary(root, "collapsed", 3), "collapsed_at": 2})
+    writer.close()
+    assert run_status(read_run(root)) == "collapsed*"
+    step = decide(run)
+    assert (step.action, step.failed) == ("skip", False)
+    assert step.why == "done already (collapsed at iteration 2; its final snapshot was not saved)"
 
 
 def test_a_stopped_or_killed_run_goes_on_from_its_newest_snapshot_and_one_without_any_is_a_failure(tmp_path):
