@@ -171,7 +171,12 @@ def _swept(option: inspect.Parameter) -> inspect.Parameter:
         one = annotation.__args__[0]
         return _option(option.name, list[one] | None, help, *info.param_decls, metavar=_METAVARS[one])
     if option.name == "out":
-        return _option("out", Path | None, "The sweep's folder [default: runs/sweep-<time>/].", "--out")
+        return _option(
+            "out",
+            Path | None,
+            "The sweep's folder [default: runs/sweep-<time>/, with -2, -3, … where taken].",
+            "--out",
+        )
     return option
 
 

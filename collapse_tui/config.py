@@ -296,7 +296,12 @@ def claim_default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
     same model and lr get the same name; making the folder (which fails if it
     exists) is what lets exactly one of them have it.
     """
-    base = default_run_dir(config, root)
+    return claim_folder(default_run_dir(config, root), "run folder")
+
+
+def claim_folder(base: Path, what: str) -> Path:
+    """Create ``base``, or ``base-2``, ``base-3``, … where it is taken, and return the one made: of
+    two processes naming a folder by the same second, exactly one gets each name."""
     for number in range(1, 1000):
         candidate = base if number == 1 else base.with_name(f"{base.name}-{number}")
         try:
@@ -304,6 +309,6 @@ def claim_default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
         except FileExistsError:
             continue
         except OSError as error:
-            raise UserError(f"cannot create run folder {candidate}: {error.strerror}") from None
+            raise UserError(f"cannot create {what} {candidate}: {error.strerror}") from None
         return candidate
-    raise UserError(f"no free run folder name beside {base}; give one with --out")
+    raise UserError(f"no free {what} name beside {base}; give one with --out")

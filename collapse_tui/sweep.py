@@ -47,6 +47,7 @@ from collapse_tui.config import (
     RESUME_MAY_CHANGE,
     RunConfig,
     absolute_eval,
+    claim_folder,
     model_name,
     option_flag,
     option_words,
@@ -104,7 +105,8 @@ class Step:
 
 
 def default_sweep_dir() -> Path:
-    """``runs/sweep-<time>/``: sortable by time, like a run folder's default name."""
+    """``runs/sweep-<time>/``: sortable by time, like a run folder's default name (``-2``, … where a
+    sweep started in the same second has it: ``config.claim_folder``)."""
     return Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -356,14 +358,24 @@ class SweepStop:
 def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
     """Plan and check everything, run the runs, then draw the figure and print the table; the exit code."""
     given_out = sweep_dir is not None
-    sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir()
-    check_sweep_dir(sweep_dir)
     devices = list(options.get("device") or [None])
-    _check_devices(devices)
-    plan = plan_sweep({**options, "device": None}, sweep_dir)
-    check_models(plan)
-    earlier = _earlier_runs(sweep_dir, plan)
-    steps = [decide(run) for run in plan]  # before anything runs: a mistake costs nothing
+    made = [] if given_out else [folder for folder in default_sweep_dir().parents if not folder.exists()]
+    # a default name is claimed (made) at once: two sweeps started in the same second get a folder each
+    sweep_dir = (
+        Path(sweep_dir) if sweep_dir is not None else claim_folder(default_sweep_dir(), "sweep folder")
+    )
+    try:
+        check_sweep_dir(sweep_dir)
+        _check_devices(devices)
+        plan = plan_sweep({**options, "device": None}, sweep_dir)
+        check_models(plan)
+        earlier = _earlier_runs(sweep_dir, plan)
+        steps = [decide(run) for run in plan]  # before anything runs: a mistake costs nothing
+    except BaseException:  # a mistake, or a Ctrl-C while a model's config is looked up on the hub
+        for folder in [] if given_out else [sweep_dir, *made]:  # what was made for it, still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     again = command_again(options, sweep_dir)
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)

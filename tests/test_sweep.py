@@ -585,3 +585,20 @@ def test_the_last_device_taking_runs_is_never_retired(tmp_path, monkeypatch) -> 
     given, said = devices_given(tmp_path, monkeypatch, failing={"cuda:0", "cuda:1"})
     assert given == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:1", "cuda:1"]  # every run was tried
     assert said.count("takes no more runs") == 1 and said.count("ended with exit code 2") == 6
+
+
+def test_a_sweep_without_out_gets_a_folder_of_its_own_and_a_refused_one_leaves_none(
+    tiny_model_dir, eval_file, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    named = Path("runs") / "sweep-20261129-030000"
+    monkeypatch.setattr(sweep_module, "default_sweep_dir", lambda: named)  # two sweeps in the same second
+    refused = CliRunner().invoke(app, ["sweep", "--lr", "-1"])
+    assert refused.exit_code == 2 and not Path("runs").exists()
+    named.mkdir(parents=True)  # the other sweep's
+    args = tiny_sweep(tiny_model_dir, eval_file, Path("unused"), "--max-iters", "1")
+    args.remove("--out"), args.remove("unused")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert iterations(named.with_name(named.name + "-2") / "tiny-model0-lr4e-05-seed1337") == [0]
+    assert not any(named.iterdir())
