@@ -368,9 +368,9 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
         check_sweep_dir(sweep_dir)
         _check_devices(devices)
         plan = plan_sweep({**options, "device": None}, sweep_dir)
-        check_models(plan)
         earlier = _earlier_runs(sweep_dir, plan)
         steps = [decide(run) for run in plan]  # before anything runs: a mistake costs nothing
+        check_models(plan)  # last: it may ask the hub
     except BaseException:  # a mistake, or a Ctrl-C while a model's config is looked up on the hub
         for folder in [] if given_out else [sweep_dir, *made]:  # what was made for it, still empty
             with contextlib.suppress(OSError):
