@@ -199,6 +199,12 @@ def _check_image_path(out: Path) -> None:
         )
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    _check_not_a_folder(out)
+
+
+def _check_not_a_folder(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; give a file name")
 
 
 def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> list[str]:
@@ -210,8 +216,10 @@ def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> list[
     skipped: list[str] = []
     runs = load_runs(run_dirs, skipped)
     _check_image_path(out)
-    if csv is not None and not Path(csv).parent.is_dir():  # before the figure: all or nothing
-        raise UserError(f"cannot write {csv}: there is no folder {Path(csv).parent}")
+    if csv is not None:  # before the figure: all or nothing
+        if not Path(csv).parent.is_dir():
+            raise UserError(f"cannot write {csv}: there is no folder {Path(csv).parent}")
+        _check_not_a_folder(Path(csv))
     figure = build_figure(runs)
     try:
         figure.savefig(out, dpi=150)

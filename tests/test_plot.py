@@ -117,7 +117,13 @@ def test_mistakes_give_one_clear_line(two_runs: list[Path], tmp_path: Path) -> N
 def test_a_csv_that_cannot_be_written_leaves_no_figure_behind(two_runs: list[Path], tmp_path: Path) -> None:
     with pytest.raises(UserError, match="there is no folder"):
         plot_runs(two_runs, tmp_path / "fig.png", tmp_path / "missing" / "merged.csv")
+    (tmp_path / "a-folder").mkdir()
+    with pytest.raises(UserError, match="a-folder: it is a folder; give a file name"):
+        plot_runs(two_runs, tmp_path / "fig.png", tmp_path / "a-folder")
     assert not (tmp_path / "fig.png").exists()
+    (tmp_path / "figures.png").mkdir()
+    with pytest.raises(UserError, match=r"figures\.png: it is a folder"):
+        plot_runs(two_runs, tmp_path / "figures.png")
 
 
 def test_runs_of_one_name_in_different_folders_are_told_apart(tmp_path: Path) -> None:
