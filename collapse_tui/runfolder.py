@@ -94,6 +94,15 @@ def holds_iterations(root: Path) -> bool:
     return snapshots.is_dir() and any(not path.name.startswith(".") for path in snapshots.iterdir())
 
 
+def is_run_folder(path: Path) -> bool:
+    """A run folder has its config and at least one of its line files.
+
+    A config alone is not enough: a model folder (a snapshot, a hub
+    download) has a ``config.json`` too.
+    """
+    return (path / CONFIG).is_file() and ((path / METRICS).exists() or (path / EVENTS).exists())
+
+
 def _is_run_config(path: Path) -> bool | None:
     """Whether ``path`` is a run's config.json: None when there is none, False for another's (a model's)."""
     try:
@@ -125,6 +134,9 @@ def why_not_take_over(root: Path) -> str | None:
     """
     if holds_iterations(root):
         return "already holds a run; choose another --out, or --resume a snapshot"
+    around = next((folder for folder in Path(os.path.abspath(root)).parents if is_run_folder(folder)), None)
+    if around is not None:  # ``runs`` does not look inside a run folder: this run would be lost to it
+        return f"is inside the run folder {around}; choose another --out"
     is_run = _is_run_config(root / CONFIG)
     if is_run is not None:
         return None if is_run else "holds a config.json that is not a run's; choose another --out"

@@ -19,11 +19,10 @@ from collapse_tui.errors import UserError
 from collapse_tui.follow import is_alive, taken_up_again
 from collapse_tui.runfolder import (
     CONFIG,
-    EVENTS,
-    METRICS,
     SNAPSHOTS,
     RunFolder,
     is_ending,
+    is_run_folder,
     read_run,
     snapshot_saved_at,
 )
@@ -43,15 +42,6 @@ STATUS_STYLES = {
     "crashed": "bold magenta",
     "NaN loss": "bold magenta",
 }
-
-
-def is_run_folder(path: Path) -> bool:
-    """A run folder has its config and at least one of its line files.
-
-    A config alone is not enough: a model folder (a snapshot, a hub
-    download) has a ``config.json`` too.
-    """
-    return (path / CONFIG).is_file() and ((path / METRICS).exists() or (path / EVENTS).exists())
 
 
 def find_runs(root: Path, *, max_depth: int = MAX_DEPTH, skipped: list[str] | None = None) -> list[RunFolder]:

@@ -61,12 +61,13 @@ from collapse_tui.runfolder import (
     SNAPSHOTS,
     RunFolder,
     holds_iterations,
+    is_run_folder,
     read_run,
     snapshot_iteration,
     why_not_take_over,
     write_atomic,
 )
-from collapse_tui.runs import UNSAVED_END, is_run_folder, run_status, runs_table
+from collapse_tui.runs import UNSAVED_END, run_status, runs_table
 from collapse_tui.tables import print_table, stop_writing_stdout
 
 #: The options a sweep takes several values of; every other run option is one value for all runs.

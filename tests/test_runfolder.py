@@ -160,6 +160,18 @@ def test_an_out_inside_a_file_is_not_taken_for_a_foreign_config(tmp_path: Path) 
     assert why_not_take_over(tmp_path / "notes.txt" / "run") is None  # mkdir then says "Not a directory"
 
 
+def test_a_run_inside_another_runs_folder_is_refused_where_runs_would_not_find_it(tmp_path: Path) -> None:
+    outer = make_run(tmp_path / "outer", "finished", n=2)
+    for inside in (outer / "sub", outer / "a" / "b"):
+        with pytest.raises(UserError, match=f"is inside the run folder {outer}; choose another --out"):
+            RunWriter(inside)
+    assert not (outer / "sub").exists()
+    snapshot = outer / "snapshots" / "iter-2"  # a model's config.json beside a run's: no run in it
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "gpt2"}')
+    assert why_not_take_over(tmp_path / "elsewhere") is None
+
+
 def test_a_summary_that_cannot_be_read_is_no_summary(tmp_path: Path) -> None:
     (tmp_path / "summary.json").mkdir()  # a folder of that name: watch and plot must not fail on it
     assert read_summary(tmp_path) is None
