@@ -232,9 +232,10 @@ def build_config(options: dict[str, Any]) -> RunConfig:
                 and not _same_path(key, value, base, Path(resume).parent.parent)
             ):
                 flag = option_flag(key)
+                # a default-named run's out is None: its folder is the snapshot's run's
+                used = str(Path(resume).parent.parent) if key == "out" else repr(getattr(base, key))
                 raise UserError(
-                    f"{flag} cannot change when resuming (the run used {getattr(base, key)!r}); "
-                    "start a new run instead"
+                    f"{flag} cannot change when resuming (the run used {used}); start a new run instead"
                 )
         if "evals" not in given:
             _check_eval_files_still_there(base.evals)

@@ -198,7 +198,7 @@ class Engine:
         _quiet_libraries()
         config = self.config
         source = str(self.resume_dir) if self.resume_dir else config.model
-        status(f"loading model {config.model}", None)
+        status(f"loading the model from {source}" if self.resume_dir else f"loading model {source}", None)
         loaded = load_model(source, self.device)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         if loaded.max_positions is not None and config.block > loaded.max_positions:

@@ -36,6 +36,7 @@ def test_an_lr_given_with_resume_applies_from_the_first_resumed_iteration(tiny_c
     listener = Collector()
     Engine(config, resume_lr=resume_lr(options)).run(listener)
     assert [(r.iteration, r.lr) for r in listener.records] == [(2, 5e-3), (3, 5e-3)]
+    assert listener.statuses[0] == f"loading the model from {snapshot}"  # not the model it started from
     lr_events = [e for e in listener.events if e.event == "lr"]
     assert [(e.iteration, e.data["old_lr"], e.data["lr"]) for e in lr_events] == [(2, 1e-3, 5e-3)]
 
@@ -302,7 +303,9 @@ def test_out_naming_the_folder_of_the_snapshot_is_no_change_even_for_a_default_n
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "out": None}))  # no --out given
     for spelled in (str(tmp_path / "run"), str(tmp_path / "run") + "/", str(tmp_path / "." / "run")):
         build_config({"resume": snapshot, "out": spelled, "max_iters": 5})
-    with pytest.raises(UserError, match="--out cannot change"):
+    with pytest.raises(
+        UserError, match=f"--out cannot change when resuming \\(the run used {tmp_path / 'run'}\\)"
+    ):
         build_config({"resume": snapshot, "out": str(tmp_path / "elsewhere"), "max_iters": 5})
 
 
