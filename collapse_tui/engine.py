@@ -60,6 +60,10 @@ from collapse_tui.training import build_optimizer, load_optimizer_state, make_tr
 PAUSE_POLL_SECONDS = 0.2
 
 
+#: ``final_snapshot_failed`` of a run whose final snapshot a second Ctrl-C cut short.
+INTERRUPTED_SNAPSHOT = "interrupted before it was written (a second Ctrl-C)"
+
+
 class SavedStates(NamedTuple):
     """What a snapshot's state.json and rng.pt hold, read and checked before a resume opens its folder."""
 
@@ -373,7 +377,8 @@ class Engine:
             status, reason = "crashed", str(error)
             raise
         except KeyboardInterrupt:
-            status, reason = "stopped", "interrupted"
+            if self.final_snapshot_failed != INTERRUPTED_SNAPSHOT:  # else it had ended (finished, say)
+                status, reason = "stopped", "interrupted"
             raise
         except BaseException as error:
             status, reason = "crashed", type(error).__name__
@@ -470,7 +475,11 @@ class Engine:
             assert self.writer is not None
             ending = {"ending": ENDING_SNAPSHOT, "started": self.started_at}
             self.writer.write_summary({**self.summary(status, reason), **ending})
-            self.final_snapshot_failed = self._take_snapshot()
+            try:
+                self.final_snapshot_failed = self._take_snapshot()
+            except KeyboardInterrupt:  # a second Ctrl-C: the run's end stands, unsaved (``run``)
+                self.final_snapshot_failed = INTERRUPTED_SNAPSHOT
+                raise
 
     def _record(self, record: IterationRecord) -> None:
         """Write the iteration and count it done, then tell: a listener that fails must not cost it."""
@@ -505,7 +514,12 @@ class Engine:
         path = partial_snapshot(final)
         shutil.rmtree(path, ignore_errors=True)  # a leftover of a write that was killed
         path.mkdir(parents=True)
-        self._write_snapshot(path)
+        try:
+            self._write_snapshot(path)
+        except BaseException as error:
+            if not isinstance(error, Exception):  # a second Ctrl-C: nothing else will remove it
+                shutil.rmtree(path, ignore_errors=True)
+            raise  # an Exception: ``_take_snapshot`` says why (the free space among it), then removes it
         if final.exists():  # the same iteration saved before (the snapshot resumed from, say): replace it
             replaced = replaced_snapshot(final)  # put back by the next resume if killed before the swap ends
             shutil.rmtree(replaced, ignore_errors=True)

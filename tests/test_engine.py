@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from collapse_tui.config import RunConfig
-from collapse_tui.engine import Engine
+from collapse_tui.engine import INTERRUPTED_SNAPSHOT, Engine
 from collapse_tui.errors import RunInterrupted
 from collapse_tui.inference import EagerInference, sequence_windows
 from collapse_tui.records import Event, IterationRecord
@@ -147,6 +147,26 @@ def test_a_snapshot_loads_back_with_the_same_logits(tiny_config: RunConfig) -> N
     rerun.run()
     with torch.no_grad():
         assert torch.allclose(loaded(probe).logits, rerun.model(probe).logits, atol=1e-6)
+
+
+def test_a_second_ctrl_c_during_the_final_snapshot_leaves_the_runs_end_and_no_partial_files(
+    tiny_config: RunConfig,
+) -> None:
+    tiny_config.max_iters = 2
+    engine = Engine(tiny_config)
+    engine.load()
+
+    def interrupted(*args, **kwargs) -> None:  # the model's files are written by now
+        raise KeyboardInterrupt
+
+    engine.tokenizer.save_pretrained = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    summary = read_summary(Path(tiny_config.out))
+    assert summary is not None and "ending" not in summary
+    assert (summary["status"], summary["reason"]) == ("finished", "max_iters")  # both iterations were done
+    assert summary["final_snapshot_failed"] == INTERRUPTED_SNAPSHOT
+    assert list((Path(tiny_config.out) / "snapshots").iterdir()) == []  # no hidden .partial-iter-2
 
 
 @pytest.mark.parametrize("train_on", ["text", "ids"])
