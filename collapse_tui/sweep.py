@@ -609,10 +609,19 @@ def _threads(device: str | None, devices: list[str | None]) -> dict[str, str]:
     the same cores ran a tiny sweep 19 times slower than one after the other.
     A value the user set is kept.
     """
-    on_cpu = [d for d in devices if d is not None and d.startswith("cpu")]
-    if device is None or not device.startswith("cpu") or len(on_cpu) < 2 or "OMP_NUM_THREADS" in os.environ:
+    on_cpu = [d for d in devices if _is_cpu(d)]
+    if not _is_cpu(device) or len(on_cpu) < 2 or "OMP_NUM_THREADS" in os.environ:
         return {}
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(on_cpu)))}
+
+
+def _is_cpu(device: str | None) -> bool:
+    """Whether a run given ``device`` goes on the CPU: ``cpu``, or ``auto`` where there is no CUDA."""
+    if device == "auto":
+        import torch  # only where auto was given more than once
+
+        return not torch.cuda.is_available()
+    return device is not None and device.startswith("cpu")
 
 
 def _start_child(

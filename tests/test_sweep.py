@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from runfolders import dead_pid, ending_summary, make_run, wait_for, write_process
 from test_cli import ENV, cli, run_checking_textual_is_not_imported
 from typer.testing import CliRunner
@@ -115,6 +116,10 @@ def test_runs_on_the_cpu_side_by_side_share_its_cores(monkeypatch) -> None:
     assert _threads("cpu", ["cpu", "cpu:0", "cuda"]) == {"OMP_NUM_THREADS": "8"}
     assert _threads("cuda", ["cpu", "cpu:0", "cuda"]) == {}  # a GPU run keeps what it has
     assert _threads("cpu", ["cpu", "cuda"]) == {}  # alone on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _threads("auto", ["auto", "auto"]) == {"OMP_NUM_THREADS": "8"}  # auto is the CPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _threads("auto", ["auto", "auto"]) == {}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert _threads("cpu", ["cpu", "cpu"]) == {}  # the user's own choice stands
 
