@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import typer
 
 from collapse_tui.config import (
+    DEFAULT_RUNS_ROOT,
     HUB_SETS,
     RESUME_MAY_CHANGE,
     RunConfig,
@@ -460,7 +461,9 @@ def plot_command(
 @app.command("runs")
 @user_errors
 def runs_command(
-    root: Annotated[Path, typer.Argument(help="Folder holding run folders.", metavar="ROOT")] = Path("runs"),
+    root: Annotated[
+        Path, typer.Argument(help="Folder holding run folders.", metavar="ROOT")
+    ] = DEFAULT_RUNS_ROOT,
 ) -> None:
     """List the runs under a folder: model, lr, iterations, collapse, losses, status."""
     from rich.console import Console
@@ -471,7 +474,7 @@ def runs_command(
 
     if not root.is_dir():
         where = " (runs are listed from ./runs unless given a folder: collapse-tui runs FOLDER)"
-        raise UserError(f"{root} is not a folder" + (where if root == Path("runs") else ""))
+        raise UserError(f"{root} is not a folder" + (where if root == DEFAULT_RUNS_ROOT else ""))
     skipped: list[str] = []
     runs = find_runs(root, skipped=skipped)
     console = Console()

@@ -282,14 +282,18 @@ def validate(config: RunConfig) -> None:
     need(len(set(config.evals)) == len(config.evals), "each --eval set may be given only once")
 
 
-def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
+#: Where runs and sweeps given no --out go, and where ``collapse-tui runs`` looks by default.
+DEFAULT_RUNS_ROOT = Path("runs")
+
+
+def default_run_dir(config: RunConfig, root: Path = DEFAULT_RUNS_ROOT) -> Path:
     """``runs/<time>-<model>-lr<lr>/``: sortable by time, readable at a glance."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(config.model).name or config.model)
     return root / f"{stamp}-{model}-lr{config.lr:g}"
 
 
-def claim_default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
+def claim_default_run_dir(config: RunConfig, root: Path = DEFAULT_RUNS_ROOT) -> Path:
     """Create and return a new folder named by ``default_run_dir``, with ``-2``, ``-3``, … if taken.
 
     Why create it here: runs of a sweep started in the same second with the

@@ -31,7 +31,14 @@ from typing import Any, NamedTuple
 import torch
 
 from collapse_tui import __version__
-from collapse_tui.config import HUB_SETS, RunConfig, absolute, claim_default_run_dir, model_name
+from collapse_tui.config import (
+    DEFAULT_RUNS_ROOT,
+    HUB_SETS,
+    RunConfig,
+    absolute,
+    claim_default_run_dir,
+    model_name,
+)
 from collapse_tui.controls import RunControls
 from collapse_tui.data import EvalSet, check_eval_specs, eval_set_name, load_eval_set
 from collapse_tui.errors import RunInterrupted, UserError, in_one_line
@@ -46,6 +53,7 @@ from collapse_tui.runfolder import (
     RunFolder,
     RunWriter,
     check_new_run_folder,
+    enclosing_run_folder,
     make_summary,
     partial_snapshot,
     read_run,
@@ -105,6 +113,16 @@ def make_inference(
     return EagerInference(model, config.block, config.temperature, config.top_k, autocast_dtype)
 
 
+def _check_default_root(root: Path = DEFAULT_RUNS_ROOT) -> None:
+    """A run given no --out goes into ``runs/`` here; not where that is inside a run's folder."""
+    around = enclosing_run_folder(root / "new-run")
+    if around is not None:
+        raise UserError(
+            f"the current folder is inside the run folder {around}, where a new run's default folder "
+            f"({root}/…) would be lost to `runs`; start from another folder, or give --out"
+        )
+
+
 def _saved_lr(snapshot: Path | None) -> float | None:
     """The lr a snapshot saved (a key may have changed it since the run's config.json), read ahead of
     loading so that the screen shows it, and ``+`` and ``-`` start from it, from the first frame; None
@@ -153,6 +171,8 @@ class Engine:
             self.resumed_records = []
             #: Whether this process made the run folder (a default name): a start that fails removes it.
             self.made_run_dir = not config.out
+            if not config.out:
+                _check_default_root()  # before a folder is made for it: a refusal leaves nothing behind
             self.run_dir = absolute(config.out) if config.out else absolute(claim_default_run_dir(config))
             check_new_run_folder(self.run_dir)  # before loading; again, under the folder's lock, by RunWriter
         self.info = RunInfo(
@@ -177,6 +197,8 @@ class Engine:
         #: Why the final snapshot could not be written (a full disk), if it could not: the run's end
         #: is then not saved, which the summary and the exit code say.
         self.final_snapshot_failed: str | None = None
+        #: The run has ended (its last iteration, a stop) and is saving its final snapshot.
+        self.ending = False
         #: Where this process's iterations began (0, or the snapshot's), once the run has started.
         self.first_iteration: int | None = None
         #: The time of this process's ``start`` event, which the summary before the final snapshot names.
@@ -377,7 +399,7 @@ class Engine:
             status, reason = "crashed", str(error)
             raise
         except KeyboardInterrupt:
-            if self.final_snapshot_failed != INTERRUPTED_SNAPSHOT:  # else it had ended (finished, say)
+            if not self.ending:  # during the final snapshot the run had ended (finished, say): that stands
                 status, reason = "stopped", "interrupted"
             raise
         except BaseException as error:
@@ -470,15 +492,17 @@ class Engine:
         marked ``ending`` (``_finish`` writes it again, without the mark),
         so the folder says how the run ended either way.
         """
+        self.ending = True
         stepped = self.first_iteration is not None and self.iteration > self.first_iteration
         if self.config.final_snapshot and stepped and self.snapshot_state != (self.iteration, self.lr):
             assert self.writer is not None
             ending = {"ending": ENDING_SNAPSHOT, "started": self.started_at}
-            self.writer.write_summary({**self.summary(status, reason), **ending})
             try:
+                self.writer.write_summary({**self.summary(status, reason), **ending})
                 self.final_snapshot_failed = self._take_snapshot()
-            except KeyboardInterrupt:  # a second Ctrl-C: the run's end stands, unsaved (``run``)
-                self.final_snapshot_failed = INTERRUPTED_SNAPSHOT
+            except KeyboardInterrupt:  # a second Ctrl-C: the run's end stands (``run``), unsaved
+                if not self.writer.snapshot_dir(self.iteration).is_dir():  # or saved, just before it
+                    self.final_snapshot_failed = INTERRUPTED_SNAPSHOT
                 raise
 
     def _record(self, record: IterationRecord) -> None:

@@ -103,6 +103,12 @@ def is_run_folder(path: Path) -> bool:
     return (path / CONFIG).is_file() and ((path / METRICS).exists() or (path / EVENTS).exists())
 
 
+def enclosing_run_folder(path: Path) -> Path | None:
+    """The run folder ``path`` lies inside (by its absolute path), if any: ``runs`` never looks inside
+    a run folder, so a run or sweep written there would be lost to it."""
+    return next((folder for folder in Path(os.path.abspath(path)).parents if is_run_folder(folder)), None)
+
+
 def _is_run_config(path: Path) -> bool | None:
     """Whether ``path`` is a run's config.json: None when there is none, False for another's (a model's)."""
     try:
@@ -130,12 +136,13 @@ def why_not_take_over(root: Path) -> str | None:
     records, no snapshot), which the new start replaces. Files named like a
     run's that no run of ours left (no run config beside them) are the
     user's and stay untouched, and a folder of run folders is a sweep's root,
-    where a run of its own would hide them from ``runs``.
+    where a run of its own would hide them from ``runs``. Nor may it write
+    inside another run's folder, where ``runs`` would never find it.
     """
     if holds_iterations(root):
         return "already holds a run; choose another --out, or --resume a snapshot"
-    around = next((folder for folder in Path(os.path.abspath(root)).parents if is_run_folder(folder)), None)
-    if around is not None:  # ``runs`` does not look inside a run folder: this run would be lost to it
+    around = enclosing_run_folder(root)
+    if around is not None:
         return f"is inside the run folder {around}; choose another --out"
     is_run = _is_run_config(root / CONFIG)
     if is_run is not None:

@@ -44,6 +44,7 @@ from types import FrameType
 from typing import Any
 
 from collapse_tui.config import (
+    DEFAULT_RUNS_ROOT,
     RESUME_MAY_CHANGE,
     RunConfig,
     absolute_eval,
@@ -60,8 +61,10 @@ from collapse_tui.runfolder import (
     METRICS,
     SNAPSHOTS,
     RunFolder,
+    enclosing_run_folder,
     holds_iterations,
     is_run_folder,
+    read_jsonl,
     read_run,
     snapshot_iteration,
     why_not_take_over,
@@ -108,7 +111,7 @@ class Step:
 def default_sweep_dir() -> Path:
     """``runs/sweep-<time>/``: sortable by time, like a run folder's default name (``-2``, … where a
     sweep started in the same second has it: ``config.claim_folder``)."""
-    return Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    return DEFAULT_RUNS_ROOT / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_name(model: str, lr: float, seed: int) -> str:
@@ -180,12 +183,15 @@ def check_models(plan: list[PlannedRun]) -> None:
 
 def check_sweep_dir(sweep_dir: Path) -> None:
     """The sweep's folder holds runs; it must not be a run, or a file, or inside a run."""
-    for folder in (sweep_dir, *sweep_dir.parents):
+    for folder in (sweep_dir, *Path(os.path.abspath(sweep_dir)).parents):
         if folder.is_file():
-            raise UserError(f"--out {sweep_dir}: {folder} is a file; give the sweep another folder")
-        if is_run_folder(folder):
-            where = "is a run folder" if folder == sweep_dir else f"is inside the run folder {folder}"
-            raise UserError(f"--out {sweep_dir} {where}; a sweep's --out is the folder its runs go in")
+            raise UserError(f"the sweep's folder {sweep_dir}: {folder} is a file; give --out another folder")
+    around = sweep_dir if is_run_folder(sweep_dir) else enclosing_run_folder(sweep_dir)
+    if around is not None:
+        where = "is a run folder" if around == sweep_dir else f"is inside the run folder {around}"
+        raise UserError(
+            f"the sweep's folder {sweep_dir} {where}; a sweep's --out is the folder its runs go in"
+        )
 
 
 def decide(run: PlannedRun) -> Step:
@@ -336,13 +342,13 @@ class SweepStop:
         continued.
         """
         held = [child for child in self.children if child.poll() is None]
-        for child in held:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGSTOP)
+        for child in held:  # its process group: what the run may have started too (it leads its session)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGSTOP)
         os.kill(os.getpid(), signal.SIGSTOP)  # stops here, as a Ctrl-Z would have; returns once continued
         for child in held:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGCONT)
 
     def adopt(self, child: subprocess.Popen[bytes]) -> None:
         """Pass signals on to ``child`` from now on; if one came while it was being started, pass
@@ -371,7 +377,8 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
         plan = plan_sweep({**options, "device": None}, sweep_dir)
         earlier = _earlier_runs(sweep_dir, plan)
         steps = [decide(run) for run in plan]  # before anything runs: a mistake costs nothing
-        check_models(plan)  # last: it may ask the hub
+        # last, as it may ask the hub; only runs that start load their model (a resume, its snapshot)
+        check_models([run for run, step in zip(plan, steps, strict=True) if step.action == "start"])
     except BaseException:  # a mistake, or a Ctrl-C while a model's config is looked up on the hub
         for folder in [] if given_out else [sweep_dir, *made]:  # what was made for it, still empty
             with contextlib.suppress(OSError):
@@ -473,10 +480,8 @@ def _run_plan(
         going.remove(ended)
         stop.release(ended.child)
         failed = _report_end(ended, stop, outcome)
-        if retiring.keeps(
-            ended.device, failed and _iterations_in(ended.run.run_dir) <= ended.iterations_before
-        ):
-            free.append(ended.device)
+        did_nothing = _iterations_in(ended.run.run_dir) <= ended.iterations_before
+        free.extend(retiring.freed(ended.device, failed and did_nothing))
     return outcome
 
 
@@ -486,8 +491,9 @@ class DeviceRetirement:
     Why: a GPU that someone else's job has filled fails every run given to
     it within seconds, and would take one queued run after another while the
     others take hours over theirs. Two such failures in a row retire a
-    device; the last device is never retired (when every run fails, for a
-    reason of its own, the queue is worked through and each failure said).
+    device. The last device is never retired, and a run failing the same way
+    on a device still working brings the retired ones back: the runs fail,
+    not the devices (a model too large for any of them, say).
     """
 
     IN_A_ROW = 2
@@ -495,28 +501,41 @@ class DeviceRetirement:
     def __init__(self, devices: list[str | None]) -> None:
         #: The devices still taking runs (one given twice is one device, with two slots).
         self.working = list(dict.fromkeys(devices))
+        #: The slots of retired devices, given back if they come back.
+        self.retired_slots: list[str | None] = []
         self._in_a_row: dict[str | None, int] = {}
 
-    def keeps(self, device: str | None, failed_before_any_iteration: bool) -> bool:
-        """Whether ``device`` takes another run, after one ended there (and say if it is retired)."""
-        if device not in self.working:
-            return False  # retired while this run went on in its other slot
+    def freed(self, device: str | None, failed_before_any_iteration: bool) -> list[str | None]:
+        """The slots that take runs again now that a run on ``device`` has ended (and say what changed)."""
+        if device not in self.working:  # retired while this run went on in its other slot
+            self.retired_slots.append(device)
+            return []
         self._in_a_row[device] = self._in_a_row.get(device, 0) + 1 if failed_before_any_iteration else 0
+        if failed_before_any_iteration and self.retired_slots:
+            back = list(dict.fromkeys(self.retired_slots))
+            say(
+                f"sweep: runs fail on {device} too, so the fault is theirs: "
+                f"{', '.join(map(str, back))} take runs again"
+            )
+            self.working.extend(back)
+            self._in_a_row = dict.fromkeys(self.working, 0)  # every device starts afresh
+            slots, self.retired_slots = [device, *self.retired_slots], []
+            return slots
         if self._in_a_row[device] < self.IN_A_ROW or len(self.working) < 2:
-            return True
+            return [device]
         self.working.remove(device)
+        self.retired_slots.append(device)
         say(
             f"sweep: {self.IN_A_ROW} runs in a row failed on {device} before their first iteration; "
             f"it takes no more runs (the others go on {', '.join(map(str, self.working))})"
         )
-        return False
+        return []
 
 
 def _iterations_in(run_dir: Path) -> int:
     """The iteration lines a run folder holds (0 for none yet)."""
     try:
-        with open(run_dir / METRICS, "rb") as handle:
-            return sum(1 for line in handle if line.strip())
+        return len(read_jsonl(run_dir / METRICS))
     except OSError:
         return 0
 
@@ -617,11 +636,11 @@ def _threads(device: str | None, devices: list[str | None]) -> dict[str, str]:
 
 def _is_cpu(device: str | None) -> bool:
     """Whether a run given ``device`` goes on the CPU: ``cpu``, or ``auto`` where there is no CUDA."""
-    if device == "auto":
-        import torch  # only where auto was given more than once
+    if device != "auto":
+        return device is not None and device.startswith("cpu")
+    from collapse_tui.modeling import resolve_device  # torch: only for auto
 
-        return not torch.cuda.is_available()
-    return device is not None and device.startswith("cpu")
+    return resolve_device(device).type == "cpu"
 
 
 def _start_child(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runfolders import make_run
 from typer.testing import CliRunner
 
 from collapse_tui.cli import app
@@ -619,3 +620,16 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(
     result = CliRunner().invoke(app, ["headless", "--resume", summary["last_snapshot"], "--max-iters", "6"])
     assert result.exit_code == 0, result.output
     assert json.loads((start / "run" / "summary.json").read_text())["iterations"] == 6
+
+
+def test_a_run_given_no_out_inside_a_run_folder_is_refused_leaving_nothing_there(
+    tiny_model_dir, eval_file, tmp_path, monkeypatch
+):
+    run = make_run(tmp_path / "outer", "finished", n=2)
+    monkeypatch.chdir(run)
+    result = CliRunner().invoke(
+        app, ["headless", "--model", str(tiny_model_dir), "--eval", str(eval_file), "--device", "cpu"]
+    )
+    assert result.exit_code == 2
+    assert f"the current folder is inside the run folder {run}" in result.stderr
+    assert not (run / "runs").exists()

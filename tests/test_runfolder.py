@@ -166,10 +166,10 @@ def test_a_run_inside_another_runs_folder_is_refused_where_runs_would_not_find_i
         with pytest.raises(UserError, match=f"is inside the run folder {outer}; choose another --out"):
             RunWriter(inside)
     assert not (outer / "sub").exists()
-    snapshot = outer / "snapshots" / "iter-2"  # a model's config.json beside a run's: no run in it
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text('{"model_type": "gpt2"}')
-    assert why_not_take_over(tmp_path / "elsewhere") is None
+    model = tmp_path / "models" / "gpt2"  # a model folder's config.json is not a run's
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"model_type": "gpt2"}')
+    assert why_not_take_over(model / "runs" / "new") is None
 
 
 def test_a_summary_that_cannot_be_read_is_no_summary(tmp_path: Path) -> None:

@@ -232,6 +232,17 @@ def test_a_sweep_folder_inside_a_run_is_refused(tmp_path: Path) -> None:
     assert f"is inside the run folder {tmp_path / 'run'}" in result.stderr
 
 
+def test_a_sweep_started_below_a_run_folder_is_refused_whatever_its_out_or_none(tmp_path, monkeypatch):
+    make_run(tmp_path / "run", "finished")
+    (tmp_path / "run" / "notes").mkdir()
+    monkeypatch.chdir(tmp_path / "run" / "notes")  # relative names: their parents are . and ..
+    for out in (["--out", "sweep"], []):
+        result = CliRunner().invoke(app, ["sweep", "--lr", "1e-3", *out])
+        assert result.exit_code == 2
+        assert f"is inside the run folder {tmp_path / 'run'}" in result.stderr
+    assert list((tmp_path / "run" / "notes").iterdir()) == []  # the default folder claimed, then removed
+
+
 def test_run_options_before_the_command_name_are_one_value_each(monkeypatch, tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
@@ -517,6 +528,9 @@ def process_state(pid: int) -> str:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@pytest.mark.skipif(
+    signal.getsignal(signal.SIGTSTP) is signal.SIG_IGN, reason="Ctrl-Z is ignored here (no job control)"
+)
 def test_ctrl_z_suspends_the_run_going_with_the_sweep_and_fg_continues_both(
     tiny_model_dir, eval_file, tmp_path
 ):
@@ -557,14 +571,20 @@ class FinishedChild:
         raise AssertionError("no signal was sent")
 
 
-def devices_given(tmp_path: Path, monkeypatch, failing: set[str], runs: int = 6) -> tuple[list[str], str]:
+def devices_given(
+    tmp_path: Path, monkeypatch, failing: set[str], runs: int = 6, after_an_iteration: bool = False
+) -> tuple[list[str], str]:
     """The device each of ``runs`` runs went to, on cuda:0 and cuda:1, where every run on a device of
-    ``failing`` fails before its first iteration; and what the sweep said."""
+    ``failing`` fails before its first iteration (or after one); and what the sweep said."""
     given: list[str] = []
 
     def start_child(argv: list[str], stop: SweepStop, log: Path | None, env: dict[str, str]) -> FinishedChild:
         device = argv[argv.index("--device") + 1]
         given.append(device)
+        if after_an_iteration:
+            run_dir = Path(argv[argv.index("--out") + 1])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.jsonl").write_text('{"iteration": 0}\n')
         child = FinishedChild(2 if device in failing else 0)
         stop.adopt(child)  # type: ignore[arg-type]
         return child
@@ -586,10 +606,19 @@ def test_a_device_on_which_runs_keep_failing_at_once_takes_no_more_of_them(tmp_p
     assert "2 runs in a row failed on cuda:1 before their first iteration; it takes no more runs" in said
 
 
-def test_the_last_device_taking_runs_is_never_retired(tmp_path, monkeypatch) -> None:
+def test_runs_failing_on_every_device_bring_a_retired_one_back_and_the_last_is_never_retired(
+    tmp_path, monkeypatch
+) -> None:
     given, said = devices_given(tmp_path, monkeypatch, failing={"cuda:0", "cuda:1"})
-    assert given == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:1", "cuda:1"]  # every run was tried
-    assert said.count("takes no more runs") == 1 and said.count("ended with exit code 2") == 6
+    # cuda:0 retired after runs 1 and 3; run 4 fails on cuda:1 too: the fault is the runs', cuda:0 is back
+    assert given == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:1", "cuda:0"]
+    assert said.count("takes no more runs") == 1 and said.count("cuda:0 take runs again") == 1
+    assert said.count("ended with exit code 2") == 6  # every run was tried, each failure said
+
+
+def test_runs_that_fail_after_an_iteration_retire_no_device(tmp_path, monkeypatch) -> None:
+    given, said = devices_given(tmp_path, monkeypatch, failing={"cuda:1"}, after_an_iteration=True)
+    assert given.count("cuda:1") == 3 and "takes no more runs" not in said  # a failure of the run's own
 
 
 def test_a_sweep_without_out_gets_a_folder_of_its_own_and_a_refused_one_leaves_none(

@@ -35,7 +35,14 @@ from collapse_tui.follow import FolderSource
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import RunWriter
 from collapse_tui.source import RunInfo
-from collapse_tui.tui.app import TOAST_RACK_ID, WAITING_MESSAGE, CollapseApp, RecordReport, run_app
+from collapse_tui.tui.app import (
+    TOAST_RACK_ID,
+    WAITING_MESSAGE,
+    CollapseApp,
+    EventReport,
+    RecordReport,
+    run_app,
+)
 from collapse_tui.tui.history import SampleHistory
 from collapse_tui.tui.screens import HelpScreen, LrScreen, lr_text, parse_lr
 from collapse_tui.tui.widgets import (
@@ -489,17 +496,19 @@ def test_a_resume_clears_what_the_abandoned_iterations_showed() -> None:
 
 def test_a_watcher_following_a_run_across_its_resume_takes_the_resumes_max_iters_and_lr() -> None:
     """Opened on a run of 4 iterations at lr 1e-3 that a resume takes on to 9, from a snapshot saved
-    at lr 2e-3: the run goes on (not FINISHING, its keys live) and + doubles 2e-3."""
+    at lr 2e-3: the run goes on (not FINISHING, its keys live) and + doubles 2e-3, before any
+    resumed iteration has said its lr."""
     info = RunInfo(model="fake-model", device="cpu", max_iters=4, lr=1e-3, eval_names=["wikitext-2"])
-    records = [make_record(i, 9, lr=1e-3 if i < 4 else 2e-3) for i in range(6)]
+    source = FakeSource([make_record(i, 9, lr=1e-3) for i in range(4)], info=info, after="wait")
     resumed = Event(
         "resumed_from", 4, time=0.0, data={"path": "snapshots/iter-4", "lr": 2e-3, "max_iters": 9}
     )
-    source = FakeSource(records, info=info, script={4: [resumed]}, after="wait")
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
-        await wait_until(pilot, lambda: app.records_seen == 6, "the resumed iterations")
-        assert (app.state, app.ending, app.info.max_iters) == ("running", False, 9)
+        await wait_until(pilot, lambda: app.records_seen == 4 and app.ending, "the run before, at its end")
+        app.post_message(EventReport(resumed))
+        await wait_until(pilot, lambda: app.info.max_iters == 9, "the resume")
+        assert (app.state, app.ending, app.applied_lr) == ("running", False, 2e-3)
         assert app.check_action("lr_up", ()) is True
         await pilot.press("+")
         await wait_until(pilot, lambda: source.lr_changes, "the lr change")
