@@ -85,8 +85,9 @@ def load_causal_lm_config(model_id: str) -> object:
     """The model's config, if it names a causal LM: the cheap part of loading, which finds most
     mistakes (a mistyped hub id, a model not cached while offline, a folder of something else).
 
-    ``load_model`` starts with it; a sweep calls it for every model before its first run, so that a
-    mistyped id in a grid of models costs one line at once, not a failed run hours in.
+    ``load_model`` starts with it; a sweep calls it for the model of every run it will start, before
+    the first, so that a mistyped id in a grid of models costs one line at once, not a failed run
+    hours in.
     """
     from transformers import AutoConfig
 

@@ -315,9 +315,8 @@ class SweepStop:
             if signum is not None and (name != "SIGHUP" or signal.getsignal(signum) is not signal.SIG_IGN):
                 self._before[signum] = signal.signal(signum, self._handle)
         suspend = getattr(signal, "SIGTSTP", None)
-        if (
-            suspend is not None and signal.getsignal(suspend) is signal.SIG_DFL
-        ):  # not where job control is off
+        # not where Ctrl-Z is ignored (no job control): there it suspends nothing
+        if suspend is not None and signal.getsignal(suspend) is signal.SIG_DFL:
             self._before[suspend] = signal.signal(suspend, self._suspend)
 
     def uninstall(self) -> None:

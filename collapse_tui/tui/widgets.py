@@ -262,6 +262,10 @@ class SeriesChart(Vertical):
         marker.display = False  # only while browsing: following, the shown iteration is the last column
         yield marker
 
+    def on_resize(self, event: events.Resize) -> None:
+        """Gaining or losing the marker's row changes how the sparkline marks (its own size may not)."""
+        self.query_one(MarkedSparkline).refresh()
+
     def add(self, value: float) -> None:
         self.series.add(value)
         self.add_done()
