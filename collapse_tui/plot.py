@@ -181,11 +181,32 @@ def _draw_figure(runs: list[RunFolder]) -> Figure:
             if str(line.get_gid()).startswith(LINE_GID.format("")):
                 handles.setdefault(str(line.get_label()), line)
     any_collapse = any(run.collapsed_at is not None for run in runs)
-    figure.legend(
-        list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4),
-        fontsize="small", title="× marks the collapse" if any_collapse else None, title_fontsize="small",
-    )  # fmt: skip
+    _fitted_legend(figure, handles, "× marks the collapse" if any_collapse else None)
     return figure
+
+
+def _fitted_legend(figure: Figure, handles: dict[str, Any], title: str | None) -> None:
+    """The legend under the panels, in as many columns (up to 4) as fit the figure's width, the figure
+    made taller by its rows (and wider, if even one column is too wide for it).
+
+    Why measured: a sweep's runs that share model and lr are named by their
+    folders too, and four such labels to a row ran off both sides of the
+    page, leaving lines with no name.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    width, height = figure.get_size_inches()
+    for columns in range(min(len(handles), 4), 0, -1):
+        legend = figure.legend(
+            list(handles.values()), list(handles), loc="outside lower center", ncols=columns,
+            fontsize="small", title=title, title_fontsize="small",
+        )  # fmt: skip
+        box = legend.get_window_extent(renderer)
+        if box.width <= figure.bbox.width or columns == 1:
+            break
+        legend.remove()
+    figure.set_size_inches(max(width, box.width / figure.dpi + 0.2), height + box.height / figure.dpi)
 
 
 def _check_image_path(out: Path) -> None:

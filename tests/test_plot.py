@@ -248,3 +248,23 @@ def test_a_name_starting_with_an_underscore_is_in_the_legend(tmp_path: Path) -> 
         "_ckpt, lr 4e-05",
         "gpt2, lr 0.0001",
     ]
+
+
+@pytest.mark.parametrize("runs", [4, 36])
+def test_the_legend_of_a_sweep_with_seeds_fits_in_the_figure(tmp_path: Path, runs: int) -> None:
+    """Runs that share model and lr are named by their folders too: long labels, which must all show."""
+    folders = [
+        make_run(tmp_path / f"gpt2-medium-lr{lr:g}-seed{seed}", "finished", n=3, lr=lr, model="gpt2-medium")
+        for lr in (4e-5, 1e-4, 4e-4, 1e-3, 4e-3, 1e-2)[: max(2, runs // 6)]
+        for seed in range(runs // max(2, runs // 6))
+    ]
+    assert len(folders) == runs
+    figure = build_figure(load_runs(folders))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure).draw()
+    legend, page = figure.legends[0].get_window_extent(), figure.bbox
+    assert page.x0 <= legend.x0 and legend.x1 <= page.x1 and page.y0 <= legend.y0
+    for ax in figure.axes:  # and the panels keep their room above it
+        if ax.get_visible():
+            assert ax.get_window_extent().height > page.height / 6
