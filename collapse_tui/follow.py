@@ -41,7 +41,7 @@ from typing import Any
 from collapse_tui.config import model_name
 from collapse_tui.controls import RunControls
 from collapse_tui.errors import UserError
-from collapse_tui.records import Event
+from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import (
     CONFIG,
     EVENTS,
@@ -331,6 +331,9 @@ class FolderControls(RunControls):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.read_only = read_only
+        #: When this watcher asked for a pause the run has not made, and how many iterations that began
+        #: after the request have ended since (``observe_record``).
+        self._pause_asked: tuple[float, int] | None = None
 
     def _send(self, command: str, **data: Any) -> bool:
         if self.read_only:
@@ -341,6 +344,7 @@ class FolderControls(RunControls):
     def pause(self) -> None:
         if self._send("pause"):
             super().pause()
+            self._pause_asked = (time.time(), 0)
 
     def resume(self) -> None:
         if self._send("resume"):
@@ -363,10 +367,28 @@ class FolderControls(RunControls):
         with self._condition:
             if event.event == "pause":
                 self._paused = True
+                self._pause_asked = None
             elif event.event in ("resume", "start", "resumed_from", "stop"):
                 self._paused = False
+                self._pause_asked = None
             elif event.event == "lr" and self._pending.lr == event.data.get("lr"):
                 self._pending.lr = None
+
+    def observe_record(self, record: IterationRecord) -> None:
+        """A pause asked for that an iteration begun after it did not make was undone by another
+        watcher's resume at the same boundary (the run took both, and logs no event): not pausing.
+
+        The first record newer than the request may be the iteration then in flight; the second
+        began after the run had read it.
+        """
+        with self._condition:
+            if self._pause_asked is None or record.time <= self._pause_asked[0]:
+                return
+            asked_at, newer = self._pause_asked
+            self._pause_asked = (asked_at, newer + 1)
+            if newer + 1 >= 2:
+                self._paused = False
+                self._pause_asked = None
 
 
 def run_info(folder: RunFolder, *, read_only: bool = False) -> RunInfo:
@@ -515,11 +537,15 @@ class FolderSource:
         pending = list(new_records)
         for event in new_events:
             while pending and pending[0].iteration < event.iteration:
-                listener.on_record(pending.pop(0))
+                self._deliver(listener, pending.pop(0))
             self.controls.observe(event)
             listener.on_event(event)
         for record in pending:
-            listener.on_record(record)
+            self._deliver(listener, record)
+
+    def _deliver(self, listener: EngineListener, record: IterationRecord) -> None:
+        self.controls.observe_record(record)
+        listener.on_record(record)
 
     def _process_gone(self, listener: EngineListener) -> dict[str, Any]:
         info = read_process(self.run_dir) or {}

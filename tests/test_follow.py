@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,25 @@ def test_a_command_that_cannot_be_written_is_a_user_error(tmp_path: Path) -> Non
     with pytest.raises(UserError):
         controls.set_lr(1e-4)
     assert controls.pending_lr is None  # not shown as pending: the run never heard of it
+
+
+def test_a_pause_another_watcher_undid_at_the_same_boundary_stops_showing_after_two_iterations(
+    tmp_path: Path,
+) -> None:
+    controls = FolderControls(tmp_path)
+    controls.pause()
+    assert controls.paused  # at once, for the screen: PAUSING
+    asked = time.time()
+    controls.observe_record(replace(record(4), time=asked - 1.0))  # written before the request
+    controls.observe_record(replace(record(5), time=asked + 1.0))  # the iteration then in flight
+    assert controls.paused
+    controls.observe_record(replace(record(6), time=asked + 2.0))  # begun after the run read it
+    assert not controls.paused  # the run took a resume too, at that boundary: it never paused
+    controls.pause()
+    controls.observe(Event("pause", 7))  # made: records while paused (none come) or after change nothing
+    for k, later in enumerate((1.0, 2.0, 3.0)):
+        controls.observe_record(replace(record(7 + k), time=time.time() + later))
+    assert controls.paused
 
 
 def test_watchers_sending_at_once_never_interleave_lines(tmp_path: Path) -> None:

@@ -517,6 +517,39 @@ def test_a_watcher_following_a_run_across_its_resume_takes_the_resumes_max_iters
     drive(source, scenario)
 
 
+def test_an_lr_another_watcher_superseded_stops_showing_as_pending_after_two_iterations() -> None:
+    source = FakeSource([make_record(i, 9, lr=1e-3) for i in range(3)], after="wait")
+    source.info.lr = 1e-3
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 3, "three records")
+        source.controls.set_lr = lambda lr: None  # the run took another watcher's lr at that boundary
+        await pilot.press("+")
+        assert app.requested_lr == 2e-3
+        now = time.time()
+        app.post_message(RecordReport(replace(make_record(3, 9, lr=1e-3), time=now + 1.0)))  # in flight
+        await wait_until(pilot, lambda: app.records_seen == 4, "the iteration in flight")
+        assert app.requested_lr == 2e-3
+        app.post_message(RecordReport(replace(make_record(4, 9, lr=1e-3), time=now + 2.0)))
+        await wait_until(pilot, lambda: app.records_seen == 5, "an iteration begun after the request")
+        assert app.requested_lr is None and app.current_lr == 1e-3  # + works from the run's lr again
+
+    drive(source, scenario)
+
+
+def test_a_run_stopped_while_paused_is_not_shown_paused_once_it_goes_on() -> None:
+    source = FakeSource([make_record(i, 9) for i in range(2)], after="wait")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 2, "two records")
+        for kind in ("pause", "stop", "resumed_from"):
+            app.post_message(EventReport(Event(kind, 2, time=0.0, data={"path": "snapshots/iter-2"})))
+            await pilot.pause()
+            assert app.run_paused == (kind == "pause")
+
+    drive(source, scenario)
+
+
 def test_a_watcher_draws_a_resumed_run_from_its_resume_point() -> None:
     """Records 0-3, then a resume from the snapshot before 2: the charts hold 0, 1 and the new 2, 3,
     and the streak above the collapse threshold counts 0, 1, 2, 3 of the new branch (all above)."""

@@ -205,6 +205,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         #: The lr of the last record or lr event, and one the UI asked for that the run has not applied yet.
         self.applied_lr = self.info.lr
         self.requested_lr: float | None = None
+        #: When it was asked for (wall clock, as records' times), and the records newer than that since.
+        self.requested_since = 0.0
+        self.records_since_request = 0
         #: (iteration, time) of recent records, for it/s.
         self.recent: deque[tuple[int, float]] = deque(maxlen=20)
         self.started_at = clock()
@@ -345,8 +348,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             self._rewind(record.iteration)
         self._remember(record)
         self.applied_lr = record.lr
-        if self.requested_lr == record.lr:
-            self.requested_lr = None
+        self._settle_requested_lr(record)
         self.recent.append((record.iteration, record.time))
         self.last_seen_wall = max(self.last_seen_wall or 0.0, record.time)
         if record.iteration + 1 >= self.info.max_iters:
@@ -359,6 +361,19 @@ class CollapseApp(App[dict[str, Any] | None]):
         self._show_status()
         if self.records_seen == 1 or self.ending:  # the history keys now apply; the last record ends the run
             self._update_state()
+
+    def _settle_requested_lr(self, record: IterationRecord) -> None:
+        """An lr asked for is settled by the record that shows it; or, where two iterations begun after
+        the request show another, it was superseded (another watcher asked at the same boundary, and the
+        run applies the last one asked for): ``+`` and ``-`` then work from the run's own lr again."""
+        if self.requested_lr is None:
+            return
+        if record.lr == self.requested_lr:
+            self.requested_lr = None
+        elif record.time > self.requested_since:
+            self.records_since_request += 1  # the first may be the iteration in flight at the request
+            if self.records_since_request >= 2:
+                self.requested_lr = None
 
     def _remember(self, record: IterationRecord) -> None:
         """Keep ``record`` for stepping back to and for redrawing the charts."""
@@ -401,6 +416,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.recent.clear()  # nor does a rate across the time the run was not running
             self.failed = False
             self.ending = False
+            self.run_paused = False
             self.collapsed = event.data.get("collapsed_at") is not None
             # the resume's own: a watcher opened before it read the run before's, and the snapshot's lr
             # is what + and - work from (a key may have changed it since the run's config.json)
@@ -412,6 +428,8 @@ class CollapseApp(App[dict[str, Any] | None]):
                     self.requested_lr = None
         elif kind == "pause":
             self.run_paused = True
+        elif kind in ("start", "stop"):  # a run stopped while paused is not paused when it goes on
+            self.run_paused = False
         elif kind == "resume":
             self.run_paused = False
             self.recent.clear()  # it/s and the time left from records after the pause only
@@ -773,6 +791,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             return
         # The engine logs no event for a "change" to the lr it already has: nothing to wait for then.
         self.requested_lr = None if lr == self.applied_lr else lr
+        self.requested_since, self.records_since_request = time.time(), 0
         self._show_status()
 
     @property
