@@ -170,7 +170,7 @@ def is_alive(run_dir: Path) -> bool | None:
         return False
     except PermissionError:
         pass  # it exists, under another user
-    except OSError:
+    except (OSError, OverflowError):  # OverflowError: a pid no process can have (a garbled file)
         return None
     stat = _proc_stat(pid)
     if stat is None:

@@ -61,8 +61,8 @@ def load_runs(run_dirs: list[Path], skipped: list[str] | None = None) -> list[Ru
         raise UserError("give at least one run folder to plot")
     runs, empty, seen = [], [], set()
     for run_dir in _runs_in(run_dirs, empty):
-        where = os.path.abspath(run_dir)
-        if where in seen:  # one folder named twice (or spelled two ways): once
+        where = os.path.realpath(run_dir)
+        if where in seen:  # one folder named twice (or spelled two ways, or through a link): once
             continue
         seen.add(where)
         run = read_run(Path(run_dir))

@@ -303,7 +303,8 @@ def parse_metrics(rows: list[dict[str, Any]]) -> list[IterationRecord]:
     for row in rows:
         try:
             records.append(IterationRecord.from_dict(_restore_nan(row)))
-        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: an int of Infinity
+        # OverflowError: an int of Infinity; AttributeError: a "valid" that is not an object
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
             continue
     return records
 
@@ -358,7 +359,7 @@ def parse_events(rows: list[dict[str, Any]]) -> list[Event]:
     for row in rows:
         try:
             events.append(Event.from_dict(row))
-        except (KeyError, TypeError, ValueError, OverflowError):
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
             continue
     return events
 
@@ -630,11 +631,15 @@ def read_run(root: Path) -> RunFolder:
         raise UserError(f"{root / CONFIG} is not a run configuration (a JSON object)")
     if "model" not in config and ("model_type" in config or "architectures" in config):
         raise UserError(f"{root} is a model folder, not a run folder (its {CONFIG} describes a model)")
+    try:
+        metrics, events = read_jsonl(root / METRICS), read_jsonl(root / EVENTS)
+    except OSError as error:  # no permission, or a folder of that name
+        raise UserError(f"cannot read {error.filename or root}: {error.strerror or error}") from None
     return RunFolder(
         root=root,
         config=config,
-        records=dedupe_records(parse_metrics(read_jsonl(root / METRICS))),
-        events=drop_abandoned_events(parse_events(read_jsonl(root / EVENTS))),
+        records=dedupe_records(parse_metrics(metrics)),
+        events=drop_abandoned_events(parse_events(events)),
         summary=read_summary(root),
     )
 

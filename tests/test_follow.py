@@ -413,3 +413,8 @@ def test_a_resumed_runs_info_takes_max_iters_and_lr_from_its_resume(tmp_path: Pa
     writer.close()
     info = run_info(read_run(run_dir))
     assert info.max_iters == 9 and info.lr == 1e-3
+
+
+def test_a_pid_no_process_can_have_is_not_known_alive_or_dead(tmp_path: Path) -> None:
+    write_process(tmp_path, 10**30)  # a garbled process.json: os.kill raises OverflowError on it
+    assert is_alive(tmp_path) is None

@@ -268,3 +268,9 @@ def test_the_legend_of_a_sweep_with_seeds_fits_in_the_figure(tmp_path: Path, run
     for ax in figure.axes:  # and the panels keep their room above it
         if ax.get_visible():
             assert ax.get_window_extent().height > page.height / 6
+
+
+def test_a_run_given_through_a_link_is_drawn_once(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", "finished", n=3)
+    (tmp_path / "link").symlink_to(run)
+    assert len(load_runs([run, tmp_path / "link"])) == 1

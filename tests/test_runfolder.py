@@ -401,3 +401,13 @@ def test_temporary_files_of_a_killed_write_are_cleared_when_the_run_goes_on(tmp_
     (tmp_path / ".summary.json.99999999.tmp").write_text("{half")  # killed between write and rename
     RunWriter(tmp_path, resuming=True).close()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_lines_of_the_wrong_shape_are_skipped_and_an_unreadable_file_is_one_line(tmp_path: Path) -> None:
+    rows = [{"iteration": 5, "valid": [3.4]}, {"iteration": 6, "seconds": "x"}, record(7).to_dict()]
+    assert [r.iteration for r in parse_metrics(rows)] == [7]
+    run = make_run(tmp_path / "run", "finished", n=2)
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()  # stands in for a file this user may not read (the tests may run as root)
+    with pytest.raises(UserError, match=f"cannot read {run / 'metrics.jsonl'}"):
+        read_run(run)
