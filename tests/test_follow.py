@@ -344,6 +344,22 @@ def test_watch_waits_for_a_run_that_is_still_loading(tmp_path: Path) -> None:
     assert calls == ["waiting"]  # a run that has started: no wait
 
 
+def test_watch_waits_a_moment_for_a_run_folder_a_start_has_not_made_yet(tmp_path: Path) -> None:
+    run_dir = tmp_path / "just-started"  # its process is still importing: no folder yet
+    calls: list[str] = []
+    timer = threading.Timer(0.3, lambda: make_run(run_dir, "running", n=1))
+    timer.start()
+    wait_until_started(run_dir, poll_s=0.02, waiting=lambda: calls.append("waiting"), appearing_s=30.0)
+    timer.join()
+    assert calls == ["waiting"] and (run_dir / "config.json").exists()
+    # a folder that never comes is waited for only so long; under a parent that is not there, not at all
+    wait_until_started(
+        tmp_path / "never", poll_s=0.02, waiting=lambda: calls.append("never"), appearing_s=0.2
+    )
+    wait_until_started(tmp_path / "no-such-parent" / "run", waiting=lambda: calls.append("mistyped"))
+    assert calls == ["waiting", "never"]
+
+
 def test_watch_does_not_wait_for_a_start_that_died(tmp_path: Path) -> None:
     run_dir = tmp_path / "died"
     run_dir.mkdir()
