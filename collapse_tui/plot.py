@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv as csv_module
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -241,11 +242,14 @@ def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> list[
         if not Path(csv).parent.is_dir():
             raise UserError(f"cannot write {csv}: there is no folder {Path(csv).parent}")
         _check_not_a_folder(Path(csv))
-    figure = build_figure(runs)
-    try:
-        figure.savefig(out, dpi=150)
-    except OSError as error:
-        raise UserError(f"cannot write {out}: {error.strerror or error}") from None
+    # matplotlib's warnings (a glyph its font lacks, for a CJK or emoji name) are not the user's to act on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        figure = build_figure(runs)
+        try:
+            figure.savefig(out, dpi=150)
+        except OSError as error:
+            raise UserError(f"cannot write {out}: {error.strerror or error}") from None
     if csv is not None:
         write_csv(runs, Path(csv))
     return skipped

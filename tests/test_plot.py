@@ -6,6 +6,7 @@ import csv
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,11 @@ def test_a_run_given_through_a_link_is_drawn_once(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", "finished", n=3)
     (tmp_path / "link").symlink_to(run)
     assert len(load_runs([run, tmp_path / "link"])) == 1
+
+
+def test_a_name_the_font_cannot_draw_gives_no_warning(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "模型-😀", "finished", n=3, model="模型😀")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "Glyph … missing from font" is not the user's to act on
+        plot_runs([run], tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
