@@ -61,7 +61,8 @@ def absolute_eval(spec: str) -> str:
     Why: the run's config.json keeps it, and ``--resume`` reads it back
     from wherever the researcher is then.
     """
-    return spec if spec in HUB_SETS or not Path(spec).is_file() else str(Path(spec).resolve())
+    # links kept as given: a file is named by its stem as typed, not by what a link points to
+    return spec if spec in HUB_SETS or not Path(spec).is_file() else str(absolute(Path(spec).expanduser()))
 
 
 def absolute(path: str | Path) -> Path:
@@ -238,6 +239,11 @@ def resolve_config(options: dict[str, Any]) -> RunConfig:
 #: fp32's limit; over ~1e-37 they are inf, the softmax NaN, and every draw token 0 (a "collapse"
 #: that is only arithmetic). Lower temperatures sample as greedily as --top-k 1 does anyway.
 MIN_TEMPERATURE = 1e-3
+#: Above it the scaled logits are all ~0: sampling is uniform over the top k (past float32's range,
+#: every logit became 0 and top-k kept them all).
+MAX_TEMPERATURE = 1e6
+#: Tokens a sample may have: beyond, one iteration's buffers outgrow any machine (a typo's zeros).
+MAX_GEN_TOKENS = 1_000_000
 
 
 def validate(config: RunConfig) -> None:
@@ -251,6 +257,10 @@ def validate(config: RunConfig) -> None:
     need(config.max_iters >= 1, f"--max-iters must be at least 1, not {config.max_iters}")
     need(config.block >= 2, f"--block must be at least 2, not {config.block}")
     need(
+        config.gen_tokens <= MAX_GEN_TOKENS,
+        f"--gen-tokens must be at most {MAX_GEN_TOKENS}, not {config.gen_tokens}",
+    )
+    need(
         config.gen_tokens >= config.block - 1,
         f"--gen-tokens ({config.gen_tokens}) must be at least --block - 1 ({config.block - 1}), "
         "so that the sample fills one training window",
@@ -263,10 +273,16 @@ def validate(config: RunConfig) -> None:
         f"--temperature must be at least {MIN_TEMPERATURE:g}, not {config.temperature:g} "
         "(far lower ones overflow the scaled logits; --top-k 1 samples greedily)",
     )
+    need(
+        config.temperature <= MAX_TEMPERATURE,
+        f"--temperature must be at most {MAX_TEMPERATURE:g}, not {config.temperature:g} "
+        "(there sampling is already uniform over the top k)",
+    )
     need(config.eval_tokens is None or config.eval_tokens >= 1, "--eval-tokens must be positive or 'all'")
     need(
-        0 < config.collapse_threshold <= 1,
-        f"--collapse-threshold must be in (0, 1], not {config.collapse_threshold}",
+        0 < config.collapse_threshold < 1,
+        f"--collapse-threshold must be in (0, 1), not {config.collapse_threshold} (rep4 never reaches 1: "
+        "a sample's first 4-gram is unique; --keep-going runs on past a collapse)",
     )
     need(
         config.collapse_patience >= 1,

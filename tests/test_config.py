@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
-from collapse_tui.config import PAPER_PRESET, RunConfig, claim_default_run_dir, resolve_config
+from collapse_tui.config import PAPER_PRESET, RunConfig, claim_default_run_dir, eval_set_name, resolve_config
 from collapse_tui.engine import Engine
 from collapse_tui.errors import UserError
 from collapse_tui.follow import serving_watchers
@@ -45,6 +46,9 @@ def test_eval_tokens_all_means_whole_split() -> None:
         ({"eval_tokens": "lots"}, "--eval-tokens"),
         ({"max_iters": 0}, "--max-iters"),
         ({"collapse_threshold": 1.5}, "--collapse-threshold"),
+        ({"collapse_threshold": 1.0}, r"rep4 never reaches 1"),  # it could never trigger
+        ({"gen_tokens": 10**11}, "--gen-tokens must be at most"),  # "the run crashed": 800 GB asked for
+        ({"temperature": 1e39}, "--temperature must be at most"),  # past float32: top-k kept every token
         ({"dtype": "float8"}, "--dtype"),
         ({"preset": "nope"}, "preset"),
     ],
@@ -104,3 +108,12 @@ def test_train_on_defaults_to_the_text_and_runs_from_before_it_keep_their_ids() 
     assert RunConfig.from_dict(RunConfig().to_dict()).train_on == "text"
     with pytest.raises(UserError, match="--train-on must be one of text, ids"):
         resolve_config({"train_on": "tokens"})
+
+
+def test_an_eval_file_given_through_a_link_is_named_as_typed(tmp_path: Path) -> None:
+    store = tmp_path / "store" / "9f86d081884c"  # a hub cache's blob, say
+    store.parent.mkdir()
+    store.write_text("some held-out text\n")
+    (tmp_path / "wiki.txt").symlink_to(store)
+    spec = resolve_config({"evals": [str(tmp_path / "wiki.txt")]}).evals[0]
+    assert spec == str(tmp_path / "wiki.txt") and eval_set_name(spec) == "wiki"
