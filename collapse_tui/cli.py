@@ -10,6 +10,7 @@ imports textual.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import inspect
 import json
@@ -205,6 +206,15 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except UserError as error:
             typer.echo(f"collapse-tui: error: {error}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except (
+            OSError
+        ) as error:  # a path typed with a part the filesystem cannot take, wherever it is looked at
+            if error.errno != errno.ENAMETOOLONG:
+                raise
+            name = str(error.filename or "")
+            shown = name if len(name) <= 80 else f"{name[:40]}…{name[-30:]}"
+            typer.echo(f"collapse-tui: error: a path given is too long for the filesystem: {shown}", err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
 
     return guarded

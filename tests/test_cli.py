@@ -633,3 +633,11 @@ def test_a_run_given_no_out_inside_a_run_folder_is_refused_leaving_nothing_there
     assert result.exit_code == 2
     assert f"the current folder is inside the run folder {run}" in result.stderr
     assert not (run / "runs").exists()
+
+
+@pytest.mark.parametrize("option", ["--eval", "--out", "--model"])
+def test_a_path_too_long_for_the_filesystem_is_one_line(tmp_path: Path, option: str) -> None:
+    long = str(tmp_path / ("a" * 300))  # one part past 255 bytes: ENAMETOOLONG wherever it is looked at
+    result = CliRunner().invoke(app, ["headless", option, long, "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "a path given is too long for the filesystem" in result.stderr
