@@ -39,6 +39,8 @@ def load_eval_text(spec: str) -> str:
         raise UserError(f"evaluation set {spec!r} is neither a known set ({known}) nor an existing file")
     if path.is_dir():
         raise UserError(f"evaluation file {spec} is a folder; give a text file")
+    if spec in _READ_ONCE:
+        return _READ_ONCE[spec]
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -47,7 +49,13 @@ def load_eval_text(spec: str) -> str:
         raise UserError(f"cannot read evaluation file {spec}: {error.strerror or error}") from None
     if not text.strip():
         raise UserError(f"evaluation file {spec} is empty")
+    if not path.is_file():  # a pipe (--eval <(…)): it gives its text once, and it is asked for twice
+        _READ_ONCE[spec] = text
     return text
+
+
+#: The text of evaluation "files" that can be read only once (pipes), by the spec that named them.
+_READ_ONCE: dict[str, str] = {}
 
 
 def _load_hub_text(spec: str) -> str:

@@ -66,3 +66,18 @@ def test_evaluation_windows_are_worked_out_by_hand() -> None:
     assert eval_windows(ids, 10, eval_tokens=10_000).tolist() == everything.tolist()  # at most the split
     with pytest.raises(UserError, match="evaluation set held has 10 tokens; it needs at least 11"):
         eval_windows(ids[:10], 10, eval_tokens=None, name="held")
+
+
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="needs /dev/fd, as bash's <(…) does")
+def test_an_evaluation_set_from_a_pipe_is_read_once_and_kept() -> None:
+    import os
+
+    read_end, write_end = os.pipe()  # what --eval <(cat held.txt) gives: /dev/fd/N, text once
+    os.write(write_end, b"held-out text, once\n")
+    os.close(write_end)
+    try:
+        spec = f"/dev/fd/{read_end}"
+        data.check_eval_specs([spec])  # the engine's early look reads it...
+        assert load_eval_text(spec) == "held-out text, once\n"  # ...and loading gets the same text
+    finally:
+        os.close(read_end)
