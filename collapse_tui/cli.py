@@ -284,10 +284,18 @@ def _check_eval_files_still_there(evals: list[str]) -> None:
 
 def _moved(key: str, value: Any, base: RunConfig) -> bool:
     """Whether ``--eval`` names the run's own evaluation files at another path (the same sets, moved)."""
-    if key != "evals" or any(spec in HUB_SETS for spec in [*value, *base.evals]):
-        return False  # a hub set is not a file that can move, nor can a file stand in for one
-    # the engine checks, once loaded, that they hold the same text (Engine._check_same_eval_sets)
-    return [eval_set_name(spec) for spec in value] == [eval_set_name(spec) for spec in base.evals]
+    if key != "evals" or len(value) != len(base.evals):
+        return False
+
+    def same(
+        new: str, was: str
+    ) -> bool:  # a hub set is not a file that can move, nor can a file stand in for one
+        if new in HUB_SETS or was in HUB_SETS:
+            return new == was
+        return eval_set_name(new) == eval_set_name(was)
+
+    # the engine checks, once loaded, that the files hold the same text (Engine._check_same_eval_sets)
+    return all(same(new, was) for new, was in zip(value, base.evals, strict=True))
 
 
 def _same_path(key: str, value: Any, base: RunConfig, run_dir: Path) -> bool:

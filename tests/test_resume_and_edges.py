@@ -13,7 +13,7 @@ import torch
 from runfolders import dead_pid, write_process
 from test_engine import Collector, RepeatingInference
 
-from collapse_tui.cli import build_config, resume_lr
+from collapse_tui.cli import _moved, build_config, resume_lr
 from collapse_tui.config import RunConfig, resolve_config
 from collapse_tui.engine import Engine
 from collapse_tui.errors import RunInterrupted, UserError
@@ -184,6 +184,14 @@ def test_a_relative_eval_file_is_kept_absolute_and_may_move_before_a_resume(
     other.write_text(swapped)  # two words swapped: as many tokens, other text
     with pytest.raises(UserError, match="the text differs from the one the run started with"):
         Engine(build_config({"resume": snapshot, "max_iters": 3, "evals": [str(other)]})).load()
+
+
+def test_a_moved_file_beside_a_hub_set_is_the_same_set_and_a_hub_set_stays_itself() -> None:
+    base = RunConfig(evals=["wikitext-2", "/data/held.txt"])
+    assert _moved("evals", ["wikitext-2", "/moved/held.txt"], base)  # what the error tells you to give
+    assert not _moved("evals", ["ptb", "/moved/held.txt"], base)
+    assert not _moved("evals", ["/moved/wikitext-2.txt", "/moved/held.txt"], base)  # a file is no hub set
+    assert not _moved("evals", ["/moved/held.txt"], base)
 
 
 def test_a_run_cut_mid_iteration_and_resumed_from_its_final_snapshot_equals_one_never_stopped(
