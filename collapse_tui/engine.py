@@ -113,6 +113,18 @@ def make_inference(
     return EagerInference(model, config.block, config.temperature, config.top_k, autocast_dtype)
 
 
+def torch_seed(seed: int) -> int:
+    """The seed given to torch's generators: ``seed`` itself from 0 to 2³² − 1 (the paper's 1337 as
+    its code gives it), any other folded into that range by a hash.
+
+    Why: the CPU generator keeps only the low 32 bits of its seed, so
+    ``--seed 1`` and ``--seed 4294967297`` sampled the same text.
+    """
+    if 0 <= seed < 2**32:
+        return seed
+    return int.from_bytes(hashlib.sha256(str(seed).encode()).digest()[:4], "little")
+
+
 def _check_default_root(root: Path = DEFAULT_RUNS_ROOT) -> None:
     """A run given no --out goes into ``runs/`` here; not where that is inside a run's folder."""
     around = enclosing_run_folder(root / "new-run")
@@ -239,10 +251,10 @@ class Engine:
         if self.resume_dir is not None:
             self._check_same_eval_sets()
         status("preparing generation", 1.0)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(torch_seed(config.seed))
         self.rng = random.Random(config.seed)
         self.sampler = torch.Generator(device=self.device)
-        self.sampler.manual_seed(config.seed)
+        self.sampler.manual_seed(torch_seed(config.seed))
         self.optimizer = build_optimizer(self.model, config.lr, self.device)
         self.trainer = make_train_step(self.model, self.optimizer, self.device, self.autocast_dtype)
         self.inference = make_inference(self.model, config, self.device, self.autocast_dtype)

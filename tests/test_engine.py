@@ -513,3 +513,15 @@ def test_the_training_step_reads_the_sample_as_text(tiny_config: RunConfig) -> N
     window = windows[0]
     assert len(window) == tiny_config.block + 1
     assert any(reads[i : i + len(window)] == window for i in range(len(reads)))
+
+
+def test_seeds_that_share_their_low_32_bits_sample_differently() -> None:
+    from collapse_tui.engine import torch_seed
+
+    assert torch_seed(1337) == 1337  # the paper's seed, as its code gives it to torch
+    draws = set()
+    for seed in (1, 2**32 + 1, -(2**63) + 1, 2**63 + 1):
+        generator = torch.Generator()
+        generator.manual_seed(torch_seed(seed))
+        draws.add(tuple(torch.randn(4, generator=generator).tolist()))
+    assert len(draws) == 4
