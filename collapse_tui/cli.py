@@ -425,7 +425,13 @@ def watch_command(
     from collapse_tui.tui.app import run_app
 
     def waiting() -> None:
-        typer.echo(f"collapse-tui: waiting for the run in {run_dir} to start (it is loading)…", err=True)
+        if is_alive(run_dir):
+            typer.echo(f"collapse-tui: waiting for the run in {run_dir} to start (it is loading)…", err=True)
+        else:
+            typer.echo(
+                f"collapse-tui: no run in {run_dir} yet; waiting a few seconds for one starting there…",
+                err=True,
+            )
 
     wait_until_started(run_dir, waiting=waiting)
     if not (run_dir / CONFIG).exists() and is_alive(run_dir) is False:

@@ -466,18 +466,19 @@ def wait_until_started(
     """Return once a run starting in ``run_dir`` has written its config; at once if none is starting.
 
     Why: "start it, then watch it" is how a run is watched, and a model takes
-    a while to load (a download, minutes). A folder that is not there yet is
-    given ``appearing_s`` to appear (the run's process makes it after its
-    imports). ``waiting`` is called once if this has to wait. A start that
-    dies before its config leaves no run: the caller's ``FolderSource`` then
-    says the folder is not one.
+    a while to load (a download, minutes). A folder with no run announced in
+    it yet is given ``appearing_s`` (the run's process makes the folder and
+    its ``process.json`` after its imports). ``waiting`` is called once if
+    this has to wait. A start that dies before its config leaves no run: the
+    caller's ``FolderSource`` then says the folder is not one.
     """
     run_dir = Path(run_dir)
     said = False
-    # where even its parent is not there, the path is mistyped: nothing to wait for
-    deadline = time.monotonic() + (appearing_s if run_dir.absolute().parent.is_dir() else 0.0)
+    deadline = time.monotonic() + appearing_s
+    # a start makes the folder, then (after its lock) process.json: until one of those is there
+    # nothing tells a start from a mistyped path, so either gets appearing_s
     while not (run_dir / CONFIG).exists() and (
-        is_alive(run_dir) is True or (not run_dir.exists() and time.monotonic() < deadline)
+        is_alive(run_dir) is True or (not (run_dir / PROCESS).exists() and time.monotonic() < deadline)
     ):
         if not said:
             waiting()

@@ -92,9 +92,17 @@ def make_run(
     if status in ("finished", "collapsed", "stopped", "crashed"):
         if status == "crashed":
             writer.write_event(Event("error", n, data={"message": "boom"}))
-        writer.write_event(Event("stop", n, data={"reason": status, "status": status}))
+        stop = Event("stop", n, data={"reason": status, "status": status})
+        writer.write_event(stop)
+        # naming its stop event, as the engine's does: a resume's own stop then tells it is not the last word
         writer.write_summary(
-            {"status": status, "reason": status, "iterations": n, "collapsed_at": collapse_at}
+            {
+                "status": status,
+                "reason": status,
+                "iterations": n,
+                "collapsed_at": collapse_at,
+                "stopped": stop.time,
+            }
         )
     elif status == "running":
         write_process(path, os.getpid())

@@ -263,8 +263,9 @@ def test_a_run_being_resumed_is_followed_though_its_old_summary_is_still_there(t
     writer.write_event(Event("resumed_from", 3, data={"path": str(run_dir / "snapshots" / "iter-3")}))
     writer.write_record(record(3))
     wait_for(lambda: 3 in listener.iterations, what="the resumed iteration")
-    writer.write_event(Event("stop", 4, data={"reason": "max_iters"}))
-    writer.write_summary({"status": "finished", "reason": "max_iters", "iterations": 4})
+    stop = Event("stop", 4, data={"reason": "max_iters"})
+    writer.write_event(stop)  # the old summary, read between these two lines, names another stop: not taken
+    writer.write_summary({"status": "finished", "reason": "max_iters", "iterations": 4, "stopped": stop.time})
     writer.close()
     thread.join(timeout=10)
     assert not thread.is_alive() and result["iterations"] == 4
@@ -347,17 +348,21 @@ def test_watch_waits_for_a_run_that_is_still_loading(tmp_path: Path) -> None:
 def test_watch_waits_a_moment_for_a_run_folder_a_start_has_not_made_yet(tmp_path: Path) -> None:
     run_dir = tmp_path / "just-started"  # its process is still importing: no folder yet
     calls: list[str] = []
-    timer = threading.Timer(0.3, lambda: make_run(run_dir, "running", n=1))
+    # made whole elsewhere, then moved into place: the wait never sees a half-made folder
+    timer = threading.Timer(0.3, lambda: make_run(tmp_path / "elsewhere", "running", n=1).rename(run_dir))
     timer.start()
     wait_until_started(run_dir, poll_s=0.02, waiting=lambda: calls.append("waiting"), appearing_s=30.0)
     timer.join()
     assert calls == ["waiting"] and (run_dir / "config.json").exists()
-    # a folder that never comes is waited for only so long; under a parent that is not there, not at all
+    # a folder that never comes, or that stays with no run announced in it, is waited for only so long
     wait_until_started(
         tmp_path / "never", poll_s=0.02, waiting=lambda: calls.append("never"), appearing_s=0.2
     )
-    wait_until_started(tmp_path / "no-such-parent" / "run", waiting=lambda: calls.append("mistyped"))
-    assert calls == ["waiting", "never"]
+    (tmp_path / "empty").mkdir()  # what a start has made before its process.json
+    wait_until_started(
+        tmp_path / "empty", poll_s=0.02, waiting=lambda: calls.append("empty"), appearing_s=0.2
+    )
+    assert calls == ["waiting", "never", "empty"]
 
 
 def test_watch_does_not_wait_for_a_start_that_died(tmp_path: Path) -> None:

@@ -1070,9 +1070,12 @@ def test_watching_a_run_that_ended_early_does_not_call_it_finished(
 def test_a_replayed_collapse_is_in_the_log_and_the_state_but_not_a_notice(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", "collapsed", n=4, created=time.time() - 3600)
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    an_hour_ago = time.time() - 3600
     for event in events:  # the run ended an hour ago
-        event["time"] = time.time() - 3600
+        event["time"] = an_hour_ago
     (run_dir / "events.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "stopped": an_hour_ago}))  # its stop's time
     source = FolderSource(run_dir, read_only=True, poll_s=0.05)
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
