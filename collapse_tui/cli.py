@@ -254,9 +254,9 @@ def build_config(options: dict[str, Any]) -> RunConfig:
         config = RunConfig.from_dict(
             absolute_paths({**base.to_dict(), **given, "lr": base.lr, "resume": resume})
         )
-        validate(config)
+        validate(config, new_run=False)
         if "lr" in given:
-            validate(dataclasses.replace(config, lr=given["lr"]))
+            validate(dataclasses.replace(config, lr=given["lr"]), new_run=False)
         reached = snapshot_iteration(Path(resume))
         if reached is not None and config.max_iters <= reached:
             from collapse_tui.engine import records_on_current_branch
@@ -287,12 +287,11 @@ def _moved(key: str, value: Any, base: RunConfig) -> bool:
     if key != "evals" or len(value) != len(base.evals):
         return False
 
-    def same(
-        new: str, was: str
-    ) -> bool:  # a hub set is not a file that can move, nor can a file stand in for one
-        if new in HUB_SETS or was in HUB_SETS:
+    def same(new: str, was: str) -> bool:
+        if new in HUB_SETS or was in HUB_SETS:  # a hub set is not a file that can move, nor stands in for one
             return new == was
-        return eval_set_name(new) == eval_set_name(was)
+        # the same name, or the very file (a link to what an earlier version stored resolved)
+        return eval_set_name(new) == eval_set_name(was) or os.path.realpath(new) == os.path.realpath(was)
 
     # the engine checks, once loaded, that the files hold the same text (Engine._check_same_eval_sets)
     return all(same(new, was) for new, was in zip(value, base.evals, strict=True))

@@ -62,7 +62,8 @@ def absolute_eval(spec: str) -> str:
     from wherever the researcher is then.
     """
     # links kept as given: a file is named by its stem as typed, not by what a link points to
-    return spec if spec in HUB_SETS or not Path(spec).is_file() else str(absolute(Path(spec).expanduser()))
+    path = Path(spec).expanduser()
+    return spec if spec in HUB_SETS or not path.is_file() else str(absolute(path))
 
 
 def absolute(path: str | Path) -> Path:
@@ -246,8 +247,13 @@ MAX_TEMPERATURE = 1e6
 MAX_GEN_TOKENS = 1_000_000
 
 
-def validate(config: RunConfig) -> None:
-    """Reject numbers out of range with one line that says which and why."""
+def validate(config: RunConfig, *, new_run: bool = True) -> None:
+    """Reject numbers out of range with one line that says which and why.
+
+    ``new_run`` False (a resume): the limits added after runs could be started beyond them
+    (--gen-tokens, --temperature and --collapse-threshold at their top) are not held against a
+    run's own settings.
+    """
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -257,7 +263,7 @@ def validate(config: RunConfig) -> None:
     need(config.max_iters >= 1, f"--max-iters must be at least 1, not {config.max_iters}")
     need(config.block >= 2, f"--block must be at least 2, not {config.block}")
     need(
-        config.gen_tokens <= MAX_GEN_TOKENS,
+        config.gen_tokens <= MAX_GEN_TOKENS or not new_run,
         f"--gen-tokens must be at most {MAX_GEN_TOKENS}, not {config.gen_tokens}",
     )
     need(
@@ -274,13 +280,13 @@ def validate(config: RunConfig) -> None:
         "(far lower ones overflow the scaled logits; --top-k 1 samples greedily)",
     )
     need(
-        config.temperature <= MAX_TEMPERATURE,
+        config.temperature <= MAX_TEMPERATURE or not new_run,
         f"--temperature must be at most {MAX_TEMPERATURE:g}, not {config.temperature:g} "
         "(there sampling is already uniform over the top k)",
     )
     need(config.eval_tokens is None or config.eval_tokens >= 1, "--eval-tokens must be positive or 'all'")
     need(
-        0 < config.collapse_threshold < 1,
+        0 < config.collapse_threshold < 1 or (not new_run and config.collapse_threshold == 1),
         f"--collapse-threshold must be in (0, 1), not {config.collapse_threshold} (rep4 never reaches 1: "
         "a sample's first 4-gram is unique; --keep-going runs on past a collapse)",
     )

@@ -194,6 +194,26 @@ def test_a_moved_file_beside_a_hub_set_is_the_same_set_and_a_hub_set_stays_itsel
     assert not _moved("evals", ["/moved/held.txt"], base)
 
 
+def test_a_run_started_before_the_top_limits_resumes_with_its_own_settings(tiny_config, tmp_path):
+    snapshot = stopped_run_with_snapshot(tiny_config, tmp_path)
+    config_file = tmp_path / "run" / "config.json"  # as an earlier version let it start
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "collapse_threshold": 1.0, "temperature": 2e6})
+    )
+    resumed = build_config({"resume": snapshot, "max_iters": 5})
+    assert (resumed.collapse_threshold, resumed.temperature) == (1.0, 2e6)
+    with pytest.raises(UserError, match="--temperature must be at most"):
+        resolve_config({**tiny_config.to_dict(), "temperature": 2e6, "out": None})  # a new run: refused
+
+
+def test_an_eval_file_stored_resolved_by_an_earlier_version_is_the_same_set_through_its_link(tmp_path):
+    blob = tmp_path / "blobs" / "9f86d081884c"
+    blob.parent.mkdir()
+    blob.write_text("held-out text\n")
+    (tmp_path / "wiki.txt").symlink_to(blob)
+    assert _moved("evals", [str(tmp_path / "wiki.txt")], RunConfig(evals=[str(blob)]))
+
+
 def test_a_run_cut_mid_iteration_and_resumed_from_its_final_snapshot_equals_one_never_stopped(
     tiny_config, tmp_path
 ):
