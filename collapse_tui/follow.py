@@ -237,6 +237,21 @@ def send_command(run_dir: Path, command: str, **data: Any) -> None:
         raise UserError(f"cannot send {command!r} to {run_dir}: {error.strerror}") from None
 
 
+#: How often a run's process reads ``commands.jsonl``.
+COMMAND_POLL_S = 0.2
+
+
+def began_after_read(record: IterationRecord, sent_at: float) -> bool:
+    """Whether the iteration of ``record`` began after its run had read a command sent at ``sent_at``:
+    then that iteration ran with the command applied, or with another sent with it that undid it
+    (the run takes every pending command at a boundary: two watchers' pause and resume, or lrs).
+
+    Its start is its end less its phases' seconds; times are the run's host's clock.
+    """
+    phases = sum(v for v in record.seconds.values() if isinstance(v, int | float) and math.isfinite(v))
+    return record.time - phases > sent_at + COMMAND_POLL_S
+
+
 class CommandInbox:
     """For the process that runs the engine: hands watchers' commands to its controls.
 
@@ -246,7 +261,7 @@ class CommandInbox:
     watcher may not give (``stop``) are ignored and kept in ``ignored``.
     """
 
-    def __init__(self, run_dir: Path, controls: RunControls, *, poll_s: float = 0.2) -> None:
+    def __init__(self, run_dir: Path, controls: RunControls, *, poll_s: float = COMMAND_POLL_S) -> None:
         self.run_dir = Path(run_dir)
         self.controls = controls
         self.poll_s = poll_s
@@ -331,9 +346,10 @@ class FolderControls(RunControls):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.read_only = read_only
-        #: When this watcher asked for a pause the run has not made, and how many iterations that began
-        #: after the request have ended since (``observe_record``).
-        self._pause_asked: tuple[float, int] | None = None
+        #: When this watcher asked for a pause the run has not made yet (``observe_record``).
+        self._pause_asked: float | None = None
+        #: When this watcher asked for the lr still pending.
+        self._lr_asked = 0.0
 
     def _send(self, command: str, **data: Any) -> bool:
         if self.read_only:
@@ -344,7 +360,7 @@ class FolderControls(RunControls):
     def pause(self) -> None:
         if self._send("pause"):
             super().pause()
-            self._pause_asked = (time.time(), 0)
+            self._pause_asked = time.time()
 
     def resume(self) -> None:
         if self._send("resume"):
@@ -354,6 +370,7 @@ class FolderControls(RunControls):
         # validated by send_command, then shown as pending until the run's lr event
         if self._send("lr", lr=lr):
             super().set_lr(lr)
+            self._lr_asked = time.time()
 
     def request_snapshot(self) -> None:
         self._send("snapshot")
@@ -375,20 +392,15 @@ class FolderControls(RunControls):
                 self._pending.lr = None
 
     def observe_record(self, record: IterationRecord) -> None:
-        """A pause asked for that an iteration begun after it did not make was undone by another
-        watcher's resume at the same boundary (the run took both, and logs no event): not pausing.
-
-        The first record newer than the request may be the iteration then in flight; the second
-        began after the run had read it.
-        """
+        """A pause asked for that an iteration begun after the run read it did not make was undone by
+        another watcher's resume at the same boundary (the run took both, and logs no event): not
+        pausing. Likewise an lr another watcher's replaced: no longer pending."""
         with self._condition:
-            if self._pause_asked is None or record.time <= self._pause_asked[0]:
-                return
-            asked_at, newer = self._pause_asked
-            self._pause_asked = (asked_at, newer + 1)
-            if newer + 1 >= 2:
+            if self._pause_asked is not None and began_after_read(record, self._pause_asked):
                 self._paused = False
                 self._pause_asked = None
+            if self._pending.lr is not None and began_after_read(record, self._lr_asked):
+                self._pending.lr = None
 
 
 def run_info(folder: RunFolder, *, read_only: bool = False) -> RunInfo:

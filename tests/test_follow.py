@@ -135,22 +135,25 @@ def test_a_command_that_cannot_be_written_is_a_user_error(tmp_path: Path) -> Non
     assert controls.pending_lr is None  # not shown as pending: the run never heard of it
 
 
-def test_a_pause_another_watcher_undid_at_the_same_boundary_stops_showing_after_two_iterations(
+def test_a_pause_or_lr_another_watcher_undid_at_the_same_boundary_stops_showing_as_pending(
     tmp_path: Path,
 ) -> None:
     controls = FolderControls(tmp_path)
     controls.pause()
-    assert controls.paused  # at once, for the screen: PAUSING
+    controls.set_lr(1e-3)
+    assert controls.paused and controls.pending_lr == 1e-3  # at once, for the screen: PAUSING, lr→
     asked = time.time()
-    controls.observe_record(replace(record(4), time=asked - 1.0))  # written before the request
-    controls.observe_record(replace(record(5), time=asked + 1.0))  # the iteration then in flight
-    assert controls.paused
-    controls.observe_record(replace(record(6), time=asked + 2.0))  # begun after the run read it
-    assert not controls.paused  # the run took a resume too, at that boundary: it never paused
+
+    def ending(at: float) -> IterationRecord:  # an iteration of 0.3 s ending ``at`` seconds from the request
+        return replace(record(5), time=asked + at)
+
+    controls.observe_record(ending(0.4))  # begun 0.1 s after: the run may not have read it yet
+    assert controls.paused and controls.pending_lr == 1e-3
+    controls.observe_record(ending(1.0))  # begun after the run had read it, and neither took: undone
+    assert not controls.paused and controls.pending_lr is None
     controls.pause()
-    controls.observe(Event("pause", 7))  # made: records while paused (none come) or after change nothing
-    for k, later in enumerate((1.0, 2.0, 3.0)):
-        controls.observe_record(replace(record(7 + k), time=time.time() + later))
+    controls.observe(Event("pause", 7))  # made: later records (after a resume elsewhere) change nothing here
+    controls.observe_record(replace(record(7), time=time.time() + 5.0))
     assert controls.paused
 
 

@@ -526,12 +526,12 @@ def test_an_lr_another_watcher_superseded_stops_showing_as_pending_after_two_ite
         source.controls.set_lr = lambda lr: None  # the run took another watcher's lr at that boundary
         await pilot.press("+")
         assert app.requested_lr == 2e-3
-        now = time.time()
-        app.post_message(RecordReport(replace(make_record(3, 9, lr=1e-3), time=now + 1.0)))  # in flight
+        now = app.requested_since  # make_record's iterations take 0.45 s
+        app.post_message(RecordReport(replace(make_record(3, 9, lr=1e-3), time=now + 0.5)))  # in flight
         await wait_until(pilot, lambda: app.records_seen == 4, "the iteration in flight")
         assert app.requested_lr == 2e-3
         app.post_message(RecordReport(replace(make_record(4, 9, lr=1e-3), time=now + 2.0)))
-        await wait_until(pilot, lambda: app.records_seen == 5, "an iteration begun after the request")
+        await wait_until(pilot, lambda: app.records_seen == 5, "an iteration begun after the run read it")
         assert app.requested_lr is None and app.current_lr == 1e-3  # + works from the run's lr again
 
     drive(source, scenario)

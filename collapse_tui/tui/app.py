@@ -43,6 +43,7 @@ from textual.worker import Worker, WorkerState
 
 from collapse_tui.errors import ScreenCrashed, UserError
 from collapse_tui.exits import STOP_SIGNAL_NAMES, changes_nothing_once_stopping, ignore_later_hangups
+from collapse_tui.follow import began_after_read
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import SNAPSHOTS, read_run
 from collapse_tui.source import RunSource
@@ -205,9 +206,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         #: The lr of the last record or lr event, and one the UI asked for that the run has not applied yet.
         self.applied_lr = self.info.lr
         self.requested_lr: float | None = None
-        #: When it was asked for (wall clock, as records' times), and the records newer than that since.
+        #: When it was asked for (wall clock, as records' times).
         self.requested_since = 0.0
-        self.records_since_request = 0
         #: (iteration, time) of recent records, for it/s.
         self.recent: deque[tuple[int, float]] = deque(maxlen=20)
         self.started_at = clock()
@@ -363,17 +363,13 @@ class CollapseApp(App[dict[str, Any] | None]):
             self._update_state()
 
     def _settle_requested_lr(self, record: IterationRecord) -> None:
-        """An lr asked for is settled by the record that shows it; or, where two iterations begun after
-        the request show another, it was superseded (another watcher asked at the same boundary, and the
-        run applies the last one asked for): ``+`` and ``-`` then work from the run's own lr again."""
+        """An lr asked for is settled by the record that shows it; or, where an iteration begun after the
+        run read the request shows another, it was superseded (another watcher asked at the same boundary,
+        and the run applies the last one asked for): ``+`` and ``-`` then work from the run's own lr again."""
         if self.requested_lr is None:
             return
-        if record.lr == self.requested_lr:
+        if record.lr == self.requested_lr or began_after_read(record, self.requested_since):
             self.requested_lr = None
-        elif record.time > self.requested_since:
-            self.records_since_request += 1  # the first may be the iteration in flight at the request
-            if self.records_since_request >= 2:
-                self.requested_lr = None
 
     def _remember(self, record: IterationRecord) -> None:
         """Keep ``record`` for stepping back to and for redrawing the charts."""
@@ -791,7 +787,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             return
         # The engine logs no event for a "change" to the lr it already has: nothing to wait for then.
         self.requested_lr = None if lr == self.applied_lr else lr
-        self.requested_since, self.records_since_request = time.time(), 0
+        self.requested_since = time.time()
         self._show_status()
 
     @property
