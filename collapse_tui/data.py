@@ -39,8 +39,9 @@ def load_eval_text(spec: str) -> str:
         raise UserError(f"evaluation set {spec!r} is neither a known set ({known}) nor an existing file")
     if path.is_dir():
         raise UserError(f"evaluation file {spec} is a folder; give a text file")
-    if spec in _READ_ONCE:
-        return _READ_ONCE[spec]
+    key = _file_identity(path)
+    if key in _READ_ONCE:
+        return _READ_ONCE[key]
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -49,13 +50,24 @@ def load_eval_text(spec: str) -> str:
         raise UserError(f"cannot read evaluation file {spec}: {error.strerror or error}") from None
     if not text.strip():
         raise UserError(f"evaluation file {spec} is empty")
-    if not path.is_file():  # a pipe (--eval <(…)): it gives its text once, and it is asked for twice
-        _READ_ONCE[spec] = text
+    if (
+        not path.is_file() and key is not None
+    ):  # a pipe (--eval <(…)): its text comes once, and is asked for twice
+        _READ_ONCE[key] = text
     return text
 
 
-#: The text of evaluation "files" that can be read only once (pipes), by the spec that named them.
-_READ_ONCE: dict[str, str] = {}
+#: The text of evaluation "files" that can be read only once (pipes), by the pipe (``_file_identity``).
+_READ_ONCE: dict[tuple[int, int], str] = {}
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode): a pipe's own, where its ``/dev/fd/N`` name may be reused by another."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _load_hub_text(spec: str) -> str:

@@ -164,6 +164,8 @@ def is_alive(run_dir: Path) -> bool | None:
         pid = int(info["pid"])
     except (KeyError, TypeError, ValueError, OverflowError):
         return None
+    if pid <= 0:  # os.kill would ask about a process group, and always find one
+        return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

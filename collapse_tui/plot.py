@@ -244,7 +244,7 @@ def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> list[
         _check_not_a_folder(Path(csv))
     # matplotlib's warnings (a glyph its font lacks, for a CJK or emoji name) are not the user's to act on
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=r"Glyph .* missing from", category=UserWarning)
         figure = build_figure(runs)
         try:
             figure.savefig(out, dpi=150)

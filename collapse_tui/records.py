@@ -121,7 +121,10 @@ class Event:
             ),
             "process_gone": lambda: f"the run's process is gone ({self.data.get('message', 'no summary')})",
         }
-        text = details[self.event]() if self.event in details else self.event
+        try:
+            text = details[self.event]() if self.event in details else self.event
+        except (TypeError, ValueError):  # a hand-edited line ("lr": "x"): shown as it is, not a crash
+            text = f"{self.event} {self.data}"
         # A collapse is found after the iteration that completes it: name that iteration.
         iteration = self.data.get("at", self.iteration) if self.event == "collapse" else self.iteration
         return f"it {iteration}: {text}"

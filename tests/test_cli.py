@@ -640,4 +640,5 @@ def test_a_path_too_long_for_the_filesystem_is_one_line(tmp_path: Path, option: 
     long = str(tmp_path / ("a" * 300))  # one part past 255 bytes: ENAMETOOLONG wherever it is looked at
     result = CliRunner().invoke(app, ["headless", option, long, "--device", "cpu"])
     assert result.exit_code == 2, result.output
-    assert "a path given is too long for the filesystem" in result.stderr
+    # one line (newer Pythons report such a path as missing rather than raising: then its own line)
+    assert result.stderr.startswith("collapse-tui: error: ") and result.stderr.count("\n") == 1

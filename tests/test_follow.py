@@ -440,5 +440,6 @@ def test_a_resumed_runs_info_takes_max_iters_and_lr_from_its_resume(tmp_path: Pa
 
 
 def test_a_pid_no_process_can_have_is_not_known_alive_or_dead(tmp_path: Path) -> None:
-    write_process(tmp_path, 10**30)  # a garbled process.json: os.kill raises OverflowError on it
-    assert is_alive(tmp_path) is None
+    for pid in (10**30, 0, -1):  # a garbled process.json: OverflowError, or a process group that exists
+        write_process(tmp_path, pid)
+        assert is_alive(tmp_path) is None

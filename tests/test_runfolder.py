@@ -411,3 +411,7 @@ def test_lines_of_the_wrong_shape_are_skipped_and_an_unreadable_file_is_one_line
     (run / "metrics.jsonl").mkdir()  # stands in for a file this user may not read (the tests may run as root)
     with pytest.raises(UserError, match=f"cannot read {run / 'metrics.jsonl'}"):
         read_run(run)
+
+
+def test_an_event_line_with_a_value_of_the_wrong_kind_is_described_not_a_crash() -> None:
+    assert Event("lr", 3, data={"lr": "x", "old_lr": 1e-3}).describe().startswith("it 3: lr ")

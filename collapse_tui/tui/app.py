@@ -430,7 +430,8 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.run_paused = False
             self.recent.clear()  # it/s and the time left from records after the pause only
         elif kind == "lr":
-            self.applied_lr = float(event.data.get("lr", self.applied_lr))
+            with contextlib.suppress(TypeError, ValueError):  # a hand-edited line: the next record says
+                self.applied_lr = float(event.data.get("lr", self.applied_lr))
             if self.requested_lr == self.applied_lr:
                 self.requested_lr = None
         elif kind == "snapshot":
