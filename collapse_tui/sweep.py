@@ -365,11 +365,10 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
     """Plan and check everything, run the runs, then draw the figure and print the table; the exit code."""
     given_out = sweep_dir is not None
     devices = list(options.get("device") or [None])
-    made = [] if given_out else [folder for folder in default_sweep_dir().parents if not folder.exists()]
+    default = default_sweep_dir()
+    made = [] if given_out else [folder for folder in default.parents if not folder.exists()]
     # a default name is claimed (made) at once: two sweeps started in the same second get a folder each
-    sweep_dir = (
-        Path(sweep_dir) if sweep_dir is not None else claim_folder(default_sweep_dir(), "sweep folder")
-    )
+    sweep_dir = Path(sweep_dir) if sweep_dir is not None else claim_folder(default, "sweep folder")
     try:
         check_sweep_dir(sweep_dir)
         _check_devices(devices)

@@ -102,6 +102,12 @@ async def started(app: CollapseApp, pilot: Pilot) -> None:
     await wait_until(pilot, lambda: not app.loading, "the run to start")
 
 
+async def open_lr_dialog(app: CollapseApp, pilot: Pilot) -> None:
+    """Press l and wait for the learning-rate dialog."""
+    await pilot.press("l")
+    await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
+
+
 # -- the panes -----------------------------------------------------------------
 
 
@@ -231,13 +237,11 @@ def test_the_lr_dialog_takes_back_a_run_lr_above_the_ceiling_but_nothing_higher(
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await started(app, pilot)
-        await pilot.press("l")
-        await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
+        await open_lr_dialog(app, pilot)
         assert app.screen.query_one(Input).value == "1.23456789"  # not rounded up to 1.23457
         await pilot.press("enter")  # its own value, as shown: taken, no change
         assert not isinstance(app.screen, LrScreen)
-        await pilot.press("l")
-        await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
+        await open_lr_dialog(app, pilot)
         app.screen.query_one(Input).value = "1.3"
         await pilot.press("enter")
         assert "type at most 1.23457" in str(app.screen.query_one("#lr-error", Label).render())
@@ -266,8 +270,7 @@ def test_typed_lr_is_applied() -> None:
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await started(app, pilot)
-        await pilot.press("l")
-        await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
+        await open_lr_dialog(app, pilot)
         app.screen.query_one(Input).value = ""
         await pilot.press(*"1e-3", "enter")
         await wait_until(pilot, lambda: source.lr_changes == [1e-3], "the typed lr applied")
@@ -281,8 +284,7 @@ def test_in_the_lr_dialog_q_is_typed_and_the_footer_does_not_offer_it_as_quit() 
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await started(app, pilot)
-        await pilot.press("l")
-        await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
+        await open_lr_dialog(app, pilot)
         assert app.check_action("quit", ()) is False and app.check_action("interrupt", ()) is True
         app.screen.query_one(Input).value = ""
         await pilot.press("q")
@@ -312,8 +314,7 @@ def test_bad_typed_lr_is_refused_with_the_error_shown() -> None:
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await started(app, pilot)
-        await pilot.press("l")
-        await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
+        await open_lr_dialog(app, pilot)
         app.screen.query_one(Input).value = ""
         await pilot.press(*"fast", "enter")
         assert isinstance(app.screen, LrScreen)  # still open
@@ -980,8 +981,7 @@ def test_the_history_keys_leave_a_dialogs_input_alone() -> None:
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await wait_until(pilot, lambda: app.records_seen == 5, "five records")
-        await pilot.press("l")
-        await wait_until(pilot, lambda: isinstance(app.screen, LrScreen), "the lr dialog")
+        await open_lr_dialog(app, pilot)
         field = app.screen.query_one(Input)
         await pilot.press("home")
         assert field.cursor_position == 0 and app.browsing is None

@@ -347,8 +347,11 @@ class CollapseApp(App[dict[str, Any] | None]):
         if self.drawn and record.iteration <= self.drawn[-1][0]:
             self._rewind(record.iteration)
         self._remember(record)
-        self.applied_lr = record.lr
-        self._settle_requested_lr(record)
+        self._lr_applied(record.lr)
+        if self.requested_lr is not None and began_after_read(record, self.requested_since):
+            # an iteration begun after the run read the request shows another lr: another watcher asked
+            # at the same boundary, and the run applied the last one asked for
+            self.requested_lr = None
         self.recent.append((record.iteration, record.time))
         self.last_seen_wall = max(self.last_seen_wall or 0.0, record.time)
         if record.iteration + 1 >= self.info.max_iters:
@@ -362,13 +365,10 @@ class CollapseApp(App[dict[str, Any] | None]):
         if self.records_seen == 1 or self.ending:  # the history keys now apply; the last record ends the run
             self._update_state()
 
-    def _settle_requested_lr(self, record: IterationRecord) -> None:
-        """An lr asked for is settled by the record that shows it; or, where an iteration begun after the
-        run read the request shows another, it was superseded (another watcher asked at the same boundary,
-        and the run applies the last one asked for): ``+`` and ``-`` then work from the run's own lr again."""
-        if self.requested_lr is None:
-            return
-        if record.lr == self.requested_lr or began_after_read(record, self.requested_since):
+    def _lr_applied(self, lr: float) -> None:
+        """The run runs at ``lr`` now (a record, an lr event, a resume): an lr asked for is settled by it."""
+        self.applied_lr = lr
+        if self.requested_lr == lr:
             self.requested_lr = None
 
     def _remember(self, record: IterationRecord) -> None:
@@ -419,9 +419,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             with contextlib.suppress(KeyError, TypeError, ValueError):
                 self.info.max_iters = int(event.data["max_iters"])
             with contextlib.suppress(KeyError, TypeError, ValueError):
-                self.applied_lr = float(event.data["lr"])
-                if self.requested_lr == self.applied_lr:
-                    self.requested_lr = None
+                self._lr_applied(float(event.data["lr"]))
         elif kind == "pause":
             self.run_paused = True
         elif kind in ("start", "stop"):  # a run stopped while paused is not paused when it goes on
@@ -431,9 +429,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.recent.clear()  # it/s and the time left from records after the pause only
         elif kind == "lr":
             with contextlib.suppress(TypeError, ValueError):  # a hand-edited line: the next record says
-                self.applied_lr = float(event.data.get("lr", self.applied_lr))
-            if self.requested_lr == self.applied_lr:
-                self.requested_lr = None
+                self._lr_applied(float(event.data.get("lr", self.applied_lr)))
         elif kind == "snapshot":
             self.last_snapshot = self._in_run_folder(event.data.get("path")) or self.last_snapshot
             # Only for a snapshot this screen asked for: a watcher replaying a run's history
