@@ -361,7 +361,7 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
 
     engine = Engine(config, resume_lr=resume_lr(options))
     try:
-        with serving_watchers(engine.run_dir, engine.controls, made=engine.made_run_dir):
+        with serving_watchers(engine.run_dir, engine.controls, made=engine.made_dirs):
             summary = run_app(engine)
     except (UserError, KeyboardInterrupt):
         raise

@@ -8,11 +8,13 @@ resumed later.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,6 +325,24 @@ def claim_default_run_dir(config: RunConfig, root: Path = DEFAULT_RUNS_ROOT) -> 
     exists) is what lets exactly one of them have it.
     """
     return claim_folder(default_run_dir(config, root), "run folder")
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """The folders ``path.mkdir(parents=True)`` would create, innermost first: what a start that
+    fails must remove again, so that a typo leaves no empty ``runs/`` (or ``--out`` parents) behind."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def remove_if_empty(folders: Sequence[Path]) -> None:
+    """Remove those of ``folders`` (innermost first) that are empty: the ones a failed start made."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def claim_folder(base: Path, what: str) -> Path:

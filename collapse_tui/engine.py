@@ -37,6 +37,7 @@ from collapse_tui.config import (
     RunConfig,
     absolute,
     claim_default_run_dir,
+    missing_folders,
     model_name,
 )
 from collapse_tui.controls import RunControls
@@ -152,8 +153,9 @@ class Engine:
     """One self-training run. Construct cheaply, then call ``run`` (blocking) in a worker thread.
 
     Constructing a new run with no ``--out`` makes its (default-named) folder,
-    to claim the name; ``follow.serving_watchers(..., made=engine.made_run_dir)``
-    removes it again if the run never gets as far as its config.
+    to claim the name (and ``runs/`` where there is none yet);
+    ``follow.serving_watchers(..., made=engine.made_dirs)`` removes them again if
+    the run never gets as far as its config.
     """
 
     def __init__(self, config: RunConfig, *, resume_lr: float | None = None) -> None:
@@ -163,8 +165,10 @@ class Engine:
         self.device = resolve_device(config.device)
         self.autocast_dtype = resolve_autocast(config.dtype, self.device)
         check_eval_specs(config.evals)
+        #: The folders this process made for the run (a default-named one and a new ``runs/``),
+        #: innermost first: a start that fails removes them.
+        self.made_dirs: list[Path] = []
         if config.resume:
-            self.made_run_dir = False
             # absolute, as every path the run writes down: a summary's or event's path must still
             # name the same folder when read (or passed to --resume) from another working folder
             self.resume_dir: Path | None = absolute(config.resume)
@@ -181,11 +185,13 @@ class Engine:
         else:
             self.resume_dir = None
             self.resumed_records = []
-            #: Whether this process made the run folder (a default name): a start that fails removes it.
-            self.made_run_dir = not config.out
-            if not config.out:
+            if config.out:
+                self.run_dir = absolute(config.out)
+            else:
                 _check_default_root()  # before a folder is made for it: a refusal leaves nothing behind
-            self.run_dir = absolute(config.out) if config.out else absolute(claim_default_run_dir(config))
+                new_root = missing_folders(absolute(DEFAULT_RUNS_ROOT))
+                self.run_dir = absolute(claim_default_run_dir(config))
+                self.made_dirs = [self.run_dir, *new_root]
             check_new_run_folder(self.run_dir)  # before loading; again, under the folder's lock, by RunWriter
         self.info = RunInfo(
             model=model_name(config.model),

@@ -34,11 +34,11 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from collapse_tui.config import model_name
+from collapse_tui.config import missing_folders, model_name, remove_if_empty
 from collapse_tui.controls import RunControls
 from collapse_tui.errors import UserError
 from collapse_tui.records import Event, IterationRecord
@@ -588,7 +588,7 @@ class FolderSource:
 
 
 @contextlib.contextmanager
-def serving_watchers(run_dir: Path, controls: RunControls, *, made: bool = False) -> Iterator[None]:
+def serving_watchers(run_dir: Path, controls: RunControls, *, made: Sequence[Path] = ()) -> Iterator[None]:
     """While a run goes on in this process: announce it and take watchers' commands.
 
     Both front ends that run an engine (TUI and headless) wrap ``engine.run``
@@ -596,12 +596,13 @@ def serving_watchers(run_dir: Path, controls: RunControls, *, made: bool = False
     run. It takes the folder's lock first, so a second start into a folder
     in use is refused before it touches the first run's ``process.json``.
     If the run never got as far as writing its config (a model that would
-    not load, say), the folder it made is removed again, so a typo leaves no
-    empty run behind (``made``: this process created the folder before
-    this, a default-named one).
+    not load, say), the folders it made are removed again, so a typo leaves no
+    empty run (or empty ``runs/``, or ``--out``'s new parents) behind
+    (``made``: the folders this process created before this for a
+    default-named run, innermost first).
     """
     run_dir = Path(run_dir)
-    existed = run_dir.exists() and not made
+    made_here = list(made) or missing_folders(run_dir.absolute())
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -609,9 +610,7 @@ def serving_watchers(run_dir: Path, controls: RunControls, *, made: bool = False
     try:
         lock = FolderLock(run_dir).acquire()
     except UserError:
-        if not existed:
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
+        remove_if_empty(made_here)
         raise
     process = inbox = None
     try:
@@ -627,7 +626,5 @@ def serving_watchers(run_dir: Path, controls: RunControls, *, made: bool = False
             for name in (PROCESS, COMMANDS, LOCK):
                 with contextlib.suppress(OSError):
                     (run_dir / name).unlink()
-            if not existed:
-                with contextlib.suppress(OSError):
-                    run_dir.rmdir()
+            remove_if_empty(made_here)
         lock.release()

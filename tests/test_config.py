@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from collapse_tui.config import PAPER_PRESET, RunConfig, claim_default_run_dir, eval_set_name, resolve_config
+from collapse_tui.controls import RunControls
 from collapse_tui.engine import Engine
 from collapse_tui.errors import UserError
 from collapse_tui.follow import serving_watchers
@@ -91,10 +92,31 @@ def test_a_failed_default_start_leaves_no_folder_behind(tmp_path, monkeypatch) -
     config = RunConfig(model="models/gpt2", lr=4e-5, evals=[str(tmp_path / "text.txt")], device="cpu")
     (tmp_path / "text.txt").write_text("some text")
     engine = Engine(config)
-    assert engine.run_dir.is_dir() and engine.made_run_dir
-    with serving_watchers(engine.run_dir, engine.controls, made=engine.made_run_dir):
+    assert engine.run_dir.is_dir() and engine.made_dirs
+    with serving_watchers(engine.run_dir, engine.controls, made=engine.made_dirs):
         pass  # the model did not load, say
     assert not engine.run_dir.exists()
+    assert not (tmp_path / "runs").exists()  # made for it, and empty: gone too
+
+
+def test_a_failed_start_into_new_nested_out_folders_removes_them(tmp_path) -> None:
+    """``--out a/b/run`` made ``a/`` and ``a/b/``: a start that fails leaves neither behind."""
+    (tmp_path / "keep").mkdir()
+    config = RunConfig(out=str(tmp_path / "keep" / "a" / "b" / "run"), device="cpu")
+    with serving_watchers(Path(config.out), RunControls()):
+        assert (tmp_path / "keep" / "a" / "b" / "run").is_dir()
+    assert list((tmp_path / "keep").iterdir()) == []
+
+
+def test_a_failed_default_start_keeps_a_runs_folder_that_was_there(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    config = RunConfig(model="models/gpt2", lr=4e-5, evals=[str(tmp_path / "text.txt")], device="cpu")
+    (tmp_path / "text.txt").write_text("some text")
+    engine = Engine(config)
+    with serving_watchers(engine.run_dir, engine.controls, made=engine.made_dirs):
+        pass
+    assert (tmp_path / "runs").is_dir() and list((tmp_path / "runs").iterdir()) == []
 
 
 def test_train_on_defaults_to_the_text_and_runs_from_before_it_keep_their_ids() -> None:
