@@ -49,9 +49,11 @@ from collapse_tui.config import (
     RunConfig,
     absolute_eval,
     claim_folder,
+    missing_folders,
     model_name,
     option_flag,
     option_words,
+    remove_if_empty,
     resolve_config,
 )
 from collapse_tui.errors import UserError
@@ -165,6 +167,13 @@ def _check_inputs_there(plan: list[PlannedRun]) -> None:
     from collapse_tui.data import check_eval_specs  # torch: only once the plan is made
 
     check_eval_specs(plan[0].config.evals)
+    for spec in plan[0].config.evals:
+        path = Path(spec).expanduser()
+        if path.exists() and not path.is_file() and not path.is_dir():  # a pipe: --eval <(…)
+            raise UserError(
+                f"--eval {spec} is a pipe, which the sweep's runs (processes of their own) cannot read; "
+                "write it to a file and give the file"
+            )
     for run in plan:
         model = run.config.model
         if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
@@ -366,7 +375,7 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
     given_out = sweep_dir is not None
     devices = list(options.get("device") or [None])
     default = default_sweep_dir()
-    made = [] if given_out else [folder for folder in default.parents if not folder.exists()]
+    made = [] if given_out else missing_folders(default.parent)
     # a default name is claimed (made) at once: two sweeps started in the same second get a folder each
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else claim_folder(default, "sweep folder")
     try:
@@ -378,9 +387,7 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
         # last, as it may ask the hub; only runs that start load their model (a resume, its snapshot)
         check_models([run for run, step in zip(plan, steps, strict=True) if step.action == "start"])
     except BaseException:  # a mistake, or a Ctrl-C while a model's config is looked up on the hub
-        for folder in [] if given_out else [sweep_dir, *made]:  # what was made for it, still empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_if_empty([] if given_out else [sweep_dir, *made])  # what was made for it, still empty
         raise
     again = command_again(options, sweep_dir)
     try:

@@ -88,6 +88,18 @@ def test_a_missing_model_folder_or_evaluation_file_is_refused_before_anything_ru
         plan_sweep(options(evals=[str(tmp_path / "no-such.txt")]), tmp_path / "sweep")
 
 
+def test_an_evaluation_pipe_is_refused_as_its_runs_could_not_read_it(tmp_path) -> None:
+    """``--eval <(zcat valid.txt.gz)``: the sweep's check reads the pipe, its runs get nothing."""
+    read, write = os.pipe()
+    os.write(write, b"held-out text\n")
+    os.close(write)
+    try:
+        with pytest.raises(UserError, match=rf"--eval /dev/fd/{read} is a pipe, .* write it to a file"):
+            plan_sweep(options(evals=[f"/dev/fd/{read}"]), tmp_path / "sweep")
+    finally:
+        os.close(read)
+
+
 def test_a_run_starts_with_all_its_options_and_goes_on_with_only_what_a_resume_may_change(tmp_path) -> None:
     given = options(lr=[1e-3], max_iters=7, keep_going=True, final_snapshot=False, device="cpu", block=50,
                     gen_tokens=64, evals=["wikitext-2", "ptb"])  # fmt: skip
