@@ -612,6 +612,20 @@ def test_collapse_keeps_the_screen_until_q() -> None:
     assert app.return_value == {"status": "finished", "iterations": 6}
 
 
+def test_a_collapse_event_with_a_hand_edited_rep4_still_gives_its_notice() -> None:
+    records = [make_record(i, 6) for i in range(3)]
+    source = FakeSource(records, script={2: [Event("collapse", 2, data={"rep4": "high"})]}, after="return")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the run to end by itself")
+        await pilot.pause(0.05)
+        assert app.state == "collapsed"
+        assert [n.message for n in app._notifications if n.title == "collapsed"] == ["the run stops; q quits"]
+        await pilot.press("q")
+
+    drive(source, scenario)
+
+
 def test_paths_and_messages_with_brackets_are_shown_as_they_are() -> None:
     failed = "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0 in /r/[/]x"
     source = FakeSource(

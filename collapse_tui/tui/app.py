@@ -446,9 +446,10 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.ending = self.ending or not self.info.keep_going
             tail = "it goes on (keep-going)" if self.info.keep_going else "the run stops; q quits"
             if self._news(event):
-                self.notify(
-                    f"rep4 {event.data.get('rep4', 0):.2f}: {tail}", title="collapsed", severity="warning"
-                )
+                rep4 = event.data.get("rep4")
+                # a hand-edited event line may hold anything: the notice then leaves the number out
+                level = f"rep4 {rep4:.2f}: " if isinstance(rep4, int | float) else ""
+                self.notify(level + tail, title="collapsed", severity="warning")
         elif kind == "error":
             self.failed = True
             if self._news(event):
