@@ -7,6 +7,7 @@ import math
 import shutil
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,26 @@ def test_lr_change_applies_from_the_next_iteration_and_not_before(tiny_config: R
     assert lr_events[0].data == {"lr": 2e-3, "old_lr": 1e-3}
     # Iteration 1's Adam step is sized by the new rate (second steps are ≲ lr).
     assert 1e-3 < moves[0] <= 2e-3 * 1.01
+
+
+def test_an_lr_asked_for_mid_iteration_waits_for_the_next_one(tiny_config: RunConfig) -> None:
+    """A change that arrives while iteration 1 generates leaves iteration 1's step alone."""
+    tiny_config.max_iters = 3
+    engine = Engine(tiny_config)
+    engine.load()
+    generate = engine.inference.generate
+
+    def generate_then_ask(*args, **kwargs):
+        if engine.iteration == 1:
+            engine.controls.set_lr(tiny_config.lr * 2)  # asked for while iteration 1 is in flight
+        return generate(*args, **kwargs)
+
+    engine.inference.generate = generate_then_ask
+    seen: list[float] = []
+    engine.run(Collector(lambda record: seen.append(engine.optimizer.param_groups[0]["lr"])))
+    assert seen == [1e-3, 1e-3, 2e-3]  # the rate of each iteration's step, read as it was recorded
+    lr_events = [e for e in read_run(Path(tiny_config.out)).events if e.event == "lr"]
+    assert [(e.iteration, e.data["lr"]) for e in lr_events] == [(2, 2e-3)]
 
 
 def test_pause_stops_iterations_and_resume_continues(tiny_config: RunConfig) -> None:
@@ -275,6 +296,14 @@ def test_collapse_is_recorded_and_stops_the_run_unless_told_to_keep_going(
     assert len(listener.records) == (6 if keep_going else 3)
     assert summary["status"] == "collapsed"
     assert summary["collapsed_at"] == 2
+    # the recorded metrics are the sample's own (not the prompt's too), worked out by hand:
+    # 100 tokens of "10 11 12 13" over and over have 97 4-grams, 4 of them unique
+    record = listener.records[0]
+    assert record.rep4 == pytest.approx(1 - 4 / 97)
+    assert (record.distinct1, record.unique_tokens) == (pytest.approx(4 / 100), 4)
+    raw = record.text.encode()
+    assert record.compression_ratio == pytest.approx(len(raw) / len(zlib.compress(raw, 9)))
+    assert record.compression_ratio > 5  # the text of 25 repeats, not of the prompt alone
 
 
 class NanInference(EagerInference):
