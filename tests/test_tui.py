@@ -1198,12 +1198,20 @@ def test_a_hangup_kill_or_kill_int_stops_the_run_and_returns_its_summary(
     assert bool(silenced) == terminal_gone  # a kill -HUP with the terminal there restores it
 
 
-def run_app_signalled_twice(first: int, second: int) -> dict:
-    """``run_app`` on a run of two records that gets ``first`` once both are in, then ``second``; the run
-    (and so ``run_app``) outlives both signals."""
+def run_app_signalled_twice(first: int, second: int, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """``run_app`` on a run of two records that gets ``first`` once both are in, then ``second`` once the
+    first is handled; the run (and so ``run_app``) outlives both signals' handlers."""
     source = FakeSource([make_record(i, 5) for i in range(2)])
     both_handled = threading.Event()
     stop_run = source.run
+    handling: list[int] = []  # the signals the app's handler has taken up, in order
+    notice = app_module.ignore_later_hangups  # the first thing the handler does with every signal
+
+    def noting(signum: int) -> bool:
+        handling.append(signum)
+        return notice(signum)
+
+    monkeypatch.setattr(app_module, "ignore_later_hangups", noting)
 
     def run_until_both_signals_are_in(listener):
         summary = stop_run(listener)
@@ -1212,14 +1220,18 @@ def run_app_signalled_twice(first: int, second: int) -> dict:
 
     source.run = run_until_both_signals_are_in
 
-    def signal_twice() -> None:
+    def wait_for(condition: Callable[[], bool]) -> None:
         deadline = time.monotonic() + DEADLINE_S
-        while source.emitted < 2 and time.monotonic() < deadline:
+        while not condition() and time.monotonic() < deadline:
             time.sleep(0.01)
+
+    def signal_twice() -> None:
+        wait_for(lambda: source.emitted >= 2)
         signal.pthread_kill(threading.main_thread().ident, first)
-        time.sleep(0.1)
+        wait_for(lambda: len(handling) >= 1)  # not sooner: two signals pending at once are one
         signal.pthread_kill(threading.main_thread().ident, second)
-        time.sleep(0.2)  # the main thread's handler has run by now
+        # the handler runs on the main thread to its end before the run's end can reach the app
+        wait_for(lambda: len(handling) >= 2)
         both_handled.set()
 
     threading.Thread(target=signal_twice, daemon=True).start()
@@ -1233,7 +1245,7 @@ def test_a_hang_up_after_a_kill_stays_ignored_until_the_process_ends(monkeypatch
     monkeypatch.setattr("collapse_tui.tui.app.terminal_gone", lambda: False)
     previous = signal.getsignal(signal.SIGHUP)
     try:
-        summary = run_app_signalled_twice(signal.SIGTERM, signal.SIGHUP)
+        summary = run_app_signalled_twice(signal.SIGTERM, signal.SIGHUP, monkeypatch)
         after = signal.getsignal(signal.SIGHUP)
     finally:
         signal.signal(signal.SIGHUP, previous)
@@ -1253,7 +1265,7 @@ def test_a_second_sigterm_changes_nothing_while_the_run_stops(monkeypatch) -> No
         real_kill(pid, signum)
 
     monkeypatch.setattr(os, "kill", kill)
-    summary = run_app_signalled_twice(signal.SIGTERM, signal.SIGTERM)
+    summary = run_app_signalled_twice(signal.SIGTERM, signal.SIGTERM, monkeypatch)
     assert summary == {"status": "stopped", "iterations": 2, "signal": "SIGTERM"}
     assert left_at_once == []
 
