@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from runfolders import make_run
+from signals import wait_until_ignoring
 from typer.testing import CliRunner
 
 from collapse_tui.cli import app
@@ -411,7 +412,7 @@ def test_a_hang_up_that_comes_twice_still_stops_the_run_cleanly(tiny_model_dir, 
     out = tmp_path / "run"
     process = start_endless_headless(tiny_model_dir, eval_file, out)
     process.send_signal(signal.SIGHUP)
-    time.sleep(0.05)
+    wait_until_ignoring(process.pid, signal.SIGHUP, 5.0)  # handled: the second comes as a second
     process.send_signal(signal.SIGHUP)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr

@@ -136,13 +136,14 @@ def test_a_command_that_cannot_be_written_is_a_user_error(tmp_path: Path) -> Non
 
 
 def test_a_pause_or_lr_another_watcher_undid_at_the_same_boundary_stops_showing_as_pending(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    asked = 1_800_000_000.0
+    monkeypatch.setattr(time, "time", lambda: asked)  # both requests at one known moment: no race
     controls = FolderControls(tmp_path)
     controls.pause()
     controls.set_lr(1e-3)
     assert controls.paused and controls.pending_lr == 1e-3  # at once, for the screen: PAUSING, lr→
-    asked = time.time()
 
     def ending(at: float) -> IterationRecord:  # an iteration of 0.3 s ending ``at`` seconds from the request
         return replace(record(5), time=asked + at)
@@ -153,7 +154,7 @@ def test_a_pause_or_lr_another_watcher_undid_at_the_same_boundary_stops_showing_
     assert not controls.paused and controls.pending_lr is None
     controls.pause()
     controls.observe(Event("pause", 7))  # made: later records (after a resume elsewhere) change nothing here
-    controls.observe_record(replace(record(7), time=time.time() + 5.0))
+    controls.observe_record(replace(record(7), time=asked + 5.0))
     assert controls.paused
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from signals import wait_until_ignoring
 
 pty = pytest.importorskip("pty")
 
@@ -116,7 +117,8 @@ def test_a_dropped_terminal_or_a_kill_stops_the_tui_run_cleanly_and_the_process_
             os.close(master)  # what sshd does when the connection drops: the session gets SIGHUP
             master = -1
             if how == "hang up twice":  # and the shell the run was started from passes one on too
-                time.sleep(0.3)  # apart, as two deliveries: signals of one kind pending together merge
+                # apart, as two deliveries: signals of one kind pending together merge
+                wait_until_ignoring(pid, signal.SIGHUP, 5.0)
                 os.kill(pid, signal.SIGHUP)
         else:
             os.kill(pid, getattr(signal, how))

@@ -1,0 +1,29 @@
+"""Waiting, from a test, until another process has taken up a signal: not a sleep a loaded machine outruns."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def wait_until_ignoring(pid: int, signum: int, seconds: float) -> bool:
+    """Whether process ``pid`` came to ignore ``signum`` within ``seconds`` (Linux: its /proc status).
+
+    Why: a test that sends a signal twice must send the second only once the
+    first has been handled (the front ends ignore later hang-ups from the
+    first on), or the two, pending together, merge into one and the test no
+    longer tests a second signal. Where the process never ignores it (a bug,
+    or no /proc), this waits out ``seconds``, by which time it has handled the
+    first, so the second still comes as a second.
+    """
+    status = Path(f"/proc/{pid}/status")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            return False  # gone, or no /proc
+        if int(fields.get("SigIgn", "0").strip(), 16) & (1 << (signum - 1)):
+            return True
+        time.sleep(0.01)
+    return False
