@@ -136,7 +136,10 @@ def eval_windows(ids: list[int], block: int, eval_tokens: int | None, name: str 
         starts = torch.arange(available) * block
     else:
         last_start = len(ids) - block - 1
-        starts = torch.linspace(0, last_start, wanted).round().long()
+        # float32 as before (runs of earlier versions keep their windows) where it holds every start;
+        # past 2**24 it does not: the last start rounded up past the end, and its window fell short
+        exact = torch.float32 if last_start < 2**24 else torch.float64
+        starts = torch.linspace(0, last_start, wanted, dtype=exact).round().long()
     return torch.stack([seq[s : s + block + 1] for s in starts.tolist()])
 
 

@@ -55,6 +55,13 @@ def test_an_evaluation_file_that_cannot_be_read_is_one_clear_error(tmp_path: Pat
         load_eval_text(str(text_file))
 
 
+def test_the_windows_of_a_split_longer_than_float32_can_count_all_fit_inside_it() -> None:
+    ids = list(range(100)) * (2**25 // 100 + 12)  # 33,555,600 tokens: past 2**24, float32 skips starts
+    windows = eval_windows(ids, 100, 12800)
+    assert windows.shape == (128, 101)
+    assert windows[-1, -1].item() == ids[-1]  # the last window ends on the last token
+
+
 def test_evaluation_windows_are_worked_out_by_hand() -> None:
     ids = list(range(101))  # 101 tokens: 10 consecutive windows of block 10 (+1 target each)
     windows = eval_windows(ids, 10, eval_tokens=25, name="held")
