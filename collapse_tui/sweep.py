@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -316,6 +317,9 @@ class SweepStop:
         self.children: list[subprocess.Popen[bytes]] = []
         self._before: dict[int, Any] = {}
         self._signum: int | None = None
+        #: A run is being started (``starting``): a Ctrl-Z then waits until it can suspend that run too.
+        self._starting = False
+        self._suspend_waiting = False
 
     def install(self) -> None:
         for name in STOP_SIGNAL_NAMES:
@@ -349,6 +353,9 @@ class SweepStop:
         SIGSTOP, which cannot be dropped, and SIGCONT once the sweep is
         continued.
         """
+        if self._starting:  # a run between Popen and adopt: ``starting`` suspends it with the rest
+            self._suspend_waiting = True
+            return
         held = [child for child in self.children if child.poll() is None]
         for child in held:  # its process group: what the run may have started too (it leads its session)
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -357,6 +364,19 @@ class SweepStop:
         for child in held:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.pid, signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """While a run is started and adopted: a Ctrl-Z that comes meanwhile is acted on after, so that
+        the new run is suspended with the others instead of running on while the sweep is stopped."""
+        self._starting = True
+        try:
+            yield
+        finally:
+            self._starting = False
+            if self._suspend_waiting:
+                self._suspend_waiting = False
+                self._suspend(signal.SIGTSTP, None)
 
     def adopt(self, child: subprocess.Popen[bytes]) -> None:
         """Pass signals on to ``child`` from now on; if one came while it was being started, pass
@@ -658,18 +678,19 @@ def _start_child(
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         output = open(log, "ab")  # noqa: SIM115 (the child has its own copy; ours is closed below)
-    try:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "collapse_tui.cli", *argv],
-            start_new_session=True,
-            env={**os.environ, **env, STOP_WITH: str(os.getpid())},
-            stdout=output,
-            stderr=subprocess.STDOUT if output else None,
-        )
-    finally:
-        if output is not None:
-            output.close()
-    stop.adopt(child)
+    with stop.starting():
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "collapse_tui.cli", *argv],
+                start_new_session=True,
+                env={**os.environ, **env, STOP_WITH: str(os.getpid())},
+                stdout=output,
+                stderr=subprocess.STDOUT if output else None,
+            )
+        finally:
+            if output is not None:
+                output.close()
+        stop.adopt(child)
     return child
 
 

@@ -567,6 +567,33 @@ def test_ctrl_z_suspends_the_run_going_with_the_sweep_and_fg_continues_both(
     assert json.loads((run / "summary.json").read_text())["reason"] == "SIGINT"
 
 
+def test_a_ctrl_z_while_a_run_is_being_started_suspends_that_run_too(monkeypatch) -> None:
+    """A Ctrl-Z between a run's Popen and its adoption waits for it: the new run stops with the rest."""
+    sent: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(os, "killpg", lambda pid, signum: sent.append(("group", pid, signum)))
+    monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append(("process", pid, signum)))
+    stop = SweepStop()
+    with stop.starting():
+        stop._suspend(signal.SIGTSTP, None)  # the handler, run between Popen and adopt
+        assert sent == []
+        stop.adopt(RunningChild(4242))
+    assert sent == [
+        ("group", 4242, signal.SIGSTOP),
+        ("process", os.getpid(), signal.SIGSTOP),  # the sweep itself, as Ctrl-Z would
+        ("group", 4242, signal.SIGCONT),  # once the sweep is continued
+    ]
+
+
+class RunningChild:
+    """A run's process still going: what ``SweepStop`` passes signals to."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> None:
+        return None
+
+
 class FinishedChild:
     """A run's process that has already ended with ``returncode``: what ``_run_plan`` waits on."""
 
