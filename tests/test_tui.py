@@ -1238,6 +1238,34 @@ def run_app_signalled_twice(first: int, second: int, monkeypatch: pytest.MonkeyP
     return run_app(source, headless=True)
 
 
+def test_a_kill_before_the_screen_is_up_still_ends_the_app(monkeypatch) -> None:
+    """A SIGTERM between run_app's handlers and the screen's mount stops the run, and the app leaves."""
+    source = FakeSource([make_record(i, 5) for i in range(3)])
+    mount = CollapseApp.on_mount
+    apps: list[CollapseApp] = []
+
+    def killed_then_mounted(self: CollapseApp) -> None:
+        apps.append(self)
+        signal.raise_signal(signal.SIGTERM)  # its handler runs here, before the screen has its loop
+        mount(self)
+
+    monkeypatch.setattr(CollapseApp, "on_mount", killed_then_mounted)
+    hung: list[bool] = []
+
+    def end_a_hung_app() -> None:  # without the fix the app waits for a q forever: end it, and fail
+        hung.append(True)
+        apps[0].call_from_thread(apps[0].exit, None)
+
+    watchdog = threading.Timer(DEADLINE_S, end_a_hung_app)
+    watchdog.start()
+    try:
+        summary = run_app(source, headless=True)
+    finally:
+        watchdog.cancel()
+    assert not hung
+    assert summary["signal"] == "SIGTERM"
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
 def test_a_hang_up_after_a_kill_stays_ignored_until_the_process_ends(monkeypatch) -> None:
     # kill, then the session drops: the hang-up is no second signal, and the kernel's may follow

@@ -225,6 +225,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.interrupted = False
         #: The app's event loop once running, for signal handlers to reach it.
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: A stop signal came before the screen was up (``loop`` still None): ``on_mount`` acts on it.
+        self.signalled_early = False
 
     # -- layout --------------------------------------------------------------
 
@@ -265,6 +267,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.set_interval(1.0, self._show_status)
         self._show_status()
         self._update_state()
+        if self.signalled_early:  # a hang-up or kill while the screen started: leave once the run has
+            self.stop_from_signal()
 
     @property
     def worker_started(self) -> bool:
@@ -901,6 +905,8 @@ def run_app(
         source.controls.stop(signals[0])
         if app.loop is not None:
             app.loop.call_soon_threadsafe(app.stop_from_signal)
+        else:  # the screen is not up yet: it leaves as soon as it is (or it would wait for a q)
+            app.signalled_early = True
 
     previous: dict[int, Any] = {}
     for name in STOP_SIGNAL_NAMES:
