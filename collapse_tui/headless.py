@@ -199,13 +199,15 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
     console = Console(stderr=False)
     reporter: PlainReporter | None = None
     interrupted = False
+    leaving = False  # a KeyboardInterrupt is on its way out: the cleanup it runs must not get another
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal interrupted
+        nonlocal interrupted, leaving
         ignore_later_hangups(signum)
-        if interrupted and changes_nothing_once_stopping(signum):
-            return  # a hang-up or a SIGTERM after the stop began
+        if leaving or (interrupted and changes_nothing_once_stopping(signum)):
+            return  # a hang-up or a SIGTERM after the stop began; anything once leaving
         if interrupted or not engine.loaded:
+            interrupted = leaving = True
             raise KeyboardInterrupt  # a second Ctrl-C, or still loading: leave now
         interrupted = True
         engine.controls.stop(signal.Signals(signum).name)

@@ -247,6 +247,40 @@ main()
 """
 
 
+#: Runs the CLI with a SIGTERM while the model loads, and another as the process cleans up: a
+#: scheduler's, then the sweep's own passed on.
+KILLED_TWICE_WHILE_LOADING_CLI = """
+import os, signal, sys
+from collapse_tui import engine, follow
+from collapse_tui.cli import main
+
+def load(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+
+real_close = follow.RunProcess.close
+
+def close(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_close(self)
+
+engine.Engine.load = load
+follow.RunProcess.close = close
+sys.argv = ["collapse-tui", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_second_sigterm_while_leaving_a_load_changes_nothing(tiny_model_dir, eval_file, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_TWICE_WHILE_LOADING_CLI, *small_run(tiny_model_dir, eval_file, out)],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "collapse-tui: interrupted while loading"
+    assert not out.exists()  # the folder it made, cleaned up whole: no lock, no "running" process.json
+
+
 def test_a_crash_gets_one_line_naming_the_run_folder_and_its_traceback_file(
     tiny_model_dir: Path, eval_file: Path, tmp_path: Path
 ):
