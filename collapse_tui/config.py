@@ -277,12 +277,12 @@ def validate(config: RunConfig, *, new_run: bool = True) -> None:
     # torch's generators take a 64-bit seed, signed or not
     need(-(2**63) <= config.seed < 2**64, f"--seed must be a 64-bit number, not {config.seed}")
     need(
-        math.isfinite(config.temperature) and config.temperature >= MIN_TEMPERATURE,
+        config.temperature >= MIN_TEMPERATURE,  # NaN fails it too
         f"--temperature must be at least {MIN_TEMPERATURE:g}, not {config.temperature:g} "
         "(far lower ones overflow the scaled logits; --top-k 1 samples greedily)",
     )
     need(
-        config.temperature <= MAX_TEMPERATURE or not new_run,
+        (config.temperature <= MAX_TEMPERATURE or not new_run) and math.isfinite(config.temperature),
         f"--temperature must be at most {MAX_TEMPERATURE:g}, not {config.temperature:g} "
         "(there sampling is already uniform over the top k)",
     )
@@ -302,8 +302,23 @@ def validate(config: RunConfig, *, new_run: bool = True) -> None:
         config.train_on in TRAIN_ON,
         f"--train-on must be one of {', '.join(TRAIN_ON)}, not {config.train_on!r}",
     )
+    _need_utf8(config)
     need(len(config.evals) >= 1, "give at least one --eval set")
     need(len(set(config.evals)) == len(config.evals), "each --eval set may be given only once")
+
+
+def _need_utf8(config: RunConfig) -> None:
+    """A text or path given with bytes that are not UTF-8 (``--prompt $'ab\\xff'``): one line, here, not a
+    crash where it is first written down (config.json), which left a folder no later start would take."""
+    given = [("--prompt", config.prompt), ("--model", config.model), ("--out", config.out or "")]
+    given += [("--resume", config.resume or "")] + [("--eval", spec) for spec in config.evals]
+    for flag, value in given:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            fix = "give it as UTF-8 text" if flag == "--prompt" else "give a UTF-8 path (a link will do)"
+            raise UserError(f"{flag} {shown} holds bytes that are not UTF-8; {fix}") from None
 
 
 #: Where runs and sweeps given no --out go, and where ``collapse-tui runs`` looks by default.

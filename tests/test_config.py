@@ -53,6 +53,12 @@ def test_eval_tokens_all_means_whole_split() -> None:
         ({"collapse_threshold": 1.0}, r"rep4 never reaches 1"),  # it could never trigger
         ({"gen_tokens": 10**11}, "--gen-tokens must be at most"),  # "the run crashed": 800 GB asked for
         ({"temperature": 1e39}, "--temperature must be at most"),  # past float32: top-k kept every token
+        ({"temperature": float("inf")}, "--temperature must be at most"),  # not "at least 0.001"
+        ({"temperature": float("nan")}, "--temperature must be at least"),
+        # bytes that are not UTF-8, as a shell passes them ($'ab\xffcd'): "the run crashed" at config.json
+        ({"prompt": "ab\udcffcd"}, r"--prompt ab\\xffcd holds bytes that are not UTF-8"),
+        ({"evals": ["ev\udcff.txt"]}, r"--eval ev\\xff.txt holds bytes that are not UTF-8"),
+        ({"out": "runs/\udcff"}, "--out .* holds bytes that are not UTF-8"),
         ({"dtype": "float8"}, "--dtype"),
         ({"preset": "nope"}, "preset"),
     ],
