@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from collapse_tui.errors import UserError
-from collapse_tui.runfolder import CONFIG, RunFolder, read_run
+from collapse_tui.runfolder import CONFIG, RunFolder, read_run, writing_whole
 from collapse_tui.runs import find_runs, lr_text, model_label, run_names
 
 if TYPE_CHECKING:
@@ -247,7 +247,8 @@ def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> list[
         warnings.filterwarnings("ignore", message=r"Glyph .* missing from", category=UserWarning)
         figure = build_figure(runs)
         try:
-            figure.savefig(out, dpi=150)
+            with writing_whole(out) as partial:  # a figure there before is kept if this one fails
+                figure.savefig(partial, dpi=150)
         except OSError as error:
             raise UserError(f"cannot write {out}: {error.strerror or error}") from None
     if csv is not None:
@@ -295,7 +296,7 @@ def csv_rows(runs: list[RunFolder]) -> tuple[list[str], list[dict[str, Any]]]:
 def write_csv(runs: list[RunFolder], path: Path) -> None:
     header, rows = csv_rows(runs)
     try:
-        with open(path, "w", newline="", encoding="utf-8") as handle:
+        with writing_whole(path) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
             writer = csv_module.DictWriter(handle, fieldnames=header)
             writer.writeheader()
             writer.writerows(rows)

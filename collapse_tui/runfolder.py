@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar
@@ -182,6 +183,22 @@ def write_atomic(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def writing_whole(path: Path) -> Iterator[Path]:
+    """A name beside ``path`` (with its suffix, for writers that go by it) to write the file under;
+    renamed onto ``path`` once the block ends, removed if it fails: a write that fails (a full
+    disk) leaves the file before it as it was, not cut off."""
+    if path.is_symlink():  # a link is written through, as an open() would, not replaced by the file
+        path = Path(os.path.realpath(path))
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

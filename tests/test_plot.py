@@ -127,6 +127,36 @@ def test_a_csv_that_cannot_be_written_leaves_no_figure_behind(two_runs: list[Pat
         plot_runs(two_runs, tmp_path / "figures.png")
 
 
+def test_a_figure_or_csv_that_fails_half_way_leaves_the_one_before_as_it_was(
+    two_runs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    figure, merged = tmp_path / "fig.png", tmp_path / "merged.csv"
+    figure.write_bytes(b"the figure before")
+    merged.write_text("the csv before")
+
+    def savefig_filling_the_disk(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG cut off")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", savefig_filling_the_disk)
+    with pytest.raises(UserError, match=r"cannot write .*fig\.png: No space left on device"):
+        plot_runs(two_runs, figure)
+    monkeypatch.undo()
+
+    def writerows_filling_the_disk(self, rows):
+        self.writerow(next(iter(rows)))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", writerows_filling_the_disk)
+    with pytest.raises(UserError, match=r"cannot write .*merged\.csv: No space left on device"):
+        plot_runs(two_runs, tmp_path / "new.png", csv=merged)
+    assert figure.read_bytes() == b"the figure before"
+    assert merged.read_text() == "the csv before"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fast", "fig.png", "merged.csv", "new.png", "slow"]
+
+
 def test_runs_of_one_name_in_different_folders_are_told_apart(tmp_path: Path) -> None:
     runs = [make_run(tmp_path / sweep / "lr", "finished", n=3) for sweep in ("sweep-a", "sweep-b")]
     table = tmp_path / "metrics.csv"

@@ -45,7 +45,7 @@ from collapse_tui.errors import ScreenCrashed, UserError
 from collapse_tui.exits import STOP_SIGNAL_NAMES, changes_nothing_once_stopping, ignore_later_hangups
 from collapse_tui.follow import began_after_read
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import SNAPSHOTS, read_run
+from collapse_tui.runfolder import SNAPSHOTS, read_run, write_atomic
 from collapse_tui.source import RunSource
 from collapse_tui.tui.history import Entry, SampleHistory
 from collapse_tui.tui.screens import MAX_LR, HelpScreen, LrScreen, help_keys
@@ -578,7 +578,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             return
         try:
             name = free_screen_name(folder)
-            self.save_screenshot(filename=name, path=str(folder))
+            write_atomic(folder / name, self.export_screenshot())  # whole or not at all (a full disk)
         except OSError as error:
             self.notify(f"could not save the screen: {error}", severity="error")
             return
