@@ -140,18 +140,21 @@ def why_not_take_over(root: Path) -> str | None:
     where a run of its own would hide them from ``runs``. Nor may it write
     inside another run's folder, where ``runs`` would never find it.
     """
-    if holds_iterations(root):
-        return "already holds a run; choose another --out, or --resume a snapshot"
+    taken = "already holds a run; choose another --out, or --resume a snapshot"
+    is_run = _is_run_config(root / CONFIG)
+    if is_run is not None and holds_iterations(root):
+        return taken
     around = enclosing_run_folder(root)
     if around is not None:
         return f"is inside the run folder {around}; choose another --out"
-    is_run = _is_run_config(root / CONFIG)
     if is_run is not None:
         return None if is_run else "holds a config.json that is not a run's; choose another --out"
     # empty ones are what a start killed before its config was written leaves: nothing to lose
     theirs = [name for name in START_FILES if _size(root / name)]
-    if theirs:
+    if theirs:  # a stray metrics.jsonl among them: no run's, and not to be written over
         return f"holds {', '.join(theirs)} of no run of this tool; choose another --out"
+    if holds_iterations(root):  # snapshots, their run's config gone
+        return taken
     try:
         runs = sorted(
             child.name for child in root.iterdir() if child.is_dir() and _is_run_config(child / CONFIG)

@@ -187,6 +187,11 @@ def test_files_named_like_a_runs_that_no_run_left_are_left_alone(tmp_path: Path)
         RunWriter(mine)
     assert (mine / "summary.json").read_text() == '{"my": "notes"}'
     assert (mine / "traceback.txt").read_text() == "a log of mine"
+    stray = tmp_path / "stray"  # a metrics.jsonl with a line, but no run's config: not "holds a run"
+    stray.mkdir()
+    (stray / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match=r"holds metrics.jsonl of no run of this tool"):
+        RunWriter(stray)
 
     # empty line files and no config: a start killed before it wrote its config; taken over
     cut = tmp_path / "cut"
