@@ -58,6 +58,7 @@ from collapse_tui.runfolder import (
     parse_metrics,
     read_run,
     read_summary,
+    why_not_take_over,
     write_atomic,
 )
 from collapse_tui.source import EngineListener, RunInfo
@@ -487,6 +488,8 @@ def wait_until_started(
     caller's ``FolderSource`` then says the folder is not one.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or why_not_take_over(run_dir) is not None):
+        return  # a file, or a folder no run could start in (one of runs, say): nothing to wait for
     said = False
     deadline = time.monotonic() + appearing_s
     # a start makes the folder, then (after its lock) process.json: until one of those is there

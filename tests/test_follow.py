@@ -369,6 +369,18 @@ def test_watch_waits_a_moment_for_a_run_folder_a_start_has_not_made_yet(tmp_path
     assert calls == ["waiting", "never", "empty"]
 
 
+def test_watch_does_not_wait_on_what_can_never_become_a_run(tmp_path: Path) -> None:
+    """A file, or a folder of runs (``runs/``, a sweep's): no start could take it; no 10 s wait."""
+    (tmp_path / "held.txt").write_text("some text")
+    RunWriter(tmp_path / "runs" / "a").write_config(
+        {"model": "gpt2", "run_dir": str(tmp_path / "runs" / "a")}
+    )
+    calls: list[str] = []
+    for path in (tmp_path / "held.txt", tmp_path / "runs"):
+        wait_until_started(path, poll_s=0.02, waiting=lambda: calls.append("waiting"), appearing_s=30.0)
+    assert calls == []
+
+
 def test_watch_does_not_wait_for_a_start_that_died(tmp_path: Path) -> None:
     run_dir = tmp_path / "died"
     run_dir.mkdir()
