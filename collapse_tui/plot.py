@@ -153,6 +153,10 @@ def _draw_figure(runs: list[RunFolder]) -> Figure:
             collapsed_at = run.collapsed_at
             mark = [xs.index(collapsed_at)] if collapsed_at in xs else []
             colour, dashes = _look(index)
+            if mark:  # the marker only where (and if) the run collapsed, so the legend shows which did
+                style: dict[str, Any] = {"marker": "X", "markevery": mark, "markersize": 9}
+            else:  # a run of one iteration is a point, which a line alone does not draw
+                style = {"marker": "o", "markersize": 5} if len(xs) == 1 else {}
             (line,) = ax.plot(
                 xs,
                 ys,
@@ -160,8 +164,7 @@ def _draw_figure(runs: list[RunFolder]) -> Figure:
                 color=colour,
                 linestyle=dashes,
                 linewidth=1.4,
-                # the marker only where (and if) the run collapsed, so the legend shows which did
-                **({"marker": "X", "markevery": mark, "markersize": 9} if mark else {}),
+                **style,
             )
             line.set_gid(LINE_GID.format(index))
             if collapsed_at is not None:

@@ -47,6 +47,13 @@ def test_one_panel_per_eval_set_and_one_line_per_run(two_runs: list[Path]) -> No
         assert len(collapse) == 1 and list(collapse[0].get_xdata()) == [2, 2]  # dotted line at iteration 2
 
 
+def test_a_run_of_one_iteration_is_drawn_as_a_point(tmp_path: Path) -> None:
+    one = make_run(tmp_path / "one", "stopped", n=1, evals=EVALS)
+    figure = build_figure(load_runs([one]))
+    lines = [line for ax in figure.axes if ax.get_visible() for line in run_lines(ax)]
+    assert len(lines) == 3 and all(line.get_marker() == "o" for line in lines)  # not an empty panel
+
+
 def test_nothing_pays_for_matplotlib_until_a_figure_is_drawn() -> None:
     code = "import sys, collapse_tui.plot, collapse_tui.runs, collapse_tui.follow; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
