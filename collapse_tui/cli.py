@@ -54,7 +54,11 @@ app = typer.Typer(
     no_args_is_help=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
-    help="Watch a language model collapse as it trains on its own output (Herel & Mikolov 2024).",
+    help=(
+        "Watch a language model collapse as it trains on its own output (Herel & Mikolov 2024).\n\n"
+        "With no command, the run goes on in the live screen (collapse-tui --model gpt2-medium); "
+        "'headless' runs it without one."
+    ),
 )
 
 

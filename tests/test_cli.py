@@ -677,3 +677,10 @@ def test_a_path_too_long_for_the_filesystem_is_one_line(tmp_path: Path, option: 
     assert result.exit_code == 2, result.output
     # one line (newer Pythons report such a path as missing rather than raising: then its own line)
     assert result.stderr.startswith("collapse-tui: error: ") and result.stderr.count("\n") == 1
+
+
+def test_the_top_help_says_that_no_command_opens_the_live_screen() -> None:
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    words = " ".join(result.output.split())  # as wrapped to any width
+    assert "With no command, the run goes on in the live screen" in words and "'headless'" in words
