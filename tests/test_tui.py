@@ -1540,6 +1540,23 @@ def test_a_watchers_help_says_q_leaves_the_run_going_and_a_read_only_one_lists_n
     assert "previous / next iteration's sample" in texts[1]
 
 
+def test_the_help_of_a_run_that_has_ended_offers_no_steering() -> None:
+    source = FakeSource([make_record(i, 3) for i in range(3)], after="return")  # ends by itself
+    texts: list[str] = []
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the run to end")
+        await pilot.press("question_mark")
+        await pilot.pause()
+        texts.append(help_text(app))
+        await pilot.press("q")
+
+    drive(source, scenario)
+    assert "quit (the run has ended)" in texts[0] and "save this screen as an SVG" in texts[0]
+    assert "double the learning" not in texts[0] and "pause / resume" not in texts[0]
+    assert "the run goes on" not in texts[0] and "stop the run" not in texts[0]
+
+
 def test_a_status_tick_while_the_screen_is_torn_down_does_nothing() -> None:
     """The once-a-second status update can fire after an exit has removed the status line (seen once in CI)."""
     source = FakeSource([make_record(0, 5)])

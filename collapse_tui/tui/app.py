@@ -825,7 +825,8 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            keys = help_keys(stops_the_run=self.runs_here, read_only=self.read_only)
+            ended = self.worker_started and not self.running
+            keys = help_keys(stops_the_run=self.runs_here, read_only=self.read_only, ended=ended)
             self.push_screen(HelpScreen(keys))
 
     async def action_quit(self) -> None:

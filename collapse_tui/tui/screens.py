@@ -30,14 +30,25 @@ HISTORY_KEYS = [
 ]
 
 
-def help_keys(*, stops_the_run: bool = True, read_only: bool = False) -> list[tuple[str, str]]:
-    """The help's key list for this screen: a watcher's q leaves the run going, a read-only one cannot steer."""
-    quit_row = (
-        ("q", "stop the run (its folder is completed) and quit")
-        if stops_the_run
-        else ("q", "stop watching and quit (the run goes on)")
-    )
-    return [*([] if read_only else STEERING_KEYS), *HISTORY_KEYS, quit_row, ("?", "this help")]
+#: What is left to do to a run that has ended, on its screen.
+ENDED_KEYS = [("s", "save this screen as an SVG beside the run's last snapshot")]
+
+
+def help_keys(
+    *, stops_the_run: bool = True, read_only: bool = False, ended: bool = False
+) -> list[tuple[str, str]]:
+    """The help's key list for this screen: a watcher's q leaves the run going, a read-only one cannot
+    steer, and a run that has ended takes no steering at all."""
+    if ended:
+        steering, quit_row = ENDED_KEYS, ("q", "quit (the run has ended)")
+    else:
+        steering = STEERING_KEYS
+        quit_row = (
+            ("q", "stop the run (its folder is completed) and quit")
+            if stops_the_run
+            else ("q", "stop watching and quit (the run goes on)")
+        )
+    return [*([] if read_only else steering), *HISTORY_KEYS, quit_row, ("?", "this help")]
 
 
 class HelpScreen(ModalScreen[None]):
