@@ -125,8 +125,13 @@ def load_model(model_id: str, device: torch.device) -> LoadedModel:
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory_error(model_id, device) from None
     model.eval()  # dropout off, for generation and for the training step alike
-    max_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    return LoadedModel(model=model, tokenizer=tokenizer, max_positions=max_positions)
+    return LoadedModel(model=model, tokenizer=tokenizer, max_positions=context_length(config))
+
+
+def context_length(config: object) -> int | None:
+    """The most positions the model takes (GPT-2's ``n_positions``, most others'
+    ``max_position_embeddings``); None where its config does not say."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 def _is_causal_lm(config: object) -> bool:

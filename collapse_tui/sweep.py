@@ -185,10 +185,13 @@ def check_models(plan: list[PlannedRun]) -> None:
     """Every model of the sweep is one its runs can load: its config read (from the hub, a small
     file), so that a mistyped id, a model not cached while offline or a folder of something else costs
     one line now, not a failed run hours in."""
-    from collapse_tui.modeling import load_causal_lm_config  # transformers: only once the plan is made
+    from collapse_tui.modeling import context_length, load_causal_lm_config  # transformers: once planned
 
+    block = plan[0].config.block  # the same for every run
     for model in dict.fromkeys(run.config.model for run in plan):
-        load_causal_lm_config(model)
+        limit = context_length(load_causal_lm_config(model))
+        if limit is not None and block > limit:  # what its run would say once it had loaded the model
+            raise UserError(f"--block {block} is longer than the context of {model} ({limit} tokens)")
 
 
 def check_sweep_dir(sweep_dir: Path) -> None:
@@ -706,13 +709,16 @@ def _earlier_runs(sweep_dir: Path, plan: list[PlannedRun]) -> list[str]:
         ) from None
     if not isinstance(data, dict):
         raise UserError(f"{sweep_dir / SWEEP_FILE} is not a sweep's; give the sweep another --out")
+    names = [str(name) for name in data.get("runs") or [] if isinstance(name, str)]
+    if not any((sweep_dir / name).exists() for name in names):
+        return []  # none of its runs got as far as a folder (each failed to start): nothing to keep alike
     difference = _first_difference(data.get("settings") or {}, _settings(plan))
     if difference:
         raise UserError(
             f"the sweep in {sweep_dir} has {difference}; a sweep's runs share every setting but --model, "
             "--lr and --seed: give this one another --out"
         )
-    return [str(name) for name in data.get("runs") or [] if isinstance(name, str)]
+    return names
 
 
 def _settings(plan: list[PlannedRun]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from collapse_tui.runs import run_status
 from collapse_tui.sweep import (
     Step,
     SweepStop,
+    _earlier_runs,
     _run_plan,
     _settings,
     _threads,
@@ -298,10 +299,23 @@ def test_a_sweep_of_other_settings_into_the_same_folder_is_refused(tmp_path: Pat
     (out / "sweep.json").write_text(
         json.dumps({"settings": _settings(plan), "runs": ["a"], "commands": ["c"]})
     )
+    make_run(out / "a", "stopped", n=2)
     result = CliRunner().invoke(app, ["sweep", "--block", "32", "--lr", "1e-3", "--out", str(out)])
     assert result.exit_code == 2
     assert f"the sweep in {out} has --block 16, not 32" in result.stderr
     assert json.loads((out / "sweep.json").read_text())["commands"] == ["c"]  # left as it was
+
+
+def test_a_sweep_none_of_whose_runs_started_may_be_given_again_with_other_settings(tmp_path: Path) -> None:
+    """Every run failed to start (a --block too long, say) and left no folder: the fix is not refused."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text(
+        json.dumps(
+            {"settings": _settings(plan_sweep(options(block=200), out)), "runs": ["a"], "commands": ["c"]}
+        )
+    )
+    assert _earlier_runs(out, plan_sweep(options(block=32), out)) == []
 
 
 def test_a_run_that_ended_before_its_first_iteration_is_started_again(tmp_path: Path) -> None:
@@ -410,6 +424,10 @@ def test_a_model_that_cannot_be_loaded_is_refused_before_anything_runs(tiny_mode
         assert result.returncode == 2
         assert why in result.stderr and "Traceback" not in result.stderr
         assert not out.exists()  # the tiny model's run, first in the grid, did not start
+    # a block longer than the model's context (the tiny one's: 128) fails every run: refused at once
+    result = cli(*tiny_sweep(tiny_model_dir, eval_file, out, "--block", "200", "--gen-tokens", "300"))
+    assert f"--block 200 is longer than the context of {tiny_model_dir} (128 tokens)" in result.stderr
+    assert result.returncode == 2 and not out.exists()
 
 
 def test_ctrl_c_stops_the_run_going_with_its_snapshot_and_starts_no_other(
