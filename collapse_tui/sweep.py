@@ -420,7 +420,7 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
         raise UserError(f"cannot create the sweep folder {sweep_dir}: {error.strerror or error}") from None
     at_once = f", {len(devices)} at once ({', '.join(map(str, devices))})" if len(devices) > 1 else ""
     say(
-        f"sweep: {len(plan)} runs in {sweep_dir}{at_once}"
+        f"sweep: {len(plan)} run{'' if len(plan) == 1 else 's'} in {sweep_dir}{at_once}"
         + ("" if given_out else f"; to go on after a stop: {again}")
     )
     stop = SweepStop()

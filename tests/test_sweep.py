@@ -463,7 +463,9 @@ def test_a_sweep_killed_without_a_word_stops_its_run_as_a_kill_does(tiny_model_d
 
 def test_a_closed_output_costs_neither_the_runs_nor_the_figure(tiny_model_dir, eval_file, tmp_path):
     out = tmp_path / "sweep"
-    sweep = start_sweep(tiny_sweep(tiny_model_dir, eval_file, out, "--max-iters", "1"), until="sweep: 1 runs")
+    sweep = start_sweep(
+        tiny_sweep(tiny_model_dir, eval_file, out, "--max-iters", "1"), until="sweep: 1 run in"
+    )
     assert sweep.stdout is not None
     sweep.stdout.close()  # like `| head -1`
     _, stderr = sweep.communicate(timeout=300)
