@@ -684,3 +684,21 @@ def test_the_top_help_says_that_no_command_opens_the_live_screen() -> None:
     assert result.exit_code == 0
     words = " ".join(result.output.split())  # as wrapped to any width
     assert "With no command, the run goes on in the live screen" in words and "'headless'" in words
+
+
+def test_the_live_screen_without_a_terminal_is_one_line_pointing_at_headless(
+    tiny_model_dir, eval_file, tmp_path
+):
+    """``collapse-tui … > log </dev/null``: escape codes into a file, and a screen waiting for a q for ever."""
+    out = tmp_path / "run"
+    args = small_run(tiny_model_dir, eval_file, out)[1:]  # the live screen's command: no "headless"
+    result = subprocess.run(
+        [sys.executable, "-m", "collapse_tui.cli", *args],
+        capture_output=True, text=True, env=ENV, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("collapse-tui: error: the live screen needs a terminal")
+    assert "collapse-tui headless" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()  # nothing was run
+    watched = cli("watch", str(make_run(tmp_path / "done", "finished", n=2)))
+    assert watched.returncode == 2 and "the live screen needs a terminal" in watched.stderr

@@ -881,6 +881,12 @@ def run_app(
     here, after the screen is restored, for the CLI to print. ``headless``
     runs without a terminal (for tests).
     """
+    if not headless and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # the screen would be escape codes in a file, waiting forever for a q no one can type
+        raise UserError(
+            "the live screen needs a terminal, and this process's input or output is not one; "
+            "run it with `collapse-tui headless` (and read a run with `collapse-tui runs` or `plot`)"
+        )
     app = CollapseApp(source, clock=clock)
     signals: list[str] = []  # every stop signal received
     stopped_by: list[str] = []  # those that stopped a run still going
