@@ -89,15 +89,25 @@ RUN_OPTIONS: list[inspect.Parameter] = [
     _option(
         "evals",
         list[str] | None,
-        "Evaluation set, repeatable: wikitext-2, wikitext-2-v1, ptb, or a text file [default: wikitext-2].",
+        "Evaluation set, repeatable: wikitext-2, wikitext-2-v1, ptb, or a text file (each name once) [default: wikitext-2].",
         "--eval",
     ),
     _option("lr", float | None, "Learning rate of the constant-rate AdamW step [default: 4e-5].", "--lr"),
     _option("max_iters", int | None, "Iterations to run at most [default: 1000].", "--max-iters"),
-    _option("gen_tokens", int | None, "Tokens generated per iteration [default: 1024].", "--gen-tokens"),
+    _option(
+        "gen_tokens",
+        int | None,
+        "Tokens generated per iteration, from --block - 1 to 1,000,000 [default: 1024].",
+        "--gen-tokens",
+    ),
     _option("block", int | None, "Context window in tokens [default: 100].", "--block"),
     _option("top_k", int | None, "Sample from the k most likely tokens [default: 200].", "--top-k"),
-    _option("temperature", float | None, "Sampling temperature [default: 1.0].", "--temperature"),
+    _option(
+        "temperature",
+        float | None,
+        "Sampling temperature, from 0.001 to 1e6 [default: 1.0].",
+        "--temperature",
+    ),
     _option(
         "prompt",
         str | None,
@@ -122,7 +132,7 @@ RUN_OPTIONS: list[inspect.Parameter] = [
     _option(
         "collapse_threshold",
         float | None,
-        "rep4 at or above this counts towards collapse [default: 0.9].",
+        "rep4 at or above this (below 1) counts towards collapse [default: 0.9].",
         "--collapse-threshold",
     ),
     _option(
