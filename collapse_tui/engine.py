@@ -247,7 +247,8 @@ class Engine:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         if loaded.max_positions is not None and config.block > loaded.max_positions:
             raise UserError(
-                f"--block {config.block} is longer than the model's context of {loaded.max_positions} tokens"
+                f"--block {config.block} is longer than the model's context of {loaded.max_positions} tokens; "
+                f"give --block {loaded.max_positions} or less"
             )
         self.prompt_ids = self._encode_prompt(config.prompt)
         self.eval_sets: list[EvalSet] = []

@@ -167,14 +167,14 @@ def _check_inputs_there(plan: list[PlannedRun]) -> None:
     in: look now (a hub id: ``check_models``)."""
     from collapse_tui.data import check_eval_specs  # torch: only once the plan is made
 
-    check_eval_specs(plan[0].config.evals)
-    for spec in plan[0].config.evals:
+    for spec in plan[0].config.evals:  # before they are read: a pipe would be read to its end first
         path = Path(spec).expanduser()
-        if path.exists() and not path.is_file() and not path.is_dir():  # a pipe: --eval <(…)
+        if path.exists() and not path.is_file() and not path.is_dir():  # --eval <(…), say
             raise UserError(
-                f"--eval {spec} is a pipe, which the sweep's runs (processes of their own) cannot read; "
-                "write it to a file and give the file"
+                f"--eval {spec} is not a regular file (a pipe?), which the sweep's runs (processes of "
+                "their own) could not read; write it to a file and give the file"
             )
+    check_eval_specs(plan[0].config.evals)
     for run in plan:
         model = run.config.model
         if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
@@ -187,11 +187,13 @@ def check_models(plan: list[PlannedRun]) -> None:
     one line now, not a failed run hours in."""
     from collapse_tui.modeling import context_length, load_causal_lm_config  # transformers: once planned
 
-    block = plan[0].config.block  # the same for every run
-    for model in dict.fromkeys(run.config.model for run in plan):
+    for model, block in dict.fromkeys((run.config.model, run.config.block) for run in plan):
         limit = context_length(load_causal_lm_config(model))
         if limit is not None and block > limit:  # what its run would say once it had loaded the model
-            raise UserError(f"--block {block} is longer than the context of {model} ({limit} tokens)")
+            raise UserError(
+                f"--block {block} is longer than the context of {model} ({limit} tokens); "
+                f"give --block {limit} or less"
+            )
 
 
 def check_sweep_dir(sweep_dir: Path) -> None:
@@ -698,7 +700,8 @@ def _start_child(
 
 
 def _earlier_runs(sweep_dir: Path, plan: list[PlannedRun]) -> list[str]:
-    """The runs ``sweep.json`` names; a sweep of other settings (another --block, say) is refused."""
+    """The runs ``sweep.json`` names; a sweep of other settings (another --block, say) is refused,
+    unless none of its runs got as far as a folder (each failed to start): then there are none."""
     try:
         data = json.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:

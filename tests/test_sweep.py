@@ -33,6 +33,7 @@ from collapse_tui.sweep import (
     _run_plan,
     _settings,
     _threads,
+    check_models,
     command_again,
     decide,
     headless_argv,
@@ -95,7 +96,10 @@ def test_an_evaluation_pipe_is_refused_as_its_runs_could_not_read_it(tmp_path) -
     os.write(write, b"held-out text\n")
     os.close(write)
     try:
-        with pytest.raises(UserError, match=rf"--eval /dev/fd/{read} is a pipe, .* write it to a file"):
+        with pytest.raises(
+            UserError,
+            match=rf"--eval /dev/fd/{read} is not a regular file \(a pipe\?\), .* write it to a file",
+        ):
             plan_sweep(options(evals=[f"/dev/fd/{read}"]), tmp_path / "sweep")
     finally:
         os.close(read)
@@ -306,6 +310,11 @@ def test_a_sweep_of_other_settings_into_the_same_folder_is_refused(tmp_path: Pat
     assert json.loads((out / "sweep.json").read_text())["commands"] == ["c"]  # left as it was
 
 
+def test_a_sweep_given_again_with_no_run_to_start_looks_up_no_model() -> None:
+    """Every run resumed or done (a stopped one-run sweep, given again): nothing to check, no crash."""
+    check_models([])
+
+
 def test_a_sweep_none_of_whose_runs_started_may_be_given_again_with_other_settings(tmp_path: Path) -> None:
     """Every run failed to start (a --block too long, say) and left no folder: the fix is not refused."""
     out = tmp_path / "sweep"
@@ -426,7 +435,9 @@ def test_a_model_that_cannot_be_loaded_is_refused_before_anything_runs(tiny_mode
         assert not out.exists()  # the tiny model's run, first in the grid, did not start
     # a block longer than the model's context (the tiny one's: 128) fails every run: refused at once
     result = cli(*tiny_sweep(tiny_model_dir, eval_file, out, "--block", "200", "--gen-tokens", "300"))
-    assert f"--block 200 is longer than the context of {tiny_model_dir} (128 tokens)" in result.stderr
+    assert f"--block 200 is longer than the context of {tiny_model_dir} (128 tokens); give --block 128" in (
+        result.stderr
+    )
     assert result.returncode == 2 and not out.exists()
 
 
