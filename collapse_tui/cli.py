@@ -369,9 +369,11 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
             )
         return
     config = build_config(options)
+    from collapse_tui.tui.app import need_terminal, run_app  # here: the headless path never loads textual
+
+    need_terminal("run it with `collapse-tui headless`")  # before a folder is made, or a run's is touched
     from collapse_tui.engine import Engine
     from collapse_tui.follow import serving_watchers
-    from collapse_tui.tui.app import run_app  # imported here: the headless path never loads textual
 
     engine = Engine(config, resume_lr=resume_lr(options))
     try:
@@ -435,7 +437,9 @@ def watch_command(
 ) -> None:
     """Attach the TUI to a run folder: follow a live run (and steer it), or replay a finished one."""
     from collapse_tui.follow import FolderSource, is_alive, wait_until_started
-    from collapse_tui.tui.app import run_app
+    from collapse_tui.tui.app import need_terminal, run_app
+
+    need_terminal("read the run with `collapse-tui runs` or `collapse-tui plot`")
 
     def waiting() -> None:
         if is_alive(run_dir):

@@ -24,6 +24,13 @@ from collapse_tui.runfolder import read_run
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.fixture(autouse=True)
+def screens_have_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests that stand in for the screen (``run_app`` patched) run it from CliRunner, whose process
+    may have no terminal (CI): the live screen's own check is tested through a subprocess below."""
+    monkeypatch.setattr("collapse_tui.tui.app.need_terminal", lambda instead: None)
+
+
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "collapse_tui.cli", *args],
@@ -699,6 +706,7 @@ def test_the_live_screen_without_a_terminal_is_one_line_pointing_at_headless(
     assert result.returncode == 2
     assert result.stderr.startswith("collapse-tui: error: the live screen needs a terminal")
     assert "collapse-tui headless" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not out.exists()  # nothing was run
+    assert not out.exists() and not (tmp_path / "runs").exists()  # nothing was made
     watched = cli("watch", str(make_run(tmp_path / "done", "finished", n=2)))
     assert watched.returncode == 2 and "the live screen needs a terminal" in watched.stderr
+    assert "collapse-tui runs" in watched.stderr

@@ -868,6 +868,16 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.exit(self.summary)
 
 
+def need_terminal(instead: str) -> None:
+    """Refuse, before anything is made, a screen that no one could see: Textual draws on stderr and
+    reads keys from stdin, so both must be a terminal (else escape codes go into a file, and the
+    screen waits for ever for a q no one can type). ``instead``: what to run instead."""
+    if not all(stream is not None and stream.isatty() for stream in (sys.__stdin__, sys.__stderr__)):
+        raise UserError(
+            f"the live screen needs a terminal, and this process's input or error output is not one; {instead}"
+        )
+
+
 def run_app(
     source: RunSource, *, clock: Callable[[], float] = time.monotonic, headless: bool = False
 ) -> dict[str, Any]:
@@ -881,12 +891,6 @@ def run_app(
     here, after the screen is restored, for the CLI to print. ``headless``
     runs without a terminal (for tests).
     """
-    if not headless and not (sys.stdin.isatty() and sys.stdout.isatty()):
-        # the screen would be escape codes in a file, waiting forever for a q no one can type
-        raise UserError(
-            "the live screen needs a terminal, and this process's input or output is not one; "
-            "run it with `collapse-tui headless` (and read a run with `collapse-tui runs` or `plot`)"
-        )
     app = CollapseApp(source, clock=clock)
     signals: list[str] = []  # every stop signal received
     stopped_by: list[str] = []  # those that stopped a run still going
