@@ -316,7 +316,10 @@ def _need_utf8(config: RunConfig) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            try:  # the bytes as the shell gave them
+                shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:  # a surrogate no byte stands for (a hand-edited config.json)
+                shown = ascii(value)
             fix = "give it as UTF-8 text" if flag == "--prompt" else "give a UTF-8 path (a link will do)"
             raise UserError(f"{flag} {shown} holds bytes that are not UTF-8; {fix}") from None
 

@@ -488,6 +488,8 @@ def wait_until_started(
     caller's ``FolderSource`` then says the folder is not one.
     """
     run_dir = Path(run_dir)
+    if (run_dir / CONFIG).exists():
+        return  # started: no need to ask the rest (which reads the whole metrics file)
     if run_dir.exists() and (not run_dir.is_dir() or why_not_take_over(run_dir) is not None):
         return  # a file, or a folder no run could start in (one of runs, say): nothing to wait for
     said = False

@@ -208,6 +208,8 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
             return  # a hang-up or a SIGTERM after the stop began; anything once leaving
         if interrupted or not engine.loaded:
             interrupted = leaving = True
+            # a Ctrl-C now ends the process outright, should this exit stall (or its interrupt be lost)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             raise KeyboardInterrupt  # a second Ctrl-C, or still loading: leave now
         interrupted = True
         engine.controls.stop(signal.Signals(signum).name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -21,9 +22,21 @@ def wait_until_ignoring(pid: int, signum: int, seconds: float) -> bool:
     while time.monotonic() < deadline:
         try:
             fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
-        except OSError:
-            return False  # gone, or no /proc
+        except OSError:  # gone, or no /proc: wait out the time while it lives, as said above
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.05)
+            return False
         if int(fields.get("SigIgn", "0").strip(), 16) & (1 << (signum - 1)):
             return True
         time.sleep(0.01)
     return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True

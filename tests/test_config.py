@@ -108,6 +108,15 @@ def test_a_failed_default_start_leaves_no_folder_behind(tmp_path, monkeypatch) -
     assert not (tmp_path / "runs").exists()  # made for it, and empty: gone too
 
 
+def test_a_default_name_too_long_for_the_filesystem_leaves_no_runs_folder(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_text("some text")
+    config = RunConfig(model="org/" + "m" * 300, evals=[str(tmp_path / "text.txt")], device="cpu")
+    with pytest.raises(UserError, match="cannot create run folder"):
+        Engine(config)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_failed_start_into_new_nested_out_folders_removes_them(tmp_path) -> None:
     """``--out a/b/run`` made ``a/`` and ``a/b/``: a start that fails leaves neither behind."""
     (tmp_path / "keep").mkdir()

@@ -1552,7 +1552,7 @@ def test_the_help_of_a_run_that_has_ended_offers_no_steering() -> None:
         await pilot.press("q")
 
     drive(source, scenario)
-    assert "quit (the run has ended)" in texts[0] and "save this screen as an SVG" in texts[0]
+    assert "quit (the run has ended)" in texts[0] and "save this screen as an SVG into" in texts[0]
     assert "double the learning" not in texts[0] and "pause / resume" not in texts[0]
     assert "the run goes on" not in texts[0] and "stop the run" not in texts[0]
 

@@ -31,7 +31,7 @@ HISTORY_KEYS = [
 
 
 #: What is left to do to a run that has ended, on its screen.
-ENDED_KEYS = [("s", "save this screen as an SVG beside the run's last snapshot")]
+ENDED_KEYS = [("s", "save this screen as an SVG into the run's last snapshot (or its folder)")]
 
 
 def help_keys(
