@@ -249,6 +249,15 @@ def test_a_sweep_folder_inside_a_run_is_refused(tmp_path: Path) -> None:
     assert f"is inside the run folder {tmp_path / 'run'}" in result.stderr
 
 
+def test_a_folder_of_runs_of_no_sweep_is_refused_as_a_sweeps_folder(tmp_path: Path) -> None:
+    """``sweep --out runs``: its runs would be mixed into a sweep's table and figure."""
+    make_run(tmp_path / "runs" / "20261129-gpt2-lr4e-05", "finished")
+    result = CliRunner().invoke(app, ["sweep", "--lr", "1e-3", "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    assert "holds runs of no sweep (20261129-gpt2-lr4e-05); give the sweep a new folder" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20261129-gpt2-lr4e-05"]
+
+
 def test_a_sweep_started_below_a_run_folder_is_refused_whatever_its_out_or_none(tmp_path, monkeypatch):
     make_run(tmp_path / "run", "finished")
     (tmp_path / "run" / "notes").mkdir()
