@@ -249,13 +249,18 @@ def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> list[
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph .* missing from", category=UserWarning)
         figure = build_figure(runs)
+        # both under names of their own until both are written: a failure (a full disk) leaves the
+        # figure and CSV there before as they were, and no new figure beside an old CSV
+        writing = out
         try:
-            with writing_whole(out) as partial:  # a figure there before is kept if this one fails
-                figure.savefig(partial, dpi=150)
+            with writing_whole(out) as partial_figure:
+                figure.savefig(partial_figure, dpi=150)
+                if csv is not None:
+                    writing = Path(csv)
+                    with writing_whole(Path(csv)) as partial_csv:
+                        write_csv(runs, partial_csv)
         except OSError as error:
-            raise UserError(f"cannot write {out}: {error.strerror or error}") from None
-    if csv is not None:
-        write_csv(runs, Path(csv))
+            raise UserError(f"cannot write {writing}: {error.strerror or error}") from None
     return skipped
 
 
@@ -297,11 +302,9 @@ def csv_rows(runs: list[RunFolder]) -> tuple[list[str], list[dict[str, Any]]]:
 
 
 def write_csv(runs: list[RunFolder], path: Path) -> None:
+    """One row per run and iteration, every evaluation set a column (``csv_rows``)."""
     header, rows = csv_rows(runs)
-    try:
-        with writing_whole(path) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
-            writer = csv_module.DictWriter(handle, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv_module.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
