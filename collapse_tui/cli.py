@@ -292,7 +292,8 @@ def _check_eval_files_still_there(evals: list[str]) -> None:
         given_anew = " ".join(f"--eval {'NEW_PATH' if spec in gone else spec}" for spec in evals)
         raise UserError(
             f"--resume: the run's evaluation file {gone[0]} is not there any more; "
-            f"if it moved, give its new path, the sets in the run's order: {given_anew}"
+            f"if it moved, give its new path (named {eval_set_name(gone[0])}.*, as the set is known by its name), "
+            f"the sets in the run's order: {given_anew}"
         )
 
 
