@@ -767,8 +767,21 @@ def snapshot_failure(error: Exception, folder: Path) -> str:
     except OSError:
         return message
     if free >= LOW_DISK_BYTES:
+        limit = _file_size_limit()  # the other short write: a file past ``ulimit -f`` (EFBIG, no errno)
+        if limit is not None:
+            return f"a file may have passed this process's size limit (ulimit -f: {limit / 2**20:.0f} MiB; {message})"
         return message
     return f"no space left on device ({free / 2**20:.0f} MiB free in {folder}; {message})"
+
+
+def _file_size_limit() -> int | None:
+    """The largest file this process may write, in bytes (``ulimit -f``); None where there is no limit."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 #: What a snapshot folder must hold to be resumed from (the model's weights beside its config.json).

@@ -414,6 +414,7 @@ def test_a_snapshot_that_fails_on_a_full_disk_is_reported_and_the_run_goes_on(
 
 
 def test_a_snapshot_write_cut_short_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch) -> None:
+    import collapse_tui.engine as engine_module
     from collapse_tui.engine import snapshot_failure
 
     short_write = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
@@ -426,7 +427,13 @@ def test_a_snapshot_write_cut_short_on_a_full_disk_says_the_disk_is_full(tmp_pat
     enospc = OSError(28, "No space left on device")
     assert snapshot_failure(enospc, tmp_path) == "[Errno 28] No space left on device"  # said already
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**30))
+    monkeypatch.setattr(engine_module, "_file_size_limit", lambda: None)
     assert snapshot_failure(short_write, tmp_path).startswith("RuntimeError: [enforce fail")  # another cause
+    monkeypatch.setattr(engine_module, "_file_size_limit", lambda: 100 * 2**20)  # ulimit -f 102400
+    assert snapshot_failure(short_write, tmp_path) == (
+        "a file may have passed this process's size limit (ulimit -f: 100 MiB; RuntimeError: [enforce fail "
+        "at inline_container.cc:672] . unexpected pos 576 vs 534)"
+    )
 
 
 def test_a_stopped_and_resumed_run_equals_one_never_stopped(tiny_config: RunConfig, tmp_path: Path) -> None:
