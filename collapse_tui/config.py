@@ -371,6 +371,10 @@ def claim_folder(base: Path, what: str) -> Path:
         try:
             candidate.mkdir(parents=True)
         except FileExistsError:
+            if not candidate.exists() and not candidate.is_symlink():  # not the name: a folder above it
+                raise UserError(
+                    f"cannot create {what} {candidate}: a folder on its path is in the way (a broken link?)"
+                ) from None
             continue
         except OSError as error:
             raise UserError(f"cannot create {what} {candidate}: {error.strerror}") from None

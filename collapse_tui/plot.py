@@ -245,6 +245,8 @@ def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> list[
         if not Path(csv).parent.is_dir():
             raise UserError(f"cannot write {csv}: there is no folder {Path(csv).parent}")
         _check_not_a_folder(Path(csv))
+        if os.path.realpath(csv) == os.path.realpath(out):  # one would be written over the other
+            raise UserError(f"--csv {csv} is the figure's file too; give the CSV a name of its own")
     # matplotlib's warnings (a glyph its font lacks, for a CJK or emoji name) are not the user's to act on
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph .* missing from", category=UserWarning)

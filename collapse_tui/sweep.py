@@ -210,13 +210,17 @@ def check_sweep_dir(sweep_dir: Path) -> None:
     if sweep_dir.is_dir() and not (sweep_dir / SWEEP_FILE).exists():
         # runs of no sweep (``runs/`` itself, say): it would become a sweep's, figure and all
         try:
-            theirs = sorted(child.name for child in sweep_dir.iterdir() if is_run_folder(child))
+            theirs = sorted(
+                child.name
+                for child in sweep_dir.iterdir()
+                if is_run_folder(child) or (child / SWEEP_FILE).is_file()  # a run, or another sweep
+            )
         except OSError:
             theirs = []
         if theirs:
             shown = ", ".join(theirs[:3]) + (", …" if len(theirs) > 3 else "")
             raise UserError(
-                f"the sweep's folder {sweep_dir} holds runs of no sweep ({shown}); give the sweep a new "
+                f"the sweep's folder {sweep_dir} holds runs or sweeps of no sweep ({shown}); give the sweep a new "
                 f"folder, e.g. --out {sweep_dir / 'sweep-1'}"
             )
 

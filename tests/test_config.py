@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from collapse_tui.config import PAPER_PRESET, RunConfig, claim_default_run_dir, eval_set_name, resolve_config
+from collapse_tui.config import (
+    PAPER_PRESET,
+    RunConfig,
+    claim_default_run_dir,
+    claim_folder,
+    eval_set_name,
+    resolve_config,
+)
 from collapse_tui.controls import RunControls
 from collapse_tui.engine import Engine
 from collapse_tui.errors import UserError
@@ -93,6 +100,12 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monk
         "20261128-120000-gpt2-lr4e-05-3",
     ]
     assert all(folder.is_dir() for folder in folders)
+
+
+def test_a_broken_link_on_the_path_is_named_not_taken_for_a_thousand_names(tmp_path: Path) -> None:
+    (tmp_path / "runs").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=r"a folder on its path is in the way \(a broken link\?\)"):
+        claim_folder(tmp_path / "runs" / "sweep-1", "sweep folder")
 
 
 def test_a_failed_default_start_leaves_no_folder_behind(tmp_path, monkeypatch) -> None:

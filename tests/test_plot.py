@@ -169,6 +169,18 @@ def test_a_figure_or_csv_that_fails_half_way_leaves_the_one_before_as_it_was(
     ]  # no new.png
 
 
+def test_a_csv_given_the_figures_own_file_is_refused_before_anything_is_written(
+    two_runs: list[Path], tmp_path: Path
+) -> None:
+    mine = tmp_path / "same.png"
+    mine.write_text("MY FILE")
+    (tmp_path / "link.csv").symlink_to(mine)
+    for csv_path in (mine, tmp_path / "link.csv"):
+        with pytest.raises(UserError, match="is the figure's file too; give the CSV a name of its own"):
+            plot_runs(two_runs, mine, csv=csv_path)
+    assert mine.read_text() == "MY FILE"
+
+
 def test_runs_of_one_name_in_different_folders_are_told_apart(tmp_path: Path) -> None:
     runs = [make_run(tmp_path / sweep / "lr", "finished", n=3) for sweep in ("sweep-a", "sweep-b")]
     table = tmp_path / "metrics.csv"

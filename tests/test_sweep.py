@@ -254,8 +254,15 @@ def test_a_folder_of_runs_of_no_sweep_is_refused_as_a_sweeps_folder(tmp_path: Pa
     make_run(tmp_path / "runs" / "20261129-gpt2-lr4e-05", "finished")
     result = CliRunner().invoke(app, ["sweep", "--lr", "1e-3", "--out", str(tmp_path / "runs")])
     assert result.exit_code == 2
-    assert "holds runs of no sweep (20261129-gpt2-lr4e-05); give the sweep a new folder" in result.stderr
+    assert (
+        "holds runs or sweeps of no sweep (20261129-gpt2-lr4e-05); give the sweep a new folder"
+        in result.stderr
+    )
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20261129-gpt2-lr4e-05"]
+    (tmp_path / "sweeps" / "sweep-20261129").mkdir(parents=True)  # runs/ holding only a sweep
+    (tmp_path / "sweeps" / "sweep-20261129" / "sweep.json").write_text("{}")
+    result = CliRunner().invoke(app, ["sweep", "--lr", "1e-3", "--out", str(tmp_path / "sweeps")])
+    assert result.exit_code == 2 and "holds runs or sweeps of no sweep (sweep-20261129)" in result.stderr
 
 
 def test_a_sweep_started_below_a_run_folder_is_refused_whatever_its_out_or_none(tmp_path, monkeypatch):
