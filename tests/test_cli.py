@@ -235,6 +235,13 @@ def test_a_run_folder_left_before_its_first_iteration_is_used_again(
     assert [e.event for e in run.events].count("start") == 1
 
 
+def run_patched_cli(script: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process of its own, with ``script`` (which patches the code, then calls ``main``)."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV, timeout=300
+    )
+
+
 #: Runs the CLI with Engine.step raising at iteration 2, as a bug deep in a run would.
 CRASHING_CLI = """
 import sys
@@ -279,10 +286,7 @@ main()
 
 def test_a_second_sigterm_while_leaving_a_load_changes_nothing(tiny_model_dir, eval_file, tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-c", KILLED_TWICE_WHILE_LOADING_CLI, *small_run(tiny_model_dir, eval_file, out)],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )  # fmt: skip
+    result = run_patched_cli(KILLED_TWICE_WHILE_LOADING_CLI, small_run(tiny_model_dir, eval_file, out))
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "collapse-tui: interrupted while loading"
     assert not out.exists()  # the folder it made, cleaned up whole: no lock, no "running" process.json
@@ -292,10 +296,7 @@ def test_a_crash_gets_one_line_naming_the_run_folder_and_its_traceback_file(
     tiny_model_dir: Path, eval_file: Path, tmp_path: Path
 ):
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-c", CRASHING_CLI, *small_run(tiny_model_dir, eval_file, out)],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )  # fmt: skip
+    result = run_patched_cli(CRASHING_CLI, small_run(tiny_model_dir, eval_file, out))
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
