@@ -221,9 +221,8 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as error:
             typer.echo(f"collapse-tui: error: {error}", err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
-        except (
-            OSError
-        ) as error:  # a path typed with a part the filesystem cannot take, wherever it is looked at
+        # a path typed with a part the filesystem cannot take, wherever it is looked at
+        except OSError as error:
             if error.errno != errno.ENAMETOOLONG:
                 raise
             name = str(error.filename or "")

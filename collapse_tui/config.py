@@ -365,7 +365,17 @@ def remove_if_empty(folders: Sequence[Path]) -> None:
 
 def claim_folder(base: Path, what: str) -> Path:
     """Create ``base``, or ``base-2``, ``base-3``, … where it is taken, and return the one made: of
-    two processes naming a folder by the same second, exactly one gets each name."""
+    two processes naming a folder by the same second, exactly one gets each name. One that cannot be
+    made leaves none of the folders above it that it made (``runs/``, say) behind."""
+    made_above = missing_folders(base.parent)
+    try:
+        return _claim_folder(base, what)
+    except UserError:
+        remove_if_empty(made_above)
+        raise
+
+
+def _claim_folder(base: Path, what: str) -> Path:
     for number in range(1, 1000):
         candidate = base if number == 1 else base.with_name(f"{base.name}-{number}")
         try:

@@ -39,7 +39,6 @@ from collapse_tui.config import (
     claim_default_run_dir,
     missing_folders,
     model_name,
-    remove_if_empty,
 )
 from collapse_tui.controls import RunControls
 from collapse_tui.data import EvalSet, check_eval_specs, eval_set_name, load_eval_set
@@ -191,11 +190,7 @@ class Engine:
             else:
                 _check_default_root()  # before a folder is made for it: a refusal leaves nothing behind
                 new_root = missing_folders(absolute(DEFAULT_RUNS_ROOT))
-                try:
-                    self.run_dir = absolute(claim_default_run_dir(config))
-                except UserError:  # a name too long for the filesystem, say: runs/ may be made by now
-                    remove_if_empty(new_root)
-                    raise
+                self.run_dir = absolute(claim_default_run_dir(config))
                 self.made_dirs = [self.run_dir, *new_root]
             check_new_run_folder(self.run_dir)  # before loading; again, under the folder's lock, by RunWriter
         self.info = RunInfo(

@@ -95,6 +95,11 @@ def holds_iterations(root: Path) -> bool:
     return snapshots.is_dir() and any(not path.name.startswith(".") for path in snapshots.iterdir())
 
 
+def a_few(names: list[str]) -> str:
+    """The first three of ``names`` for a one-line message, and "…" where there are more."""
+    return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+
+
 def is_run_folder(path: Path) -> bool:
     """A run folder has its config and at least one of its line files.
 
@@ -162,8 +167,9 @@ def why_not_take_over(root: Path) -> str | None:
     except OSError:
         runs = []  # missing, or unreadable: creating or writing it says what is wrong
     if runs:
-        shown = ", ".join(runs[:3]) + (", …" if len(runs) > 3 else "")
-        return f"holds run folders ({shown}); give a new folder inside it, e.g. --out {root / 'new-run'}"
+        return (
+            f"holds run folders ({a_few(runs)}); give a new folder inside it, e.g. --out {root / 'new-run'}"
+        )
     return None
 
 

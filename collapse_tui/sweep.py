@@ -64,6 +64,7 @@ from collapse_tui.runfolder import (
     METRICS,
     SNAPSHOTS,
     RunFolder,
+    a_few,
     enclosing_run_folder,
     holds_iterations,
     is_run_folder,
@@ -218,10 +219,9 @@ def check_sweep_dir(sweep_dir: Path) -> None:
         except OSError:
             theirs = []
         if theirs:
-            shown = ", ".join(theirs[:3]) + (", …" if len(theirs) > 3 else "")
             raise UserError(
-                f"the sweep's folder {sweep_dir} holds runs or sweeps of no sweep ({shown}); give the sweep a new "
-                f"folder, e.g. --out {sweep_dir / 'sweep-1'}"
+                f"the sweep's folder {sweep_dir} holds runs or sweeps of no sweep ({a_few(theirs)}); give the "
+                f"sweep a new folder, e.g. --out {sweep_dir / 'sweep-1'}"
             )
 
 
