@@ -222,12 +222,13 @@ def _check_image_path(out: Path) -> None:
         raise UserError(
             f"cannot write {out}: unknown image format {out.suffix or '(none)'!r}; use .png, .pdf or .svg"
         )
-    if not out.parent.is_dir():
-        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
-    _check_not_a_folder(out)
+    _check_writable_name(out)
 
 
-def _check_not_a_folder(path: Path) -> None:
+def _check_writable_name(path: Path) -> None:
+    """The figure's and the CSV's paths fail alike: a missing folder, or a folder where the file goes."""
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder; give a file name")
 
@@ -242,9 +243,7 @@ def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> list[
     runs = load_runs(run_dirs, skipped)
     _check_image_path(out)
     if csv is not None:  # before the figure: all or nothing
-        if not Path(csv).parent.is_dir():
-            raise UserError(f"cannot write {csv}: there is no folder {Path(csv).parent}")
-        _check_not_a_folder(Path(csv))
+        _check_writable_name(Path(csv))
         if os.path.realpath(csv) == os.path.realpath(out):  # one would be written over the other
             raise UserError(f"--csv {csv} is the figure's file too; give the CSV a name of its own")
     # matplotlib's warnings (a glyph its font lacks, for a CJK or emoji name) are not the user's to act on
