@@ -61,6 +61,8 @@ from collapse_tui.runfolder import (
     replaced_snapshot,
     restore_replaced_snapshots,
     snapshot_iteration,
+    sync_folder,
+    sync_folder_entries,
 )
 from collapse_tui.source import EngineListener, NullListener, RunInfo
 from collapse_tui.training import build_optimizer, load_optimizer_state, make_train_step
@@ -559,6 +561,7 @@ class Engine:
         path.mkdir(parents=True)
         try:
             self._write_snapshot(path)
+            sync_folder(path)  # on disk before the name says it is whole
         except BaseException as error:
             if not isinstance(error, Exception):  # a second Ctrl-C: nothing else will remove it
                 shutil.rmtree(path, ignore_errors=True)
@@ -571,6 +574,7 @@ class Engine:
             shutil.rmtree(replaced, ignore_errors=True)
         else:
             path.rename(final)
+        sync_folder_entries(final.parent)  # the rename itself
         return final
 
     def _write_snapshot(self, path: Path) -> None:

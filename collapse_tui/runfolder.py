@@ -18,7 +18,8 @@ The line files are append-only and flushed (and fsynced) line by line, so
 killing the process loses at most the iteration in flight, and another
 process may read the folder while it is written. Every reader goes through
 ``read_jsonl``, which skips a half-written last line. The JSON files are
-replaced whole (``write_atomic``), snapshots by a rename once complete.
+replaced whole (``write_atomic``), snapshots by a rename once complete and on disk
+(``sync_folder``).
 """
 
 from __future__ import annotations
@@ -212,6 +213,33 @@ def writing_whole(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sync_folder(folder: Path) -> None:
+    """Put every file under ``folder``, and the folders' entries, on disk (fsync).
+
+    Why: a snapshot is renamed into place once written, and without this a
+    power cut or a kernel crash after the rename could leave ``iter-N`` with
+    files the page cache never wrote (empty or cut short), which the resume
+    it exists for would then fail to load.
+    """
+    for current, _folders, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(current, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        sync_folder_entries(Path(current))
+
+
+def sync_folder_entries(folder: Path) -> None:
+    """The folder's own entries (a rename into it, a new file) on disk; a no-op where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows opens no folders
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def partial_snapshot(final: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 import threading
 import time
@@ -168,6 +169,35 @@ def test_a_snapshot_loads_back_with_the_same_logits(tiny_config: RunConfig) -> N
     rerun.run()
     with torch.no_grad():
         assert torch.allclose(loaded(probe).logits, rerun.model(probe).logits, atol=1e-6)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names descriptors through /proc")
+def test_a_snapshot_is_on_disk_before_it_is_renamed_into_place(tiny_config: RunConfig, monkeypatch) -> None:
+    """A power cut after the rename must not leave an ``iter-N`` whose files were never written."""
+    log: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(descriptor: int) -> None:
+        log.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def rename(source, target) -> None:
+        log.append(("rename", str(Path(source).resolve())))
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    tiny_config.max_iters = 1
+    Engine(tiny_config).run()  # its final snapshot, iter-1
+    snapshots = (Path(tiny_config.out) / "snapshots").resolve()
+    partial = str(snapshots / ".partial-iter-1")
+    renamed = log.index(("rename", partial))
+    synced = {path for kind, path in log[:renamed] if kind == "fsync"}
+    final = snapshots / "iter-1"
+    files = {str(Path(partial) / p.relative_to(final)) for p in final.rglob("*") if p.is_file()}
+    assert files and files <= synced
+    assert partial in synced  # the folder's entries too
+    assert ("fsync", str(snapshots)) in log[renamed:]  # and the rename itself
 
 
 def test_a_second_ctrl_c_during_the_final_snapshot_leaves_the_runs_end_and_no_partial_files(
