@@ -1605,12 +1605,19 @@ def test_a_kill_after_the_run_has_ended_only_closes_the_screen(monkeypatch) -> N
     interruption: the summary, and so the exit code, stay the run's own."""
     monkeypatch.setattr("collapse_tui.tui.app.terminal_gone", lambda: False)
     source = FakeSource([make_record(i, 5) for i in range(2)], after="return")
+    apps: list[CollapseApp] = []
+    made = CollapseApp.__init__
+
+    def remember(self: CollapseApp, *args, **kwargs) -> None:
+        made(self, *args, **kwargs)
+        apps.append(self)
+
+    monkeypatch.setattr(CollapseApp, "__init__", remember)
 
     def kill_once_finished() -> None:
         deadline = time.monotonic() + DEADLINE_S
-        while not source.finished and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.2)  # the app has seen the run end
+        while not (apps and apps[0].run_done.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the app has seen the run end
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=kill_once_finished, daemon=True).start()
