@@ -8,10 +8,12 @@ One iteration (DESIGN section 1), on the model θ_i:
 3. take one AdamW step on a random ``block``-token window of the sample;
 4. record the iteration (run folder + listener).
 
-The engine knows nothing of any user interface. Front ends call ``run`` in a
-background thread with an ``EngineListener`` and steer through
+The engine knows nothing of any user interface. Front ends call ``run`` with an
+``EngineListener`` (the TUI in a worker thread, headless in its main thread,
+where its signal handler's KeyboardInterrupt lands) and steer through
 ``self.controls``; every command applies at the next iteration boundary and is
-recorded as an event.
+recorded as an event, except a stop, which also cuts a generation in flight
+short (that iteration is not recorded).
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ def _saved_lr(snapshot: Path | None) -> float | None:
 
 
 class Engine:
-    """One self-training run. Construct cheaply, then call ``run`` (blocking) in a worker thread.
+    """One self-training run. Construct cheaply, then call ``run`` (blocking; the TUI's worker thread, headless's own).
 
     Constructing a new run with no ``--out`` makes its (default-named) folder,
     to claim the name (and ``runs/`` where there is none yet);

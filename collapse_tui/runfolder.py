@@ -493,7 +493,7 @@ class FolderLock:
 
 
 class RunWriter:
-    """Writes a run folder. Thread-safe: the engine and a front end may both log events."""
+    """Writes a run folder, from the engine's thread; a lock keeps each line whole should another thread log too."""
 
     def __init__(self, root: Path, *, resuming: bool = False) -> None:
         self.root = Path(root)

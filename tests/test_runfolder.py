@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,11 +17,12 @@ import pytest
 from rich.console import Console
 from runfolders import make_run
 
+import collapse_tui
 from collapse_tui import runfolder
 from collapse_tui.controls import RunControls
 from collapse_tui.errors import UserError
 from collapse_tui.follow import serving_watchers
-from collapse_tui.records import Event, IterationRecord
+from collapse_tui.records import EVENT_KINDS, Event, IterationRecord
 from collapse_tui.runfolder import (
     RunWriter,
     drop_abandoned_events,
@@ -420,3 +422,15 @@ def test_lines_of_the_wrong_shape_are_skipped_and_an_unreadable_file_is_one_line
 
 def test_an_event_line_with_a_value_of_the_wrong_kind_is_described_not_a_crash() -> None:
     assert Event("lr", 3, data={"lr": "x", "old_lr": 1e-3}).describe().startswith("it 3: lr ")
+
+
+def test_event_kinds_name_every_event_the_code_makes() -> None:
+    """``records.EVENT_KINDS`` is the list a reader of events.jsonl goes by: it must not drift from the
+    ``Event("kind", …)`` the engine and the watcher make."""
+    package = Path(collapse_tui.__file__).parent
+    made = {
+        kind
+        for source in package.rglob("*.py")
+        for kind in re.findall(r'\bEvent\(\s*"(\w+)"', source.read_text(encoding="utf-8"))
+    }
+    assert made == set(EVENT_KINDS)

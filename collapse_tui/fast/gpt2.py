@@ -145,10 +145,6 @@ class GPT2Weights:
         self.refresh()
         watch_optimizer_steps(self)
 
-    def _copy(self, source: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """Register a master tensor; ``Conv1D`` weights ``[in, out]`` are copied transposed."""
-        return self._stack([source], transpose)[0]
-
     def _stack(
         self,
         sources: list[torch.Tensor],

@@ -54,13 +54,6 @@ def wait(counter_ptr, error_ptr, target, spin):
 
 
 @triton.jit
-def grid_sync(counter_ptr, error_ptr, target, spin):
-    """All CTAs arrive; nobody leaves before every write of the stage is visible. Returns ``wait``'s budget."""
-    arrive(counter_ptr)
-    return wait(counter_ptr, error_ptr, target, spin)
-
-
-@triton.jit
 def spin_budget(error_ptr, SPIN: tl.constexpr):
     """Polls a barrier may take: none once an earlier launch gave up (its results are discarded anyway)."""
     return tl.where(tl.load(error_ptr) == 0, SPIN, 0)
