@@ -11,9 +11,11 @@ hang-up stops it as ``q`` does, and never ends the process early
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from types import FrameType
 from typing import Any
 
 EXIT_OK = 0
@@ -60,19 +62,32 @@ def closing_line(summary: dict[str, Any]) -> str | None:
 
 
 def stop_with_parent() -> None:
-    """Have the system send SIGTERM to this process when the sweep that started it dies (Linux).
+    """Stop this run, as a SIGTERM does, when the sweep that started it dies (Linux).
 
     Why: a sweep's run has a session of its own (so that the terminal's
     signals reach the sweep alone, which passes them on once); a sweep killed
     without a word (``kill -9``) would otherwise leave it running, holding the GPU.
+    The system sends SIGCONT, not SIGTERM, on the sweep's death: a run the
+    sweep had suspended (Ctrl-Z, then ``kill -9 %1``) would hold a SIGTERM
+    unseen for ever, while SIGCONT wakes it (and whatever its process group
+    holds); its handler then finds the sweep gone and sends the SIGTERM. A
+    SIGCONT with the sweep alive (``fg``) changes nothing.
     """
     parent = os.environ.pop(STOP_WITH, None)
     if not parent or not sys.platform.startswith("linux"):
         return
     import ctypes
 
+    def on_continue(signum: int, frame: FrameType | None) -> None:
+        if str(os.getppid()) != parent and signal.getsignal(signal.SIGCONT) is on_continue:
+            signal.signal(signal.SIGCONT, signal.SIG_DFL)  # once: the SIGCONT sent below reaches us too
+            with contextlib.suppress(OSError):
+                os.killpg(os.getpgrp(), signal.SIGCONT)  # what the run started, stopped with it
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGCONT, on_continue)
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGCONT)
     if str(os.getppid()) != parent:  # it died before the line above
         os.kill(os.getpid(), signal.SIGTERM)
 

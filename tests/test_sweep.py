@@ -614,6 +614,34 @@ def test_ctrl_z_suspends_the_run_going_with_the_sweep_and_fg_continues_both(
     assert json.loads((run / "summary.json").read_text())["reason"] == "SIGINT"
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@pytest.mark.skipif(
+    signal.getsignal(signal.SIGTSTP) is signal.SIG_IGN, reason="Ctrl-Z is ignored here (no job control)"
+)
+def test_a_suspended_sweep_killed_without_a_word_stops_its_run_as_a_kill_does(
+    tiny_model_dir, eval_file, tmp_path
+):
+    """Ctrl-Z, then ``kill -9 %1``: the run the sweep had suspended must not stay stopped for ever."""
+    out = tmp_path / "sweep"
+    sweep = start_sweep(tiny_sweep(tiny_model_dir, eval_file, out, "--max-iters", "100000"), until="it 2/")
+    run = out / "tiny-model0-lr4e-05-seed1337"
+    child = json.loads((run / "process.json").read_text())["pid"]
+    try:
+        sweep.send_signal(signal.SIGTSTP)
+        wait_for(lambda: process_state(sweep.pid) == "T" and process_state(child) == "T", timeout=30,
+                 what="the sweep and its run to stop")  # fmt: skip
+        sweep.kill()
+        sweep.communicate(timeout=60)
+        wait_for(lambda: (run / "summary.json").exists() and "ending" not in json.loads((run / "summary.json").read_text()),
+                 timeout=120, what="the orphaned run to stop")  # fmt: skip
+    finally:  # on a failure: leave no stopped process behind
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGCONT)
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["reason"]) == ("stopped", "SIGTERM")
+    assert Path(summary["last_snapshot"], "state.json").exists()
+
+
 def test_a_ctrl_z_while_a_run_is_being_started_suspends_that_run_too(monkeypatch) -> None:
     """A Ctrl-Z between a run's Popen and its adoption waits for it: the new run stops with the rest."""
     sent: list[tuple[str, int, int]] = []
