@@ -576,7 +576,8 @@ class Engine:
             shutil.rmtree(replaced, ignore_errors=True)
         else:
             path.rename(final)
-        sync_folder_entries(final.parent)  # the rename itself
+        with contextlib.suppress(OSError):  # the rename itself; the snapshot is whole and in place either way
+            sync_folder_entries(final.parent)
         return final
 
     def _write_snapshot(self, path: Path) -> None:

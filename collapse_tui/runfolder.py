@@ -231,13 +231,21 @@ def sync_folder(folder: Path) -> None:
 
 
 def sync_folder_entries(folder: Path) -> None:
-    """The folder's own entries (a rename into it, a new file) on disk; a no-op where folders cannot be opened."""
+    """The folder's own entries (a rename into it, a new file) on disk.
+
+    A no-op where folders cannot be opened (Windows) or synced (some network
+    and FUSE filesystems say EINVAL): there a snapshot is as safe as the
+    filesystem makes it, and refusing every snapshot would be worse.
+    """
     try:
         descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows opens no folders
+    except OSError:
         return
     try:
         os.fsync(descriptor)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(descriptor)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import errno
 import math
 import os
 import shutil
+import stat
 import threading
 import time
 import zlib
@@ -198,6 +200,40 @@ def test_a_snapshot_is_on_disk_before_it_is_renamed_into_place(tiny_config: RunC
     assert files and files <= synced
     assert partial in synced  # the folder's entries too
     assert ("fsync", str(snapshots)) in log[renamed:]  # and the rename itself
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names descriptors through /proc")
+def test_a_filesystem_that_cannot_sync_folders_still_takes_snapshots(
+    tiny_config: RunConfig, monkeypatch
+) -> None:
+    """Some network and FUSE filesystems refuse fsync on a folder (EINVAL): not a failed snapshot.
+    A file that cannot be put on disk (EIO) is one."""
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        if stat.S_ISDIR(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        if failing_files and ".partial-iter-" in os.readlink(f"/proc/self/fd/{descriptor}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(descriptor)
+
+    failing_files: list[bool] = []
+    monkeypatch.setattr(os, "fsync", fsync)
+    tiny_config.max_iters = 2
+    engine = Engine(tiny_config)
+
+    def on_record(record: IterationRecord) -> None:
+        if record.iteration == 0:
+            engine.controls.request_snapshot()  # iter-1: folders refuse fsync, files do not
+        else:
+            failing_files.append(True)  # the final snapshot, iter-2: a file cannot be put on disk
+
+    listener = Collector(on_record)
+    engine.run(listener)
+    kinds = [(e.event, e.iteration) for e in listener.events if e.event.startswith("snapshot")]
+    assert kinds == [("snapshot", 1), ("snapshot_failed", 2)]
+    snapshots = Path(tiny_config.out) / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["iter-1"]
 
 
 def test_a_second_ctrl_c_during_the_final_snapshot_leaves_the_runs_end_and_no_partial_files(
