@@ -52,6 +52,7 @@ from collapse_tui.runfolder import (
     RunFolder,
     dedupe_records,
     drop_abandoned_events,
+    drop_abandoned_records,
     is_ending,
     make_summary,
     parse_events,
@@ -565,6 +566,9 @@ class FolderSource:
         self.folder.records = dedupe_records([*self.folder.records, *new_records])
         self.folder.events.extend(new_events)
         if any(event.event == "resumed_from" for event in new_events):
+            # the old branch's iterations from the resume's on, before the new branch writes its own
+            self.folder.records = drop_abandoned_records(self.folder.records, self.folder.events)
+            new_records = drop_abandoned_records(new_records, self.folder.events)
             self.folder.events = drop_abandoned_events(self.folder.events)
             # a replay does not show what a later resume abandoned (a collapse, an error...)
             kept = {id(event) for event in self.folder.events}

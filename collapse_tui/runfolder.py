@@ -379,7 +379,7 @@ def dedupe_records(records: list[IterationRecord]) -> list[IterationRecord]:
     past the one before it starts the new branch: the old branch's records
     from that iteration on are dropped, so readers (``runs``, ``plot``, the
     summary) see the run as it now stands. (Until the new branch's first
-    record is written, the old one still shows.)
+    record is written, ``drop_abandoned_records`` tells them apart.)
     """
     kept: list[IterationRecord] = []
     for record in records:
@@ -387,6 +387,24 @@ def dedupe_records(records: list[IterationRecord]) -> list[IterationRecord]:
             kept.pop()
         kept.append(record)
     return kept
+
+
+def drop_abandoned_records(records: list[IterationRecord], events: list[Event]) -> list[IterationRecord]:
+    """``records`` without the iterations the last resume abandoned, before its own are written.
+
+    ``dedupe_records`` can only tell the old branch's records apart once the
+    new branch has written one; until then (a whole iteration, minutes on a
+    large model) readers would show the old branch's last iterations beside
+    the resume's dropped collapse. The ``resumed_from`` event settles it: a
+    record of its iteration or later written before it (by its time) is the
+    old branch's. Records of versions that kept no time are left to
+    ``dedupe_records``.
+    """
+    resumes = [event for event in events if event.event == "resumed_from"]
+    if not resumes:
+        return records
+    resume = resumes[-1]
+    return [r for r in records if r.iteration < resume.iteration or not 0 < r.time < resume.time]
 
 
 #: Events that mark the run's life, not an iteration's: kept across resumes (``RunFolder.current_summary``).
@@ -697,11 +715,12 @@ def read_run(root: Path) -> RunFolder:
         metrics, events = read_jsonl(root / METRICS), read_jsonl(root / EVENTS)
     except OSError as error:  # no permission, or a folder of that name
         raise UserError(f"cannot read {error.filename or root}: {error.strerror or error}") from None
+    all_events = parse_events(events)
     return RunFolder(
         root=root,
         config=config,
-        records=dedupe_records(parse_metrics(metrics)),
-        events=drop_abandoned_events(parse_events(events)),
+        records=drop_abandoned_records(dedupe_records(parse_metrics(metrics)), all_events),
+        events=drop_abandoned_events(all_events),
         summary=read_summary(root),
     )
 

@@ -16,9 +16,17 @@ from collapse_tui.runfolder import ENDING_SNAPSHOT, RunWriter, read_jsonl
 
 
 def record(
-    i: int, *, lr: float = 4e-5, evals: tuple[str, ...] = ("wikitext-2",), gen_loss: float | None = None
+    i: int,
+    *,
+    lr: float = 4e-5,
+    evals: tuple[str, ...] = ("wikitext-2",),
+    gen_loss: float | None = None,
+    resumed: bool = False,
 ) -> IterationRecord:
-    """Iteration ``i``: validation loss rising, generated-text loss falling, as in a collapse."""
+    """Iteration ``i``: validation loss rising, generated-text loss falling, as in a collapse.
+
+    ``resumed``: written by a resume, so now (its first branch's are at 1000 + i): after the resume's
+    ``resumed_from`` event, as the engine's are, which is how a reader tells the branches apart."""
     return IterationRecord(
         iteration=i,
         lr=lr,
@@ -31,7 +39,7 @@ def record(
         collapsed=False,
         seconds={"generate": 0.1, "evaluate": 0.1, "train": 0.1},
         text=f"sample {i}",
-        time=1_000.0 + i,
+        time=time.time() if resumed else 1_000.0 + i,
     )
 
 

@@ -265,7 +265,7 @@ def test_a_run_being_resumed_is_followed_though_its_old_summary_is_still_there(t
     wait_for(lambda: len(listener.iterations) == 3, what="the replay")
     writer = RunWriter(run_dir, resuming=True)
     writer.write_event(Event("resumed_from", 3, data={"path": str(run_dir / "snapshots" / "iter-3")}))
-    writer.write_record(record(3))
+    writer.write_record(record(3, resumed=True))
     wait_for(lambda: 3 in listener.iterations, what="the resumed iteration")
     stop = Event("stop", 4, data={"reason": "max_iters"})
     writer.write_event(stop)  # the old summary, read between these two lines, names another stop: not taken
@@ -279,7 +279,7 @@ def test_a_replay_leaves_out_the_events_of_iterations_a_resume_abandoned(tmp_pat
     run_dir = make_run(tmp_path / "run", "collapsed", n=4, collapse_at=2)
     writer = RunWriter(run_dir, resuming=True)  # went on from iteration 2, and did not collapse
     writer.write_event(Event("resumed_from", 2, data={"path": str(run_dir / "snapshots" / "iter-2")}))
-    writer.write_record(record(2))
+    writer.write_record(record(2, resumed=True))
     writer.write_event(Event("stop", 3, data={"reason": "max_iters", "status": "finished"}))
     writer.write_summary({"status": "finished", "reason": "max_iters", "iterations": 3})
     writer.close()
@@ -287,6 +287,24 @@ def test_a_replay_leaves_out_the_events_of_iterations_a_resume_abandoned(tmp_pat
     FolderSource(run_dir, read_only=True).run(listener)
     assert "collapse" not in listener.events
     assert listener.events == ["start", "stop", "resumed_from", "stop"]
+
+
+def test_a_replay_leaves_out_the_iterations_a_resume_abandoned_before_it_writes_its_own(
+    tmp_path: Path,
+) -> None:
+    run_dir = make_run(tmp_path / "run", "collapsed", n=6, collapse_at=4)
+    writer = RunWriter(run_dir, resuming=True)  # going on from iteration 2: still in its first iteration
+    writer.write_event(Event("resumed_from", 2, data={"path": str(run_dir / "snapshots" / "iter-2")}))
+    writer.close()
+    write_process(run_dir, os.getpid())
+    listener = Collect()
+    source = FolderSource(run_dir, read_only=True, poll_s=0.01)
+    thread, _ = follow_in_thread(source, listener)
+    wait_for(lambda: "resumed_from" in listener.events, what="the resume")
+    source.controls.stop()
+    thread.join(timeout=10)
+    assert listener.iterations == [0, 1]
+    assert [r.iteration for r in source.folder.records] == [0, 1]
 
 
 def test_stopping_a_watcher_ends_the_follow_not_the_run(tmp_path: Path) -> None:

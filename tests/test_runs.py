@@ -111,9 +111,9 @@ def test_a_run_resumed_from_an_older_snapshot_reads_as_it_now_stands(tmp_path: P
     writer = RunWriter(run_dir, resuming=True)
     writer.write_event(Event("resumed_from", 3, data={"path": "snapshots/iter-3"}))
     writer.write_event(Event("start", 3))
-    writer.write_record(record(3, gen_loss=9.0))
-    writer.write_record(record(4, gen_loss=9.5))
-    writer.write_record(record(5, gen_loss=9.9))
+    writer.write_record(record(3, gen_loss=9.0, resumed=True))
+    writer.write_record(record(4, gen_loss=9.5, resumed=True))
+    writer.write_record(record(5, gen_loss=9.9, resumed=True))
     writer.close()
 
     run = read_run(run_dir)
@@ -130,8 +130,8 @@ def test_a_resume_from_an_older_snapshot_drops_the_abandoned_iterations_and_thei
     writer = RunWriter(run_dir, resuming=True)  # went on from iteration 3, and stopped at 5
     writer.write_event(Event("resumed_from", 3, data={"path": "snapshots/iter-3"}))
     writer.write_event(Event("start", 3))
-    writer.write_record(record(3, gen_loss=9.0))
-    writer.write_record(record(4, gen_loss=9.5))
+    writer.write_record(record(3, gen_loss=9.0, resumed=True))
+    writer.write_record(record(4, gen_loss=9.5, resumed=True))
     writer.write_event(Event("stop", 5, data={"reason": "requested", "status": "stopped"}))
     writer.close()
 
@@ -139,6 +139,21 @@ def test_a_resume_from_an_older_snapshot_drops_the_abandoned_iterations_and_thei
     assert [r.iteration for r in run.records] == [0, 1, 2, 3, 4]  # 5, 6, 7 were the old branch's
     assert [r.gen_loss for r in run.records[3:]] == [9.0, 9.5]
     assert run.collapsed_at is None  # the old branch collapsed at 6; this one has not
+
+
+def test_a_resume_that_has_not_written_its_first_iteration_shows_the_run_as_it_resumed(
+    tmp_path: Path,
+) -> None:
+    """A resume from an older snapshot is loading or in its first iteration: the old branch's later
+    iterations are gone already, with their collapse, not only once the new branch writes one."""
+    run_dir = make_run(tmp_path / "run", "collapsed", n=8, collapse_at=6)
+    writer = RunWriter(run_dir, resuming=True)
+    writer.write_event(Event("resumed_from", 3, data={"path": "snapshots/iter-3"}))
+    writer.write_event(Event("start", 3))
+    writer.close()
+    run = read_run(run_dir)
+    assert [r.iteration for r in run.records] == [0, 1, 2]
+    assert run.collapsed_at is None
 
 
 @pytest.mark.parametrize(
@@ -207,7 +222,7 @@ def test_a_resumed_run_that_has_stopped_is_not_shown_with_its_old_summary(tmp_pa
     writer = RunWriter(root, resuming=True)  # resumed, one more iteration, stopped; no summary yet
     writer.write_event(Event("resumed_from", 3, data={"path": str(root / "snapshots" / "iter-3")}))
     writer.write_event(Event("start", 3))
-    writer.write_record(record(3))
+    writer.write_record(record(3, resumed=True))
     writer.write_event(Event("stop", 4, data={"reason": "max_iters", "status": "finished"}))
     assert read_run(root).current_summary is None
     second_stop = read_run(root).events[-1]

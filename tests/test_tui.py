@@ -579,6 +579,23 @@ def test_a_watcher_draws_a_resumed_run_from_its_resume_point() -> None:
     drive(source, scenario)
 
 
+def test_a_watcher_forgets_the_iterations_a_resume_abandons_as_soon_as_it_resumes() -> None:
+    """Records 0-3 drawn, then a resume from the snapshot before 2 that has not written an iteration yet
+    (a large model takes minutes): the charts hold 0 and 1 at once, not the old 2 and 3 until then."""
+    source = FakeSource([make_record(i, 6) for i in range(4)], after="wait")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 4, "four records")
+        resumed = Event("resumed_from", 2, time=0.0, data={"path": "snapshots/iter-2", "collapsed_at": None})
+        app.post_message(EventReport(resumed))
+        await wait_until(pilot, lambda: any(e.event == "resumed_from" for e in app.events), "the resume")
+        assert app.history.iterations == [0, 1] and app.records_seen == 2
+        series = app.query_one("#series-0", SeriesChart).series
+        assert series.data() == pytest.approx([make_record(i, 6).gen_loss for i in (0, 1)])
+
+    drive(source, scenario)
+
+
 def test_browsing_an_abandoned_iteration_follows_again_when_the_resumed_branch_arrives() -> None:
     source = FakeSource([make_record(i, 6) for i in range(4)], after="wait")
 

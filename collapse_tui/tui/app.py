@@ -389,11 +389,12 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.query_one(RepetitionMeter).replay(rep4 for _, rep4, _ in self.drawn)
 
     def _rewind(self, iteration: int) -> None:
-        """Forget the records from ``iteration`` on: a record not past the last one starts the branch of
-        a run resumed from an earlier snapshot (the rule of ``runfolder.dedupe_records``), which a
-        watcher that saw the abandoned iterations must not draw after them."""
+        """Forget the records from ``iteration`` on: a run resumed from an earlier snapshot abandoned
+        them (its ``resumed_from`` event says so, or the new branch's first record, a record not past
+        the last one: ``runfolder.dedupe_records``), and a watcher that saw them must not draw after them."""
         keep = bisect_left([row[0] for row in self.drawn], iteration)
         del self.drawn[keep:]
+        self.history.forget_from(iteration)
         self.records_seen = keep
         self.recent.clear()
         self._redraw()
@@ -413,6 +414,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         if kind in ("start", "resumed_from"):
             self._loaded()
         if kind == "resumed_from":  # what the abandoned iterations showed no longer holds
+            if self.drawn and self.drawn[-1][0] >= event.iteration:  # a watcher that drew them
+                self._rewind(event.iteration)
             self.recent.clear()  # nor does a rate across the time the run was not running
             self.failed = False
             self.ending = False

@@ -44,15 +44,18 @@ class SampleHistory:
 
     def add(self, ordinal: int, record: IterationRecord) -> None:
         iteration = record.iteration
-        if self.iterations and iteration <= self.iterations[-1]:
-            cut = bisect_left(self.iterations, iteration)
-            for dropped in self.iterations[cut:]:
-                del self._entries[dropped]
-            del self.iterations[cut:]
+        self.forget_from(iteration)  # a record not past the last: a resume's branch replaces the old
         self.iterations.append(iteration)
         self._entries[iteration] = Entry(ordinal, record)
         if len(self.iterations) > self.capacity:
             self._thin()
+
+    def forget_from(self, iteration: int) -> None:
+        """Drop the entries of ``iteration`` and later: a resume from an earlier snapshot abandoned them."""
+        cut = bisect_left(self.iterations, iteration)
+        for dropped in self.iterations[cut:]:
+            del self._entries[dropped]
+        del self.iterations[cut:]
 
     def _thin(self) -> None:
         half = len(self.iterations) // 2
