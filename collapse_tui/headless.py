@@ -40,13 +40,14 @@ from collapse_tui.exits import (
     stop_with_parent,
 )
 from collapse_tui.follow import serving_watchers
+from collapse_tui.metrics import format_rep4
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.tables import print_table, stop_writing_stdout
 
 
 def format_losses(record: IterationRecord) -> str:
     valid = "  ".join(f"{name} {loss:.3f}" for name, loss in record.valid.items())
-    return f"gen_loss {record.gen_loss:.3f}  {valid}  rep4 {record.rep4:.2f}"
+    return f"gen_loss {record.gen_loss:.3f}  {valid}  rep4 {format_rep4(record.rep4)}"
 
 
 class PlainReporter:

@@ -6,6 +6,7 @@ worked out by hand and reused by every front end.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections import Counter
 from collections.abc import Sequence
@@ -72,6 +73,19 @@ def repeated_ngram_mask(tokens: Sequence[int], n: int = 4) -> list[bool]:
             for i in range(start, start + n):
                 mask[i] = True
     return mask
+
+
+def format_rep4(value: float) -> str:
+    """rep4 to three decimals, rounded down, wherever it is printed.
+
+    Why down: the collapse rule compares the exact value with the threshold,
+    and a value just under it (0.8985 against 0.9) rounded to the nearest
+    would read as reaching it, three iterations "at 0.90" and no collapse.
+    (The 1e-9 keeps an exact 0.57, stored as 0.5699999…, at 0.570.)
+    """
+    if not math.isfinite(value):
+        return str(value)
+    return f"{math.floor(value * 1000 + 1e-9) / 1000:.3f}"
 
 
 class CollapseDetector:

@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from collapse_tui.metrics import format_rep4
+
 
 @dataclass
 class IterationRecord:
@@ -110,7 +112,7 @@ class Event:
             "snapshot_failed": lambda: f"snapshot failed: {self.data.get('message', '')}",
             "stop": lambda: f"stopped ({self.data.get('reason', 'requested')})",
             "error": lambda: f"error: {self.data.get('message', '')}",
-            "collapse": lambda: f"collapsed (rep4 {self.data.get('rep4', 0):.2f})",
+            "collapse": lambda: f"collapsed (rep4 {format_rep4(self.data.get('rep4', 0))})",
             "resumed_from": lambda: (
                 f"resumed from {self.data.get('path', '?')}"
                 + (

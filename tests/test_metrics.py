@@ -10,6 +10,7 @@ from collapse_tui.metrics import (
     CollapseDetector,
     compression_ratio,
     distinct_1,
+    format_rep4,
     repeated_ngram_mask,
     repetition_metrics,
     seq_rep_n,
@@ -65,3 +66,14 @@ def test_collapse_needs_patience_iterations_in_a_row_at_or_above_threshold() -> 
     assert verdicts == [False, False, False, False, False, True, True]
     exactly = CollapseDetector(threshold=0.75, patience=2)  # 0.75 is exact in binary: "at" means at
     assert [exactly.update(r) for r in [0.75, 0.75]] == [False, True]
+
+
+@pytest.mark.parametrize(
+    ("rep4", "shown"),
+    [(0.8985, "0.898"), (0.8999999, "0.899"), (0.9, "0.900"), (0.57, "0.570"), (1.0, "1.000"), (0.0, "0.000")],
+)
+def test_rep4_is_shown_rounded_down_so_a_value_under_the_threshold_never_reads_as_reaching_it(
+    rep4: float, shown: str
+) -> None:
+    assert format_rep4(rep4) == shown
+    assert (float(shown) >= 0.9) == (rep4 >= 0.9)

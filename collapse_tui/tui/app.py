@@ -44,6 +44,7 @@ from textual.worker import Worker, WorkerState
 from collapse_tui.errors import ScreenCrashed, UserError
 from collapse_tui.exits import STOP_SIGNAL_NAMES, changes_nothing_once_stopping, ignore_later_hangups
 from collapse_tui.follow import began_after_read
+from collapse_tui.metrics import format_rep4
 from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import SNAPSHOTS, read_run, write_atomic
 from collapse_tui.source import RunSource
@@ -455,7 +456,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             if self._news(event):
                 rep4 = event.data.get("rep4")
                 # a hand-edited event line may hold anything: the notice then leaves the number out
-                level = f"rep4 {rep4:.2f}: " if isinstance(rep4, int | float) else ""
+                level = f"rep4 {format_rep4(rep4)}: " if isinstance(rep4, int | float) else ""
                 self.notify(level + tail, title="collapsed", severity="warning")
         elif kind == "error":
             self.failed = True

@@ -22,7 +22,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import RichLog, Sparkline, Static
 
-from collapse_tui.metrics import CollapseDetector, repeated_ngram_mask
+from collapse_tui.metrics import CollapseDetector, format_rep4, repeated_ngram_mask
 
 
 def fmt_num(value: float | None, digits: int = 3) -> str:
@@ -382,7 +382,7 @@ class RepetitionMeter(Widget):
         streak = self.detector.streak
         if streak and self.state in ("running", "pausing", "paused"):
             state.append(f"  above threshold {streak}/{self.patience}", style="bold yellow")
-        value = f" {fmt_num(self.rep4, 2)}/{self.threshold:.2f}"
+        value = f" {'–' if self.rep4 is None else format_rep4(self.rep4)}/{self.threshold:g}"
         bar = self._bar(width - len("rep4 ") - len(value))
         lines = [
             state,
@@ -502,7 +502,7 @@ class SampleView(VerticalScroll):
             # at 80 columns the pane's border holds ~34 characters, and runs go to 1000 iterations;
             # "latest", not "of": iterations are numbered from 0, and "3 of 5" read as a count of 5
             self.border_title = f"iteration {iteration} (latest {latest})"
-            self.border_subtitle = f"rep4 {fmt_num(rep4, 2)} · end follows"
+            self.border_subtitle = f"rep4 {'–' if rep4 is None else format_rep4(rep4)} · end follows"
         if self.shown != (iteration, text):
             self.shown = (iteration, text)
             self.query_one("#sample-text", Static).update(highlight_repeats(text))
