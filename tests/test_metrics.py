@@ -70,7 +70,14 @@ def test_collapse_needs_patience_iterations_in_a_row_at_or_above_threshold() -> 
 
 @pytest.mark.parametrize(
     ("rep4", "shown"),
-    [(0.8985, "0.898"), (0.8999999, "0.899"), (0.9, "0.900"), (0.57, "0.570"), (1.0, "1.000"), (0.0, "0.000")],
+    [
+        (0.8985, "0.898"),
+        (0.8999999, "0.899"),
+        (0.9, "0.900"),
+        (0.57, "0.570"),
+        (1.0, "1.000"),
+        (0.0, "0.000"),
+    ],
 )
 def test_rep4_is_shown_rounded_down_so_a_value_under_the_threshold_never_reads_as_reaching_it(
     rep4: float, shown: str
