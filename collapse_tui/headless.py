@@ -22,7 +22,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from collapse_tui.config import RunConfig
@@ -46,8 +46,9 @@ from collapse_tui.tables import print_table, stop_writing_stdout
 
 
 def format_losses(record: IterationRecord) -> str:
+    """rep4 first: on a narrow terminal the progress bar cuts this text off at its end."""
     valid = "  ".join(f"{name} {loss:.3f}" for name, loss in record.valid.items())
-    return f"gen_loss {record.gen_loss:.3f}  {valid}  rep4 {format_rep4(record.rep4)}"
+    return f"rep4 {format_rep4(record.rep4)}  gen_loss {record.gen_loss:.3f}  {valid}"
 
 
 class PlainReporter:
@@ -100,21 +101,37 @@ class PlainReporter:
         pass
 
 
+#: The progress bar's width in columns: narrow, so that an 80-column line keeps room for the losses.
+BAR_WIDTH = 12
+
+
 class ProgressReporter(PlainReporter):
     """A live rich progress bar on a terminal, events printed above it."""
 
     def __init__(self, engine: Engine, console: Console) -> None:
         super().__init__(engine)
         self.console = console
+
+        # the count, rate and time left keep their width; the losses take what is left of the line,
+        # cut short with an ellipsis (at 80 columns they would otherwise squeeze the rest to "4/…")
+        def whole() -> Column:
+            return Column(no_wrap=True)
+
         self.progress = Progress(
-            TextColumn("[bold]it"),
-            MofNCompleteColumn(),
-            BarColumn(),
-            TextColumn("{task.fields[rate]}", markup=False),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[losses]}", markup=False),  # set names and paths may hold brackets
+            TextColumn("[bold]it", table_column=whole()),
+            MofNCompleteColumn(table_column=whole()),
+            BarColumn(bar_width=BAR_WIDTH, table_column=whole()),
+            TextColumn("{task.fields[rate]}", markup=False, table_column=whole()),
+            TimeRemainingColumn(table_column=whole()),
+            # markup off: set names and paths may hold brackets
+            TextColumn(
+                "{task.fields[losses]}",
+                markup=False,
+                table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1),
+            ),
             console=console,
             transient=False,
+            expand=True,
         )
         self.task = self.progress.add_task(
             "run", total=engine.config.max_iters, rate="", losses="loading…", start=False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from types import SimpleNamespace
 
 from rich.console import Console
@@ -70,3 +71,24 @@ def test_a_run_left_at_once_says_what_is_kept_and_what_it_can_go_on_from(tmp_pat
     )
     assert interrupted_line(tmp_path, snapshot, at_the_end=True).endswith(f"its final snapshot is {snapshot}")
     assert interrupted_line(tmp_path, None).endswith("there is no snapshot to resume from")
+
+
+def test_at_80_columns_the_progress_line_keeps_the_count_the_time_left_and_rep4() -> None:
+    """The losses give way, cut with an ellipsis: before, they squeezed the count to "4/…"."""
+    engine = SimpleNamespace(config=SimpleNamespace(max_iters=1000))
+    console = Console(file=io.StringIO(), force_terminal=True, width=80, color_system=None)
+    reporter = ProgressReporter(engine, console)  # type: ignore[arg-type]
+    try:
+        reporter.on_event(Event("start", 0))
+        for i in range(4):
+            reporter.on_record(record(i, evals=("wikitext-2-v1.valid", "ptb.test.tokenized")))
+        drawn = Console(
+            file=io.StringIO(), width=80, color_system=None
+        )  # one frame, as the live one draws it
+        drawn.print(reporter.progress.make_tasks_table(reporter.progress.tasks))
+        line = drawn.file.getvalue().rstrip()  # type: ignore[attr-defined]
+    finally:
+        reporter.close()
+    assert len(line) <= 80
+    assert re.match(r"it +4/1000 .* (\d+:\d\d:\d\d|-:--:--) rep4 0\.400  gen_loss 2\.400 ", line), line
+    assert line.endswith("…")
