@@ -49,7 +49,7 @@ from collapse_tui.follow import is_alive
 from collapse_tui.inference import EagerInference, Inference, as_text_reads, sequence_windows
 from collapse_tui.metrics import CollapseDetector, repetition_metrics
 from collapse_tui.modeling import load_model, out_of_memory_error, resolve_autocast, resolve_device
-from collapse_tui.records import Event, IterationRecord
+from collapse_tui.records import Event, IterationRecord, phase_seconds
 from collapse_tui.runfolder import (
     CONFIG,
     ENDING_SNAPSHOT,
@@ -230,6 +230,9 @@ class Engine:
         self.rngs_before_iteration: dict[str, Any] | None = None
         self.saved_rngs: dict[str, Any] | None = None
         self.first_record: IterationRecord | None = None
+        #: The seconds of the run's iterations so far (generate + evaluate + train), every process's: what
+        #: comparing runs' time to collapse needs, which ``elapsed_seconds`` (this process's) is not.
+        self.iteration_seconds = 0.0
         self.last_record: IterationRecord | None = None
         self.writer: RunWriter | None = None
         self.listener: EngineListener = NullListener()
@@ -532,6 +535,7 @@ class Engine:
         """Write the iteration and count it done, then tell: a listener that fails must not cost it."""
         self.first_record = self.first_record or record
         self.last_record = record
+        self.iteration_seconds += phase_seconds(record)
         assert self.writer is not None
         self.writer.write_record(record)
         self.iteration += 1
@@ -695,6 +699,7 @@ class Engine:
         earlier = [r for r in self.resumed_records if r.iteration < self.iteration]
         self.first_record = earlier[0] if earlier else None
         self.last_record = earlier[-1] if earlier else None
+        self.iteration_seconds = sum(phase_seconds(r) for r in earlier)
         self.info.lr = self.lr
         data = {
             "path": str(path),
@@ -745,6 +750,7 @@ class Engine:
             model=self.config.model,
             run_dir=self.run_dir,
             elapsed_seconds=time.time() - self.started,
+            iteration_seconds=round(self.iteration_seconds, 3),
             last_snapshot=None if self.last_snapshot is None else str(self.last_snapshot),
             **({"final_snapshot_failed": self.final_snapshot_failed} if self.final_snapshot_failed else {}),
         )

@@ -41,7 +41,7 @@ from collapse_tui.exits import (
 )
 from collapse_tui.follow import serving_watchers
 from collapse_tui.metrics import format_rep4
-from collapse_tui.records import Event, IterationRecord
+from collapse_tui.records import Event, IterationRecord, phase_seconds
 from collapse_tui.tables import print_table, stop_writing_stdout
 
 
@@ -86,7 +86,7 @@ class PlainReporter:
         self._print(f"[{message}]")
 
     def on_record(self, record: IterationRecord) -> None:
-        seconds = sum(record.seconds.values())
+        seconds = phase_seconds(record)
         self._print(
             f"it {record.iteration + 1}/{self.engine.config.max_iters}  {format_losses(record)}"
             f"  lr {record.lr:.3g}  {seconds:.2f}s"

@@ -7,11 +7,17 @@ they are plain data that round-trips through JSON.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from collapse_tui.metrics import format_rep4
+
+
+def phase_seconds(record: IterationRecord) -> float:
+    """The seconds the iteration took (its phases' sum); a hand-edited phase that is no number counts 0."""
+    return sum(v for v in record.seconds.values() if isinstance(v, int | float) and math.isfinite(v))
 
 
 @dataclass

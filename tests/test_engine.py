@@ -528,6 +528,11 @@ def test_a_stopped_and_resumed_run_equals_one_never_stopped(tiny_config: RunConf
     run = read_run(tmp_path / "stopped")
     assert [r.iteration for r in run.records] == [0, 1, 2, 3]
     assert any(e.event == "resumed_from" for e in run.events)
+    # the run's time, both processes' iterations: comparing runs' time to collapse must survive a resume
+    assert run.summary is not None
+    all_four = sum(sum(r.seconds.values()) for r in run.records)
+    assert run.summary["iteration_seconds"] == pytest.approx(all_four, abs=2e-3)
+    assert run.summary["iteration_seconds"] > sum(sum(r.seconds.values()) for r in resumed.records)
 
 
 def test_a_failed_snapshot_leaves_the_one_already_in_its_place(
