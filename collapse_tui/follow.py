@@ -41,7 +41,7 @@ from typing import Any
 from collapse_tui.config import missing_folders, model_name, remove_if_empty
 from collapse_tui.controls import RunControls
 from collapse_tui.errors import UserError
-from collapse_tui.records import Event, IterationRecord
+from collapse_tui.records import Event, IterationRecord, phase_seconds
 from collapse_tui.runfolder import (
     CONFIG,
     EVENTS,
@@ -252,8 +252,21 @@ def began_after_read(record: IterationRecord, sent_at: float) -> bool:
 
     Its start is its end less its phases' seconds; times are the run's host's clock.
     """
-    phases = sum(v for v in record.seconds.values() if isinstance(v, int | float) and math.isfinite(v))
-    return record.time - phases > sent_at + COMMAND_POLL_S
+    return record.time - phase_seconds(record) > sent_at + COMMAND_POLL_S
+
+
+def _delivery_bounds(events: list[Event]) -> list[float]:
+    """For each event, the iteration below which records go before it: its own, but never past a later
+    resume's. The old branch's last events (its ``stop`` at 8, say) come before a ``resumed_from``
+    at 3 in the file; the new branch's records 3, 4, 5 must come after the resume, not before its
+    old stop, or a screen would draw them and then forget them as abandoned."""
+    bounds: list[float] = []
+    lowest = math.inf
+    for event in reversed(events):
+        if event.event == "resumed_from":
+            lowest = min(lowest, event.iteration)
+        bounds.append(min(event.iteration, lowest))
+    return bounds[::-1]
 
 
 class CommandInbox:
@@ -574,8 +587,8 @@ class FolderSource:
             kept = {id(event) for event in self.folder.events}
             new_events = [event for event in new_events if id(event) in kept]
         pending = list(new_records)
-        for event in new_events:
-            while pending and pending[0].iteration < event.iteration:
+        for event, bound in zip(new_events, _delivery_bounds(new_events), strict=True):
+            while pending and pending[0].iteration < bound:
                 self._deliver(listener, pending.pop(0))
             self.controls.observe(event)
             listener.on_event(event)

@@ -586,7 +586,9 @@ def test_a_watcher_forgets_the_iterations_a_resume_abandons_as_soon_as_it_resume
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await wait_until(pilot, lambda: app.records_seen == 4, "four records")
-        resumed = Event("resumed_from", 2, time=0.0, data={"path": "snapshots/iter-2", "collapsed_at": None})
+        resumed = Event(
+            "resumed_from", 2, time=2_000.0, data={"path": "snapshots/iter-2", "collapsed_at": None}
+        )
         app.post_message(EventReport(resumed))
         await wait_until(pilot, lambda: any(e.event == "resumed_from" for e in app.events), "the resume")
         assert app.history.iterations == [0, 1] and app.records_seen == 2
@@ -1018,6 +1020,29 @@ def test_the_history_keys_leave_a_dialogs_input_alone() -> None:
         assert field.cursor_position == 0 and app.browsing is None
         await pilot.press("end")
         assert field.cursor_position == len(field.value)
+
+    drive(source, scenario)
+
+
+def test_a_replayed_run_resumed_from_an_older_snapshot_shows_its_new_branch(tmp_path: Path) -> None:
+    """The old branch stopped at 8; a resume from 3 wrote 3, 4, 5 and stopped. In the file the old
+    stop comes before the resume: the new 3, 4, 5 must not be drawn before it and then forgotten."""
+    run_dir = make_run(tmp_path / "run", "stopped", n=8)
+    writer = RunWriter(run_dir, resuming=True)
+    writer.write_event(Event("resumed_from", 3, data={"path": str(run_dir / "snapshots" / "iter-3")}))
+    writer.write_event(Event("start", 3))
+    for i in (3, 4, 5):
+        writer.write_record(folder_record(i, gen_loss=9.0 + i, resumed=True))
+    writer.write_event(Event("stop", 6, data={"reason": "requested", "status": "stopped"}))
+    writer.write_summary({"status": "stopped", "reason": "requested", "iterations": 6})
+    writer.close()
+    source = FolderSource(run_dir, read_only=True, poll_s=0.05)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the replay to end")
+        assert app.history.iterations == [0, 1, 2, 3, 4, 5]
+        assert [row[0] for row in app.drawn] == [0, 1, 2, 3, 4, 5]
+        assert app.history[5].record.gen_loss == 14.0  # the new branch's
 
     drive(source, scenario)
 

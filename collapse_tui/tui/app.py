@@ -389,6 +389,11 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.query_one(LossCharts).replace(values for *_, values in self.drawn)
         self.query_one(RepetitionMeter).replay(rep4 for _, rep4, _ in self.drawn)
 
+    def _drawn_before(self, resume: Event) -> bool:
+        """Whether the last record drawn was written before ``resume``, by the run's clock: the old
+        branch's, which it abandons, and not the new branch's."""
+        return self.history.last is None or self.history[self.history.last].record.time < resume.time
+
     def _rewind(self, iteration: int) -> None:
         """Forget the records from ``iteration`` on: a run resumed from an earlier snapshot abandoned
         them (its ``resumed_from`` event says so, or the new branch's first record, a record not past
@@ -415,8 +420,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         if kind in ("start", "resumed_from"):
             self._loaded()
         if kind == "resumed_from":  # what the abandoned iterations showed no longer holds
-            if self.drawn and self.drawn[-1][0] >= event.iteration:  # a watcher that drew them
-                self._rewind(event.iteration)
+            if self.drawn and self.drawn[-1][0] >= event.iteration and self._drawn_before(event):
+                self._rewind(event.iteration)  # a watcher that drew them
             self.recent.clear()  # nor does a rate across the time the run was not running
             self.failed = False
             self.ending = False
