@@ -86,6 +86,7 @@ def stop_with_parent() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     signal.signal(signal.SIGCONT, on_continue)
+    signal.siginterrupt(signal.SIGCONT, False)  # every fg runs it: system calls go on, not fail with EINTR
     pr_set_pdeathsig = 1
     ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGCONT)
     if str(os.getppid()) != parent:  # it died before the line above

@@ -127,7 +127,7 @@ class ProgressReporter(PlainReporter):
             TextColumn(
                 "{task.fields[losses]}",
                 markup=False,
-                table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1),
+                table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1, min_width=len("rep4 0.000")),
             ),
             console=console,
             transient=False,
@@ -189,6 +189,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     def add_row(name: str, value: str) -> None:  # as text, not markup: paths and messages hold brackets
         table.add_row(Text(name), Text(value))
 
+    def rep4_cell(value: Any) -> str:
+        return format_rep4(value) if isinstance(value, float) else str(value)
+
     def fmt(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
@@ -201,7 +204,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         add_row("gen_loss first → last", f"{fmt(first['gen_loss'])} → {fmt(last['gen_loss'])}")
         for name, value in first["valid"].items():
             add_row(f"{name} first → last", f"{fmt(value)} → {fmt(last['valid'].get(name))}")
-        add_row("rep4 first → last", f"{fmt(first['rep4'])} → {fmt(last['rep4'])}")
+        add_row("rep4 first → last", f"{rep4_cell(first['rep4'])} → {rep4_cell(last['rep4'])}")
     if summary.get("final_snapshot_failed"):
         add_row("final snapshot", f"failed: {summary['final_snapshot_failed']}")
     if "last_snapshot" in summary:  # runs written before it was kept have no such key

@@ -83,8 +83,8 @@ def format_rep4(value: float) -> str:
     would read as reaching it, three iterations "at 0.90" and no collapse.
     (The 1e-9 keeps an exact 0.57, stored as 0.5699999…, at 0.570.)
     """
-    if not math.isfinite(value):
-        return str(value)
+    if not math.isfinite(value) or abs(value) >= 1e6:  # a hand-edited line's: no rep4 is outside [0, 1]
+        return f"{value:.3g}"
     return f"{math.floor(value * 1000 + 1e-9) / 1000:.3f}"
 
 

@@ -223,10 +223,14 @@ def sync_folder(folder: Path) -> None:
     files the page cache never wrote (empty or cut short), which the resume
     it exists for would then fail to load.
     """
+    writable = os.O_RDWR if os.name == "nt" else os.O_RDONLY  # Windows flushes only what it may write
     for current, _folders, files in os.walk(folder):
         for name in files:
-            with open(os.path.join(current, name), "rb") as handle:
-                os.fsync(handle.fileno())
+            descriptor = os.open(os.path.join(current, name), writable)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
         sync_folder_entries(Path(current))
 
 

@@ -50,6 +50,16 @@ def test_the_summary_shows_messages_and_paths_with_brackets_as_they_are() -> Non
     assert f"failed: {failed}" in text and "/r/[b]x" in text
 
 
+def test_the_summary_prints_rep4_rounded_down_as_everywhere_else() -> None:
+    """0.89996 under a 0.9 threshold must not read 0.9000 in the summary either."""
+    losses = {"gen_loss": 1.0, "valid": {"wikitext-2": 3.0}, "rep4": 0.05}
+    summary = {"status": "finished", "reason": "max_iters", "iterations": 3, "run_dir": "/r",
+               "first": losses, "last": {**losses, "rep4": 0.89996}}  # fmt: skip
+    console = Console(width=200, record=True, color_system=None)
+    console.print(summary_table(summary))
+    assert "0.050 → 0.899" in console.export_text()
+
+
 def test_the_progress_bar_shows_a_status_with_brackets_as_it_is() -> None:
     engine = SimpleNamespace(config=SimpleNamespace(max_iters=2))
     console = Console(file=io.StringIO(), force_terminal=True, width=200, color_system=None)

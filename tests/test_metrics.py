@@ -84,3 +84,11 @@ def test_rep4_is_shown_rounded_down_so_a_value_under_the_threshold_never_reads_a
 ) -> None:
     assert format_rep4(rep4) == shown
     assert (float(shown) >= 0.9) == (rep4 >= 0.9)
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [(float("nan"), "nan"), (float("inf"), "inf"), (1e306, "1e+306")]
+)
+def test_a_rep4_no_run_writes_is_still_printed(value: float, shown: str) -> None:
+    """A hand-edited metrics line may hold anything; printing it must not raise (OverflowError)."""
+    assert format_rep4(value) == shown
