@@ -43,6 +43,7 @@ from collapse_tui.exits import (
     EXIT_USER_ERROR,
     closing_line,
     run_exit_code,
+    stop_with_parent,
 )
 from collapse_tui.runfolder import CONFIG, read_summary, snapshot_iteration
 
@@ -533,6 +534,7 @@ def main() -> None:
     A mistyped option or value gets one line, like every other user error
     (click's own message, without its usage block), and exit code 2.
     """
+    stop_with_parent()  # a sweep's run: first, before torch loads (seconds in which a Ctrl-Z may stop it)
     try:
         code = app(standalone_mode=False)
     except USAGE_ERROR as error:

@@ -37,7 +37,6 @@ from collapse_tui.exits import (
     closing_line,
     ignore_later_hangups,
     run_exit_code,
-    stop_with_parent,
 )
 from collapse_tui.follow import serving_watchers
 from collapse_tui.metrics import format_rep4
@@ -215,7 +214,6 @@ def summary_table(summary: dict[str, Any]) -> Table:
 
 def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
     """Run to the end in this thread; return the process exit code."""
-    stop_with_parent()
     engine = Engine(config, resume_lr=resume_lr)
     console = Console(stderr=False)
     reporter: PlainReporter | None = None
