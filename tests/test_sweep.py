@@ -586,14 +586,15 @@ def process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
-@pytest.mark.skipif(
-    signal.getsignal(signal.SIGTSTP) is signal.SIG_IGN, reason="Ctrl-Z is ignored here (no job control)"
+#: Ctrl-Z tests: they read process states from /proc, and need SIGTSTP not ignored (job control).
+needs_job_control = pytest.mark.skipif(
+    not Path("/proc/self/stat").exists() or signal.getsignal(signal.SIGTSTP) is signal.SIG_IGN,
+    reason="needs /proc and job control (Ctrl-Z not ignored)",
 )
-def test_ctrl_z_suspends_the_run_going_with_the_sweep_and_fg_continues_both(
-    tiny_model_dir, eval_file, tmp_path
-):
-    out = tmp_path / "sweep"
+
+
+def suspended_sweep(tiny_model_dir, eval_file, out: Path) -> tuple[subprocess.Popen, Path, int]:
+    """A sweep whose run is going, then Ctrl-Z'd: the sweep, its run's folder and the run's pid, both stopped."""
     sweep = start_sweep(tiny_sweep(tiny_model_dir, eval_file, out, "--max-iters", "100000"), until="it 2/")
     run = out / "tiny-model0-lr4e-05-seed1337"
     child = json.loads((run / "process.json").read_text())["pid"]
@@ -601,6 +602,20 @@ def test_ctrl_z_suspends_the_run_going_with_the_sweep_and_fg_continues_both(
         sweep.send_signal(signal.SIGTSTP)
         wait_for(lambda: process_state(sweep.pid) == "T" and process_state(child) == "T", timeout=30,
                  what="the sweep and its run to stop")  # fmt: skip
+    except BaseException:  # leave no stopped process behind
+        sweep.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGCONT)
+        raise
+    return sweep, run, child
+
+
+@needs_job_control
+def test_ctrl_z_suspends_the_run_going_with_the_sweep_and_fg_continues_both(
+    tiny_model_dir, eval_file, tmp_path
+):
+    sweep, run, child = suspended_sweep(tiny_model_dir, eval_file, tmp_path / "sweep")
+    try:
         stopped_at = len(iterations_so_far(run))
         sweep.send_signal(signal.SIGCONT)  # what fg or bg sends
         wait_for(lambda: len(iterations_so_far(run)) > stopped_at + 1, timeout=60, what="the run to go on")
@@ -614,22 +629,13 @@ def test_ctrl_z_suspends_the_run_going_with_the_sweep_and_fg_continues_both(
     assert json.loads((run / "summary.json").read_text())["reason"] == "SIGINT"
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
-@pytest.mark.skipif(
-    signal.getsignal(signal.SIGTSTP) is signal.SIG_IGN, reason="Ctrl-Z is ignored here (no job control)"
-)
+@needs_job_control
 def test_a_suspended_sweep_killed_without_a_word_stops_its_run_as_a_kill_does(
     tiny_model_dir, eval_file, tmp_path
 ):
     """Ctrl-Z, then ``kill -9 %1``: the run the sweep had suspended must not stay stopped for ever."""
-    out = tmp_path / "sweep"
-    sweep = start_sweep(tiny_sweep(tiny_model_dir, eval_file, out, "--max-iters", "100000"), until="it 2/")
-    run = out / "tiny-model0-lr4e-05-seed1337"
-    child = json.loads((run / "process.json").read_text())["pid"]
+    sweep, run, child = suspended_sweep(tiny_model_dir, eval_file, tmp_path / "sweep")
     try:
-        sweep.send_signal(signal.SIGTSTP)
-        wait_for(lambda: process_state(sweep.pid) == "T" and process_state(child) == "T", timeout=30,
-                 what="the sweep and its run to stop")  # fmt: skip
         sweep.kill()
         sweep.communicate(timeout=60)
         wait_for(lambda: (run / "summary.json").exists() and "ending" not in json.loads((run / "summary.json").read_text()),
