@@ -1,6 +1,6 @@
 """``collapse-tui headless``: the run with no UI.
 
-On a terminal, a rich progress bar (iteration, it/s, ETA, last losses, rep4);
+On a terminal, a rich progress bar (iteration, it/s, ETA, then rep4 and the last losses);
 otherwise (a log file, nohup, CI) one plain line per iteration. Ctrl-C, a
 SIGTERM or a hang-up (unless nohup ignores it) stop the run at the next safe
 point (a generation in progress is cut short and its iteration discarded),
