@@ -230,10 +230,10 @@ class Engine:
         self.rngs_before_iteration: dict[str, Any] | None = None
         self.saved_rngs: dict[str, Any] | None = None
         self.first_record: IterationRecord | None = None
+        self.last_record: IterationRecord | None = None
         #: The seconds of the run's iterations so far (generate + evaluate + train), every process's: what
         #: comparing runs' time to collapse needs, which ``elapsed_seconds`` (this process's) is not.
         self.iteration_seconds = 0.0
-        self.last_record: IterationRecord | None = None
         self.writer: RunWriter | None = None
         self.listener: EngineListener = NullListener()
         self.started = time.time()

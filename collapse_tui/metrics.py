@@ -75,14 +75,16 @@ def repeated_ngram_mask(tokens: Sequence[int], n: int = 4) -> list[bool]:
     return mask
 
 
-def format_rep4(value: float) -> str:
-    """rep4 to three decimals, rounded down, wherever it is printed.
+def format_rep4(value: float | None) -> str:
+    """rep4 to three decimals, rounded down, wherever it is printed ("–" before there is one).
 
     Why down: the collapse rule compares the exact value with the threshold,
     and a value just under it (0.8985 against 0.9) rounded to the nearest
     would read as reaching it, three iterations "at 0.90" and no collapse.
     (The 1e-9 keeps an exact 0.57, stored as 0.5699999…, at 0.570.)
     """
+    if value is None:
+        return "–"
     if not math.isfinite(value) or abs(value) >= 1e6:  # a hand-edited line's: no rep4 is outside [0, 1]
         return f"{value:.3g}"
     return f"{math.floor(value * 1000 + 1e-9) / 1000:.3f}"

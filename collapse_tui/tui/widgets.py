@@ -382,7 +382,7 @@ class RepetitionMeter(Widget):
         streak = self.detector.streak
         if streak and self.state in ("running", "pausing", "paused"):
             state.append(f"  above threshold {streak}/{self.patience}", style="bold yellow")
-        value = f" {'–' if self.rep4 is None else format_rep4(self.rep4)}/{self.threshold:g}"
+        value = f" {format_rep4(self.rep4)}/{self.threshold:g}"
         bar = self._bar(width - len("rep4 ") - len(value))
         lines = [
             state,
@@ -502,7 +502,7 @@ class SampleView(VerticalScroll):
             # at 80 columns the pane's border holds ~34 characters, and runs go to 1000 iterations;
             # "latest", not "of": iterations are numbered from 0, and "3 of 5" read as a count of 5
             self.border_title = f"iteration {iteration} (latest {latest})"
-            self.border_subtitle = f"rep4 {'–' if rep4 is None else format_rep4(rep4)} · end follows"
+            self.border_subtitle = f"rep4 {format_rep4(rep4)} · end follows"
         if self.shown != (iteration, text):
             self.shown = (iteration, text)
             self.query_one("#sample-text", Static).update(highlight_repeats(text))
