@@ -39,7 +39,7 @@ from collapse_tui.exits import (
     run_exit_code,
 )
 from collapse_tui.follow import serving_watchers
-from collapse_tui.metrics import format_rep4
+from collapse_tui.metrics import format_rate, format_rep4
 from collapse_tui.records import Event, IterationRecord, phase_seconds
 from collapse_tui.tables import print_table, stop_writing_stdout
 
@@ -156,7 +156,7 @@ class ProgressReporter(PlainReporter):
         self.progress.update(
             self.task,
             completed=record.iteration + 1,
-            rate=f"{rate:.2f} it/s" if rate else "",
+            rate=format_rate(rate) if rate else "",
             losses=self.losses,
         )
 

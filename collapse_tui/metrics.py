@@ -90,6 +90,17 @@ def format_rep4(value: float | None) -> str:
     return f"{math.floor(value * 1000 + 1e-9) / 1000:.3f}"
 
 
+def format_rate(rate: float | None) -> str:
+    """Iterations a second, or seconds an iteration below one a second (as tqdm does).
+
+    A large model on the CPU takes minutes an iteration: "0.00 it/s" would
+    say nothing, "250 s/it" says what to expect.
+    """
+    if rate is None or not math.isfinite(rate) or rate <= 0:
+        return "– it/s"
+    return f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.3g} s/it"
+
+
 class CollapseDetector:
     """The collapse rule: rep4 at or above ``threshold`` for ``patience`` iterations in a row."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import pytest
@@ -10,6 +11,7 @@ from collapse_tui.metrics import (
     CollapseDetector,
     compression_ratio,
     distinct_1,
+    format_rate,
     format_rep4,
     repeated_ngram_mask,
     repetition_metrics,
@@ -92,3 +94,13 @@ def test_rep4_is_shown_rounded_down_so_a_value_under_the_threshold_never_reads_a
 def test_a_rep4_no_run_writes_is_still_printed(value: float, shown: str) -> None:
     """A hand-edited metrics line may hold anything; printing it must not raise (OverflowError)."""
     assert format_rep4(value) == shown
+
+
+@pytest.mark.parametrize(
+    ("rate", "shown"),
+    [(2.0, "2.00 it/s"), (1.0, "1.00 it/s"), (0.5, "2 s/it"), (0.004, "250 s/it"), (1 / 21.4, "21.4 s/it"),
+     (None, "– it/s"), (0.0, "– it/s"), (math.inf, "– it/s")],
+)  # fmt: skip
+def test_format_rate_gives_seconds_an_iteration_below_one_a_second(rate: float | None, shown: str) -> None:
+    """A large model on the CPU read "0.00 it/s"."""
+    assert format_rate(rate) == shown

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import math
 import os
@@ -36,11 +37,14 @@ from collapse_tui.records import Event, IterationRecord
 from collapse_tui.runfolder import RunWriter
 from collapse_tui.source import RunInfo
 from collapse_tui.tui.app import (
+    BRIEF_CHARS,
     TOAST_RACK_ID,
     WAITING_MESSAGE,
     CollapseApp,
     EventReport,
     RecordReport,
+    StatusReport,
+    brief,
     run_app,
 )
 from collapse_tui.tui.history import SampleHistory
@@ -77,8 +81,9 @@ def drive(
     scenario: Callable[[CollapseApp, Pilot], Awaitable[None]],
     clock: Callable[[], float] = lambda: 0.0,
     notifications: bool = False,
+    size: tuple[int, int] = (80, 24),
 ) -> CollapseApp:
-    """Run the app on ``source`` at 80x24 through ``scenario``; return the app once it has closed.
+    """Run the app on ``source`` at ``size`` (80x24) through ``scenario``; return the app once it has closed.
 
     ``notifications`` draws the notices on the screen, as a terminal shows them (Textual's tests
     keep them out of the screen unless asked).
@@ -86,7 +91,7 @@ def drive(
     app = CollapseApp(source, clock=clock)
 
     async def main() -> None:
-        async with app.run_test(size=(80, 24), notifications=notifications) as pilot:
+        async with app.run_test(size=size, notifications=notifications) as pilot:
             await scenario(app, pilot)
 
     asyncio.run(main())
@@ -871,6 +876,196 @@ def test_a_steering_command_that_cannot_be_written_is_a_notice_not_a_crash() -> 
         assert len(notices) == 3 and all("No space left" in n for n in notices), notices
         assert not app.snapshot_pending and app.requested_lr is None
         assert app.is_running
+
+    drive(source, scenario)
+
+
+# -- short and narrow terminals (tmux panes) ---------------------------------------
+
+EVAL_SETS = ("wikitext-2-v1", "ptb", "held-out-news")
+
+
+def many_sets_source(n: int = 12, **kwargs) -> FakeSource:
+    info = RunInfo(model="fake", device="cpu", max_iters=1000, lr=3e-4, eval_names=list(EVAL_SETS))
+    return FakeSource([make_record(i, n, eval_names=EVAL_SETS) for i in range(n)], info=info, **kwargs)
+
+
+def screen_text(app: CollapseApp, width: int, height: int) -> list[str]:
+    """The screen's rows as plain text, as a terminal would show them."""
+    console = Console(width=width, height=height, file=io.StringIO(), record=True, force_terminal=True)
+    console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
+    return console.export_text().splitlines()
+
+
+@pytest.mark.parametrize("size", [(120, 24), (132, 20), (100, 18)])
+def test_every_chart_is_on_screen_where_the_rows_allow_two_each(size: tuple[int, int]) -> None:
+    """120x24 with three evaluation sets drew gen_loss over ten rows and scrolled the rest out of sight
+    (charts of height 1fr in a scrolling pane each grew to the pane's height)."""
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 12, "the records")
+        await pilot.pause(0.1)
+        charts = app.query_one(LossCharts)
+        assert charts.size.height >= 2 * len(charts.names)  # the room is there
+        view = charts.content_region
+        for chart in app.query(SeriesChart):
+            assert view.contains_region(chart.region), (chart.title, chart.region, view)
+        assert charts.max_scroll_y == 0
+
+    drive(many_sets_source(), scenario, size=size)
+
+
+def test_charts_that_cannot_have_two_rows_each_keep_two_and_scroll() -> None:
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 12, "the records")
+        await pilot.pause(0.1)
+        assert [chart.size.height for chart in app.query(SeriesChart)] == [2, 2, 2, 2]
+
+    drive(many_sets_source(), scenario, size=(80, 16))
+
+
+def test_a_wide_but_short_screen_keeps_the_event_log_short_and_gives_the_sample_the_rows() -> None:
+    heights: dict[int, int] = {}
+    for rows in (20, 40):
+
+        async def scenario(app: CollapseApp, pilot: Pilot, rows: int = rows) -> None:
+            await wait_until(pilot, lambda: app.records_seen == 12, "the records")
+            await pilot.pause(0.1)
+            heights[rows] = app.query_one("#events").size.height
+
+        drive(many_sets_source(), scenario, size=(132, rows))
+    assert heights[40] > heights[20] == 4  # 10 and 6 rows with their borders
+
+
+@pytest.mark.parametrize("size", [(60, 30), (70, 20)])
+def test_below_80_columns_the_sample_keeps_half_the_width_and_the_footer_quit_and_help(
+    size: tuple[int, int],
+) -> None:
+    """The left column was 42 columns at any width: at 60 the sample was 16 wide; and the footer lost
+    its last keys, which were help and quit."""
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 12, "the records")
+        await pilot.pause(0.1)
+        assert app.query_one("#right").size.width >= size[0] // 2 - 1
+        # the footer is composed again as it turns compact: wait for it to be drawn
+        await wait_until(pilot, lambda: screen_text(app, *size)[-1].strip() != "", "the footer")
+        footer = screen_text(app, *size)[-1]
+        assert "q Quit" in footer and "? Help" in footer, footer
+        meter = str(app.query_one(RepetitionMeter).render()).splitlines()
+        assert len(meter) == 4 and meter[3].startswith("compression ratio"), meter  # no line wrapped
+
+    drive(many_sets_source(), scenario, size=size)
+
+
+def test_the_status_line_below_80_columns_gives_up_the_rate_and_elapsed_before_the_time_left() -> None:
+    class StatusOnly(App):
+        def compose(self) -> ComposeResult:
+            yield StatusLine()
+
+    async def main(width: int) -> str:
+        app = StatusOnly()
+        async with app.run_test(size=(width, 3)) as pilot:
+            app.query_one(StatusLine).show(
+                model="/data/models/SmolLM2-135M-Instruct-finetuned-v2", device="cuda:1", iteration=998,
+                max_iters=1000, rate=12.3, lr=1.5e-05, pending_lr=7.5e-06, elapsed=5025, remaining=37425,
+            )  # fmt: skip
+            await pilot.pause()
+            return str(app.query_one(StatusLine).render())
+
+    for width in (70, 60):
+        line = asyncio.run(main(width))
+        assert len(line) <= width and line.endswith("eta 10:23:45"), line
+        assert "it 999/1000" in line and "lr 1.5e-05→7.5e-06" in line, line
+
+
+def test_a_snapshot_saved_after_loading_shows_in_the_meter_until_its_event() -> None:
+    """The engine's "saving snapshot" status went to the loading pane, hidden once the run has
+    started: a large model's final snapshot showed nothing for half a minute."""
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 12, "the records")
+        app.post_message(StatusReport("saving snapshot iter-12", None))
+        await pilot.pause(0.1)
+        assert "saving snapshot iter-12" in str(app.query_one(RepetitionMeter).render()).splitlines()[0]
+        app.post_message(EventReport(Event("snapshot", 12, time=0.0, data={"path": "/r/snapshots/iter-12"})))
+        await pilot.pause(0.1)
+        assert "saving" not in str(app.query_one(RepetitionMeter).render())
+
+    drive(many_sets_source(), scenario)
+
+
+def test_the_meter_counts_a_streak_past_its_patience_in_a_row_not_as_13_of_3() -> None:
+    meter = RepetitionMeter(0.9, 3)
+    meter.state = "running"
+    for _ in range(5):
+        meter.detector.update(0.95)
+    assert "above threshold 5 in a row" in str(meter.render())
+    meter.detector.streak = 2
+    assert "above threshold 2/3" in str(meter.render())
+
+
+def test_a_long_error_is_cut_short_in_its_notice_and_whole_in_the_log() -> None:
+    message = (
+        "CUDA out of memory. Tried to allocate 2.00 GiB. " + "GPU 0 has a total capacity of 79 GiB " * 12
+    )
+    source = FakeSource([make_record(0, 5)], fail_with=RuntimeError(message))
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.failed, "the failure")
+        await pilot.pause(0.1)
+        notices = [n.message for n in app._notifications if n.title == "run failed"]
+        assert len(notices) == 1 and len(notices[0]) <= BRIEF_CHARS + 30, notices
+        assert notices[0].startswith("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB.")
+        assert notices[0].endswith("(whole in the event log)")
+        assert message.split()[-1] in log_text(app) and log_text(app).count("total capacity") == 12
+
+    drive(source, scenario, size=(200, 60))
+
+
+def test_brief_leaves_a_short_message_as_it_is() -> None:
+    assert brief("model 'nope' not found") == "model 'nope' not found"
+    assert len(brief("x" * 1000)) < BRIEF_CHARS + 30
+
+
+def test_a_read_only_watcher_says_its_steering_keys_are_off() -> None:
+    source = FakeSource([make_record(0, 5)])
+    source.controls.read_only = True
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 1, "a record")
+        assert [n.title for n in app._notifications] == ["read-only"]
+
+    drive(source, scenario)
+
+
+def test_watching_a_run_with_no_process_file_shows_no_elapsed_time_of_its_own(tmp_path: Path) -> None:
+    """A copied folder, or a run of an old version: the time watched is not the time the run ran."""
+    run_dir = make_run(tmp_path / "run", "finished", n=3)
+    (run_dir / "process.json").unlink(missing_ok=True)
+    source = FolderSource(run_dir, read_only=True, poll_s=0.05)
+    ticks = iter(range(0, 10_000, 100))
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the replay to end")
+        app._show_status()
+        await pilot.pause()
+        assert app._elapsed() is None
+        assert "0:00 elapsed" not in str(app.query_one(StatusLine).render())
+
+    drive(source, scenario, clock=lambda: float(next(ticks)), size=(120, 30))
+
+
+def test_the_lr_dialog_says_both_the_running_lr_and_the_one_asked_for() -> None:
+    source = FakeSource([make_record(0, 5)], after="live", iteration_s=60.0)  # + waits for a boundary
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 1, "a record")
+        await pilot.press("plus")
+        await open_lr_dialog(app, pilot)
+        text = " ".join(str(label.render()) for label in app.screen.query(Label))
+        assert "now 4e-05, 8e-05 asked for" in text, text
+        assert app.screen.query_one(Input).value == "8e-05"
 
     drive(source, scenario)
 
@@ -1710,6 +1905,28 @@ def test_once_the_run_has_ended_s_keeps_the_screen_beside_its_last_snapshot(tmp_
         await pilot.press("s")  # again, or a watcher later: a new file, never over the one saved before
         await wait_until(pilot, lambda: (snapshot / "screen-2.svg").exists(), "the second screen")
         assert (snapshot / "screen.svg").read_bytes() == first
+
+    drive(source, scenario)
+
+
+def test_once_the_run_has_ended_s_keeps_the_screen_in_its_folder_if_its_last_snapshot_is_gone(
+    tmp_path: Path,
+) -> None:
+    """A disk cleaned up by hand: "could not save the screen: No such file or directory" before."""
+    snapshot = tmp_path / "snapshots" / "iter-2"
+    info = RunInfo(
+        model="fake", device="cpu", max_iters=2, lr=4e-5, eval_names=["wikitext-2"], run_dir=str(tmp_path)
+    )
+    script = {1: [Event("snapshot", 2, time=0.0, data={"path": str(snapshot)})]}
+    source = FakeSource([make_record(i, 2) for i in range(2)], info=info, script=script, after="return")
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the run to end")
+        assert not snapshot.exists()
+        await pilot.press("s")
+        await wait_until(
+            pilot, lambda: (tmp_path / "screen.svg").exists(), "the screen saved in the run folder"
+        )
 
     drive(source, scenario)
 

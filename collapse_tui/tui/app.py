@@ -38,7 +38,7 @@ from textual.driver import Driver
 from textual.errors import NoWidget
 from textual.message import Message
 from textual.widget import Widget
-from textual.widgets import Footer, Label, ProgressBar
+from textual.widgets import Label, ProgressBar
 from textual.worker import Worker, WorkerState
 
 from collapse_tui.errors import ScreenCrashed, UserError
@@ -51,7 +51,25 @@ from collapse_tui.source import RunSource
 from collapse_tui.tui.history import Entry, SampleHistory
 from collapse_tui.tui.screens import MAX_LR, HelpScreen, LrScreen, help_keys
 from collapse_tui.tui.terminal import hangup_safe, silence_output, terminal_gone
-from collapse_tui.tui.widgets import EventLog, LossCharts, RepetitionMeter, SampleView, StatusLine
+from collapse_tui.tui.widgets import (
+    EventLog,
+    FittingFooter,
+    LossCharts,
+    RepetitionMeter,
+    SampleView,
+    StatusLine,
+)
+
+#: The most characters of a message a notice shows; the event log keeps it whole.
+BRIEF_CHARS = 160
+
+
+def brief(message: str) -> str:
+    """``message`` cut for a notice: a CUDA out-of-memory error runs to ~450 characters, which at
+    80×24 covered half the screen for the notice's 30 seconds."""
+    if len(message) <= BRIEF_CHARS:
+        return message
+    return message[: BRIEF_CHARS - 1].rstrip() + "… (whole in the event log)"
 
 
 class StatusReport(Message):
@@ -135,11 +153,18 @@ class CollapseApp(App[dict[str, Any] | None]):
     CSS_PATH = "app.tcss"
     TITLE = "collapse-tui"
     ENABLE_COMMAND_PALETTE = False
-    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (110, "-wide")]
+    # Below 80 columns (a tmux split) the columns share the width and the footer is compact; from 110
+    # the charts and the event log take more room, the log only where there are rows for it.
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-tiny"), (80, "-narrow"), (110, "-wide")]
+    VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (30, "-tall")]
     #: How long a quit waits for the run to stop at a safe point before leaving anyway.
     QUIT_GRACE_S = 4.0
 
     BINDINGS: ClassVar[list[Binding]] = [
+        # Quit and help first, as harlequin's footer has them: a footer cut short by a narrow pane
+        # loses its last keys, and these are the ones a newcomer must find.
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help", key_display="?"),
         # Two bindings on one key: check_action hides the one that does not apply.
         Binding("space,p", "pause", "Pause"),
         Binding("space,p", "resume", "Resume"),
@@ -155,8 +180,6 @@ class CollapseApp(App[dict[str, Any] | None]):
         Binding("right_curly_bracket", "step(10)", "Forward 10", show=False),
         Binding("home", "first", "First", show=False, priority=True),
         Binding("end", "follow", "Follow", show=False, priority=True),
-        Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("q", "quit", "Quit"),
         # Over SSH Ctrl-C is how a terminal program is left; here it quits as q does (twice: at once),
         # and the exit code says interrupted (130), as for kill -INT, if the run was still going.
         Binding("ctrl+c", "interrupt", "Quit", show=False, priority=True),
@@ -252,7 +275,7 @@ class CollapseApp(App[dict[str, Any] | None]):
                     yield ProgressBar(total=None, show_eta=False, id="loading-bar")
                 yield SampleView(id="sample")
                 yield EventLog(id="events")
-        yield Footer()
+        yield FittingFooter()
 
     def on_mount(self) -> None:
         self.charts = self.query_one(LossCharts)
@@ -267,6 +290,10 @@ class CollapseApp(App[dict[str, Any] | None]):
         self._worker = self.run_worker(self._run, name="run", thread=True, exit_on_error=False)
         self.set_interval(1.0, self._show_status)
         self._show_status()
+        if self.read_only:  # its steering keys are hidden and do nothing: say why once
+            self.notify(
+                "the keys that steer the run are off (watch without --read-only to steer)", title="read-only"
+            )
         self._update_state()
         if self.signalled_early:  # a hang-up or kill while the screen started: leave once the run has
             self.stop_from_signal()
@@ -322,7 +349,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         if error is not None and not self._logged(error):  # the run's error event may have said it already
             self.failed = True
             self._log(f"run failed: {type(error).__name__}: {error}")
-            self.notify(f"{type(error).__name__}: {error}", title="run failed", severity="error", timeout=30)
+            self.notify(
+                brief(f"{type(error).__name__}: {error}"), title="run failed", severity="error", timeout=30
+            )
         self._update_state()
         self._show_status()  # the rate and time left go now, not at the next tick
         if self.quitting:
@@ -331,6 +360,9 @@ class CollapseApp(App[dict[str, Any] | None]):
     # -- reports from the run ------------------------------------------------
 
     def on_status_report(self, report: StatusReport) -> None:
+        if not self.loading:  # the loading pane is gone: the meter says it, until the snapshot's event
+            self.query_one(RepetitionMeter).set_note(report.text)
+            return
         self.query_one("#loading-label", Label).update(Text(report.text))  # a path may hold brackets
         bar = self.query_one("#loading-bar", ProgressBar)
         if report.fraction is None:
@@ -444,6 +476,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             with contextlib.suppress(TypeError, ValueError):  # a hand-edited line: the next record says
                 self._lr_applied(float(event.data.get("lr", self.applied_lr)))
         elif kind == "snapshot":
+            self.query_one(RepetitionMeter).set_note("")  # the "saving snapshot" status is over
             self.last_snapshot = self._in_run_folder(event.data.get("path")) or self.last_snapshot
             # Only for a snapshot this screen asked for: a watcher replaying a run's history
             # must not write its screen into an old snapshot.
@@ -451,6 +484,7 @@ class CollapseApp(App[dict[str, Any] | None]):
                 self.snapshot_pending = False
                 self._save_screen(self._in_run_folder(event.data.get("path")))
         elif kind == "snapshot_failed":
+            self.query_one(RepetitionMeter).set_note("")
             if self.snapshot_pending:
                 self.snapshot_pending = False
                 self.notify(str(event.data.get("message", "")), title="snapshot failed", severity="error")
@@ -467,11 +501,11 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.failed = True
             if self._news(event):
                 message = str(event.data.get("message", ""))
-                self.notify(message, title="run error", severity="error", timeout=30)
+                self.notify(brief(message), title="run error", severity="error", timeout=30)
         elif kind == "process_gone":
             self.process_gone = True
             message = str(event.data.get("message", "it ended without writing a summary"))
-            self.notify(message, title="the run's process is gone", severity="error", timeout=30)
+            self.notify(brief(message), title="the run's process is gone", severity="error", timeout=30)
         self._update_state()
         self._show_status()
 
@@ -676,11 +710,15 @@ class CollapseApp(App[dict[str, Any] | None]):
             remaining=remaining,
         )
 
-    def _elapsed(self) -> float:
+    def _elapsed(self) -> float | None:
         """Seconds the run has run: since this screen started it, or for a watcher since the run's
-        process started (to its end, for a finished run), by the times in its ``process.json``."""
+        process started (to its end, for a finished run), by the times in its ``process.json``;
+        None for a watcher of a run with no such file (a copied folder, a run of an old version):
+        the time it has watched is not the run's."""
         started = self.info.process_started
         if started is None:
+            if not self.runs_here:
+                return None
             return (self.ended_at if self.ended_at is not None else self.clock()) - self.started_at
         ended = self.info.process_ended
         if ended is None:  # still going, or gone without a word: then its last line is its end
@@ -785,7 +823,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             if value is not None:
                 self._request_lr(value)
 
-        self.push_screen(LrScreen(self.current_lr), apply)
+        self.push_screen(LrScreen(self.current_lr, running=self.applied_lr), apply)
 
     def _request_lr(self, lr: float) -> None:
         if not self.live:  # the l dialog can outlive the run's last iteration
@@ -808,7 +846,9 @@ class CollapseApp(App[dict[str, Any] | None]):
 
     def action_snapshot(self) -> None:
         if self.ended_here:  # no model to save any more: keep the screen, as the end of the run looks
-            self._save_screen(self.last_snapshot or self.info.run_dir, screen_only=True)
+            # into its last snapshot, or the run's folder where that is gone (a disk cleaned up)
+            last = self.last_snapshot if self.last_snapshot and Path(self.last_snapshot).is_dir() else None
+            self._save_screen(last or self.info.run_dir, screen_only=True)
             return
         if not self._steer(self.source.controls.request_snapshot):
             return

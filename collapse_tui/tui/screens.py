@@ -121,14 +121,20 @@ class LrScreen(ModalScreen[float | None]):
 
     BINDINGS: ClassVar[list[Binding]] = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, current: float) -> None:
+    def __init__(self, current: float, *, running: float | None = None) -> None:
+        """``current`` is what the next iteration will use (the field starts on it); ``running`` the
+        lr of the iteration in flight where an asked-for one has not been applied yet."""
         super().__init__()
         self.current = current
+        self.running = running
 
     def compose(self) -> ComposeResult:
         with Vertical(id="lr-box") as box:
             box.border_title = "learning rate"
-            yield Label(f"now {self.current:.3g}; applies from the next iteration")
+            now = f"now {self.current:.3g}"
+            if self.running is not None and self.running != self.current:
+                now = f"now {self.running:.3g}, {self.current:.3g} asked for"
+            yield Label(f"{now}; applies from the next iteration")
             # exact, so that enter on it gives back this very rate (a rounded 1.23457 could be above it)
             yield Input(value=lr_text(self.current), id="lr-input", select_on_focus=True)
             yield Label("", id="lr-error")

@@ -20,9 +20,9 @@ from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import RichLog, Sparkline, Static
+from textual.widgets import Footer, RichLog, Sparkline, Static
 
-from collapse_tui.metrics import CollapseDetector, format_rep4, repeated_ngram_mask
+from collapse_tui.metrics import CollapseDetector, format_rate, format_rep4, repeated_ngram_mask
 
 
 def fmt_num(value: float | None, digits: int = 3) -> str:
@@ -240,6 +240,10 @@ class MarkedSparkline(Sparkline):
 
 #: Rows a chart needs to show its marker row while browsing: its title, its sparkline and the marker.
 MARKED_CHART_ROWS = 3
+#: Rows a chart takes at least (its title and one row of sparkline), and with room to spare on a
+#: wide screen (two rows of sparkline and a blank row under it): ``LossCharts.on_resize``.
+MIN_CHART_ROWS = 2
+ROOMY_CHART_ROWS = 4
 
 
 class SeriesChart(Vertical):
@@ -299,6 +303,20 @@ class LossCharts(VerticalScroll):
         for index, name in enumerate(self.names):
             yield SeriesChart(name, id=f"series-{index}")
 
+    def on_resize(self, event: events.Resize) -> None:
+        """Size the charts by the rows there are, not only the columns.
+
+        Inside a scrolling pane, charts of height ``1fr`` that overflow it grow
+        to the pane's height each (120×24 with three evaluation sets showed
+        gen_loss over ten rows and hid the rest). So: roomy charts (a blank row
+        between them) only where every chart gets four rows, and fixed
+        two-row charts (title and one sparkline row) where not even two fit,
+        so the pane scrolls by whole charts.
+        """
+        rows, count = self.size.height, len(self.names)
+        self.set_class(rows >= ROOMY_CHART_ROWS * count, "-roomy")
+        self.set_class(rows < MIN_CHART_ROWS * count, "-cramped")
+
     def add(self, gen_loss: float, valid: dict[str, float]) -> None:
         for index, name in enumerate(self.names):
             value = gen_loss if index == 0 else valid.get(name, math.nan)
@@ -347,6 +365,8 @@ class RepetitionMeter(Widget):
         self.threshold = threshold
         self.patience = patience
         self.state = "loading"
+        #: What the run is busy with beside its iterations (a snapshot being saved), or "".
+        self.note = ""
         self.rep4: float | None = None
         self.distinct1: float | None = None
         self.unique_tokens: int | None = None
@@ -356,6 +376,11 @@ class RepetitionMeter(Widget):
 
     def set_state(self, state: str) -> None:
         self.state = state
+        self.refresh()
+
+    def set_note(self, note: str) -> None:
+        """Say beside the state what the run is busy with (a large model's snapshot takes a while)."""
+        self.note = note
         self.refresh()
 
     def replay(self, rep4s: Iterable[float]) -> None:
@@ -380,22 +405,31 @@ class RepetitionMeter(Widget):
         width = max(self.size.width, 20)
         state = Text(f" {self.state.upper()} ", style=STATE_STYLES.get(self.state, "bold reverse"))
         streak = self.detector.streak
-        if streak and self.state in ("running", "pausing", "paused"):
-            state.append(f"  above threshold {streak}/{self.patience}", style="bold yellow")
+        if self.note:
+            state.append("  " + shorten(self.note, max(width - state.cell_len - 2, 1)), style="italic")
+        elif streak and self.state in ("running", "pausing", "paused"):
+            # past the patience only with --keep-going: the count goes on, the rule has been met
+            count = f"{streak}/{self.patience}" if streak < self.patience else f"{streak} in a row"
+            state.append(f"  above threshold {count}", style="bold yellow")
         value = f" {format_rep4(self.rep4)}/{self.threshold:g}"
         bar = self._bar(width - len("rep4 ") - len(value))
         lines = [
             state,
             Text.assemble(("rep4 ", "bold"), bar, (value, "bold")),
-            Text.assemble(
-                ("distinct-1 ", "dim"),
-                fmt_num(self.distinct1, 2),
-                ("  unique tokens ", "dim"),
-                "–" if self.unique_tokens is None else str(self.unique_tokens),
-            ),
+            self._numbers_line(width),
             Text.assemble(("compression ratio ", "dim"), fmt_num(self.compression, 2)),
         ]
         return Text("\n").join(lines)
+
+    def _numbers_line(self, width: int) -> Text:
+        """distinct-1 and the unique tokens on one line: the words shorten in a narrow pane rather than
+        wrap (a wrapped line pushes the compression ratio out of the meter's four rows)."""
+        unique = "–" if self.unique_tokens is None else str(self.unique_tokens)
+        for label in ("  unique tokens ", "  unique "):
+            line = Text.assemble(("distinct-1 ", "dim"), fmt_num(self.distinct1, 2), (label, "dim"), unique)
+            if line.cell_len <= width:
+                break
+        return line
 
     def _bar(self, width: int) -> Text:
         """A bar of ``width`` cells; a ``│`` marks the threshold; red once at or past it."""
@@ -544,7 +578,8 @@ class StatusLine(Widget):
     At 80 columns the full line does not fit, so it drops its labels and
     the times' zero hours, then the device (on a GPU box nearly always
     cuda:0), then shortens the model's name (a hub id such as
-    Qwen2.5-0.5B-Instruct), rather than cutting off the time left.
+    Qwen2.5-0.5B-Instruct); narrower still, the rate, then the time
+    elapsed, rather than cutting off the time left.
     """
 
     DEFAULT_CSS = "StatusLine { height: 1; }"
@@ -564,7 +599,7 @@ class StatusLine(Widget):
         rate: float | None,
         lr: float,
         pending_lr: float | None,
-        elapsed: float,
+        elapsed: float | None,
         remaining: float | None,
     ) -> None:
         self.fields = {
@@ -572,7 +607,7 @@ class StatusLine(Widget):
             "device": device,
             # iterations done, as the headless lines count them (the sample pane names the last one's index)
             "iteration": f"it {0 if iteration is None else iteration + 1}/{max_iters}",
-            "rate": "– it/s" if rate is None else f"{rate:.2f} it/s",
+            "rate": format_rate(rate),
             "lr": "lr " + (fmt_lr(lr) if pending_lr is None else f"{fmt_lr(lr)}→{fmt_lr(pending_lr)}"),
             "elapsed": fmt_duration(elapsed),
             "remaining": fmt_duration(remaining),
@@ -596,8 +631,16 @@ class StatusLine(Widget):
         for parts in (full, short, no_device):
             if self._width(parts) <= width:
                 return parts
-        room = width - self._width(no_device[1:]) - 3  # what the model's name may take
-        return [shorten(no_device[0], max(room, 1)), *no_device[1:]]
+        # Below ~75 columns (a tmux split) the model's name gives way, then the rate and the time
+        # elapsed: the iteration, the lr and the time left are what a glance is for.
+        no_rate = [no_device[0], no_device[1], *no_device[3:]]
+        no_elapsed = [*no_rate[:3], no_rate[4]]
+        for parts in (no_device, no_rate):
+            room = width - self._width(parts[1:]) - 3  # what the model's name may take
+            if room >= MODEL_NAME_MIN:
+                return [shorten(parts[0], room), *parts[1:]]
+        room = width - self._width(no_elapsed[1:]) - 3
+        return [shorten(no_elapsed[0], max(room, 1)), *no_elapsed[1:]]
 
     def render(self) -> Text:
         if not self.fields:
@@ -613,6 +656,10 @@ class StatusLine(Widget):
         return line
 
 
+#: The fewest characters of the model's name the status line keeps before it drops the rate.
+MODEL_NAME_MIN = 8
+
+
 def short_duration(text: str) -> str:
     """An h:mm:ss time without its zero hours (0:08:14 → 8:14); "–" and times of an hour or more as they are."""
     if text.startswith("0:"):
@@ -624,3 +671,14 @@ def short_duration(text: str) -> str:
 def shorten(text: str, width: int) -> str:
     """``text`` cut to ``width`` characters, an ellipsis marking the cut."""
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+class FittingFooter(Footer):
+    """Textual's footer, compact (one space between keys, not two) where 80 columns are not there: a
+    tmux split then shows more of the keys (quit and help come first, so they are never cut)."""
+
+    #: The width every key's hint needs in the footer's roomy form.
+    ROOMY_WIDTH = 80
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.compact = event.size.width < self.ROOMY_WIDTH
