@@ -1624,6 +1624,20 @@ def test_a_series_caption_counts_non_finite_values() -> None:
     assert series_caption("gen_loss", series, 24).plain == "gen_loss 2 ↓2 ↑3 (1 bad)"
 
 
+@pytest.mark.parametrize(
+    ("sample", "shown"),
+    [
+        ("\n" * 400 + "end", "⏎ ×400\nend"),
+        ("a b\n\n\n\nc", "a b\n⏎ ×4\nc"),
+        ("x\n\ny", "x\n\ny"),
+        ("\n\n\n", "⏎ ×3"),
+    ],
+)
+def test_a_run_of_newlines_is_shown_counted_not_as_empty_rows(sample: str, shown: str) -> None:
+    """GPT-2 from the paper's prompt can collapse into newlines: the pane looked empty."""
+    assert highlight_repeats(sample).plain == shown
+
+
 def test_highlight_marks_only_repeated_word_runs() -> None:
     text = highlight_repeats("one a b c d two a b c d three")
     marked = {text.plain[span.start : span.end] for span in text.spans}

@@ -508,7 +508,33 @@ def highlight_repeats(text: str, n: int = 4) -> Text:
         elif not repeated and start is not None:
             result.stylize(REPEAT_STYLE, start, spans[index - 1][1])
             start = None
-    return result
+    return mark_blank_runs(result)
+
+
+#: Newlines in a row that are shown as one counted line instead.
+BLANK_RUN = 3
+
+
+def mark_blank_runs(text: Text) -> Text:
+    """``text`` with each run of ``BLANK_RUN`` or more newlines shown as one line "⏎ ×N".
+
+    GPT-2 sampled from the paper's prompt (a newline) can collapse into
+    newlines: drawn as they are, the pane went blank, or held a word at the
+    bottom of hundreds of empty rows, and looked like no sample at all.
+    """
+    plain = text.plain
+    marked = Text()
+    last = 0
+    for run in re.finditer(rf"\n{{{BLANK_RUN},}}", plain):
+        marked.append_text(text[last : run.start()])
+        opening = "\n" if run.start() > 0 else ""
+        marked.append(f"{opening}⏎ ×{len(run.group())}", style=REPEAT_STYLE)
+        marked.append("\n" if run.end() < len(plain) else "")
+        last = run.end()
+    if not last:
+        return text
+    marked.append_text(text[last:])
+    return marked
 
 
 class SampleView(VerticalScroll):
