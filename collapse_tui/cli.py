@@ -536,7 +536,7 @@ def main() -> None:
     """
     stop_with_parent()  # a sweep's run: first, before torch loads (seconds in which a Ctrl-Z may stop it)
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="collapse-tui")  # also as python -m, or a sweep's run
     except USAGE_ERROR as error:
         ctx = getattr(error, "ctx", None)
         hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""

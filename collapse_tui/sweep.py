@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import itertools
 import json
 import os
@@ -42,14 +43,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, sweeps go unguarded as run folders do
+    fcntl = None  # type: ignore[assignment]
 
 from collapse_tui.config import (
     DEFAULT_RUNS_ROOT,
+    HUB_SETS,
     RESUME_MAY_CHANGE,
     RunConfig,
     absolute_eval,
     claim_folder,
+    eval_set_name,
     missing_folders,
     model_name,
     option_flag,
@@ -61,6 +69,7 @@ from collapse_tui.errors import UserError
 from collapse_tui.exits import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, STOP_SIGNAL_NAMES, STOP_WITH
 from collapse_tui.follow import is_alive
 from collapse_tui.runfolder import (
+    CONFIG,
     METRICS,
     SNAPSHOTS,
     RunFolder,
@@ -87,8 +96,13 @@ FIGURE = "sweep.png"
 #: Where the runs' output goes when several go on at once (``--device`` given more than once).
 LOGS = "logs"
 #: Keys of a run's config that may differ from the plan without making it another run (the lr it
-#: started with names its folder; a key may have changed it since, which the snapshot keeps).
-NOT_COMPARED = (RESUME_MAY_CHANGE - {"lr"}) | {"out", "resume", "preset"}
+#: started with names its folder; a key may have changed it since, which the snapshot keeps). The
+#: collapse rule is compared: it decides where a run stops, which is what a sweep compares.
+NOT_COMPARED = (RESUME_MAY_CHANGE - {"lr", "collapse_threshold", "collapse_patience"}) | {
+    "out",
+    "resume",
+    "preset",
+}
 
 
 @dataclass(frozen=True)
@@ -197,6 +211,37 @@ def check_models(plan: list[PlannedRun]) -> None:
             )
 
 
+#: Held by the sweep going on in a folder (an ``flock``): a second sweep there is refused.
+SWEEP_LOCK = ".sweep.lock"
+
+
+def lock_sweep_dir(sweep_dir: Path) -> IO[bytes] | None:
+    """Take the sweep's folder for this sweep (None where it is not there yet, or cannot be locked).
+
+    Why: two sweeps in one folder each decide at their start what to do with
+    every run; the second would start a run the first then starts again, and
+    the first would report a failure that is none. The lock goes with the
+    process (closed at exit, or on a kill).
+    """
+    if fcntl is None or not sweep_dir.is_dir():
+        return None
+    try:
+        handle = open(sweep_dir / SWEEP_LOCK, "ab")  # noqa: SIM115 (held for the sweep's life)
+    except OSError:
+        return None  # a folder we cannot write in: the sweep will say so
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.close()
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise UserError(
+                f"another sweep is going on in {sweep_dir}; wait for it to end (or stop it) and give "
+                "the command again"
+            ) from None
+        return None  # a filesystem without locks: as before
+    return handle
+
+
 def check_sweep_dir(sweep_dir: Path) -> None:
     """The sweep's folder holds runs; it must not be a run, or a file, or inside a run."""
     for folder in (sweep_dir, *Path(os.path.abspath(sweep_dir)).parents):
@@ -267,15 +312,67 @@ def _check_same_run(run: PlannedRun, folder: RunFolder) -> None:
     planned = {k: v for k, v in run.config.to_dict().items() if k not in NOT_COMPARED}
     difference = _first_difference(folder.config, planned)
     if difference:
-        raise UserError(f"{run.run_dir} holds a run with {difference}; give the sweep another --out")
+        raise UserError(f"{run.run_dir} holds a run with {difference}; {SAME_SETTINGS}")
+
+
+#: What to do about a command whose settings are not the sweep's.
+SAME_SETTINGS = (
+    "a sweep's runs share every setting but --model, --lr and --seed: give the values its runs have "
+    f"({SWEEP_FILE} lists the commands given), or give this sweep another --out"
+)
 
 
 def _first_difference(recorded: dict[str, Any], planned: dict[str, Any]) -> str | None:
-    """``--flag RECORDED, not PLANNED`` for the first setting both name and set differently, if any."""
+    """``--flag RECORDED, not PLANNED`` for the first setting both name and set differently, if any.
+
+    Evaluation sets are compared by name: the same file at a new path (a project moved to another
+    disk) is the same set, and ``check_eval_texts`` makes sure its text is the same too.
+    """
     for key, value in planned.items():
-        if key in recorded and recorded[key] != value:
+        if key in recorded and _comparable(key, recorded[key]) != _comparable(key, value):
             return f"{option_flag(key, recorded[key])} {_shown(recorded[key])}, not {_shown(value)}"
     return None
+
+
+def _comparable(key: str, value: Any) -> Any:
+    if key == "evals" and isinstance(value, list):
+        return [eval_set_name(str(spec)) for spec in value]
+    return value
+
+
+def check_eval_texts(plan: list[PlannedRun], earlier: list[str], sweep_dir: Path) -> None:
+    """The evaluation files hold the text the sweep's runs so far were evaluated on.
+
+    Why before anything runs: a file edited since would fail each resumed run
+    once it had loaded its model (the resume's own check), while the runs
+    that start afresh would go on with the new text, making runs that cannot
+    be compared side by side in one table and one figure.
+    """
+    import hashlib
+
+    from collapse_tui.data import load_eval_text  # torch: only once the plan is made
+
+    specs = [spec for spec in plan[0].config.evals if spec not in HUB_SETS]
+    if not specs:
+        return
+    digests = {
+        eval_set_name(spec): hashlib.sha256(load_eval_text(spec).encode("utf-8")).hexdigest()
+        for spec in specs
+    }
+    for name in dict.fromkeys([*earlier, *(run.name for run in plan)]):
+        try:
+            recorded = json.loads((sweep_dir / name / CONFIG).read_text(encoding="utf-8")).get("eval_sets")
+        except (OSError, ValueError, AttributeError):
+            continue  # no run there yet (or not readable: decide says so)
+        for set_name, digest in digests.items():
+            was = (recorded or {}).get(set_name) if isinstance(recorded, dict) else None
+            was_digest = was.get("text_sha256") if isinstance(was, dict) else None
+            if was_digest and was_digest != digest:
+                raise UserError(
+                    f"--eval {set_name}: the text differs from the one the sweep's run {name} was evaluated "
+                    "on; a sweep's runs evaluate on the same text: put the file back as it was, or give "
+                    "this sweep another --out"
+                )
 
 
 def _shown(value: Any) -> str:
@@ -419,20 +516,30 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
     made = [] if given_out else missing_folders(default.parent)
     # a default name is claimed (made) at once: two sweeps started in the same second get a folder each
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else claim_folder(default, "sweep folder")
+    lock = None
     try:
         check_sweep_dir(sweep_dir)
+        lock = lock_sweep_dir(sweep_dir)  # before deciding what to do with its runs
         _check_devices(devices)
         plan = plan_sweep({**options, "device": None}, sweep_dir)
         earlier = _earlier_runs(sweep_dir, plan)
+        check_eval_texts(plan, earlier, sweep_dir)
         steps = [decide(run) for run in plan]  # before anything runs: a mistake costs nothing
         # last, as it may ask the hub; only runs that start load their model (a resume, its snapshot)
         check_models([run for run, step in zip(plan, steps, strict=True) if step.action == "start"])
     except BaseException:  # a mistake, or a Ctrl-C while a model's config is looked up on the hub
+        if lock is not None:
+            lock.close()
+            if not given_out:  # the default folder claimed for it: the lock's file would keep it
+                (sweep_dir / SWEEP_LOCK).unlink(missing_ok=True)
         remove_if_empty([] if given_out else [sweep_dir, *made])  # what was made for it, still empty
         raise
     again = command_again(options, sweep_dir)
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        # a folder new to this sweep: taken now, before its first run (a second sweep given the same
+        # new folder a moment ago is refused here, with nothing run)
+        lock = lock or lock_sweep_dir(sweep_dir)
         _write_sweep_file(sweep_dir, plan, earlier, again)
     except OSError as error:
         raise UserError(f"cannot create the sweep folder {sweep_dir}: {error.strerror or error}") from None
@@ -452,6 +559,12 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
         say(f"sweep: stopped ({stop.reason}); to go on: {again}")
         return EXIT_INTERRUPTED
     if outcome.failed:
+        # last, below the table: a run that failed before its first iteration is not in it
+        count = f"{len(outcome.failed)} of {len(plan)} runs" if len(plan) > 1 else "its run"
+        say(
+            f"sweep: {count} failed or could not go on ({a_few(outcome.failed)}; their lines above say "
+            f"why); once that is mended, to go on: {again}"
+        )
         return EXIT_RUN_FAILED
     if outcome.stopped:
         say(f"sweep: {', '.join(outcome.stopped)} stopped on its own; to go on with it: {again}")
@@ -474,7 +587,8 @@ class Outcome:
     """How the runs of a sweep went: those that failed or could not go on, those stopped on their own
     (a signal to a run's own process, not to the sweep)."""
 
-    failed: bool = False
+    #: The runs that failed or could not go on, for the sweep's last line.
+    failed: list[str] = dataclasses.field(default_factory=list)
     stopped: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -510,7 +624,8 @@ def _run_plan(
             head = f"sweep: [{number}/{len(plan)}] {run.name}"
             if step.action == "skip":
                 say(f"{head}: {step.why}")
-                outcome.failed = outcome.failed or step.failed
+                if step.failed:
+                    outcome.failed.append(run.name)
                 continue
             device = free.pop(0)
             log = logs / f"{run.name}.log" if len(devices) > 1 else None
@@ -537,9 +652,10 @@ class DeviceRetirement:
     Why: a GPU that someone else's job has filled fails every run given to
     it within seconds, and would take one queued run after another while the
     others take hours over theirs. Two such failures in a row retire a
-    device. The last device is never retired, and a run failing the same way
-    on a device still working brings the retired ones back: the runs fail,
-    not the devices (a model too large for any of them, say).
+    device, unless the latest run on another device failed that way too. The
+    last device is never retired, and a run failing the same way on a device
+    still working brings the retired ones back: the runs fail, not the
+    devices (a model too large for any of them, say).
     """
 
     IN_A_ROW = 2
@@ -550,6 +666,8 @@ class DeviceRetirement:
         #: The slots of retired devices, given back if they come back.
         self.retired_slots: list[str | None] = []
         self._in_a_row: dict[str | None, int] = {}
+        #: Whether each device's latest run failed before its first iteration.
+        self._latest_failed: dict[str | None, bool] = {}
 
     def freed(self, device: str | None, failed_before_any_iteration: bool) -> list[str | None]:
         """The slots that take runs again now that a run on ``device`` has ended (and say what changed)."""
@@ -557,6 +675,7 @@ class DeviceRetirement:
             self.retired_slots.append(device)
             return []
         self._in_a_row[device] = self._in_a_row.get(device, 0) + 1 if failed_before_any_iteration else 0
+        self._latest_failed[device] = failed_before_any_iteration
         if failed_before_any_iteration and self.retired_slots:
             back = list(dict.fromkeys(self.retired_slots))
             say(
@@ -567,7 +686,10 @@ class DeviceRetirement:
             self._in_a_row = dict.fromkeys(self.working, 0)  # every device starts afresh
             slots, self.retired_slots = [device, *self.retired_slots], []
             return slots
-        if self._in_a_row[device] < self.IN_A_ROW or len(self.working) < 2:
+        # runs failing on the other devices too (their latest, in between this one's): the runs'
+        # fault, not this device's (a broken model failing on each device in turn)
+        failing_elsewhere = any(self._latest_failed.get(other) for other in self.working if other != device)
+        if self._in_a_row[device] < self.IN_A_ROW or len(self.working) < 2 or failing_elsewhere:
             return [device]
         self.working.remove(device)
         self.retired_slots.append(device)
@@ -620,7 +742,7 @@ def _report_end(ended: _Going, stop: SweepStop, outcome: Outcome) -> bool:
         if not stop.reason:  # a signal to the run's own process: the sweep goes on with the others
             outcome.stopped.append(ended.run.name)
         return False
-    outcome.failed = True
+    outcome.failed.append(ended.run.name)
     how = f"was killed ({signal.Signals(-code).name})" if code < 0 else f"ended with exit code {code}"
     last = _last_line(ended.log) if ended.log else ""
     say(
@@ -702,7 +824,7 @@ def _start_child(
     with stop.starting():
         try:
             child = subprocess.Popen(
-                [sys.executable, "-m", "collapse_tui.cli", *argv],
+                [sys.executable, "-m", "collapse_tui", *argv],
                 start_new_session=True,
                 env={**os.environ, **env, STOP_WITH: str(os.getpid())},
                 stdout=output,
@@ -733,10 +855,7 @@ def _earlier_runs(sweep_dir: Path, plan: list[PlannedRun]) -> list[str]:
         return []  # none of its runs got as far as a folder (each failed to start): nothing to keep alike
     difference = _first_difference(data.get("settings") or {}, _settings(plan))
     if difference:
-        raise UserError(
-            f"the sweep in {sweep_dir} has {difference}; a sweep's runs share every setting but --model, "
-            "--lr and --seed: give this one another --out"
-        )
+        raise UserError(f"the sweep in {sweep_dir} has {difference}; {SAME_SETTINGS}")
     return names
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -33,10 +34,12 @@ from collapse_tui.sweep import (
     _run_plan,
     _settings,
     _threads,
+    check_eval_texts,
     check_models,
     command_again,
     decide,
     headless_argv,
+    lock_sweep_dir,
     plan_sweep,
 )
 
@@ -220,7 +223,7 @@ def test_a_run_still_going_or_of_another_configuration_stops_the_sweep_before_it
     other = planned(tmp_path / "b", max_iters=10)
     make_run(other.run_dir, "stopped", n=3, lr=1e-4)  # the folder of lr 4e-5 holds a run of lr 1e-4?
     with pytest.raises(
-        UserError, match=r"holds a run with --lr 0.0001, not 4e-05; give the sweep another --out"
+        UserError, match=r"holds a run with --lr 0.0001, not 4e-05; a sweep's runs share every setting"
     ):
         decide(other)
 
@@ -324,6 +327,86 @@ def test_a_sweep_of_other_settings_into_the_same_folder_is_refused(tmp_path: Pat
     assert result.exit_code == 2
     assert f"the sweep in {out} has --block 16, not 32" in result.stderr
     assert json.loads((out / "sweep.json").read_text())["commands"] == ["c"]  # left as it was
+
+
+def test_a_sweep_given_again_with_another_collapse_rule_is_refused(tmp_path: Path) -> None:
+    """The collapse iteration is what a sweep compares: runs judged by two rules cannot share its table."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    plan = plan_sweep(options(), out)
+    (out / "sweep.json").write_text(
+        json.dumps({"settings": _settings(plan), "runs": ["a"], "commands": ["c"]})
+    )
+    make_run(out / "a", "stopped", n=2)
+    result = CliRunner().invoke(
+        app, ["sweep", "--collapse-threshold", "0.5", "--lr", "1e-3", "--out", str(out)]
+    )
+    assert result.exit_code == 2
+    assert f"the sweep in {out} has --collapse-threshold 0.9, not 0.5" in result.stderr
+
+
+def with_eval_text(run_dir: Path, name: str, text: str) -> None:
+    """Record in a run's config.json that it was evaluated on ``text`` as set ``name``, as the engine does."""
+    config = json.loads((run_dir / "config.json").read_text())
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    config["eval_sets"] = {name: {"split_tokens": 10, "text_sha256": digest}}
+    (run_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_an_evaluation_file_edited_since_the_sweeps_runs_began_is_refused_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    """It was found only by each resumed run once it had loaded its model, while new runs went on with
+    the new text beside the old runs."""
+    held = tmp_path / "held.txt"
+    held.write_text("the words the runs were evaluated on")
+    out = tmp_path / "sweep"
+    plan = plan_sweep(options(lr=[1e-3, 1e-2], evals=[str(held)]), out)
+    make_run(plan[0].run_dir, "stopped", n=2, evals=("held",))
+    with_eval_text(plan[0].run_dir, "held", held.read_text())
+    check_eval_texts(plan, [], out)  # the same text: nothing to say
+    held.write_text("the words the runs were evaluated on. Extra sentence .")
+    with pytest.raises(UserError, match=r"--eval held: the text differs from the one the sweep's run "):
+        check_eval_texts(plan, [], out)
+
+
+def test_a_sweep_moved_with_its_evaluation_file_goes_on(tmp_path: Path) -> None:
+    """The same set at a new path (a project copied to another disk): as ``--resume`` takes it."""
+    old, new = tmp_path / "old" / "held.txt", tmp_path / "new" / "held.txt"
+    for path in (old, new):
+        path.parent.mkdir()
+        path.write_text("the same words")
+    out = tmp_path / "sweep"
+    out.mkdir()
+    before = plan_sweep(options(lr=[1e-3], evals=[str(old)]), out)
+    (out / "sweep.json").write_text(
+        json.dumps({"settings": _settings(before), "runs": ["a"], "commands": []})
+    )
+    make_run(out / "a", "stopped", n=2, evals=("held",))
+    after = plan_sweep(options(lr=[1e-3], evals=[str(new)]), out)
+    assert _earlier_runs(out, after) == ["a"]
+    other = tmp_path / "new" / "other.txt"
+    other.write_text("the same words")
+    with pytest.raises(UserError, match=r'has --eval \[".*held.txt"\], not \[".*other.txt"\]'):
+        _earlier_runs(out, plan_sweep(options(lr=[1e-3], evals=[str(other)]), out))
+
+
+def test_a_second_sweep_in_a_folder_a_sweep_is_going_on_in_is_refused(tmp_path: Path) -> None:
+    """Each decides at its start what to do with every run: the second started runs the first then
+    started again, and the first reported a failure that was none."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    held = lock_sweep_dir(out)
+    assert held is not None
+    try:
+        result = CliRunner().invoke(app, ["sweep", "--lr", "1e-3", "--out", str(out)])
+        assert result.exit_code == 2
+        assert f"another sweep is going on in {out}" in result.stderr
+    finally:
+        held.close()
+    again = lock_sweep_dir(out)  # free once the first has ended
+    assert again is not None
+    again.close()
 
 
 def test_a_sweep_given_again_with_no_run_to_start_looks_up_no_model() -> None:
@@ -436,6 +519,10 @@ def test_a_run_that_fails_costs_only_itself(tiny_model_dir, eval_file, tmp_path)
     assert result.returncode == 1
     assert "[2/2] broken-lr4e-05-seed1337: ended with exit code 2; the sweep goes on" in result.stdout
     assert iterations(out / "tiny-model0-lr4e-05-seed1337") == [0]
+    # last, below the table, which cannot show a run that failed before its first iteration
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("sweep: 1 of 2 runs failed or could not go on (broken-lr4e-05-seed1337; "), last
+    assert "to go on: collapse-tui sweep " in last
     assert "Traceback" not in result.stderr
 
 
@@ -692,10 +779,16 @@ class FinishedChild:
 
 
 def devices_given(
-    tmp_path: Path, monkeypatch, failing: set[str], runs: int = 6, after_an_iteration: bool = False
+    tmp_path: Path,
+    monkeypatch,
+    failing: set[str],
+    runs: int = 6,
+    after_an_iteration: bool = False,
+    everywhere_from: int | None = None,
 ) -> tuple[list[str], str]:
     """The device each of ``runs`` runs went to, on cuda:0 and cuda:1, where every run on a device of
-    ``failing`` fails before its first iteration (or after one); and what the sweep said."""
+    ``failing`` fails before its first iteration (or after one), and from run ``everywhere_from`` on
+    (counting from 1) every run fails on every device; and what the sweep said."""
     given: list[str] = []
 
     def start_child(argv: list[str], stop: SweepStop, log: Path | None, env: dict[str, str]) -> FinishedChild:
@@ -705,7 +798,8 @@ def devices_given(
             run_dir = Path(argv[argv.index("--out") + 1])
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "metrics.jsonl").write_text('{"iteration": 0}\n')
-        child = FinishedChild(2 if device in failing else 0)
+        everywhere = everywhere_from is not None and len(given) >= everywhere_from
+        child = FinishedChild(2 if device in failing or everywhere else 0)
         stop.adopt(child)  # type: ignore[arg-type]
         return child
 
@@ -726,14 +820,21 @@ def test_a_device_on_which_runs_keep_failing_at_once_takes_no_more_of_them(tmp_p
     assert "2 runs in a row failed on cuda:1 before their first iteration; it takes no more runs" in said
 
 
-def test_runs_failing_on_every_device_bring_a_retired_one_back_and_the_last_is_never_retired(
-    tmp_path, monkeypatch
-) -> None:
+def test_runs_failing_on_every_device_in_turn_retire_none_of_them(tmp_path, monkeypatch) -> None:
+    """A model that fails everywhere (too large for any GPU): the failures come cuda:0, cuda:1, cuda:0…
+    cuda:0's second came after cuda:1's, which says the runs are at fault; it was retired all the same."""
     given, said = devices_given(tmp_path, monkeypatch, failing={"cuda:0", "cuda:1"})
-    # cuda:0 retired after runs 1 and 3; run 4 fails on cuda:1 too: the fault is the runs', cuda:0 is back
-    assert given == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:1", "cuda:0"]
-    assert said.count("takes no more runs") == 1 and said.count("cuda:0 take runs again") == 1
+    assert given == ["cuda:0", "cuda:1"] * 3
+    assert "takes no more runs" not in said
     assert said.count("ended with exit code 2") == 6  # every run was tried, each failure said
+
+
+def test_a_retired_device_comes_back_once_runs_fail_on_the_others_too(tmp_path, monkeypatch) -> None:
+    given, said = devices_given(tmp_path, monkeypatch, failing={"cuda:1"}, runs=8, everywhere_from=6)
+    # cuda:1 retired after runs 2 and 4; runs from the sixth fail on cuda:0 too: cuda:1 is back
+    assert given[:6] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0", "cuda:0"]
+    assert "cuda:1" in given[6:]
+    assert said.count("takes no more runs") == 1 and said.count("cuda:1 take runs again") == 1
 
 
 def test_runs_that_fail_after_an_iteration_retire_no_device(tmp_path, monkeypatch) -> None:
