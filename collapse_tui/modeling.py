@@ -98,7 +98,10 @@ def load_causal_lm_config(model_id: str) -> object:
     except Exception as error:  # transformers raises OSError, ValueError, hub errors...
         raise _explain_load_error(model_id, error) from None
     if not _is_causal_lm(config):
-        raise UserError(f"model {model_id!r} is not a causal language model (a {type(config).__name__})")
+        raise UserError(
+            f"model {model_id!r} is not a causal language model (a {type(config).__name__}"
+            f"{_why_not_causal(config)}); give a causal LM such as gpt2"
+        )
     return config
 
 
@@ -135,10 +138,32 @@ def context_length(config: object) -> int | None:
 
 
 def _is_causal_lm(config: object) -> bool:
-    """Whether transformers knows a causal-LM head for this config (remote code: assume yes)."""
+    """Whether this config is a causal LM's: transformers knows a causal-LM head for it (remote code:
+    assume yes), and it is neither a seq2seq model nor an encoder (``_why_not_causal``)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or bool(getattr(config, "auto_map", None))
+    if getattr(config, "auto_map", None):
+        return True
+    return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and not _why_not_causal(config)
+
+
+def _why_not_causal(config: object) -> str:
+    """What makes a config with a causal-LM head in transformers no causal LM, or "".
+
+    Why: BERT, RoBERTa, ELECTRA, … have a "causal LM" class for their
+    decoder variants, and a masked-LM checkpoint loads into it without an
+    error. Its attention then sees the tokens after each position (the
+    losses and the training step would read the answer), and the numbers a
+    run gives would mean nothing. A seq2seq model's decoder (BART) was
+    trained beside an encoder it would not have.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
+
+    if getattr(config, "is_encoder_decoder", False):
+        return ", an encoder-decoder model"
+    if type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False):
+        return ", an encoder: each position sees the tokens after it"
+    return ""
 
 
 #: GPT-2 sizes by parameter count, for suggesting one that fits.

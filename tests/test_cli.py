@@ -113,6 +113,43 @@ def run_checking_textual_is_not_imported(args: list[str]) -> subprocess.Complete
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
 
 
+#: Sends this process a Ctrl-C as ``collapse_tui.cli`` starts importing typer: the second in which a
+#: Ctrl-C pressed at once, or passed on by a sweep to a run it has just started, lands.
+CTRL_C_WHILE_LOADING = """
+import importlib.abc, os, signal, sys
+
+class CtrlCOnTyper(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "typer":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlCOnTyper())
+sys.argv = ["collapse-tui", "--help"]
+from collapse_tui.__main__ import main
+main()
+"""
+
+
+def test_a_ctrl_c_while_the_command_line_loads_ends_it_quietly_as_an_interruption() -> None:
+    """It printed KeyboardInterrupt's traceback from inside an import (before ``cli.main`` could catch it)."""
+    result = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WHILE_LOADING], capture_output=True, text=True, env=ENV, timeout=60
+    )
+    assert (result.returncode, result.stderr) == (130, "")
+
+
+def test_python_m_collapse_tui_is_the_command(tmp_path: Path) -> None:
+    """What a sweep starts each run with; its messages name the command as users type it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "collapse_tui", "headless", "--lr", "abc"],
+        capture_output=True, text=True, env=ENV, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("collapse-tui: error: Invalid value for '--lr'")
+    assert "(see collapse-tui headless --help)" in result.stderr
+
+
 def test_headless_does_not_import_textual(tiny_model_dir: Path, eval_file: Path, tmp_path: Path):
     result = run_checking_textual_is_not_imported(small_run(tiny_model_dir, eval_file, tmp_path / "run"))
     assert result.returncode == 0, result.stderr
@@ -166,12 +203,31 @@ def test_a_model_folder_without_tokenizer_files(tiny_model_dir: Path, eval_file:
 
 
 def test_a_model_that_is_not_a_causal_lm(eval_file: Path, tmp_path: Path):
-    from transformers import ViTConfig
+    from transformers import BertConfig, ViTConfig
 
     ViTConfig().save_pretrained(tmp_path / "vit")
     assert_one_line_error(
         cli(*small_run(tmp_path / "vit", eval_file, tmp_path / "run")), "not a causal language model"
     )
+    # a masked LM: transformers loads it into BertLMHeadModel without a word, bidirectional (it ran)
+    BertConfig(
+        num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(tmp_path / "bert")
+    assert_one_line_error(
+        cli(*small_run(tmp_path / "bert", eval_file, tmp_path / "run")), "an encoder: each position sees"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_encoders_and_seq2seq_models_are_not_causal_lms_but_their_decoder_variants_are() -> None:
+    from transformers import BartConfig, BertConfig, GPT2Config, LlamaConfig, RobertaConfig, T5Config
+
+    from collapse_tui.modeling import _is_causal_lm
+
+    assert _is_causal_lm(GPT2Config()) and _is_causal_lm(LlamaConfig())
+    assert _is_causal_lm(BertConfig(is_decoder=True)) and _is_causal_lm(RobertaConfig(is_decoder=True))
+    assert not _is_causal_lm(BertConfig()) and not _is_causal_lm(RobertaConfig())
+    assert not _is_causal_lm(BartConfig()) and not _is_causal_lm(T5Config())
 
 
 def test_missing_and_empty_evaluation_files(tiny_model_dir: Path, tmp_path: Path):
