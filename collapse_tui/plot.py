@@ -216,6 +216,8 @@ def _fitted_legend(figure: Figure, handles: dict[str, Any], title: str | None) -
 def _check_image_path(out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    if out.is_dir():  # before its extension: "unknown image format ''" said nothing of the folder
+        _check_writable_name(out)
     formats = FigureCanvasAgg.get_supported_filetypes()
     suffix = out.suffix.lower().lstrip(".")
     if suffix not in formats:
@@ -227,10 +229,29 @@ def _check_image_path(out: Path) -> None:
 
 def _check_writable_name(path: Path) -> None:
     """The figure's and the CSV's paths fail alike: a missing folder, or a folder where the file goes."""
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: {path.parent} is a file, not a folder")
     if not path.parent.is_dir():
         raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder; give a file name")
+
+
+def _check_csv_path(csv: Path, out: Path) -> None:
+    """The CSV goes to a ``.csv`` file, and not the figure's.
+
+    Why the extension: ``--csv RUN/metrics.jsonl`` (a slip of the shell's
+    completion) replaced a run's own records with CSV, and on a live run
+    every later iteration went to a file no longer in its folder;
+    ``--csv held.txt`` replaced an evaluation file.
+    """
+    _check_writable_name(csv)
+    if csv.suffix.lower() != ".csv":
+        raise UserError(
+            f"--csv {csv}: give a file name ending in .csv (a file of any other kind would be replaced)"
+        )
+    if os.path.realpath(csv) == os.path.realpath(out):  # one would be written over the other
+        raise UserError(f"--csv {csv} is the figure's file too; give the CSV a name of its own")
 
 
 def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> list[str]:
@@ -243,9 +264,7 @@ def plot_runs(run_dirs: list[Path], out: Path, csv: Path | None = None) -> list[
     runs = load_runs(run_dirs, skipped)
     _check_image_path(out)
     if csv is not None:  # before the figure: all or nothing
-        _check_writable_name(Path(csv))
-        if os.path.realpath(csv) == os.path.realpath(out):  # one would be written over the other
-            raise UserError(f"--csv {csv} is the figure's file too; give the CSV a name of its own")
+        _check_csv_path(Path(csv), out)
     # matplotlib's warnings (a glyph its font lacks, for a CJK or emoji name) are not the user's to act on
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph .* missing from", category=UserWarning)

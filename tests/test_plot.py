@@ -175,10 +175,38 @@ def test_a_csv_given_the_figures_own_file_is_refused_before_anything_is_written(
     mine = tmp_path / "same.png"
     mine.write_text("MY FILE")
     (tmp_path / "link.csv").symlink_to(mine)
-    for csv_path in (mine, tmp_path / "link.csv"):
-        with pytest.raises(UserError, match="is the figure's file too; give the CSV a name of its own"):
-            plot_runs(two_runs, mine, csv=csv_path)
+    with pytest.raises(UserError, match="is the figure's file too; give the CSV a name of its own"):
+        plot_runs(two_runs, mine, csv=tmp_path / "link.csv")
+    with pytest.raises(UserError, match=r"same\.png: give a file name ending in \.csv"):
+        plot_runs(two_runs, mine, csv=mine)
     assert mine.read_text() == "MY FILE"
+
+
+def test_a_csv_is_never_written_over_a_runs_own_files_or_an_evaluation_file(
+    two_runs: list[Path], tmp_path: Path
+) -> None:
+    """``--csv RUN/metrics.jsonl`` replaced the run's records (on a live run, every later iteration was
+    lost); ``--csv held.txt`` an evaluation file."""
+    metrics = two_runs[0] / "metrics.jsonl"
+    held = tmp_path / "held.txt"
+    held.write_text("the evaluation text")
+    before = metrics.read_bytes()
+    for target in (metrics, held, two_runs[0] / "config.json"):
+        with pytest.raises(UserError, match=r"give a file name ending in \.csv"):
+            plot_runs(two_runs, tmp_path / "fig.png", csv=target)
+    assert metrics.read_bytes() == before and held.read_text() == "the evaluation text"
+    assert not (tmp_path / "fig.png").exists()
+
+
+def test_a_figure_given_a_folder_or_a_path_through_a_file_says_which(
+    two_runs: list[Path], tmp_path: Path
+) -> None:
+    (tmp_path / "figs").mkdir()
+    with pytest.raises(UserError, match=r"figs: it is a folder; give a file name"):
+        plot_runs(two_runs, tmp_path / "figs")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"afile is a file, not a folder"):
+        plot_runs(two_runs, tmp_path / "afile" / "x.png")
 
 
 def test_runs_of_one_name_in_different_folders_are_told_apart(tmp_path: Path) -> None:
