@@ -105,9 +105,14 @@ def is_run_folder(path: Path) -> bool:
     """A run folder has its config and at least one of its line files.
 
     A config alone is not enough: a model folder (a snapshot, a hub
-    download) has a ``config.json`` too.
+    download) has a ``config.json`` too. A folder that cannot be looked
+    into (another user's, on a shared disk) is none: ``is_file`` raises
+    there, and ``runs`` or ``plot`` of the folder around it gave a traceback.
     """
-    return (path / CONFIG).is_file() and ((path / METRICS).exists() or (path / EVENTS).exists())
+    try:
+        return (path / CONFIG).is_file() and ((path / METRICS).exists() or (path / EVENTS).exists())
+    except OSError:
+        return False
 
 
 def enclosing_run_folder(path: Path) -> Path | None:

@@ -269,3 +269,22 @@ def test_names_with_brackets_are_shown_as_they_are_not_taken_for_markup(tmp_path
     assert "lr[red]1e-4" in text and "[b]tiny" in text
     assert "[bold]sweep:fi" in text and "\N{FIRE}" not in text  # the title: no markup, no emoji codes
     assert "validation loss on notes[/]" in text  # the caption: no MarkupError
+
+
+def test_a_folder_that_cannot_be_looked_into_is_passed_over(tmp_path: Path, monkeypatch) -> None:
+    """Another user's folder beside one's runs (a shared disk): ``runs`` and ``plot`` gave a traceback.
+    (Tests may run as root, which chmod 000 does not stop: the refusal is made by hand.)"""
+    make_run(tmp_path / "mine", "finished", n=2)
+    locked = tmp_path / "theirs"
+    locked.mkdir()
+    is_file = Path.is_file
+
+    def refused_in_locked(path: Path) -> bool:
+        if locked in path.parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", refused_in_locked)
+    assert [run.root.name for run in find_runs(tmp_path)] == ["mine"]
+    result = CliRunner().invoke(app, ["runs", str(tmp_path)])
+    assert result.exit_code == 0 and "mine" in result.stdout
