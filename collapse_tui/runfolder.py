@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import math
 import os
@@ -166,17 +167,41 @@ def why_not_take_over(root: Path) -> str | None:
         return f"holds {', '.join(theirs)} of no run of this tool; choose another --out"
     if holds_iterations(root):  # snapshots, their run's config gone
         return taken
-    try:
-        runs = sorted(
-            child.name for child in root.iterdir() if child.is_dir() and _is_run_config(child / CONFIG)
-        )
-    except OSError:
-        runs = []  # missing, or unreadable: creating or writing it says what is wrong
+    runs = list(itertools.islice(_runs_below(root, root, SEARCH_DEPTH), 4))
     if runs:
         return (
             f"holds run folders ({a_few(runs)}); give a new folder inside it, e.g. --out {root / 'new-run'}"
         )
     return None
+
+
+#: How deep ``runs`` and ``plot`` look for run folders under the folder they are given.
+SEARCH_DEPTH = 4
+
+
+def _runs_below(root: Path, folder: Path, depth: int) -> Iterator[str]:
+    """The run folders under ``folder`` (as paths from ``root``), as deep as ``runs`` looks, in order.
+
+    Why deeper than its children: a ``runs/`` that holds only sweeps holds
+    its runs two levels down; a run written into it would hide them all
+    from ``runs`` and ``plot``, which stop at the first run folder.
+    """
+    if depth <= 0:
+        return
+    try:
+        children = sorted(child for child in folder.iterdir() if not child.name.startswith("."))
+    except OSError:
+        return  # missing, or unreadable: creating or writing it says what is wrong
+    for child in children:
+        try:
+            if not child.is_dir():
+                continue
+        except OSError:
+            continue
+        if _is_run_config(child / CONFIG):
+            yield str(child.relative_to(root))
+        else:
+            yield from _runs_below(root, child, depth - 1)
 
 
 def check_new_run_folder(root: Path) -> None:

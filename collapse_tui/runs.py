@@ -19,6 +19,7 @@ from collapse_tui.errors import UserError
 from collapse_tui.follow import is_alive, taken_up_again
 from collapse_tui.runfolder import (
     CONFIG,
+    SEARCH_DEPTH,
     SNAPSHOTS,
     RunFolder,
     is_ending,
@@ -31,7 +32,7 @@ from collapse_tui.runfolder import (
 UNSAVED_END = "*"
 
 #: How deep under DIR run folders are looked for (runs/<sweep>/<run>/ is depth 2).
-MAX_DEPTH = 4
+MAX_DEPTH = SEARCH_DEPTH
 
 STATUS_STYLES = {
     "running": "bold green",

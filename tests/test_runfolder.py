@@ -213,6 +213,12 @@ def test_a_folder_of_run_folders_is_refused_and_a_folder_of_other_files_is_not(t
         RunWriter(sweep)  # a run of its own there would hide these from `runs`
     assert not (sweep / "config.json").exists()
 
+    runs = tmp_path / "runs"  # a runs/ that holds only sweeps: their runs two levels down
+    run_start(runs / "sweep-a" / "lr-1e-3").close()
+    with pytest.raises(UserError, match=r"holds run folders \(sweep-a/lr-1e-3\)"):
+        RunWriter(runs)  # it would hide every sweep from `runs` and `plot`
+    assert not (runs / "config.json").exists()
+
     notes = tmp_path / "notes"
     (notes / "figures").mkdir(parents=True)
     (notes / "plan.txt").write_text("try lr 1e-3")
