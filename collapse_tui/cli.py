@@ -29,10 +29,12 @@ from collapse_tui.config import (
     RunConfig,
     absolute_eval,
     absolute_paths,
+    check_collapse_threshold,
     check_config_types,
     eval_set_name,
     option_flag,
     parse_eval_tokens,
+    refuse_empty,
     resolve_config,
     validate,
 )
@@ -123,7 +125,9 @@ RUN_OPTIONS: list[inspect.Parameter] = [
     _option(
         "dtype", str | None, "auto (bf16 autocast on CUDA), float32 or bfloat16 [default: auto].", "--dtype"
     ),
-    _option("out", Path | None, "Run folder [default: runs/<time>-<model>-lr<lr>/].", "--out"),
+    # str, not Path: typer makes an empty value (an unset shell variable) Path("."), the folder the
+    # command was given in; config.refuse_empty refuses it
+    _option("out", str | None, "Run folder [default: runs/<time>-<model>-lr<lr>/].", "--out", metavar="PATH"),
     _option(
         "preset",
         str | None,
@@ -161,7 +165,11 @@ RUN_OPTIONS: list[inspect.Parameter] = [
         "--final-snapshot/--no-final-snapshot",
     ),
     _option(
-        "resume", Path | None, "Continue a run from one of its snapshots (snapshots/iter-N).", "--resume"
+        "resume",
+        str | None,
+        "Continue a run from one of its snapshots (snapshots/iter-N).",
+        "--resume",
+        metavar="PATH",
     ),
     _option(
         "train_on",
@@ -190,9 +198,10 @@ def _swept(option: inspect.Parameter) -> inspect.Parameter:
     if option.name == "out":
         return _option(
             "out",
-            Path | None,
+            str | None,
             "The sweep's folder [default: runs/sweep-<time>/, with -2, -3, … where taken].",
             "--out",
+            metavar="PATH",
         )
     return option
 
@@ -237,6 +246,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 def build_config(options: dict[str, Any]) -> RunConfig:
     """Resolve options into a config; with --resume, the run's own config is the base."""
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    refuse_empty(options)
     resume = options.get("resume")
     if resume:
         base = _run_config_of_snapshot(Path(resume))
@@ -269,6 +279,8 @@ def build_config(options: dict[str, Any]) -> RunConfig:
             absolute_paths({**base.to_dict(), **given, "lr": base.lr, "resume": resume})
         )
         validate(config, new_run=False)
+        if "collapse_threshold" in given:  # the leniency is for the run's own setting, not one given now
+            check_collapse_threshold(given["collapse_threshold"])
         if "lr" in given:
             validate(dataclasses.replace(config, lr=given["lr"]), new_run=False)
         reached = snapshot_iteration(Path(resume))
@@ -337,7 +349,14 @@ def _run_config_of_snapshot(snapshot: Path) -> RunConfig:
         raise UserError(
             f"--resume takes a snapshot of a run (RUN/snapshots/iter-N), not the run {snapshot}{hint}"
         )
+    if not snapshot.exists():
+        raise UserError(f"--resume {snapshot}: there is no such folder")
     if not config_path.exists():
+        if snapshot.parent.name == "snapshots":  # the shape is right: the run's own config is what is gone
+            raise UserError(
+                f"--resume {snapshot}: its run's config.json ({config_path}) is not there; "
+                "a snapshot is resumed in its run's folder, which keeps the run's settings"
+            )
         raise UserError(
             f"--resume {snapshot}: not a snapshot folder of a run (expected RUN/snapshots/iter-N)"
         )
@@ -424,8 +443,9 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
         k: [v] if k in REPEATABLE else v for k, v in (ctx.obj or {}).items() if options.get(k) in (None, [])
     }
     merged = {**options, **given_before}
+    refuse_empty(merged)
     out = merged.pop("out")
-    raise typer.Exit(run_sweep(merged, out))
+    raise typer.Exit(run_sweep(merged, None if out is None else Path(out)))
 
 
 @app.command("watch")

@@ -213,12 +213,27 @@ def option_words(options: dict[str, Any]) -> list[str]:
     return words
 
 
+#: Options naming a path or a model, which an empty value (an unset shell variable) turns into another.
+NAMED_BY_PATH = ("out", "model", "evals", "resume")
+
+
+def refuse_empty(options: dict[str, Any]) -> None:
+    """Refuse an empty path or model name: ``--out "$RUN"`` with ``RUN`` unset wrote a run into the
+    folder the command was given in, and ``--model ''`` said " is not a model folder"."""
+    for key in NAMED_BY_PATH:
+        value = options.get(key)
+        values = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(one, str | os.PathLike) and not str(one).strip() for one in values):
+            raise UserError(f"{option_flag(key)} is empty (an unset shell variable?); give its value")
+
+
 def resolve_config(options: dict[str, Any]) -> RunConfig:
     """Merge command-line options over a preset over the defaults, then validate.
 
     Options left at ``None`` were not given, so a preset may fill them; an option
     the user did give always wins over the preset.
     """
+    refuse_empty(options)
     preset_name = options.get("preset")
     values: dict[str, Any] = {}
     if preset_name is not None:
@@ -247,6 +262,15 @@ MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 1e6
 #: Tokens a sample may have: beyond, one iteration's buffers outgrow any machine (a typo's zeros).
 MAX_GEN_TOKENS = 1_000_000
+
+
+def check_collapse_threshold(threshold: float) -> None:
+    """A threshold rep4 can reach: a resume given one anew is held to it too (``cli.build_config``)."""
+    if not 0 < threshold < 1:
+        raise UserError(
+            f"--collapse-threshold must be in (0, 1), not {threshold} (rep4 never reaches 1: "
+            "a sample's first 4-gram is unique; --keep-going runs on past a collapse)"
+        )
 
 
 def validate(config: RunConfig, *, new_run: bool = True) -> None:
@@ -287,11 +311,8 @@ def validate(config: RunConfig, *, new_run: bool = True) -> None:
         "(there sampling is already uniform over the top k)",
     )
     need(config.eval_tokens is None or config.eval_tokens >= 1, "--eval-tokens must be positive or 'all'")
-    need(
-        0 < config.collapse_threshold < 1 or (not new_run and config.collapse_threshold == 1),
-        f"--collapse-threshold must be in (0, 1), not {config.collapse_threshold} (rep4 never reaches 1: "
-        "a sample's first 4-gram is unique; --keep-going runs on past a collapse)",
-    )
+    if not (not new_run and config.collapse_threshold == 1):  # a run of an older version's own setting
+        check_collapse_threshold(config.collapse_threshold)
     need(
         config.collapse_patience >= 1,
         f"--collapse-patience must be at least 1, not {config.collapse_patience}",

@@ -10,12 +10,17 @@ or into a temporary file when the run never got a folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 import tempfile
 import traceback
 from pathlib import Path
 
 from collapse_tui.errors import ScreenCrashed, in_one_line
+
+#: What makes a file unwritable that is the disk's or the folder's doing, not a bug: a full disk or
+#: quota, a folder made read-only. Said as such (the traceback is kept all the same).
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def report_crash(error: BaseException, run_dir: Path | None, *, watching: bool = False) -> Path | None:
@@ -33,6 +38,12 @@ def report_crash(error: BaseException, run_dir: Path | None, *, watching: bool =
         line = f"collapse-tui: the watcher crashed ({what}); the run goes on"
     elif isinstance(error, ScreenCrashed):  # the run itself was stopped as q stops it
         line = f"collapse-tui: the screen crashed ({what}); the run was stopped"
+    elif isinstance(error, OSError) and error.errno in UNWRITABLE:
+        where = f" ({error.filename})" if error.filename else ""
+        line = (
+            f"collapse-tui: the run stopped: a file could not be written{where}: {error.strerror}; "
+            "free some space or mend the folder's permissions, then go on with --resume from its newest snapshot"
+        )
     else:
         line = f"collapse-tui: the run crashed: {what}"
     if has_folder:

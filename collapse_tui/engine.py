@@ -53,6 +53,7 @@ from collapse_tui.records import Event, IterationRecord, phase_seconds
 from collapse_tui.runfolder import (
     CONFIG,
     ENDING_SNAPSHOT,
+    METRICS,
     RunFolder,
     RunWriter,
     check_new_run_folder,
@@ -836,8 +837,15 @@ def check_on_current_branch(snapshot: Path, run: RunFolder) -> None:
     last = records[-1].iteration if records else -1
     abandoned = f"--resume {snapshot}: that snapshot belongs to iterations a later resume abandoned"
     if iteration > last + 1:  # counted as iter-N counts: iterations done
+        if not any(event.event == "resumed_from" for event in run.events):
+            # no resume ever abandoned anything: the records themselves were cut or removed
+            raise UserError(
+                f"--resume {snapshot}: it was saved after {iteration} iterations, but the run's "
+                f"{METRICS} holds {last + 1}: the run's records were cut short or removed, and a "
+                "resume would leave a gap in them; restore the file, or resume from an earlier snapshot"
+            )
         latest = (run.current_summary or {}).get("last_snapshot")
-        go_on = f"; go on from {latest}" if latest else ""
+        go_on = f"; go on from {latest}" if latest and Path(latest).name != snapshot.name else ""
         raise UserError(
             f"{abandoned} (it was saved after {iteration} iterations; the run as it now stands "
             f"has {last + 1}{go_on})"

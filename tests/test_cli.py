@@ -182,6 +182,20 @@ def test_bad_numbers_get_one_line_and_exit_2(tiny_model_dir, eval_file, tmp_path
     assert_one_line_error(cli(*small_run(tiny_model_dir, eval_file, tmp_path / "run"), *extra), *fragments)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["headless", "--out="], ["headless", "--resume", ""], ["headless", "--model", ""], ["headless", "--eval="],
+     ["sweep", "--out="], ["sweep", "--model="], ["--out=", "headless"]],
+)  # fmt: skip
+def test_an_empty_path_or_model_is_refused_not_taken_for_the_folder_here(args, tmp_path, monkeypatch) -> None:
+    """``--out "$RUN"`` with RUN unset wrote a run into the folder the command was given in."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "is empty (an unset shell variable?)" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_model_while_offline(eval_file: Path, tmp_path: Path):
     result = cli(*small_run(Path("no-such-org/no-such-model"), eval_file, tmp_path / "run"))
     assert_one_line_error(result, "no-such-org/no-such-model")
@@ -381,6 +395,27 @@ def test_a_crash_before_the_run_used_its_folder_leaves_no_traceback_there(tmp_pa
     check_new_run_folder(out)
     assert f"traceback in {saved}" in capsys.readouterr().err
     saved.unlink()
+
+
+def test_a_folder_that_cannot_be_written_any_more_is_said_as_such_not_as_a_crash(
+    tmp_path: Path, capsys
+) -> None:
+    """A full disk or a folder made read-only mid-run read "the run crashed", which the README keeps
+    for bugs."""
+    from collapse_tui.crash import report_crash
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    full = OSError(28, "No space left on device", str(out / ".summary.json.1.tmp"))
+    saved = report_crash(full, out)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(
+        f"collapse-tui: the run stopped: a file could not be written ({out / '.summary.json.1.tmp'}): "
+        "No space left on device; free some space"
+    ), line
+    assert "crashed" not in line and f"its data is kept in {out}" in line
+    assert saved is not None and "No space left on device" in saved.read_text()
 
 
 def test_a_watcher_that_crashes_says_the_run_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -206,6 +206,8 @@ def test_a_run_started_before_the_top_limits_resumes_with_its_own_settings(tiny_
     assert (resumed.collapse_threshold, resumed.temperature) == (1.0, 2e6)
     with pytest.raises(UserError, match="--temperature must be at most"):
         resolve_config({**tiny_config.to_dict(), "temperature": 2e6, "out": None})  # a new run: refused
+    with pytest.raises(UserError, match="rep4 never reaches 1"):  # a threshold given anew: held to the rule
+        build_config({"resume": snapshot, "max_iters": 5, "collapse_threshold": 1.0})
 
 
 def test_an_eval_file_stored_resolved_by_an_earlier_version_is_the_same_set_through_its_link(tmp_path):
@@ -464,6 +466,24 @@ def test_an_abandoned_snapshot_is_refused_as_such_whatever_max_iters_says(tiny_c
     abandon_a_branch(tiny_config, tmp_path)
     with pytest.raises(UserError, match="a later resume abandoned"):  # not "give a larger --max-iters"
         build_config({"resume": tmp_path / "run" / "snapshots" / "iter-4", "max_iters": 4})
+
+
+def test_a_resume_whose_run_lost_its_records_or_its_config_says_which(tiny_config, tmp_path):
+    """It blamed "a later resume" that never was, and pointed at the very snapshot it refused; a missing
+    config.json read as "not a snapshot folder" of a path of just that shape."""
+    tiny_config.out = str(tmp_path / "run")
+    tiny_config.max_iters = 3
+    Engine(tiny_config).run(Collector())
+    run = tmp_path / "run"
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:1]))
+    with pytest.raises(UserError, match=r"the run's metrics.jsonl holds 1: the run's records were cut short"):
+        Engine(build_config({"resume": run / "snapshots" / "iter-3", "max_iters": 5})).run(Collector())
+    with pytest.raises(UserError, match=r"iter-9: there is no such folder"):
+        build_config({"resume": run / "snapshots" / "iter-9", "max_iters": 5})
+    (run / "config.json").unlink()
+    with pytest.raises(UserError, match=r"iter-3: its run's config.json \(.*\) is not there"):
+        build_config({"resume": run / "snapshots" / "iter-3", "max_iters": 5})
 
 
 def abandon_a_branch(tiny_config, tmp_path) -> None:
