@@ -536,7 +536,8 @@ def runs_command(
 
     if not root.is_dir():
         where = " (runs are listed from ./runs unless given a folder: collapse-tui runs FOLDER)"
-        raise UserError(f"{root} is not a folder" + (where if root == DEFAULT_RUNS_ROOT else ""))
+        what = f"{root} is not a folder" if root.exists() else f"there is no folder {root}"
+        raise UserError(what + (where if root == DEFAULT_RUNS_ROOT else ""))
     skipped: list[str] = []
     runs = find_runs(root, skipped=skipped)
     console = Console()

@@ -113,7 +113,12 @@ def load_model(model_id: str, device: torch.device) -> LoadedModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except Exception as error:
-        raise UserError(f"cannot load the tokenizer of {model_id!r}: {str(error).splitlines()[0]}") from None
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        # transformers' "Couldn't instantiate the backend tokenizer from one of:" lists what it looked for
+        hint = " (are its tokenizer files missing?)" if first.rstrip().endswith(":") else ""
+        raise UserError(
+            f"cannot load the tokenizer of {model_id!r}: {first.rstrip().rstrip(':')}{hint}"
+        ) from None
     if not tokenizer("The tower").input_ids:  # transformers builds an empty one where the files are missing
         raise UserError(f"model {model_id!r} has no usable tokenizer (are its tokenizer files missing?)")
     try:

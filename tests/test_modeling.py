@@ -38,3 +38,24 @@ def test_the_hint_names_a_smaller_gpt2_that_fits(gpu_of_40_gib, model: str, hint
 
 def test_on_the_cpu_there_is_no_gpu_to_size(gpu_of_40_gib) -> None:
     assert "try --model" not in str(out_of_memory_error("gpt2-xl", torch.device("cpu")))
+
+
+def test_a_tokenizer_that_cannot_be_built_is_one_whole_line(tiny_model_dir, monkeypatch) -> None:
+    """transformers' message stops at "from one of:" on its first line; the line said no more."""
+    import transformers
+
+    from collapse_tui.errors import UserError
+    from collapse_tui.modeling import load_model
+
+    def refuse(*args, **kwargs):
+        raise ValueError(
+            "Couldn't instantiate the backend tokenizer from one of: \n(1) a `tokenizers` library "
+            "serialization file, \n(2) a slow tokenizer instance to convert"
+        )
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    with pytest.raises(UserError) as caught:
+        load_model(str(tiny_model_dir), torch.device("cpu"))
+    assert str(caught.value).endswith(
+        "Couldn't instantiate the backend tokenizer from one of (are its tokenizer files missing?)"
+    )

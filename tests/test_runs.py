@@ -257,9 +257,12 @@ def test_the_runs_command_without_a_runs_folder_says_where_it_looked(tmp_path: P
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["runs"])
     assert result.exit_code == 2
-    assert "runs is not a folder" in result.output and "collapse-tui runs FOLDER" in result.output
+    assert "there is no folder runs" in result.output and "collapse-tui runs FOLDER" in result.output
     result = CliRunner().invoke(app, ["runs", "elsewhere"])
     assert result.exit_code == 2 and "FOLDER" not in result.output
+    (tmp_path / "afile").write_text("x")
+    result = CliRunner().invoke(app, ["runs", "afile"])
+    assert result.exit_code == 2 and "afile is not a folder" in result.output
 
 
 def test_names_with_brackets_are_shown_as_they_are_not_taken_for_markup(tmp_path: Path) -> None:
