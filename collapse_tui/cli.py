@@ -439,6 +439,12 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
             "--resume goes with collapse-tui or collapse-tui headless; a sweep goes on by itself "
             "when given the same command (and --out) again"
         )
+    both = [k for k in REPEATABLE if k in (ctx.obj or {}) and options.get(k) not in (None, [])]
+    if both:  # repeated, the values would add up; the ones before would be dropped without a word
+        flag = option_flag(both[0])
+        raise UserError(
+            f"{flag} is given both before and after 'sweep'; give all its values after it ({flag} A {flag} B)"
+        )
     given_before = {  # run options before "sweep" are one value each
         k: [v] if k in REPEATABLE else v for k, v in (ctx.obj or {}).items() if options.get(k) in (None, [])
     }

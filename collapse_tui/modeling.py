@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -105,11 +106,10 @@ def load_causal_lm_config(model_id: str) -> object:
     return config
 
 
-def load_model(model_id: str, device: torch.device) -> LoadedModel:
-    """Load a causal LM in fp32 on ``device``, with its tokenizer, dropout off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model_id: str) -> Any:
+    """The model's tokenizer, or one line saying why there is none."""
+    from transformers import AutoTokenizer
 
-    config = load_causal_lm_config(model_id)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except Exception as error:
@@ -121,6 +121,15 @@ def load_model(model_id: str, device: torch.device) -> LoadedModel:
         ) from None
     if not tokenizer("The tower").input_ids:  # transformers builds an empty one where the files are missing
         raise UserError(f"model {model_id!r} has no usable tokenizer (are its tokenizer files missing?)")
+    return tokenizer
+
+
+def load_model(model_id: str, device: torch.device) -> LoadedModel:
+    """Load a causal LM in fp32 on ``device``, with its tokenizer, dropout off."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_causal_lm_config(model_id)
+    tokenizer = load_tokenizer(model_id)
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)

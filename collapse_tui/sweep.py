@@ -242,6 +242,19 @@ def lock_sweep_dir(sweep_dir: Path) -> IO[bytes] | None:
     return handle
 
 
+def check_eval_sets(plan: list[PlannedRun]) -> None:
+    """Every evaluation set can be read, and holds a window of ``--block``, in each starting model's
+    tokens: a hub set not cached while offline, or a file shorter than the block, failed every run
+    one after another, each after loading its model."""
+    from collapse_tui.data import load_eval_set  # torch, transformers: once planned
+    from collapse_tui.modeling import load_tokenizer
+
+    for model in dict.fromkeys(run.config.model for run in plan):
+        tokenizer = load_tokenizer(model)
+        for spec in plan[0].config.evals:
+            load_eval_set(spec, tokenizer, plan[0].config.block, plan[0].config.eval_tokens)
+
+
 def check_sweep_dir(sweep_dir: Path) -> None:
     """The sweep's folder holds runs; it must not be a run, or a file, or inside a run."""
     for folder in (sweep_dir, *Path(os.path.abspath(sweep_dir)).parents):
@@ -526,7 +539,10 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
         check_eval_texts(plan, earlier, sweep_dir)
         steps = [decide(run) for run in plan]  # before anything runs: a mistake costs nothing
         # last, as it may ask the hub; only runs that start load their model (a resume, its snapshot)
-        check_models([run for run, step in zip(plan, steps, strict=True) if step.action == "start"])
+        starting = [run for run, step in zip(plan, steps, strict=True) if step.action == "start"]
+        check_models(starting)
+        if starting:
+            check_eval_sets(starting)
     except BaseException:  # a mistake, or a Ctrl-C while a model's config is looked up on the hub
         if lock is not None:
             lock.close()

@@ -294,6 +294,14 @@ def test_run_options_before_the_command_name_are_one_value_each(monkeypatch, tmp
     assert (seen["lr"], seen["block"], seen["model"], seen["out"]) == ([1e-3], 50, ["gpt2", "m"], None)
 
 
+def test_a_swept_option_given_before_and_after_the_command_name_is_refused(monkeypatch) -> None:
+    """``collapse-tui --lr 1e-3 sweep --lr 1e-2`` ran lr 1e-2 alone, 1e-3 dropped without a word."""
+    monkeypatch.setattr("collapse_tui.sweep.run_sweep", lambda given, out: 0)
+    result = CliRunner().invoke(app, ["--lr", "1e-3", "sweep", "--lr", "1e-2"])
+    assert result.exit_code == 2
+    assert "--lr is given both before and after 'sweep'; give all its values after it" in result.stderr
+
+
 def test_resume_given_before_the_command_name_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["--resume", str(tmp_path), "sweep", "--out", str(tmp_path / "s")])
     assert result.exit_code == 2
@@ -542,6 +550,12 @@ def test_a_model_that_cannot_be_loaded_is_refused_before_anything_runs(tiny_mode
         result.stderr
     )
     assert result.returncode == 2 and not out.exists()
+    # an evaluation file shorter than one window: it failed every run, each after loading its model
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    result = cli(*tiny_sweep(tiny_model_dir, short, out, "--max-iters", "1"))
+    assert result.returncode == 2 and "evaluation set short has" in result.stderr, result.stderr
+    assert "it needs at least 17 (--block 16 + 1)" in result.stderr and not out.exists()
 
 
 def test_ctrl_c_stops_the_run_going_with_its_snapshot_and_starts_no_other(
