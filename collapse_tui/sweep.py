@@ -258,8 +258,10 @@ def check_eval_sets(plan: list[PlannedRun]) -> None:
 def check_sweep_dir(sweep_dir: Path) -> None:
     """The sweep's folder holds runs; it must not be a run, or a file, or inside a run."""
     for folder in (sweep_dir, *Path(os.path.abspath(sweep_dir)).parents):
-        if folder.is_file():
-            raise UserError(f"the sweep's folder {sweep_dir}: {folder} is a file; give --out another folder")
+        if folder.exists() and not folder.is_dir():  # a file, or a device (--out /dev/null/x)
+            raise UserError(
+                f"the sweep's folder {sweep_dir}: {folder} is not a folder; give --out another folder"
+            )
     around = sweep_dir if is_run_folder(sweep_dir) else enclosing_run_folder(sweep_dir)
     if around is not None:
         where = "is a run folder" if around == sweep_dir else f"is inside the run folder {around}"
@@ -752,9 +754,14 @@ def _report_end(ended: _Going, stop: SweepStop, outcome: Outcome) -> bool:
     signalled = code == EXIT_INTERRUPTED or (code < 0 and signal.Signals(-code).name in STOP_SIGNAL_NAMES)
     if stop.reason and not holds_iterations(ended.run.run_dir):
         say(f"{ended.head}: stopped while starting ({stop.reason})")
+        if ended.log is not None and ended.log.is_file() and not ended.log.stat().st_size:
+            ended.log.unlink()  # its folder went (nothing was run): its empty log too
         return False
     if signalled:
-        say(f"{ended.head}: {_how_it_stands(ended.run.run_dir)}")
+        # a resume stopped while it loaded did nothing: the folder still says how the run stood before
+        before = _iterations_in(ended.run.run_dir) <= ended.iterations_before and ended.iterations_before
+        prefix = "stopped before going on; it stands as before: " if before else ""
+        say(f"{ended.head}: {prefix}{_how_it_stands(ended.run.run_dir)}")
         if not stop.reason:  # a signal to the run's own process: the sweep goes on with the others
             outcome.stopped.append(ended.run.name)
         return False

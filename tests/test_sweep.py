@@ -871,3 +871,25 @@ def test_a_sweep_without_out_gets_a_folder_of_its_own_and_a_refused_one_leaves_n
     assert result.exit_code == 0, result.output
     assert iterations(named.with_name(named.name + "-2") / "tiny-model0-lr4e-05-seed1337") == [0]
     assert not any(named.iterdir())
+
+
+def test_a_sweep_folder_below_a_file_or_a_device_is_refused_as_not_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile" / "s", Path("/dev/null/s")):
+        with pytest.raises(UserError, match=r"is not a folder; give --out another folder"):
+            sweep_module.check_sweep_dir(out)
+
+
+def test_a_resume_stopped_while_it_loaded_is_not_reported_as_how_the_run_ended(tmp_path: Path) -> None:
+    """A run extended from 5 to 10 iterations, stopped by a signal to its own process before its first
+    new one: "finished after 5 iterations" read as if the run had ended so."""
+    run = planned(tmp_path, max_iters=10)
+    make_run(run.run_dir, "finished", n=5)
+    ended = sweep_module._Going(run, FinishedChild(130), None, "sweep: [1/1] r", None, 5)  # type: ignore[arg-type]
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        failed = sweep_module._report_end(ended, SweepStop(), sweep_module.Outcome())
+    assert not failed
+    assert said.getvalue().startswith(
+        "sweep: [1/1] r: stopped before going on; it stands as before: finished"
+    )
