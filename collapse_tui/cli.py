@@ -414,12 +414,27 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
     raise typer.Exit(run_exit_code(summary, signalled=bool(summary.get("signal"))))
 
 
+def refuse_given_twice(
+    before: dict[str, Any], after: dict[str, Any], keys: tuple[str, ...], command: str
+) -> None:
+    """An option a command takes several values of, given both before and after its name: the values
+    would add up (``--eval a headless --eval b``), but those before were dropped without a word."""
+    both = [key for key in keys if before.get(key) not in (None, []) and after.get(key) not in (None, [])]
+    if both:
+        flag = option_flag(both[0])
+        raise UserError(
+            f"{flag} is given both before and after '{command}'; give all its values after it "
+            f"({flag} A {flag} B)"
+        )
+
+
 @app.command("headless")
 @user_errors
 @with_run_options
 def headless_command(ctx: typer.Context, **options: Any) -> None:
     """Run the same loop with no UI: a progress bar on a terminal, plain lines otherwise."""
     given_before = ctx.obj or {}
+    refuse_given_twice(given_before, options, ("evals",), "headless")
     merged = {**options, **{k: v for k, v in given_before.items() if options.get(k) in (None, [])}}
     config = build_config(merged)
     from collapse_tui.headless import run_headless
@@ -439,12 +454,7 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
             "--resume goes with collapse-tui or collapse-tui headless; a sweep goes on by itself "
             "when given the same command (and --out) again"
         )
-    both = [k for k in REPEATABLE if k in (ctx.obj or {}) and options.get(k) not in (None, [])]
-    if both:  # repeated, the values would add up; the ones before would be dropped without a word
-        flag = option_flag(both[0])
-        raise UserError(
-            f"{flag} is given both before and after 'sweep'; give all its values after it ({flag} A {flag} B)"
-        )
+    refuse_given_twice(ctx.obj or {}, options, (*REPEATABLE, "evals"), "sweep")
     given_before = {  # run options before "sweep" are one value each
         k: [v] if k in REPEATABLE else v for k, v in (ctx.obj or {}).items() if options.get(k) in (None, [])
     }

@@ -40,9 +40,11 @@ def report_crash(error: BaseException, run_dir: Path | None, *, watching: bool =
         line = f"collapse-tui: the screen crashed ({what}); the run was stopped"
     elif isinstance(error, OSError) and error.errno in UNWRITABLE:
         where = f" ({error.filename})" if error.filename else ""
+        snapshots = has_folder and any((Path(str(run_dir)) / "snapshots").glob("iter-*"))
+        then = "go on with --resume from its newest snapshot" if snapshots else "start it again"
         line = (
             f"collapse-tui: the run stopped: a file could not be written{where}: {error.strerror}; "
-            "free some space or mend the folder's permissions, then go on with --resume from its newest snapshot"
+            f"free some space or mend the folder's permissions, then {then}"
         )
     else:
         line = f"collapse-tui: the run crashed: {what}"

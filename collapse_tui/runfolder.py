@@ -167,7 +167,7 @@ def why_not_take_over(root: Path) -> str | None:
         return f"holds {', '.join(theirs)} of no run of this tool; choose another --out"
     if holds_iterations(root):  # snapshots, their run's config gone
         return taken
-    runs = list(itertools.islice(_runs_below(root, root, SEARCH_DEPTH), 4))
+    runs = list(itertools.islice(_runs_below(root, SEARCH_DEPTH), 4))
     if runs:
         return (
             f"holds run folders ({a_few(runs)}); give a new folder inside it, e.g. --out {root / 'new-run'}"
@@ -179,29 +179,42 @@ def why_not_take_over(root: Path) -> str | None:
 SEARCH_DEPTH = 4
 
 
-def _runs_below(root: Path, folder: Path, depth: int) -> Iterator[str]:
-    """The run folders under ``folder`` (as paths from ``root``), as deep as ``runs`` looks, in order.
+#: Folders ``_runs_below`` looks into at most: ``--out .`` in a project with a data tree or
+#: node_modules must not cost seconds (each check reads a config.json; /usr took a second).
+SEARCH_FOLDERS = 500
+
+
+def _runs_below(root: Path, depth: int) -> Iterator[str]:
+    """The run folders under ``root`` (as paths from it), as deep as ``runs`` looks, nearest first.
 
     Why deeper than its children: a ``runs/`` that holds only sweeps holds
     its runs two levels down; a run written into it would hide them all
-    from ``runs`` and ``plot``, which stop at the first run folder.
+    from ``runs`` and ``plot``, which stop at the first run folder. Level by
+    level, and at most ``SEARCH_FOLDERS`` folders: in a tree too large to
+    look through, the runs near the top are the ones found.
     """
-    if depth <= 0:
-        return
-    try:
-        children = sorted(child for child in folder.iterdir() if not child.name.startswith("."))
-    except OSError:
-        return  # missing, or unreadable: creating or writing it says what is wrong
-    for child in children:
-        try:
-            if not child.is_dir():
-                continue
-        except OSError:
-            continue
-        if _is_run_config(child / CONFIG):
-            yield str(child.relative_to(root))
-        else:
-            yield from _runs_below(root, child, depth - 1)
+    level, looked = [root], 0
+    for _ in range(depth):
+        below: list[Path] = []
+        for folder in level:
+            try:
+                children = sorted(child for child in folder.iterdir() if not child.name.startswith("."))
+            except OSError:
+                continue  # missing, or unreadable: creating or writing it says what is wrong
+            for child in children:
+                looked += 1
+                if looked > SEARCH_FOLDERS:
+                    return
+                try:
+                    if not child.is_dir():
+                        continue
+                except OSError:
+                    continue
+                if _is_run_config(child / CONFIG):
+                    yield str(child.relative_to(root))
+                else:
+                    below.append(child)
+        level = below
 
 
 def check_new_run_folder(root: Path) -> None:

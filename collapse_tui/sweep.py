@@ -344,14 +344,17 @@ def _first_difference(recorded: dict[str, Any], planned: dict[str, Any]) -> str 
     disk) is the same set, and ``check_eval_texts`` makes sure its text is the same too.
     """
     for key, value in planned.items():
+        if key == "collapse_threshold" and recorded.get(key) == 1:
+            continue  # an older version's run, whose rule could never trigger: no value given now is 1
         if key in recorded and _comparable(key, recorded[key]) != _comparable(key, value):
             return f"{option_flag(key, recorded[key])} {_shown(recorded[key])}, not {_shown(value)}"
     return None
 
 
 def _comparable(key: str, value: Any) -> Any:
+    """A file by its set's name, a hub set as itself (a file wikitext-2.txt is not the hub's set)."""
     if key == "evals" and isinstance(value, list):
-        return [eval_set_name(str(spec)) for spec in value]
+        return [spec if spec in HUB_SETS else ("file", eval_set_name(str(spec))) for spec in value]
     return value
 
 
@@ -421,11 +424,15 @@ def headless_argv(run: PlannedRun, step: Step, device: str | None = None) -> lis
     on ``device`` (None: the default device, or the one a resume keeps).
 
     A resume passes only what a resume may change, and never the lr: the
-    snapshot keeps the lr a key may have set during the run.
+    snapshot keeps the lr a key may have set during the run. The evaluation
+    sets go too: the sweep may have been given them at a new path (a sweep
+    moved to another disk), which a resume takes for the same sets.
     """
     if step.action == "resume":
         assert step.snapshot is not None
-        kept = {k: v for k, v in run.options.items() if k in RESUME_MAY_CHANGE and k != "lr"}
+        kept = {
+            k: v for k, v in run.options.items() if (k in RESUME_MAY_CHANGE and k != "lr") or k == "evals"
+        }
         options = {**kept, "resume": step.snapshot, "max_iters": run.config.max_iters}
     else:
         options = dict(run.options)
@@ -548,8 +555,8 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
     except BaseException:  # a mistake, or a Ctrl-C while a model's config is looked up on the hub
         if lock is not None:
             lock.close()
-            if not given_out:  # the default folder claimed for it: the lock's file would keep it
-                (sweep_dir / SWEEP_LOCK).unlink(missing_ok=True)
+        if not given_out:  # the default folder claimed for it: the lock's file (taken or not) would keep it
+            (sweep_dir / SWEEP_LOCK).unlink(missing_ok=True)
         remove_if_empty([] if given_out else [sweep_dir, *made])  # what was made for it, still empty
         raise
     again = command_again(options, sweep_dir)
@@ -579,9 +586,10 @@ def run_sweep(options: dict[str, Any], sweep_dir: Path | None) -> int:
     if outcome.failed:
         # last, below the table: a run that failed before its first iteration is not in it
         count = f"{len(outcome.failed)} of {len(plan)} runs" if len(plan) > 1 else "its run"
+        lines = "their lines above say" if len(outcome.failed) > 1 else "its line above says"
         say(
-            f"sweep: {count} failed or could not go on ({a_few(outcome.failed)}; their lines above say "
-            f"why); once that is mended, to go on: {again}"
+            f"sweep: {count} failed or could not go on ({a_few(outcome.failed)}; {lines} why); "
+            f"once that is mended, to go on: {again}"
         )
         return EXIT_RUN_FAILED
     if outcome.stopped:
@@ -670,7 +678,7 @@ class DeviceRetirement:
     Why: a GPU that someone else's job has filled fails every run given to
     it within seconds, and would take one queued run after another while the
     others take hours over theirs. Two such failures in a row retire a
-    device, unless the latest run on another device failed that way too. The
+    device, unless a run on another device failed that way meanwhile. The
     last device is never retired, and a run failing the same way on a device
     still working brings the retired ones back: the runs fail, not the
     devices (a model too large for any of them, say).
@@ -684,16 +692,23 @@ class DeviceRetirement:
         #: The slots of retired devices, given back if they come back.
         self.retired_slots: list[str | None] = []
         self._in_a_row: dict[str | None, int] = {}
-        #: Whether each device's latest run failed before its first iteration.
-        self._latest_failed: dict[str | None, bool] = {}
+        #: Runs ended so far, which orders the failures: where each device's current streak of
+        #: failures began, and each device's latest failure.
+        self._ended = 0
+        self._streak_began: dict[str | None, int] = {}
+        self._failed_at: dict[str | None, int] = {}
 
     def freed(self, device: str | None, failed_before_any_iteration: bool) -> list[str | None]:
         """The slots that take runs again now that a run on ``device`` has ended (and say what changed)."""
         if device not in self.working:  # retired while this run went on in its other slot
             self.retired_slots.append(device)
             return []
+        self._ended += 1
+        if failed_before_any_iteration:
+            if not self._in_a_row.get(device):
+                self._streak_began[device] = self._ended
+            self._failed_at[device] = self._ended
         self._in_a_row[device] = self._in_a_row.get(device, 0) + 1 if failed_before_any_iteration else 0
-        self._latest_failed[device] = failed_before_any_iteration
         if failed_before_any_iteration and self.retired_slots:
             back = list(dict.fromkeys(self.retired_slots))
             say(
@@ -704,9 +719,13 @@ class DeviceRetirement:
             self._in_a_row = dict.fromkeys(self.working, 0)  # every device starts afresh
             slots, self.retired_slots = [device, *self.retired_slots], []
             return slots
-        # runs failing on the other devices too (their latest, in between this one's): the runs'
-        # fault, not this device's (a broken model failing on each device in turn)
-        failing_elsewhere = any(self._latest_failed.get(other) for other in self.working if other != device)
+        # a run failing on another device too since this device's streak began: the runs' fault, not
+        # this device's (a broken model failing on each device in turn); an older failure there is not
+        # (that device may have been busy for hours since, with a run that works)
+        began = self._streak_began.get(device, self._ended)
+        failing_elsewhere = any(
+            self._failed_at.get(other, 0) >= began for other in self.working if other != device
+        )
         if self._in_a_row[device] < self.IN_A_ROW or len(self.working) < 2 or failing_elsewhere:
             return [device]
         self.working.remove(device)

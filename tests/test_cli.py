@@ -412,10 +412,13 @@ def test_a_folder_that_cannot_be_written_any_more_is_said_as_such_not_as_a_crash
     line = capsys.readouterr().err.strip()
     assert line.startswith(
         f"collapse-tui: the run stopped: a file could not be written ({out / '.summary.json.1.tmp'}): "
-        "No space left on device; free some space"
+        "No space left on device; free some space or mend the folder's permissions, then start it again"
     ), line
     assert "crashed" not in line and f"its data is kept in {out}" in line
     assert saved is not None and "No space left on device" in saved.read_text()
+    (out / "snapshots" / "iter-3").mkdir(parents=True)  # one to go on from: say so
+    report_crash(full, out)
+    assert "then go on with --resume from its newest snapshot" in capsys.readouterr().err
 
 
 def test_a_watcher_that_crashes_says_the_run_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -440,3 +440,17 @@ def test_event_kinds_name_every_event_the_code_makes() -> None:
         for kind in re.findall(r'\bEvent\(\s*"(\w+)"', source.read_text(encoding="utf-8"))
     }
     assert made == set(EVENT_KINDS)
+
+
+def test_the_search_for_runs_below_a_new_runs_folder_stops_at_a_bound(tmp_path: Path, monkeypatch) -> None:
+    """--out . in a project with a large data tree walked it all, three times a start (/usr: a second)."""
+    import collapse_tui.runfolder as runfolder
+
+    for name in ("a", "b", "c", "d"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    run_start(tmp_path / "data" / "d" / "run").close()  # deep in the tree, past the bound
+    run_start(tmp_path / "sweep" / "run").close()  # near the top: found first, level by level
+    monkeypatch.setattr(runfolder, "SEARCH_FOLDERS", 7)  # the two levels above d/run
+    assert list(runfolder._runs_below(tmp_path, 4)) == ["sweep/run"]
+    monkeypatch.setattr(runfolder, "SEARCH_FOLDERS", 100)
+    assert list(runfolder._runs_below(tmp_path, 4)) == ["sweep/run", "data/d/run"]

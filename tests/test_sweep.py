@@ -125,9 +125,10 @@ def test_a_run_starts_with_all_its_options_and_goes_on_with_only_what_a_resume_m
     # the lr is left to the snapshot (a key may have changed it); what decides the computation is the run's
     assert resumed[0] == "headless"
     words = " ".join(resumed)
-    assert words.count("--") == 5
-    for fragment in ("--max-iters 7", "--device cpu", "--keep-going", "--no-final-snapshot", "--resume"):
-        assert fragment in words
+    assert words.count("--") == 7
+    for fragment in ("--max-iters 7", "--device cpu", "--keep-going", "--no-final-snapshot", "--resume",
+                     "--eval wikitext-2 --eval ptb"):  # fmt: skip
+        assert fragment in words  # the sets: the sweep may have been given them at a new path
 
 
 def test_runs_on_the_cpu_side_by_side_share_its_cores(monkeypatch) -> None:
@@ -302,6 +303,15 @@ def test_a_swept_option_given_before_and_after_the_command_name_is_refused(monke
     assert "--lr is given both before and after 'sweep'; give all its values after it" in result.stderr
 
 
+def test_evaluation_sets_given_before_and_after_the_command_name_are_refused(monkeypatch) -> None:
+    """``collapse-tui --eval wikitext-2 sweep --eval ptb`` evaluated on ptb alone."""
+    monkeypatch.setattr("collapse_tui.sweep.run_sweep", lambda given, out: 0)
+    for command in ("sweep", "headless"):
+        result = CliRunner().invoke(app, ["--eval", "wikitext-2", command, "--eval", "ptb"])
+        assert result.exit_code == 2
+        assert f"--eval is given both before and after '{command}'" in result.stderr
+
+
 def test_resume_given_before_the_command_name_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["--resume", str(tmp_path), "sweep", "--out", str(tmp_path / "s")])
     assert result.exit_code == 2
@@ -399,6 +409,27 @@ def test_a_sweep_moved_with_its_evaluation_file_goes_on(tmp_path: Path) -> None:
         _earlier_runs(out, plan_sweep(options(lr=[1e-3], evals=[str(other)]), out))
 
 
+def test_settings_compare_hub_sets_apart_from_files_of_their_name_and_skip_an_old_threshold_of_1() -> None:
+    assert sweep_module._first_difference({"evals": ["wikitext-2"]}, {"evals": ["/x/wikitext-2.txt"]})
+    assert not sweep_module._first_difference({"evals": ["/a/held.txt"]}, {"evals": ["/b/held.txt"]})
+    # a run of a version that let the threshold be 1: no value given now may be 1, so none is held against it
+    assert not sweep_module._first_difference({"collapse_threshold": 1.0}, {"collapse_threshold": 0.9})
+    assert sweep_module._first_difference({"collapse_threshold": 0.8}, {"collapse_threshold": 0.9})
+
+
+def test_a_sweep_refused_on_a_filesystem_without_locks_leaves_no_folder(tmp_path, monkeypatch) -> None:
+    import errno
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(sweep_module.fcntl, "flock", no_locks)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["sweep", "--lr", "1e-3", "--eval", str(tmp_path / "missing.txt")])
+    assert result.exit_code == 2
+    assert list(tmp_path.iterdir()) == []  # runs/sweep-<time>/ claimed, then removed with its lock file
+
+
 def test_a_second_sweep_in_a_folder_a_sweep_is_going_on_in_is_refused(tmp_path: Path) -> None:
     """Each decides at its start what to do with every run: the second started runs the first then
     started again, and the first reported a failure that was none."""
@@ -488,6 +519,22 @@ def start_sweep(args: list[str], until: str) -> subprocess.Popen[str]:
         if line.startswith(until):
             break
     return sweep
+
+
+def test_a_sweep_moved_with_its_evaluation_file_goes_on_from_its_snapshots(
+    tiny_model_dir, eval_file, tmp_path
+):
+    """The old path gone: each resumed run refused it ("is not there any more") after the sweep took the new."""
+    old, new = tmp_path / "old" / "held.txt", tmp_path / "new" / "held.txt"
+    old.parent.mkdir()
+    shutil.copy(eval_file, old)
+    out = tmp_path / "sweep"
+    assert cli(*tiny_sweep(tiny_model_dir, old, out, "--lr", "1e-3", "--max-iters", "1")).returncode == 0
+    new.parent.mkdir()
+    old.rename(new)
+    again = cli(*tiny_sweep(tiny_model_dir, new, out, "--lr", "1e-3", "--max-iters", "2"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert iterations(out / "tiny-model0-lr0.001-seed1337") == [0, 1]
 
 
 def test_a_sweep_runs_every_run_then_goes_on_where_it_was_asked_to(tiny_model_dir, eval_file, tmp_path):
@@ -849,6 +896,17 @@ def test_a_retired_device_comes_back_once_runs_fail_on_the_others_too(tmp_path, 
     assert given[:6] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0", "cuda:0"]
     assert "cuda:1" in given[6:]
     assert said.count("takes no more runs") == 1 and said.count("cuda:1 take runs again") == 1
+
+
+def test_a_failure_long_ago_on_another_device_does_not_keep_a_failing_one_working() -> None:
+    """cuda:1's first run failed at once, its next has run for hours: cuda:0 failing every run at once
+    (another job's memory) must still be retired, not take every queued run."""
+    retiring = sweep_module.DeviceRetirement(["cuda:0", "cuda:1"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert retiring.freed("cuda:1", True) == ["cuda:1"]
+        assert retiring.freed("cuda:0", True) == ["cuda:0"]
+        assert retiring.freed("cuda:0", True) == []  # retired
+    assert retiring.working == ["cuda:1"]
 
 
 def test_runs_that_fail_after_an_iteration_retire_no_device(tmp_path, monkeypatch) -> None:
