@@ -1898,14 +1898,21 @@ def test_s_keeps_the_screen_in_the_folder_shown_not_where_the_event_says(tmp_pat
     assert not (original / "snapshots" / "iter-2" / "screen.svg").exists()
 
 
-def test_once_the_run_has_ended_s_keeps_the_screen_beside_its_last_snapshot(tmp_path: Path) -> None:
-    snapshot = tmp_path / "snapshots" / "iter-2"
-    snapshot.mkdir(parents=True)
+def ended_with_a_snapshot(run_dir: Path) -> tuple[FakeSource, Path]:
+    """A two-iteration run in ``run_dir`` that ends with its final snapshot's event, and that snapshot's path."""
+    snapshot = run_dir / "snapshots" / "iter-2"
     info = RunInfo(
-        model="fake", device="cpu", max_iters=2, lr=4e-5, eval_names=["wikitext-2"], run_dir=str(tmp_path)
+        model="fake", device="cpu", max_iters=2, lr=4e-5, eval_names=["wikitext-2"], run_dir=str(run_dir)
     )
     script = {1: [Event("snapshot", 2, time=0.0, data={"path": str(snapshot)})]}
-    source = FakeSource([make_record(i, 2) for i in range(2)], info=info, script=script, after="return")
+    return FakeSource(
+        [make_record(i, 2) for i in range(2)], info=info, script=script, after="return"
+    ), snapshot
+
+
+def test_once_the_run_has_ended_s_keeps_the_screen_beside_its_last_snapshot(tmp_path: Path) -> None:
+    source, snapshot = ended_with_a_snapshot(tmp_path)
+    snapshot.mkdir(parents=True)
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await wait_until(pilot, lambda: not app.running, "the run to end")
@@ -1927,12 +1934,7 @@ def test_once_the_run_has_ended_s_keeps_the_screen_in_its_folder_if_its_last_sna
     tmp_path: Path,
 ) -> None:
     """A disk cleaned up by hand: "could not save the screen: No such file or directory" before."""
-    snapshot = tmp_path / "snapshots" / "iter-2"
-    info = RunInfo(
-        model="fake", device="cpu", max_iters=2, lr=4e-5, eval_names=["wikitext-2"], run_dir=str(tmp_path)
-    )
-    script = {1: [Event("snapshot", 2, time=0.0, data={"path": str(snapshot)})]}
-    source = FakeSource([make_record(i, 2) for i in range(2)], info=info, script=script, after="return")
+    source, snapshot = ended_with_a_snapshot(tmp_path)  # its folder never made here
 
     async def scenario(app: CollapseApp, pilot: Pilot) -> None:
         await wait_until(pilot, lambda: not app.running, "the run to end")
