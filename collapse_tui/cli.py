@@ -47,7 +47,7 @@ from collapse_tui.exits import (
     run_exit_code,
     stop_with_parent,
 )
-from collapse_tui.runfolder import CONFIG, read_summary, snapshot_iteration
+from collapse_tui.runfolder import CONFIG, read_summary, replaced_snapshot, snapshot_iteration
 
 #: click's UsageError as typer raises it (recent typer vendors click, older typer imports it).
 USAGE_ERROR: type[Exception] = typer.BadParameter.__bases__[0]
@@ -349,7 +349,7 @@ def _run_config_of_snapshot(snapshot: Path) -> RunConfig:
         raise UserError(
             f"--resume takes a snapshot of a run (RUN/snapshots/iter-N), not the run {snapshot}{hint}"
         )
-    if not snapshot.exists():
+    if not snapshot.exists() and not replaced_snapshot(snapshot).exists():  # that one the engine puts back
         raise UserError(f"--resume {snapshot}: there is no such folder")
     if not config_path.exists():
         if snapshot.parent.name == "snapshots":  # the shape is right: the run's own config is what is gone
