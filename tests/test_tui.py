@@ -1770,6 +1770,30 @@ def help_text(app: CollapseApp) -> str:
     return "\n".join(f"{key}  {what}" for key, what in app.screen.keys)
 
 
+def test_a_watcher_that_quits_says_the_run_goes_on_not_that_it_stops(tmp_path: Path) -> None:
+    """Its last frame read STOPPING and "stopping…", though quitting a watcher never stops the run."""
+    run_dir = make_run(tmp_path / "run", "running", n=3)
+    source = FolderSource(run_dir, poll_s=0.05)
+    states: list[str] = []
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: app.records_seen == 3, "the run's records")
+        original = app._update_state
+
+        def noting_each_state() -> None:
+            states.append(app.state)
+            original()
+
+        app._update_state = noting_each_state  # type: ignore[method-assign]
+        await pilot.press("q")
+        await pilot.pause(0.2)
+        assert "stopping" not in log_text(app) and "leaving; the run goes on" in log_text(app)
+
+    app = drive(source, scenario)
+    assert states and "stopping" not in states, states
+    assert app.state == "running"
+
+
 def test_a_watchers_help_says_q_leaves_the_run_going_and_a_read_only_one_lists_no_steering_keys() -> None:
     own = FakeSource([make_record(0, 5)])
     watched = FakeSource([make_record(0, 5)])

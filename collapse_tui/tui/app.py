@@ -654,7 +654,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             return "error"
         if self.process_gone:
             return "process gone"
-        if self.quitting and self.running:
+        if self.quitting and self.running and self.runs_here:  # a watcher leaving stops nothing
             return "stopping"
         if self.loading and self.running:
             return "loading"
@@ -667,7 +667,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         if not self.running:
             # stopped early (q, a signal) is not finished; a watcher learns it from the summary
             # (a non-finite loss has its error event: "error" above)
-            ended = {"stopped": "stopped", "crashed": "error"}
+            # ("running": a watcher's source detached as it left, the run going on)
+            ended = {"stopped": "stopped", "crashed": "error", "running": "running"}
             return ended.get(str((self.summary or {}).get("status")), "finished")
         return "running"
 
@@ -886,7 +887,7 @@ class CollapseApp(App[dict[str, Any] | None]):
             return
         self.quitting = True
         self._update_state()
-        self._log("stopping…")
+        self._log("stopping…" if self.runs_here else "leaving; the run goes on")
         self.set_timer(self.QUIT_GRACE_S, self._leave)
 
     async def action_interrupt(self) -> None:
