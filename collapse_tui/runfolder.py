@@ -743,11 +743,13 @@ def read_run(root: Path) -> RunFolder:
     """Read a run folder; a folder that is not one gives a clear ``UserError``."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"{root} is not a folder")
+        raise UserError(f"{root} is not a folder" if root.exists() else f"there is no folder {root}")
     try:
         config = json.loads((root / CONFIG).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{root} is not a run folder: it has no {CONFIG}") from None
+        inside = list(itertools.islice(_runs_below(root, 1), 3))  # `watch runs`, meant one run in it
+        hint = f" (it holds runs: give one, e.g. {root / inside[0]})" if inside else ""
+        raise UserError(f"{root} is not a run folder: it has no {CONFIG}{hint}") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{root / CONFIG} is not valid JSON: {error.msg}") from None
     except UnicodeDecodeError:

@@ -454,3 +454,14 @@ def test_the_search_for_runs_below_a_new_runs_folder_stops_at_a_bound(tmp_path: 
     assert list(runfolder._runs_below(tmp_path, 4)) == ["sweep/run"]
     monkeypatch.setattr(runfolder, "SEARCH_FOLDERS", 100)
     assert list(runfolder._runs_below(tmp_path, 4)) == ["sweep/run", "data/d/run"]
+
+
+def test_reading_a_folder_that_is_no_run_says_what_it_is(tmp_path: Path) -> None:
+    """`watch runs/nope` said "is not a folder" of a path that is not there; `watch runs` gave no hint."""
+    with pytest.raises(UserError, match=r"there is no folder .*nope$"):
+        read_run(tmp_path / "nope")
+    run_start(tmp_path / "runs" / "lr-1e-3").close()
+    with pytest.raises(
+        UserError, match=r"runs is not a run folder: it has no config.json \(it holds runs: give one"
+    ):
+        read_run(tmp_path / "runs")
