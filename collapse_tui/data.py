@@ -143,6 +143,12 @@ def eval_windows(ids: list[int], block: int, eval_tokens: int | None, name: str 
     return torch.stack([seq[s : s + block + 1] for s in starts.tolist()])
 
 
+def text_digest(text: str) -> str:
+    """What a run's config.json keeps of each evaluation text (``eval_sets``), so that a resume, or
+    a sweep going on, can tell the same text from another."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def load_eval_set(spec: str, tokenizer: object, block: int, eval_tokens: int | None) -> EvalSet:
     name = eval_set_name(spec)
     text = load_eval_text(spec)
@@ -151,7 +157,7 @@ def load_eval_set(spec: str, tokenizer: object, block: int, eval_tokens: int | N
         name=name,
         windows=eval_windows(ids, block, eval_tokens, name),
         split_tokens=len(ids),
-        text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        text_sha256=text_digest(text),
     )
 
 

@@ -175,7 +175,8 @@ def why_not_take_over(root: Path) -> str | None:
     return None
 
 
-#: How deep ``runs`` and ``plot`` look for run folders under the folder they are given.
+#: How deep ``runs`` and ``plot`` look for run folders under the folder they are given
+#: (runs/<sweep>/<run>/ is depth 2).
 SEARCH_DEPTH = 4
 
 
@@ -747,8 +748,8 @@ def read_run(root: Path) -> RunFolder:
     try:
         config = json.loads((root / CONFIG).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        inside = list(itertools.islice(_runs_below(root, 1), 3))  # `watch runs`, meant one run in it
-        hint = f" (it holds runs: give one, e.g. {root / inside[0]})" if inside else ""
+        inside = next(_runs_below(root, 1), None)  # `watch runs`, meant one run in it
+        hint = f" (it holds runs: give one, e.g. {root / inside})" if inside else ""
         raise UserError(f"{root} is not a run folder: it has no {CONFIG}{hint}") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{root / CONFIG} is not valid JSON: {error.msg}") from None

@@ -31,9 +31,6 @@ from collapse_tui.runfolder import (
 #: Marks the status of a run killed while saving its final snapshot (the table's caption says so).
 UNSAVED_END = "*"
 
-#: How deep under DIR run folders are looked for (runs/<sweep>/<run>/ is depth 2).
-MAX_DEPTH = SEARCH_DEPTH
-
 STATUS_STYLES = {
     "running": "bold green",
     "running?": "green",
@@ -45,7 +42,9 @@ STATUS_STYLES = {
 }
 
 
-def find_runs(root: Path, *, max_depth: int = MAX_DEPTH, skipped: list[str] | None = None) -> list[RunFolder]:
+def find_runs(
+    root: Path, *, max_depth: int = SEARCH_DEPTH, skipped: list[str] | None = None
+) -> list[RunFolder]:
     """The run folders at or under ``root``, oldest first.
 
     Hidden folders and the insides of run folders (their snapshots) are not

@@ -246,13 +246,17 @@ def check_eval_sets(plan: list[PlannedRun]) -> None:
     """Every evaluation set can be read, and holds a window of ``--block``, in each starting model's
     tokens: a hub set not cached while offline, or a file shorter than the block, failed every run
     one after another, each after loading its model."""
-    from collapse_tui.data import load_eval_set  # torch, transformers: once planned
+    from collapse_tui.data import eval_windows, load_eval_text, tokenize  # torch, transformers: once planned
     from collapse_tui.modeling import load_tokenizer
 
+    config = plan[0].config
+    texts = {
+        eval_set_name(spec): load_eval_text(spec) for spec in config.evals
+    }  # once: a hub set takes seconds
     for model in dict.fromkeys(run.config.model for run in plan):
         tokenizer = load_tokenizer(model)
-        for spec in plan[0].config.evals:
-            load_eval_set(spec, tokenizer, plan[0].config.block, plan[0].config.eval_tokens)
+        for name, text in texts.items():
+            eval_windows(tokenize(tokenizer, text), config.block, config.eval_tokens, name)
 
 
 def check_sweep_dir(sweep_dir: Path) -> None:
@@ -366,17 +370,12 @@ def check_eval_texts(plan: list[PlannedRun], earlier: list[str], sweep_dir: Path
     that start afresh would go on with the new text, making runs that cannot
     be compared side by side in one table and one figure.
     """
-    import hashlib
-
-    from collapse_tui.data import load_eval_text  # torch: only once the plan is made
+    from collapse_tui.data import load_eval_text, text_digest  # torch: only once the plan is made
 
     specs = [spec for spec in plan[0].config.evals if spec not in HUB_SETS]
     if not specs:
         return
-    digests = {
-        eval_set_name(spec): hashlib.sha256(load_eval_text(spec).encode("utf-8")).hexdigest()
-        for spec in specs
-    }
+    digests = {eval_set_name(spec): text_digest(load_eval_text(spec)) for spec in specs}
     for name in dict.fromkeys([*earlier, *(run.name for run in plan)]):
         try:
             recorded = json.loads((sweep_dir / name / CONFIG).read_text(encoding="utf-8")).get("eval_sets")
