@@ -111,11 +111,24 @@ def file_text(rows: list[str], layout: str) -> str:
 
 
 def tokenize(tokenizer: object, text: str) -> list[int]:
-    """Token ids of a long text, without special tokens and without length warnings."""
-    encode = getattr(tokenizer, "backend_tokenizer", None)
-    if encode is not None:  # fast tokenizers: no model_max_length warning, much quicker
-        return list(encode.encode(text, add_special_tokens=False).ids)
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # type: ignore[operator]
+    """Token ids of a long text, without special tokens and without length warnings.
+
+    A special token's text in the file (``<|endoftext|>`` written out) is read
+    as ordinary text, as the paper's code read its data (tiktoken's
+    ``encode_ordinary``): an evaluation file is human text, and a marker in it
+    must not become a token the model never sees in the middle of prose.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # fast tokenizers: no model_max_length warning, much quicker
+        before = backend.encode_special_tokens  # the model's tokenizer shares it: put it back
+        backend.encode_special_tokens = True
+        try:
+            return list(backend.encode(text, add_special_tokens=False).ids)
+        finally:
+            backend.encode_special_tokens = before
+    return list(
+        tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]  # type: ignore[operator]
+    )
 
 
 def eval_windows(ids: list[int], block: int, eval_tokens: int | None, name: str = "") -> torch.Tensor:

@@ -88,3 +88,17 @@ def test_an_evaluation_set_from_a_pipe_is_read_once_and_kept() -> None:
         assert load_eval_text(spec) == "held-out text, once\n"  # ...and loading gets the same text
     finally:
         os.close(read_end)
+
+
+def test_a_special_tokens_text_in_an_evaluation_file_is_read_as_text(tiny_model_dir: Path) -> None:
+    """As the paper's ``encode_ordinary``: ``<|endoftext|>`` written in a file is characters, not the token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    end = tokenizer.eos_token_id
+    ids = data.tokenize(tokenizer, "a story<|endoftext|>another")
+    assert end not in ids
+    assert tokenizer.decode(ids) == "a story<|endoftext|>another"
+    # the model's tokenizer is shared with the prompt's encoding, where the token stays a token
+    assert end in tokenizer("<|endoftext|>", add_special_tokens=False)["input_ids"]
+    assert end in tokenizer.backend_tokenizer.encode("<|endoftext|>", add_special_tokens=False).ids
