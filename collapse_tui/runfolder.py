@@ -223,8 +223,30 @@ def check_new_run_folder(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise UserError(f"run folder {root} is a file, not a folder; choose another --out")
     why = why_not_take_over(root)
+    if why and is_locked_elsewhere(root):  # "or --resume" would be refused too: the run goes on
+        raise UserError(
+            f"run folder {root} holds a run that another process is writing now; choose another --out "
+            f"(collapse-tui watch {root} shows it)"
+        )
     if why:
         raise UserError(f"run folder {root} {why}")
+
+
+def is_locked_elsewhere(root: Path) -> bool:
+    """Whether another process holds the folder's lock now: a run going on, or a resume loading."""
+    if fcntl is None or Path(root).resolve() in FolderLock._held:
+        return False
+    try:
+        handle = open(Path(root) / LOCK, "rb")  # noqa: SIM115 (closed below)
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as error:
+            return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return False
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -269,6 +269,22 @@ def test_a_folder_that_another_run_writes_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(runfolder.fcntl is None, reason="no advisory locks on this OS")
+def test_a_new_run_into_a_live_runs_folder_is_pointed_at_watch_not_at_resume(tmp_path: Path) -> None:
+    """A live run refuses a --resume too: the message offers what can be done, watching it."""
+    root = tmp_path / "run"
+    writer = run_start(root)
+    writer.write_record(record(0))
+    writer.close()
+    with held_by_another_process(root):
+        with pytest.raises(UserError, match="another process is writing now") as refused:
+            runfolder.check_new_run_folder(root)
+        assert f"collapse-tui watch {root}" in str(refused.value) and "--resume" not in str(refused.value)
+        assert not runfolder.is_locked_elsewhere(tmp_path)  # no .lock there: nothing holds it
+    with pytest.raises(UserError, match="already holds a run; choose another --out, or --resume"):
+        runfolder.check_new_run_folder(root)  # its process gone: resuming it is the way on
+
+
+@pytest.mark.skipif(runfolder.fcntl is None, reason="no advisory locks on this OS")
 def test_a_start_into_a_folder_another_process_holds_is_refused_before_it_announces_itself(tmp_path):
     """A second start while the first is still loading: the folder has no iteration yet, only its lock."""
     root = tmp_path / "run"
