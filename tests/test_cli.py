@@ -279,7 +279,7 @@ def test_a_second_start_into_a_live_run_folder_leaves_the_first_runs_files_alone
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
             assert time.monotonic() < deadline and first.poll() is None, "the first run did no iteration"
             time.sleep(0.2)
-        assert_one_line_error(cli(*args), "already holds a run")
+        assert_one_line_error(cli(*args), "holds a run that another process is writing now")
         process = json.loads((out / "process.json").read_text())
         assert process["pid"] == first.pid and process["state"] == "running"
         assert (out / ".lock").exists()
