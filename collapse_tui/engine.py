@@ -259,6 +259,12 @@ class Engine:
                 f"give --block {loaded.max_positions} or less"
             )
         self.prompt_ids = self._encode_prompt(config.prompt)
+        #: The prompt's leading special tokens (end-of-text, for an empty prompt): read as text
+        #: again, they would turn into characters the model never saw (``as_text_reads``).
+        special = set(self.tokenizer.all_special_ids)
+        self.special_start = next(
+            (i for i, token in enumerate(self.prompt_ids) if token not in special), len(self.prompt_ids)
+        )
         self.eval_sets: list[EvalSet] = []
         for index, spec in enumerate(config.evals):
             status(f"loading evaluation set {spec}", index / len(config.evals))
@@ -347,7 +353,9 @@ class Engine:
         )
         t1 = time.perf_counter()
         generated = ids[len(self.prompt_ids) :]
-        trained_on = as_text_reads(self.tokenizer, ids) if config.train_on == "text" else ids
+        trained_on = (
+            as_text_reads(self.tokenizer, ids, self.special_start) if config.train_on == "text" else ids
+        )
         gen_loss, *set_losses = self.inference.mean_losses(
             [sequence_windows(trained_on, config.block), *([s.windows] for s in self.eval_sets)]
         )

@@ -88,7 +88,7 @@ def full_context(total: int, block: int) -> bool:
     return total - 1 <= block
 
 
-def as_text_reads(tokenizer: Any, ids: list[int]) -> list[int]:
+def as_text_reads(tokenizer: Any, ids: list[int], start: int = 0) -> list[int]:
     """The sample as its text reads to the tokenizer: decoded, then tokenized again (``--train-on text``).
 
     Why: the paper's code saves the sample as text and trains (and measures
@@ -98,10 +98,17 @@ def as_text_reads(tokenizer: Any, ids: list[int]) -> list[int]:
     token, which reads back as the literal string (the paper's
     ``encode_ordinary``): ``split_special_tokens``. A text that reads back
     as fewer than two tokens (nothing to predict) keeps the ids.
+
+    ``start``: how many of the first ids stay ids: the special tokens the run
+    started from (an empty ``--prompt`` starts from end-of-text), which the
+    model did not draw. Read back as their seven characters, they would be
+    scored and trained on as text the model never saw, and its first drawn
+    token scored after them rather than after the token it was drawn after.
     """
+    head, ids = list(ids[:start]), list(ids[start:])
     text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     again = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    return list(again) if len(again) >= 2 else list(ids)
+    return head + (list(again) if len(head) + len(again) >= 2 else ids)
 
 
 def sequence_windows(ids: list[int], block: int) -> list[torch.Tensor]:

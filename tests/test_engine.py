@@ -602,6 +602,32 @@ def test_the_text_reads_back_canonically_and_an_end_of_text_as_its_literal(tiny_
     reads = as_text_reads(tokenizer, [*canonical, eos, *canonical])
     assert eos not in reads and len(reads) > 2 * len(canonical) + 1
     assert tokenizer.decode(reads) == tokenizer.decode([*canonical, eos, *canonical])
+    # the special tokens a run started from stay tokens; what follows is read as text
+    spelled_after_start = as_text_reads(tokenizer, [eos, *spelled], start=1)
+    assert spelled_after_start == [eos, *canonical]
+
+
+def test_an_empty_prompts_end_of_text_stays_a_token_when_the_sample_is_read_as_text(
+    tiny_config: RunConfig,
+) -> None:
+    """The run starts from end-of-text, which the model did not draw: it is not scored as its characters."""
+    tiny_config.prompt = ""
+    engine = Engine(tiny_config)
+    engine.load()
+    eos = engine.tokenizer.eos_token_id
+    assert engine.prompt_ids == [eos] and engine.special_start == 1
+    losses: list[list[list[int]]] = []
+    mean_losses = engine.inference.mean_losses
+    engine.inference.mean_losses = lambda groups: (
+        losses.append([g.tolist() for g in groups[0]]) or mean_losses(groups)
+    )
+    engine.step()
+    first_window = losses[0][0][0]
+    assert first_window[0] == eos
+    literal = engine.tokenizer("<|endoftext|>", add_special_tokens=False, split_special_tokens=True)[
+        "input_ids"
+    ]
+    assert first_window[1 : 1 + len(literal)] != literal
 
 
 def test_the_training_step_reads_the_sample_as_text(tiny_config: RunConfig) -> None:
