@@ -469,7 +469,11 @@ class Engine:
                     return "collapsed", "collapsed"
             every = self.config.snapshot_every
             if every and self.iteration % every == 0:  # after the checks: it holds the collapse too
-                self._take_snapshot()
+                # an lr asked for during the iteration first: the snapshot then holds the rate the
+                # next iteration runs at, and a resume from it (after a kill) does not undo the change
+                self._apply_pending()
+                if self.snapshot_state != (self.iteration, self.lr):  # not just taken for an s
+                    self._take_snapshot()
         self._apply_pending()  # likewise; but a pause pressed now must not keep a finished run waiting
         return ("collapsed" if self.collapsed_at is not None else "finished"), "max_iters"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 import math
 import os
 import shutil
@@ -104,6 +105,26 @@ def test_lr_change_applies_from_the_next_iteration_and_not_before(tiny_config: R
     assert lr_events[0].data == {"lr": 2e-3, "old_lr": 1e-3}
     # Iteration 1's Adam step is sized by the new rate (second steps are ≲ lr).
     assert 1e-3 < moves[0] <= 2e-3 * 1.01
+
+
+def test_a_periodic_snapshot_holds_an_lr_asked_for_during_the_iteration_before_it(
+    tiny_config: RunConfig,
+) -> None:
+    """Resumed from iter-1 after a kill in iteration 1, the run goes on at the rate iteration 1 ran at."""
+    tiny_config.max_iters, tiny_config.snapshot_every = 2, 1
+    engine = Engine(tiny_config)
+
+    def ask(record: IterationRecord) -> None:
+        if record.iteration == 0:
+            engine.controls.set_lr(tiny_config.lr * 2)
+            engine.controls.request_snapshot()  # and an s: one snapshot at the boundary, not two
+
+    engine.run(Collector(ask))
+    state = json.loads((Path(tiny_config.out) / "snapshots" / "iter-1" / "state.json").read_text())
+    assert state["lr"] == 2e-3
+    events = [(e.event, e.iteration) for e in read_run(Path(tiny_config.out)).events]
+    assert events.index(("lr", 1)) < events.index(("snapshot", 1))
+    assert events.count(("snapshot", 1)) == 1
 
 
 def test_an_lr_asked_for_mid_iteration_waits_for_the_next_one(tiny_config: RunConfig) -> None:
