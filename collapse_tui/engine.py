@@ -54,6 +54,8 @@ from collapse_tui.runfolder import (
     CONFIG,
     ENDING_SNAPSHOT,
     METRICS,
+    PARTIAL,
+    REPLACED,
     RunFolder,
     RunWriter,
     check_new_run_folder,
@@ -811,6 +813,12 @@ SNAPSHOT_FILES = ("state.json", "optimizer.pt", "rng.pt", CONFIG)
 
 def _check_snapshot(path: Path) -> None:
     needed = SNAPSHOT_FILES
+    if path.name.startswith((PARTIAL, REPLACED)):  # a resume clears these away as it starts: its own weights
+        kind = "was still being written" if path.name.startswith(PARTIAL) else "was being replaced"
+        raise UserError(
+            f"--resume {path}: that snapshot {kind} when its run stopped, and may be incomplete; "
+            "resume from a snapshots/iter-N folder (or, if you know it is whole, rename it to one first)"
+        )
     if not path.is_dir() and replaced_snapshot(path).is_dir():
         if is_alive(path.parent.parent) is not False:  # a run on another host may be mid-swap
             raise UserError(

@@ -493,3 +493,13 @@ def abandon_a_branch(tiny_config, tmp_path) -> None:
     tiny_config.snapshot_every = 2
     Engine(tiny_config).run(Collector())
     Engine(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-2", "max_iters": 3})).run()
+
+
+@pytest.mark.parametrize("hidden", [".partial-iter-2", ".replaced-iter-2"])
+def test_a_snapshot_left_half_saved_or_moved_aside_is_not_resumed_from(tiny_config, tmp_path, hidden):
+    """A resume clears such folders as it starts: resumed from, its weights would be gone with them."""
+    snapshot = stopped_run_with_snapshot(tiny_config, tmp_path)
+    left = snapshot.rename(snapshot.with_name(hidden))
+    with pytest.raises(UserError, match="may be incomplete; resume from a snapshots/iter-N folder"):
+        Engine(build_config({"resume": left, "max_iters": 4}))
+    assert (left / "state.json").exists()
