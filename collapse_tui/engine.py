@@ -213,6 +213,11 @@ class Engine:
         )
         # State of the loop; the rest is set by ``load``.
         self.iteration = 0
+        #: A resume's events, its ``resumed_from`` first, kept from the file until its first iteration
+        #: is recorded (the listener hears them at once). Why: ``resumed_from`` abandons every later
+        #: iteration and snapshot of the run; a resume that never did one (a Ctrl-C, the wrong
+        #: snapshot given, a crash in its first iteration) must leave the run as it stood.
+        self.held_events: list[Event] | None = None
         self.lr = config.lr
         self.detector = CollapseDetector(config.collapse_threshold, config.collapse_patience)
         self.collapsed_at: int | None = None
@@ -552,13 +557,18 @@ class Engine:
         self.last_record = record
         self.iteration_seconds += phase_seconds(record)
         assert self.writer is not None
+        for event in self.held_events or []:  # the resume takes the run up for real now
+            self.writer.write_event(event)
+        self.held_events = None
         self.writer.write_record(record)
         self.iteration += 1
         self.listener.on_record(record)
 
     def _emit(self, event: Event, *, notify: bool = True) -> None:
         """Write the event (files first: a listener that fails must not cost the record), then tell."""
-        if self.writer is not None:
+        if self.held_events is not None:
+            self.held_events.append(event)
+        elif self.writer is not None:
             self.writer.write_event(event)
         if notify:
             self.listener.on_event(event)
@@ -724,6 +734,7 @@ class Engine:
         }
         if not same_stream:
             data["new_sampling_stream"] = True
+        self.held_events = []
         self._emit(Event("resumed_from", self.iteration, data=data))  # config.json keeps the first start's
 
     # -- the end -------------------------------------------------------------------------
@@ -733,7 +744,14 @@ class Engine:
         stop = Event("stop", self.iteration, data={"reason": reason, "status": status})
         # names its stop event: until this summary replaces a resumed run's old one, readers can tell
         summary = {**self.summary(status, reason), "stopped": stop.time}
-        if self.writer is not None:
+        if self.writer is not None and self.held_events is not None:
+            # a resume that recorded no iteration: the folder stands as it was (``held_events``)
+            self.held_events = None
+            self.writer.close()
+            summary["unchanged"] = True
+            with contextlib.suppress(Exception):
+                self.listener.on_event(stop)
+        elif self.writer is not None:
             self._emit(stop, notify=False)
             self.writer.write_summary(summary)
             self.writer.close()

@@ -50,6 +50,11 @@ def run_exit_code(summary: dict[str, Any], *, signalled: bool) -> int:
 
 def closing_line(summary: dict[str, Any]) -> str | None:
     """The one line on stderr for a run whose result is not whole (a crash has its own), else None."""
+    if summary.get("unchanged"):
+        return (
+            f"collapse-tui: the resume ended before its first iteration; {summary.get('run_dir', 'the run')} "
+            "stands as it was (its later iterations and snapshots are kept)"
+        )
     if summary.get("reason") == "non-finite loss":
         return "collapse-tui: the run stopped on a non-finite loss; its data is kept"
     failed = summary.get("final_snapshot_failed")

@@ -261,8 +261,9 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         run_dir = engine.run_dir if engine.loaded else None
         _say(interrupted_line(run_dir, engine.last_snapshot, at_the_end=engine.end_saved))
         return EXIT_INTERRUPTED
-    table = summary_table(summary)
-    reporter.guarded(lambda: print_table(console, table))
+    if not summary.get("unchanged"):  # else the folder's own summary stands, not this process's
+        table = summary_table(summary)
+        reporter.guarded(lambda: print_table(console, table))
     line = closing_line(summary)
     if line:
         _say(line)

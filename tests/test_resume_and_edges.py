@@ -503,3 +503,53 @@ def test_a_snapshot_left_half_saved_or_moved_aside_is_not_resumed_from(tiny_conf
     with pytest.raises(UserError, match="may be incomplete; resume from a snapshots/iter-N folder"):
         Engine(build_config({"resume": left, "max_iters": 4}))
     assert (left / "state.json").exists()
+
+
+class StopWhenResumed(Collector):
+    """Stops the run as its resume is announced: a Ctrl-C (or q) before the first resumed iteration."""
+
+    def __init__(self, engine_of) -> None:
+        super().__init__()
+        self.engine_of = engine_of
+
+    def on_event(self, event) -> None:
+        super().on_event(event)
+        if event.event == "resumed_from":
+            self.engine_of().controls.stop("SIGINT")
+
+
+def test_a_resume_stopped_before_its_first_iteration_leaves_the_run_as_it_stood(tiny_config, tmp_path):
+    """Resumed from iter-2 by mistake and stopped at once: iterations 2..3 and iter-4 are not abandoned."""
+    tiny_config.out, tiny_config.max_iters, tiny_config.snapshot_every = str(tmp_path / "run"), 4, 2
+    Engine(tiny_config).run(Collector())
+    run = tmp_path / "run"
+    before = {name: (run / name).read_bytes() for name in ("events.jsonl", "metrics.jsonl", "summary.json")}
+    engine = Engine(build_config({"resume": run / "snapshots" / "iter-2", "max_iters": 4}))
+    listener = StopWhenResumed(lambda: engine)
+    summary = engine.run(listener)
+    assert [e.event for e in listener.events] == ["resumed_from", "start", "stop"]  # the screen heard it
+    assert summary["unchanged"] and summary["status"] == "stopped"
+    assert {name: (run / name).read_bytes() for name in before} == before
+    # the newest snapshot still goes on, and the run reads as it did
+    resumed = Engine(build_config({"resume": run / "snapshots" / "iter-4", "max_iters": 5}))
+    assert [r.iteration for r in resumed.resumed_records] == [0, 1, 2, 3]
+    assert read_run(run).status == "finished"
+
+
+def test_a_resume_writes_what_it_held_back_before_its_first_record(tiny_config, tmp_path):
+    tiny_config.out, tiny_config.max_iters, tiny_config.snapshot_every = str(tmp_path / "run"), 4, 2
+    Engine(tiny_config).run(Collector())
+    run = tmp_path / "run"
+    Engine(build_config({"resume": run / "snapshots" / "iter-2", "max_iters": 3})).run(Collector())
+    rows = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["iteration"]) for r in rows[-4:]] == [
+        ("resumed_from", 2),
+        ("start", 2),
+        ("snapshot", 3),
+        ("stop", 3),
+    ]
+    assert [r.iteration for r in read_run(run).records] == [0, 1, 2]
+    resumed_at = next(r["time"] for r in rows if r["event"] == "resumed_from")
+    third = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert third["iteration"] == 2 and third["time"] > resumed_at
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 3
