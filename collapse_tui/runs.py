@@ -28,7 +28,8 @@ from collapse_tui.runfolder import (
     snapshot_saved_at,
 )
 
-#: Marks the status of a run killed while saving its final snapshot (the table's caption says so).
+#: Marks the status of a run whose final snapshot was not saved: killed (or a second Ctrl-C) while
+#: saving it, or the save failed (the table's caption says so).
 UNSAVED_END = "*"
 
 STATUS_STYLES = {
@@ -96,8 +97,9 @@ def _started(run: RunFolder) -> tuple[float, str]:
 def run_status(run: RunFolder) -> str:
     """running, finished, collapsed, stopped, "NaN loss" or crashed; "running?" where this machine cannot tell.
 
-    A status ending in ``UNSAVED_END`` is a run killed while it saved its
-    final snapshot: it ended that way, but its end cannot be resumed.
+    A status ending in ``UNSAVED_END`` is a run whose final snapshot was not
+    saved (killed while it saved it, a second Ctrl-C, a full disk): it ended
+    that way, but its end cannot be resumed.
 
     A run with no summary whose process is gone crashed (killed, or the
     machine went down). Liveness is unknown for a run written on another
@@ -112,7 +114,9 @@ def run_status(run: RunFolder) -> str:
         if taken_up_again(run):
             return "running"
         # stopped by a non-finite loss: a failure (exit code 1), not a stop the user asked for
-        return "NaN loss" if summary and summary.get("reason") == "non-finite loss" else status
+        if summary and summary.get("reason") == "non-finite loss":
+            return "NaN loss"
+        return f"{status}{UNSAVED_END}" if summary and summary.get("final_snapshot_failed") else status
     alive = is_alive(run.root)
     if ending:  # the summary before the final snapshot: final once its process is gone
         if alive:
@@ -175,7 +179,9 @@ def runs_table(runs: list[RunFolder], *, title: str | None = None) -> Table:
     if "running?" in statuses:
         caption += "; running? = its process is not on this machine, or not recorded"
     if any(status.endswith(UNSAVED_END) for status in statuses):
-        caption += f"; {UNSAVED_END} = killed while saving its final snapshot: its end has none"
+        caption += (
+            f"; {UNSAVED_END} = its final snapshot was not saved (killed while saving it, or it failed)"
+        )
     # as text, not markup (nor emoji codes): set names and folders are the user's
     table = Table(title=None if title is None else Text(title), caption=Text(caption))
     table.add_column("run", overflow="fold", min_width=8)

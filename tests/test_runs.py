@@ -183,7 +183,17 @@ def test_a_run_saving_its_final_snapshot_runs_until_its_process_ends(
     writer.close()
     assert run_status(read_run(root)) == status
     table = render(runs_table([read_run(root)]))
-    assert ("killed while saving its final snapshot" in " ".join(table.split())) == status.endswith("*")
+    assert ("final snapshot was not saved" in " ".join(table.split())) == status.endswith("*")
+
+
+@pytest.mark.parametrize("why", ["interrupted before it was written (a second Ctrl-C)", "the disk is full"])
+def test_a_run_whose_final_snapshot_failed_is_marked(tmp_path: Path, why: str) -> None:
+    """Its summary is whole (not ``ending``), but its end has no snapshot to go on from."""
+    root = make_run(tmp_path / "run", "stopped", n=2)
+    summary = json.loads((root / "summary.json").read_text())
+    (root / "summary.json").write_text(json.dumps({**summary, "final_snapshot_failed": why}))
+    assert run_status(read_run(root)) == "stopped*"
+    assert "final snapshot was not saved" in " ".join(render(runs_table([read_run(root)])).split())
 
 
 def test_a_run_whose_resume_is_still_loading_is_running(tmp_path: Path) -> None:
