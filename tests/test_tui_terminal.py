@@ -49,9 +49,21 @@ SCREEN_BUG = (
 )
 
 
-def start_tui(model: Path, evalfile: Path, out: Path, *, screen_bug: bool = False) -> tuple[int, int]:
-    """``collapse-tui`` in a new session on a fresh pty (its controlling terminal); (pid, master fd)."""
-    entry = ["-c", SCREEN_BUG] if screen_bug else ["-m", "collapse_tui.cli"]
+#: The command line's entry point with a final snapshot that never ends: a huge model's, on a slow disk.
+STUCK_SNAPSHOT = (
+    "import time\n"
+    "from collapse_tui.engine import Engine\n"
+    "Engine._take_snapshot = lambda self: time.sleep(3600)\n"
+    "from collapse_tui.cli import main\n"
+    "main()\n"
+)
+
+
+def start_tui(model: Path, evalfile: Path, out: Path, *, entry_code: str | None = None) -> tuple[int, int]:
+    """``collapse-tui`` in a new session on a fresh pty (its controlling terminal); (pid, master fd).
+
+    ``entry_code``: Python to run instead of the command line's own entry (it ends by calling it)."""
+    entry = ["-c", entry_code] if entry_code else ["-m", "collapse_tui.cli"]
     args = [
         sys.executable, *entry, "--model", str(model), "--eval", str(evalfile),
         "--max-iters", "100000", "--gen-tokens", "64", "--block", "32", "--out", str(out), "--device", "cpu",
@@ -149,7 +161,7 @@ def test_a_bug_in_the_screen_stops_the_run_and_says_so_in_one_line(
     tiny_model_dir: Path, eval_file: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    pid, master = start_tui(tiny_model_dir, eval_file, out, screen_bug=True)
+    pid, master = start_tui(tiny_model_dir, eval_file, out, entry_code=SCREEN_BUG)
     done, seen = threading.Event(), bytearray()
     reader = threading.Thread(target=drain, args=(master, done, seen), daemon=True)
     reader.start()
@@ -171,3 +183,46 @@ def test_a_bug_in_the_screen_stops_the_run_and_says_so_in_one_line(
     )  # the run folder completed, saying why it stopped
     assert (summary["status"], summary["reason"]) == ("stopped", "screen crashed")
     assert json.loads((out / "process.json").read_text())["state"] == "ended"
+
+
+def test_a_second_kill_int_leaves_at_once_and_gives_the_terminal_back(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path
+) -> None:
+    """The first stops the run, whose final snapshot hangs; the second ends the process by its own action,
+    which would skip Textual's way out: the shell must get its echo, its line mode and its screen back."""
+    out = tmp_path / "run"
+    pid, master = start_tui(tiny_model_dir, eval_file, out, entry_code=STUCK_SNAPSHOT)
+    before = termios.tcgetattr(master)  # as the shell had it, before the screen took the terminal
+    done, seen = threading.Event(), bytearray()
+    reader = threading.Thread(target=drain, args=(master, done, seen), daemon=True)
+    reader.start()
+    code: int | None = None
+    try:
+        deadline = time.monotonic() + START_S
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+            assert time.monotonic() < deadline and not os.waitpid(pid, os.WNOHANG)[0], "no iteration"
+            time.sleep(0.2)
+        raw = termios.tcgetattr(master)
+        assert raw[3] & termios.ECHO == 0  # the screen's raw mode
+        os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + STOP_S
+        summary = out / "summary.json"
+        while not (summary.exists() and "ending" in summary.read_text()):  # stuck in its final snapshot
+            assert time.monotonic() < deadline, "the run did not reach its final snapshot"
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGINT)
+        code = wait_for_exit(pid, STOP_S)
+    finally:
+        if code is None:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        reader.join(timeout=10)  # it ends by itself once the process is gone (the pty reads EIO)
+        done.set()
+        after = termios.tcgetattr(master)
+        os.close(master)
+    assert code == -signal.SIGINT  # left at once, by the signal
+    assert after[3] == before[3] and after[3] & termios.ECHO  # echo and line mode back
+    screen = bytes(seen)
+    assert screen.rfind(b"\x1b[?1049l") > screen.rfind(b"\x1b[?1049h") >= 0  # the alternate screen left
+    assert screen.rfind(b"\x1b[?25h") > screen.rfind(b"\x1b[?25l")  # the cursor shown

@@ -50,7 +50,7 @@ from collapse_tui.runfolder import SNAPSHOTS, read_run, write_atomic
 from collapse_tui.source import RunSource
 from collapse_tui.tui.history import Entry, SampleHistory
 from collapse_tui.tui.screens import MAX_LR, HelpScreen, LrScreen, help_keys
-from collapse_tui.tui.terminal import hangup_safe, silence_output, terminal_gone
+from collapse_tui.tui.terminal import hangup_safe, restore_terminal, silence_output, terminal_gone
 from collapse_tui.tui.widgets import (
     EventLog,
     FittingFooter,
@@ -956,6 +956,7 @@ def run_app(
         if signals and changes_nothing_once_stopping(signum):
             return  # a hang-up or a SIGTERM after a q-like signal: the stop is under way
         if signals:  # a second one: leave now, as a second q does (snapshots are written atomically)
+            restore_terminal(getattr(app, "_driver", None))  # the signal's own action skips Textual's
             for number, handler in previous.items():
                 signal.signal(number, signal.SIG_DFL if number == signum else handler)
             os.kill(os.getpid(), signum)

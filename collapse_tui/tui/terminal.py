@@ -90,3 +90,31 @@ def silence_output() -> None:
                 with contextlib.suppress(OSError, ValueError):
                     os.dup2(null, stream.fileno())
         os.close(null)
+
+
+#: What leaves the screen's modes, as Textual's driver does when the app ends: mouse reports, bracketed
+#: paste, the kitty keyboard protocol and focus reports off; line wrap on; the alternate screen left; the
+#: cursor shown.
+LEAVE_SCREEN = (
+    "\x1b[?1000l\x1b[?1003l\x1b[?1015l\x1b[?1006l\x1b[?2004l\x1b[?7h\x1b[<u\x1b[?1049l\x1b[?25h\x1b[?1004l"
+)
+
+
+def restore_terminal(driver: Driver | None) -> None:
+    """Give the terminal back as it was before the screen, at once: for a process about to die of a signal.
+
+    Why: a second ``kill -INT`` leaves at once (a run stuck saving its
+    snapshot), by the signal's own action, which skips Textual's way out; the
+    shell was then left in the screen's raw mode and alternate screen, with
+    no echo, until ``reset``. Written straight to the terminal (not through
+    the driver's writer thread), and quiet if it is gone.
+    """
+    fileno = getattr(driver, "fileno", None)
+    if not isinstance(fileno, int) or terminal_gone():
+        return
+    attrs = getattr(driver, "attrs_before", None)
+    with contextlib.suppress(OSError):
+        if termios is not None and attrs is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(fileno, termios.TCSANOW, attrs)
+        os.write(fileno, LEAVE_SCREEN.encode())
