@@ -299,11 +299,24 @@ class ScreenWriter(Collector):
             screen.write_text("the screen")
 
 
+class AskAgainAfterSnapshot(ScreenWriter):
+    """Presses s as the periodic snapshot of iteration 2 is reported, before the run goes on."""
+
+    def __init__(self, engine_of) -> None:
+        super().__init__()
+        self.engine_of = engine_of
+
+    def on_event(self, event) -> None:
+        super().on_event(event)
+        if event.event == "snapshot" and event.iteration == 2 and not event.data.get("again"):
+            self.engine_of().controls.request_snapshot()
+
+
 def test_a_snapshot_asked_for_where_a_periodic_one_was_just_taken_keeps_that_one(tiny_config):
     tiny_config.max_iters = 3
     tiny_config.snapshot_every = 2
     engine = Engine(tiny_config)
-    listener = ScreenWriter(lambda r: engine.controls.request_snapshot() if r.iteration == 1 else None)
+    listener = AskAgainAfterSnapshot(lambda: engine)
     engine.run(listener)
     snapshots = [e for e in listener.events if e.event == "snapshot" and e.iteration == 2]
     assert [bool(e.data.get("again")) for e in snapshots] == [False, True]
