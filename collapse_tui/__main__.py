@@ -15,7 +15,7 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-from collapse_tui.exits import EXIT_INTERRUPTED, stop_with_parent
+from collapse_tui.exits import EXIT_INTERRUPTED, hold_early_interrupts, stop_with_parent
 
 
 def _stopped_while_loading(signum: int, frame: FrameType | None) -> None:
@@ -29,6 +29,7 @@ def main() -> None:
     quiet = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if quiet:
         signal.signal(signal.SIGINT, _stopped_while_loading)
+    hold_early_interrupts()  # a kill -INT before the run takes SIGINT, where it starts ignored: kept
     from collapse_tui.cli import main as cli_main
 
     if quiet:

@@ -122,3 +122,32 @@ def ignore_later_hangups(signum: int) -> bool:
         return False
     signal.signal(hangup, signal.SIG_IGN)
     return True
+
+
+#: A ``kill -INT`` that reached a process whose SIGINT was ignored, before a front end took SIGINT.
+_early_interrupts: list[int] = []
+
+
+def _remember_interrupt(signum: int, frame: FrameType | None) -> None:
+    _early_interrupts.append(signum)
+
+
+def hold_early_interrupts() -> None:
+    """Where this process started with SIGINT ignored, keep a ``kill -INT`` until a front end can act on it.
+
+    Why: a script's background job (``collapse-tui headless … &``) starts
+    with SIGINT ignored, and ``kill -INT`` must still stop it (its front end
+    takes SIGINT even so). Before it does, while torch loads (seconds), the
+    signal was lost and the run went on to its end. Held here, it is passed
+    on by ``pass_on_early_interrupt``; a command that never takes SIGINT
+    (``runs``, ``plot``) goes on ignoring it.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _remember_interrupt)
+
+
+def pass_on_early_interrupt() -> None:
+    """Once a front end has taken SIGINT: deliver to it a ``kill -INT`` held from before."""
+    if _early_interrupts:
+        _early_interrupts.clear()
+        os.kill(os.getpid(), signal.SIGINT)

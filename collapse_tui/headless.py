@@ -36,6 +36,7 @@ from collapse_tui.exits import (
     changes_nothing_once_stopping,
     closing_line,
     ignore_later_hangups,
+    pass_on_early_interrupt,
     run_exit_code,
 )
 from collapse_tui.follow import serving_watchers
@@ -307,6 +308,7 @@ def _catch_stop_signals(stop: Callable[[int, FrameType | None], None]) -> None:
         # ``kill -INT`` must still stop it
         if signum != getattr(signal, "SIGHUP", None) or signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, stop)
+    pass_on_early_interrupt()
 
 
 def _say(line: str) -> None:

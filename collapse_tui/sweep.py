@@ -66,7 +66,14 @@ from collapse_tui.config import (
     resolve_config,
 )
 from collapse_tui.errors import UserError
-from collapse_tui.exits import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, STOP_SIGNAL_NAMES, STOP_WITH
+from collapse_tui.exits import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    STOP_SIGNAL_NAMES,
+    STOP_WITH,
+    pass_on_early_interrupt,
+)
 from collapse_tui.follow import is_alive
 from collapse_tui.runfolder import (
     CONFIG,
@@ -470,6 +477,7 @@ class SweepStop:
         # not where Ctrl-Z is ignored (no job control): there it suspends nothing
         if suspend is not None and signal.getsignal(suspend) is signal.SIG_DFL:
             self._before[suspend] = signal.signal(suspend, self._suspend)
+        pass_on_early_interrupt()
 
     def uninstall(self) -> None:
         for signum, handler in self._before.items():

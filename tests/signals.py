@@ -32,6 +32,21 @@ def wait_until_ignoring(pid: int, signum: int, seconds: float) -> bool:
     return False
 
 
+def wait_until_catching(pid: int, signum: int, seconds: float) -> bool:
+    """Whether process ``pid`` came to catch ``signum`` (a handler of its own) within ``seconds`` (Linux)."""
+    status = Path(f"/proc/{pid}/status")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            return False
+        if int(fields.get("SigCgt", "0").strip(), 16) & (1 << (signum - 1)):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

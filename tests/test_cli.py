@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from runfolders import make_run
-from signals import wait_until_ignoring
+from signals import wait_until_catching, wait_until_ignoring
 from typer.testing import CliRunner
 
 from collapse_tui.cli import app
@@ -586,6 +586,43 @@ def test_kill_int_stops_a_background_job_whose_shell_ignored_sigint(tiny_model_d
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert json.loads((out / "summary.json").read_text())["status"] == "stopped"
+
+
+#: The command's own entry, with the seconds before the run takes SIGINT (torch loading) held open
+#: until the file named last on the command line exists: the test's kill -INT lands inside them.
+HELD_OPEN_START = (
+    "import os, sys, time\n"
+    "import collapse_tui.cli as cli\n"
+    "from collapse_tui.__main__ import main\n"
+    "gate = sys.argv.pop()\n"
+    "real = cli.main\n"
+    "def held_open():\n"
+    "    while not os.path.exists(gate):\n"
+    "        time.sleep(0.02)\n"
+    "    real()\n"
+    "cli.main = held_open\n"
+    "main()\n"
+)
+
+
+def test_kill_int_before_the_run_takes_sigint_still_stops_a_background_job(
+    tiny_model_dir, eval_file, tmp_path
+):
+    """Where SIGINT starts ignored (a script's ``… &``), a kill -INT while it loads is kept, not lost."""
+    out, gate = tmp_path / "run", tmp_path / "go"
+    args = small_run(tiny_model_dir, eval_file, out)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HELD_OPEN_START, *args, str(gate)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    assert wait_until_catching(process.pid, signal.SIGINT, 60.0), "SIGINT was never taken"
+    process.send_signal(signal.SIGINT)
+    gate.touch()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert not (out / "metrics.jsonl").exists()  # stopped before its first iteration, not after its last
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,12 @@ from textual.widgets import Label, ProgressBar
 from textual.worker import Worker, WorkerState
 
 from collapse_tui.errors import ScreenCrashed, UserError
-from collapse_tui.exits import STOP_SIGNAL_NAMES, changes_nothing_once_stopping, ignore_later_hangups
+from collapse_tui.exits import (
+    STOP_SIGNAL_NAMES,
+    changes_nothing_once_stopping,
+    ignore_later_hangups,
+    pass_on_early_interrupt,
+)
 from collapse_tui.follow import began_after_read
 from collapse_tui.metrics import format_rep4
 from collapse_tui.records import Event, IterationRecord
@@ -975,6 +980,7 @@ def run_app(
         if hasattr(signal, name):
             number = getattr(signal, name)
             previous[number] = signal.signal(number, on_signal)
+    pass_on_early_interrupt()
     try:
         app.run(headless=headless)
     finally:
