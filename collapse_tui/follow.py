@@ -53,6 +53,7 @@ from collapse_tui.runfolder import (
     dedupe_records,
     drop_abandoned_events,
     drop_abandoned_records,
+    ending_snapshot_saved,
     is_ending,
     make_summary,
     parse_events,
@@ -563,6 +564,8 @@ class FolderSource:
                 summary = None
             # the summary written before the final snapshot is final once the process is gone
             if summary is not None and (not is_ending(summary) or alive is not True):
+                if is_ending(summary) and alive is False and not ending_snapshot_saved(self.run_dir, summary):
+                    listener.on_event(self._final_snapshot_lost(summary))
                 return summary
             if alive is False:
                 return self._process_gone(listener)
@@ -598,6 +601,16 @@ class FolderSource:
     def _deliver(self, listener: EngineListener, record: IterationRecord) -> None:
         self.controls.observe_record(record)
         listener.on_record(record)
+
+    def _final_snapshot_lost(self, summary: dict[str, Any]) -> Event:
+        """What a watcher is told of a run whose process ended while it saved its final snapshot
+        (killed, a second Ctrl-C): the run ended as its summary says, but its end has no snapshot."""
+        iteration = summary.get("iterations")
+        message = (
+            f"the run's process ended while saving its final snapshot iter-{iteration}, which was not "
+            "saved: its end cannot be resumed"
+        )
+        return Event("snapshot_failed", iteration, data={"message": message, "final": True})
 
     def _process_gone(self, listener: EngineListener) -> dict[str, Any]:
         info = read_process(self.run_dir) or {}

@@ -351,6 +351,22 @@ def is_ending(summary: dict[str, Any] | None) -> bool:
     return summary is not None and "ending" in summary
 
 
+def ending_snapshot_saved(root: Path, summary: dict[str, Any]) -> bool:
+    """For an ``ending`` summary whose process is gone: whether the final snapshot it was saving got saved.
+
+    An ``iter-N`` saved before this branch started is an abandoned branch's, not this end.
+    """
+    try:
+        final = (
+            Path(root) / SNAPSHOTS / f"iter-{int(summary['iterations'])}"
+        )  # an ending summary names its end
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return False
+    saved_at = snapshot_saved_at(final)
+    started = summary.get("started")
+    return saved_at is not None and saved_at >= (started if isinstance(started, int | float) else 0.0)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All complete JSON lines of a file; a half-written or garbled line is skipped."""
     return JsonlTail(path).read_new()

@@ -20,12 +20,11 @@ from collapse_tui.follow import is_alive, taken_up_again
 from collapse_tui.runfolder import (
     CONFIG,
     SEARCH_DEPTH,
-    SNAPSHOTS,
     RunFolder,
+    ending_snapshot_saved,
     is_ending,
     is_run_folder,
     read_run,
-    snapshot_saved_at,
 )
 
 #: Marks the status of a run whose final snapshot was not saved: killed (or a second Ctrl-C) while
@@ -121,11 +120,7 @@ def run_status(run: RunFolder) -> str:
     if ending:  # the summary before the final snapshot: final once its process is gone
         if alive:
             return "running"
-        final = run.root / SNAPSHOTS / f"iter-{summary['iterations']}"  # an ending summary names its end
-        saved_at = snapshot_saved_at(final)
-        # an iter-N saved before this branch started is an abandoned branch's, not this end
-        started = summary.get("started")
-        saved = saved_at is not None and saved_at >= (started if isinstance(started, int | float) else 0.0)
+        saved = ending_snapshot_saved(run.root, summary)
         return status if saved else f"{status}{UNSAVED_END}"  # killed while saving it
     if alive is False:
         return "crashed"

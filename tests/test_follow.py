@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -241,8 +242,29 @@ def test_a_run_killed_during_its_final_snapshot_shows_the_summary_it_left(tmp_pa
     writer = RunWriter(run_dir, resuming=True)
     writer.write_summary(ending_summary(run_dir, "stopped", 2))
     writer.close()
-    summary = FolderSource(run_dir, read_only=True).run(Collect())
+    listener = Collect()
+    summary = FolderSource(run_dir, read_only=True).run(listener)
     assert (summary["status"], summary["ending"]) == ("stopped", ENDING_SNAPSHOT)
+    # and the watcher is told that this end has no snapshot (runs marks it stopped*)
+    lost = listener.items[-1]
+    assert isinstance(lost, Event) and lost.event == "snapshot_failed" and lost.iteration == 2
+    assert "ended while saving its final snapshot iter-2" in lost.describe()
+
+
+def test_a_run_whose_final_snapshot_was_saved_before_its_process_ended_has_no_such_word(
+    tmp_path: Path,
+) -> None:
+    run_dir = make_run(tmp_path / "run", "killed", n=2)
+    writer = RunWriter(run_dir, resuming=True)
+    summary = ending_summary(run_dir, "stopped", 2)
+    writer.write_summary(summary)
+    writer.close()
+    final = run_dir / "snapshots" / "iter-2"
+    final.mkdir(parents=True)
+    (final / "state.json").write_text(json.dumps({"iteration": 2, "time": summary["started"] + 1.0}))
+    listener = Collect()
+    FolderSource(run_dir, read_only=True).run(listener)
+    assert not any(isinstance(item, Event) and item.event == "snapshot_failed" for item in listener.items)
 
 
 def test_a_run_whose_process_is_gone_is_reported_crashed(tmp_path: Path) -> None:

@@ -670,6 +670,31 @@ def test_paths_and_messages_with_brackets_are_shown_as_they_are() -> None:
     drive(source, scenario, notifications=True)
 
 
+def test_a_watcher_is_told_when_the_end_it_shows_has_no_final_snapshot() -> None:
+    """FolderSource's word for a process that ended while it saved its final snapshot: a notice, not
+    only a log line (other snapshot failures are notices only for a snapshot this screen asked for)."""
+    lost = "the run's process ended while saving its final snapshot iter-3, which was not saved"
+    source = FakeSource(
+        [make_record(i, 5) for i in range(3)],
+        script={2: [Event("snapshot_failed", 2, data={"message": "disk full"})]},
+        after="return",
+    )
+    run = source.run
+
+    def run_then_lose_the_end(listener):
+        summary = run(listener)
+        listener.on_event(Event("snapshot_failed", 3, data={"message": lost, "final": True}))
+        return summary
+
+    source.run = run_then_lose_the_end
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: lost in log_text(app), "the lost end in the log")
+        assert [n.message for n in app._notifications if n.title == "snapshot failed"] == [lost]
+
+    drive(source, scenario)
+
+
 def test_a_crashed_run_shows_error_and_stays() -> None:
     source = FakeSource(fail_with=RuntimeError("CUDA exploded"))
 

@@ -490,7 +490,7 @@ class CollapseApp(App[dict[str, Any] | None]):
                 self._save_screen(self._in_run_folder(event.data.get("path")))
         elif kind == "snapshot_failed":
             self.query_one(RepetitionMeter).set_note("")
-            if self.snapshot_pending:
+            if self.snapshot_pending or event.data.get("final"):  # final: a watcher learns the end has none
                 self.snapshot_pending = False
                 self.notify(str(event.data.get("message", "")), title="snapshot failed", severity="error")
         elif kind == "collapse":
