@@ -54,6 +54,7 @@ from collapse_tui.runfolder import (
     drop_abandoned_events,
     drop_abandoned_records,
     ending_snapshot_saved,
+    file_size,
     is_ending,
     make_summary,
     parse_events,
@@ -647,6 +648,10 @@ def serving_watchers(run_dir: Path, controls: RunControls, *, made: Sequence[Pat
     except UserError:
         remove_if_empty(made_here)
         raise
+    # a resume that adds no iteration (refused while loading, stopped at once) leaves the run as it
+    # stood (``Engine.held_events``): its process.json too, which names the process that wrote it
+    records_before = file_size(run_dir / METRICS)
+    process_before = _text(run_dir / PROCESS) if records_before else None
     process = inbox = None
     try:
         process = RunProcess(run_dir).start()
@@ -657,9 +662,20 @@ def serving_watchers(run_dir: Path, controls: RunControls, *, made: Sequence[Pat
             inbox.close()
         if process is not None:
             process.close()
+        if process_before is not None and file_size(run_dir / METRICS) == records_before:
+            with contextlib.suppress(OSError):
+                write_atomic(run_dir / PROCESS, process_before)
         if not (run_dir / CONFIG).exists():  # the folder is still ours (we hold its lock)
             for name in (PROCESS, COMMANDS, LOCK):
                 with contextlib.suppress(OSError):
                     (run_dir / name).unlink()
             remove_if_empty(made_here)
         lock.release()
+
+
+def _text(path: Path) -> str | None:
+    """The text of ``path``; None when there is none to read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None

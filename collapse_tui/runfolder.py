@@ -133,7 +133,7 @@ def _is_run_config(path: Path) -> bool | None:
     return isinstance(config, dict) and "run_dir" in config and "model" in config
 
 
-def _size(path: Path) -> int:
+def file_size(path: Path) -> int:
     """The size of file ``path``; 0 when there is none."""
     try:
         return path.stat().st_size
@@ -162,7 +162,7 @@ def why_not_take_over(root: Path) -> str | None:
     if is_run is not None:
         return None if is_run else "holds a config.json that is not a run's; choose another --out"
     # empty ones are what a start killed before its config was written leaves: nothing to lose
-    theirs = [name for name in START_FILES if _size(root / name)]
+    theirs = [name for name in START_FILES if file_size(root / name)]
     if theirs:  # a stray metrics.jsonl among them: no run's, and not to be written over
         return f"holds {', '.join(theirs)} of no run of this tool; choose another --out"
     if holds_iterations(root):  # snapshots, their run's config gone

@@ -25,6 +25,7 @@ from collapse_tui.follow import (
     read_process,
     run_info,
     send_command,
+    serving_watchers,
     wait_until_started,
 )
 from collapse_tui.records import Event, IterationRecord
@@ -496,3 +497,24 @@ def test_a_pid_no_process_can_have_is_not_known_alive_or_dead(tmp_path: Path) ->
     for pid in (10**30, 0, -1):  # a garbled process.json: OverflowError, or a process group that exists
         write_process(tmp_path, pid)
         assert is_alive(tmp_path) is None
+
+
+@pytest.mark.parametrize("records_one", [False, True])
+def test_a_resume_that_adds_no_iteration_leaves_the_process_json_of_the_run_before(
+    tmp_path: Path, records_one: bool
+) -> None:
+    """Refused while loading (or stopped at once), it must not leave its own pid where a crashed run's was:
+    a watcher would name it as the process that died."""
+    run_dir = make_run(tmp_path / "run", "killed", n=2)
+    before = (run_dir / "process.json").read_text()
+    with serving_watchers(run_dir, RunControls()):
+        assert json.loads((run_dir / "process.json").read_text())["pid"] == os.getpid()
+        if records_one:
+            writer = RunWriter(run_dir, resuming=True)
+            writer.write_record(record(2, resumed=True))
+            writer.close()
+    after = json.loads((run_dir / "process.json").read_text())
+    if records_one:
+        assert (after["pid"], after["state"]) == (os.getpid(), "ended")
+    else:
+        assert (run_dir / "process.json").read_text() == before
