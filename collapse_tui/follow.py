@@ -546,16 +546,41 @@ class FolderSource:
         self.poll_s = poll_s
         self.controls = FolderControls(self.run_dir, read_only=read_only)
         self.info = run_info(self.folder, read_only=read_only)
+        #: The folder's two files, read on from where ``run`` last stopped when it follows again.
+        self._tails: tuple[JsonlTail, JsonlTail] | None = None
+        #: ``process.json`` as ``run`` left it at the run's end: a resume announces itself by changing it.
+        self._process_at_end: dict[str, Any] | None = None
 
     def close(self) -> None:
         """Stop following (from any thread); ``run`` returns promptly. The run is untouched."""
         self.controls.stop()
 
     def run(self, listener: EngineListener) -> dict[str, Any]:
-        listener.on_status(f"reading {self.run_dir}", None)
-        metrics, events = JsonlTail(self.run_dir / METRICS), JsonlTail(self.run_dir / EVENTS)
-        self.folder.records, self.folder.events = [], []
-        self._forward(listener, metrics, events)  # the whole history
+        """Replay the folder, then follow it to the run's end; called again (``taken_up``), follow on."""
+        if self._tails is None:
+            listener.on_status(f"reading {self.run_dir}", None)
+            self._tails = JsonlTail(self.run_dir / METRICS), JsonlTail(self.run_dir / EVENTS)
+            self.folder.records, self.folder.events = [], []
+        metrics, events = self._tails
+        self._forward(listener, metrics, events)  # the whole history, or what came since the last end
+        summary = self._follow(listener, metrics, events)
+        self._process_at_end = read_process(self.run_dir)
+        return summary
+
+    def taken_up(self) -> bool:
+        """Whether, since ``run`` returned at the run's end, a live process has taken the run up again
+        (a ``--resume``, started after this watcher saw the end, or in the moment before it announced
+        itself): ``run`` may then be called again to follow it. Its start time becomes the run's."""
+        info = read_process(self.run_dir)
+        if not info or info == self._process_at_end or info.get("state") != "running":
+            return False
+        if is_alive(self.run_dir) is not True:
+            return False
+        self.info.process_started = _wall_time(info.get("started"))
+        self.info.process_ended = None
+        return True
+
+    def _follow(self, listener: EngineListener, metrics: JsonlTail, events: JsonlTail) -> dict[str, Any]:
         while True:
             alive = is_alive(self.run_dir)  # before the last look: a clean end leaves its summary first
             self._forward(listener, metrics, events)

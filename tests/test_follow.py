@@ -518,3 +518,36 @@ def test_a_resume_that_adds_no_iteration_leaves_the_process_json_of_the_run_befo
         assert (after["pid"], after["state"]) == (os.getpid(), "ended")
     else:
         assert (run_dir / "process.json").read_text() == before
+
+
+def test_a_watcher_of_an_ended_run_follows_on_when_a_resume_takes_it_up(tmp_path: Path) -> None:
+    """Watched after its end (or in the moment before its resume announced itself): run() returns the end;
+    once a live process has announced itself in process.json, run() follows on from where it stopped."""
+    run_dir = make_run(tmp_path / "run", "finished", n=3)
+    source = FolderSource(run_dir, read_only=True, poll_s=0.01)
+    first = Collect()
+    assert source.run(first)["status"] == "finished"
+    assert not source.taken_up()  # nothing has changed
+    write_process(run_dir, os.getpid(), state="ended")
+    assert not source.taken_up()  # a process that has ended takes nothing up
+    write_process(run_dir, os.getpid())  # the resume announces itself (this process stands in for it)
+    assert source.taken_up() and source.info.process_ended is None
+    assert source.info.process_started == pytest.approx(
+        json.loads((run_dir / "process.json").read_text())["started"]
+    )
+
+    again = Collect()
+    thread, result = follow_in_thread(source, again)
+    writer = RunWriter(run_dir, resuming=True)  # the old summary stands meanwhile: not the end (it lives)
+    writer.write_event(Event("resumed_from", 2, data={"path": "iter-2", "lr": 4e-5, "max_iters": 4}))
+    writer.write_event(Event("start", 2))
+    for i in (2, 3):
+        writer.write_record(record(i, resumed=True))
+    stop = Event("stop", 4, data={"reason": "max_iters", "status": "finished"})
+    writer.write_event(stop)
+    writer.write_summary({"status": "finished", "reason": "max_iters", "iterations": 4, "stopped": stop.time})
+    writer.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and result["iterations"] == 4  # the resume's end, not the old one
+    assert again.iterations == [2, 3] and not again.statuses  # only what came after: no replay
+    assert again.events == ["resumed_from", "start", "stop"]

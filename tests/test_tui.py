@@ -1267,6 +1267,41 @@ def test_a_replayed_run_resumed_from_an_older_snapshot_shows_its_new_branch(tmp_
     drive(source, scenario)
 
 
+def test_a_watcher_of_an_ended_run_follows_the_resume_that_takes_it_up(tmp_path: Path, monkeypatch) -> None:
+    """A resume started after the watcher showed the end (or just before it announced itself, which the
+    watcher cannot tell from a run that has ended): the screen follows it, from the resumed iteration."""
+    from runfolders import write_process
+
+    monkeypatch.setattr(CollapseApp, "RESUME_POLL_S", 0.05)
+    run_dir = make_run(tmp_path / "run", "stopped", n=4)
+    source = FolderSource(run_dir, read_only=True, poll_s=0.05)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the replay to end")
+        assert app.state == "stopped"
+        write_process(run_dir, os.getpid())  # a resume from iter-2 announces itself (this process stands in)
+        await wait_until(pilot, lambda: app.running, "the watcher to follow the resume")
+        assert "taken up again" in log_text(app) and app.state == "loading"
+        writer = RunWriter(run_dir, resuming=True)
+        writer.write_event(Event("resumed_from", 2, data={"path": "iter-2", "lr": 4e-5, "max_iters": 6}))
+        writer.write_event(Event("start", 2))
+        for i in range(2, 6):
+            writer.write_record(folder_record(i, gen_loss=9.0 + i, resumed=True))
+        stop = Event("stop", 6, data={"reason": "max_iters", "status": "finished"})
+        writer.write_event(stop)
+        writer.write_summary(
+            {"status": "finished", "reason": "max_iters", "iterations": 6, "stopped": stop.time}
+        )
+        writer.close()
+        write_process(run_dir, os.getpid(), state="ended")
+        await wait_until(pilot, lambda: not app.running, "the resumed run to end")
+        assert app.state == "finished" and app.info.max_iters == 6
+        assert [row[0] for row in app.drawn] == [0, 1, 2, 3, 4, 5]
+        assert app.history[5].record.gen_loss == 14.0  # the resumed branch's
+
+    drive(source, scenario)
+
+
 def test_watching_a_finished_run_shows_how_long_it_ran(tmp_path: Path) -> None:
     """Not how long the watcher has watched (0:00:00 on a replay)."""
     run_dir = make_run(tmp_path / "run", "finished", n=3)

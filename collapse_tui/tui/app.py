@@ -37,6 +37,7 @@ from textual.containers import Horizontal, Vertical
 from textual.driver import Driver
 from textual.errors import NoWidget
 from textual.message import Message
+from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Label, ProgressBar
 from textual.worker import Worker, WorkerState
@@ -164,6 +165,8 @@ class CollapseApp(App[dict[str, Any] | None]):
     VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (30, "-tall")]
     #: How long a quit waits for the run to stop at a safe point before leaving anyway.
     QUIT_GRACE_S = 4.0
+    #: How often a watcher whose run has ended looks for a resume that takes the run up again.
+    RESUME_POLL_S = 1.0
 
     BINDINGS: ClassVar[list[Binding]] = [
         # Quit and help first, as harlequin's footer has them: a footer cut short by a narrow pane
@@ -256,6 +259,8 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.loop: asyncio.AbstractEventLoop | None = None
         #: A stop signal came before the screen was up (``loop`` still None): ``on_mount`` acts on it.
         self.signalled_early = False
+        #: A watcher's look, once its run has ended, for a resume that takes it up again.
+        self.looking_for_resume: Timer | None = None
 
     # -- layout --------------------------------------------------------------
 
@@ -361,6 +366,28 @@ class CollapseApp(App[dict[str, Any] | None]):
         self._show_status()  # the rate and time left go now, not at the next tick
         if self.quitting:
             self.exit(self.summary)
+        elif error is None and not self.runs_here and callable(getattr(self.source, "taken_up", None)):
+            self.looking_for_resume = self.set_interval(self.RESUME_POLL_S, self._look_for_resume)
+
+    def _look_for_resume(self) -> None:
+        """A watcher of an ended run: follow on once a ``--resume`` takes the run up again (whether
+        started after this screen showed the end, or in the moment before it announced itself)."""
+        if self.quitting or self.running or not self.source.taken_up():  # type: ignore[attr-defined]
+            if self.quitting and self.looking_for_resume is not None:
+                self.looking_for_resume.stop()
+            return
+        if self.looking_for_resume is not None:
+            self.looking_for_resume.stop()
+            self.looking_for_resume = None
+        self.summary, self.ended_at = None, None
+        self.process_gone = self.failed = self.ending = False
+        self.run_done.clear()
+        self.loading = True  # until the resume's first event: its model is loading
+        self.running = True
+        self._log("the run was taken up again (a resume): following it")
+        self._worker = self.run_worker(self._run, name="run", thread=True, exit_on_error=False)
+        self._update_state()
+        self._show_status()
 
     # -- reports from the run ------------------------------------------------
 
