@@ -126,6 +126,11 @@ class RunConfig:
     resume: str | None = None
     #: ``TRAIN_ON``: the sample as text (the paper) or as the sampled ids.
     train_on: str = "text"
+    #: How special tokens' text is read; not an option. 2: a written-out ``<|endoftext|>`` in an
+    #: evaluation file is text (``data.tokenize``), and the prompt's leading special tokens stay tokens
+    #: when the sample is read as text (``Engine.special_start``). 1: runs of earlier versions, which
+    #: go on so when resumed (their evaluation windows and losses stay what they were).
+    text_reading: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,8 +139,10 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         """Rebuild a config from ``config.json``, ignoring keys this version lacks."""
         known = {f.name for f in dataclasses.fields(cls)}
-        # a run from before --train-on trained on its sampled ids: resumed, it goes on doing so
-        return cls(**{"train_on": "ids", **{k: v for k, v in data.items() if k in known}})
+        # a run from before --train-on trained on its sampled ids: resumed, it goes on doing so;
+        # likewise one from before text_reading
+        legacy = {"train_on": "ids", "text_reading": 1}
+        return cls(**{**legacy, **{k: v for k, v in data.items() if k in known}})
 
 
 #: What each kind of field in ``RunConfig`` may hold when read back from a ``config.json``.

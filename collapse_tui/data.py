@@ -110,24 +110,28 @@ def file_text(rows: list[str], layout: str) -> str:
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def tokenize(tokenizer: object, text: str) -> list[int]:
+def tokenize(tokenizer: object, text: str, *, specials_as_text: bool = True) -> list[int]:
     """Token ids of a long text, without special tokens and without length warnings.
 
     A special token's text in the file (``<|endoftext|>`` written out) is read
     as ordinary text, as the paper's code read its data (tiktoken's
     ``encode_ordinary``): an evaluation file is human text, and a marker in it
     must not become a token the model never sees in the middle of prose.
+    (``specials_as_text`` False: as runs of earlier versions read it, which
+    go on so when resumed.)
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # fast tokenizers: no model_max_length warning, much quicker
         before = backend.encode_special_tokens  # the model's tokenizer shares it: put it back
-        backend.encode_special_tokens = True
+        backend.encode_special_tokens = specials_as_text
         try:
             return list(backend.encode(text, add_special_tokens=False).ids)
         finally:
             backend.encode_special_tokens = before
     return list(
-        tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]  # type: ignore[operator]
+        tokenizer(text, add_special_tokens=False, split_special_tokens=specials_as_text, verbose=False)[
+            "input_ids"
+        ]  # type: ignore[operator]
     )
 
 
@@ -162,10 +166,12 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def load_eval_set(spec: str, tokenizer: object, block: int, eval_tokens: int | None) -> EvalSet:
+def load_eval_set(
+    spec: str, tokenizer: object, block: int, eval_tokens: int | None, *, specials_as_text: bool = True
+) -> EvalSet:
     name = eval_set_name(spec)
     text = load_eval_text(spec)
-    ids = tokenize(tokenizer, text)
+    ids = tokenize(tokenizer, text, specials_as_text=specials_as_text)
     return EvalSet(
         name=name,
         windows=eval_windows(ids, block, eval_tokens, name),

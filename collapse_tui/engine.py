@@ -268,14 +268,22 @@ class Engine:
         self.prompt_ids = self._encode_prompt(config.prompt)
         #: The prompt's leading special tokens (end-of-text, for an empty prompt): read as text
         #: again, they would turn into characters the model never saw (``as_text_reads``).
-        special = set(self.tokenizer.all_special_ids)
+        special = set(self.tokenizer.all_special_ids) if config.text_reading >= 2 else set()
         self.special_start = next(
             (i for i, token in enumerate(self.prompt_ids) if token not in special), len(self.prompt_ids)
         )
         self.eval_sets: list[EvalSet] = []
         for index, spec in enumerate(config.evals):
             status(f"loading evaluation set {spec}", index / len(config.evals))
-            self.eval_sets.append(load_eval_set(spec, self.tokenizer, config.block, config.eval_tokens))
+            self.eval_sets.append(
+                load_eval_set(
+                    spec,
+                    self.tokenizer,
+                    config.block,
+                    config.eval_tokens,
+                    specials_as_text=config.text_reading >= 2,
+                )
+            )
         if self.resume_dir is not None:
             self._check_same_eval_sets()
         status("preparing generation", 1.0)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -566,3 +567,27 @@ def test_a_resume_writes_what_it_held_back_before_its_first_record(tiny_config, 
     third = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert third["iteration"] == 2 and third["time"] > resumed_at
     assert json.loads((run / "summary.json").read_text())["iterations"] == 3
+
+
+def test_a_run_of_an_earlier_version_is_resumed_reading_special_tokens_as_it_did(tiny_config, tmp_path):
+    """Its evaluation file holds a written-out <|endoftext|>, which it read as the token: resumed, it
+    still does (same windows, same split_tokens), and its empty prompt's end-of-text is read back as text."""
+    held = tmp_path / "held.txt"
+    held.write_text(Path(tiny_config.evals[0]).read_text().replace(". ", ". <|endoftext|>", 40))
+    tiny_config.evals, tiny_config.prompt, tiny_config.text_reading = [str(held)], "", 1
+    snapshot = stopped_run_with_snapshot(tiny_config, tmp_path)
+    config_path = tmp_path / "run" / "config.json"
+    saved = json.loads(config_path.read_text())
+    assert saved["text_reading"] == 1
+    del saved["text_reading"]  # as a run written before the key was kept
+    config_path.write_text(json.dumps(saved))
+    config = build_config({"resume": snapshot, "max_iters": 3})
+    assert config.text_reading == 1
+    engine = Engine(config)
+    engine.run(Collector())  # the split_tokens check passes: the file reads as it did
+    assert engine.special_start == 0
+    assert engine.tokenizer.eos_token_id in engine.eval_sets[0].windows.flatten().tolist()
+    new = Engine(replace(config, resume=None, out=str(tmp_path / "new"), text_reading=2))
+    new.load()
+    assert new.special_start == 1
+    assert new.tokenizer.eos_token_id not in new.eval_sets[0].windows.flatten().tolist()
