@@ -301,6 +301,8 @@ class Engine:
         self.writer = RunWriter(self.run_dir, resuming=self.resume_dir is not None)
         if self.resume_dir is None:
             self.writer.write_config(self._config_record())
+        else:  # from here on: a failure while generation is prepared (minutes of capture) changes nothing
+            self.held_events = []
         if self.inference.preparing:
             # before the random states of a resumed snapshot are restored: whatever building draws, they replace
             status(self.inference.preparing, None)
@@ -565,9 +567,9 @@ class Engine:
         self.last_record = record
         self.iteration_seconds += phase_seconds(record)
         assert self.writer is not None
-        for event in self.held_events or []:  # the resume takes the run up for real now
+        held, self.held_events = self.held_events or [], None  # first: an interrupt mid-way must not
+        for event in held:  # leave resumed_from written and the resume taken as one that did nothing
             self.writer.write_event(event)
-        self.held_events = None
         self.writer.write_record(record)
         self.iteration += 1
         self.listener.on_record(record)
@@ -742,7 +744,6 @@ class Engine:
         }
         if not same_stream:
             data["new_sampling_stream"] = True
-        self.held_events = []
         self._emit(Event("resumed_from", self.iteration, data=data))  # config.json keeps the first start's
 
     # -- the end -------------------------------------------------------------------------

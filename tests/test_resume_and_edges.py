@@ -591,3 +591,31 @@ def test_a_run_of_an_earlier_version_is_resumed_reading_special_tokens_as_it_did
     new.load()
     assert new.special_start == 1
     assert new.tokenizer.eos_token_id not in new.eval_sets[0].windows.flatten().tolist()
+
+
+def test_a_resume_that_fails_while_generation_is_prepared_leaves_the_run_as_it_stood(
+    tiny_config, tmp_path, monkeypatch
+):
+    """On a GPU, capturing generation comes after the folder is opened (and may run out of memory)."""
+    import collapse_tui.engine as engine_module
+
+    tiny_config.out, tiny_config.max_iters, tiny_config.snapshot_every = str(tmp_path / "run"), 4, 2
+    Engine(tiny_config).run(Collector())
+    run = tmp_path / "run"
+    before = {name: (run / name).read_bytes() for name in ("events.jsonl", "metrics.jsonl", "summary.json")}
+    real = engine_module.make_inference
+
+    def capture_that_fails(*args, **kwargs):
+        inference = real(*args, **kwargs)
+        inference.preparing = "capturing generation"
+
+        def prepare(*_args, **_kwargs):
+            raise RuntimeError("CUDA out of memory while capturing")
+
+        inference.prepare = prepare
+        return inference
+
+    monkeypatch.setattr(engine_module, "make_inference", capture_that_fails)
+    with pytest.raises(RuntimeError, match="while capturing"):
+        Engine(build_config({"resume": run / "snapshots" / "iter-2", "max_iters": 4})).run(Collector())
+    assert {name: (run / name).read_bytes() for name in before} == before
