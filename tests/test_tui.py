@@ -1774,6 +1774,29 @@ def test_a_run_resumed_on_this_screen_shows_what_it_did_before_the_resume(tiny_c
     drive(engine, scenario)
 
 
+def test_a_second_resume_from_further_back_logs_the_first_and_not_what_it_abandons(
+    tiny_config, tmp_path
+) -> None:
+    """This resume's resumed_from is held from the file until its first record: the screen's look at the
+    folder must add it itself, to keep the earlier resume and drop what this one abandons."""
+    from collapse_tui.cli import build_config
+    from collapse_tui.engine import Engine
+
+    tiny_config.out, tiny_config.max_iters, tiny_config.snapshot_every = str(tmp_path / "run"), 4, 1
+    Engine(tiny_config).run()
+    snapshots = tmp_path / "run" / "snapshots"
+    Engine(build_config({"resume": snapshots / "iter-3", "max_iters": 5})).run()
+    engine = Engine(build_config({"resume": snapshots / "iter-2", "max_iters": 3}))
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the resumed run to end")
+        log = log_text(app)
+        assert "it 3: resumed from snapshots/iter-3" in log and "it 2: resumed from snapshots/iter-2" in log
+        assert "iter-4" not in log and "iter-5" not in log  # the snapshots of the iterations it abandons
+
+    drive(engine, scenario, size=(120, 60))
+
+
 def test_real_engine_on_a_tiny_model_steered_from_the_keys(tiny_config) -> None:
     from collapse_tui.engine import Engine
     from collapse_tui.runfolder import read_run

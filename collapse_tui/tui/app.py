@@ -52,7 +52,7 @@ from collapse_tui.exits import (
 from collapse_tui.follow import began_after_read
 from collapse_tui.metrics import format_rep4
 from collapse_tui.records import Event, IterationRecord
-from collapse_tui.runfolder import SNAPSHOTS, read_run, write_atomic
+from collapse_tui.runfolder import SNAPSHOTS, drop_abandoned_events, read_run, write_atomic
 from collapse_tui.source import RunSource
 from collapse_tui.tui.history import Entry, SampleHistory
 from collapse_tui.tui.screens import MAX_LR, HelpScreen, LrScreen, help_keys
@@ -586,10 +586,10 @@ class CollapseApp(App[dict[str, Any] | None]):
             run = read_run(Path(self.info.run_dir))
         except UserError:
             return
-        # the events in the file's order up to this resume's own (the last one): clocks of the hosts
-        # a run was resumed on need not agree
-        resumes = [i for i, event in enumerate(run.events) if event.event == "resumed_from"]
-        for event in run.events[: resumes[-1]] if resumes else run.events:
+        # the events in the file's order (clocks of the hosts a run was resumed on need not agree),
+        # without what this resume abandons: its own resumed_from is not in the file yet (the engine
+        # holds it there until its first record)
+        for event in drop_abandoned_events([*run.events, resumed])[:-1]:
             self._log_event(event)
         earlier = [record for record in run.records if record.iteration < resumed.iteration]
         for record in earlier:
