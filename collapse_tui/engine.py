@@ -218,6 +218,8 @@ class Engine:
         #: iteration and snapshot of the run; a resume that never did one (a Ctrl-C, the wrong
         #: snapshot given, a crash in its first iteration) must leave the run as it stood.
         self.held_events: list[Event] | None = None
+        #: Set at the end of such a resume: it left the folder as it stood.
+        self.unchanged = False
         self.lr = config.lr
         self.detector = CollapseDetector(config.collapse_threshold, config.collapse_patience)
         self.collapsed_at: int | None = None
@@ -756,6 +758,7 @@ class Engine:
         if self.writer is not None and self.held_events is not None:
             # a resume that recorded no iteration: the folder stands as it was (``held_events``)
             self.held_events = None
+            self.unchanged = True
             self.writer.close()
             summary["unchanged"] = True
             with contextlib.suppress(Exception):

@@ -259,6 +259,9 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         report_crash(crash, engine.run_dir)
         return EXIT_RUN_FAILED
     if summary is None or reporter is None:
+        if engine.unchanged:  # its snapshot is the one it resumed from: not one to go on from
+            _say(closing_line({"unchanged": True, "run_dir": str(engine.run_dir)}) or "")
+            return EXIT_INTERRUPTED
         run_dir = engine.run_dir if engine.loaded else None
         _say(interrupted_line(run_dir, engine.last_snapshot, at_the_end=engine.end_saved))
         return EXIT_INTERRUPTED

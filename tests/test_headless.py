@@ -102,3 +102,26 @@ def test_at_80_columns_the_progress_line_keeps_the_count_the_time_left_and_rep4(
     assert len(line) <= 80
     assert re.match(r"it +4/1000 .* (\d+:\d\d:\d\d|-:--:--) rep4 0\.400  gen_loss 2\.400 ", line), line
     assert line.endswith("…")
+
+
+def test_a_second_ctrl_c_in_a_resumes_first_iteration_says_the_run_stands_as_it_was(
+    tiny_config, tmp_path, monkeypatch, capsys
+) -> None:
+    """Not "its final snapshot is iter-2": that is the snapshot it resumed from, whose resume would
+    abandon the iterations after it, which this resume left alone."""
+    from collapse_tui.cli import build_config
+    from collapse_tui.engine import Engine
+    from collapse_tui.headless import run_headless
+
+    tiny_config.out, tiny_config.max_iters, tiny_config.snapshot_every = str(tmp_path / "run"), 4, 2
+    Engine(tiny_config).run()
+    capsys.readouterr()
+
+    def second_ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "step", second_ctrl_c)
+    code = run_headless(build_config({"resume": tmp_path / "run" / "snapshots" / "iter-2", "max_iters": 4}))
+    said = capsys.readouterr().err
+    assert code == 130
+    assert "stands as it was" in said and "final snapshot is" not in said
