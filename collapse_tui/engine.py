@@ -518,7 +518,7 @@ class Engine:
         if pending.snapshot:
             self._take_snapshot()
 
-    def _take_snapshot(self) -> str | None:
+    def _take_snapshot(self, *, final: bool = False) -> str | None:
         """A snapshot of the run as it stands, logged; one that fails (a full disk) is logged, the run goes on.
 
         Returns why it failed, or None.
@@ -536,7 +536,9 @@ class Engine:
         except Exception as error:  # torch and safetensors raise their own types on ENOSPC and EFBIG
             message = snapshot_failure(error, target.parent)  # before the partial files free the disk
             shutil.rmtree(partial_snapshot(target), ignore_errors=True)
-            self._emit(Event("snapshot_failed", self.iteration, data={"message": message}))
+            # final: the run's end has no snapshot, which a watcher is told of (not only one that asked)
+            data = {"message": message, **({"final": True} if final else {})}
+            self._emit(Event("snapshot_failed", self.iteration, data=data))
             return message
         self.snapshot_state = (self.iteration, self.lr)
         self._emit(Event("snapshot", self.iteration, data={"path": str(path)}))
@@ -557,10 +559,13 @@ class Engine:
             ending = {"ending": ENDING_SNAPSHOT, "started": self.started_at}
             try:
                 self.writer.write_summary({**self.summary(status, reason), **ending})
-                self.final_snapshot_failed = self._take_snapshot()
+                self.final_snapshot_failed = self._take_snapshot(final=True)
             except KeyboardInterrupt:  # a second Ctrl-C: the run's end stands (``run``), unsaved
                 if not self.writer.snapshot_dir(self.iteration).is_dir():  # or saved, just before it
                     self.final_snapshot_failed = INTERRUPTED_SNAPSHOT
+                    data = {"message": INTERRUPTED_SNAPSHOT, "final": True}
+                    with contextlib.suppress(Exception):  # leaving at once: the summary still says it
+                        self._emit(Event("snapshot_failed", self.iteration, data=data))
                 raise
 
     def _record(self, record: IterationRecord) -> None:

@@ -275,6 +275,13 @@ def test_a_second_ctrl_c_during_the_final_snapshot_leaves_the_runs_end_and_no_pa
     assert (summary["status"], summary["reason"]) == ("finished", "max_iters")  # both iterations were done
     assert summary["final_snapshot_failed"] == INTERRUPTED_SNAPSHOT
     assert list((Path(tiny_config.out) / "snapshots").iterdir()) == []  # no hidden .partial-iter-2
+    # and a watcher is told: the event comes before the stop, with the same words as the summary
+    events = read_run(Path(tiny_config.out)).events
+    assert [(e.event, e.data.get("final")) for e in events[-2:]] == [
+        ("snapshot_failed", True),
+        ("stop", None),
+    ]
+    assert events[-2].data["message"] == INTERRUPTED_SNAPSHOT
 
 
 @pytest.mark.parametrize("train_on", ["text", "ids"])
@@ -494,6 +501,7 @@ def test_a_snapshot_that_fails_on_a_full_disk_is_reported_and_the_run_goes_on(
     assert summary["status"] == "finished" and len(run.records) == 2
     failed = [e for e in run.events if e.event == "snapshot_failed"]  # the one asked for, the final one
     assert [e.iteration for e in failed] == [1, 2] and "No space left on device" in failed[0].data["message"]
+    assert [bool(e.data.get("final")) for e in failed] == [False, True]  # a watcher is told of the end's
     assert "snapshot failed: " in failed[0].describe() and "No space left on device" in failed[0].describe()
     assert not (Path(tiny_config.out) / "snapshots").exists() or not any(
         (Path(tiny_config.out) / "snapshots").iterdir()
