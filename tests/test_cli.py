@@ -616,10 +616,15 @@ def test_kill_int_before_the_run_takes_sigint_still_stops_a_background_job(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
-    assert wait_until_catching(process.pid, signal.SIGINT, 60.0), "SIGINT was never taken"
-    process.send_signal(signal.SIGINT)
-    gate.touch()
-    _, stderr = process.communicate(timeout=120)
+    try:
+        assert wait_until_catching(process.pid, signal.SIGINT, 60.0), "SIGINT was never taken"
+        process.send_signal(signal.SIGINT)
+        gate.touch()
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # the test failed with the process still held open: end it
+            process.kill()
+            process.communicate()
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert not (out / "metrics.jsonl").exists()  # stopped before its first iteration, not after its last

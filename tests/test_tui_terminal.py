@@ -53,7 +53,7 @@ SCREEN_BUG = (
 STUCK_SNAPSHOT = (
     "import time\n"
     "from collapse_tui.engine import Engine\n"
-    "Engine._take_snapshot = lambda self: time.sleep(3600)\n"
+    "Engine._take_snapshot = lambda self, **kwargs: time.sleep(3600)\n"
     "from collapse_tui.cli import main\n"
     "main()\n"
 )

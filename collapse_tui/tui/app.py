@@ -988,9 +988,11 @@ def run_app(
         if signals and changes_nothing_once_stopping(signum):
             return  # a hang-up or a SIGTERM after a q-like signal: the stop is under way
         if signals:  # a second one: leave now, as a second q does (snapshots are written atomically)
-            restore_terminal(getattr(app, "_driver", None))  # the signal's own action skips Textual's
             for number, handler in previous.items():
                 signal.signal(number, signal.SIG_DFL if number == signum else handler)
+            # the signal's own action skips Textual's way out; after the line above, so that a third
+            # one still ends the process should the terminal stall the writing
+            restore_terminal(getattr(app, "_driver", None))
             os.kill(os.getpid(), signum)
             return
         signals.append(signal.Signals(signum).name)

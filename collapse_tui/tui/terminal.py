@@ -96,7 +96,8 @@ def silence_output() -> None:
 #: paste, the kitty keyboard protocol and focus reports off; line wrap on; the alternate screen left; the
 #: cursor shown.
 LEAVE_SCREEN = (
-    "\x1b[?1000l\x1b[?1003l\x1b[?1015l\x1b[?1006l\x1b[?2004l\x1b[?7h\x1b[<u\x1b[?1049l\x1b[?25h\x1b[?1004l"
+    "\x1b[?1000l\x1b[?1003l\x1b[?1015l\x1b[?1006l\x1b[?2004l\x1b[?2048l\x1b[?7h\x1b[<u"
+    "\x1b[?1049l\x1b[?25h\x1b[?1004l"
 )
 
 
@@ -107,14 +108,17 @@ def restore_terminal(driver: Driver | None) -> None:
     snapshot), by the signal's own action, which skips Textual's way out; the
     shell was then left in the screen's raw mode and alternate screen, with
     no echo, until ``reset``. Written straight to the terminal (not through
-    the driver's writer thread), and quiet if it is gone.
+    the driver's writer thread), and quiet if it is gone. ``_file`` is the
+    driver's own (private) name for the stream it draws on; stderr, where
+    Textual draws, if a release renames it.
     """
-    fileno = getattr(driver, "fileno", None)
-    if not isinstance(fileno, int) or terminal_gone():
+    keys = getattr(driver, "fileno", None)  # the terminal Textual reads keys from (stdin): its modes
+    screen = getattr(driver, "_file", None) or sys.__stderr__  # the one it draws on (stderr)
+    if driver is None or screen is None or terminal_gone():
         return
     attrs = getattr(driver, "attrs_before", None)
-    with contextlib.suppress(OSError):
-        if termios is not None and attrs is not None:
+    with contextlib.suppress(OSError, ValueError):
+        if termios is not None and isinstance(keys, int) and attrs is not None:
             with contextlib.suppress(termios.error):
-                termios.tcsetattr(fileno, termios.TCSANOW, attrs)
-        os.write(fileno, LEAVE_SCREEN.encode())
+                termios.tcsetattr(keys, termios.TCSANOW, attrs)
+        os.write(screen.fileno(), LEAVE_SCREEN.encode())
