@@ -59,6 +59,7 @@ from collapse_tui.runfolder import (
     make_summary,
     parse_events,
     parse_metrics,
+    read_jsonl,
     read_run,
     read_summary,
     why_not_take_over,
@@ -675,7 +676,8 @@ def serving_watchers(run_dir: Path, controls: RunControls, *, made: Sequence[Pat
         raise
     # a resume that adds no iteration (refused while loading, stopped at once) leaves the run as it
     # stood (``Engine.held_events``): its process.json too, which names the process that wrote it
-    records_before = file_size(run_dir / METRICS)
+    # (counted in whole lines: a resume ends a line its crashed run left torn, which adds a byte)
+    records_before = len(read_jsonl(run_dir / METRICS)) if file_size(run_dir / METRICS) else 0
     process_before = _text(run_dir / PROCESS) if records_before else None
     process = inbox = None
     try:
@@ -687,7 +689,7 @@ def serving_watchers(run_dir: Path, controls: RunControls, *, made: Sequence[Pat
             inbox.close()
         if process is not None:
             process.close()
-        if process_before is not None and file_size(run_dir / METRICS) == records_before:
+        if process_before is not None and len(read_jsonl(run_dir / METRICS)) == records_before:
             with contextlib.suppress(OSError):
                 write_atomic(run_dir / PROCESS, process_before)
         if not (run_dir / CONFIG).exists():  # the folder is still ours (we hold its lock)

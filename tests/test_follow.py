@@ -500,19 +500,24 @@ def test_a_pid_no_process_can_have_is_not_known_alive_or_dead(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("records_one", [False, True])
+@pytest.mark.parametrize("torn", [False, True])
 def test_a_resume_that_adds_no_iteration_leaves_the_process_json_of_the_run_before(
-    tmp_path: Path, records_one: bool
+    tmp_path: Path, records_one: bool, torn: bool
 ) -> None:
     """Refused while loading (or stopped at once), it must not leave its own pid where a crashed run's was:
-    a watcher would name it as the process that died."""
+    a watcher would name it as the process that died. (``torn``: the crash left half a line, which the
+    resume's writer ends with a newline: no iteration for all that.)"""
     run_dir = make_run(tmp_path / "run", "killed", n=2)
+    if torn:
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write('{"iteration": 2, "gen_')
     before = (run_dir / "process.json").read_text()
     with serving_watchers(run_dir, RunControls()):
         assert json.loads((run_dir / "process.json").read_text())["pid"] == os.getpid()
+        writer = RunWriter(run_dir, resuming=True)
         if records_one:
-            writer = RunWriter(run_dir, resuming=True)
             writer.write_record(record(2, resumed=True))
-            writer.close()
+        writer.close()
     after = json.loads((run_dir / "process.json").read_text())
     if records_one:
         assert (after["pid"], after["state"]) == (os.getpid(), "ended")
