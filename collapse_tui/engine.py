@@ -848,11 +848,17 @@ SNAPSHOT_FILES = ("state.json", "optimizer.pt", "rng.pt", CONFIG)
 
 def _check_snapshot(path: Path) -> None:
     needed = SNAPSHOT_FILES
-    if path.name.startswith((PARTIAL, REPLACED)):  # a resume clears these away as it starts: its own weights
-        kind = "was still being written" if path.name.startswith(PARTIAL) else "was being replaced"
+    # a resume clears these away as it starts: its own weights with them
+    if path.name.startswith(PARTIAL):
         raise UserError(
-            f"--resume {path}: that snapshot {kind} when its run stopped, and may be incomplete; "
-            "resume from a snapshots/iter-N folder (or, if you know it is whole, rename it to one first)"
+            f"--resume {path}: that snapshot was still being written when its run stopped, and may be "
+            "incomplete; resume from a snapshots/iter-N folder (or, if you know it is whole, rename it to one)"
+        )
+    if path.name.startswith(REPLACED):
+        final = path.with_name(path.name.removeprefix(REPLACED))
+        raise UserError(
+            f"--resume {path}: that snapshot was moved aside while a new one of its iteration was written; "
+            f"--resume {final} (it is put back there if the new one never took its place)"
         )
     if not path.is_dir() and replaced_snapshot(path).is_dir():
         if is_alive(path.parent.parent) is not False:  # a run on another host may be mid-swap
