@@ -411,6 +411,14 @@ class FolderControls(RunControls):
             elif event.event == "lr" and self._pending.lr == event.data.get("lr"):
                 self._pending.lr = None
 
+    def forget_requests(self) -> None:
+        """Drop what this watcher asked of a run that has ended: a resume that takes it up never reads
+        commands sent before it started (``CommandInbox``), so none of them is pending any more."""
+        self.take_pending()
+        with self._condition:
+            self._paused = False
+            self._pause_asked = None
+
     def observe_record(self, record: IterationRecord) -> None:
         """A pause asked for that an iteration begun after the run read it did not make was undone by
         another watcher's resume at the same boundary (the run took both, and logs no event): not
@@ -549,8 +557,11 @@ class FolderSource:
         self.info = run_info(self.folder, read_only=read_only)
         #: The folder's two files, read on from where ``run`` last stopped when it follows again.
         self._tails: tuple[JsonlTail, JsonlTail] | None = None
-        #: ``process.json`` as ``run`` left it at the run's end: a resume announces itself by changing it.
-        self._process_at_end: dict[str, Any] | None = None
+        #: At the run's end as ``run`` last saw it: the time of the folder's newest line (by the run's
+        #: clock), which a resume's start comes after; how many records and events it had; the summary.
+        self._end_mark = 0.0
+        self._seen_at_end: tuple[int, int] | None = None
+        self._summary_at_end: dict[str, Any] | None = None
 
     def close(self) -> None:
         """Stop following (from any thread); ``run`` returns promptly. The run is untouched."""
@@ -565,21 +576,43 @@ class FolderSource:
         metrics, events = self._tails
         self._forward(listener, metrics, events)  # the whole history, or what came since the last end
         summary = self._follow(listener, metrics, events)
-        self._process_at_end = read_process(self.run_dir)
+        folder = self.folder
+        times = [
+            item.time for item in (*folder.records, *folder.events) if isinstance(item.time, int | float)
+        ]
+        self._end_mark = max(times, default=0.0)
+        self._seen_at_end = (len(folder.records), len(folder.events))
+        self._summary_at_end = summary
+        # the elapsed time is the run's process's: a resume followed and gone leaves process.json as it was
+        process = read_process(self.run_dir) or {}
+        self.info.process_started = _wall_time(process.get("started"))
+        self.info.process_ended = (
+            _wall_time(process.get("ended")) if process.get("state") == "ended" else None
+        )
         return summary
 
     def taken_up(self) -> bool:
         """Whether, since ``run`` returned at the run's end, a live process has taken the run up again
         (a ``--resume``, started after this watcher saw the end, or in the moment before it announced
-        itself): ``run`` may then be called again to follow it. Its start time becomes the run's."""
+        itself): ``run`` may then be called again to follow it. Its start time becomes the run's.
+
+        A process that started after the folder's newest line at the end is a resume, whatever
+        ``process.json`` said when the end was seen (it may already have been the resume's). On the
+        same host only, as ``is_alive`` can tell.
+        """
         info = read_process(self.run_dir)
-        if not info or info == self._process_at_end or info.get("state") != "running":
+        started = _wall_time((info or {}).get("started"))
+        if not info or info.get("state") != "running" or started is None or started <= self._end_mark:
             return False
         if is_alive(self.run_dir) is not True:
             return False
-        self.info.process_started = _wall_time(info.get("started"))
-        self.info.process_ended = None
+        self.info.process_started, self.info.process_ended = started, None
+        self.controls.forget_requests()
         return True
+
+    def _nothing_since_end(self) -> bool:
+        """Whether a run followed again has written nothing since its end (a resume that failed)."""
+        return self._seen_at_end == (len(self.folder.records), len(self.folder.events))
 
     def _follow(self, listener: EngineListener, metrics: JsonlTail, events: JsonlTail) -> dict[str, Any]:
         while True:
@@ -595,6 +628,8 @@ class FolderSource:
                     listener.on_event(self._final_snapshot_lost(summary))
                 return summary
             if alive is False:
+                if self._summary_at_end is not None and self._nothing_since_end():
+                    return self._summary_at_end  # said already: not a second "process gone"
                 return self._process_gone(listener)
             if self.controls.stop_requested:
                 return summary_of(self.folder, "running", "watcher detached")

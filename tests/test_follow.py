@@ -556,3 +556,45 @@ def test_a_watcher_of_an_ended_run_follows_on_when_a_resume_takes_it_up(tmp_path
     assert not thread.is_alive() and result["iterations"] == 4  # the resume's end, not the old one
     assert again.iterations == [2, 3] and not again.statuses  # only what came after: no replay
     assert again.events == ["resumed_from", "start", "stop"]
+
+
+def test_a_resume_announced_just_as_the_watcher_saw_the_end_is_still_taken_up(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Its process.json lands between the liveness check that ended the run and the end itself."""
+    import collapse_tui.follow as follow_module
+
+    run_dir = make_run(tmp_path / "run", "finished", n=3)
+    write_process(run_dir, dead_pid(), state="ended")  # the run's own process, gone
+    real = follow_module.read_summary
+    announced: list[bool] = []
+
+    def announcing_first(root):
+        if not announced:
+            write_process(run_dir, os.getpid())  # the resume (this process stands in for it)
+            announced.append(True)
+        return real(root)
+
+    monkeypatch.setattr(follow_module, "read_summary", announcing_first)
+    source = FolderSource(run_dir, read_only=True, poll_s=0.01)
+    assert source.run(Collect())["status"] == "finished"  # its liveness was read before: the end stands
+    assert source.taken_up()
+
+
+def test_a_followed_resume_that_fails_leaves_the_watcher_as_the_run_stood(tmp_path: Path) -> None:
+    """The resume's process.json is put back by its serving_watchers: the elapsed time is the run's again,
+    and a crashed run's process is not reported gone a second time."""
+    run_dir = make_run(tmp_path / "run", "killed", n=2)
+    old = (run_dir / "process.json").read_text()
+    first = Collect()
+    source = FolderSource(run_dir, read_only=True, poll_s=0.01)
+    assert source.run(first)["status"] == "crashed"
+    assert [e for e in first.events if e == "process_gone"] == ["process_gone"]
+    old_start = source.info.process_started
+    write_process(run_dir, os.getpid())
+    assert source.taken_up() and source.info.process_started != old_start
+    (run_dir / "process.json").write_text(old)  # the resume failed while loading
+    again = Collect()
+    assert source.run(again)["status"] == "crashed"
+    assert again.items == []  # nothing new, and no second "process gone"
+    assert source.info.process_started == old_start

@@ -1302,6 +1302,33 @@ def test_a_watcher_of_an_ended_run_follows_the_resume_that_takes_it_up(tmp_path:
     drive(source, scenario)
 
 
+def test_a_watcher_that_followed_a_resume_which_failed_shows_the_run_as_it_stood(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """No rate from the run before while the resume loads; once it has gone without a line, the screen
+    says so and is not left "loading"; what was asked of the run before is not pending any more."""
+    from runfolders import dead_pid, write_process
+
+    monkeypatch.setattr(CollapseApp, "RESUME_POLL_S", 0.05)
+    run_dir = make_run(tmp_path / "run", "stopped", n=4)
+    write_process(run_dir, dead_pid(), state="ended")
+    old = (run_dir / "process.json").read_text()
+    source = FolderSource(run_dir, read_only=True, poll_s=0.05)
+
+    async def scenario(app: CollapseApp, pilot: Pilot) -> None:
+        await wait_until(pilot, lambda: not app.running, "the replay to end")
+        app.requested_lr = 1e-3  # an lr asked of the run before its end, never read
+        write_process(run_dir, os.getpid())  # a resume announces itself
+        await wait_until(pilot, lambda: app.running, "the watcher to follow the resume")
+        assert app._rate() is None and app.requested_lr is None and app.state == "loading"
+        (run_dir / "process.json").write_text(old)  # it failed while loading: put back as it was
+        await wait_until(pilot, lambda: not app.running, "the watcher to see it gone")
+        assert app.state == "stopped" and not app.loading
+        assert "the resume ended before its first iteration; the run stands as it was" in log_text(app)
+
+    drive(source, scenario, size=(120, 40))
+
+
 def test_watching_a_finished_run_shows_how_long_it_ran(tmp_path: Path) -> None:
     """Not how long the watcher has watched (0:00:00 on a replay)."""
     run_dir = make_run(tmp_path / "run", "finished", n=3)

@@ -259,8 +259,10 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.loop: asyncio.AbstractEventLoop | None = None
         #: A stop signal came before the screen was up (``loop`` still None): ``on_mount`` acts on it.
         self.signalled_early = False
-        #: A watcher's look, once its run has ended, for a resume that takes it up again.
+        #: A watcher's look, once its run has ended, for a resume that takes it up again; and whether
+        #: it found one, which the screen now follows.
         self.looking_for_resume: Timer | None = None
+        self.following_again = False
 
     # -- layout --------------------------------------------------------------
 
@@ -362,6 +364,10 @@ class CollapseApp(App[dict[str, Any] | None]):
             self.notify(
                 brief(f"{type(error).__name__}: {error}"), title="run failed", severity="error", timeout=30
             )
+        if self.loading and self.worker_started and self.following_again:
+            # a resume followed that ended before it wrote anything: the run is as the screen showed it
+            self.loading = False
+            self._log("the resume ended before its first iteration; the run stands as it was")
         self._update_state()
         self._show_status()  # the rate and time left go now, not at the next tick
         if self.quitting:
@@ -382,6 +388,9 @@ class CollapseApp(App[dict[str, Any] | None]):
         self.summary, self.ended_at = None, None
         self.process_gone = self.failed = self.ending = False
         self.run_done.clear()
+        self.recent.clear()  # no rate, nor time left, from the run before until the resume's own records
+        self.snapshot_pending, self.requested_lr = False, None  # asked of the run before: never read
+        self.following_again = True
         self.loading = True  # until the resume's first event: its model is loading
         self.running = True
         self._log("the run was taken up again (a resume): following it")
