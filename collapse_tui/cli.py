@@ -397,7 +397,12 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
 
     engine = Engine(config, resume_lr=resume_lr(options))
     try:
-        with serving_watchers(engine.run_dir, engine.controls, made=engine.made_dirs):
+        with serving_watchers(
+            engine.run_dir,
+            engine.controls,
+            made=engine.made_dirs,
+            left_as_it_stood=lambda: engine.left_as_it_stood,
+        ):
             summary = run_app(engine)
     except (UserError, KeyboardInterrupt):
         raise

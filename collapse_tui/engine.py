@@ -777,6 +777,12 @@ class Engine:
         return summary
 
     @property
+    def left_as_it_stood(self) -> bool:
+        """Whether this is a resume that wrote nothing into its run's folder: refused or stopped before
+        it opened the folder, or ended before its first record (``held_events``)."""
+        return self.resume_dir is not None and (self.writer is None or self.unchanged)
+
+    @property
     def end_saved(self) -> bool:
         """Whether the newest snapshot holds the run as it stands (its final one, once it has ended)."""
         return self.snapshot_state is not None and self.snapshot_state[0] == self.iteration

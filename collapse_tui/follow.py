@@ -685,7 +685,13 @@ class FolderSource:
 
 
 @contextlib.contextmanager
-def serving_watchers(run_dir: Path, controls: RunControls, *, made: Sequence[Path] = ()) -> Iterator[None]:
+def serving_watchers(
+    run_dir: Path,
+    controls: RunControls,
+    *,
+    made: Sequence[Path] = (),
+    left_as_it_stood: Callable[[], bool] | None = None,
+) -> Iterator[None]:
     """While a run goes on in this process: announce it and take watchers' commands.
 
     Both front ends that run an engine (TUI and headless) wrap ``engine.run``
@@ -696,7 +702,10 @@ def serving_watchers(run_dir: Path, controls: RunControls, *, made: Sequence[Pat
     not load, say), the folders it made are removed again, so a typo leaves no
     empty run (or empty ``runs/``, or ``--out``'s new parents) behind
     (``made``: the folders this process created before this for a
-    default-named run, innermost first).
+    default-named run, innermost first). A resume that left the run as it
+    stood puts its ``process.json`` back as it was (``left_as_it_stood``:
+    the engine's word for it; without one, whether the records are as many
+    as before).
     """
     run_dir = Path(run_dir)
     made_here = list(made) or missing_folders(run_dir.absolute())
@@ -724,7 +733,11 @@ def serving_watchers(run_dir: Path, controls: RunControls, *, made: Sequence[Pat
             inbox.close()
         if process is not None:
             process.close()
-        if process_before is not None and len(read_jsonl(run_dir / METRICS)) == records_before:
+        as_it_stood = (
+            left_as_it_stood() if left_as_it_stood is not None
+            else len(read_jsonl(run_dir / METRICS)) == records_before
+        )  # fmt: skip
+        if process_before is not None and as_it_stood:
             with contextlib.suppress(OSError):
                 write_atomic(run_dir / PROCESS, process_before)
         if not (run_dir / CONFIG).exists():  # the folder is still ours (we hold its lock)

@@ -239,7 +239,12 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
     try:
         # entered right after the Engine: whatever fails from here on removes the default-named
         # folder it made, if no run got as far as using it
-        with serving_watchers(engine.run_dir, engine.controls, made=engine.made_dirs):
+        with serving_watchers(
+            engine.run_dir,
+            engine.controls,
+            made=engine.made_dirs,
+            left_as_it_stood=lambda: engine.left_as_it_stood,
+        ):
             _catch_stop_signals(stop)
             reporter = ProgressReporter(engine, console) if console.is_terminal else PlainReporter(engine)
             summary = engine.run(reporter)

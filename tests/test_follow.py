@@ -598,3 +598,19 @@ def test_a_followed_resume_that_fails_leaves_the_watcher_as_the_run_stood(tmp_pa
     assert source.run(again)["status"] == "crashed"
     assert again.items == []  # nothing new, and no second "process gone"
     assert source.info.process_started == old_start
+
+
+@pytest.mark.parametrize("as_it_stood", [False, True])
+def test_the_engines_word_on_whether_a_resume_changed_the_run_wins_over_counting_records(
+    tmp_path: Path, as_it_stood: bool
+) -> None:
+    """A crash's torn line that is whole JSON but for its newline becomes a record once the resume ends
+    it: counting would take that for an iteration the resume did."""
+    run_dir = make_run(tmp_path / "run", "killed", n=2)
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record(2).to_dict()))  # no newline: the crash came before it
+    before = (run_dir / "process.json").read_text()
+    with serving_watchers(run_dir, RunControls(), left_as_it_stood=lambda: as_it_stood):
+        RunWriter(run_dir, resuming=True).close()  # ends the line: three records now
+    put_back = (run_dir / "process.json").read_text() == before
+    assert put_back == as_it_stood

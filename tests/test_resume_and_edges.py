@@ -547,7 +547,7 @@ def test_a_resume_stopped_before_its_first_iteration_leaves_the_run_as_it_stood(
     listener = StopWhenResumed(lambda: engine)
     summary = engine.run(listener)
     assert [e.event for e in listener.events] == ["resumed_from", "start", "stop"]  # the screen heard it
-    assert summary["unchanged"] and summary["status"] == "stopped"
+    assert summary["unchanged"] and summary["status"] == "stopped" and engine.left_as_it_stood
     assert {name: (run / name).read_bytes() for name in before} == before
     # the newest snapshot still goes on, and the run reads as it did
     resumed = Engine(build_config({"resume": run / "snapshots" / "iter-4", "max_iters": 5}))
@@ -559,7 +559,9 @@ def test_a_resume_writes_what_it_held_back_before_its_first_record(tiny_config, 
     tiny_config.out, tiny_config.max_iters, tiny_config.snapshot_every = str(tmp_path / "run"), 4, 2
     Engine(tiny_config).run(Collector())
     run = tmp_path / "run"
-    Engine(build_config({"resume": run / "snapshots" / "iter-2", "max_iters": 3})).run(Collector())
+    engine = Engine(build_config({"resume": run / "snapshots" / "iter-2", "max_iters": 3}))
+    engine.run(Collector())
+    assert not engine.left_as_it_stood
     rows = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert [(r["event"], r["iteration"]) for r in rows[-4:]] == [
         ("resumed_from", 2),
