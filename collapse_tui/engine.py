@@ -525,7 +525,11 @@ class Engine:
         """
         assert self.writer is not None
         target = self.writer.snapshot_dir(self.iteration)
-        if self.snapshot_state == (self.iteration, self.lr) and target.is_dir():
+        # a resume that has not recorded an iteration yet leaves the run's own iter-N as it is (with an
+        # lr given since, it would be written over, and a resume stopped now must change nothing)
+        if (
+            self.snapshot_state == (self.iteration, self.lr) or self.held_events is not None
+        ) and target.is_dir():
             # saved already at this boundary (--snapshot-every, then s): writing it again would only
             # replace the folder, and the screen.svg the TUI put into it
             self._emit(Event("snapshot", self.iteration, data={"path": str(target), "again": True}))

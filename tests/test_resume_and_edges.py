@@ -626,3 +626,28 @@ def test_a_resume_that_fails_while_generation_is_prepared_leaves_the_run_as_it_s
     with pytest.raises(RuntimeError, match="while capturing"):
         Engine(build_config({"resume": run / "snapshots" / "iter-2", "max_iters": 4})).run(Collector())
     assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_a_snapshot_asked_for_before_a_resumes_first_iteration_leaves_the_runs_own_as_it_is(
+    tiny_config, tmp_path
+):
+    """Resumed from iter-2 with a new --lr, s pressed, then stopped: iter-2 keeps the rate its run had."""
+    tiny_config.out, tiny_config.max_iters, tiny_config.snapshot_every = str(tmp_path / "run"), 4, 2
+    Engine(tiny_config).run(Collector())
+    state = tmp_path / "run" / "snapshots" / "iter-2" / "state.json"
+    before = state.read_bytes()
+    options = {"resume": state.parent, "max_iters": 4, "lr": 5e-3}
+    engine = Engine(build_config(options), resume_lr=resume_lr(options))
+
+    class SnapshotThenStop(Collector):
+        def on_event(self, event) -> None:
+            super().on_event(event)
+            if event.event == "start":
+                engine.controls.request_snapshot()
+                engine.controls.stop()
+
+    listener = SnapshotThenStop()
+    assert engine.run(listener)["unchanged"]
+    assert state.read_bytes() == before
+    snapshot = next(e for e in listener.events if e.event == "snapshot")
+    assert snapshot.data.get("again")  # said as saved already: the run's own, as it stands
