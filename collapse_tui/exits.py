@@ -51,10 +51,7 @@ def run_exit_code(summary: dict[str, Any], *, signalled: bool) -> int:
 def closing_line(summary: dict[str, Any]) -> str | None:
     """The one line on stderr for a run whose result is not whole (a crash has its own), else None."""
     if summary.get("unchanged"):
-        return (
-            f"collapse-tui: the resume ended before its first iteration; {summary.get('run_dir', 'the run')} "
-            "stands as it was (its later iterations and snapshots are kept)"
-        )
+        return unchanged_line(summary.get("run_dir", "the run"))
     if summary.get("reason") == "non-finite loss":
         return "collapse-tui: the run stopped on a non-finite loss; its data is kept"
     failed = summary.get("final_snapshot_failed")
@@ -64,6 +61,14 @@ def closing_line(summary: dict[str, Any]) -> str | None:
             "the run's records are kept, its last weights are not"
         )
     return None
+
+
+def unchanged_line(run_dir: object) -> str:
+    """The one line for a resume that ended before its first iteration, leaving its run as it stood."""
+    return (
+        f"collapse-tui: the resume ended before its first iteration; {run_dir} "
+        "stands as it was (its later iterations and snapshots are kept)"
+    )
 
 
 def stop_with_parent() -> None:

@@ -720,9 +720,11 @@ def serving_watchers(
         raise
     # a resume that adds no iteration (refused while loading, stopped at once) leaves the run as it
     # stood (``Engine.held_events``): its process.json too, which names the process that wrote it
-    # (counted in whole lines: a resume ends a line its crashed run left torn, which adds a byte)
-    records_before = len(read_jsonl(run_dir / METRICS)) if file_size(run_dir / METRICS) else 0
-    process_before = _text(run_dir / PROCESS) if records_before else None
+    resuming = file_size(run_dir / METRICS) > 0
+    process_before = _text(run_dir / PROCESS) if resuming else None
+    # without the engine's word: counted in whole lines (a resume ends a line its crashed run left
+    # torn, which adds a byte); read only then, the file may hold megabytes of samples
+    records_before = len(read_jsonl(run_dir / METRICS)) if resuming and left_as_it_stood is None else 0
     process = inbox = None
     try:
         process = RunProcess(run_dir).start()

@@ -38,6 +38,7 @@ from collapse_tui.exits import (
     ignore_later_hangups,
     pass_on_early_interrupt,
     run_exit_code,
+    unchanged_line,
 )
 from collapse_tui.follow import serving_watchers
 from collapse_tui.metrics import format_rate, format_rep4
@@ -265,7 +266,7 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
         return EXIT_RUN_FAILED
     if summary is None or reporter is None:
         if engine.unchanged:  # its snapshot is the one it resumed from: not one to go on from
-            _say(closing_line({"unchanged": True, "run_dir": str(engine.run_dir)}) or "")
+            _say(unchanged_line(engine.run_dir))
             return EXIT_INTERRUPTED
         run_dir = engine.run_dir if engine.loaded else None
         _say(interrupted_line(run_dir, engine.last_snapshot, at_the_end=engine.end_saved))

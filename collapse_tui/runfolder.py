@@ -232,6 +232,10 @@ def check_new_run_folder(root: Path) -> None:
         raise UserError(f"run folder {root} {why}")
 
 
+#: What ``flock`` says when another process holds the lock.
+LOCK_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+
+
 def is_locked_elsewhere(root: Path) -> bool:
     """Whether another process holds the folder's lock now: a run going on, or a resume loading."""
     if fcntl is None or Path(root).resolve() in FolderLock._held:
@@ -244,7 +248,7 @@ def is_locked_elsewhere(root: Path) -> bool:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as error:
-            return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+            return error.errno in LOCK_BUSY
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         return False
 
@@ -356,10 +360,8 @@ def ending_snapshot_saved(root: Path, summary: dict[str, Any]) -> bool:
 
     An ``iter-N`` saved before this branch started is an abandoned branch's, not this end.
     """
-    try:
-        final = (
-            Path(root) / SNAPSHOTS / f"iter-{int(summary['iterations'])}"
-        )  # an ending summary names its end
+    try:  # an ending summary names its end
+        final = Path(root) / SNAPSHOTS / f"iter-{int(summary['iterations'])}"
     except (KeyError, TypeError, ValueError, OverflowError):
         return False
     saved_at = snapshot_saved_at(final)
@@ -598,7 +600,7 @@ class FolderLock:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             handle.close()
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if error.errno in LOCK_BUSY:
                 raise UserError(f"run folder {self.root} is in use by another collapse-tui run") from None
             return None  # a filesystem without locks (some network mounts): go on unguarded
         return handle

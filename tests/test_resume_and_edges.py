@@ -290,34 +290,39 @@ def test_an_abandoned_snapshot_stays_refused_once_the_resumed_branch_has_run_pas
     assert [r.iteration for r in read_run(tmp_path / "run").records] == [0, 1, 2, 3, 4, 5, 6]
 
 
-class ScreenWriter(Collector):
+class Reacting(Collector):
+    """Does ``act()`` at the first reported event ``when`` holds for: a key pressed as the screen hears of it."""
+
+    def __init__(self, when=lambda event: False, act=lambda: None) -> None:
+        super().__init__()
+        self.when, self.act, self.acted = when, act, False
+
+    def on_event(self, event) -> None:
+        super().on_event(event)
+        if not self.acted and self.when(event):
+            self.acted = True
+            self.act()
+
+
+class ScreenWriter(Reacting):
     """Puts a file into a snapshot when it is first reported, as the TUI does with its screen.svg."""
 
     def on_event(self, event) -> None:
-        super().on_event(event)
         screen = Path(event.data.get("path", "")) / "screen.svg"
         if event.event == "snapshot" and not screen.exists():
             screen.write_text("the screen")
-
-
-class AskAgainAfterSnapshot(ScreenWriter):
-    """Presses s as the periodic snapshot of iteration 2 is reported, before the run goes on."""
-
-    def __init__(self, engine_of) -> None:
-        super().__init__()
-        self.engine_of = engine_of
-
-    def on_event(self, event) -> None:
         super().on_event(event)
-        if event.event == "snapshot" and event.iteration == 2 and not event.data.get("again"):
-            self.engine_of().controls.request_snapshot()
 
 
 def test_a_snapshot_asked_for_where_a_periodic_one_was_just_taken_keeps_that_one(tiny_config):
     tiny_config.max_iters = 3
     tiny_config.snapshot_every = 2
     engine = Engine(tiny_config)
-    listener = AskAgainAfterSnapshot(lambda: engine)
+    # s pressed as the periodic snapshot of iteration 2 is reported, before the run goes on
+    listener = ScreenWriter(
+        when=lambda event: event.event == "snapshot" and event.iteration == 2,
+        act=engine.controls.request_snapshot,
+    )
     engine.run(listener)
     snapshots = [e for e in listener.events if e.event == "snapshot" and e.iteration == 2]
     assert [bool(e.data.get("again")) for e in snapshots] == [False, True]
@@ -524,19 +529,6 @@ def test_a_snapshot_left_half_saved_or_moved_aside_is_not_resumed_from(tiny_conf
     assert (left / "state.json").exists()
 
 
-class StopWhenResumed(Collector):
-    """Stops the run as its resume is announced: a Ctrl-C (or q) before the first resumed iteration."""
-
-    def __init__(self, engine_of) -> None:
-        super().__init__()
-        self.engine_of = engine_of
-
-    def on_event(self, event) -> None:
-        super().on_event(event)
-        if event.event == "resumed_from":
-            self.engine_of().controls.stop("SIGINT")
-
-
 def test_a_resume_stopped_before_its_first_iteration_leaves_the_run_as_it_stood(tiny_config, tmp_path):
     """Resumed from iter-2 by mistake and stopped at once: iterations 2..3 and iter-4 are not abandoned."""
     tiny_config.out, tiny_config.max_iters, tiny_config.snapshot_every = str(tmp_path / "run"), 4, 2
@@ -544,7 +536,10 @@ def test_a_resume_stopped_before_its_first_iteration_leaves_the_run_as_it_stood(
     run = tmp_path / "run"
     before = {name: (run / name).read_bytes() for name in ("events.jsonl", "metrics.jsonl", "summary.json")}
     engine = Engine(build_config({"resume": run / "snapshots" / "iter-2", "max_iters": 4}))
-    listener = StopWhenResumed(lambda: engine)
+    # a Ctrl-C (or q) as the resume is announced, before its first iteration
+    listener = Reacting(
+        when=lambda event: event.event == "resumed_from", act=lambda: engine.controls.stop("SIGINT")
+    )
     summary = engine.run(listener)
     assert [e.event for e in listener.events] == ["resumed_from", "start", "stop"]  # the screen heard it
     assert summary["unchanged"] and summary["status"] == "stopped" and engine.left_as_it_stood
@@ -639,14 +634,11 @@ def test_a_snapshot_asked_for_before_a_resumes_first_iteration_leaves_the_runs_o
     options = {"resume": state.parent, "max_iters": 4, "lr": 5e-3}
     engine = Engine(build_config(options), resume_lr=resume_lr(options))
 
-    class SnapshotThenStop(Collector):
-        def on_event(self, event) -> None:
-            super().on_event(event)
-            if event.event == "start":
-                engine.controls.request_snapshot()
-                engine.controls.stop()
+    def snapshot_then_stop() -> None:
+        engine.controls.request_snapshot()
+        engine.controls.stop()
 
-    listener = SnapshotThenStop()
+    listener = Reacting(when=lambda event: event.event == "start", act=snapshot_then_stop)
     assert engine.run(listener)["unchanged"]
     assert state.read_bytes() == before
     snapshot = next(e for e in listener.events if e.event == "snapshot")

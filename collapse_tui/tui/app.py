@@ -378,13 +378,13 @@ class CollapseApp(App[dict[str, Any] | None]):
     def _look_for_resume(self) -> None:
         """A watcher of an ended run: follow on once a ``--resume`` takes the run up again (whether
         started after this screen showed the end, or in the moment before it announced itself)."""
-        if self.quitting or self.running or not self.source.taken_up():  # type: ignore[attr-defined]
-            if self.quitting and self.looking_for_resume is not None:
-                self.looking_for_resume.stop()
+        if self.running or not (self.quitting or self.source.taken_up()):  # type: ignore[attr-defined]
             return
         if self.looking_for_resume is not None:
             self.looking_for_resume.stop()
             self.looking_for_resume = None
+        if self.quitting:
+            return
         self.summary, self.ended_at = None, None
         self.process_gone = self.failed = self.ending = False
         self.run_done.clear()
