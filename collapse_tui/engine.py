@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -27,8 +28,9 @@ import platform
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import torch
 
@@ -48,7 +50,7 @@ from collapse_tui.errors import RunInterrupted, UserError, in_one_line
 from collapse_tui.follow import is_alive
 from collapse_tui.inference import EagerInference, Inference, as_text_reads, sequence_windows
 from collapse_tui.metrics import CollapseDetector, repetition_metrics
-from collapse_tui.modeling import load_model, out_of_memory_error, resolve_autocast, resolve_device
+from collapse_tui.modeling import load_model, on_device, out_of_memory_error, resolve_autocast, resolve_device
 from collapse_tui.records import Event, IterationRecord, phase_seconds
 from collapse_tui.runfolder import (
     CONFIG,
@@ -156,6 +158,27 @@ def _saved_lr(snapshot: Path | None) -> float | None:
     return lr if math.isfinite(lr) and lr > 0 else None
 
 
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
+
+
+def on_run_device(method: Callable[Params, Result]) -> Callable[Params, Result]:
+    """Run an engine method with the run's device current in the calling thread (``modeling.on_device``).
+
+    On the methods a front end calls (``load``, ``step``, ``run``, ``snapshot``), since
+    any thread may drive the engine: the TUI's worker, headless's main thread, a test.
+    """
+
+    @functools.wraps(method)
+    def with_run_device(*args: Params.args, **kwargs: Params.kwargs) -> Result:
+        engine = args[0]
+        assert isinstance(engine, Engine)
+        with on_device(engine.device):
+            return method(*args, **kwargs)
+
+    return with_run_device
+
+
 class Engine:
     """One self-training run. Construct cheaply, then call ``run`` (blocking; the TUI's worker thread, headless's own).
 
@@ -252,6 +275,7 @@ class Engine:
 
     # -- loading -------------------------------------------------------------------
 
+    @on_run_device
     def load(self, listener: EngineListener | None = None) -> None:
         """Load model, tokenizer and evaluation sets; open the run folder. Reports progress."""
         self.listener = listener or self.listener
@@ -362,6 +386,7 @@ class Engine:
 
     # -- one iteration ---------------------------------------------------------------
 
+    @on_run_device
     def step(self) -> IterationRecord:
         """Run iteration ``self.iteration`` and return its record (not yet written)."""
         config = self.config
@@ -418,6 +443,7 @@ class Engine:
         """Whether loading is over and the run has its folder open: a stop from here on ends it cleanly."""
         return self.writer is not None
 
+    @on_run_device
     def run(self, listener: EngineListener | None = None) -> dict[str, Any]:
         """Load, then iterate until max_iters, collapse, a stop or an error. Returns the summary."""
         self.listener = listener or self.listener
@@ -596,6 +622,7 @@ class Engine:
 
     # -- snapshots and resume ------------------------------------------------------------
 
+    @on_run_device
     def snapshot(self) -> Path:
         """Save θ_i with all a resume needs: weights, tokenizer, optimizer, RNG, counters, sample.
 

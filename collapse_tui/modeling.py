@@ -7,6 +7,7 @@ that is not there) becomes a one-line ``UserError``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,17 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Make ``device`` the calling thread's current CUDA device while a run works on it.
+
+    Why: Triton kernels, CUDA graph captures and the cluster kernel launch on
+    the thread's current device, and every thread starts on cuda:0. A run given
+    ``--device cuda:1`` crashed at its first Triton launch ("cannot be accessed
+    from Triton"), in the TUI's worker thread and in headless's main thread alike.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:

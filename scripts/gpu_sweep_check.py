@@ -5,11 +5,13 @@ exactly like the real ones), then runs four sweeps as a researcher would,
 each a real ``python -m collapse_tui.cli sweep`` process:
 
 1. two learning rates, one after the other on one GPU;
-2. the same two, both at once on that GPU (``--device cuda --device cuda``);
+2. the same two, both at once: on that GPU (``--device cuda --device cuda``), or
+   one on each of ``--at-once cuda:0,cuda:1``;
 3. the first sweep again with a larger ``--max-iters``: both runs go on from
    their final snapshots;
-4. three learning rates, two at once, and a Ctrl-C once both are going: both
-   stop with their final snapshots, the third never starts.
+4. three learning rates, two at once (on ``--at-once``'s devices), and a
+   Ctrl-C once both are going: both stop with their final snapshots, the
+   third never starts.
 
 It checks each sweep's exit code, the runs' statuses and iteration counts,
 the figure and the logs, and prints the seconds an iteration took (the
@@ -113,20 +115,25 @@ def main() -> None:
     parser.add_argument("--eval", required=True)
     parser.add_argument("--iters", type=int, default=12)
     parser.add_argument("--device", default="cuda", help="where the runs go (cpu: to try the script out)")
+    parser.add_argument("--at-once", help="the two devices of the sweeps that run two at once, comma-separated "
+                        "(default: --device twice, both on one GPU)")  # fmt: skip
     parser.add_argument("--model", type=Path, help="an existing model folder instead of a random --shape")
     parser.add_argument("--keep", type=Path, help="copy the second sweep's figure and a log here")
     args = parser.parse_args()
+    at_once = (args.at_once or f"{args.device},{args.device}").split(",")
+    where = "on one GPU" if len(set(at_once)) == 1 else f"on {' and '.join(at_once)}"
+    at_once_options = [option for device in at_once for option in ("--device", device)]
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_model(args.shape, args.tokenizer, Path(tmp) / args.shape)
         # random weights collapse within a few iterations: --keep-going, so that every run goes to --max-iters
-        common = ["--model", str(model), "--eval", args.eval, "--lr", "1e-4", "--lr", "4e-4", "--device", args.device,
-                  "--keep-going"]  # fmt: skip
+        common = ["--model", str(model), "--eval", args.eval, "--lr", "1e-4", "--lr", "4e-4", "--keep-going"]
         names = [f"{model.name}-lr0.0001-seed1337", f"{model.name}-lr0.0004-seed1337"]
 
         one = Path(tmp) / "one"
         code, wall_one, _ = sweep(
-            [*common, "--max-iters", str(args.iters), "--out", str(one)], "one at a time"
+            [*common, "--max-iters", str(args.iters), "--device", args.device, "--out", str(one)],
+            "one at a time",
         )
         check(code == 0, "one at a time: exit 0")
         runs = runs_of(one)
@@ -139,8 +146,8 @@ def main() -> None:
 
         two = Path(tmp) / "two"
         code, wall_two, out = sweep(
-            [*common, "--max-iters", str(args.iters), "--device", args.device, "--out", str(two)],
-            "two at once on one GPU",
+            [*common, "--max-iters", str(args.iters), *at_once_options, "--out", str(two)],
+            f"two at once {where}",
         )
         check(code == 0, "two at once: exit 0")
         runs = runs_of(two)
@@ -149,12 +156,22 @@ def main() -> None:
         # a run going on after its collapse (--keep-going) ends as "collapsed after N iterations"
         check(out.count(f"after {args.iters} iterations") == 2, "two at once: each end said")
         together = {name: seconds_per_iteration(r) for name, r in runs.items()}
+        if len(set(at_once)) > 1:
+            devices = {
+                json.loads((two / name / "config.json").read_text()).get("resolved_device") for name in runs
+            }
+            check(
+                devices == set(at_once), f"two at once: one run on each device ({sorted(map(str, devices))})"
+            )
         if args.keep:
             args.keep.mkdir(parents=True, exist_ok=True)
             (args.keep / "sweep.png").write_bytes((two / "sweep.png").read_bytes())
             (args.keep / "run.log").write_text((two / "logs" / f"{names[0]}.log").read_text())
 
-        code, _, out = sweep([*common, "--max-iters", str(args.iters + 3), "--out", str(one)], "going on")
+        code, _, out = sweep(
+            [*common, "--max-iters", str(args.iters + 3), "--device", args.device, "--out", str(one)],
+            "going on",
+        )
         check(code == 0, "going on: exit 0")
         check(out.count("going on from") == 2, "going on: both resumed from their snapshots")
         runs = runs_of(one)
@@ -163,7 +180,7 @@ def main() -> None:
 
         stopped = Path(tmp) / "stopped"
         code, _, out = sweep_stopped(
-            [*common, "--lr", "1e-3", "--max-iters", "1000", "--device", args.device, "--out", str(stopped)]
+            [*common, "--lr", "1e-3", "--max-iters", "1000", *at_once_options, "--out", str(stopped)]
         )
         check(code == 130, "Ctrl-C with two going: exit 130")
         runs = runs_of(stopped)
@@ -175,8 +192,8 @@ def main() -> None:
 
     print(f"\n{model.name}: s/iteration (median of the runs' own phases, after two warm-up iterations)")
     for name in names:
-        print(f"  {name}: alone {alone[name]:.3f}, two at once {together[name]:.3f}")
-    print(f"  wall: one at a time {wall_one:.1f} s, two at once {wall_two:.1f} s")
+        print(f"  {name}: alone {alone[name]:.3f}, two at once {where} {together[name]:.3f}")
+    print(f"  wall: one at a time {wall_one:.1f} s, two at once {where} {wall_two:.1f} s")
     if FAILURES:
         print(f"\n{len(FAILURES)} checks failed")
         sys.exit(1)

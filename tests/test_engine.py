@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from collapse_tui import engine as engine_module
 from collapse_tui.config import RunConfig
 from collapse_tui.engine import INTERRUPTED_SNAPSHOT, Engine
 from collapse_tui.errors import RunInterrupted
@@ -69,6 +70,29 @@ def test_a_step_changes_the_weights(tiny_config: RunConfig) -> None:
     after = parameters(engine.model)
     changed = [name for name in before if not torch.equal(before[name], after[name])]
     assert len(changed) == len(before)
+
+
+def test_a_run_makes_its_device_current_in_whichever_thread_drives_it(
+    tiny_config: RunConfig, monkeypatch
+) -> None:
+    """Kernels launch on the thread's current CUDA device, cuda:0 in every new thread: a run on cuda:1
+    crashed at its first Triton launch. The engine's entry points make the run's device current
+    (``modeling.on_device``; tests/test_fast_gpu.py runs it on a second GPU where there is one)."""
+    entered: list[tuple[torch.device, str]] = []
+    real_on_device = engine_module.on_device
+
+    def recording_on_device(device: torch.device):
+        entered.append((device, threading.current_thread().name))
+        return real_on_device(device)
+
+    monkeypatch.setattr(engine_module, "on_device", recording_on_device)
+    tiny_config.max_iters = 2
+    engine = Engine(tiny_config)
+    worker = threading.Thread(target=engine.run, name="worker")
+    worker.start()
+    worker.join()
+    # run, then load, two steps and the final snapshot inside it: each in the thread that drives the run
+    assert entered == [(engine.device, "worker")] * 5
 
 
 def test_first_adam_step_moves_a_bias_by_the_learning_rate(tiny_config: RunConfig) -> None:

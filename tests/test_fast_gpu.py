@@ -391,3 +391,33 @@ def test_a_failed_poll_hands_the_cached_step_to_the_triton_kernel() -> None:
     ids = fast.generate([50256], 64, cuda_gen(0))
     assert isinstance(decoder.persistent, persistent.PersistentForward) and decoder.graphs
     assert not decoder.persistent.failed() and len(ids) == 65
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("block", [100, 1024], ids=["window", "full-context"])
+def test_a_run_on_the_second_gpu_runs_its_kernels_there_from_a_worker_thread(block: int, tmp_path) -> None:
+    """``--device cuda:1`` crashed at the first Triton launch: kernels launch on the thread's current
+    device, cuda:0 in a new thread (the TUI's worker, headless's main thread alike)."""
+    import threading
+
+    from tiny import make_text, make_tokenizer
+
+    from collapse_tui.config import RunConfig
+    from collapse_tui.engine import Engine
+
+    folder = tmp_path / "model"
+    tokenizer = make_tokenizer(folder)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_layer=2, n_head=12, n_embd=768)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(make_text(200, seed=3), encoding="utf-8")
+    run = RunConfig(model=str(folder), evals=[str(heldout)], max_iters=2, gen_tokens=150, block=block,
+                    device="cuda:1", keep_going=True, out=str(tmp_path / "run"))  # fmt: skip
+    engine = Engine(run)
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(summary=engine.run()), name="worker")
+    worker.start()
+    worker.join()
+    assert outcome["summary"]["status"] == "finished", outcome
+    assert engine.info.extra["inference"] == "FastGPT2Inference"
+    assert {p.device for p in engine.model.parameters()} == {torch.device("cuda", 1)}
