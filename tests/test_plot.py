@@ -52,6 +52,8 @@ def test_a_run_of_one_iteration_is_drawn_as_a_point(tmp_path: Path) -> None:
     figure = build_figure(load_runs([one]))
     lines = [line for ax in figure.axes if ax.get_visible() for line in run_lines(ax)]
     assert len(lines) == 3 and all(line.get_marker() == "o" for line in lines)  # not an empty panel
+    ticks = [tick for ax in figure.axes if ax.get_visible() for tick in ax.get_xticks()]
+    assert ticks and all(float(tick).is_integer() for tick in ticks)  # iterations, not -0.045 … 0.045
 
 
 def test_nothing_pays_for_matplotlib_until_a_figure_is_drawn() -> None:
