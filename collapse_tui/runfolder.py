@@ -258,15 +258,10 @@ def write_atomic(path: Path, text: str) -> None:
     (a full disk) leaves no temporary file behind, and a power cut after it cannot leave it empty
     (the text is on disk before the rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _renamed_into_place(path, tmp), open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager
@@ -276,7 +271,13 @@ def writing_whole(path: Path) -> Iterator[Path]:
     disk) leaves the file before it as it was, not cut off."""
     if path.is_symlink():  # a link is written through, as an open() would, not replaced by the file
         path = Path(os.path.realpath(path))
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    with _renamed_into_place(path, path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _renamed_into_place(path: Path, tmp: Path) -> Iterator[Path]:
+    """``tmp``, renamed onto ``path`` once the block ends, or removed if the block fails."""
     try:
         yield tmp
         os.replace(tmp, path)
