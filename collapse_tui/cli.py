@@ -274,6 +274,8 @@ def build_config(options: dict[str, Any]) -> RunConfig:
                 )
         if "evals" not in given:
             _check_eval_files_still_there(base.evals)
+        if "device" not in given:
+            _check_kept_device(base.device)
         # lr is applied by the engine after the snapshot's own lr is restored (see resume_lr).
         config = RunConfig.from_dict(
             absolute_paths({**base.to_dict(), **given, "lr": base.lr, "resume": resume})
@@ -338,6 +340,31 @@ def _same_path(key: str, value: Any, base: RunConfig, run_dir: Path) -> bool:
 def resume_lr(options: dict[str, Any]) -> float | None:
     """A learning rate given together with --resume: it overrides the snapshot's."""
     return options.get("lr") if options.get("resume") else None
+
+
+def _check_kept_device(device: str) -> None:
+    """A resume keeps the run's ``--device``: one this machine lacks (``cuda:1`` under a scheduler that
+    shows one GPU, a CUDA run resumed on a laptop) is named as the run's, with the way out. It said
+    "--device cuda:1: there is no such CUDA device" to someone who had typed no --device."""
+    if device in ("auto", "cpu"):
+        return
+    import torch  # only for a run that named a CUDA device
+
+    from collapse_tui.modeling import resolve_device
+
+    try:
+        resolve_device(device)
+    except UserError:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(
+                f"the run used --device {device}, and no CUDA device is available here; "
+                "give --device cpu to resume it here"
+            ) from None
+        raise UserError(
+            f"the run used --device {device}, and this machine has {count} CUDA device{'s' * (count > 1)}; "
+            "give --device cuda (or cuda:N, cpu) to resume it here"
+        ) from None
 
 
 def _run_config_of_snapshot(snapshot: Path) -> RunConfig:

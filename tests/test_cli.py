@@ -801,6 +801,27 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(
     assert json.loads((start / "run" / "summary.json").read_text())["iterations"] == 6
 
 
+def test_a_resume_where_the_runs_device_is_missing_names_it_as_the_runs_and_the_way_out(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path
+):
+    """A run made on cuda:1, resumed where there is no such device (a scheduler showing one GPU; here,
+    no GPU), was told "--device cuda:1: there is no such CUDA device" though no --device was typed."""
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, small_run(tiny_model_dir, eval_file, out)).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "device": "cuda:1"}))  # as a run on cuda:1 has it
+    snapshot = str(out / "snapshots" / "iter-5")
+    assert_one_line_error(
+        cli("headless", "--resume", snapshot, "--max-iters", "6"),
+        "the run used --device cuda:1, and no CUDA device is available here; give --device cpu",
+    )
+    result = CliRunner().invoke(
+        app, ["headless", "--resume", snapshot, "--max-iters", "6", "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 6
+
+
 def test_a_run_given_no_out_inside_a_run_folder_is_refused_leaving_nothing_there(
     tiny_model_dir, eval_file, tmp_path, monkeypatch
 ):
