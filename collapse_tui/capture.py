@@ -1,4 +1,5 @@
-"""``capturing``: ``torch.cuda.graph`` with Python's cycle collector run before the capture and paused inside it.
+"""``capturing``: ``torch.cuda.graph`` on the device's own capture stream, with Python's cycle collector
+run before the capture and paused inside it.
 
 Why: CUDA graphs that only a reference cycle keeps alive (an earlier
 decoder's, a finished test's) are freed whenever the collector next runs. If
@@ -21,15 +22,36 @@ from typing import Any
 
 import torch
 
+#: One capture stream per CUDA device (``capture_stream``).
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def capture_stream() -> torch.cuda.Stream:
+    """The side stream captures on the current device are made on.
+
+    Why not torch's own: ``torch.cuda.graph`` makes one default capture stream
+    a process, on whichever device is current the first time, and entering it
+    makes that device current. A capture for cuda:1 after one for cuda:0 (two
+    engines, or the GPU tests, in one process) then ran on cuda:0: Triton
+    refused cuda:1's tensors, and torch's own operations, guarded to cuda:1, ran
+    eagerly outside the capture and left an empty graph (pytorch#87894).
+    """
+    index = torch.cuda.current_device()
+    if index not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[index] = torch.cuda.Stream(index)
+    return _CAPTURE_STREAMS[index]
+
 
 @contextlib.contextmanager
 def capturing(graph: torch.cuda.CUDAGraph, **kwargs: Any) -> Iterator[None]:
-    """``with torch.cuda.graph(graph, **kwargs)``, with no garbage collection inside it.
+    """``with torch.cuda.graph(graph, **kwargs)``, on the current device's ``capture_stream`` unless given
+    another, with no garbage collection inside it.
 
     For one capture at a time, from one thread, as the engine's worker makes
     them (the collector's switch is the process's; a capture inside another
     would collect inside the outer one).
     """
+    kwargs.setdefault("stream", capture_stream())
     enabled = gc.isenabled()
     gc.collect()
     try:

@@ -421,3 +421,20 @@ def test_a_run_on_the_second_gpu_runs_its_kernels_there_from_a_worker_thread(blo
     assert outcome["summary"]["status"] == "finished", outcome
     assert engine.info.extra["inference"] == "FastGPT2Inference"
     assert {p.device for p in engine.model.parameters()} == {torch.device("cuda", 1)}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_capture_for_the_second_gpu_after_one_for_the_first_is_made_on_the_second() -> None:
+    """torch's own capture stream is made once a process, on the device current then: a later capture
+    for cuda:1 ran on cuda:0, and cuda:1's operations ran eagerly, outside an empty graph."""
+    from collapse_tui.capture import capturing
+
+    for index in (0, 1):
+        with torch.cuda.device(index):
+            counter = torch.zeros(4, device=f"cuda:{index}")
+            graph = torch.cuda.CUDAGraph()
+            with capturing(graph):
+                counter.add_(1)  # captured, not run
+            graph.replay()
+            graph.replay()
+            assert counter.tolist() == [2.0] * 4, index
