@@ -99,6 +99,9 @@ def main() -> int:
     parser.add_argument("--eval", action="append", required=True)
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument(
+        "--device", default="cuda", help="the run's CUDA device (cuda:1: a run off the default one)"
+    )
+    parser.add_argument(
         "--cpu-resume",
         action="store_true",
         help="also resume the CUDA snapshot on the CPU for one iteration (another device: a new sampling stream)",
@@ -107,10 +110,15 @@ def main() -> int:
     failures: list[str] = []
     work = Path(tempfile.mkdtemp())
     model_dir = make_model(args.shape, args.tokenizer, work / "model")
-    config = RunConfig(model=str(model_dir), evals=args.eval, max_iters=args.iters, out=str(work / "run"))
+    config = RunConfig(
+        model=str(model_dir), evals=args.eval, max_iters=args.iters, out=str(work / "run"), device=args.device
+    )
+    device = torch.device(args.device)
 
     print(
-        f"{args.shape} on {torch.cuda.get_device_name()}: lr x2 after it 1, snapshot after it 2", flush=True
+        f"{args.shape} on {torch.cuda.get_device_name(device)} ({args.device}): lr x2 after it 1, "
+        "snapshot after it 2",
+        flush=True,
     )
     engine = Engine(config)
     script = {1: lambda e: e.controls.set_lr(e.lr * 2), 2: lambda e: e.controls.request_snapshot()}
@@ -133,6 +141,11 @@ def main() -> int:
     check(
         type(engine.inference).__name__ == fast_path, f"the fast path ({fast_path}) is used on CUDA", failures
     )
+    check(
+        {p.device for p in engine.model.parameters()} == {torch.device("cuda", device.index or 0)},
+        f"the weights are on {args.device}",
+        failures,
+    )
     snapshot = work / "run" / "snapshots" / "iter-3"
     check((snapshot / "model.safetensors").exists(), "snapshot written", failures)
 
@@ -150,7 +163,7 @@ def main() -> int:
         "run folder reads back",
         failures,
     )
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
     if args.cpu_resume:
         print("resume the same snapshot on the CPU for one iteration", flush=True)
         on_cpu = Engine(
