@@ -51,7 +51,8 @@ def capturing(graph: torch.cuda.CUDAGraph, **kwargs: Any) -> Iterator[None]:
     them (the collector's switch is the process's; a capture inside another
     would collect inside the outer one).
     """
-    kwargs.setdefault("stream", capture_stream())
+    if kwargs.get("stream") is None:
+        kwargs["stream"] = capture_stream()
     enabled = gc.isenabled()
     gc.collect()
     try:

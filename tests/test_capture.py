@@ -30,10 +30,13 @@ def test_garbage_goes_before_the_capture_and_none_goes_inside_it(monkeypatch: py
     @contextlib.contextmanager
     def graph(graph: object, **kwargs: object):
         seen["freed on entry"] = list(_HeldByACycle.freed)
+        seen["stream"] = kwargs.get("stream")
         yield
         seen["collector inside"] = gc.isenabled()
 
     monkeypatch.setattr(torch.cuda, "graph", graph)
+    device_stream = object()  # the current device's capture stream (a GPU test makes real ones)
+    monkeypatch.setattr("collapse_tui.capture.capture_stream", lambda: device_stream)
     _HeldByACycle.freed.clear()
     _HeldByACycle("before")
     assert gc.isenabled()
@@ -41,7 +44,8 @@ def test_garbage_goes_before_the_capture_and_none_goes_inside_it(monkeypatch: py
         _HeldByACycle("inside")
         _ = [[] for _ in range(20 * gc.get_threshold()[0])]  # enough allocations to start the collector
         assert _HeldByACycle.freed == ["before"]
-    assert seen == {"freed on entry": ["before"], "collector inside": False}
+    # on the current device's own stream: torch's one default stream belongs to the device first captured on
+    assert seen == {"freed on entry": ["before"], "stream": device_stream, "collector inside": False}
     assert gc.isenabled()  # back on after the capture
     gc.collect()
     assert _HeldByACycle.freed == ["before", "inside"]
