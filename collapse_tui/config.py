@@ -126,11 +126,13 @@ class RunConfig:
     resume: str | None = None
     #: ``TRAIN_ON``: the sample as text (the paper) or as the sampled ids.
     train_on: str = "text"
-    #: How special tokens' text is read; not an option. 2: a written-out ``<|endoftext|>`` in an
-    #: evaluation file is text (``data.tokenize``), and the prompt's leading special tokens stay tokens
-    #: when the sample is read as text (``Engine.special_start``). 1: runs of earlier versions, which
-    #: go on so when resumed (their evaluation windows and losses stay what they were).
-    text_reading: int = 2
+    #: How text becomes tokens; not an option. 3: the prompt starts with the tokenizer's
+    #: begin-of-text token where the tokenizer puts one before text (``Engine._encode_prompt``;
+    #: Llama-2, Mistral, Gemma; not GPT-2). 2 and up: a written-out ``<|endoftext|>`` in an evaluation
+    #: file is text (``data.tokenize``), and the prompt's leading special tokens stay tokens when the
+    #: sample is read as text (``Engine.special_start``). 1 and 2: runs of earlier versions, which go on
+    #: so when resumed (their prompts, evaluation windows and losses stay what they were).
+    text_reading: int = 3
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

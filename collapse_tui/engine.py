@@ -123,6 +123,12 @@ def make_inference(
     return EagerInference(model, config.block, config.temperature, config.top_k, autocast_dtype)
 
 
+def puts_bos_first(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` itself puts its begin-of-text token before a text (Llama-2's, Gemma's do)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def torch_seed(seed: int) -> int:
     """The seed given to torch's generators: ``seed`` itself from 0 to 2³² − 1 (the paper's 1337 as
     its code gives it), any other folded into that range by a hash.
@@ -338,7 +344,17 @@ class Engine:
         status("ready", 1.0)
 
     def _encode_prompt(self, prompt: str) -> list[int]:
+        """The prompt's ids: after the tokenizer's begin-of-text token where it puts one before any text.
+
+        Why the begin token: Llama-2, Mistral and Gemma were trained with it
+        first, and generate from a prompt without it as from text they never
+        saw (Gemma's output is noise). GPT-2's tokenizer puts none: the paper's
+        prompt stays the one newline token. Runs of earlier versions
+        (``text_reading`` below 3) go on without it.
+        """
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        if ids and self.config.text_reading >= 3 and puts_bos_first(self.tokenizer):
+            ids = [self.tokenizer.bos_token_id, *ids]
         if not ids:  # an empty prompt starts from the end-of-text token, as GPT-2 was trained
             token = self.tokenizer.bos_token_id
             token = self.tokenizer.eos_token_id if token is None else token

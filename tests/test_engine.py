@@ -683,6 +683,40 @@ def test_an_empty_prompts_end_of_text_stays_a_token_when_the_sample_is_read_as_t
     assert first_window[1 : 1 + len(literal)] != literal
 
 
+def test_a_prompt_starts_with_the_begin_token_where_the_tokenizer_puts_one(
+    tiny_model_dir: Path, tiny_config: RunConfig, tmp_path: Path
+) -> None:
+    """Llama-2's, Mistral's and Gemma's tokenizers put a begin token before text, and their models
+    generate from a prompt without it as from text they never saw. GPT-2's puts none: the paper's
+    prompt is its text alone. Runs of earlier versions, resumed, go on as they were."""
+    from dataclasses import replace
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model-with-bos"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, bos)]
+    )
+    tokenizer.save_pretrained(folder)
+    text_ids = tokenizer("The river", add_special_tokens=False)["input_ids"]
+    assert tokenizer("The river")["input_ids"] == [bos, *text_ids]
+
+    def prompt_of(**changes) -> tuple[list[int], int]:
+        engine = Engine(
+            replace(tiny_config, prompt="The river", out=str(tmp_path / f"run{len(changes)}"), **changes)
+        )
+        engine.load()
+        return engine.prompt_ids, engine.special_start
+
+    assert prompt_of(model=str(folder)) == ([bos, *text_ids], 1)  # the begin token stays a token
+    assert prompt_of() == (text_ids, 0)  # the tiny GPT-2-style tokenizer puts none
+    assert prompt_of(model=str(folder), text_reading=2) == (text_ids, 0)
+
+
 def test_the_training_step_reads_the_sample_as_text(tiny_config: RunConfig) -> None:
     from collapse_tui.inference import as_text_reads
 
