@@ -347,9 +347,9 @@ class Engine:
         """The prompt's ids: after the tokenizer's begin-of-text token where it puts one before any text.
 
         Why the begin token: Llama-2, Mistral and Gemma were trained with it
-        first, and generate from a prompt without it as from text they never
-        saw (Gemma's output is noise). GPT-2's tokenizer puts none: the paper's
-        prompt stays the one newline token. Runs of earlier versions
+        first, and a prompt without it starts them from text of a kind they
+        never saw. GPT-2's tokenizer puts none: the paper's prompt stays the
+        one newline token. Runs of earlier versions
         (``text_reading`` below 3) go on without it.
         """
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
