@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -133,6 +134,13 @@ def tokenize(tokenizer: object, text: str, *, specials_as_text: bool = True) -> 
             "input_ids"
         ]  # type: ignore[operator]
     )
+
+
+def puts_bos_first(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` itself puts its begin-of-text token before a text (Llama-2's, Gemma's do;
+    GPT-2's does not): a prompt starts with it then (``Engine._encode_prompt``)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def eval_windows(ids: list[int], block: int, eval_tokens: int | None, name: str = "") -> torch.Tensor:

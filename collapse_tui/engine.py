@@ -45,7 +45,7 @@ from collapse_tui.config import (
     model_name,
 )
 from collapse_tui.controls import RunControls
-from collapse_tui.data import EvalSet, check_eval_specs, eval_set_name, load_eval_set
+from collapse_tui.data import EvalSet, check_eval_specs, eval_set_name, load_eval_set, puts_bos_first
 from collapse_tui.errors import RunInterrupted, UserError, in_one_line
 from collapse_tui.follow import is_alive
 from collapse_tui.inference import EagerInference, Inference, as_text_reads, sequence_windows
@@ -121,12 +121,6 @@ def make_inference(
             if fast is not None:
                 return fast
     return EagerInference(model, config.block, config.temperature, config.top_k, autocast_dtype)
-
-
-def puts_bos_first(tokenizer: Any) -> bool:
-    """Whether ``tokenizer`` itself puts its begin-of-text token before a text (Llama-2's, Gemma's do)."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def torch_seed(seed: int) -> int:
@@ -349,8 +343,8 @@ class Engine:
         Why the begin token: Llama-2, Mistral and Gemma were trained with it
         first, and a prompt without it starts them from text of a kind they
         never saw. GPT-2's tokenizer puts none: the paper's prompt stays the
-        one newline token. Runs of earlier versions
-        (``text_reading`` below 3) go on without it.
+        one newline token. Runs of earlier versions (``text_reading`` below 3)
+        go on without it.
         """
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         if ids and self.config.text_reading >= 3 and puts_bos_first(self.tokenizer):
