@@ -68,6 +68,10 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--snapshot-every", type=int, default=250)
     parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--model", type=Path, help="an existing model folder instead of a random --shape")
+    parser.add_argument(
+        "--gen-tokens", type=int, default=1024, help="tokens an iteration (smaller: to try on a CPU)"
+    )
     args = parser.parse_args()
     index = int(args.device.partition(":")[2] or 0)
     failures: list[str] = []
@@ -78,27 +82,34 @@ def main() -> int:
             failures.append(what)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = make_model(args.shape, args.tokenizer, Path(tmp) / args.shape)
-        run = Path(tmp) / "run"
+        model = args.model or make_model(args.shape, args.tokenizer, Path(tmp) / args.shape)
+        run, log = Path(tmp) / "run", Path(tmp) / "run.log"
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
         command = [sys.executable, "-m", "collapse_tui.cli", "headless", "--model", str(model), "--eval", args.eval,
                    "--max-iters", str(args.iters), "--keep-going", "--snapshot-every", str(args.snapshot_every),
-                   "--device", args.device, "--out", str(run)]  # fmt: skip
+                   "--gen-tokens", str(args.gen_tokens), "--device", args.device, "--out", str(run)]  # fmt: skip
         started = time.perf_counter()
-        child = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
         memory: list[tuple[int, float]] = []  # (iterations written, MiB)
-        while child.poll() is None:
-            mib = used_mib(index)
-            if mib is not None:
-                memory.append((iterations_written(run / "metrics.jsonl"), mib))
-            time.sleep(2)
-        output = child.communicate()[0]
+        # its output to a file, not a pipe read at the end: a line an iteration fills a pipe's 64 KiB
+        # within a few hundred iterations, and the run then waits on its next line for good
+        with open(log, "w") as output_file:
+            child = subprocess.Popen(command, env=env, stdout=output_file, stderr=subprocess.STDOUT)
+            reported = 0
+            while child.poll() is None:
+                done = iterations_written(run / "metrics.jsonl")
+                mib = used_mib(index) if args.device != "cpu" else None
+                if mib is not None:
+                    memory.append((done, mib))
+                if done >= reported + 100:  # progress, so that a run cut short still says how far it went
+                    reported = done - done % 100
+                    print(f"  {done} iterations, {time.perf_counter() - started:.0f} s"
+                          + (f", {mib:.0f} MiB" if mib is not None else ""), flush=True)  # fmt: skip
+                time.sleep(2)
+        output = log.read_text(errors="replace")
         wall = time.perf_counter() - started
         print(
-            f"{args.shape}, {args.iters} iterations on {args.device}: exit {child.returncode}, {wall:.0f} s wall"
+            f"{model.name}, {args.iters} iterations on {args.device}: exit {child.returncode}, {wall:.0f} s wall"
         )
         print("\n".join(output.splitlines()[-4:]))
 
