@@ -105,10 +105,13 @@ LOGS = "logs"
 #: Keys of a run's config that may differ from the plan without making it another run (the lr it
 #: started with names its folder; a key may have changed it since, which the snapshot keeps). The
 #: collapse rule is compared: it decides where a run stops, which is what a sweep compares.
+#: ``text_reading`` is no option, so no command could match an earlier version's: its runs go on
+#: reading as they did, and the runs it adds read as this version does.
 NOT_COMPARED = (RESUME_MAY_CHANGE - {"lr", "collapse_threshold", "collapse_patience"}) | {
     "out",
     "resume",
     "preset",
+    "text_reading",
 }
 
 

@@ -363,6 +363,24 @@ def test_a_sweep_given_again_with_another_collapse_rule_is_refused(tmp_path: Pat
     assert f"the sweep in {out} has --collapse-threshold 0.9, not 0.5" in result.stderr
 
 
+def test_a_sweep_of_an_earlier_versions_text_reading_goes_on(tmp_path: Path) -> None:
+    """``text_reading`` is no option a user could give to match it: a sweep whose sweep.json and runs
+    recorded 2 was refused as "--text-reading 2, not 3" once new runs were planned with 3."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    plan = plan_sweep(options(), out)
+    settings = {**_settings(plan), "text_reading": 2}  # as the version before wrote it
+    (out / "sweep.json").write_text(
+        json.dumps({"settings": settings, "runs": [plan[0].name], "commands": []})
+    )
+    make_run(plan[0].run_dir, "stopped", n=2)
+    recorded = json.loads((plan[0].run_dir / "config.json").read_text())
+    run_config = {**plan[0].config.to_dict(), "text_reading": 2}
+    (plan[0].run_dir / "config.json").write_text(json.dumps({**recorded, **run_config}))
+    assert _earlier_runs(out, plan) == [plan[0].name]
+    sweep_module._check_same_run(plan[0], read_run(plan[0].run_dir))
+
+
 def with_eval_text(run_dir: Path, name: str, text: str) -> None:
     """Record in a run's config.json that it was evaluated on ``text`` as set ``name``, as the engine does."""
     config = json.loads((run_dir / "config.json").read_text())
