@@ -354,7 +354,13 @@ def _check_kept_device(device: str) -> None:
 
     try:
         resolve_device(device)
-    except UserError:
+    except UserError as error:
+        try:
+            named_cuda = torch.device(device).type == "cuda"
+        except (RuntimeError, ValueError):
+            named_cuda = False
+        if not named_cuda:  # a config.json edited by hand: resolve_device's own words say what is wrong
+            raise error from None
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise UserError(

@@ -347,8 +347,9 @@ class Engine:
         go on without it.
         """
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        if ids and self.config.text_reading >= 3 and puts_bos_first(self.tokenizer):
-            ids = [self.tokenizer.bos_token_id, *ids]
+        bos = self.tokenizer.bos_token_id
+        if ids and ids[0] != bos and self.config.text_reading >= 3 and puts_bos_first(self.tokenizer):
+            ids = [bos, *ids]  # once: a prompt typed with the begin token's text has it already
         if not ids:  # an empty prompt starts from the end-of-text token, as GPT-2 was trained
             token = self.tokenizer.bos_token_id
             token = self.tokenizer.eos_token_id if token is None else token

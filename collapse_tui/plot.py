@@ -176,9 +176,9 @@ def _draw_figure(runs: list[RunFolder]) -> Figure:
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         left, right = ax.get_xlim()
-        if right - left < 2:  # one iteration: matplotlib's ±0.05 around it has no whole number but its own
-            middle = round((left + right) / 2)
-            ax.set_xlim(middle - 0.5, middle + 1.5)  # its own and the next, where a NaN may have stopped it
+        if right - left < 2:  # one or two iterations: matplotlib's ±5 % around them has no other whole number
+            first = math.floor((left + right) / 2)
+            ax.set_xlim(first - 0.5, first + 1.5)  # a lone one's next: where a NaN may have stopped it
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     # One legend for the figure: a run missing from the first panel (other evaluation sets) still appears.

@@ -811,10 +811,17 @@ def test_a_resume_where_the_runs_device_is_missing_names_it_as_the_runs_and_the_
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "device": "cuda:1"}))  # as a run on cuda:1 has it
     snapshot = str(out / "snapshots" / "iter-5")
+    no_gpu = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # what this test says holds on a GPU machine too
+    resumed = subprocess.run([sys.executable, "-m", "collapse_tui.cli", "headless", "--resume", snapshot,
+                              "--max-iters", "6"], capture_output=True, text=True, env=no_gpu, timeout=300)  # fmt: skip
     assert_one_line_error(
-        cli("headless", "--resume", snapshot, "--max-iters", "6"),
-        "the run used --device cuda:1, and no CUDA device is available here; give --device cpu",
+        resumed, "the run used --device cuda:1, and no CUDA device is available here; give --device cpu"
     )
+    (out / "config.json").write_text(json.dumps({**config, "device": "tpu"}))  # edited by hand: says so
+    assert_one_line_error(
+        cli("headless", "--resume", snapshot, "--max-iters", "6"), "--device 'tpu' is not a device"
+    )
+    (out / "config.json").write_text(json.dumps({**config, "device": "cuda:1"}))
     result = CliRunner().invoke(
         app, ["headless", "--resume", snapshot, "--max-iters", "6", "--device", "cpu"]
     )

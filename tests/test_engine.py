@@ -91,8 +91,8 @@ def test_a_run_makes_its_device_current_in_whichever_thread_drives_it(
     worker = threading.Thread(target=engine.run, name="worker")
     worker.start()
     worker.join()
-    # run, then load, two steps and the final snapshot inside it: each in the thread that drives the run
-    assert entered == [(engine.device, "worker")] * 5
+    # run, and load, the steps and the final snapshot inside it: each in the thread that drives the run
+    assert set(entered) == {(engine.device, "worker")}
 
 
 def test_first_adam_step_moves_a_bias_by_the_learning_rate(tiny_config: RunConfig) -> None:
@@ -705,14 +705,17 @@ def test_a_prompt_starts_with_the_begin_token_where_the_tokenizer_puts_one(
     text_ids = tokenizer("The river", add_special_tokens=False)["input_ids"]
     assert tokenizer("The river")["input_ids"] == [bos, *text_ids]
 
+    runs = iter(range(10))
+
     def prompt_of(**changes) -> tuple[list[int], int]:
-        engine = Engine(
-            replace(tiny_config, prompt="The river", out=str(tmp_path / f"run{len(changes)}"), **changes)
-        )
+        changes = {"prompt": "The river", **changes}
+        engine = Engine(replace(tiny_config, out=str(tmp_path / f"run{next(runs)}"), **changes))
         engine.load()
         return engine.prompt_ids, engine.special_start
 
     assert prompt_of(model=str(folder)) == ([bos, *text_ids], 1)  # the begin token stays a token
+    typed = prompt_of(model=str(folder), prompt=f"{tokenizer.bos_token}The river")
+    assert typed == ([bos, *text_ids], 1)  # typed with the begin token's text: it is there once
     assert prompt_of() == (text_ids, 0)  # the tiny GPT-2-style tokenizer puts none
     assert prompt_of(model=str(folder), text_reading=2) == (text_ids, 0)
 

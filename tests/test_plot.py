@@ -56,6 +56,20 @@ def test_a_run_of_one_iteration_is_drawn_as_a_point(tmp_path: Path) -> None:
     assert ticks and all(float(tick).is_integer() for tick in ticks)  # iterations, not -0.045 … 0.045
 
 
+def test_a_panel_of_two_iterations_shows_both(tmp_path: Path) -> None:
+    """Its values from iteration 1 (the first a NaN): whole-number ticks, and the first not cut off."""
+    writer = RunWriter(tmp_path / "run")
+    writer.write_config({"model": "gpt2", "lr": 4e-5})
+    for i in range(3):
+        writer.write_record(record(i, gen_loss=math.nan if i == 0 else None))
+    writer.close()
+    figure = build_figure(load_runs([tmp_path / "run"]))
+    gen = next(ax for ax in figure.axes if ax.get_visible() and ax.get_title() == GEN_PANEL)
+    left, right = gen.get_xlim()
+    assert left < 1 and right > 2
+    assert all(float(tick).is_integer() for tick in gen.get_xticks())
+
+
 def test_nothing_pays_for_matplotlib_until_a_figure_is_drawn() -> None:
     code = "import sys, collapse_tui.plot, collapse_tui.runs, collapse_tui.follow; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
