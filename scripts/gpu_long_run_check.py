@@ -41,7 +41,11 @@ STRETCH = 50
 
 
 def used_mib(index: int) -> float | None:
-    """The GPU's used memory (all processes: the run is the only one), or None if nvidia-smi cannot say."""
+    """The GPU's used memory (all processes: the run is the only one), or None if nvidia-smi cannot say.
+
+    ``index`` is nvidia-smi's numbering, which is CUDA's under ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` and with
+    no ``CUDA_VISIBLE_DEVICES``; on a machine lent whole, as the device tool lends them, they agree.
+    """
     try:
         out = subprocess.run(
             ["nvidia-smi", f"--id={index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
@@ -123,8 +127,11 @@ def main() -> int:
             all((run / "snapshots" / f"iter-{n}" / "state.json").is_file() for n in every),
             f"snapshots {', '.join(f'iter-{n}' for n in every)} on disk",
         )
-        summary = json.loads((run / "summary.json").read_text())
-        check(summary.get("status") in ("finished", "collapsed"), f"summary: {summary.get('status')}")
+        try:
+            status = json.loads((run / "summary.json").read_text()).get("status")
+        except (OSError, ValueError):
+            status = "none written"
+        check(status in ("finished", "collapsed"), f"summary: {status}")
 
     def seconds(stretch: list[dict]) -> float:
         return statistics.median(sum(r["seconds"].values()) for r in stretch) if stretch else float("nan")
