@@ -44,7 +44,7 @@ def used_mib(index: int) -> float | None:
     """The GPU's used memory (all processes: the run is the only one), or None if nvidia-smi cannot say.
 
     ``index`` is nvidia-smi's numbering, which is CUDA's under ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` and with
-    no ``CUDA_VISIBLE_DEVICES``; on a machine lent whole, as the device tool lends them, they agree.
+    no ``CUDA_VISIBLE_DEVICES`` (on a host of identical GPUs the two orders usually agree).
     """
     try:
         out = subprocess.run(
