@@ -407,7 +407,8 @@ def test_a_run_on_the_second_gpu_runs_its_kernels_there_from_a_worker_thread(blo
 
     folder = tmp_path / "model"
     tokenizer = make_tokenizer(folder)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_layer=2, n_head=12, n_embd=768)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_layer=2, n_head=12, n_embd=768,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     GPT2LMHeadModel(config).save_pretrained(folder)
     heldout = tmp_path / "heldout.txt"
     heldout.write_text(make_text(200, seed=3), encoding="utf-8")
