@@ -56,14 +56,19 @@ def test_a_run_of_one_iteration_is_drawn_as_a_point(tmp_path: Path) -> None:
     assert ticks and all(float(tick).is_integer() for tick in ticks)  # iterations, not -0.045 … 0.045
 
 
-def test_a_panel_of_two_iterations_shows_both(tmp_path: Path) -> None:
-    """Its values from iteration 1 (the first a NaN): whole-number ticks, and the first not cut off."""
+def figure_with_a_nan(tmp_path: Path, iterations: int, nan_at: int):
+    """The figure of a run of ``iterations`` whose loss on generated text is NaN at iteration ``nan_at``."""
     writer = RunWriter(tmp_path / "run")
     writer.write_config({"model": "gpt2", "lr": 4e-5})
-    for i in range(3):
-        writer.write_record(record(i, gen_loss=math.nan if i == 0 else None))
+    for i in range(iterations):
+        writer.write_record(record(i, gen_loss=math.nan if i == nan_at else None))
     writer.close()
-    figure = build_figure(load_runs([tmp_path / "run"]))
+    return build_figure(load_runs([tmp_path / "run"]))
+
+
+def test_a_panel_of_two_iterations_shows_both(tmp_path: Path) -> None:
+    """Its values from iteration 1 (the first a NaN): whole-number ticks, and the first not cut off."""
+    figure = figure_with_a_nan(tmp_path, 3, nan_at=0)
     gen = next(ax for ax in figure.axes if ax.get_visible() and ax.get_title() == GEN_PANEL)
     left, right = gen.get_xlim()
     assert left < 1 and right > 2
@@ -77,12 +82,7 @@ def test_nothing_pays_for_matplotlib_until_a_figure_is_drawn() -> None:
 
 
 def test_nan_values_are_left_out_of_the_lines(tmp_path: Path) -> None:
-    writer = RunWriter(tmp_path / "run")
-    writer.write_config({"model": "gpt2", "lr": 4e-5})
-    for i in range(4):
-        writer.write_record(record(i, gen_loss=math.nan if i == 2 else None))
-    writer.close()
-    figure = build_figure(load_runs([tmp_path / "run"]))
+    figure = figure_with_a_nan(tmp_path, 4, nan_at=2)
     valid, gen = (run_lines(ax)[0] for ax in figure.axes if ax.get_visible())
     assert list(valid.get_xdata()) == [0, 1, 2, 3]
     assert list(gen.get_xdata()) == [0, 1, 3]
