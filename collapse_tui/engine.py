@@ -50,7 +50,14 @@ from collapse_tui.errors import RunInterrupted, UserError, in_one_line
 from collapse_tui.follow import is_alive
 from collapse_tui.inference import EagerInference, Inference, as_text_reads, sequence_windows
 from collapse_tui.metrics import CollapseDetector, repetition_metrics
-from collapse_tui.modeling import load_model, on_device, out_of_memory_error, resolve_autocast, resolve_device
+from collapse_tui.modeling import (
+    load_model,
+    needs_download,
+    on_device,
+    out_of_memory_error,
+    resolve_autocast,
+    resolve_device,
+)
 from collapse_tui.records import Event, IterationRecord, phase_seconds
 from collapse_tui.runfolder import (
     CONFIG,
@@ -283,7 +290,12 @@ class Engine:
         _quiet_libraries()
         config = self.config
         source = str(self.resume_dir) if self.resume_dir else config.model
-        status(f"loading the model from {source}" if self.resume_dir else f"loading model {source}", None)
+        if self.resume_dir:
+            status(f"loading the model from {source}", None)
+        elif needs_download(source):
+            status(f"downloading model {source} from the hub (the first time only)", None)
+        else:
+            status(f"loading model {source}", None)
         loaded = load_model(source, self.device)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         if loaded.max_positions is not None and config.block > loaded.max_positions:

@@ -136,6 +136,25 @@ def load_tokenizer(model_id: str) -> Any:
     return tokenizer
 
 
+def needs_download(model_id: str) -> bool:
+    """Whether loading ``model_id`` fetches it from the hub: an id whose config.json is not cached yet.
+
+    Why: a first run of gpt2-xl downloads 6 GB while the screen said only
+    "loading model gpt2-xl"; told that it is a download, a researcher waits
+    instead of wondering whether it hangs.
+    """
+    if Path(model_id).expanduser().exists():
+        return False
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if constants.HF_HUB_OFFLINE:
+            return False
+        return not isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except Exception:  # not an id the hub takes: loading says so in its own words
+        return False
+
+
 def load_model(model_id: str, device: torch.device) -> LoadedModel:
     """Load a causal LM in fp32 on ``device``, with its tokenizer, dropout off."""
     from transformers import AutoModelForCausalLM

@@ -95,6 +95,18 @@ def test_a_run_makes_its_device_current_in_whichever_thread_drives_it(
     assert set(entered) == {(engine.device, "worker")}
 
 
+def test_loading_says_when_the_model_is_downloaded_first(tiny_config: RunConfig, monkeypatch) -> None:
+    monkeypatch.setattr(engine_module, "needs_download", lambda model: True)  # a hub id not cached yet
+    listener = Collector()
+    Engine(tiny_config).load(listener)
+    assert listener.statuses[0] == f"downloading model {tiny_config.model} from the hub (the first time only)"
+    monkeypatch.setattr(engine_module, "needs_download", lambda model: False)
+    listener = Collector()
+    tiny_config.out = str(Path(tiny_config.out).with_name("again"))
+    Engine(tiny_config).load(listener)
+    assert listener.statuses[0] == f"loading model {tiny_config.model}"
+
+
 def test_first_adam_step_moves_a_bias_by_the_learning_rate(tiny_config: RunConfig) -> None:
     # AdamW's first step is lr * g / (|g| + eps) ≈ lr * sign(g); biases have no weight decay.
     engine = Engine(tiny_config)

@@ -59,3 +59,19 @@ def test_a_tokenizer_that_cannot_be_built_is_one_whole_line(tiny_model_dir, monk
     assert str(caught.value).endswith(
         "Couldn't instantiate the backend tokenizer from one of (are its tokenizer files missing?)"
     )
+
+
+def test_a_hub_model_not_cached_yet_is_said_to_be_downloaded(tiny_model_dir, monkeypatch) -> None:
+    """A first run of gpt2-xl downloads 6 GB while the screen said only "loading model gpt2-xl"."""
+    import huggingface_hub
+
+    from collapse_tui.modeling import needs_download
+
+    cache: dict[str, object] = {"gpt2": "/cache/models--gpt2/snapshots/x/config.json"}
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: cache.get(repo))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert needs_download("gpt2-xl")
+    assert not needs_download("gpt2")  # cached
+    assert not needs_download(str(tiny_model_dir))  # a folder
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert not needs_download("gpt2-xl")  # offline: loading says it is not cached, in its own words
