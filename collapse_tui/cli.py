@@ -348,19 +348,18 @@ def _check_kept_device(device: str) -> None:
     "--device cuda:1: there is no such CUDA device" to someone who had typed no --device."""
     if device in ("auto", "cpu"):
         return
-    import torch  # only for a run that named a CUDA device
+    import torch  # only for a run that named a device
 
     from collapse_tui.modeling import resolve_device
 
     try:
+        if torch.device(device).type != "cuda":
+            return  # not a CUDA device (a config.json edited by hand): the engine's resolve_device says so
+    except (RuntimeError, ValueError):
+        return
+    try:
         resolve_device(device)
-    except UserError as error:
-        try:
-            named_cuda = torch.device(device).type == "cuda"
-        except (RuntimeError, ValueError):
-            named_cuda = False
-        if not named_cuda:  # a config.json edited by hand: resolve_device's own words say what is wrong
-            raise error from None
+    except UserError:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise UserError(

@@ -363,8 +363,7 @@ class Engine:
         if ids and ids[0] != bos and self.config.text_reading >= 3 and puts_bos_first(self.tokenizer):
             ids = [bos, *ids]  # once: a prompt typed with the begin token's text has it already
         if not ids:  # an empty prompt starts from the end-of-text token, as GPT-2 was trained
-            token = self.tokenizer.bos_token_id
-            token = self.tokenizer.eos_token_id if token is None else token
+            token = self.tokenizer.eos_token_id if bos is None else bos
             if token is None:
                 raise UserError("--prompt is empty and the tokenizer has no begin/end token to start from")
             ids = [token]
