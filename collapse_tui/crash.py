@@ -23,13 +23,23 @@ from collapse_tui.errors import ScreenCrashed, in_one_line
 UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-def report_crash(error: BaseException, run_dir: Path | None, *, watching: bool = False) -> Path | None:
+def report_crash(
+    error: BaseException,
+    run_dir: Path | None,
+    *,
+    watching: bool = False,
+    snapshot: Path | None = None,
+    recorded_after: int = 0,
+) -> Path | None:
     """Print one line about ``error`` on stderr and save its traceback; return where it went.
 
     Only a folder a run has begun to write (its config.json is there) gets the
     traceback: in a folder the run never got as far as using, a traceback.txt
     would be a file of no run, and the same ``--out`` would be refused next time.
     ``watching``: the crash is a watcher's (``collapse-tui watch``), whose run goes on.
+    ``snapshot``: the newest snapshot of the run as it stands, and ``recorded_after`` the iterations
+    recorded since it, which a resume from it gives up (``Engine.last_snapshot``,
+    ``Engine.recorded_after_snapshot``).
     """
     has_folder = run_dir is not None and (Path(run_dir) / "config.json").is_file()
     saved = _save_traceback("".join(traceback.format_exception(error)), Path(run_dir) if has_folder else None)
@@ -40,8 +50,7 @@ def report_crash(error: BaseException, run_dir: Path | None, *, watching: bool =
         line = f"collapse-tui: the screen crashed ({what}); the run was stopped"
     elif isinstance(error, OSError) and error.errno in UNWRITABLE:
         where = f" ({error.filename})" if error.filename else ""
-        snapshots = has_folder and any((Path(str(run_dir)) / "snapshots").glob("iter-*"))
-        then = "go on with --resume from its newest snapshot" if snapshots else "start it again"
+        then = _how_to_go_on(snapshot, recorded_after) if has_folder else "start it again"
         line = (
             f"collapse-tui: the run stopped: a file could not be written{where}: {error.strerror}; "
             f"free some space or mend the folder's permissions, then {then}"
@@ -55,6 +64,22 @@ def report_crash(error: BaseException, run_dir: Path | None, *, watching: bool =
     with contextlib.suppress(OSError):  # the terminal may be gone with its SSH session
         print(line, file=sys.stderr)
     return saved
+
+
+def _how_to_go_on(snapshot: Path | None, recorded_after: int) -> str:
+    """After a write failed: resume the newest snapshot, saying what that gives up, or start anew.
+
+    Why say it: a snapshot that failed to save leaves the newest one behind the
+    records, and a resume from it sets aside every iteration recorded after it
+    (``runs``, ``plot`` and ``watch`` then show the run from there). A folder
+    with no snapshot cannot take the same ``--out`` again: it holds a run.
+    """
+    if snapshot is None:
+        return "start it again in a new folder (this one keeps its records)"
+    if recorded_after <= 0:
+        return f"go on with --resume {snapshot}"
+    iterations = f"{recorded_after} iteration{'s' * (recorded_after != 1)}"
+    return f"go on with --resume {snapshot}, which gives up the {iterations} recorded after it"
 
 
 def _save_traceback(text: str, run_dir: Path | None) -> Path | None:

@@ -847,6 +847,11 @@ class Engine:
             return None
         return self.writer.snapshot_dir(self.snapshot_state[0])
 
+    @property
+    def recorded_after_snapshot(self) -> int:
+        """Iterations recorded since the newest snapshot: what a resume from it would give up."""
+        return self.iteration - (self.snapshot_state[0] if self.snapshot_state is not None else 0)
+
     def summary(self, status: str, reason: str) -> dict[str, Any]:
         return make_summary(
             status=status,

@@ -262,7 +262,12 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
                 stop_writing_stdout()
         _reset_stop_signals(stopping=interrupted)
     if crash is not None:
-        report_crash(crash, engine.run_dir)
+        report_crash(
+            crash,
+            engine.run_dir,
+            snapshot=engine.last_snapshot,
+            recorded_after=engine.recorded_after_snapshot,
+        )
         return EXIT_RUN_FAILED
     if summary is None or reporter is None:
         if engine.unchanged:  # its snapshot is the one it resumed from: not one to go on from

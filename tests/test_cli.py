@@ -416,9 +416,56 @@ def test_a_folder_that_cannot_be_written_any_more_is_said_as_such_not_as_a_crash
     ), line
     assert "crashed" not in line and f"its data is kept in {out}" in line
     assert saved is not None and "No space left on device" in saved.read_text()
-    (out / "snapshots" / "iter-3").mkdir(parents=True)  # one to go on from: say so
-    report_crash(full, out)
-    assert "then go on with --resume from its newest snapshot" in capsys.readouterr().err
+    assert "then start it again in a new folder (this one keeps its records)" in line  # no snapshot
+    snapshot = out / "snapshots" / "iter-3"
+    report_crash(full, out, snapshot=snapshot)  # one to go on from, as far as the records go: say so
+    assert f"then go on with --resume {snapshot}; its data is kept in" in capsys.readouterr().err
+
+
+#: Runs the CLI in a folder that stops taking writes after iteration 1's snapshot (made read-only,
+#: or a full disk): later snapshots fail and are logged, the run goes on, and its end cannot be written.
+UNWRITABLE_AFTER_FIRST_SNAPSHOT_CLI = """
+import sys
+from collapse_tui import engine, runfolder
+from collapse_tui.cli import main
+
+real_snapshot = engine.Engine.snapshot
+
+def snapshot(self, *args, **kwargs):
+    if self.iteration > 1:
+        raise PermissionError(13, "Permission denied", str(self.run_dir / "snapshots"))
+    return real_snapshot(self, *args, **kwargs)
+
+def write_summary(self, summary):
+    raise PermissionError(13, "Permission denied", str(self.root / ".summary.json.1.tmp"))
+
+engine.Engine.snapshot = snapshot
+runfolder.RunWriter.write_summary = write_summary
+sys.argv = ["collapse-tui", *sys.argv[1:]]
+main()
+"""
+
+
+def test_after_a_write_fails_the_line_says_what_resuming_its_newest_snapshot_gives_up(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path
+):
+    """Snapshots 2 to 5 failed, the run went on to its end: iter-1 is four iterations behind the
+    records. Resuming it, as the line used to advise plainly, hid those four from runs, plot and watch."""
+    out = tmp_path / "run"
+    result = run_patched_cli(
+        UNWRITABLE_AFTER_FIRST_SNAPSHOT_CLI,
+        small_run(tiny_model_dir, eval_file, out, "--snapshot-every", "1"),
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(
+        f"collapse-tui: the run stopped: a file could not be written ({out / '.summary.json.1.tmp'}): "
+        f"Permission denied; free some space or mend the folder's permissions, then go on with "
+        f"--resume {out / 'snapshots' / 'iter-1'}, which gives up the 4 iterations recorded after it; "
+        f"its data is kept in {out}"
+    ), lines
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
 
 
 def test_a_watcher_that_crashes_says_the_run_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
