@@ -682,6 +682,7 @@ class Engine:
     def _write_snapshot(self, path: Path) -> None:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        share_weights_as_config(path)
         torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
         torch.save(self.saved_rngs or self._rng_states(), path / "rng.pt")
         state = {
@@ -872,6 +873,18 @@ class Engine:
 
 #: Free space below which a failed snapshot write is put down to a full disk.
 LOW_DISK_BYTES = 64 * 2**20
+
+
+def share_weights_as_config(folder: Path) -> None:
+    """Give a saved model's weight files the permissions of its config.json (the umask's).
+
+    Why: safetensors writes its files 0600, so on a shared machine a
+    colleague could read every file of a snapshot but its weights, and
+    ``--model RUN/snapshots/iter-N`` failed for them.
+    """
+    mode = (folder / "config.json").stat().st_mode & 0o777
+    for weights in folder.glob("*.safetensors"):
+        weights.chmod(mode)
 
 
 def snapshot_failure(error: Exception, folder: Path) -> str:

@@ -73,6 +73,14 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def _unreadable_files(folder: Path) -> list[Path]:
+    """The files of a model folder this process may not read (a colleague's, saved 0600)."""
+    try:
+        return sorted(path for path in folder.iterdir() if path.is_file() and not os.access(path, os.R_OK))
+    except OSError:
+        return []
+
+
 def _explain_load_error(model_id: str, error: Exception) -> UserError:
     """Turn the many ways from_pretrained fails into one line a user can act on."""
     text = str(error)
@@ -82,6 +90,11 @@ def _explain_load_error(model_id: str, error: Exception) -> UserError:
             f"model {model_id!r} is not a causal language model (it has no LM head to generate with)"
         )
     if local:
+        unreadable = _unreadable_files(Path(model_id))
+        if unreadable:  # safetensors says "No such file or directory" of a file it may not read
+            return UserError(
+                f"cannot load model from folder {model_id}: {unreadable[0]} cannot be read (permission denied)"
+            )
         first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         return UserError(f"cannot load model from folder {model_id}: {first}")
     if _offline() or "offline" in text.lower() or "connect" in text.lower() or "cache" in text.lower():

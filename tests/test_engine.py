@@ -230,6 +230,21 @@ def test_a_snapshot_loads_back_with_the_same_logits(tiny_config: RunConfig) -> N
         assert torch.allclose(loaded(probe).logits, rerun.model(probe).logits, atol=1e-6)
 
 
+def test_a_snapshots_weights_are_as_readable_as_its_other_files(tiny_config: RunConfig) -> None:
+    """safetensors writes 0600: a colleague on a shared machine could read all of a snapshot but its
+    weights, and could not take it as --model."""
+    tiny_config.max_iters = 1
+    umask = os.umask(0o027)
+    try:
+        Engine(tiny_config).run()
+    finally:
+        os.umask(umask)
+    path = Path(tiny_config.out) / "snapshots" / "iter-1"
+    weights = list(path.glob("*.safetensors"))
+    assert weights and {w.stat().st_mode & 0o777 for w in weights} == {0o640}
+    assert (path / "config.json").stat().st_mode & 0o777 == 0o640
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names descriptors through /proc")
 def test_a_snapshot_is_on_disk_before_it_is_renamed_into_place(tiny_config: RunConfig, monkeypatch) -> None:
     """A power cut after the rename must not leave an ``iter-N`` whose files were never written."""

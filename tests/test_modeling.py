@@ -1,13 +1,18 @@
-"""The out-of-memory message: a smaller GPT-2 size that fits, never the same or a bigger one."""
+"""What loading a model says when it cannot: the out-of-memory message (a smaller GPT-2 size that fits,
+never the same or a bigger one), a weights file this user may not read."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from collapse_tui.modeling import out_of_memory_error
+from collapse_tui import modeling
+from collapse_tui.errors import UserError
+from collapse_tui.modeling import load_model, out_of_memory_error
 
 
 @pytest.fixture
@@ -75,3 +80,27 @@ def test_a_hub_model_not_cached_yet_is_said_to_be_downloaded(tiny_model_dir, mon
     assert not needs_download(str(tiny_model_dir))  # a folder
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert not needs_download("gpt2-xl")  # offline: loading says it is not cached, in its own words
+
+
+def test_a_weights_file_this_user_may_not_read_is_said_so_not_said_missing(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors reports a file it may not open as "No such file or directory" (a colleague's model
+    folder, saved 0600). Tests run as root, who may read anything: the refusal is played by both."""
+    import transformers
+
+    weights = tiny_model_dir / "model.safetensors"
+    real_access = os.access
+    monkeypatch.setattr(
+        modeling.os, "access", lambda path, mode: Path(path) != weights and real_access(path, mode)
+    )
+
+    def refused(*args, **kwargs):  # safetensors' own words for the file it was not let open
+        raise FileNotFoundError(f"No such file or directory: {weights}")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refused)
+    with pytest.raises(UserError) as caught:
+        load_model(str(tiny_model_dir), torch.device("cpu"))
+    assert str(caught.value) == (
+        f"cannot load model from folder {tiny_model_dir}: {weights} cannot be read (permission denied)"
+    )
