@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import time
@@ -261,6 +262,8 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
             if reporter.lost:  # nothing more can reach it, not even Python's last flush at exit
                 stop_writing_stdout()
         _reset_stop_signals(stopping=interrupted)
+    if summary is not None and reporter is not None:  # the run's outcome is settled
+        _leave_at_once_with(run_exit_code(summary, signalled=interrupted), stopping=interrupted)
     if crash is not None:
         report_crash(
             crash,
@@ -310,6 +313,27 @@ def _reset_stop_signals(*, stopping: bool) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_IGN if stopping else signal.SIG_DFL)
+
+
+def _leave_at_once_with(code: int, *, stopping: bool) -> None:
+    """Once the run has ended, Ctrl-C (and SIGTERM, unless a signal stopped the run) ends the process
+    at once, with the run's own exit code.
+
+    Why: after the summary the interpreter takes a moment to shut down (about
+    a second on a small machine). A Ctrl-C there exited 130 for a run whose
+    folder says it finished, and a script or ``sweep`` reading the exit code
+    took a complete run for an interrupted one.
+    """
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a terminal gone with its SSH session
+                stream.flush()
+        os._exit(code)
+
+    signal.signal(signal.SIGINT, leave)
+    if not stopping:
+        signal.signal(signal.SIGTERM, leave)
 
 
 def _catch_stop_signals(stop: Callable[[int, FrameType | None], None]) -> None:

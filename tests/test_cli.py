@@ -70,11 +70,11 @@ def test_headless_runs_and_leaves_a_complete_run_folder(
     assert json.loads((out / "snapshots" / "iter-5" / "state.json").read_text())["iteration"] == 5
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 5
-    # the run is over: a late Ctrl-C ends the process as the system does, no traceback at its exit
-    assert (
-        signal.getsignal(signal.SIGINT) is signal.SIG_DFL
-        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    )
+    # the run is over: a late Ctrl-C or kill ends the process at once with the run's exit code, no
+    # traceback at its exit (test_a_ctrl_c_after_the_run_has_ended_keeps_its_exit_code)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        assert getattr(handler, "__qualname__", "") == "_leave_at_once_with.<locals>.leave", handler
     # the paths a resume takes are printed whole, even where the output has no width (a pipe, a file)
     table = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
              if line.count("│") == 3}  # fmt: skip
@@ -420,6 +420,35 @@ def test_a_folder_that_cannot_be_written_any_more_is_said_as_such_not_as_a_crash
     snapshot = out / "snapshots" / "iter-3"
     report_crash(full, out, snapshot=snapshot)  # one to go on from, as far as the records go: say so
     assert f"then go on with --resume {snapshot}; its data is kept in" in capsys.readouterr().err
+
+
+#: Runs the CLI with a Ctrl-C landing once the run has ended, while its summary is printed.
+INTERRUPTED_AFTER_THE_END_CLI = """
+import os, signal, sys, time
+from collapse_tui import headless
+from collapse_tui.cli import main
+
+real_print_table = headless.print_table
+
+def print_table(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(1)  # the handler runs on the next bytecode; a process killed by the signal never gets here
+    return real_print_table(*args, **kwargs)
+
+headless.print_table = print_table
+sys.argv = ["collapse-tui", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_ctrl_c_after_the_run_has_ended_keeps_its_exit_code(tiny_model_dir, eval_file, tmp_path):
+    """The run finished (max_iters): a Ctrl-C in the moment before the process is gone must not make
+    a script or a sweep take it for an interrupted run."""
+    out = tmp_path / "run"
+    result = run_patched_cli(INTERRUPTED_AFTER_THE_END_CLI, small_run(tiny_model_dir, eval_file, out))
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert json.loads((out / "summary.json").read_text())["reason"] == "max_iters"
+    assert "Traceback" not in result.stderr
 
 
 #: Runs the CLI in a folder that stops taking writes after iteration 1's snapshot (made read-only,
