@@ -234,6 +234,8 @@ def check_new_run_folder(root: Path) -> None:
 
 #: What ``flock`` says when another process holds the lock.
 LOCK_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+#: How often a start takes the folder's ``.lock`` again after finding it removed under its lock.
+LOCK_TRIES = 5
 
 
 def is_locked_elsewhere(root: Path) -> bool:
@@ -589,22 +591,40 @@ class FolderLock:
     def _lock(self) -> IO[bytes] | None:
         if fcntl is None:
             return None
+        for _ in range(LOCK_TRIES):
+            try:
+                handle = open(self.root / LOCK, "ab")  # noqa: SIM115 (held until the last release)
+            except FileNotFoundError:  # a failed start removed the folder just now: never go on unguarded
+                raise UserError(
+                    f"run folder {self.root} vanished while the run started; start it again"
+                ) from None
+            except OSError:
+                return None  # a folder we can write but not lock in: go on unguarded
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                handle.close()
+                if error.errno in LOCK_BUSY:
+                    raise UserError(f"run folder {self.root} is in use by another collapse-tui run") from None
+                return None  # a filesystem without locks (some network mounts): go on unguarded
+            if self._still_named(handle):
+                return handle
+            handle.close()  # locked a .lock that a failed start removed meanwhile: take the new one
+        raise UserError(f"run folder {self.root} is in use by another collapse-tui run")
+
+    def _still_named(self, handle: IO[bytes]) -> bool:
+        """Whether the locked file is still the folder's ``.lock``.
+
+        Why: a start that fails before writing config.json removes its
+        ``.lock`` while holding it. A process that opened that file just
+        before would lock a file no one else can find, while a third creates
+        and locks a new ``.lock``: two runs would both hold the folder.
+        """
         try:
-            handle = open(self.root / LOCK, "ab")  # noqa: SIM115 (held until the last release)
-        except FileNotFoundError:  # a failed start removed the folder just now: never go on unguarded
-            raise UserError(
-                f"run folder {self.root} vanished while the run started; start it again"
-            ) from None
+            named, held = os.stat(self.root / LOCK), os.fstat(handle.fileno())
         except OSError:
-            return None  # a folder we can write but not lock in: go on unguarded
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            handle.close()
-            if error.errno in LOCK_BUSY:
-                raise UserError(f"run folder {self.root} is in use by another collapse-tui run") from None
-            return None  # a filesystem without locks (some network mounts): go on unguarded
-        return handle
+            return False
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 class RunWriter:

@@ -310,6 +310,35 @@ def test_one_process_shares_the_folder_lock_and_drops_it_with_its_last_holder(tm
     assert root.resolve() not in runfolder.FolderLock._held
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_a_lock_file_removed_under_its_lock_is_not_taken_for_the_folders(tmp_path: Path, monkeypatch) -> None:
+    """A failed start removes its .lock while holding it; one that opened that file just before would
+    lock a file no one can find, and a third start would lock a new .lock: two runs in one folder."""
+    import fcntl
+
+    root = tmp_path / "run"
+    root.mkdir()
+    real_flock = fcntl.flock
+    removed = []
+
+    def flock_after_the_failed_start_left(descriptor: int, operation: int) -> None:
+        if not removed:  # the failed start's cleanup, between this start's open and its lock
+            (root / runfolder.LOCK).unlink()
+            removed.append(True)
+        real_flock(descriptor, operation)
+
+    monkeypatch.setattr(runfolder.fcntl, "flock", flock_after_the_failed_start_left)
+    lock = runfolder.FolderLock(root).acquire()
+    monkeypatch.setattr(runfolder.fcntl, "flock", real_flock)
+    try:
+        assert removed and lock.locked
+        # the third start, through the name
+        with open(root / runfolder.LOCK, "ab") as third, pytest.raises(OSError):
+            real_flock(third.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        lock.release()
+
+
 def test_the_folder_is_looked_at_again_under_its_lock(tmp_path: Path, monkeypatch) -> None:
     """Between the first look and the lock, another run may have written an iteration there."""
     root = tmp_path / "run"
