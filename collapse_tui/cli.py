@@ -441,12 +441,7 @@ def main_command(ctx: typer.Context, **options: Any) -> None:
     except Exception as error:  # a crash, not a mistake: one line, the traceback kept in a file
         from collapse_tui.crash import report_crash
 
-        report_crash(
-            error,
-            engine.run_dir,
-            snapshot=engine.last_snapshot,
-            recorded_after=engine.recorded_after_snapshot,
-        )
+        report_crash(error, engine.run_dir, go_on_from=engine.go_on_from)
         raise typer.Exit(EXIT_RUN_FAILED) from None
     if Path(engine.run_dir, CONFIG).is_file():  # the screen is gone: say where the run is
         typer.echo(f"collapse-tui: the run is in {engine.run_dir}")

@@ -28,8 +28,7 @@ def report_crash(
     run_dir: Path | None,
     *,
     watching: bool = False,
-    snapshot: Path | None = None,
-    recorded_after: int = 0,
+    go_on_from: tuple[Path | None, int] = (None, 0),
 ) -> Path | None:
     """Print one line about ``error`` on stderr and save its traceback; return where it went.
 
@@ -37,9 +36,8 @@ def report_crash(
     traceback: in a folder the run never got as far as using, a traceback.txt
     would be a file of no run, and the same ``--out`` would be refused next time.
     ``watching``: the crash is a watcher's (``collapse-tui watch``), whose run goes on.
-    ``snapshot``: the newest snapshot of the run as it stands, and ``recorded_after`` the iterations
-    recorded since it, which a resume from it gives up (``Engine.last_snapshot``,
-    ``Engine.recorded_after_snapshot``).
+    ``go_on_from``: the snapshot to resume and the iterations recorded since it, which resuming it
+    gives up (``Engine.go_on_from``).
     """
     has_folder = run_dir is not None and (Path(run_dir) / "config.json").is_file()
     saved = _save_traceback("".join(traceback.format_exception(error)), Path(run_dir) if has_folder else None)
@@ -50,7 +48,7 @@ def report_crash(
         line = f"collapse-tui: the screen crashed ({what}); the run was stopped"
     elif isinstance(error, OSError) and error.errno in UNWRITABLE:
         where = f" ({error.filename})" if error.filename else ""
-        then = _how_to_go_on(snapshot, recorded_after) if has_folder else "start it again"
+        then = _how_to_go_on(*go_on_from) if has_folder else "start it again"
         line = (
             f"collapse-tui: the run stopped: a file could not be written{where}: {error.strerror}; "
             f"free some space or mend the folder's permissions, then {then}"

@@ -849,9 +849,14 @@ class Engine:
         return self.writer.snapshot_dir(self.snapshot_state[0])
 
     @property
-    def recorded_after_snapshot(self) -> int:
-        """Iterations recorded since the newest snapshot: what a resume from it would give up."""
-        return self.iteration - (self.snapshot_state[0] if self.snapshot_state is not None else 0)
+    def go_on_from(self) -> tuple[Path | None, int]:
+        """After a crash: the snapshot to resume (the newest of the run as it stands, or the one this
+        resume had not restored yet) and the iterations recorded since it, which resuming it gives up."""
+        if self.last_snapshot is not None and self.snapshot_state is not None:
+            return self.last_snapshot, self.iteration - self.snapshot_state[0]
+        if self.resume_dir is not None and self.snapshot_state is None:
+            return self.resume_dir, 0
+        return None, self.iteration
 
     def summary(self, status: str, reason: str) -> dict[str, Any]:
         return make_summary(
@@ -882,9 +887,10 @@ def share_weights_as_config(folder: Path) -> None:
     colleague could read every file of a snapshot but its weights, and
     ``--model RUN/snapshots/iter-N`` failed for them.
     """
-    mode = (folder / "config.json").stat().st_mode & 0o777
-    for weights in folder.glob("*.safetensors"):
-        weights.chmod(mode)
+    with contextlib.suppress(OSError):  # a filesystem that takes no chmod (some FUSE or CIFS mounts)
+        mode = (folder / "config.json").stat().st_mode & 0o777
+        for weights in folder.glob("*.safetensors"):
+            weights.chmod(mode)
 
 
 def snapshot_failure(error: Exception, folder: Path) -> str:

@@ -261,16 +261,13 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
             reporter.close()
             if reporter.lost:  # nothing more can reach it, not even Python's last flush at exit
                 stop_writing_stdout()
-        _reset_stop_signals(stopping=interrupted)
-    if summary is not None and reporter is not None:  # the run's outcome is settled
-        _leave_at_once_with(run_exit_code(summary, signalled=interrupted), stopping=interrupted)
+        if summary is not None and reporter is not None:  # the run's outcome is settled, its exit code too
+            code = run_exit_code(summary, signalled=interrupted)
+            _leave_at_once_with(code, stopping=interrupted)
+        else:
+            _reset_stop_signals(stopping=interrupted)
     if crash is not None:
-        report_crash(
-            crash,
-            engine.run_dir,
-            snapshot=engine.last_snapshot,
-            recorded_after=engine.recorded_after_snapshot,
-        )
+        report_crash(crash, engine.run_dir, go_on_from=engine.go_on_from)
         return EXIT_RUN_FAILED
     if summary is None or reporter is None:
         if engine.unchanged:  # its snapshot is the one it resumed from: not one to go on from
@@ -285,7 +282,7 @@ def run_headless(config: RunConfig, *, resume_lr: float | None = None) -> int:
     line = closing_line(summary)
     if line:
         _say(line)
-    return run_exit_code(summary, signalled=interrupted)
+    return code
 
 
 def interrupted_line(run_dir: Path | None, last_snapshot: Path | None, *, at_the_end: bool = False) -> str:
@@ -303,8 +300,8 @@ def interrupted_line(run_dir: Path | None, last_snapshot: Path | None, *, at_the
 
 
 def _reset_stop_signals(*, stopping: bool) -> None:
-    """Once the run is over, Ctrl-C ends the process as the system does, without a word, and so does
-    SIGTERM unless a signal stopped the run.
+    """Once the run is over with no outcome to keep (a crash, a second Ctrl-C), Ctrl-C ends the process
+    as the system does, without a word, and so does SIGTERM unless a signal stopped the run.
 
     Why: ``stop`` raises KeyboardInterrupt for a second Ctrl-C; one landing
     while the interpreter shuts down (its exit callbacks) printed a traceback.
@@ -334,6 +331,8 @@ def _leave_at_once_with(code: int, *, stopping: bool) -> None:
     signal.signal(signal.SIGINT, leave)
     if not stopping:
         signal.signal(signal.SIGTERM, leave)
+    if hasattr(signal, "SIGHUP"):  # a terminal gone now changes nothing: the folder is complete
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _catch_stop_signals(stop: Callable[[int, FrameType | None], None]) -> None:

@@ -90,7 +90,7 @@ def _explain_load_error(model_id: str, error: Exception) -> UserError:
             f"model {model_id!r} is not a causal language model (it has no LM head to generate with)"
         )
     if local:
-        unreadable = _unreadable_files(Path(model_id))
+        unreadable = _unreadable_files(Path(model_id)) if isinstance(error, OSError) else []
         if unreadable:  # safetensors says "No such file or directory" of a file it may not read
             return UserError(
                 f"cannot load model from folder {model_id}: {unreadable[0]} cannot be read (permission denied)"

@@ -610,7 +610,9 @@ class FolderLock:
             if self._still_named(handle):
                 return handle
             handle.close()  # locked a .lock that a failed start removed meanwhile: take the new one
-        raise UserError(f"run folder {self.root} is in use by another collapse-tui run")
+        raise UserError(
+            f"run folder {self.root}: its .lock kept being replaced while the run started; start it again"
+        )
 
     def _still_named(self, handle: IO[bytes]) -> bool:
         """Whether the locked file is still the folder's ``.lock``.

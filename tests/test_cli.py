@@ -75,6 +75,7 @@ def test_headless_runs_and_leaves_a_complete_run_folder(
     for signum in (signal.SIGINT, signal.SIGTERM):
         handler = signal.getsignal(signum)
         assert getattr(handler, "__qualname__", "") == "_leave_at_once_with.<locals>.leave", handler
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # a terminal gone now changes nothing
     # the paths a resume takes are printed whole, even where the output has no width (a pipe, a file)
     table = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
              if line.count("│") == 3}  # fmt: skip
@@ -418,7 +419,7 @@ def test_a_folder_that_cannot_be_written_any_more_is_said_as_such_not_as_a_crash
     assert saved is not None and "No space left on device" in saved.read_text()
     assert "then start it again in a new folder (this one keeps its records)" in line  # no snapshot
     snapshot = out / "snapshots" / "iter-3"
-    report_crash(full, out, snapshot=snapshot)  # one to go on from, as far as the records go: say so
+    report_crash(full, out, go_on_from=(snapshot, 0))  # one to go on from, as far as the records go: say so
     assert f"then go on with --resume {snapshot}; its data is kept in" in capsys.readouterr().err
 
 
@@ -473,6 +474,39 @@ runfolder.RunWriter.write_summary = write_summary
 sys.argv = ["collapse-tui", *sys.argv[1:]]
 main()
 """
+
+
+#: Runs the CLI with a resume whose run folder refuses its files (a colleague's metrics.jsonl, say).
+RESUME_REFUSED_ITS_FILES_CLI = """
+import sys
+from collapse_tui import runfolder
+from collapse_tui.cli import main
+
+def refused(self, resuming):
+    raise PermissionError(13, "Permission denied", str(self.root / "metrics.jsonl"))
+
+runfolder.RunWriter._open = refused
+sys.argv = ["collapse-tui", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_resume_refused_its_files_is_told_to_resume_again_not_to_start_anew(
+    tiny_model_dir: Path, eval_file: Path, tmp_path: Path
+):
+    """Before the resume has restored its snapshot the engine has none of its own to name: the line
+    said to start again in a new folder, where mending the permissions and the same --resume do."""
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, small_run(tiny_model_dir, eval_file, out)).exit_code == 0
+    snapshot = out / "snapshots" / "iter-5"
+    result = run_patched_cli(
+        RESUME_REFUSED_ITS_FILES_CLI, ["headless", "--resume", str(snapshot), "--max-iters", "7"]
+    )
+    assert result.returncode == 1, result.stderr
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert f"mend the folder's permissions, then go on with --resume {snapshot}; its data is kept" in last, (
+        last
+    )
 
 
 def test_after_a_write_fails_the_line_says_what_resuming_its_newest_snapshot_gives_up(

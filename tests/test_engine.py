@@ -245,6 +245,20 @@ def test_a_snapshots_weights_are_as_readable_as_its_other_files(tiny_config: Run
     assert (path / "config.json").stat().st_mode & 0o777 == 0o640
 
 
+def test_a_filesystem_that_takes_no_chmod_still_takes_snapshots(tiny_config: RunConfig, monkeypatch) -> None:
+    """The weights' permissions are a courtesy: some FUSE and CIFS mounts refuse chmod, and a snapshot
+    must not fail for it."""
+    tiny_config.max_iters = 1
+
+    def refused(self: Path, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(Path, "chmod", refused)
+    summary = Engine(tiny_config).run()
+    assert "final_snapshot_failed" not in summary
+    assert (Path(tiny_config.out) / "snapshots" / "iter-1" / "model.safetensors").is_file()
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names descriptors through /proc")
 def test_a_snapshot_is_on_disk_before_it_is_renamed_into_place(tiny_config: RunConfig, monkeypatch) -> None:
     """A power cut after the rename must not leave an ``iter-N`` whose files were never written."""
