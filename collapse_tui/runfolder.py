@@ -624,8 +624,10 @@ class FolderLock:
         """
         try:
             named, held = os.stat(self.root / LOCK), os.fstat(handle.fileno())
-        except OSError:
+        except FileNotFoundError:  # removed, and not made again yet
             return False
+        except OSError:  # cannot tell: the lock taken stands, as before this check
+            return True
         return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
