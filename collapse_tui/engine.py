@@ -852,11 +852,9 @@ class Engine:
     def go_on_from(self) -> tuple[Path | None, int]:
         """After a crash: the snapshot to resume (the newest of the run as it stands, or the one this
         resume had not restored yet) and the iterations recorded since it, which resuming it gives up."""
-        if self.last_snapshot is not None and self.snapshot_state is not None:
-            return self.last_snapshot, self.iteration - self.snapshot_state[0]
-        if self.resume_dir is not None and self.snapshot_state is None:
-            return self.resume_dir, 0
-        return None, self.iteration
+        if self.snapshot_state is None:  # none taken, nor restored yet
+            return (self.resume_dir, 0) if self.resume_dir is not None else (None, self.iteration)
+        return self.last_snapshot, self.iteration - self.snapshot_state[0]
 
     def summary(self, status: str, reason: str) -> dict[str, Any]:
         return make_summary(
